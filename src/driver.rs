@@ -1,0 +1,960 @@
+//! The driver: the one owner of the ring. It turns completions into [`Event`]s for the
+//! [`Machine`] and the machine's [`Action`]s into ring operations.
+//!
+//! In the ring, at once: a multishot accept per listener, a signalfd read (SIGHUP, SIGTERM,
+//! SIGINT), an eventfd read (API requests, the last connection closing, fds freed), the HELLO
+//! SendMsg and the successor's messages (Recv), the successor's exit (PollAdd on a pidfd), the
+//! predecessor's messages (Recv, EOF when it exits) and one Timeout for the earliest deadline.
+//! Nothing in an upgrade blocks the accept loop except `posix_spawn` itself (~0.2 ms).
+//!
+//! Rules this file relies on (measured on this kernel, see `IO_URING_FACTS.md`):
+//! - a multishot accept CQE with `res >= 0` is a connection whatever its flags; the multishot
+//!   ended when `IORING_CQE_F_MORE` is missing (an error, a full CQ, a cancel): re-arm unless the
+//!   machine said stop;
+//! - `-EMFILE`/`-ENFILE` end the multishot and leave the connection in the backlog: re-arm after
+//!   a backoff, or as soon as a connection closes;
+//! - stopping: `AsyncCancel`, then reap until the accept's own terminal CQE (`-ECANCELED`),
+//!   serving every fd on the way. `close()` does not stop an armed accept, and `shutdown()` of a
+//!   shared listener would destroy it for every process, so neither is used;
+//! - the ring is `SINGLE_ISSUER | DEFER_TASKRUN`: connections the kernel has not handed to us yet
+//!   stay in the listen backlog if this process dies, for a successor to take; no completion is
+//!   visible until this thread enters the ring with GETEVENTS;
+//! - the ring is `dontfork`, and spawning never forks the address space anyway;
+//! - every op owns its memory (buffers, msghdr, fds) in the op table until its final CQE, and
+//!   the ring is dropped only after every op reached it.
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use crate::handoff::Message;
+use crate::inherit::ParentLink;
+use crate::listener::Listener;
+use crate::machine::{Action, Event, ExitReason, Machine, Outcome, Phase, Requester, UpgradeId};
+use crate::server::{write_pid_file, Config, Connection, DrainGuard, Request, Server, Shared};
+use crate::{spawn, sys, Error, UpgradeError};
+
+/// Submission queue size: only a handful of ops are ever queued at once.
+const SQ_ENTRIES: u32 = 256;
+/// Completion queue size: well above any accept burst between two reaps (a 10k burst never
+/// ended the multishot with 16k entries; when it does end, it is re-armed at once).
+const CQ_ENTRIES: u32 = 16 * 1024;
+/// First and largest pause before re-arming an accept that failed for lack of fds or memory.
+const BACKOFF_MIN: Duration = Duration::from_millis(1);
+const BACKOFF_MAX: Duration = Duration::from_millis(200);
+/// How long the exit path waits for cancelled ops to complete.
+const FINAL_REAP: Duration = Duration::from_secs(2);
+/// READY and RETIRING are 14 bytes; a larger message is garbage and fails to decode.
+const CHANNEL_BUF: usize = 64;
+
+/// `IORING_ENTER_GETEVENTS`: with DEFER_TASKRUN, deferred completions are only run (and become
+/// visible) when the issuer enters with this flag.
+const ENTER_GETEVENTS: u32 = 1;
+
+type Token = u64;
+
+/// What an in-flight op is and the memory it owns until its final CQE.
+// Some buffers are only ever written by the kernel: owning them is their whole purpose.
+#[allow(dead_code)]
+enum Op {
+    Accept(usize),
+    ReadSignal(Box<libc::signalfd_siginfo>),
+    ReadWake(Box<u64>),
+    Timer(Box<types::Timespec>),
+    SendHello(Box<SendMsgBufs>),
+    RecvSuccessor { pid: u32, buf: Box<[u8; CHANNEL_BUF]> },
+    RecvPredecessor(Box<[u8; CHANNEL_BUF]>),
+    SuccessorExit { pid: u32, _pidfd: OwnedFd },
+    Cancel,
+}
+
+/// The op table: a slab whose keys carry a generation, so a stale token never matches a reused
+/// slot.
+#[derive(Default)]
+struct Ops {
+    slots: Vec<(u32, Option<Op>)>,
+    free: Vec<u32>,
+    live: usize,
+}
+
+impl Ops {
+    fn insert(&mut self, op: Op) -> Token {
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push((0, None));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let slot = &mut self.slots[index as usize];
+        slot.0 = slot.0.wrapping_add(1);
+        slot.1 = Some(op);
+        self.live += 1;
+        ((slot.0 as u64) << 32) | index as u64
+    }
+
+    fn get(&self, token: Token) -> Option<&Op> {
+        let (gen, index) = ((token >> 32) as u32, token as u32);
+        match self.slots.get(index as usize) {
+            Some((g, Some(op))) if *g == gen => Some(op),
+            _ => None,
+        }
+    }
+
+    fn remove(&mut self, token: Token) -> Option<Op> {
+        let (gen, index) = ((token >> 32) as u32, token as u32);
+        match self.slots.get_mut(index as usize) {
+            Some((g, op @ Some(_))) if *g == gen => {
+                self.free.push(index);
+                self.live -= 1;
+                op.take()
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The HELLO message in flight: msghdr, iovec, payload and control buffer stay put until the
+/// SendMsg completes (the box never moves; the Vecs' heap buffers never move).
+struct SendMsgBufs {
+    msg: libc::msghdr,
+    iov: libc::iovec,
+    payload: Vec<u8>,
+    control: Vec<u64>,
+}
+
+impl SendMsgBufs {
+    fn new(payload: Vec<u8>, fds: &[RawFd]) -> Box<SendMsgBufs> {
+        let fd_bytes = std::mem::size_of_val(fds) as u32;
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+        let mut bufs = Box::new(SendMsgBufs {
+            // SAFETY: msghdr is plain data; all-zero is valid.
+            msg: unsafe { std::mem::zeroed() },
+            iov: libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            },
+            payload,
+            control: vec![0u64; space.div_ceil(8)],
+        });
+        bufs.iov.iov_base = bufs.payload.as_mut_ptr().cast();
+        bufs.iov.iov_len = bufs.payload.len();
+        bufs.msg.msg_iov = &mut bufs.iov;
+        bufs.msg.msg_iovlen = 1;
+        if !fds.is_empty() {
+            bufs.msg.msg_control = bufs.control.as_mut_ptr().cast();
+            bufs.msg.msg_controllen = space;
+            // SAFETY: msg_control points at `space` zeroed, 8-aligned bytes, room for one cmsghdr
+            // followed by `fds`.
+            unsafe {
+                let cmsg = libc::CMSG_FIRSTHDR(&bufs.msg);
+                (*cmsg).cmsg_level = libc::SOL_SOCKET;
+                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes) as usize;
+                std::ptr::copy_nonoverlapping(
+                    fds.as_ptr(),
+                    libc::CMSG_DATA(cmsg).cast::<RawFd>(),
+                    fds.len(),
+                );
+            }
+        }
+        bufs
+    }
+}
+
+struct AcceptSlot {
+    listener: Listener,
+    /// The armed multishot accept, until its terminal CQE.
+    op: Option<Token>,
+    cancel_sent: bool,
+    /// Set while re-arming is paused after a resource error.
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// The error that paused this listener, logged once per episode.
+    paused_by: Option<i32>,
+}
+
+/// The new process while it starts and after it took over.
+struct Successor {
+    pid: u32,
+    upgrade: UpgradeId,
+    channel: OwnedFd,
+}
+
+/// The single owner of the ring. Driven by [`Driver::turn`].
+pub(crate) struct Driver {
+    ring: IoUring,
+    ops: Ops,
+    accepts: Vec<AcceptSlot>,
+    accepting: bool,
+    machine: Machine,
+    shared: Arc<Shared>,
+    config: Config,
+    signalfd: OwnedFd,
+    successor: Option<Successor>,
+    predecessor: Option<ParentLink>,
+    timer: Option<(Instant, Token)>,
+    drain_active: bool,
+    drained_reported: bool,
+    replies: HashMap<u64, mpsc::Sender<Result<u32, UpgradeError>>>,
+    next_ticket: u64,
+    exit: Option<ExitReason>,
+    /// Reused buffer of (user_data, result, flags), so reaping allocates nothing.
+    cqes: Vec<(u64, i32, u32)>,
+    /// See [`Driver::notify_fd`].
+    notify: Option<OwnedFd>,
+}
+
+impl Driver {
+    pub(crate) fn new(server: Server) -> Result<Driver, Error> {
+        let Server {
+            listeners,
+            parent,
+            shared,
+            config,
+        } = server;
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_cqsize(CQ_ENTRIES)
+            .dontfork()
+            .build(SQ_ENTRIES)
+            .map_err(|e| {
+                Error::Unsupported(format!(
+                    "io_uring with SINGLE_ISSUER|DEFER_TASKRUN (Linux 6.1+): {e}"
+                ))
+            })?;
+        probe(&ring)?;
+        let signalfd = sys::signalfd(&config.signals).map_err(Error::io("signalfd"))?;
+        let id_seed = (std::process::id() as u64) << 32
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+        let mut driver = Driver {
+            ring,
+            ops: Ops::default(),
+            accepts: listeners
+                .into_iter()
+                .map(|listener| AcceptSlot {
+                    listener,
+                    op: None,
+                    cancel_sent: false,
+                    retry_at: None,
+                    backoff: BACKOFF_MIN,
+                    paused_by: None,
+                })
+                .collect(),
+            accepting: true,
+            machine: Machine::new(config.timeouts, id_seed),
+            shared,
+            config,
+            signalfd,
+            successor: None,
+            predecessor: parent,
+            timer: None,
+            drain_active: false,
+            drained_reported: false,
+            replies: HashMap::new(),
+            next_ticket: 0,
+            exit: None,
+            cqes: Vec::with_capacity(1024),
+            notify: None,
+        };
+        for i in 0..driver.accepts.len() {
+            driver.arm_accept(i);
+        }
+        driver.arm_signal_read();
+        driver.arm_wake_read();
+        // Accepts are armed in the kernel once submitted. Only then tell the predecessor we are
+        // ready: it stops accepting on READY, and from that moment our accepts take the queue.
+        driver.ring.submit().map_err(Error::io("arming accepts"))?;
+        if let Some(link) = &driver.predecessor {
+            let ready = Message::Ready(link.upgrade).encode().expect("READY fits");
+            if let Err(e) = sys::send_nonblocking(link.channel.as_fd(), &ready) {
+                return Err(Error::Handoff(format!("sending READY: {e}")));
+            }
+            tracing::info!(upgrade.id = %link.upgrade, predecessor = link.parent_pid, "READY sent");
+            driver.arm_predecessor_recv();
+        }
+        if let Some(path) = &driver.config.pid_file {
+            write_pid_file(path, std::process::id()).map_err(Error::io("writing the pid file"))?;
+        }
+        tracing::info!(
+            pid = std::process::id(),
+            listeners = driver.accepts.len(),
+            "serving"
+        );
+        Ok(driver)
+    }
+
+    /// An eventfd the kernel signals whenever a completion becomes pending, for runtimes that
+    /// poll readiness. The ring fd itself is no good for that with DEFER_TASKRUN: deferred
+    /// completions wake only a thread waiting inside io_uring_enter, never the ring's poll
+    /// queue (checked here: an epoll on the ring fd slept through an accepted connection). A
+    /// registered eventfd is signalled when the deferred list goes from empty to non-empty.
+    pub(crate) fn notify_fd(&mut self) -> Result<RawFd, Error> {
+        if let Some(fd) = &self.notify {
+            return Ok(fd.as_raw_fd());
+        }
+        let fd = sys::eventfd().map_err(Error::io("eventfd"))?;
+        self.ring
+            .submitter()
+            .register_eventfd(fd.as_raw_fd())
+            .map_err(Error::io("registering an eventfd with the ring"))?;
+        let raw = fd.as_raw_fd();
+        self.notify = Some(fd);
+        Ok(raw)
+    }
+
+    /// Resets the notify eventfd's counter; call before a turn when it woke the runtime.
+    pub(crate) fn clear_notify(&self) {
+        if let Some(fd) = &self.notify {
+            sys::eventfd_drain(fd.as_fd());
+        }
+    }
+
+    /// One turn: submit, wait for at least one completion if `wait`, handle every completion,
+    /// fire due deadlines, carry out the machine's actions. `Some` once the server is done.
+    pub(crate) fn turn(
+        &mut self,
+        wait: bool,
+        sink: &mut dyn FnMut(Connection),
+    ) -> Result<Option<ExitReason>, Error> {
+        if self.exit.is_some() {
+            return Ok(self.exit);
+        }
+        self.arm_timer();
+        self.enter(wait)?;
+        self.reap(sink);
+        self.on_time(Instant::now());
+        self.run_actions();
+        self.check_drained();
+        self.run_actions();
+        if self.exit.is_some() {
+            self.finish();
+        }
+        Ok(self.exit)
+    }
+
+    fn enter(&mut self, wait: bool) -> Result<(), Error> {
+        let result = if wait {
+            self.ring.submit_and_wait(1)
+        } else {
+            let pending = self.ring.submission().len() as u32;
+            // SAFETY: no argument pointer; flags ask only to run deferred completions.
+            unsafe {
+                self.ring
+                    .submitter()
+                    .enter::<libc::sigset_t>(pending, 0, ENTER_GETEVENTS, None)
+            }
+        };
+        match result {
+            Ok(_) => Ok(()),
+            // EINTR: a signal we do not read arrived; EBUSY/EAGAIN: the CQ is full (overflow
+            // entries wait in the kernel); reaping frees room and the next turn retries.
+            Err(e) if matches!(
+                e.raw_os_error(),
+                Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
+            ) => Ok(()),
+            Err(e) => Err(Error::io("io_uring_enter")(e)),
+        }
+    }
+
+    fn reap(&mut self, sink: &mut dyn FnMut(Connection)) {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        loop {
+            cqes.clear();
+            cqes.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            if cqes.is_empty() {
+                break;
+            }
+            for &(token, res, flags) in &cqes {
+                self.complete(token, res, flags, sink);
+            }
+        }
+        self.cqes = cqes;
+    }
+
+    fn complete(&mut self, token: Token, res: i32, flags: u32, sink: &mut dyn FnMut(Connection)) {
+        let more = cqueue::more(flags);
+        let Some(op) = self.ops.get(token) else {
+            return;
+        };
+        match op {
+            Op::Accept(i) => {
+                let i = *i;
+                if res >= 0 {
+                    // SAFETY: a non-negative accept result is a new fd installed for us.
+                    let fd = unsafe { OwnedFd::from_raw_fd(res) };
+                    let slot = &mut self.accepts[i];
+                    if slot.paused_by.take().is_some() {
+                        tracing::info!(listener = %slot.listener.name, "accepting again");
+                        slot.backoff = BACKOFF_MIN;
+                        self.update_paused_flag();
+                    }
+                    let conn = Connection::new(
+                        fd,
+                        self.accepts[i].listener.name.clone(),
+                        DrainGuard::new(&self.shared),
+                    );
+                    sink(conn);
+                }
+                if !more {
+                    self.ops.remove(token);
+                    self.accept_ended(i, res);
+                }
+            }
+            Op::ReadSignal(_) => {
+                let Some(Op::ReadSignal(info)) = self.ops.remove(token) else {
+                    unreachable!()
+                };
+                if res == std::mem::size_of::<libc::signalfd_siginfo>() as i32 {
+                    let event = match info.ssi_signo as i32 {
+                        libc::SIGHUP => Event::UpgradeRequested(Requester::Signal),
+                        signo => {
+                            tracing::info!(signal = signo, "shutdown requested");
+                            Event::ShutdownRequested
+                        }
+                    };
+                    self.feed(event);
+                } else if res < 0 && res != -libc::ECANCELED {
+                    tracing::error!(error = %errno(res), "reading the signalfd failed");
+                }
+                if res != -libc::ECANCELED {
+                    self.arm_signal_read();
+                }
+            }
+            Op::ReadWake(_) => {
+                self.ops.remove(token);
+                if res != -libc::ECANCELED {
+                    self.on_wake();
+                    self.arm_wake_read();
+                }
+            }
+            Op::Timer(_) => {
+                self.ops.remove(token);
+                if self.timer.is_some_and(|(_, t)| t == token) {
+                    self.timer = None;
+                }
+            }
+            Op::SendHello(_) => {
+                let Some(Op::SendHello(bufs)) = self.ops.remove(token) else {
+                    unreachable!()
+                };
+                let event = if res == bufs.payload.len() as i32 {
+                    Event::ListenersSent
+                } else if res < 0 {
+                    Event::HandoffFailed(errno(res).to_string())
+                } else {
+                    Event::HandoffFailed(format!("sent {res} of {} bytes", bufs.payload.len()))
+                };
+                self.feed(event);
+            }
+            Op::RecvSuccessor { .. } => {
+                let Some(Op::RecvSuccessor { pid, buf }) = self.ops.remove(token) else {
+                    unreachable!()
+                };
+                if self.successor.as_ref().map(|s| s.pid) != Some(pid) {
+                    return; // an abandoned child's channel
+                }
+                match res {
+                    n if n > 0 => {
+                        match Message::decode(&buf[..n as usize]) {
+                            Ok(Message::Ready(id)) => self.feed(Event::ChildReady(id)),
+                            Ok(Message::Retiring(_)) => self.feed(Event::ChildRetired),
+                            Ok(other) => self.feed(Event::ChildMessageInvalid(format!(
+                                "unexpected message {other:?}"
+                            ))),
+                            Err(e) => self.feed(Event::ChildMessageInvalid(e.to_string())),
+                        }
+                        if self.successor.is_some() {
+                            self.arm_successor_recv();
+                        }
+                    }
+                    0 => {
+                        if self.machine.phase() == Phase::HandingOver {
+                            self.feed(Event::ChildMessageInvalid(
+                                "closed the handoff channel before READY".into(),
+                            ));
+                        }
+                    }
+                    e if e == -libc::ECANCELED => {}
+                    e => self.feed(Event::ChildMessageInvalid(format!(
+                        "handoff channel: {}",
+                        errno(e)
+                    ))),
+                }
+            }
+            Op::RecvPredecessor(_) => {
+                self.ops.remove(token);
+                match res {
+                    n if n > 0 => self.arm_predecessor_recv(),
+                    0 => {
+                        if let Some(link) = self.predecessor.take() {
+                            tracing::info!(predecessor = link.parent_pid, "previous process exited");
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Op::SuccessorExit { .. } => {
+                let Some(Op::SuccessorExit { pid, _pidfd }) = self.ops.remove(token) else {
+                    unreachable!()
+                };
+                if res == -libc::ECANCELED {
+                    return;
+                }
+                match sys::try_reap(pid) {
+                    Ok(Some(status)) => {
+                        tracing::info!(child = pid, %status, "child reaped");
+                        if self.successor.as_ref().is_some_and(|s| s.pid == pid) {
+                            self.successor = None;
+                        }
+                        self.feed(Event::ChildExited { pid, status });
+                    }
+                    // Woken before the exit was visible: watch again.
+                    Ok(None) => self.arm_successor_exit(pid, _pidfd),
+                    Err(e) => tracing::error!(child = pid, error = %e, "waitpid failed"),
+                }
+            }
+            Op::Cancel => {
+                self.ops.remove(token);
+            }
+        }
+    }
+
+    /// A multishot accept reached its terminal CQE.
+    fn accept_ended(&mut self, i: usize, res: i32) {
+        let slot = &mut self.accepts[i];
+        slot.op = None;
+        slot.cancel_sent = false;
+        if !self.accepting {
+            if self.accepts.iter().all(|s| s.op.is_none()) {
+                self.feed(Event::AcceptStopped);
+            }
+            return;
+        }
+        let slot = &mut self.accepts[i];
+        match -res {
+            // A full CQ or a connection: nothing wrong, re-arm at once.
+            e if e <= 0 => self.arm_accept(i),
+            libc::ECONNABORTED | libc::EPROTO | libc::EINTR | libc::EAGAIN => self.arm_accept(i),
+            libc::ECANCELED => self.arm_accept(i),
+            e => {
+                // EMFILE, ENFILE, ENOBUFS, ENOMEM: the connection waits in the backlog; retry
+                // after a pause (doubling up to BACKOFF_MAX) or as soon as a connection closes.
+                // Anything else (the socket was shut down, …) would fail again at once: same
+                // pause, so no error loop can spin.
+                if slot.paused_by != Some(e) {
+                    tracing::warn!(
+                        listener = %slot.listener.name,
+                        error = %io::Error::from_raw_os_error(e),
+                        "accept paused; retrying with backoff"
+                    );
+                    slot.paused_by = Some(e);
+                }
+                slot.retry_at = Some(Instant::now() + slot.backoff);
+                slot.backoff = (slot.backoff * 2).min(BACKOFF_MAX);
+                self.update_paused_flag();
+            }
+        }
+    }
+
+    fn update_paused_flag(&self) {
+        let paused = self.accepts.iter().any(|s| s.retry_at.is_some() || s.paused_by.is_some());
+        self.shared.accept_paused.store(paused, SeqCst);
+    }
+
+    fn on_wake(&mut self) {
+        let requests = std::mem::take(
+            &mut *self
+                .shared
+                .requests
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for request in requests {
+            match request {
+                Request::Upgrade(reply) => {
+                    self.next_ticket += 1;
+                    self.replies.insert(self.next_ticket, reply);
+                    self.feed(Event::UpgradeRequested(Requester::Api(self.next_ticket)));
+                }
+                Request::Shutdown => self.feed(Event::ShutdownRequested),
+            }
+        }
+        // A connection closed: fds may be free again, retry paused accepts now.
+        if self.accepting {
+            for i in 0..self.accepts.len() {
+                if self.accepts[i].retry_at.take().is_some() {
+                    self.arm_accept(i);
+                }
+            }
+        }
+    }
+
+    fn on_time(&mut self, now: Instant) {
+        self.machine.handle_timeout(now);
+        if self.accepting {
+            for i in 0..self.accepts.len() {
+                if self.accepts[i].retry_at.is_some_and(|t| t <= now) {
+                    self.accepts[i].retry_at = None;
+                    self.arm_accept(i);
+                }
+            }
+        }
+    }
+
+    /// Reports the drain as complete once accepting has fully stopped (every fd accepted on
+    /// the way is counted) and no connection is live.
+    fn check_drained(&mut self) {
+        if self.drain_active
+            && !self.drained_reported
+            && self.accepts.iter().all(|s| s.op.is_none())
+            && self.shared.live.load(SeqCst) == 0
+        {
+            self.drained_reported = true;
+            self.feed(Event::ConnectionsDrained);
+        }
+    }
+
+    fn feed(&mut self, event: Event) {
+        self.machine.handle(event, Instant::now());
+    }
+
+    fn run_actions(&mut self) {
+        while let Some(action) = self.machine.poll_action() {
+            self.act(action);
+        }
+    }
+
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::SpawnChild(upgrade) => {
+                let started = Instant::now();
+                match spawn::spawn(&self.config.exe, &self.config.args, upgrade, &self.config.signals)
+                {
+                    Ok(child) => {
+                        tracing::info!(
+                            upgrade.id = %upgrade,
+                            child.pid = child.pid,
+                            binary = %self.config.exe.display(),
+                            spawn_us = started.elapsed().as_micros() as u64,
+                            "new process started"
+                        );
+                        let pid = child.pid;
+                        self.successor = Some(Successor {
+                            pid,
+                            upgrade,
+                            channel: child.channel,
+                        });
+                        self.arm_successor_exit(pid, child.pidfd);
+                        self.arm_successor_recv();
+                        self.feed(Event::ChildSpawned { pid });
+                    }
+                    Err(e) => self.feed(Event::SpawnFailed(format!(
+                        "{}: {e}",
+                        self.config.exe.display()
+                    ))),
+                }
+            }
+            Action::SendListeners(upgrade) => self.send_hello(upgrade),
+            Action::StopAccepting => {
+                self.accepting = false;
+                for i in 0..self.accepts.len() {
+                    let slot = &mut self.accepts[i];
+                    slot.retry_at = None;
+                    if let (Some(op), false) = (slot.op, slot.cancel_sent) {
+                        slot.cancel_sent = true;
+                        let cancel = self.ops.insert(Op::Cancel);
+                        self.push(opcode::AsyncCancel::new(op).build().user_data(cancel));
+                    }
+                }
+                self.update_paused_flag();
+                if self.accepts.iter().all(|s| s.op.is_none()) {
+                    self.feed(Event::AcceptStopped);
+                }
+            }
+            Action::ResumeAccepting => {
+                self.accepting = true;
+                for i in 0..self.accepts.len() {
+                    if self.accepts[i].op.is_none() {
+                        self.arm_accept(i);
+                    }
+                }
+            }
+            Action::StartDrain => {
+                self.drain_active = true;
+                self.drained_reported = false;
+                self.shared.draining.store(true, SeqCst);
+                // Tell our own predecessor (if it still drains) that our exit is planned.
+                if let Some(link) = &self.predecessor {
+                    let msg = Message::Retiring(link.upgrade).encode().expect("fits");
+                    let _ = sys::send_nonblocking(link.channel.as_fd(), &msg);
+                }
+            }
+            Action::StopDrain => {
+                self.drain_active = false;
+                self.shared.draining.store(false, SeqCst);
+            }
+            Action::AbandonChild { pid } => {
+                if let Some(child) = self.successor.take() {
+                    debug_assert_eq!(child.pid, pid);
+                    // The exit watch stays armed and reaps it; its Recv ends with the channel.
+                    let _ = sys::kill(pid, libc::SIGKILL);
+                    let cancel = self.ops.insert(Op::Cancel);
+                    self.push(
+                        opcode::AsyncCancel2::new(
+                            types::CancelBuilder::fd(types::Fd(child.channel.as_raw_fd())).all(),
+                        )
+                        .build()
+                        .user_data(cancel),
+                    );
+                    tracing::info!(child.pid = pid, upgrade.id = %child.upgrade, "child abandoned");
+                }
+            }
+            Action::Reply(by, outcome) => self.reply(by, outcome),
+            Action::PhaseChanged(phase) => {
+                self.shared.phase.store(phase.as_u8(), SeqCst);
+                tracing::info!(%phase, upgrade.id = ?self.machine.current_upgrade().map(|u| u.to_string()), "phase");
+            }
+            Action::Exit(reason) => self.exit = Some(reason),
+        }
+    }
+
+    fn reply(&mut self, by: Requester, outcome: Outcome) {
+        match &outcome {
+            Outcome::Upgraded { pid } => tracing::info!(child.pid = pid, "upgrade complete"),
+            Outcome::Failed(why) => tracing::warn!(reason = %why, "upgrade failed; still serving"),
+            Outcome::Busy(why) => tracing::warn!(reason = %why, "upgrade refused"),
+        }
+        if let Requester::Api(ticket) = by {
+            if let Some(tx) = self.replies.remove(&ticket) {
+                let _ = tx.send(match outcome {
+                    Outcome::Upgraded { pid } => Ok(pid),
+                    Outcome::Failed(why) => Err(UpgradeError::Failed(why)),
+                    Outcome::Busy(why) => Err(UpgradeError::Busy(why.into())),
+                });
+            }
+        }
+    }
+
+    fn send_hello(&mut self, upgrade: UpgradeId) {
+        let Some(child) = &self.successor else {
+            return;
+        };
+        let hello = Message::Hello {
+            upgrade,
+            parent_pid: std::process::id(),
+            listeners: self.accepts.iter().map(|s| s.listener.record()).collect(),
+            state: Vec::new(),
+        };
+        let payload = match hello.encode() {
+            Ok(p) => p,
+            Err(e) => return self.feed(Event::HandoffFailed(e.to_string())),
+        };
+        let fds: Vec<RawFd> = self
+            .accepts
+            .iter()
+            .map(|s| s.listener.fd.as_raw_fd())
+            .collect();
+        let bufs = SendMsgBufs::new(payload, &fds);
+        let msg: *const libc::msghdr = &bufs.msg;
+        let channel = child.channel.as_raw_fd();
+        let token = self.ops.insert(Op::SendHello(bufs));
+        self.push(
+            opcode::SendMsg::new(types::Fd(channel), msg)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()
+                .user_data(token),
+        );
+    }
+
+    fn arm_accept(&mut self, i: usize) {
+        let fd = self.accepts[i].listener.fd.as_raw_fd();
+        let token = self.ops.insert(Op::Accept(i));
+        self.accepts[i].op = Some(token);
+        self.accepts[i].cancel_sent = false;
+        self.push(
+            opcode::AcceptMulti::new(types::Fd(fd))
+                .flags(libc::SOCK_CLOEXEC)
+                .build()
+                .user_data(token),
+        );
+    }
+
+    fn arm_signal_read(&mut self) {
+        // SAFETY: signalfd_siginfo is plain data; all-zero is valid.
+        let mut info: Box<libc::signalfd_siginfo> = Box::new(unsafe { std::mem::zeroed() });
+        let ptr: *mut u8 = (&mut *info as *mut libc::signalfd_siginfo).cast();
+        let len = std::mem::size_of::<libc::signalfd_siginfo>() as u32;
+        let fd = self.signalfd.as_raw_fd();
+        let token = self.ops.insert(Op::ReadSignal(info));
+        self.push(opcode::Read::new(types::Fd(fd), ptr, len).build().user_data(token));
+    }
+
+    fn arm_wake_read(&mut self) {
+        let mut value = Box::new(0u64);
+        let ptr: *mut u8 = (&mut *value as *mut u64).cast();
+        let fd = self.shared.wake.as_raw_fd();
+        let token = self.ops.insert(Op::ReadWake(value));
+        self.push(opcode::Read::new(types::Fd(fd), ptr, 8).build().user_data(token));
+    }
+
+    fn arm_successor_recv(&mut self) {
+        let Some(child) = &self.successor else {
+            return;
+        };
+        let (pid, fd) = (child.pid, child.channel.as_raw_fd());
+        let mut buf = Box::new([0u8; CHANNEL_BUF]);
+        let ptr = buf.as_mut_ptr();
+        let token = self.ops.insert(Op::RecvSuccessor { pid, buf });
+        self.push(
+            opcode::Recv::new(types::Fd(fd), ptr, CHANNEL_BUF as u32)
+                .build()
+                .user_data(token),
+        );
+    }
+
+    fn arm_successor_exit(&mut self, pid: u32, pidfd: OwnedFd) {
+        let fd = pidfd.as_raw_fd();
+        let token = self.ops.insert(Op::SuccessorExit { pid, _pidfd: pidfd });
+        self.push(
+            opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+                .build()
+                .user_data(token),
+        );
+    }
+
+    fn arm_predecessor_recv(&mut self) {
+        let Some(link) = &self.predecessor else {
+            return;
+        };
+        let fd = link.channel.as_raw_fd();
+        let mut buf = Box::new([0u8; CHANNEL_BUF]);
+        let ptr = buf.as_mut_ptr();
+        let token = self.ops.insert(Op::RecvPredecessor(buf));
+        self.push(
+            opcode::Recv::new(types::Fd(fd), ptr, CHANNEL_BUF as u32)
+                .build()
+                .user_data(token),
+        );
+    }
+
+    /// Keeps one Timeout armed for the earliest of the machine's deadline and the accept
+    /// retries. A timer armed for a later time than needed is superseded by an earlier one; a
+    /// timer that fires early is harmless (deadlines are checked against the clock).
+    fn arm_timer(&mut self) {
+        let next = self
+            .accepts
+            .iter()
+            .filter_map(|s| s.retry_at)
+            .chain(self.machine.poll_timeout())
+            .min();
+        let Some(at) = next else {
+            return;
+        };
+        if self.timer.is_some_and(|(armed, _)| armed <= at) {
+            return;
+        }
+        let wait = at.saturating_duration_since(Instant::now());
+        let ts = Box::new(
+            types::Timespec::new()
+                .sec(wait.as_secs())
+                .nsec(wait.subsec_nanos()),
+        );
+        let ptr: *const types::Timespec = &*ts;
+        let token = self.ops.insert(Op::Timer(ts));
+        self.push(opcode::Timeout::new(ptr).build().user_data(token));
+        self.timer = Some((at, token));
+    }
+
+    /// Queues an SQE, submitting first if the queue is full.
+    fn push(&mut self, entry: squeue::Entry) {
+        loop {
+            // SAFETY: every pointer in the entries this driver builds points into memory owned
+            // by the op table entry of the same token, which lives until the final CQE.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            if let Err(e) = self.ring.submit() {
+                tracing::error!(error = %e, "submitting to the ring failed");
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Cancels every op still in flight and reaps until the table is empty, so no op outlives
+    /// the memory it points to. Any connection accepted on the way is closed: this process is
+    /// done serving (accepts were stopped before the exit, so there should be none).
+    fn finish(&mut self) {
+        let cancel = self.ops.insert(Op::Cancel);
+        self.push(
+            opcode::AsyncCancel2::new(types::CancelBuilder::any())
+                .build()
+                .user_data(cancel),
+        );
+        let deadline = Instant::now() + FINAL_REAP;
+        let mut late = 0usize;
+        while self.ops.live > 0 && Instant::now() < deadline {
+            if self.enter(true).is_err() {
+                break;
+            }
+            self.reap(&mut |_conn| late += 1);
+        }
+        if late > 0 {
+            tracing::error!(connections = late, "connections accepted after the drain were closed");
+        }
+        if self.ops.live > 0 {
+            tracing::error!(ops = self.ops.live, "ops still in flight at exit; leaking their memory");
+            // Keep their buffers alive for as long as the ring might write into them.
+            std::mem::forget(std::mem::take(&mut self.ops));
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if self.ops.live > 0 {
+            self.finish();
+        }
+    }
+}
+
+fn errno(res: i32) -> io::Error {
+    io::Error::from_raw_os_error(-res)
+}
+
+fn probe(ring: &IoUring) -> Result<(), Error> {
+    let mut probe = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| Error::Unsupported(format!("io_uring probe: {e}")))?;
+    let needed = [
+        ("ACCEPT", opcode::AcceptMulti::CODE),
+        ("ASYNC_CANCEL", opcode::AsyncCancel::CODE),
+        ("READ", opcode::Read::CODE),
+        ("RECV", opcode::Recv::CODE),
+        ("SENDMSG", opcode::SendMsg::CODE),
+        ("POLL_ADD", opcode::PollAdd::CODE),
+        ("TIMEOUT", opcode::Timeout::CODE),
+    ];
+    for (name, code) in needed {
+        if !probe.is_supported(code) {
+            return Err(Error::Unsupported(format!("io_uring opcode {name}")));
+        }
+    }
+    Ok(())
+}

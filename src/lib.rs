@@ -1,0 +1,79 @@
+//! Zero-downtime binary upgrades for Linux network services, on io_uring.
+//!
+//! A service names its listeners and serves the connections ringflip accepts. On SIGHUP (or
+//! [`Handle::upgrade`]) the running process starts its new binary, hands it the listening
+//! sockets, keeps accepting until the new process says it is READY, then stops accepting, drains
+//! its live connections and returns from [`Server::run`], so the service can exit.
+//!
+//! # Guarantees
+//! - **No connection is refused, reset or lost by an upgrade.** Both processes accept on the
+//!   *same* sockets; the old one accepts until the new one is READY, then cancels its accepts
+//!   and serves every connection that completed before the cancel. Connections not yet accepted
+//!   wait in the kernel's backlog for the new process.
+//! - **A failed upgrade changes nothing.** If the new binary is missing, crashes, says something
+//!   unexpected or is not READY in time, the old process kills and reaps it and keeps serving;
+//!   it never stopped accepting. If the new process dies while the old one still drains, the
+//!   old one re-arms its accepts and serves again.
+//! - **Nothing blocks the accept loop.** One io_uring carries the accepts, the handoff, the
+//!   READY handshake, the child's exit, the deadlines and the triggers; the new binary starts
+//!   with `posix_spawn`, not `fork`, so a large process does not stall while its page tables
+//!   are copied.
+//! - **Nothing leaks into the new process** but the one handoff socket: every fd ringflip makes
+//!   is close-on-exec.
+//!
+//! # Lifecycle
+//! ```text
+//!             upgrade requested
+//!  Serving ───────────────────────► Forking ──spawned──► HandingOver ──child READY──► Draining ──drained or deadline──► Exited
+//!     ▲                                │                     │                          │
+//!     └──────── spawn failed ──────────┘                     │                          │
+//!     └──── child exited / bad message / ready deadline ─────┘                          │
+//!     └──── successor died during the drain (re-arm the accepts) ───────────────────────┘
+//! ```
+//! SIGTERM or SIGINT (or [`Handle::shutdown`]) goes from any phase to `Draining`, then `Exited`.
+//!
+//! # Kernel
+//! Linux 6.1 or later: multishot accept (5.19) and a `SINGLE_ISSUER | DEFER_TASKRUN` ring (6.1),
+//! with which connections the process has not reaped yet stay in the kernel backlog if it dies.
+//!
+//! # Example
+//! ```no_run
+//! use std::io::{BufRead, BufReader, Write};
+//!
+//! fn main() -> Result<(), ringflip::Error> {
+//!     let server = ringflip::Server::builder()
+//!         .listen_tcp("echo", "127.0.0.1:7000".parse().unwrap())
+//!         .pid_file("/tmp/echo.pid")
+//!         .build()?; // inherits the socket after an upgrade, binds it on first start
+//!     let exit = server.run(|conn| {
+//!         std::thread::spawn(move || {
+//!             let (stream, _guard) = conn.into_tcp(); // the guard keeps the drain waiting
+//!             let mut reader = BufReader::new(stream.try_clone().unwrap());
+//!             let mut writer = stream;
+//!             let mut line = String::new();
+//!             while reader.read_line(&mut line).map_or(false, |n| n > 0) {
+//!                 if writer.write_all(line.as_bytes()).is_err() { break; }
+//!                 line.clear();
+//!             }
+//!         });
+//!     })?;
+//!     eprintln!("done: {exit:?}");
+//!     Ok(())
+//! }
+//! ```
+#![deny(unsafe_code)]
+
+mod driver;
+mod error;
+mod handoff;
+mod inherit;
+mod listener;
+mod machine;
+mod server;
+mod spawn;
+mod sys;
+
+pub use error::{Error, UpgradeError};
+pub use handoff::{MAX_LISTENERS, MAX_STATE_LEN};
+pub use machine::{ExitReason, Phase};
+pub use server::{Builder, Connection, DrainGuard, Handle, Server};

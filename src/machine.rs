@@ -1,0 +1,482 @@
+//! The restart state machine: pure, no I/O, no clock, no fds.
+//!
+//! ```text
+//!             upgrade requested
+//!  Serving ───────────────────────► Forking ──spawned──► HandingOver ──child READY──► Draining ──drained or deadline──► Exited
+//!     ▲                                │                     │                          │
+//!     └──────── spawn failed ──────────┘                     │                          │
+//!     └──── child exited / bad message / ready deadline ─────┘                          │
+//!     └──── successor died during the drain without having retired (re-arm accepts) ────┘
+//! ```
+//!
+//! Inputs are [`Machine::handle`] (events the driver observed) and [`Machine::handle_timeout`]
+//! (time passed); outputs are [`Machine::poll_action`] (what the driver must do next) and
+//! [`Machine::poll_timeout`] (when to call `handle_timeout` next). Time is always an argument.
+//! The driver turns completions into events and actions into ring operations; nothing here can
+//! block, fail or allocate per connection.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+/// The phase of a serving process in its upgrade lifecycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Accepting connections; no upgrade in flight.
+    Serving,
+    /// An upgrade was requested and the new binary is being started.
+    Forking,
+    /// The new process runs and has (or is being sent) the listeners; waiting for its READY.
+    /// This process still accepts.
+    HandingOver,
+    /// This process stopped accepting and waits for its live connections to finish.
+    Draining,
+    /// Done: the caller should let the process exit.
+    Exited,
+}
+
+impl Phase {
+    pub(crate) fn as_u8(self) -> u8 {
+        self as u8
+    }
+    pub(crate) fn from_u8(v: u8) -> Phase {
+        match v {
+            0 => Phase::Serving,
+            1 => Phase::Forking,
+            2 => Phase::HandingOver,
+            3 => Phase::Draining,
+            _ => Phase::Exited,
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Identifies one upgrade attempt; the child must echo it in its READY.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UpgradeId(pub u64);
+
+impl fmt::Display for UpgradeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Who asked for an upgrade, so the outcome reaches them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Requester {
+    /// SIGHUP: nobody to answer but the log.
+    Signal,
+    /// An API call waiting on a reply; the number is the driver's ticket.
+    Api(u64),
+}
+
+/// How an upgrade request ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The new process is READY and serves; this one drains.
+    Upgraded { pid: u32 },
+    /// The upgrade failed; this process keeps serving.
+    Failed(String),
+    /// Refused: another upgrade is in flight, or this process is no longer the one serving.
+    Busy(&'static str),
+}
+
+/// Why the process is draining.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DrainCause {
+    /// A successor is READY and serving.
+    Upgraded { child: u32, upgrade: UpgradeId },
+    /// SIGTERM/SIGINT or an API shutdown.
+    Shutdown,
+}
+
+/// Why the run loop ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// A new process took over and this one finished draining.
+    Upgraded {
+        /// The pid of the process that now serves.
+        successor: u32,
+    },
+    /// Shut down on request.
+    Shutdown,
+}
+
+/// What the driver observed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Event {
+    UpgradeRequested(Requester),
+    ChildSpawned { pid: u32 },
+    SpawnFailed(String),
+    ListenersSent,
+    /// The handoff message could not be sent (the child closed the channel, …).
+    HandoffFailed(String),
+    ChildReady(UpgradeId),
+    /// The child said something that is not a valid message, or closed the channel early.
+    ChildMessageInvalid(String),
+    /// The successor is handing over to its own successor or shutting down: its exit is planned.
+    ChildRetired,
+    ChildExited { pid: u32, status: String },
+    /// Every accept reached its terminal completion; every fd it produced was served.
+    AcceptStopped,
+    /// The live connection count reached zero while draining.
+    ConnectionsDrained,
+    ShutdownRequested,
+}
+
+/// What the driver must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Start the new binary for this upgrade; answer with `ChildSpawned` or `SpawnFailed`.
+    SpawnChild(UpgradeId),
+    /// Send HELLO and the listener fds to the child; answer with `ListenersSent` or `HandoffFailed`.
+    SendListeners(UpgradeId),
+    /// Cancel every accept and reap until their terminal completions; answer with `AcceptStopped`.
+    StopAccepting,
+    /// Re-arm every accept (a rollback after handover).
+    ResumeAccepting,
+    /// Count live connections from now on; answer with `ConnectionsDrained` at zero.
+    StartDrain,
+    /// Stop counting: connections are served normally again.
+    StopDrain,
+    /// Kill the child (if it still runs), close its channel; the driver reaps it.
+    AbandonChild { pid: u32 },
+    /// Tell the requester how its upgrade ended.
+    Reply(Requester, Outcome),
+    /// Phase changed; for observers and logs.
+    PhaseChanged(Phase),
+    /// The run loop should end.
+    Exit(ExitReason),
+}
+
+/// Tunables the machine needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Timeouts {
+    /// From spawn to READY.
+    pub ready: Duration,
+    /// From the start of the drain to exit.
+    pub drain: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum State {
+    Serving,
+    Forking {
+        upgrade: UpgradeId,
+        by: Requester,
+    },
+    HandingOver {
+        upgrade: UpgradeId,
+        by: Requester,
+        child: u32,
+        ready_deadline: Instant,
+    },
+    Draining(Drain),
+    Exited(ExitReason),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Drain {
+    cause: DrainCause,
+    deadline: Instant,
+    /// Every accept reached its terminal completion.
+    accept_stopped: bool,
+    /// The live connection count reached zero.
+    drained: bool,
+    /// The successor announced that its exit is planned (it upgraded again or shut down).
+    successor_retired: bool,
+    /// A shutdown was requested while draining after an upgrade: never resume.
+    shutdown_requested: bool,
+}
+
+/// The restart state machine. See the module docs.
+#[derive(Debug)]
+pub(crate) struct Machine {
+    state: State,
+    timeouts: Timeouts,
+    /// Upgrade ids are `seed + n`; the seed makes them unlikely to repeat across generations.
+    id_seed: u64,
+    next_id: u64,
+    accepting: bool,
+    actions: VecDeque<Action>,
+}
+
+impl Machine {
+    pub(crate) fn new(timeouts: Timeouts, id_seed: u64) -> Machine {
+        Machine {
+            state: State::Serving,
+            timeouts,
+            id_seed,
+            next_id: 0,
+            accepting: true,
+            actions: VecDeque::new(),
+        }
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        match self.state {
+            State::Serving => Phase::Serving,
+            State::Forking { .. } => Phase::Forking,
+            State::HandingOver { .. } => Phase::HandingOver,
+            State::Draining(_) => Phase::Draining,
+            State::Exited(_) => Phase::Exited,
+        }
+    }
+
+    /// Whether the driver should have its accepts armed (as the machine last told it).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn accepting(&self) -> bool {
+        self.accepting
+    }
+
+    /// The upgrade in flight, if any.
+    pub(crate) fn current_upgrade(&self) -> Option<UpgradeId> {
+        match self.state {
+            State::Forking { upgrade, .. } | State::HandingOver { upgrade, .. } => Some(upgrade),
+            State::Draining(Drain {
+                cause: DrainCause::Upgraded { upgrade, .. },
+                ..
+            }) => Some(upgrade),
+            _ => None,
+        }
+    }
+
+    /// The next action for the driver, in order.
+    pub(crate) fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`Machine::handle_timeout`] must be called next.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::HandingOver { ready_deadline, .. } => Some(ready_deadline),
+            State::Draining(Drain { deadline, .. }) => Some(deadline),
+            _ => None,
+        }
+    }
+
+    /// Time passed; fires any deadline at or before `now`. Calling it early is harmless.
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            State::HandingOver {
+                ready_deadline,
+                child,
+                by,
+                ..
+            } if now >= ready_deadline => {
+                let ms = self.timeouts.ready.as_millis();
+                self.rollback(
+                    by,
+                    child,
+                    format!("new process {child} was not ready within {ms} ms"),
+                );
+            }
+            State::Draining(Drain {
+                deadline, cause, ..
+            }) if now >= deadline => self.exit(cause),
+            _ => {}
+        }
+    }
+
+    /// An event the driver observed at `now`.
+    pub(crate) fn handle(&mut self, event: Event, now: Instant) {
+        use Event as E;
+        match (self.state.clone(), event) {
+            (State::Exited(_), E::UpgradeRequested(by)) => {
+                self.reply(by, Outcome::Busy("this process has exited"))
+            }
+            (State::Exited(_), _) => {}
+
+            // ---- Serving
+            (State::Serving, E::UpgradeRequested(by)) => {
+                self.next_id += 1;
+                let upgrade = UpgradeId(self.id_seed.wrapping_add(self.next_id));
+                self.set(State::Forking { upgrade, by });
+                self.push(Action::SpawnChild(upgrade));
+            }
+            (State::Serving, E::ShutdownRequested) => self.start_drain(DrainCause::Shutdown, now),
+
+            // ---- Forking
+            (State::Forking { .. }, E::UpgradeRequested(by)) => {
+                self.reply(by, Outcome::Busy("an upgrade is already in flight"))
+            }
+            (State::Forking { upgrade, by }, E::ChildSpawned { pid }) => {
+                self.set(State::HandingOver {
+                    upgrade,
+                    by,
+                    child: pid,
+                    ready_deadline: now + self.timeouts.ready,
+                });
+                self.push(Action::SendListeners(upgrade));
+            }
+            (State::Forking { by, .. }, E::SpawnFailed(why)) => {
+                self.set(State::Serving);
+                self.reply(by, Outcome::Failed(format!("could not start the new binary: {why}")));
+            }
+            (State::Forking { by, .. }, E::ShutdownRequested) => {
+                // The driver spawns synchronously, so no child exists yet.
+                self.reply(by, Outcome::Failed("shutdown requested".into()));
+                self.set(State::Serving);
+                self.start_drain(DrainCause::Shutdown, now);
+            }
+
+            // ---- HandingOver
+            (State::HandingOver { .. }, E::UpgradeRequested(by)) => {
+                self.reply(by, Outcome::Busy("an upgrade is already in flight"))
+            }
+            (State::HandingOver { .. }, E::ListenersSent) => {}
+            (State::HandingOver { by, child, .. }, E::HandoffFailed(why)) => {
+                self.rollback(by, child, format!("could not hand the listeners over: {why}"))
+            }
+            (
+                State::HandingOver {
+                    upgrade, by, child, ..
+                },
+                E::ChildReady(id),
+            ) => {
+                if id == upgrade {
+                    self.reply(by, Outcome::Upgraded { pid: child });
+                    self.start_drain(DrainCause::Upgraded { child, upgrade }, now);
+                } else {
+                    self.rollback(
+                        by,
+                        child,
+                        format!("new process answered READY for upgrade {id}, expected {upgrade}"),
+                    );
+                }
+            }
+            (State::HandingOver { by, child, .. }, E::ChildMessageInvalid(why)) => {
+                self.rollback(by, child, format!("new process {child}: {why}"))
+            }
+            (State::HandingOver { by, child, .. }, E::ChildExited { pid, status })
+                if pid == child =>
+            {
+                self.rollback(by, child, format!("new process {pid} exited before READY: {status}"))
+            }
+            (State::HandingOver { by, child, .. }, E::ShutdownRequested) => {
+                self.rollback(by, child, "shutdown requested".into());
+                self.start_drain(DrainCause::Shutdown, now);
+            }
+
+            // ---- Draining
+            (State::Draining(d), E::UpgradeRequested(by)) => self.reply(
+                by,
+                Outcome::Busy(match d.cause {
+                    DrainCause::Upgraded { .. } => "this process was upgraded and is draining",
+                    DrainCause::Shutdown => "this process is shutting down",
+                }),
+            ),
+            (State::Draining(_), E::AcceptStopped) => self.update_drain(|d| d.accept_stopped = true),
+            (State::Draining(_), E::ConnectionsDrained) => self.update_drain(|d| d.drained = true),
+            (State::Draining(d), E::ChildRetired) if d.has_successor() => {
+                self.update_drain(|d| d.successor_retired = true)
+            }
+            (State::Draining(d), E::ChildExited { pid, status }) if d.successor() == Some(pid) => {
+                if !d.successor_retired && !d.shutdown_requested {
+                    // The successor died unplanned while this process still holds the
+                    // listeners: take the service back (rollback after handover).
+                    tracing::warn!(
+                        successor = pid,
+                        %status,
+                        "the new process died during the drain; resuming service"
+                    );
+                    self.set(State::Serving);
+                    self.accepting = true;
+                    self.push(Action::StopDrain);
+                    self.push(Action::ResumeAccepting);
+                }
+            }
+            (State::Draining(d), E::ShutdownRequested) => {
+                if d.has_successor() && !d.shutdown_requested {
+                    // Draining after an upgrade: finish the drain, but never resume.
+                    self.update_drain(|d| d.shutdown_requested = true)
+                } else {
+                    // Asked to stop while already stopping: stop waiting for connections.
+                    self.exit(d.cause)
+                }
+            }
+
+            // Everything else is stale or irrelevant in this phase: an exit of an abandoned
+            // child, a late READY, a second stop notice, ….
+            (_, _) => {}
+        }
+    }
+
+    fn set(&mut self, state: State) {
+        let before = self.phase();
+        self.state = state;
+        let after = self.phase();
+        if before != after {
+            self.push(Action::PhaseChanged(after));
+        }
+    }
+
+    fn push(&mut self, action: Action) {
+        self.actions.push_back(action);
+    }
+
+    fn reply(&mut self, by: Requester, outcome: Outcome) {
+        self.push(Action::Reply(by, outcome));
+    }
+
+    /// Give up on the child: kill it, tell the requester, keep serving. Accepting never stopped.
+    fn rollback(&mut self, by: Requester, child: u32, why: String) {
+        tracing::warn!(child, reason = %why, "upgrade failed; still serving");
+        self.push(Action::AbandonChild { pid: child });
+        self.set(State::Serving);
+        self.reply(by, Outcome::Failed(why));
+    }
+
+    fn start_drain(&mut self, cause: DrainCause, now: Instant) {
+        self.set(State::Draining(Drain {
+            cause,
+            deadline: now + self.timeouts.drain,
+            accept_stopped: false,
+            drained: false,
+            successor_retired: false,
+            shutdown_requested: false,
+        }));
+        self.accepting = false;
+        self.push(Action::StopAccepting);
+        self.push(Action::StartDrain);
+    }
+
+    fn update_drain(&mut self, update: impl FnOnce(&mut Drain)) {
+        if let State::Draining(drain) = &mut self.state {
+            update(drain);
+            if drain.accept_stopped && drain.drained {
+                let cause = drain.cause;
+                self.exit(cause);
+            }
+        }
+    }
+
+    fn exit(&mut self, cause: DrainCause) {
+        let reason = match cause {
+            DrainCause::Upgraded { child, .. } => ExitReason::Upgraded { successor: child },
+            DrainCause::Shutdown => ExitReason::Shutdown,
+        };
+        self.set(State::Exited(reason));
+        self.push(Action::Exit(reason));
+    }
+}
+
+impl Drain {
+    fn successor(&self) -> Option<u32> {
+        match self.cause {
+            DrainCause::Upgraded { child, .. } => Some(child),
+            DrainCause::Shutdown => None,
+        }
+    }
+    fn has_successor(&self) -> bool {
+        self.successor().is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests;

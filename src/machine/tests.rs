@@ -1,0 +1,3 @@
+//! Transition tests for the restart state machine.
+use super::*;
+

@@ -1,0 +1,453 @@
+//! The public face: [`Builder`], [`Server`], [`Handle`], [`Connection`].
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fmt;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::SeqCst};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::driver::Driver;
+use crate::handoff::MAX_LISTENERS;
+use crate::inherit::{self, ParentLink};
+use crate::listener::{ListenSpec, Listener};
+use crate::machine::{ExitReason, Phase, Timeouts};
+use crate::{sys, Error, UpgradeError};
+
+/// Configures and starts a [`Server`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    listeners: Vec<ListenSpec>,
+    ready_timeout: Duration,
+    drain_timeout: Duration,
+    pid_file: Option<PathBuf>,
+    binary: Option<PathBuf>,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            listeners: Vec::new(),
+            ready_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(60),
+            pid_file: None,
+            binary: None,
+        }
+    }
+}
+
+impl Builder {
+    /// A TCP listener named `name` on `addr`. After an upgrade the socket with this name is
+    /// inherited from the previous process; it is an error if it was not handed over.
+    pub fn listen_tcp(mut self, name: impl Into<String>, addr: SocketAddr) -> Self {
+        self.listeners.push(ListenSpec {
+            name: name.into(),
+            addr,
+        });
+        self
+    }
+
+    /// How long a new process has, from spawn to READY, before the upgrade is rolled back
+    /// (default 30 s).
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// How long a replaced (or stopping) process waits for its live connections to finish
+    /// before it exits anyway (default 60 s).
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// Write this process's pid to `path` (atomically, by rename) once it serves.
+    pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.pid_file = Some(path.into());
+        self
+    }
+
+    /// The binary an upgrade starts (default: the path this process was started from, read
+    /// again at each upgrade, so a binary replaced on disk is what starts).
+    pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.binary = Some(path.into());
+        self
+    }
+
+    /// Sets the process up: blocks SIGHUP, SIGTERM and SIGINT in the calling thread (they are
+    /// read from a signalfd; call this before starting other threads, which inherit the mask),
+    /// then either receives the listeners from the previous process (when started as a
+    /// successor) or binds them.
+    ///
+    /// For a successor, any error here means the upgrade fails: the caller should exit
+    /// non-zero, and the previous process keeps serving.
+    pub fn build(self) -> Result<Server, Error> {
+        if self.listeners.is_empty() {
+            return Err(Error::Config("no listener configured".into()));
+        }
+        if self.listeners.len() > MAX_LISTENERS {
+            return Err(Error::Config(format!("more than {MAX_LISTENERS} listeners")));
+        }
+        let mut names = HashSet::new();
+        for l in &self.listeners {
+            if !names.insert(l.name.as_str()) {
+                return Err(Error::Config(format!("listener name {:?} used twice", l.name)));
+            }
+        }
+        let signals = handled_signals();
+        signals
+            .thread_block()
+            .map_err(|e| Error::io("blocking signals")(e.into()))?;
+
+        let exe = match &self.binary {
+            Some(path) => path.clone(),
+            None => std::env::current_exe().map_err(Error::io("finding this binary"))?,
+        };
+        let args: Vec<OsString> = std::env::args_os().collect();
+
+        let (listeners, parent) = match inherit::from_environment()? {
+            Some(inherited) => {
+                let upgrade = inherited.link.upgrade;
+                tracing::info!(
+                    upgrade.id = %upgrade,
+                    parent = inherited.link.parent_pid,
+                    "started as a successor; adopting listeners"
+                );
+                let mut by_name: Vec<_> = inherited.listeners.into_iter().map(Some).collect();
+                let mut listeners = Vec::with_capacity(self.listeners.len());
+                for spec in &self.listeners {
+                    let slot = by_name
+                        .iter_mut()
+                        .find(|l| l.as_ref().is_some_and(|(r, _)| r.name == spec.name))
+                        .ok_or_else(|| Error::MissingListener {
+                            name: spec.name.clone(),
+                        })?;
+                    let (record, fd) = slot.take().expect("matched above");
+                    listeners.push(Listener::adopt(spec, &record, fd)?);
+                }
+                for (record, _fd) in by_name.into_iter().flatten() {
+                    tracing::warn!(
+                        listener = %record.name,
+                        address = %record.address,
+                        "the previous process handed over a listener this binary does not use; closing it"
+                    );
+                }
+                (listeners, Some(inherited.link))
+            }
+            None => {
+                let listeners = self
+                    .listeners
+                    .iter()
+                    .map(Listener::bind)
+                    .collect::<Result<Vec<_>, _>>()?;
+                (listeners, None)
+            }
+        };
+        let wake = sys::eventfd().map_err(Error::io("eventfd"))?;
+        Ok(Server {
+            listeners,
+            parent,
+            shared: Arc::new(Shared {
+                wake,
+                live: AtomicUsize::new(0),
+                draining: AtomicBool::new(false),
+                accept_paused: AtomicBool::new(false),
+                phase: AtomicU8::new(Phase::Serving.as_u8()),
+                requests: Mutex::new(Vec::new()),
+            }),
+            config: Config {
+                timeouts: Timeouts {
+                    ready: self.ready_timeout,
+                    drain: self.drain_timeout,
+                },
+                pid_file: self.pid_file,
+                exe,
+                args,
+                signals,
+            },
+        })
+    }
+}
+
+/// The signals ringflip reads from its signalfd: SIGHUP upgrades, SIGTERM and SIGINT stop.
+pub(crate) fn handled_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGHUP);
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set
+}
+
+#[derive(Debug)]
+pub(crate) struct Config {
+    pub timeouts: Timeouts,
+    pub pid_file: Option<PathBuf>,
+    pub exe: PathBuf,
+    pub args: Vec<OsString>,
+    pub signals: SigSet,
+}
+
+/// A process that serves its listeners and can hand them to a new binary.
+///
+/// Made by [`Builder::build`]; driven by [`Server::run`] (or `run_async`). See the crate docs
+/// for the lifecycle.
+pub struct Server {
+    pub(crate) listeners: Vec<Listener>,
+    pub(crate) parent: Option<ParentLink>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) config: Config,
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("listeners", &self.listeners)
+            .field("successor_of", &self.parent.as_ref().map(|p| p.parent_pid))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Starts configuring a server.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// A handle to trigger upgrades and shutdown from any thread.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The local address of the listener named `name`.
+    pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|l| &*l.name == name)
+            .map(|l| l.addr)
+    }
+
+    /// The pid of the process this one took over from, if it was started by an upgrade.
+    pub fn predecessor(&self) -> Option<u32> {
+        self.parent.as_ref().map(|p| p.parent_pid)
+    }
+
+    /// Serves until this process is replaced or stopped, on the calling thread (the thread
+    /// that called [`Builder::build`] or any other). Each accepted connection goes to
+    /// `on_connection`, which should hand it off quickly (to a thread, a pool, a queue).
+    ///
+    /// Returns once the process has finished draining; the caller should then exit.
+    pub fn run(self, mut on_connection: impl FnMut(Connection)) -> Result<ExitReason, Error> {
+        let mut driver = Driver::new(self)?;
+        loop {
+            if let Some(exit) = driver.turn(true, &mut on_connection)? {
+                return Ok(exit);
+            }
+        }
+    }
+
+    /// Serves as a task of the current tokio runtime (a tokio-uring runtime is one): the ring's
+    /// fd is polled by the runtime's reactor, and each accepted connection goes to
+    /// `on_connection` on this same thread, with no thread hop. Must be awaited on one thread
+    /// (a `LocalSet`, a current-thread runtime, or tokio-uring).
+    #[cfg(feature = "tokio")]
+    #[allow(unsafe_code)]
+    pub async fn run_async(
+        self,
+        mut on_connection: impl FnMut(Connection),
+    ) -> Result<ExitReason, Error> {
+        use tokio::io::unix::AsyncFd;
+        use tokio::io::Interest;
+
+        let mut driver = Driver::new(self)?;
+        let notify = driver.notify_fd()?;
+        // SAFETY: the eventfd stays open while `ready_fd` is registered: `driver` owns it and
+        // is dropped after `ready_fd` (declared earlier, dropped later).
+        let ready_fd = unsafe { AsyncFd::register_with_interest(NotifyFd(notify), Interest::READABLE) }
+            .map_err(|e| Error::io("registering with the runtime")(e.into()))?;
+        loop {
+            if let Some(exit) = driver.turn(false, &mut on_connection)? {
+                return Ok(exit);
+            }
+            let mut ready = ready_fd
+                .readable()
+                .await
+                .map_err(Error::io("polling the ring"))?;
+            // Cleared (readiness and counter) before the next turn reaps: a completion that
+            // becomes pending after this point signals the eventfd again, so none is missed.
+            ready.clear_ready();
+            driver.clear_notify();
+        }
+    }
+}
+
+#[cfg(feature = "tokio")]
+struct NotifyFd(RawFd);
+
+#[cfg(feature = "tokio")]
+impl AsRawFd for NotifyFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// State shared between the driver, its [`Handle`]s and the live connections' guards.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// Wakes the driver: requests queued, the last connection closed, fds freed.
+    pub wake: OwnedFd,
+    pub live: AtomicUsize,
+    pub draining: AtomicBool,
+    pub accept_paused: AtomicBool,
+    pub phase: AtomicU8,
+    pub requests: Mutex<Vec<Request>>,
+}
+
+impl Shared {
+    pub(crate) fn wake(&self) {
+        sys::eventfd_signal(self.wake.as_fd());
+    }
+
+    fn request(&self, request: Request) {
+        self.requests.lock().unwrap_or_else(|e| e.into_inner()).push(request);
+        self.wake();
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum Request {
+    Upgrade(mpsc::Sender<Result<u32, UpgradeError>>),
+    Shutdown,
+}
+
+/// Triggers upgrades and shutdown of a running [`Server`] from any thread.
+#[derive(Clone, Debug)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    /// Upgrades to the new binary and waits for the outcome: the new process's pid once it is
+    /// READY, or why it failed (this process then keeps serving).
+    ///
+    /// Blocks; do not call it on the thread that runs the server.
+    pub fn upgrade(&self) -> Result<u32, UpgradeError> {
+        let (tx, rx) = mpsc::channel();
+        self.shared.request(Request::Upgrade(tx));
+        rx.recv().unwrap_or(Err(UpgradeError::NotRunning))
+    }
+
+    /// Asks the server to stop accepting, drain and return from `run`. Does not wait.
+    pub fn shutdown(&self) {
+        self.shared.request(Request::Shutdown);
+    }
+
+    /// The server's current phase.
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.shared.phase.load(SeqCst))
+    }
+
+    /// Connections accepted by this process and not yet dropped.
+    pub fn live_connections(&self) -> usize {
+        self.shared.live.load(SeqCst)
+    }
+}
+
+/// Counts a live connection; the process drains until every guard is dropped.
+///
+/// Keep it alive as long as the connection is served (it travels inside [`Connection`], or
+/// separately after [`Connection::into_parts`]).
+pub struct DrainGuard {
+    shared: Arc<Shared>,
+}
+
+impl DrainGuard {
+    pub(crate) fn new(shared: &Arc<Shared>) -> DrainGuard {
+        shared.live.fetch_add(1, SeqCst);
+        DrainGuard {
+            shared: shared.clone(),
+        }
+    }
+}
+
+impl Drop for DrainGuard {
+    fn drop(&mut self) {
+        // SeqCst pairs with the driver's `draining.store(true)` then `live.load()`: either the
+        // driver sees zero, or this sees `draining` and wakes it. No drain can be missed.
+        let was = self.shared.live.fetch_sub(1, SeqCst);
+        if (was == 1 && self.shared.draining.load(SeqCst)) || self.shared.accept_paused.load(SeqCst)
+        {
+            self.shared.wake();
+        }
+    }
+}
+
+impl fmt::Debug for DrainGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DrainGuard").finish_non_exhaustive()
+    }
+}
+
+/// An accepted connection, with the guard that keeps its process from exiting under it.
+#[derive(Debug)]
+pub struct Connection {
+    fd: OwnedFd,
+    listener: Arc<str>,
+    guard: DrainGuard,
+}
+
+impl Connection {
+    pub(crate) fn new(fd: OwnedFd, listener: Arc<str>, guard: DrainGuard) -> Connection {
+        Connection {
+            fd,
+            listener,
+            guard,
+        }
+    }
+
+    /// The name of the listener that accepted it.
+    pub fn listener(&self) -> &str {
+        &self.listener
+    }
+
+    /// The socket (blocking mode, close-on-exec) and its drain guard.
+    pub fn into_parts(self) -> (OwnedFd, DrainGuard) {
+        (self.fd, self.guard)
+    }
+
+    /// As a std TCP stream (blocking mode) and its drain guard.
+    pub fn into_tcp(self) -> (TcpStream, DrainGuard) {
+        (TcpStream::from(self.fd), self.guard)
+    }
+
+    /// As a tokio TCP stream (switched to non-blocking mode) and its drain guard. Must be called
+    /// inside a tokio runtime.
+    #[cfg(feature = "tokio")]
+    pub fn into_tokio(self) -> std::io::Result<(tokio::net::TcpStream, DrainGuard)> {
+        let std = TcpStream::from(self.fd);
+        std.set_nonblocking(true)?;
+        Ok((tokio::net::TcpStream::from_std(std)?, self.guard))
+    }
+}
+
+impl AsRawFd for Connection {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Writes `pid` to `path` atomically: a temporary file in the same directory, then rename.
+pub(crate) fn write_pid_file(path: &Path, pid: u32) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{pid}.tmp"));
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, format!("{pid}\n"))?;
+    std::fs::rename(&tmp, path)
+}
+

@@ -1,0 +1,373 @@
+//! Process-level tests of zero-downtime upgrades, against `examples/echo.rs`.
+//!
+//! Run with `cargo test --test upgrade -- --test-threads=1` (each test loads the machine; they
+//! are correct in parallel too, just slower and noisier).
+
+mod common;
+
+use common::*;
+use std::collections::BTreeSet;
+use std::fs;
+use std::process::Stdio;
+use std::thread;
+use std::time::{Duration, Instant};
+
+const O_CLOEXEC: u32 = 0o2000000;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// No upgrade at all: serves (every listener), survives a burst, stops cleanly on SIGTERM.
+/// When this fails, every other test fails for the same reason.
+#[test]
+fn smoke_echo_and_sigterm() {
+    let server = EchoServer::start(EchoOpts {
+        listeners: 2,
+        ..Default::default()
+    });
+    for (i, &a) in server.addrs().iter().enumerate() {
+        drop(server.open_conn(a, &format!("smoke-{i}\n")));
+    }
+    let r = burst(server.addr(), 100);
+    r.assert_clean();
+    let load = Load::start(server.addr(), 2, 4);
+    thread::sleep(ms(300));
+    let report = load.stop();
+    eprintln!("{report}");
+    report.assert_clean();
+    server.stop();
+}
+
+#[test]
+fn twenty_upgrades_under_load_lose_nothing() {
+    // Long drain timeout: the long-lived connections keep generation 0 draining for the whole
+    // test, and must keep working until the client closes them.
+    let server = EchoServer::start(EchoOpts {
+        drain_timeout_ms: Some(60_000),
+        ..Default::default()
+    });
+    let mut pids = vec![server.pid()];
+    let load = Load::start(server.addr(), 8, 16);
+    thread::sleep(ms(200));
+    for i in 0..20 {
+        let old = server.pid();
+        let t = Instant::now();
+        let new = server.upgrade();
+        assert_ne!(new, old, "upgrade {i}: pid unchanged");
+        assert!(
+            pid_alive(new),
+            "upgrade {i}: new pid {new} not alive\n{}",
+            server.log_tail()
+        );
+        eprintln!("upgrade {i}: {old} -> {new} in {:?}", t.elapsed());
+        pids.push(new);
+        thread::sleep(ms(100));
+    }
+    thread::sleep(ms(200));
+    let report = load.stop(); // also closes the long-lived connections
+    eprintln!("{report}");
+    report.assert_clean();
+    assert!(
+        report.connections_ok > 0 && report.pings_ok > 0,
+        "no load went through: {report}"
+    );
+
+    let current = *pids.last().unwrap();
+    assert_eq!(server.pid(), current);
+    server.assert_gone(&pids[..pids.len() - 1], Duration::from_secs(15));
+    server.assert_no_strays(Duration::from_secs(2));
+    server.stop();
+}
+
+#[test]
+fn rollback_when_new_binary_exits_1() {
+    let server = EchoServer::start(EchoOpts::default());
+    let load = Load::start(server.addr(), 8, 16);
+    thread::sleep(ms(200));
+    let pid = server.pid();
+
+    server.replace_binary_with_script("#!/bin/sh\nexit 1\n");
+    server.upgrade_expect_rollback(ms(1000));
+    // The failed child must have been reaped: no zombie (nor anything else) under the server.
+    server.assert_no_children(Duration::from_secs(3));
+    assert_eq!(server.pid(), pid);
+
+    server.restore_binary();
+    let new = server.upgrade();
+    assert_ne!(new, pid);
+    thread::sleep(ms(200));
+
+    let report = load.stop();
+    eprintln!("{report}");
+    report.assert_clean();
+    server.assert_gone(&[pid], Duration::from_secs(10));
+    server.assert_no_strays(Duration::from_secs(2));
+    server.stop();
+}
+
+#[test]
+fn rollback_when_new_binary_never_ready() {
+    let server = EchoServer::start(EchoOpts {
+        ready_timeout_ms: Some(300),
+        ..Default::default()
+    });
+    let load = Load::start(server.addr(), 8, 16);
+    thread::sleep(ms(200));
+    let pid = server.pid();
+
+    server.replace_binary_with_script("#!/bin/sh\nexec sleep 30\n");
+    server.upgrade_expect_rollback(ms(1000));
+    // The `sleep` must have been killed and reaped: no child of the server, and nothing else
+    // left in the server's process group (e.g. an orphaned sleep re-parented to the test).
+    server.assert_no_children(Duration::from_secs(3));
+    server.assert_no_strays(Duration::from_secs(2));
+    assert_eq!(server.pid(), pid);
+
+    server.restore_binary();
+    let new = server.upgrade();
+    assert_ne!(new, pid);
+    thread::sleep(ms(200));
+
+    let report = load.stop();
+    eprintln!("{report}");
+    report.assert_clean();
+    server.assert_gone(&[pid], Duration::from_secs(10));
+    server.stop();
+}
+
+#[test]
+fn rollback_when_new_binary_missing() {
+    let server = EchoServer::start(EchoOpts::default());
+    let load = Load::start(server.addr(), 8, 16);
+    thread::sleep(ms(200));
+    let pid = server.pid();
+
+    server.remove_binary();
+    server.upgrade_expect_rollback(ms(500));
+    server.assert_no_children(Duration::from_secs(3));
+    assert_eq!(server.pid(), pid);
+
+    server.restore_binary();
+    let new = server.upgrade();
+    assert_ne!(new, pid);
+    thread::sleep(ms(200));
+
+    let report = load.stop();
+    eprintln!("{report}");
+    report.assert_clean();
+    server.assert_gone(&[pid], Duration::from_secs(10));
+    server.assert_no_strays(Duration::from_secs(2));
+    server.stop();
+}
+
+#[test]
+fn burst_during_upgrade_loses_nothing() {
+    let server = EchoServer::start(EchoOpts::default());
+    // Sanity: a burst without an upgrade is clean (otherwise the machine, not the upgrade, is
+    // the problem).
+    let r = burst(server.addr(), 400);
+    eprintln!("baseline {r}");
+    r.assert_clean();
+
+    let mut pids = vec![server.pid()];
+    // SIGHUP at, or a little after, the moment ~400 clients connect at once, to hit both the
+    // "child starting" and the "old one stops accepting" phases.
+    for (round, delay) in [0u64, 0, 5, 20, 50].into_iter().enumerate() {
+        let mut b = Burst::prepare(server.addr(), 400);
+        b.release();
+        if delay > 0 {
+            thread::sleep(ms(delay));
+        }
+        let new = server.upgrade();
+        let r = b.join();
+        eprintln!(
+            "round {round} (SIGHUP +{delay} ms): {} -> {new}: {r}",
+            pids.last().unwrap()
+        );
+        assert!(
+            r.failures() == 0,
+            "round {round}: {r}\n--- server log ---\n{}",
+            server.log_tail()
+        );
+        assert_eq!(r.ok, 400);
+        pids.push(new);
+        thread::sleep(ms(100));
+    }
+    server.assert_gone(&pids[..pids.len() - 1], Duration::from_secs(10));
+    server.assert_no_strays(Duration::from_secs(2));
+    server.stop();
+}
+
+/// Every fd above 2 of `pid` must be O_CLOEXEC.
+fn assert_all_cloexec(what: &str, pid: i32) {
+    let fds = fds_of(pid);
+    let bad: Vec<String> = fds
+        .iter()
+        .filter(|&&(fd, flags)| fd > 2 && flags & O_CLOEXEC == 0)
+        .map(|&(fd, flags)| format!("fd {fd} (flags {flags:o}) -> {}", fd_target(pid, fd)))
+        .collect();
+    let all: Vec<String> = fds
+        .iter()
+        .map(|&(fd, flags)| format!("{fd}:{flags:o}:{}", fd_target(pid, fd)))
+        .collect();
+    eprintln!("{what} (pid {pid}) fds: {all:?}");
+    assert!(
+        bad.is_empty(),
+        "{what} (pid {pid}) has fds without O_CLOEXEC: {bad:?}\nall fds: {all:?}"
+    );
+    assert!(
+        fds.iter().any(|&(fd, _)| fd > 2),
+        "{what} (pid {pid}) has no fd above 2? {all:?}"
+    );
+}
+
+#[test]
+fn every_fd_is_cloexec() {
+    // Two listeners, so that more than one handed-over socket is checked.
+    let server = EchoServer::start(EchoOpts {
+        listeners: 2,
+        ..Default::default()
+    });
+    // Live connections on both listeners, so accepted sockets are checked too.
+    let mut held = Vec::new();
+    for (i, &a) in server.addrs().iter().enumerate() {
+        held.push(server.open_conn(a, &format!("gen0-{i}\n")));
+    }
+    let gen0 = server.pid();
+    assert_all_cloexec("initial process", gen0);
+
+    let gen1 = server.upgrade();
+    for (i, &a) in server.addrs().iter().enumerate() {
+        held.push(server.open_conn(a, &format!("gen1-{i}\n")));
+    }
+    assert_all_cloexec("upgraded process", gen1);
+    // The old one is still draining the first two connections.
+    if pid_alive(gen0) {
+        assert_all_cloexec("draining old process", gen0);
+    }
+    // And a second-generation upgrade (child of a child).
+    let gen2 = server.upgrade();
+    assert_all_cloexec("second upgraded process", gen2);
+
+    drop(held);
+    server.assert_gone(&[gen0, gen1], Duration::from_secs(10));
+    server.stop();
+}
+
+/// A script that records, as `{prefix}.fds`, the fds the shell runs with (and env, fd 3's
+/// target), then exits 1. `{prefix}.fds` is written last (rename), as the "done" marker.
+fn fd_probe_script(prefix: &str) -> String {
+    format!(
+        "#!/bin/sh\n\
+         env > {prefix}.env\n\
+         readlink /proc/$$/fd/3 > {prefix}.fd3 2>&1\n\
+         ls /proc/$$/fd > {prefix}.fds.tmp\n\
+         mv {prefix}.fds.tmp {prefix}.fds\n\
+         exit 1\n"
+    )
+}
+
+fn read_fd_list(path: &std::path::Path) -> BTreeSet<i32> {
+    fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .split_whitespace()
+        .map(|s| {
+            s.parse()
+                .unwrap_or_else(|e| panic!("bad fd {s:?} in {}: {e}", path.display()))
+        })
+        .collect()
+}
+
+fn wait_for_file(path: &std::path::Path, bound: Duration) -> bool {
+    let deadline = Instant::now() + bound;
+    while Instant::now() < deadline {
+        if path.exists() {
+            return true;
+        }
+        thread::sleep(POLL);
+    }
+    path.exists()
+}
+
+#[test]
+fn child_inherits_exactly_one_fd() {
+    let server = EchoServer::start(EchoOpts {
+        listeners: 2,
+        ..Default::default()
+    });
+    let dir = server.dir().to_path_buf();
+
+    // Baseline: which fds does /bin/sh itself hold while running such a script, when started
+    // with only 0, 1, 2? (dash keeps the script open on fd 10; bash would use 255.)
+    let base_prefix = dir.join("baseline").display().to_string();
+    let probe = dir.join("probe.sh");
+    replace_file(&probe, fd_probe_script(&base_prefix).as_bytes(), 0o755);
+    let child = clean_command(&probe)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .env_remove("RINGFLIP_HANDOFF_FD")
+        .spawn()
+        .expect("spawn probe");
+    let probe_proc = Proc::of(child.id() as i32).expect("probe vanished");
+    drop(child);
+    let st = wait_exit(probe_proc, Duration::from_secs(10)).expect("probe script did not exit");
+    assert_eq!(status_str(st), "exit code 1");
+    let baseline = read_fd_list(&dir.join("baseline.fds"));
+    let shell_own: BTreeSet<i32> = baseline.iter().copied().filter(|&fd| fd > 2).collect();
+    eprintln!(
+        "/bin/sh -> {:?}; baseline fds {baseline:?}; the shell's own: {shell_own:?}",
+        fs::read_link("/bin/sh").ok()
+    );
+    assert!(
+        baseline.is_superset(&[0, 1, 2].into()),
+        "baseline {baseline:?}"
+    );
+    assert!(
+        !baseline.contains(&3),
+        "the shell itself uses fd 3?! {baseline:?}"
+    );
+
+    // The real thing: the server starts the probe as its "new binary".
+    let child_prefix = dir.join("child").display().to_string();
+    server.replace_binary_with_script(&fd_probe_script(&child_prefix));
+    server.upgrade_expect_rollback(ms(1000));
+    assert!(
+        wait_for_file(&dir.join("child.fds"), Duration::from_secs(5)),
+        "the probe script never ran (no child.fds)\n{}",
+        server.log_tail()
+    );
+    let got = read_fd_list(&dir.join("child.fds"));
+    let mut expected: BTreeSet<i32> = [0, 1, 2, 3].into();
+    expected.extend(shell_own.iter().copied());
+    let fd3 = fs::read_to_string(dir.join("child.fd3")).unwrap_or_default();
+    eprintln!(
+        "new binary started with fds {got:?} (fd 3 -> {})",
+        fd3.trim()
+    );
+    assert_eq!(
+        got, expected,
+        "the new binary must inherit exactly 0, 1, 2 and the handoff fd 3 (plus the shell's own {shell_own:?}); \
+         fd 3 -> {fd3:?}"
+    );
+    let env = fs::read_to_string(dir.join("child.env")).expect("child.env");
+    assert!(
+        env.lines().any(|l| l == "RINGFLIP_HANDOFF_FD=3"),
+        "RINGFLIP_HANDOFF_FD=3 not in the new binary's environment:\n{}",
+        env.lines()
+            .filter(|l| l.starts_with("RINGFLIP"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    server.assert_no_children(Duration::from_secs(3));
+
+    // And the server is still fine: a real upgrade works.
+    server.restore_binary();
+    let old = server.pid();
+    let new = server.upgrade();
+    assert_ne!(new, old);
+    let r = burst(server.addr(), 50);
+    r.assert_clean();
+    server.stop();
+}
