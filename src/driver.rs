@@ -68,9 +68,15 @@ enum Op {
     ReadWake(Box<u64>),
     Timer(Box<types::Timespec>),
     SendHello(Box<SendMsgBufs>),
-    RecvSuccessor { pid: u32, buf: Box<[u8; CHANNEL_BUF]> },
+    RecvSuccessor {
+        pid: u32,
+        buf: Box<[u8; CHANNEL_BUF]>,
+    },
     RecvPredecessor(Box<[u8; CHANNEL_BUF]>),
-    SuccessorExit { pid: u32, _pidfd: OwnedFd },
+    SuccessorExit {
+        pid: u32,
+        _pidfd: OwnedFd,
+    },
     Cancel,
 }
 
@@ -360,10 +366,14 @@ impl Driver {
             Ok(_) => Ok(()),
             // EINTR: a signal we do not read arrived; EBUSY/EAGAIN: the CQ is full (overflow
             // entries wait in the kernel); reaping frees room and the next turn retries.
-            Err(e) if matches!(
-                e.raw_os_error(),
-                Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
-            ) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
+                ) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(Error::io("io_uring_enter")(e)),
         }
     }
@@ -503,7 +513,10 @@ impl Driver {
                     n if n > 0 => self.arm_predecessor_recv(),
                     0 => {
                         if let Some(link) = self.predecessor.take() {
-                            tracing::info!(predecessor = link.parent_pid, "previous process exited");
+                            tracing::info!(
+                                predecessor = link.parent_pid,
+                                "previous process exited"
+                            );
                         }
                     }
                     _ => {}
@@ -573,7 +586,10 @@ impl Driver {
     }
 
     fn update_paused_flag(&self) {
-        let paused = self.accepts.iter().any(|s| s.retry_at.is_some() || s.paused_by.is_some());
+        let paused = self
+            .accepts
+            .iter()
+            .any(|s| s.retry_at.is_some() || s.paused_by.is_some());
         self.shared.accept_paused.store(paused, SeqCst);
     }
 
@@ -644,8 +660,12 @@ impl Driver {
         match action {
             Action::SpawnChild(upgrade) => {
                 let started = Instant::now();
-                match spawn::spawn(&self.config.exe, &self.config.args, upgrade, &self.config.signals)
-                {
+                match spawn::spawn(
+                    &self.config.exe,
+                    &self.config.args,
+                    upgrade,
+                    &self.config.signals,
+                ) {
                     Ok(child) => {
                         tracing::info!(
                             upgrade.id = %upgrade,
@@ -802,7 +822,11 @@ impl Driver {
         let len = std::mem::size_of::<libc::signalfd_siginfo>() as u32;
         let fd = self.signalfd.as_raw_fd();
         let token = self.ops.insert(Op::ReadSignal(info));
-        self.push(opcode::Read::new(types::Fd(fd), ptr, len).build().user_data(token));
+        self.push(
+            opcode::Read::new(types::Fd(fd), ptr, len)
+                .build()
+                .user_data(token),
+        );
     }
 
     fn arm_wake_read(&mut self) {
@@ -810,7 +834,11 @@ impl Driver {
         let ptr: *mut u8 = (&mut *value as *mut u64).cast();
         let fd = self.shared.wake.as_raw_fd();
         let token = self.ops.insert(Op::ReadWake(value));
-        self.push(opcode::Read::new(types::Fd(fd), ptr, 8).build().user_data(token));
+        self.push(
+            opcode::Read::new(types::Fd(fd), ptr, 8)
+                .build()
+                .user_data(token),
+        );
     }
 
     fn arm_successor_recv(&mut self) {
@@ -915,10 +943,16 @@ impl Driver {
             self.reap(&mut |_conn| late += 1);
         }
         if late > 0 {
-            tracing::error!(connections = late, "connections accepted after the drain were closed");
+            tracing::error!(
+                connections = late,
+                "connections accepted after the drain were closed"
+            );
         }
         if self.ops.live > 0 {
-            tracing::error!(ops = self.ops.live, "ops still in flight at exit; leaking their memory");
+            tracing::error!(
+                ops = self.ops.live,
+                "ops still in flight at exit; leaking their memory"
+            );
             // Keep their buffers alive for as long as the ring might write into them.
             std::mem::forget(std::mem::take(&mut self.ops));
         }

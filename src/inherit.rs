@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
 
-use crate::handoff::{ListenerRecord, Message, ENV_FD, ENV_UPGRADE_ID, MAX_LISTENERS, MAX_MESSAGE_LEN};
+use crate::handoff::{
+    ListenerRecord, Message, ENV_FD, ENV_UPGRADE_ID, MAX_LISTENERS, MAX_MESSAGE_LEN,
+};
 use crate::machine::UpgradeId;
 use crate::sys;
 use crate::Error;
@@ -64,7 +66,11 @@ pub(crate) fn from_environment() -> Result<Option<Inherited>, Error> {
     }
     match sys::socket_type(borrowed) {
         Ok(t) if t == libc::SOCK_SEQPACKET => {}
-        Ok(t) => return Err(bad_env(format!("fd {fd} is a socket of type {t}, not SEQPACKET"))),
+        Ok(t) => {
+            return Err(bad_env(format!(
+                "fd {fd} is a socket of type {t}, not SEQPACKET"
+            )))
+        }
         Err(e) => return Err(bad_env(format!("fd {fd} is not a socket: {e}"))),
     }
     if sys::socket_domain(borrowed).ok() != Some(libc::AF_UNIX) {
@@ -81,9 +87,11 @@ pub(crate) fn from_environment() -> Result<Option<Inherited>, Error> {
             "started as a successor, but the parent process is already gone".into(),
         ));
     }
-    sys::set_recv_timeout(channel.as_fd(), HELLO_TIMEOUT).map_err(|e| Error::Handoff(e.to_string()))?;
+    sys::set_recv_timeout(channel.as_fd(), HELLO_TIMEOUT)
+        .map_err(|e| Error::Handoff(e.to_string()))?;
     let (message, fds) = receive(channel.as_fd())?;
-    sys::set_recv_timeout(channel.as_fd(), Duration::ZERO).map_err(|e| Error::Handoff(e.to_string()))?;
+    sys::set_recv_timeout(channel.as_fd(), Duration::ZERO)
+        .map_err(|e| Error::Handoff(e.to_string()))?;
 
     let Message::Hello {
         upgrade: hello_upgrade,
@@ -144,7 +152,10 @@ fn receive(channel: BorrowedFd<'_>) -> Result<(Message, Vec<OwnedFd>), Error> {
         if let ControlMessageOwned::ScmRights(raw) = c {
             // SAFETY: SCM_RIGHTS installed these fds in this process just now; nobody else
             // owns them.
-            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
         }
     }
     if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
@@ -157,8 +168,11 @@ fn receive(channel: BorrowedFd<'_>) -> Result<(Message, Vec<OwnedFd>), Error> {
     }
     let len = msg.bytes;
     if len == 0 {
-        return Err(Error::Handoff("the parent closed the channel before HELLO".into()));
+        return Err(Error::Handoff(
+            "the parent closed the channel before HELLO".into(),
+        ));
     }
-    let message = Message::decode(&buf[..len]).map_err(|e| Error::Handoff(format!("HELLO: {e}")))?;
+    let message =
+        Message::decode(&buf[..len]).map_err(|e| Error::Handoff(format!("HELLO: {e}")))?;
     Ok((message, fds))
 }

@@ -65,11 +65,15 @@ impl Listener {
         }
         let ty = sys::socket_type(fd.as_fd()).map_err(|e| io_invalid("not a socket", e))?;
         if ty != libc::SOCK_STREAM {
-            return Err(invalid(format!("socket type {ty}, expected a stream socket")));
+            return Err(invalid(format!(
+                "socket type {ty}, expected a stream socket"
+            )));
         }
         let domain = sys::socket_domain(fd.as_fd()).map_err(|e| io_invalid("SO_DOMAIN", e))?;
         if domain != libc::AF_INET && domain != libc::AF_INET6 {
-            return Err(invalid(format!("address family {domain}, expected IPv4/IPv6")));
+            return Err(invalid(format!(
+                "address family {domain}, expected IPv4/IPv6"
+            )));
         }
         if !sys::is_listening(fd.as_fd()).map_err(|e| io_invalid("SO_ACCEPTCONN", e))? {
             return Err(invalid("the handed-over socket is not listening".into()));

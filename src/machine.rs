@@ -111,7 +111,9 @@ pub enum ExitReason {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Event {
     UpgradeRequested(Requester),
-    ChildSpawned { pid: u32 },
+    ChildSpawned {
+        pid: u32,
+    },
     SpawnFailed(String),
     ListenersSent,
     /// The handoff message could not be sent (the child closed the channel, …).
@@ -121,7 +123,10 @@ pub(crate) enum Event {
     ChildMessageInvalid(String),
     /// The successor is handing over to its own successor or shutting down: its exit is planned.
     ChildRetired,
-    ChildExited { pid: u32, status: String },
+    ChildExited {
+        pid: u32,
+        status: String,
+    },
     /// Every accept reached its terminal completion; every fd it produced was served.
     AcceptStopped,
     /// The live connection count reached zero while draining.
@@ -316,7 +321,10 @@ impl Machine {
             }
             (State::Forking { by, .. }, E::SpawnFailed(why)) => {
                 self.set(State::Serving);
-                self.reply(by, Outcome::Failed(format!("could not start the new binary: {why}")));
+                self.reply(
+                    by,
+                    Outcome::Failed(format!("could not start the new binary: {why}")),
+                );
             }
             (State::Forking { by, .. }, E::ShutdownRequested) => {
                 // The driver spawns synchronously, so no child exists yet.
@@ -330,9 +338,11 @@ impl Machine {
                 self.reply(by, Outcome::Busy("an upgrade is already in flight"))
             }
             (State::HandingOver { .. }, E::ListenersSent) => {}
-            (State::HandingOver { by, child, .. }, E::HandoffFailed(why)) => {
-                self.rollback(by, child, format!("could not hand the listeners over: {why}"))
-            }
+            (State::HandingOver { by, child, .. }, E::HandoffFailed(why)) => self.rollback(
+                by,
+                child,
+                format!("could not hand the listeners over: {why}"),
+            ),
             (
                 State::HandingOver {
                     upgrade, by, child, ..
@@ -356,7 +366,11 @@ impl Machine {
             (State::HandingOver { by, child, .. }, E::ChildExited { pid, status })
                 if pid == child =>
             {
-                self.rollback(by, child, format!("new process {pid} exited before READY: {status}"))
+                self.rollback(
+                    by,
+                    child,
+                    format!("new process {pid} exited before READY: {status}"),
+                )
             }
             (State::HandingOver { by, child, .. }, E::ShutdownRequested) => {
                 self.rollback(by, child, "shutdown requested".into());
@@ -371,7 +385,9 @@ impl Machine {
                     DrainCause::Shutdown => "this process is shutting down",
                 }),
             ),
-            (State::Draining(_), E::AcceptStopped) => self.update_drain(|d| d.accept_stopped = true),
+            (State::Draining(_), E::AcceptStopped) => {
+                self.update_drain(|d| d.accept_stopped = true)
+            }
             (State::Draining(_), E::ConnectionsDrained) => self.update_drain(|d| d.drained = true),
             (State::Draining(d), E::ChildRetired) if d.has_successor() => {
                 self.update_drain(|d| d.successor_retired = true)

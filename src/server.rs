@@ -91,12 +91,17 @@ impl Builder {
             return Err(Error::Config("no listener configured".into()));
         }
         if self.listeners.len() > MAX_LISTENERS {
-            return Err(Error::Config(format!("more than {MAX_LISTENERS} listeners")));
+            return Err(Error::Config(format!(
+                "more than {MAX_LISTENERS} listeners"
+            )));
         }
         let mut names = HashSet::new();
         for l in &self.listeners {
             if !names.insert(l.name.as_str()) {
-                return Err(Error::Config(format!("listener name {:?} used twice", l.name)));
+                return Err(Error::Config(format!(
+                    "listener name {:?} used twice",
+                    l.name
+                )));
             }
         }
         let signals = handled_signals();
@@ -269,8 +274,9 @@ impl Server {
         let notify = driver.notify_fd()?;
         // SAFETY: the eventfd stays open while `ready_fd` is registered: `driver` owns it and
         // is dropped after `ready_fd` (declared earlier, dropped later).
-        let ready_fd = unsafe { AsyncFd::register_with_interest(NotifyFd(notify), Interest::READABLE) }
-            .map_err(|e| Error::io("registering with the runtime")(e.into()))?;
+        let ready_fd =
+            unsafe { AsyncFd::register_with_interest(NotifyFd(notify), Interest::READABLE) }
+                .map_err(|e| Error::io("registering with the runtime")(e.into()))?;
         loop {
             if let Some(exit) = driver.turn(false, &mut on_connection)? {
                 return Ok(exit);
@@ -315,7 +321,10 @@ impl Shared {
     }
 
     fn request(&self, request: Request) {
-        self.requests.lock().unwrap_or_else(|e| e.into_inner()).push(request);
+        self.requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(request);
         self.wake();
     }
 }
@@ -450,4 +459,3 @@ pub(crate) fn write_pid_file(path: &Path, pid: u32) -> std::io::Result<()> {
     std::fs::write(&tmp, format!("{pid}\n"))?;
     std::fs::rename(&tmp, path)
 }
-

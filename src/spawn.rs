@@ -53,11 +53,16 @@ pub(crate) fn spawn(
     let mut actions = PosixSpawnFileActions::init()?;
     actions.add_dup2(child_end.as_raw_fd(), CHILD_FD)?;
     let mut attr = PosixSpawnAttr::init()?;
-    attr.set_flags(PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF)?;
+    attr.set_flags(
+        PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+    )?;
     attr.set_sigmask(&SigSet::empty())?;
     attr.set_sigdefault(handled_signals)?;
 
-    let argv = args.iter().map(|a| cstring(a.as_bytes())).collect::<io::Result<Vec<_>>>()?;
+    let argv = args
+        .iter()
+        .map(|a| cstring(a.as_bytes()))
+        .collect::<io::Result<Vec<_>>>()?;
     let mut envp = Vec::new();
     for (key, value) in std::env::vars_os() {
         if key.as_bytes().starts_with(b"RINGFLIP_") {
@@ -69,7 +74,9 @@ pub(crate) fn spawn(
         envp.push(cstring(&kv)?);
     }
     envp.push(cstring(format!("{ENV_FD}={CHILD_FD}").as_bytes())?);
-    envp.push(cstring(format!("{ENV_UPGRADE_ID}={}", upgrade.0).as_bytes())?);
+    envp.push(cstring(
+        format!("{ENV_UPGRADE_ID}={}", upgrade.0).as_bytes(),
+    )?);
 
     // glibc reports exec failures (ENOENT, EACCES, ENOEXEC…) as posix_spawn's own error.
     let pid = nix::spawn::posix_spawn(exe, &actions, &attr, &argv, &envp)?;

@@ -42,11 +42,7 @@ pub(crate) fn eventfd_drain(fd: BorrowedFd<'_>) {
 pub(crate) fn signalfd(signals: &nix::sys::signal::SigSet) -> io::Result<OwnedFd> {
     // SAFETY: `signals` is a valid sigset; -1 asks for a new fd.
     let fd = cvt(unsafe {
-        libc::signalfd(
-            -1,
-            signals.as_ref(),
-            libc::SFD_CLOEXEC | libc::SFD_NONBLOCK,
-        )
+        libc::signalfd(-1, signals.as_ref(), libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
     })?;
     // SAFETY: `fd` is new and ours.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -132,7 +128,8 @@ pub(crate) fn local_inet_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
     match storage.ss_family as i32 {
         libc::AF_INET => {
             // SAFETY: the kernel said the storage holds a sockaddr_in.
-            let a: libc::sockaddr_in = unsafe { *(&storage as *const _ as *const libc::sockaddr_in) };
+            let a: libc::sockaddr_in =
+                unsafe { *(&storage as *const _ as *const libc::sockaddr_in) };
             Ok(SocketAddr::V4(SocketAddrV4::new(
                 u32::from_be(a.sin_addr.s_addr).into(),
                 u16::from_be(a.sin_port),

@@ -1,3 +1,2 @@
 //! Transition tests for the restart state machine.
 use super::*;
-
