@@ -708,6 +708,7 @@ impl Driver {
                 }
             }
             Action::ResumeAccepting => {
+                tracing::warn!("the new process died during the drain; serving again");
                 self.accepting = true;
                 for i in 0..self.accepts.len() {
                     if self.accepts[i].op.is_none() {

@@ -392,15 +392,10 @@ impl Machine {
             (State::Draining(d), E::ChildRetired) if d.has_successor() => {
                 self.update_drain(|d| d.successor_retired = true)
             }
-            (State::Draining(d), E::ChildExited { pid, status }) if d.successor() == Some(pid) => {
+            (State::Draining(d), E::ChildExited { pid, .. }) if d.successor() == Some(pid) => {
                 if !d.successor_retired && !d.shutdown_requested {
                     // The successor died unplanned while this process still holds the
                     // listeners: take the service back (rollback after handover).
-                    tracing::warn!(
-                        successor = pid,
-                        %status,
-                        "the new process died during the drain; resuming service"
-                    );
                     self.set(State::Serving);
                     self.accepting = true;
                     self.push(Action::StopDrain);
@@ -442,7 +437,6 @@ impl Machine {
 
     /// Give up on the child: kill it, tell the requester, keep serving. Accepting never stopped.
     fn rollback(&mut self, by: Requester, child: u32, why: String) {
-        tracing::warn!(child, reason = %why, "upgrade failed; still serving");
         self.push(Action::AbandonChild { pid: child });
         self.set(State::Serving);
         self.reply(by, Outcome::Failed(why));

@@ -1,0 +1,119 @@
+//! The echo server behind `examples/echo.rs` and the demo's server processes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ringflip::{Connection, Server};
+use tokio_uring::buf::BoundedBuf;
+
+struct Args {
+    listen: Vec<SocketAddr>,
+    pid_file: Option<PathBuf>,
+    ready_timeout: Duration,
+    drain_timeout: Duration,
+}
+
+fn parse_args(argv: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut args = Args {
+        listen: Vec::new(),
+        pid_file: None,
+        ready_timeout: Duration::from_secs(30),
+        drain_timeout: Duration::from_secs(60),
+    };
+    let mut it = argv;
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--listen" => {
+                let v = value()?;
+                args.listen
+                    .push(v.parse().map_err(|e| format!("--listen {v}: {e}"))?);
+            }
+            "--pid-file" => args.pid_file = Some(value()?.into()),
+            "--ready-timeout-ms" => args.ready_timeout = millis(&flag, &value()?)?,
+            "--drain-timeout-ms" => args.drain_timeout = millis(&flag, &value()?)?,
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    if args.listen.is_empty() {
+        return Err("at least one --listen ADDR is needed".into());
+    }
+    Ok(args)
+}
+
+fn millis(flag: &str, v: &str) -> Result<Duration, String> {
+    v.parse()
+        .map(Duration::from_millis)
+        .map_err(|e| format!("{flag} {v}: {e}"))
+}
+
+/// Runs the echo server with command-line arguments `argv` (without the program name).
+pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = match parse_args(argv) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("echo: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut builder = Server::builder()
+        .ready_timeout(args.ready_timeout)
+        .drain_timeout(args.drain_timeout);
+    if let Some(path) = args.pid_file {
+        builder = builder.pid_file(path);
+    }
+    for (i, addr) in args.listen.iter().enumerate() {
+        builder = builder.listen_tcp(format!("echo{i}"), *addr);
+    }
+    // Before the runtime starts: build() blocks the upgrade signals, and the runtime's threads
+    // inherit the mask.
+    let server = match builder.build() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return ExitCode::from(1);
+        }
+    };
+    let result = tokio_uring::start(server.run_async(|conn| {
+        tokio_uring::spawn(echo(conn));
+    }));
+    match result {
+        Ok(exit) => {
+            tracing::info!(?exit, "exiting");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "server failed");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn echo(conn: Connection) {
+    let (fd, _guard) = conn.into_parts();
+    let stream = tokio_uring::net::TcpStream::from_std(std::net::TcpStream::from(fd));
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (res, b) = stream.read(buf).await;
+        buf = b;
+        let n = match res {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // Bytes are written back as they came, so every line is echoed verbatim.
+        let (res, slice) = stream.write_all(buf.slice(..n)).await;
+        buf = slice.into_inner();
+        if res.is_err() {
+            return;
+        }
+    }
+}

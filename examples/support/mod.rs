@@ -1,0 +1,5 @@
+//! Code shared by the examples (and the upgrade bench): the echo server and the load generator.
+#![allow(dead_code)]
+
+pub mod echo_server;
+pub mod load;
