@@ -37,9 +37,10 @@ pub const MAX_NAME_LEN: usize = 255;
 const MAX_ADDR_LEN: usize = 1024;
 /// Largest application state blob handed to the child, in bytes.
 pub const MAX_STATE_LEN: usize = 64 * 1024;
-/// Largest message on the wire: all bounds above at their maximum fit.
+/// Largest message on the wire: header (magic, version, kind, id, pid, count: 20 bytes), every
+/// listener record at its largest, the blob length and the blob.
 pub(crate) const MAX_MESSAGE_LEN: usize =
-    16 + MAX_LISTENERS * (5 + MAX_NAME_LEN + MAX_ADDR_LEN) + 4 + MAX_STATE_LEN;
+    20 + MAX_LISTENERS * (5 + MAX_NAME_LEN + MAX_ADDR_LEN) + 4 + MAX_STATE_LEN;
 
 const KIND_HELLO: u8 = 1;
 const KIND_READY: u8 = 2;

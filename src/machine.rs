@@ -329,7 +329,6 @@ impl Machine {
             (State::Forking { by, .. }, E::ShutdownRequested) => {
                 // The driver spawns synchronously, so no child exists yet.
                 self.reply(by, Outcome::Failed("shutdown requested".into()));
-                self.set(State::Serving);
                 self.start_drain(DrainCause::Shutdown, now);
             }
 
@@ -373,7 +372,9 @@ impl Machine {
                 )
             }
             (State::HandingOver { by, child, .. }, E::ShutdownRequested) => {
-                self.rollback(by, child, "shutdown requested".into());
+                // Straight to Draining: no transient Serving phase for observers.
+                self.push(Action::AbandonChild { pid: child });
+                self.reply(by, Outcome::Failed("shutdown requested".into()));
                 self.start_drain(DrainCause::Shutdown, now);
             }
 

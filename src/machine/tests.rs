@@ -1,2 +1,1607 @@
 //! Transition tests for the restart state machine.
+//!
+//! Three layers:
+//! 1. `every_phase_event_pair` — a table over every (phase, event) pair: start phase, event,
+//!    expected phase, expected `accepting()`, exact expected action list.
+//! 2. Named scenarios for the important paths (upgrade, every rollback, drain, shutdown, stale
+//!    events).
+//! 3. Property tests over random event sequences with a virtual clock.
+//!
+//! Time is virtual everywhere: a base `Instant::now()` plus offsets; nothing sleeps.
 use super::*;
+use proptest::prelude::*;
+use std::collections::HashMap;
+
+use Phase as P;
+
+const TIMEOUTS: Timeouts = Timeouts {
+    ready: Duration::from_secs(5),
+    drain: Duration::from_secs(30),
+};
+const SEED: u64 = 0x5eed_0000_0000_0000;
+/// The id of the first upgrade a machine built with `SEED` issues.
+const ID1: UpgradeId = UpgradeId(SEED + 1);
+const ID2: UpgradeId = UpgradeId(SEED + 2);
+const BOGUS: UpgradeId = UpgradeId(0xdead_beef);
+/// The child spawned by the first upgrade.
+const CHILD: u32 = 4242;
+/// Some unrelated pid (an abandoned child, a grandchild, …).
+const OTHER: u32 = 777;
+/// The requester of the upgrade in flight in the built phases.
+const REQ: Requester = Requester::Api(1);
+/// The requester of the extra upgrade requests the table sends.
+const LATE: Requester = Requester::Api(7);
+
+const MS: Duration = Duration::from_millis(1);
+
+// ------------------------------------------------------------------------------------------
+// Harness
+
+/// A machine plus a virtual clock.
+struct H {
+    m: Machine,
+    now: Instant,
+}
+
+impl H {
+    fn new() -> H {
+        H::with_seed(SEED)
+    }
+
+    fn with_seed(seed: u64) -> H {
+        H {
+            m: Machine::new(TIMEOUTS, seed),
+            now: Instant::now(),
+        }
+    }
+
+    fn drain(&mut self) -> Vec<Action> {
+        std::iter::from_fn(|| self.m.poll_action()).collect()
+    }
+
+    /// Feeds `event` at the current virtual time and returns the actions it produced.
+    fn ev(&mut self, event: Event) -> Vec<Action> {
+        self.m.handle(event, self.now);
+        self.drain()
+    }
+
+    /// Advances the virtual clock.
+    fn wait(&mut self, d: Duration) -> &mut H {
+        self.now += d;
+        self
+    }
+
+    /// `handle_timeout` at the current virtual time.
+    fn tick(&mut self) -> Vec<Action> {
+        self.m.handle_timeout(self.now);
+        self.drain()
+    }
+
+    /// Moves the clock just past the pending deadline (or far ahead when there is none) and
+    /// calls `handle_timeout`.
+    fn expire(&mut self) -> Vec<Action> {
+        self.now = match self.m.poll_timeout() {
+            Some(at) => at.max(self.now) + MS,
+            None => self.now + Duration::from_secs(24 * 3600),
+        };
+        self.tick()
+    }
+
+    fn phase(&self) -> Phase {
+        self.m.phase()
+    }
+}
+
+// Event shorthands.
+fn upgrade(by: Requester) -> Event {
+    Event::UpgradeRequested(by)
+}
+fn spawned(pid: u32) -> Event {
+    Event::ChildSpawned { pid }
+}
+fn spawn_failed() -> Event {
+    Event::SpawnFailed("no such file".into())
+}
+fn handoff_failed() -> Event {
+    Event::HandoffFailed("broken pipe".into())
+}
+fn ready(id: UpgradeId) -> Event {
+    Event::ChildReady(id)
+}
+fn invalid() -> Event {
+    Event::ChildMessageInvalid("garbage".into())
+}
+fn exited(pid: u32) -> Event {
+    Event::ChildExited {
+        pid,
+        status: "signal 9".into(),
+    }
+}
+
+// Action shorthands.
+fn pc(p: Phase) -> Action {
+    Action::PhaseChanged(p)
+}
+fn abandon(pid: u32) -> Action {
+    Action::AbandonChild { pid }
+}
+fn failed(by: Requester, why: &str) -> Action {
+    Action::Reply(by, Outcome::Failed(why.into()))
+}
+fn busy(by: Requester, why: &'static str) -> Action {
+    Action::Reply(by, Outcome::Busy(why))
+}
+fn upgraded(by: Requester, pid: u32) -> Action {
+    Action::Reply(by, Outcome::Upgraded { pid })
+}
+fn exit_upgraded(successor: u32) -> Action {
+    Action::Exit(ExitReason::Upgraded { successor })
+}
+fn exit_shutdown() -> Action {
+    Action::Exit(ExitReason::Shutdown)
+}
+use Action::{ResumeAccepting, SendListeners, SpawnChild, StartDrain, StopAccepting, StopDrain};
+
+// The exact failure and refusal texts (they reach API callers).
+const F_SPAWN: &str = "could not start the new binary: no such file";
+const F_HANDOFF: &str = "could not hand the listeners over: broken pipe";
+const F_INVALID: &str = "new process 4242: garbage";
+const F_EXIT: &str = "new process 4242 exited before READY: signal 9";
+const F_DEADLINE: &str = "new process 4242 was not ready within 5000 ms";
+const F_SHUTDOWN: &str = "shutdown requested";
+fn f_wrong_id() -> String {
+    format!("new process answered READY for upgrade {BOGUS}, expected {ID1}")
+}
+const B_IN_FLIGHT: &str = "an upgrade is already in flight";
+const B_UPGRADED: &str = "this process was upgraded and is draining";
+const B_SHUTTING: &str = "this process is shutting down";
+const B_EXITED: &str = "this process has exited";
+
+// ------------------------------------------------------------------------------------------
+// Building a machine in each phase through the public-in-crate API
+
+/// Start points of the table. Draining is split by cause and by its sub-state flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum S {
+    Serving,
+    /// `REQ` asked for upgrade `ID1`; no child yet.
+    Forking,
+    /// Child `CHILD` spawned for `ID1`, listeners sent, waiting for READY.
+    HandingOver,
+    /// `CHILD` answered READY(`ID1`): draining after an upgrade.
+    DrainingUpgrade,
+    /// As `DrainingUpgrade`, then the successor announced its retirement (`ChildRetired`).
+    DrainingUpgradeRetired,
+    /// As `DrainingUpgrade`, then a shutdown was requested (finish the drain, never resume).
+    DrainingUpgradeShutdown,
+    /// Draining after a shutdown request from Serving.
+    DrainingShutdown,
+    /// Exited after a shutdown and a complete drain.
+    Exited,
+}
+
+const STARTS: [S; 8] = [
+    S::Serving,
+    S::Forking,
+    S::HandingOver,
+    S::DrainingUpgrade,
+    S::DrainingUpgradeRetired,
+    S::DrainingUpgradeShutdown,
+    S::DrainingShutdown,
+    S::Exited,
+];
+
+/// Builds a machine in `start`, checking every step on the way, with its actions drained.
+fn build(start: S) -> H {
+    let mut h = H::new();
+    assert_eq!(h.phase(), P::Serving);
+    assert!(h.m.accepting());
+    match start {
+        S::Serving => {}
+        S::Forking => {
+            assert_eq!(h.ev(upgrade(REQ)), vec![pc(P::Forking), SpawnChild(ID1)]);
+        }
+        S::HandingOver => {
+            h = build(S::Forking);
+            h.wait(10 * MS);
+            assert_eq!(
+                h.ev(spawned(CHILD)),
+                vec![pc(P::HandingOver), SendListeners(ID1)]
+            );
+            h.wait(MS);
+            assert_eq!(h.ev(Event::ListenersSent), vec![]);
+        }
+        S::DrainingUpgrade => {
+            h = build(S::HandingOver);
+            h.wait(100 * MS);
+            assert_eq!(
+                h.ev(ready(ID1)),
+                vec![
+                    upgraded(REQ, CHILD),
+                    pc(P::Draining),
+                    StopAccepting,
+                    StartDrain
+                ]
+            );
+        }
+        S::DrainingUpgradeRetired => {
+            h = build(S::DrainingUpgrade);
+            h.wait(MS);
+            assert_eq!(h.ev(Event::ChildRetired), vec![]);
+        }
+        S::DrainingUpgradeShutdown => {
+            h = build(S::DrainingUpgrade);
+            h.wait(MS);
+            assert_eq!(h.ev(Event::ShutdownRequested), vec![]);
+        }
+        S::DrainingShutdown => {
+            assert_eq!(
+                h.ev(Event::ShutdownRequested),
+                vec![pc(P::Draining), StopAccepting, StartDrain]
+            );
+        }
+        S::Exited => {
+            h = build(S::DrainingShutdown);
+            h.wait(MS);
+            assert_eq!(h.ev(Event::AcceptStopped), vec![]);
+            assert_eq!(
+                h.ev(Event::ConnectionsDrained),
+                vec![pc(P::Exited), exit_shutdown()]
+            );
+        }
+    }
+    h.wait(MS);
+    h
+}
+
+// ------------------------------------------------------------------------------------------
+// 1. The table
+
+/// Every kind of input, as the table applies it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Ev {
+    /// `UpgradeRequested(Signal)`
+    UpSignal,
+    /// `UpgradeRequested(Api(7))`
+    UpApi,
+    /// `ChildSpawned { pid: CHILD }`
+    Spawned,
+    SpawnFailed,
+    ListenersSent,
+    HandoffFailed,
+    /// `ChildReady(ID1)`: the id of the (first) upgrade
+    ReadyRight,
+    /// `ChildReady(BOGUS)`
+    ReadyWrong,
+    Invalid,
+    Retired,
+    /// `ChildExited { pid: CHILD }`
+    ExitedChild,
+    /// `ChildExited { pid: OTHER }`
+    ExitedOther,
+    AcceptStopped,
+    Drained,
+    Shutdown,
+    /// The clock moves past `poll_timeout()` (or a day ahead when there is none), then
+    /// `handle_timeout`.
+    Deadline,
+}
+
+const EVS: [Ev; 16] = [
+    Ev::UpSignal,
+    Ev::UpApi,
+    Ev::Spawned,
+    Ev::SpawnFailed,
+    Ev::ListenersSent,
+    Ev::HandoffFailed,
+    Ev::ReadyRight,
+    Ev::ReadyWrong,
+    Ev::Invalid,
+    Ev::Retired,
+    Ev::ExitedChild,
+    Ev::ExitedOther,
+    Ev::AcceptStopped,
+    Ev::Drained,
+    Ev::Shutdown,
+    Ev::Deadline,
+];
+
+fn apply(h: &mut H, ev: Ev) -> Vec<Action> {
+    match ev {
+        Ev::UpSignal => h.ev(upgrade(Requester::Signal)),
+        Ev::UpApi => h.ev(upgrade(LATE)),
+        Ev::Spawned => h.ev(spawned(CHILD)),
+        Ev::SpawnFailed => h.ev(spawn_failed()),
+        Ev::ListenersSent => h.ev(Event::ListenersSent),
+        Ev::HandoffFailed => h.ev(handoff_failed()),
+        Ev::ReadyRight => h.ev(ready(ID1)),
+        Ev::ReadyWrong => h.ev(ready(BOGUS)),
+        Ev::Invalid => h.ev(invalid()),
+        Ev::Retired => h.ev(Event::ChildRetired),
+        Ev::ExitedChild => h.ev(exited(CHILD)),
+        Ev::ExitedOther => h.ev(exited(OTHER)),
+        Ev::AcceptStopped => h.ev(Event::AcceptStopped),
+        Ev::Drained => h.ev(Event::ConnectionsDrained),
+        Ev::Shutdown => h.ev(Event::ShutdownRequested),
+        Ev::Deadline => h.expire(),
+    }
+}
+
+struct Row {
+    from: S,
+    event: Ev,
+    to: Phase,
+    accepting: bool,
+    actions: Vec<Action>,
+}
+
+/// `row!(From, Event => ToPhase, accepting, [actions…])`
+macro_rules! row {
+    ($from:ident, $ev:ident => $to:ident, $acc:literal, [$($a:expr),* $(,)?]) => {
+        Row {
+            from: S::$from,
+            event: Ev::$ev,
+            to: P::$to,
+            accepting: $acc,
+            actions: vec![$($a),*],
+        }
+    };
+}
+
+#[rustfmt::skip]
+fn table() -> Vec<Row> {
+    vec![
+        // ---- Serving: only an upgrade request or a shutdown does anything.
+        row!(Serving, UpSignal      => Forking,     true,  [pc(P::Forking), SpawnChild(ID1)]),
+        row!(Serving, UpApi         => Forking,     true,  [pc(P::Forking), SpawnChild(ID1)]),
+        row!(Serving, Spawned       => Serving,     true,  []),
+        row!(Serving, SpawnFailed   => Serving,     true,  []),
+        row!(Serving, ListenersSent => Serving,     true,  []),
+        row!(Serving, HandoffFailed => Serving,     true,  []),
+        row!(Serving, ReadyRight    => Serving,     true,  []),
+        row!(Serving, ReadyWrong    => Serving,     true,  []),
+        row!(Serving, Invalid       => Serving,     true,  []),
+        row!(Serving, Retired       => Serving,     true,  []),
+        row!(Serving, ExitedChild   => Serving,     true,  []),
+        row!(Serving, ExitedOther   => Serving,     true,  []),
+        row!(Serving, AcceptStopped => Serving,     true,  []),
+        row!(Serving, Drained       => Serving,     true,  []),
+        row!(Serving, Shutdown      => Draining,    false, [pc(P::Draining), StopAccepting, StartDrain]),
+        row!(Serving, Deadline      => Serving,     true,  []),
+
+        // ---- Forking (REQ's upgrade ID1; the driver spawns synchronously: no child yet).
+        row!(Forking, UpSignal      => Forking,     true,  [busy(Requester::Signal, B_IN_FLIGHT)]),
+        row!(Forking, UpApi         => Forking,     true,  [busy(LATE, B_IN_FLIGHT)]),
+        row!(Forking, Spawned       => HandingOver, true,  [pc(P::HandingOver), SendListeners(ID1)]),
+        row!(Forking, SpawnFailed   => Serving,     true,  [pc(P::Serving), failed(REQ, F_SPAWN)]),
+        row!(Forking, ListenersSent => Forking,     true,  []),
+        row!(Forking, HandoffFailed => Forking,     true,  []),
+        row!(Forking, ReadyRight    => Forking,     true,  []),
+        row!(Forking, ReadyWrong    => Forking,     true,  []),
+        row!(Forking, Invalid       => Forking,     true,  []),
+        row!(Forking, Retired       => Forking,     true,  []),
+        row!(Forking, ExitedChild   => Forking,     true,  []),
+        row!(Forking, ExitedOther   => Forking,     true,  []),
+        row!(Forking, AcceptStopped => Forking,     true,  []),
+        row!(Forking, Drained       => Forking,     true,  []),
+        row!(Forking, Shutdown      => Draining,    false, [failed(REQ, F_SHUTDOWN), pc(P::Draining), StopAccepting, StartDrain]),
+        row!(Forking, Deadline      => Forking,     true,  []),
+
+        // ---- HandingOver (child CHILD for ID1, still accepting).
+        row!(HandingOver, UpSignal      => HandingOver, true,  [busy(Requester::Signal, B_IN_FLIGHT)]),
+        row!(HandingOver, UpApi         => HandingOver, true,  [busy(LATE, B_IN_FLIGHT)]),
+        row!(HandingOver, Spawned       => HandingOver, true,  []),
+        row!(HandingOver, SpawnFailed   => HandingOver, true,  []),
+        row!(HandingOver, ListenersSent => HandingOver, true,  []),
+        row!(HandingOver, HandoffFailed => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, F_HANDOFF)]),
+        row!(HandingOver, ReadyRight    => Draining,    false, [upgraded(REQ, CHILD), pc(P::Draining), StopAccepting, StartDrain]),
+        row!(HandingOver, ReadyWrong    => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, &f_wrong_id())]),
+        row!(HandingOver, Invalid       => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, F_INVALID)]),
+        row!(HandingOver, Retired       => HandingOver, true,  []),
+        row!(HandingOver, ExitedChild   => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, F_EXIT)]),
+        row!(HandingOver, ExitedOther   => HandingOver, true,  []),
+        row!(HandingOver, AcceptStopped => HandingOver, true,  []),
+        row!(HandingOver, Drained       => HandingOver, true,  []),
+        row!(HandingOver, Shutdown      => Draining,    false, [abandon(CHILD), failed(REQ, F_SHUTDOWN), pc(P::Draining), StopAccepting, StartDrain]),
+        row!(HandingOver, Deadline      => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, F_DEADLINE)]),
+
+        // ---- Draining after the upgrade to CHILD.
+        row!(DrainingUpgrade, UpSignal      => Draining, false, [busy(Requester::Signal, B_UPGRADED)]),
+        row!(DrainingUpgrade, UpApi         => Draining, false, [busy(LATE, B_UPGRADED)]),
+        row!(DrainingUpgrade, Spawned       => Draining, false, []),
+        row!(DrainingUpgrade, SpawnFailed   => Draining, false, []),
+        row!(DrainingUpgrade, ListenersSent => Draining, false, []),
+        row!(DrainingUpgrade, HandoffFailed => Draining, false, []),
+        row!(DrainingUpgrade, ReadyRight    => Draining, false, []),
+        row!(DrainingUpgrade, ReadyWrong    => Draining, false, []),
+        row!(DrainingUpgrade, Invalid       => Draining, false, []),
+        row!(DrainingUpgrade, Retired       => Draining, false, []),
+        row!(DrainingUpgrade, ExitedChild   => Serving,  true,  [pc(P::Serving), StopDrain, ResumeAccepting]),
+        row!(DrainingUpgrade, ExitedOther   => Draining, false, []),
+        row!(DrainingUpgrade, AcceptStopped => Draining, false, []),
+        row!(DrainingUpgrade, Drained       => Draining, false, []),
+        row!(DrainingUpgrade, Shutdown      => Draining, false, []),
+        row!(DrainingUpgrade, Deadline      => Exited,   false, [pc(P::Exited), exit_upgraded(CHILD)]),
+
+        // ---- Draining after the upgrade, the successor has retired: its exit is planned.
+        row!(DrainingUpgradeRetired, UpSignal      => Draining, false, [busy(Requester::Signal, B_UPGRADED)]),
+        row!(DrainingUpgradeRetired, UpApi         => Draining, false, [busy(LATE, B_UPGRADED)]),
+        row!(DrainingUpgradeRetired, Spawned       => Draining, false, []),
+        row!(DrainingUpgradeRetired, SpawnFailed   => Draining, false, []),
+        row!(DrainingUpgradeRetired, ListenersSent => Draining, false, []),
+        row!(DrainingUpgradeRetired, HandoffFailed => Draining, false, []),
+        row!(DrainingUpgradeRetired, ReadyRight    => Draining, false, []),
+        row!(DrainingUpgradeRetired, ReadyWrong    => Draining, false, []),
+        row!(DrainingUpgradeRetired, Invalid       => Draining, false, []),
+        row!(DrainingUpgradeRetired, Retired       => Draining, false, []),
+        row!(DrainingUpgradeRetired, ExitedChild   => Draining, false, []),
+        row!(DrainingUpgradeRetired, ExitedOther   => Draining, false, []),
+        row!(DrainingUpgradeRetired, AcceptStopped => Draining, false, []),
+        row!(DrainingUpgradeRetired, Drained       => Draining, false, []),
+        row!(DrainingUpgradeRetired, Shutdown      => Draining, false, []),
+        row!(DrainingUpgradeRetired, Deadline      => Exited,   false, [pc(P::Exited), exit_upgraded(CHILD)]),
+
+        // ---- Draining after the upgrade, a shutdown was requested: never resume; a second
+        // shutdown stops waiting.
+        row!(DrainingUpgradeShutdown, UpSignal      => Draining, false, [busy(Requester::Signal, B_UPGRADED)]),
+        row!(DrainingUpgradeShutdown, UpApi         => Draining, false, [busy(LATE, B_UPGRADED)]),
+        row!(DrainingUpgradeShutdown, Spawned       => Draining, false, []),
+        row!(DrainingUpgradeShutdown, SpawnFailed   => Draining, false, []),
+        row!(DrainingUpgradeShutdown, ListenersSent => Draining, false, []),
+        row!(DrainingUpgradeShutdown, HandoffFailed => Draining, false, []),
+        row!(DrainingUpgradeShutdown, ReadyRight    => Draining, false, []),
+        row!(DrainingUpgradeShutdown, ReadyWrong    => Draining, false, []),
+        row!(DrainingUpgradeShutdown, Invalid       => Draining, false, []),
+        row!(DrainingUpgradeShutdown, Retired       => Draining, false, []),
+        row!(DrainingUpgradeShutdown, ExitedChild   => Draining, false, []),
+        row!(DrainingUpgradeShutdown, ExitedOther   => Draining, false, []),
+        row!(DrainingUpgradeShutdown, AcceptStopped => Draining, false, []),
+        row!(DrainingUpgradeShutdown, Drained       => Draining, false, []),
+        row!(DrainingUpgradeShutdown, Shutdown      => Exited,   false, [pc(P::Exited), exit_upgraded(CHILD)]),
+        row!(DrainingUpgradeShutdown, Deadline      => Exited,   false, [pc(P::Exited), exit_upgraded(CHILD)]),
+
+        // ---- Draining after a shutdown: no successor, so child events are all stale.
+        row!(DrainingShutdown, UpSignal      => Draining, false, [busy(Requester::Signal, B_SHUTTING)]),
+        row!(DrainingShutdown, UpApi         => Draining, false, [busy(LATE, B_SHUTTING)]),
+        row!(DrainingShutdown, Spawned       => Draining, false, []),
+        row!(DrainingShutdown, SpawnFailed   => Draining, false, []),
+        row!(DrainingShutdown, ListenersSent => Draining, false, []),
+        row!(DrainingShutdown, HandoffFailed => Draining, false, []),
+        row!(DrainingShutdown, ReadyRight    => Draining, false, []),
+        row!(DrainingShutdown, ReadyWrong    => Draining, false, []),
+        row!(DrainingShutdown, Invalid       => Draining, false, []),
+        row!(DrainingShutdown, Retired       => Draining, false, []),
+        row!(DrainingShutdown, ExitedChild   => Draining, false, []),
+        row!(DrainingShutdown, ExitedOther   => Draining, false, []),
+        row!(DrainingShutdown, AcceptStopped => Draining, false, []),
+        row!(DrainingShutdown, Drained       => Draining, false, []),
+        row!(DrainingShutdown, Shutdown      => Exited,   false, [pc(P::Exited), exit_shutdown()]),
+        row!(DrainingShutdown, Deadline      => Exited,   false, [pc(P::Exited), exit_shutdown()]),
+
+        // ---- Exited: terminal; upgrade requests are refused, everything else is ignored.
+        row!(Exited, UpSignal      => Exited, false, [busy(Requester::Signal, B_EXITED)]),
+        row!(Exited, UpApi         => Exited, false, [busy(LATE, B_EXITED)]),
+        row!(Exited, Spawned       => Exited, false, []),
+        row!(Exited, SpawnFailed   => Exited, false, []),
+        row!(Exited, ListenersSent => Exited, false, []),
+        row!(Exited, HandoffFailed => Exited, false, []),
+        row!(Exited, ReadyRight    => Exited, false, []),
+        row!(Exited, ReadyWrong    => Exited, false, []),
+        row!(Exited, Invalid       => Exited, false, []),
+        row!(Exited, Retired       => Exited, false, []),
+        row!(Exited, ExitedChild   => Exited, false, []),
+        row!(Exited, ExitedOther   => Exited, false, []),
+        row!(Exited, AcceptStopped => Exited, false, []),
+        row!(Exited, Drained       => Exited, false, []),
+        row!(Exited, Shutdown      => Exited, false, []),
+        row!(Exited, Deadline      => Exited, false, []),
+    ]
+}
+
+#[test]
+fn table_covers_every_phase_event_pair_once() {
+    let rows = table();
+    let mut seen = HashMap::new();
+    for r in &rows {
+        *seen.entry((r.from, r.event)).or_insert(0) += 1;
+    }
+    for s in STARTS {
+        for e in EVS {
+            assert_eq!(seen.get(&(s, e)), Some(&1), "row for ({s:?}, {e:?})");
+        }
+    }
+    assert_eq!(rows.len(), STARTS.len() * EVS.len());
+}
+
+#[test]
+fn every_phase_event_pair() {
+    let mut failures = Vec::new();
+    for r in table() {
+        let mut h = build(r.from);
+        let actions = apply(&mut h, r.event);
+        let got = (h.phase(), h.m.accepting(), &actions);
+        let want = (r.to, r.accepting, &r.actions);
+        if got != want {
+            failures.push(format!(
+                "({:?}, {:?}):\n   want phase {:?}, accepting {}, actions {:?}\n    got phase {:?}, accepting {}, actions {:?}",
+                r.from, r.event, want.0, want.1, want.2, got.0, got.1, got.2
+            ));
+        }
+        // Whatever happened, the queue is empty once drained.
+        assert_eq!(h.m.poll_action(), None);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} rows failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn poll_timeout_per_phase() {
+    for s in STARTS {
+        let h = build(s);
+        let t = h.m.poll_timeout();
+        match h.phase() {
+            P::HandingOver | P::Draining => assert!(t.is_some(), "{s:?}"),
+            P::Serving | P::Forking | P::Exited => assert_eq!(t, None, "{s:?}"),
+        }
+    }
+}
+
+#[test]
+fn current_upgrade_per_phase() {
+    let want = [
+        (S::Serving, None),
+        (S::Forking, Some(ID1)),
+        (S::HandingOver, Some(ID1)),
+        (S::DrainingUpgrade, Some(ID1)),
+        (S::DrainingUpgradeRetired, Some(ID1)),
+        (S::DrainingUpgradeShutdown, Some(ID1)),
+        (S::DrainingShutdown, None),
+        (S::Exited, None),
+    ];
+    for (s, id) in want {
+        assert_eq!(build(s).m.current_upgrade(), id, "{s:?}");
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// 2. Scenarios
+
+#[test]
+fn full_successful_upgrade() {
+    let mut h = H::new();
+    let t0 = h.now;
+    assert_eq!(h.ev(upgrade(REQ)), vec![pc(P::Forking), SpawnChild(ID1)]);
+    assert_eq!(h.m.current_upgrade(), Some(ID1));
+    h.wait(3 * MS);
+    assert_eq!(
+        h.ev(spawned(CHILD)),
+        vec![pc(P::HandingOver), SendListeners(ID1)]
+    );
+    // The READY deadline counts from the spawn.
+    assert_eq!(h.m.poll_timeout(), Some(t0 + 3 * MS + TIMEOUTS.ready));
+    assert!(h.m.accepting());
+    assert_eq!(h.ev(Event::ListenersSent), vec![]);
+    h.wait(Duration::from_secs(1));
+    assert_eq!(h.tick(), vec![], "an early handle_timeout is harmless");
+    assert_eq!(
+        h.ev(ready(ID1)),
+        vec![
+            upgraded(REQ, CHILD),
+            pc(P::Draining),
+            StopAccepting,
+            StartDrain
+        ]
+    );
+    assert!(!h.m.accepting());
+    let drain_start = h.now;
+    // The drain deadline counts from the start of the drain.
+    assert_eq!(h.m.poll_timeout(), Some(drain_start + TIMEOUTS.drain));
+    assert_eq!(h.ev(Event::AcceptStopped), vec![]);
+    h.wait(Duration::from_secs(2));
+    assert_eq!(
+        h.ev(Event::ConnectionsDrained),
+        vec![pc(P::Exited), exit_upgraded(CHILD)]
+    );
+    assert_eq!(h.phase(), P::Exited);
+    assert_eq!(h.m.poll_timeout(), None);
+    assert_eq!(h.m.current_upgrade(), None);
+}
+
+/// Drives a fresh machine to HandingOver with `REQ`'s upgrade `ID1` and child `CHILD`.
+fn handing_over() -> H {
+    build(S::HandingOver)
+}
+
+/// The common end of every rollback: serving, accepting, nothing in flight, no deadline, and a
+/// new upgrade starts normally with a fresh id.
+fn assert_rolled_back(h: &mut H) {
+    assert_eq!(h.phase(), P::Serving);
+    assert!(h.m.accepting());
+    assert_eq!(h.m.current_upgrade(), None);
+    assert_eq!(h.m.poll_timeout(), None);
+    assert_eq!(
+        h.ev(upgrade(Requester::Api(2))),
+        vec![pc(P::Forking), SpawnChild(ID2)]
+    );
+}
+
+#[test]
+fn rollback_on_spawn_failure() {
+    let mut h = build(S::Forking);
+    assert_eq!(
+        h.ev(spawn_failed()),
+        vec![pc(P::Serving), failed(REQ, F_SPAWN)]
+    );
+    assert_rolled_back(&mut h);
+}
+
+#[test]
+fn rollback_on_child_exit_before_ready() {
+    let mut h = handing_over();
+    assert_eq!(
+        h.ev(exited(CHILD)),
+        vec![abandon(CHILD), pc(P::Serving), failed(REQ, F_EXIT)]
+    );
+    assert_rolled_back(&mut h);
+}
+
+#[test]
+fn rollback_on_ready_deadline() {
+    let mut h = H::new();
+    h.ev(upgrade(REQ));
+    h.ev(spawned(CHILD));
+    let deadline = h.now + TIMEOUTS.ready;
+    assert_eq!(h.m.poll_timeout(), Some(deadline));
+    h.now = deadline - MS;
+    assert_eq!(h.tick(), vec![], "not yet");
+    assert_eq!(h.phase(), P::HandingOver);
+    h.now = deadline;
+    assert_eq!(
+        h.tick(),
+        vec![abandon(CHILD), pc(P::Serving), failed(REQ, F_DEADLINE)],
+        "fires at the deadline itself"
+    );
+    assert_rolled_back(&mut h);
+}
+
+#[test]
+fn rollback_on_bad_message() {
+    let mut h = handing_over();
+    assert_eq!(
+        h.ev(invalid()),
+        vec![abandon(CHILD), pc(P::Serving), failed(REQ, F_INVALID)]
+    );
+    assert_rolled_back(&mut h);
+}
+
+#[test]
+fn rollback_on_wrong_upgrade_id() {
+    let mut h = handing_over();
+    assert_eq!(
+        h.ev(ready(BOGUS)),
+        vec![abandon(CHILD), pc(P::Serving), failed(REQ, &f_wrong_id())]
+    );
+    assert_rolled_back(&mut h);
+}
+
+#[test]
+fn rollback_on_handoff_failed() {
+    let mut h = handing_over();
+    assert_eq!(
+        h.ev(handoff_failed()),
+        vec![abandon(CHILD), pc(P::Serving), failed(REQ, F_HANDOFF)]
+    );
+    assert_rolled_back(&mut h);
+}
+
+#[test]
+fn rollback_replies_to_a_signal_requester_too() {
+    let mut h = H::new();
+    h.ev(upgrade(Requester::Signal));
+    h.ev(spawned(CHILD));
+    assert_eq!(
+        h.ev(invalid()),
+        vec![
+            abandon(CHILD),
+            pc(P::Serving),
+            failed(Requester::Signal, F_INVALID)
+        ]
+    );
+}
+
+#[test]
+fn second_upgrade_request_while_in_flight_is_busy() {
+    let mut h = H::new();
+    assert_eq!(
+        h.ev(upgrade(Requester::Api(1))),
+        vec![pc(P::Forking), SpawnChild(ID1)]
+    );
+    assert_eq!(
+        h.ev(upgrade(Requester::Api(2))),
+        vec![busy(Requester::Api(2), B_IN_FLIGHT)]
+    );
+    assert_eq!(
+        h.ev(upgrade(Requester::Signal)),
+        vec![busy(Requester::Signal, B_IN_FLIGHT)]
+    );
+    assert_eq!(
+        h.ev(spawned(CHILD)),
+        vec![pc(P::HandingOver), SendListeners(ID1)]
+    );
+    assert_eq!(
+        h.ev(upgrade(Requester::Api(3))),
+        vec![busy(Requester::Api(3), B_IN_FLIGHT)]
+    );
+    // The original requester, and only it, gets the outcome.
+    assert_eq!(
+        h.ev(ready(ID1)),
+        vec![
+            upgraded(Requester::Api(1), CHILD),
+            pc(P::Draining),
+            StopAccepting,
+            StartDrain
+        ]
+    );
+    assert_eq!(
+        h.ev(upgrade(Requester::Api(4))),
+        vec![busy(Requester::Api(4), B_UPGRADED)]
+    );
+}
+
+#[test]
+fn drain_exits_after_accept_stopped_then_drained() {
+    let mut h = build(S::DrainingUpgrade);
+    assert_eq!(h.ev(Event::AcceptStopped), vec![]);
+    assert_eq!(
+        h.ev(Event::AcceptStopped),
+        vec![],
+        "a second stop notice changes nothing"
+    );
+    assert_eq!(h.phase(), P::Draining);
+    assert_eq!(
+        h.ev(Event::ConnectionsDrained),
+        vec![pc(P::Exited), exit_upgraded(CHILD)]
+    );
+}
+
+#[test]
+fn drain_exits_after_drained_then_accept_stopped() {
+    let mut h = build(S::DrainingUpgrade);
+    assert_eq!(h.ev(Event::ConnectionsDrained), vec![]);
+    assert_eq!(h.ev(Event::ConnectionsDrained), vec![]);
+    assert_eq!(h.phase(), P::Draining);
+    assert_eq!(
+        h.ev(Event::AcceptStopped),
+        vec![pc(P::Exited), exit_upgraded(CHILD)]
+    );
+}
+
+#[test]
+fn shutdown_drain_needs_both_notices_in_either_order() {
+    for first_accept in [true, false] {
+        let mut h = build(S::DrainingShutdown);
+        let (a, b) = if first_accept {
+            (Event::AcceptStopped, Event::ConnectionsDrained)
+        } else {
+            (Event::ConnectionsDrained, Event::AcceptStopped)
+        };
+        assert_eq!(h.ev(a), vec![]);
+        assert_eq!(h.phase(), P::Draining);
+        assert_eq!(h.ev(b), vec![pc(P::Exited), exit_shutdown()]);
+    }
+}
+
+#[test]
+fn drain_exits_at_the_drain_deadline() {
+    for start in [S::DrainingUpgrade, S::DrainingShutdown] {
+        let mut h = build(start);
+        let deadline = h.m.poll_timeout().unwrap();
+        h.ev(Event::AcceptStopped); // connections never drain
+        h.now = deadline - MS;
+        assert_eq!(h.tick(), vec![]);
+        assert_eq!(h.phase(), P::Draining);
+        h.now = deadline;
+        let want = match start {
+            S::DrainingUpgrade => exit_upgraded(CHILD),
+            _ => exit_shutdown(),
+        };
+        assert_eq!(h.tick(), vec![pc(P::Exited), want]);
+        assert_eq!(h.tick(), vec![], "fires once");
+    }
+}
+
+#[test]
+fn drain_deadline_counts_from_the_start_of_the_drain() {
+    let mut h = H::new();
+    h.ev(upgrade(REQ));
+    h.ev(spawned(CHILD));
+    h.wait(Duration::from_secs(4)); // READY near the end of its window
+    h.ev(ready(ID1));
+    assert_eq!(h.m.poll_timeout(), Some(h.now + TIMEOUTS.drain));
+    // Past the READY deadline, well before the drain deadline: nothing.
+    h.wait(Duration::from_secs(10));
+    assert_eq!(h.tick(), vec![]);
+    assert_eq!(h.phase(), P::Draining);
+}
+
+#[test]
+fn successor_dying_during_the_drain_resumes_serving() {
+    let mut h = build(S::DrainingUpgrade);
+    h.ev(Event::AcceptStopped);
+    assert_eq!(
+        h.ev(exited(CHILD)),
+        vec![pc(P::Serving), StopDrain, ResumeAccepting]
+    );
+    assert!(h.m.accepting());
+    assert_eq!(h.m.current_upgrade(), None);
+    assert_eq!(h.m.poll_timeout(), None);
+    // The drain is over: its notices and deadline no longer matter.
+    assert_eq!(h.ev(Event::ConnectionsDrained), vec![]);
+    assert_eq!(h.expire(), vec![]);
+    assert_eq!(h.phase(), P::Serving);
+    // And the next upgrade gets a fresh id.
+    assert_eq!(
+        h.ev(upgrade(Requester::Api(2))),
+        vec![pc(P::Forking), SpawnChild(ID2)]
+    );
+}
+
+#[test]
+fn successor_retired_then_dying_keeps_draining_and_exits_normally() {
+    let mut h = build(S::DrainingUpgrade);
+    assert_eq!(h.ev(Event::ChildRetired), vec![]);
+    assert_eq!(h.ev(exited(CHILD)), vec![]);
+    assert_eq!(h.phase(), P::Draining);
+    assert!(!h.m.accepting());
+    assert_eq!(h.ev(Event::ConnectionsDrained), vec![]);
+    assert_eq!(
+        h.ev(Event::AcceptStopped),
+        vec![pc(P::Exited), exit_upgraded(CHILD)]
+    );
+}
+
+#[test]
+fn shutdown_during_handing_over_abandons_the_child_and_drains() {
+    let mut h = handing_over();
+    assert_eq!(
+        h.ev(Event::ShutdownRequested),
+        vec![
+            abandon(CHILD),
+            failed(REQ, F_SHUTDOWN),
+            pc(P::Draining),
+            StopAccepting,
+            StartDrain,
+        ]
+    );
+    assert_eq!(h.phase(), P::Draining);
+    assert!(!h.m.accepting());
+    assert_eq!(h.m.current_upgrade(), None);
+    // The abandoned child's exit and late READY change nothing.
+    assert_eq!(h.ev(exited(CHILD)), vec![]);
+    assert_eq!(h.ev(ready(ID1)), vec![]);
+    assert_eq!(h.ev(upgrade(REQ)), vec![busy(REQ, B_SHUTTING)]);
+    h.ev(Event::AcceptStopped);
+    assert_eq!(
+        h.ev(Event::ConnectionsDrained),
+        vec![pc(P::Exited), exit_shutdown()]
+    );
+}
+
+#[test]
+fn shutdown_during_forking_replies_failed_and_drains() {
+    let mut h = build(S::Forking);
+    let actions = h.ev(Event::ShutdownRequested);
+    assert!(actions.contains(&failed(REQ, F_SHUTDOWN)));
+    assert!(!actions
+        .iter()
+        .any(|a| matches!(a, Action::AbandonChild { .. })));
+    assert_eq!(
+        actions[actions.len() - 3..],
+        [pc(P::Draining), StopAccepting, StartDrain]
+    );
+    assert_eq!(h.phase(), P::Draining);
+    // A ChildSpawned that raced the shutdown is stale.
+    assert_eq!(h.ev(spawned(CHILD)), vec![]);
+    assert_eq!(h.phase(), P::Draining);
+}
+
+#[test]
+fn second_shutdown_while_draining_from_a_shutdown_exits_immediately() {
+    let mut h = build(S::Serving);
+    h.ev(Event::ShutdownRequested);
+    assert_eq!(
+        h.ev(Event::ShutdownRequested),
+        vec![pc(P::Exited), exit_shutdown()]
+    );
+    assert_eq!(h.ev(Event::ShutdownRequested), vec![]);
+}
+
+#[test]
+fn shutdown_while_draining_after_an_upgrade_never_resumes() {
+    let mut h = build(S::DrainingUpgrade);
+    assert_eq!(h.ev(Event::ShutdownRequested), vec![]);
+    assert_eq!(h.phase(), P::Draining);
+    // The successor dies unplanned: we would normally take the service back, but not now.
+    assert_eq!(h.ev(exited(CHILD)), vec![]);
+    assert_eq!(h.phase(), P::Draining);
+    assert!(!h.m.accepting());
+    h.ev(Event::AcceptStopped);
+    assert_eq!(
+        h.ev(Event::ConnectionsDrained),
+        vec![pc(P::Exited), exit_upgraded(CHILD)]
+    );
+}
+
+#[test]
+fn second_shutdown_while_draining_after_an_upgrade_exits_immediately() {
+    let mut h = build(S::DrainingUpgradeShutdown);
+    assert_eq!(
+        h.ev(Event::ShutdownRequested),
+        vec![pc(P::Exited), exit_upgraded(CHILD)]
+    );
+}
+
+#[test]
+fn upgrade_ids_differ_across_successive_upgrades() {
+    let mut h = H::new();
+    let mut ids = Vec::new();
+    let mut pid = 100;
+    // Failed, successful-then-resumed, failed, failed: each attempt gets its own id.
+    for round in 0..6 {
+        let actions = h.ev(upgrade(Requester::Api(round)));
+        let Some(&SpawnChild(id)) = actions.last() else {
+            panic!("no SpawnChild: {actions:?}")
+        };
+        assert_eq!(h.m.current_upgrade(), Some(id));
+        ids.push(id);
+        pid += 1;
+        match round % 3 {
+            0 => {
+                h.ev(spawn_failed());
+            }
+            1 => {
+                h.ev(spawned(pid));
+                h.ev(ready(id));
+                h.ev(exited(pid)); // successor died: resume
+            }
+            _ => {
+                h.ev(spawned(pid));
+                h.expire();
+            }
+        }
+        assert_eq!(h.phase(), P::Serving, "round {round}");
+    }
+    let mut unique = ids.clone();
+    unique.sort_by_key(|id| id.0);
+    unique.dedup();
+    assert_eq!(unique.len(), ids.len(), "{ids:?}");
+    assert_eq!(ids[0], ID1);
+    assert_eq!(ids[1], ID2);
+
+    // The seed makes ids differ across generations.
+    let mut other = H::with_seed(SEED ^ 0xffff_0000);
+    let Some(SpawnChild(id)) = other.ev(upgrade(REQ)).pop() else {
+        panic!()
+    };
+    assert_ne!(id, ID1);
+}
+
+#[test]
+fn upgrade_ids_wrap_instead_of_overflowing() {
+    let mut h = H::with_seed(u64::MAX);
+    assert_eq!(h.ev(upgrade(REQ)).pop(), Some(SpawnChild(UpgradeId(0))));
+}
+
+#[test]
+fn stale_exit_of_an_abandoned_child_changes_nothing() {
+    let mut h = handing_over();
+    h.ev(invalid()); // abandons CHILD
+    assert_eq!(h.ev(exited(CHILD)), vec![], "in Serving");
+    // A new upgrade with another child: the old pid's exit is still stale.
+    h.ev(upgrade(Requester::Api(2)));
+    assert_eq!(h.ev(exited(CHILD)), vec![], "in Forking");
+    h.ev(spawned(OTHER));
+    assert_eq!(h.ev(exited(CHILD)), vec![], "in HandingOver");
+    assert_eq!(h.phase(), P::HandingOver);
+    h.ev(ready(ID2));
+    assert_eq!(h.ev(exited(CHILD)), vec![], "in Draining");
+    assert_eq!(h.phase(), P::Draining);
+    // Whereas the real successor's exit resumes service.
+    assert_eq!(
+        h.ev(exited(OTHER)),
+        vec![pc(P::Serving), StopDrain, ResumeAccepting]
+    );
+}
+
+#[test]
+fn late_ready_after_rollback_changes_nothing() {
+    let mut h = handing_over();
+    h.expire(); // READY deadline: abandon CHILD
+    assert_eq!(h.phase(), P::Serving);
+    assert_eq!(h.ev(ready(ID1)), vec![]);
+    assert_eq!(h.ev(Event::ListenersSent), vec![]);
+    assert_eq!(h.ev(handoff_failed()), vec![]);
+    assert_eq!(h.ev(invalid()), vec![]);
+    assert_eq!(h.phase(), P::Serving);
+    assert!(h.m.accepting());
+}
+
+#[test]
+fn late_events_after_a_successful_upgrade_change_nothing() {
+    let mut h = build(S::DrainingUpgrade);
+    for e in [
+        ready(ID1),
+        ready(BOGUS),
+        Event::ListenersSent,
+        handoff_failed(),
+        invalid(),
+        spawned(CHILD),
+        spawn_failed(),
+        exited(OTHER),
+    ] {
+        assert_eq!(h.ev(e.clone()), vec![], "{e:?}");
+        assert_eq!(h.phase(), P::Draining);
+    }
+}
+
+#[test]
+fn exited_is_terminal() {
+    let mut h = build(S::DrainingUpgrade);
+    h.expire();
+    assert_eq!(h.phase(), P::Exited);
+    for e in [
+        Event::ShutdownRequested,
+        exited(CHILD),
+        Event::AcceptStopped,
+        Event::ConnectionsDrained,
+        spawned(CHILD),
+        ready(ID1),
+    ] {
+        assert_eq!(h.ev(e), vec![]);
+    }
+    assert_eq!(h.expire(), vec![]);
+    assert_eq!(h.ev(upgrade(REQ)), vec![busy(REQ, B_EXITED)]);
+    assert_eq!(h.phase(), P::Exited);
+}
+
+#[test]
+fn phase_u8_round_trip() {
+    for p in [
+        P::Serving,
+        P::Forking,
+        P::HandingOver,
+        P::Draining,
+        P::Exited,
+    ] {
+        assert_eq!(Phase::from_u8(p.as_u8()), p);
+    }
+}
+
+/// A shutdown during an upgrade goes straight to Draining: no transient `PhaseChanged(Serving)`
+/// that `Handle::phase()` observers or the log could see.
+#[test]
+fn shutdown_during_upgrade_reports_no_transient_serving_phase() {
+    for start in [S::Forking, S::HandingOver] {
+        let mut h = build(start);
+        let actions = h.ev(Event::ShutdownRequested);
+        assert!(!actions.contains(&pc(P::Serving)), "{start:?}: {actions:?}");
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// 3. Properties over random event sequences
+
+/// Pids the random events use; the real child is whichever of them `ChildSpawned` carried.
+const PIDS: [u32; 3] = [101, 102, 103];
+
+#[derive(Clone, Copy, Debug)]
+enum IdPick {
+    /// The upgrade in flight (or the last one issued, if none is in flight).
+    Current,
+    /// The upgrade before the last one issued (a stale READY).
+    Previous,
+    Bogus,
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    UpSignal,
+    /// An API upgrade request with a fresh ticket.
+    UpApi,
+    Spawned(u32),
+    SpawnFailed,
+    ListenersSent,
+    HandoffFailed,
+    Ready(IdPick),
+    Invalid,
+    Retired,
+    Exited(u32),
+    AcceptStopped,
+    Drained,
+    Shutdown,
+    /// Advance the clock by this many ms and call `handle_timeout`.
+    Advance(u64),
+    /// Move the clock exactly to `poll_timeout()` (if any) and call `handle_timeout`.
+    ToDeadline,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let pid = proptest::sample::select(PIDS.to_vec());
+    let id = prop_oneof![
+        3 => Just(IdPick::Current),
+        1 => Just(IdPick::Previous),
+        1 => Just(IdPick::Bogus),
+    ];
+    prop_oneof![
+        3 => Just(Step::UpSignal),
+        3 => Just(Step::UpApi),
+        3 => pid.clone().prop_map(Step::Spawned),
+        1 => Just(Step::SpawnFailed),
+        2 => Just(Step::ListenersSent),
+        1 => Just(Step::HandoffFailed),
+        3 => id.prop_map(Step::Ready),
+        1 => Just(Step::Invalid),
+        1 => Just(Step::Retired),
+        2 => pid.prop_map(Step::Exited),
+        2 => Just(Step::AcceptStopped),
+        2 => Just(Step::Drained),
+        1 => Just(Step::Shutdown),
+        2 => (0u64..8_000).prop_map(Step::Advance),
+        1 => Just(Step::ToDeadline),
+    ]
+}
+
+/// One recorded step: the phase before, the input, the actions and the observable state after.
+#[derive(Clone, Debug, PartialEq)]
+struct Record {
+    before: Phase,
+    input: Input,
+    actions: Vec<Action>,
+    after: Phase,
+    accepting: bool,
+    upgrade: Option<UpgradeId>,
+    timeout: Option<Instant>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Input {
+    Event(Event),
+    Timeout(Instant),
+}
+
+/// Runs `steps` on a fresh machine from the virtual time `t0`, resolving ids, tickets and
+/// pids deterministically.
+fn run(steps: &[Step], seed: u64, t0: Instant) -> Vec<Record> {
+    let mut m = Machine::new(TIMEOUTS, seed);
+    let mut now = t0;
+    let mut ticket = 0u64;
+    let mut issued: Vec<UpgradeId> = Vec::new();
+    let mut out = Vec::new();
+    for s in steps {
+        let before = m.phase();
+        let input = match *s {
+            Step::UpSignal => Input::Event(Event::UpgradeRequested(Requester::Signal)),
+            Step::UpApi => {
+                ticket += 1;
+                Input::Event(Event::UpgradeRequested(Requester::Api(ticket)))
+            }
+            Step::Spawned(pid) => Input::Event(spawned(pid)),
+            Step::SpawnFailed => Input::Event(spawn_failed()),
+            Step::ListenersSent => Input::Event(Event::ListenersSent),
+            Step::HandoffFailed => Input::Event(handoff_failed()),
+            Step::Ready(pick) => {
+                let id = match pick {
+                    IdPick::Current => m
+                        .current_upgrade()
+                        .or(issued.last().copied())
+                        .unwrap_or(UpgradeId(seed.wrapping_add(1))),
+                    IdPick::Previous if issued.len() >= 2 => issued[issued.len() - 2],
+                    IdPick::Previous | IdPick::Bogus => BOGUS,
+                };
+                Input::Event(ready(id))
+            }
+            Step::Invalid => Input::Event(invalid()),
+            Step::Retired => Input::Event(Event::ChildRetired),
+            Step::Exited(pid) => Input::Event(exited(pid)),
+            Step::AcceptStopped => Input::Event(Event::AcceptStopped),
+            Step::Drained => Input::Event(Event::ConnectionsDrained),
+            Step::Shutdown => Input::Event(Event::ShutdownRequested),
+            Step::Advance(ms) => {
+                now += Duration::from_millis(ms);
+                Input::Timeout(now)
+            }
+            Step::ToDeadline => {
+                if let Some(at) = m.poll_timeout() {
+                    now = now.max(at);
+                }
+                Input::Timeout(now)
+            }
+        };
+        match &input {
+            Input::Event(e) => m.handle(e.clone(), now),
+            Input::Timeout(t) => m.handle_timeout(*t),
+        }
+        let actions: Vec<Action> = std::iter::from_fn(|| m.poll_action()).collect();
+        for a in &actions {
+            if let SpawnChild(id) = a {
+                issued.push(*id);
+            }
+        }
+        out.push(Record {
+            before,
+            input,
+            actions,
+            after: m.phase(),
+            accepting: m.accepting(),
+            upgrade: m.current_upgrade(),
+            timeout: m.poll_timeout(),
+        });
+    }
+    out
+}
+
+fn is_shutdown(i: &Input) -> bool {
+    matches!(i, Input::Event(Event::ShutdownRequested))
+}
+
+/// Checks properties (a)–(e) and (g) over one run; returns the first violation.
+fn check(records: &[Record]) -> Result<(), String> {
+    // The model: what the machine should have in flight.
+    let mut open_upgrade: Option<UpgradeId> = None; // (a)
+    let mut pending: Option<Requester> = None; // the requester awaiting the outcome
+    let mut child: Option<u32> = None; // the child of the upgrade in flight
+    let mut replies: HashMap<u64, u32> = HashMap::new(); // (g): Api ticket -> replies
+    let mut prev_upgrade: Option<UpgradeId> = None;
+
+    for (i, r) in records.iter().enumerate() {
+        let ctx = || format!("step {i}: {r:?}");
+        let ensure = |ok: bool, what: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(format!("{what} — {}", ctx()))
+            }
+        };
+        // Tickets are issued when requested, whatever the phase.
+        if let Input::Event(Event::UpgradeRequested(Requester::Api(n))) = r.input {
+            replies.entry(n).or_insert(0);
+        }
+
+        // (e) Exited is terminal: only refusals of upgrade requests come out.
+        if r.before == P::Exited {
+            ensure(r.after == P::Exited, "(e) left Exited")?;
+            let all_busy = r
+                .actions
+                .iter()
+                .all(|a| matches!(a, Action::Reply(_, Outcome::Busy(_))));
+            ensure(all_busy, "(e) non-Busy action after Exited")?;
+            let upgrade_req = matches!(r.input, Input::Event(Event::UpgradeRequested(_)));
+            ensure(
+                r.actions.len() == usize::from(upgrade_req),
+                "(e) exactly one Busy per request",
+            )?;
+        }
+
+        // (a) at most one upgrade in flight; SpawnChild only from Serving.
+        let spawns: Vec<UpgradeId> = r
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                SpawnChild(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        ensure(spawns.len() <= 1, "(a) two SpawnChild in one step")?;
+        if let Some(&id) = spawns.first() {
+            ensure(r.before == P::Serving, "(a) SpawnChild not from Serving")?;
+            ensure(
+                open_upgrade.is_none(),
+                "(a) SpawnChild while an upgrade is in flight",
+            )?;
+            ensure(r.after == P::Forking, "(a) SpawnChild without Forking")?;
+            ensure(
+                r.upgrade == Some(id),
+                "(a) SpawnChild id is not the current upgrade",
+            )?;
+            let Input::Event(Event::UpgradeRequested(by)) = r.input else {
+                return Err(format!("(a) SpawnChild without a request — {}", ctx()));
+            };
+            open_upgrade = Some(id);
+            pending = Some(by);
+            child = None;
+        }
+        if let Input::Event(Event::ChildSpawned { pid }) = r.input {
+            if r.before == P::Forking {
+                child = Some(pid);
+            }
+        }
+
+        // (b) Draining-by-upgrade only right after a READY with the current upgrade's id.
+        let draining_upgrade = r.after == P::Draining && r.upgrade.is_some();
+        if draining_upgrade && r.before != P::Draining {
+            ensure(
+                r.before == P::HandingOver,
+                "(b) Draining-by-upgrade not from HandingOver",
+            )?;
+            ensure(
+                open_upgrade.map(|id| Input::Event(Event::ChildReady(id))) == Some(r.input.clone()),
+                "(b) Draining-by-upgrade without the right READY",
+            )?;
+            ensure(
+                r.upgrade == open_upgrade,
+                "(b) draining for another upgrade",
+            )?;
+            let want = pending.zip(child).map(|(by, pid)| upgraded(by, pid));
+            ensure(
+                want.is_some() && r.actions.first() == want.as_ref(),
+                "(b) no Upgraded reply to the requester",
+            )?;
+        }
+        if r.before == P::Draining && r.after == P::Draining {
+            ensure(r.upgrade == prev_upgrade, "(b) drain cause changed")?;
+        }
+        let upgraded_replies = r
+            .actions
+            .iter()
+            .filter(|a| matches!(a, Action::Reply(_, Outcome::Upgraded { .. })))
+            .count();
+        ensure(
+            upgraded_replies == usize::from(draining_upgrade && r.before == P::HandingOver),
+            "(b) Upgraded reply without the transition",
+        )?;
+
+        // (c) every rollback leaves the machine serving (or draining for a shutdown).
+        let in_flight_before = matches!(r.before, P::Forking | P::HandingOver);
+        let abandons: Vec<u32> = r
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::AbandonChild { pid } => Some(*pid),
+                _ => None,
+            })
+            .collect();
+        let failed_replies: Vec<Requester> = r
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Reply(by, Outcome::Failed(_)) => Some(*by),
+                _ => None,
+            })
+            .collect();
+        ensure(
+            abandons.len() <= 1 && failed_replies.len() <= 1,
+            "(c) more than one rollback",
+        )?;
+        if !abandons.is_empty() {
+            ensure(
+                r.before == P::HandingOver,
+                "(c) AbandonChild outside HandingOver",
+            )?;
+            ensure(Some(abandons[0]) == child, "(c) abandoned the wrong pid")?;
+            ensure(
+                failed_replies.len() == 1,
+                "(c) AbandonChild without a Failed reply",
+            )?;
+        }
+        if !failed_replies.is_empty() {
+            ensure(
+                in_flight_before,
+                "(c) Failed reply with no upgrade in flight",
+            )?;
+            ensure(
+                Some(failed_replies[0]) == pending,
+                "(c) Failed reply to the wrong requester",
+            )?;
+            ensure(
+                (r.before == P::HandingOver) != abandons.is_empty(),
+                "(c) rollback after the spawn without AbandonChild",
+            )?;
+            if is_shutdown(&r.input) {
+                ensure(
+                    r.after == P::Draining && r.upgrade.is_none(),
+                    "(c) shutdown rollback",
+                )?;
+            } else {
+                ensure(
+                    r.after == P::Serving && r.accepting,
+                    "(c) rollback not serving",
+                )?;
+            }
+        }
+        // Leaving an upgrade phase: either READY (Upgraded) or a rollback (Failed).
+        if in_flight_before && !matches!(r.after, P::Forking | P::HandingOver) {
+            ensure(
+                upgraded_replies + failed_replies.len() == 1,
+                "(c) left the upgrade without an outcome",
+            )?;
+        }
+
+        // (d) accepting exactly while not draining/exited; deadlines only where they exist.
+        let should_accept = matches!(r.after, P::Serving | P::Forking | P::HandingOver);
+        ensure(
+            r.accepting == should_accept,
+            "(d) accepting() does not match the phase",
+        )?;
+        ensure(
+            r.timeout.is_some() == matches!(r.after, P::HandingOver | P::Draining),
+            "poll_timeout() does not match the phase",
+        )?;
+        ensure(
+            r.upgrade.is_some()
+                == (matches!(r.after, P::Forking | P::HandingOver) || draining_upgrade),
+            "current_upgrade() does not match the phase",
+        )?;
+
+        // (g) replies per Api ticket.
+        for a in &r.actions {
+            if let Action::Reply(by, outcome) = a {
+                if let Requester::Api(n) = by {
+                    let Some(count) = replies.get_mut(n) else {
+                        return Err(format!("(g) reply to an unknown ticket {n} — {}", ctx()));
+                    };
+                    *count += 1;
+                }
+                if Some(*by) == pending && !matches!(outcome, Outcome::Busy(_)) {
+                    pending = None;
+                }
+            }
+        }
+        if !matches!(r.after, P::Forking | P::HandingOver) {
+            ensure(pending.is_none(), "(g) requester left without an outcome")?;
+        }
+        for (&n, &count) in &replies {
+            let want = if pending == Some(Requester::Api(n)) {
+                0
+            } else {
+                1
+            };
+            if count != want {
+                return Err(format!(
+                    "(g) ticket {n} got {count} replies, want {want} — {}",
+                    ctx()
+                ));
+            }
+        }
+
+        // Model bookkeeping for (a).
+        if matches!(r.after, P::Serving | P::Exited)
+            || (r.after == P::Draining && r.upgrade.is_none())
+        {
+            open_upgrade = None;
+            child = None;
+        }
+        prev_upgrade = r.upgrade;
+    }
+    Ok(())
+}
+
+proptest! {
+    #[test]
+    fn random_sequences_keep_the_invariants(
+        steps in proptest::collection::vec(step(), 1..120),
+        seed in any::<u64>(),
+    ) {
+        let records = run(&steps, seed, Instant::now());
+        if let Err(e) = check(&records) {
+            prop_assert!(false, "{}", e);
+        }
+    }
+
+    /// (f) Same seed, same events, same virtual times: identical outputs. The base instant may
+    /// differ: only offsets matter.
+    #[test]
+    fn random_sequences_are_deterministic(
+        steps in proptest::collection::vec(step(), 1..120),
+        seed in any::<u64>(),
+    ) {
+        let t0 = Instant::now();
+        let a = run(&steps, seed, t0);
+        let b = run(&steps, seed, t0);
+        prop_assert_eq!(&a, &b);
+        let later = t0 + Duration::from_secs(1000);
+        let c = run(&steps, seed, later);
+        type Stripped = (Phase, Vec<Action>, Phase, bool, Option<UpgradeId>);
+        let strip = |rs: &[Record]| -> Vec<Stripped> {
+            rs.iter()
+                .map(|r| (r.before, r.actions.clone(), r.after, r.accepting, r.upgrade))
+                .collect()
+        };
+        prop_assert_eq!(strip(&a), strip(&c));
+    }
+}
+
+/// The generator does reach every phase and the interesting transitions; otherwise the
+/// properties would pass vacuously.
+#[test]
+fn random_sequences_reach_every_phase() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::{Config, TestRunner};
+    let mut runner = TestRunner::new_with_rng(
+        Config::default(),
+        proptest::test_runner::TestRng::deterministic_rng(
+            proptest::test_runner::RngAlgorithm::ChaCha,
+        ),
+    );
+    let strategy = proptest::collection::vec(step(), 60..120);
+    let mut seen_phases = std::collections::HashSet::new();
+    let (mut upgrades, mut rollbacks, mut resumes) = (0, 0, 0);
+    for _ in 0..256 {
+        let steps = strategy.new_tree(&mut runner).unwrap().current();
+        for r in run(&steps, SEED, Instant::now()) {
+            seen_phases.insert(r.after);
+            for a in &r.actions {
+                match a {
+                    Action::Reply(_, Outcome::Upgraded { .. }) => upgrades += 1,
+                    Action::AbandonChild { .. } => rollbacks += 1,
+                    ResumeAccepting => resumes += 1,
+                    _ => {}
+                }
+            }
+        }
+    }
+    assert_eq!(seen_phases.len(), 5, "{seen_phases:?}");
+    assert!(
+        upgrades > 20 && rollbacks > 20 && resumes > 5,
+        "{upgrades} {rollbacks} {resumes}"
+    );
+}
+
+/// The property checker itself catches corrupted runs (so the properties cannot pass
+/// vacuously): a real upgrade/rollback/upgrade run with one fault injected at a time.
+#[test]
+fn property_checker_rejects_corrupted_runs() {
+    let steps = [
+        Step::UpApi,
+        Step::Spawned(101),
+        Step::Invalid,
+        Step::UpApi,
+        Step::Spawned(102),
+        Step::Ready(IdPick::Current),
+        Step::Exited(102),
+        Step::UpSignal,
+        Step::SpawnFailed,
+        Step::Shutdown,
+        Step::UpApi,
+        Step::ToDeadline,
+        Step::UpApi,
+    ];
+    let good = run(&steps, SEED, Instant::now());
+    check(&good).expect("the real run passes");
+    assert_eq!(good.last().unwrap().after, P::Exited);
+
+    type Fault = fn(&mut Vec<Record>);
+    let faults: [(&str, Fault); 8] = [
+        ("(a) second SpawnChild", |rs| {
+            rs[1].actions.push(SpawnChild(ID2))
+        }),
+        ("(b) Draining without READY", |rs| {
+            rs[4].input = Input::Event(Event::ChildReady(BOGUS))
+        }),
+        ("(c) rollback left not accepting", |rs| {
+            rs[2].accepting = false
+        }),
+        ("(c) abandoned the wrong child", |rs| {
+            rs[2].actions[0] = abandon(OTHER)
+        }),
+        ("(d) accepting while draining", |rs| rs[5].accepting = true),
+        ("(e) action after Exited", |rs| {
+            rs[12].actions.push(StopAccepting)
+        }),
+        ("(g) reply lost", |rs| {
+            rs[2].actions.retain(|a| !matches!(a, Action::Reply(..)))
+        }),
+        ("(g) reply twice", |rs| {
+            let extra = rs[3].actions.last().unwrap().clone();
+            rs[3].actions.push(extra)
+        }),
+    ];
+    for (what, fault) in faults {
+        let mut bad = good.clone();
+        fault(&mut bad);
+        assert!(check(&bad).is_err(), "not caught: {what}");
+    }
+}
