@@ -77,3 +77,8 @@ pub use error::{Error, UpgradeError};
 pub use handoff::{MAX_LISTENERS, MAX_STATE_LEN};
 pub use machine::{ExitReason, Phase};
 pub use server::{Builder, Connection, DrainGuard, Handle, Server};
+
+/// The README's code blocks, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
