@@ -35,7 +35,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::handoff::Message;
 use crate::inherit::ParentLink;
-use crate::listener::Listener;
+use crate::listener::{Endpoint, Listener};
 use crate::machine::{Action, Event, ExitReason, Machine, Outcome, Phase, Requester, UpgradeId};
 use crate::server::{write_pid_file, Config, Connection, DrainGuard, Request, Server, Shared};
 use crate::{spawn, sys, Error, UpgradeError};
@@ -414,9 +414,11 @@ impl Driver {
                         slot.backoff = BACKOFF_MIN;
                         self.update_paused_flag();
                     }
+                    let listener = &self.accepts[i].listener;
                     let conn = Connection::new(
                         fd,
-                        self.accepts[i].listener.name.clone(),
+                        listener.name.clone(),
+                        !matches!(listener.endpoint, Endpoint::Tcp(_)),
                         DrainGuard::new(&self.shared),
                     );
                     sink(conn);

@@ -1,5 +1,4 @@
 use std::io;
-use std::net::SocketAddr;
 
 /// Errors from setting up or running a [`Server`](crate::Server).
 #[derive(Debug, thiserror::Error)]
@@ -10,8 +9,8 @@ pub enum Error {
     Bind {
         /// The listener's name.
         name: String,
-        /// The address asked for.
-        addr: SocketAddr,
+        /// The address asked for (`127.0.0.1:80`, `/run/app.sock`, `@abstract-name`).
+        addr: String,
         /// What the kernel said.
         source: io::Error,
     },

@@ -51,12 +51,15 @@ const KIND_RETIRING: u8 = 3;
 pub(crate) enum SocketKind {
     /// A TCP listening socket (IPv4 or IPv6).
     Tcp = 1,
+    /// A Unix stream listening socket (path or abstract name).
+    Unix = 2,
 }
 
 impl SocketKind {
     fn from_u8(v: u8) -> Option<SocketKind> {
         match v {
             1 => Some(SocketKind::Tcp),
+            2 => Some(SocketKind::Unix),
             _ => None,
         }
     }
@@ -67,7 +70,8 @@ impl SocketKind {
 pub(crate) struct ListenerRecord {
     pub name: String,
     pub kind: SocketKind,
-    /// The socket's local address as text (`127.0.0.1:8080`, `[::1]:8080`).
+    /// The socket's local address as text (`127.0.0.1:8080`, `[::1]:8080`, `/run/app.sock`,
+    /// `@abstract`).
     pub address: String,
 }
 

@@ -1,54 +1,118 @@
 //! Named listening sockets: bound fresh on first start, adopted from the parent after an
 //! upgrade, and validated before use.
 
+use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
 use std::sync::Arc;
+
+use nix::sys::socket::{getsockname, UnixAddr};
 
 use crate::handoff::{ListenerRecord, SocketKind};
 use crate::sys;
 use crate::Error;
+
+/// Where a listener listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    /// TCP over IPv4 or IPv6.
+    Tcp(SocketAddr),
+    /// A Unix stream socket bound to a path.
+    Unix(PathBuf),
+    /// A Unix stream socket in the abstract namespace (no file).
+    UnixAbstract(Vec<u8>),
+}
+
+impl Endpoint {
+    fn kind(&self) -> SocketKind {
+        match self {
+            Endpoint::Tcp(_) => SocketKind::Tcp,
+            Endpoint::Unix(_) | Endpoint::UnixAbstract(_) => SocketKind::Unix,
+        }
+    }
+
+    /// Whether a socket bound at `self` satisfies a request for `wanted` (TCP port 0: any).
+    fn satisfies(&self, wanted: &Endpoint) -> bool {
+        match (wanted, self) {
+            (Endpoint::Tcp(w), Endpoint::Tcp(a)) => {
+                w.ip() == a.ip() && (w.port() == 0 || w.port() == a.port())
+            }
+            (w, a) => w == a,
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => write!(f, "{a}"),
+            Endpoint::Unix(p) => write!(f, "{}", p.display()),
+            Endpoint::UnixAbstract(n) => write!(f, "@{}", String::from_utf8_lossy(n)),
+        }
+    }
+}
 
 /// A listening socket the server accepts on.
 #[derive(Debug)]
 pub(crate) struct Listener {
     pub name: Arc<str>,
     pub fd: OwnedFd,
-    pub addr: SocketAddr,
+    pub endpoint: Endpoint,
 }
 
 /// What the application asked for.
 #[derive(Clone, Debug)]
 pub(crate) struct ListenSpec {
     pub name: String,
-    pub addr: SocketAddr,
+    pub endpoint: Endpoint,
+    /// File mode for a Unix socket path (e.g. 0o600 for a control socket).
+    pub mode: Option<u32>,
 }
 
 impl Listener {
-    /// Binds a new TCP listener with the largest backlog the kernel allows.
+    /// Binds a new listener with the largest backlog the kernel allows.
     pub(crate) fn bind(spec: &ListenSpec) -> Result<Listener, Error> {
         let bind_err = |source| Error::Bind {
             name: spec.name.clone(),
-            addr: spec.addr,
+            addr: spec.endpoint.to_string(),
             source,
         };
-        // std binds with SO_REUSEADDR and SOCK_CLOEXEC, but with a backlog of 128, which a burst
-        // overflows (clients then wait for SYN retransmits, 1 s and more). listen() again on a
-        // listening socket only raises the backlog.
-        let std = TcpListener::bind(spec.addr).map_err(bind_err)?;
-        let fd = OwnedFd::from(std);
+        // std binds with SOCK_CLOEXEC (and SO_REUSEADDR for TCP), but with a backlog of 128,
+        // which a burst overflows (clients then wait for SYN retransmits, 1 s and more).
+        // listen() again on a listening socket only raises the backlog.
+        let fd = match &spec.endpoint {
+            Endpoint::Tcp(addr) => OwnedFd::from(TcpListener::bind(addr).map_err(bind_err)?),
+            Endpoint::Unix(path) => {
+                remove_stale_socket(path).map_err(bind_err)?;
+                let l = UnixListener::bind(path).map_err(bind_err)?;
+                if let Some(mode) = spec.mode {
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                        .map_err(bind_err)?;
+                }
+                OwnedFd::from(l)
+            }
+            Endpoint::UnixAbstract(name) => {
+                let addr =
+                    std::os::unix::net::SocketAddr::from_abstract_name(name).map_err(bind_err)?;
+                OwnedFd::from(UnixListener::bind_addr(&addr).map_err(bind_err)?)
+            }
+        };
         sys::listen(fd.as_fd(), sys::somaxconn()).map_err(bind_err)?;
-        let addr = sys::local_inet_addr(fd.as_fd()).map_err(bind_err)?;
+        let endpoint = local_endpoint(fd.as_fd(), spec.endpoint.kind()).map_err(bind_err)?;
         Ok(Listener {
             name: spec.name.as_str().into(),
             fd,
-            addr,
+            endpoint,
         })
     }
 
-    /// Adopts an fd received from the parent after checking that it is what the record says:
-    /// a listening TCP socket bound to the recorded address; and that it matches what the
+    /// Adopts an fd received from the parent after checking that it is what the record says
+    /// (a listening stream socket of that kind, bound to the recorded address) and what the
     /// application asks for now.
     pub(crate) fn adopt(
         spec: &ListenSpec,
@@ -59,43 +123,32 @@ impl Listener {
             name: spec.name.clone(),
             why,
         };
-        let io_invalid = |what: &str, e: io::Error| invalid(format!("{what}: {e}"));
-        if record.kind != SocketKind::Tcp {
-            return Err(invalid(format!("handed over as {:?}", record.kind)));
-        }
-        let ty = sys::socket_type(fd.as_fd()).map_err(|e| io_invalid("not a socket", e))?;
-        if ty != libc::SOCK_STREAM {
+        let kind = spec.endpoint.kind();
+        if record.kind != kind {
             return Err(invalid(format!(
-                "socket type {ty}, expected a stream socket"
+                "handed over as {:?}, configured as {kind:?}",
+                record.kind
             )));
         }
-        let domain = sys::socket_domain(fd.as_fd()).map_err(|e| io_invalid("SO_DOMAIN", e))?;
-        if domain != libc::AF_INET && domain != libc::AF_INET6 {
+        check_listening_socket(fd.as_fd(), kind).map_err(invalid)?;
+        let endpoint = local_endpoint(fd.as_fd(), kind).map_err(|e| invalid(e.to_string()))?;
+        if endpoint.to_string() != record.address {
             return Err(invalid(format!(
-                "address family {domain}, expected IPv4/IPv6"
-            )));
-        }
-        if !sys::is_listening(fd.as_fd()).map_err(|e| io_invalid("SO_ACCEPTCONN", e))? {
-            return Err(invalid("the handed-over socket is not listening".into()));
-        }
-        let addr = sys::local_inet_addr(fd.as_fd()).map_err(|e| io_invalid("getsockname", e))?;
-        if addr.to_string() != record.address {
-            return Err(invalid(format!(
-                "bound to {addr}, but the parent described it as {}",
+                "bound to {endpoint}, but the parent described it as {}",
                 record.address
             )));
         }
-        if !same_bind_address(spec.addr, addr) {
+        if !endpoint.satisfies(&spec.endpoint) {
             return Err(invalid(format!(
-                "inherited socket is bound to {addr}, but this binary is configured for {}; \
+                "inherited socket is bound to {endpoint}, but this binary is configured for {}; \
                  changing a listener's address needs a restart",
-                spec.addr
+                spec.endpoint
             )));
         }
         Ok(Listener {
             name: spec.name.as_str().into(),
             fd,
-            addr,
+            endpoint,
         })
     }
 
@@ -103,13 +156,67 @@ impl Listener {
     pub(crate) fn record(&self) -> ListenerRecord {
         ListenerRecord {
             name: self.name.to_string(),
-            kind: SocketKind::Tcp,
-            address: self.addr.to_string(),
+            kind: self.endpoint.kind(),
+            address: self.endpoint.to_string(),
         }
     }
 }
 
-/// Whether a socket bound at `actual` satisfies a request for `wanted` (port 0 means any).
-fn same_bind_address(wanted: SocketAddr, actual: SocketAddr) -> bool {
-    wanted.ip() == actual.ip() && (wanted.port() == 0 || wanted.port() == actual.port())
+/// Checks that `fd` is a listening stream socket of the given kind.
+pub(crate) fn check_listening_socket(fd: BorrowedFd<'_>, kind: SocketKind) -> Result<(), String> {
+    let ty = sys::socket_type(fd).map_err(|e| format!("not a socket: {e}"))?;
+    if ty != libc::SOCK_STREAM {
+        return Err(format!("socket type {ty}, expected a stream socket"));
+    }
+    let domain = sys::socket_domain(fd).map_err(|e| format!("SO_DOMAIN: {e}"))?;
+    let ok = match kind {
+        SocketKind::Tcp => domain == libc::AF_INET || domain == libc::AF_INET6,
+        SocketKind::Unix => domain == libc::AF_UNIX,
+    };
+    if !ok {
+        return Err(format!(
+            "address family {domain} does not fit a {kind:?} listener"
+        ));
+    }
+    if !sys::is_listening(fd).map_err(|e| format!("SO_ACCEPTCONN: {e}"))? {
+        return Err("the socket is not listening".into());
+    }
+    Ok(())
+}
+
+fn local_endpoint(fd: BorrowedFd<'_>, kind: SocketKind) -> io::Result<Endpoint> {
+    match kind {
+        SocketKind::Tcp => sys::local_inet_addr(fd).map(Endpoint::Tcp),
+        SocketKind::Unix => {
+            let addr: UnixAddr = getsockname(fd.as_raw_fd())?;
+            if let Some(path) = addr.path() {
+                Ok(Endpoint::Unix(path.to_path_buf()))
+            } else if let Some(name) = addr.as_abstract() {
+                Ok(Endpoint::UnixAbstract(name.to_vec()))
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "unnamed Unix socket",
+                ))
+            }
+        }
+    }
+}
+
+/// A socket file left by a process that died is in the way of bind(); anything else at that
+/// path is not ours to remove.
+fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            // Only stale if nobody listens on it.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process listens on this socket",
+                ));
+            }
+            std::fs::remove_file(path)
+        }
+        _ => Ok(()),
+    }
 }

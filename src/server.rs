@@ -15,7 +15,7 @@ use nix::sys::signal::{SigSet, Signal};
 use crate::driver::Driver;
 use crate::handoff::MAX_LISTENERS;
 use crate::inherit::{self, ParentLink};
-use crate::listener::{ListenSpec, Listener};
+use crate::listener::{Endpoint, ListenSpec, Listener};
 use crate::machine::{ExitReason, Phase, Timeouts};
 use crate::{sys, Error, UpgradeError};
 
@@ -42,12 +42,39 @@ impl Default for Builder {
 }
 
 impl Builder {
-    /// A TCP listener named `name` on `addr`. After an upgrade the socket with this name is
-    /// inherited from the previous process; it is an error if it was not handed over.
-    pub fn listen_tcp(mut self, name: impl Into<String>, addr: SocketAddr) -> Self {
+    /// A TCP listener (IPv4 or IPv6) named `name` on `addr`. After an upgrade the socket with
+    /// this name is inherited from the previous process; it is an error if it was not handed
+    /// over, never a silent fresh bind.
+    pub fn listen_tcp(self, name: impl Into<String>, addr: SocketAddr) -> Self {
+        self.listen(name, Endpoint::Tcp(addr), None)
+    }
+
+    /// A Unix stream listener named `name` at `path` (a stale socket file left by a dead
+    /// process is replaced; the file gets mode `mode` if given, e.g. `0o600`).
+    pub fn listen_unix(
+        self,
+        name: impl Into<String>,
+        path: impl Into<PathBuf>,
+        mode: Option<u32>,
+    ) -> Self {
+        self.listen(name, Endpoint::Unix(path.into()), mode)
+    }
+
+    /// A Unix stream listener named `name` in the abstract namespace (`abstract_name` without
+    /// the leading NUL).
+    pub fn listen_unix_abstract(
+        self,
+        name: impl Into<String>,
+        abstract_name: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.listen(name, Endpoint::UnixAbstract(abstract_name.into()), None)
+    }
+
+    fn listen(mut self, name: impl Into<String>, endpoint: Endpoint, mode: Option<u32>) -> Self {
         self.listeners.push(ListenSpec {
             name: name.into(),
-            addr,
+            endpoint,
+            mode,
         });
         self
     }
@@ -230,12 +257,12 @@ impl Server {
         }
     }
 
-    /// The local address of the listener named `name`.
+    /// The local address of the TCP listener named `name`.
     pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners
-            .iter()
-            .find(|l| &*l.name == name)
-            .map(|l| l.addr)
+        match self.listeners.iter().find(|l| &*l.name == name)?.endpoint {
+            Endpoint::Tcp(addr) => Some(addr),
+            _ => None,
+        }
     }
 
     /// The pid of the process this one took over from, if it was started by an upgrade.
@@ -408,14 +435,21 @@ impl fmt::Debug for DrainGuard {
 pub struct Connection {
     fd: OwnedFd,
     listener: Arc<str>,
+    unix: bool,
     guard: DrainGuard,
 }
 
 impl Connection {
-    pub(crate) fn new(fd: OwnedFd, listener: Arc<str>, guard: DrainGuard) -> Connection {
+    pub(crate) fn new(
+        fd: OwnedFd,
+        listener: Arc<str>,
+        unix: bool,
+        guard: DrainGuard,
+    ) -> Connection {
         Connection {
             fd,
             listener,
+            unix,
             guard,
         }
     }
@@ -425,14 +459,26 @@ impl Connection {
         &self.listener
     }
 
+    /// Whether it came from a Unix listener (else TCP).
+    pub fn is_unix(&self) -> bool {
+        self.unix
+    }
+
     /// The socket (blocking mode, close-on-exec) and its drain guard.
     pub fn into_parts(self) -> (OwnedFd, DrainGuard) {
         (self.fd, self.guard)
     }
 
-    /// As a std TCP stream (blocking mode) and its drain guard.
+    /// As a std TCP stream (blocking mode) and its drain guard. For a connection from a TCP
+    /// listener.
     pub fn into_tcp(self) -> (TcpStream, DrainGuard) {
         (TcpStream::from(self.fd), self.guard)
+    }
+
+    /// As a std Unix stream (blocking mode) and its drain guard. For a connection from a Unix
+    /// listener.
+    pub fn into_unix(self) -> (std::os::unix::net::UnixStream, DrainGuard) {
+        (std::os::unix::net::UnixStream::from(self.fd), self.guard)
     }
 
     /// As a tokio TCP stream (switched to non-blocking mode) and its drain guard. Must be called

@@ -8,8 +8,14 @@ use std::time::Duration;
 use ringflip::{Connection, Server};
 use tokio_uring::buf::BoundedBuf;
 
+enum Listen {
+    Tcp(SocketAddr),
+    /// `unix:/path` or `unix:@abstract`.
+    Unix(String),
+}
+
 struct Args {
-    listen: Vec<SocketAddr>,
+    listen: Vec<Listen>,
     pid_file: Option<PathBuf>,
     ready_timeout: Duration,
     drain_timeout: Duration,
@@ -28,8 +34,10 @@ fn parse_args(argv: impl Iterator<Item = String>) -> Result<Args, String> {
         match flag.as_str() {
             "--listen" => {
                 let v = value()?;
-                args.listen
-                    .push(v.parse().map_err(|e| format!("--listen {v}: {e}"))?);
+                args.listen.push(match v.strip_prefix("unix:") {
+                    Some(path) => Listen::Unix(path.to_string()),
+                    None => Listen::Tcp(v.parse().map_err(|e| format!("--listen {v}: {e}"))?),
+                });
             }
             "--pid-file" => args.pid_file = Some(value()?.into()),
             "--ready-timeout-ms" => args.ready_timeout = millis(&flag, &value()?)?,
@@ -71,8 +79,15 @@ pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
     if let Some(path) = args.pid_file {
         builder = builder.pid_file(path);
     }
-    for (i, addr) in args.listen.iter().enumerate() {
-        builder = builder.listen_tcp(format!("echo{i}"), *addr);
+    for (i, listen) in args.listen.iter().enumerate() {
+        let name = format!("echo{i}");
+        builder = match listen {
+            Listen::Tcp(addr) => builder.listen_tcp(name, *addr),
+            Listen::Unix(path) => match path.strip_prefix('@') {
+                Some(abstract_name) => builder.listen_unix_abstract(name, abstract_name),
+                None => builder.listen_unix(name, path, None),
+            },
+        };
     }
     // Before the runtime starts: build() blocks the upgrade signals, and the runtime's threads
     // inherit the mask.
@@ -98,22 +113,38 @@ pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
     }
 }
 
-async fn echo(conn: Connection) {
-    let (fd, _guard) = conn.into_parts();
-    let stream = tokio_uring::net::TcpStream::from_std(std::net::TcpStream::from(fd));
-    let mut buf = vec![0u8; 4096];
-    loop {
-        let (res, b) = stream.read(buf).await;
-        buf = b;
-        let n = match res {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        // Bytes are written back as they came, so every line is echoed verbatim.
-        let (res, slice) = stream.write_all(buf.slice(..n)).await;
-        buf = slice.into_inner();
-        if res.is_err() {
-            return;
+/// Reads and writes back until the peer closes; bytes go back as they came, so every line is
+/// echoed verbatim.
+macro_rules! echo_loop {
+    ($stream:expr) => {{
+        let stream = $stream;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let (res, b) = stream.read(buf).await;
+            buf = b;
+            let n = match res {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let (res, slice) = stream.write_all(buf.slice(..n)).await;
+            buf = slice.into_inner();
+            if res.is_err() {
+                break;
+            }
         }
+    }};
+}
+
+async fn echo(conn: Connection) {
+    let unix = conn.is_unix();
+    let (fd, _guard) = conn.into_parts();
+    if unix {
+        echo_loop!(tokio_uring::net::UnixStream::from_std(
+            std::os::unix::net::UnixStream::from(fd)
+        ));
+    } else {
+        echo_loop!(tokio_uring::net::TcpStream::from_std(
+            std::net::TcpStream::from(fd)
+        ));
     }
 }
