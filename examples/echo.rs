@@ -10,8 +10,10 @@
 //! kill -TERM $(cat /tmp/echo.pid)    # stop accepting, drain, exit 0
 //! ```
 //!
-//! Options: `--listen ADDR` (repeatable), `--pid-file PATH` (written atomically once the process
-//! serves), `--ready-timeout-ms N` (default 30000), `--drain-timeout-ms N` (default 60000).
+//! Options: `--listen ADDR` (repeatable; `IP:PORT`, `[IPv6]:PORT`, `unix:PATH`, `unix:@NAME`),
+//! `--pid-file PATH` (written atomically once the process serves), `--ready-timeout-ms N`
+//! (default 30000), `--drain-timeout-ms N` (default 60000), `--handoff-state TEXT` (hand
+//! "TEXT from PID" to the next generation), `--state-out PATH` (write the inherited state there).
 //! Logs go to stderr; `RUST_LOG` filters them (default `info`).
 
 use std::process::ExitCode;

@@ -225,6 +225,7 @@ impl Driver {
             parent,
             shared,
             config,
+            ..
         } = server;
         let ring = IoUring::builder()
             .setup_single_issuer()
@@ -782,7 +783,12 @@ impl Driver {
             upgrade,
             parent_pid: std::process::id(),
             listeners: self.accepts.iter().map(|s| s.listener.record()).collect(),
-            state: Vec::new(),
+            state: self
+                .shared
+                .handoff_state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .to_vec(),
         };
         let payload = match hello.encode() {
             Ok(p) => p,

@@ -28,8 +28,7 @@ pub(crate) struct ParentLink {
 pub(crate) struct Inherited {
     pub link: ParentLink,
     pub listeners: Vec<(ListenerRecord, OwnedFd)>,
-    /// The application's state blob (not exposed yet).
-    #[allow(dead_code)]
+    /// The application's state blob.
     pub state: Vec<u8>,
 }
 

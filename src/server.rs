@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::SeqCst};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::driver::Driver;
@@ -142,8 +143,10 @@ impl Builder {
         };
         let args: Vec<OsString> = std::env::args_os().collect();
 
+        let mut inherited_state = None;
         let (listeners, parent) = match inherit::from_environment()? {
             Some(inherited) => {
+                inherited_state = Some(Bytes::from(inherited.state));
                 let upgrade = inherited.link.upgrade;
                 tracing::info!(
                     upgrade.id = %upgrade,
@@ -191,7 +194,9 @@ impl Builder {
                 accept_paused: AtomicBool::new(false),
                 phase: AtomicU8::new(Phase::Serving.as_u8()),
                 requests: Mutex::new(Vec::new()),
+                handoff_state: Mutex::new(Bytes::new()),
             }),
+            inherited_state,
             config: Config {
                 timeouts: Timeouts {
                     ready: self.ready_timeout,
@@ -233,6 +238,7 @@ pub struct Server {
     pub(crate) parent: Option<ParentLink>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) config: Config,
+    inherited_state: Option<Bytes>,
 }
 
 impl fmt::Debug for Server {
@@ -268,6 +274,13 @@ impl Server {
     /// The pid of the process this one took over from, if it was started by an upgrade.
     pub fn predecessor(&self) -> Option<u32> {
         self.parent.as_ref().map(|p| p.parent_pid)
+    }
+
+    /// The state blob the previous process set with [`Handle::set_handoff_state`] (empty if it
+    /// set none); `None` on a first start. Read it before [`Server::run`]: the previous process
+    /// keeps serving until this one runs.
+    pub fn inherited_state(&self) -> Option<&Bytes> {
+        self.inherited_state.as_ref()
     }
 
     /// Serves until this process is replaced or stopped, on the calling thread (the thread
@@ -340,6 +353,8 @@ pub(crate) struct Shared {
     pub accept_paused: AtomicBool,
     pub phase: AtomicU8,
     pub requests: Mutex<Vec<Request>>,
+    /// What the next HELLO carries as the application's state.
+    pub handoff_state: Mutex<Bytes>,
 }
 
 impl Shared {
@@ -377,6 +392,25 @@ impl Handle {
         let (tx, rx) = mpsc::channel();
         self.shared.request(Request::Upgrade(tx));
         rx.recv().unwrap_or(Err(UpgradeError::NotRunning))
+    }
+
+    /// Sets the blob that the next upgrade hands to the new process with the listeners
+    /// (session-ticket keys, a warm cache index, …), read there with
+    /// [`Server::inherited_state`]. At most [`MAX_STATE_LEN`](crate::MAX_STATE_LEN) bytes.
+    pub fn set_handoff_state(&self, state: Bytes) -> Result<(), Error> {
+        if state.len() > crate::MAX_STATE_LEN {
+            return Err(Error::Config(format!(
+                "handoff state of {} bytes exceeds the {}-byte limit",
+                state.len(),
+                crate::MAX_STATE_LEN
+            )));
+        }
+        *self
+            .shared
+            .handoff_state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = state;
+        Ok(())
     }
 
     /// Asks the server to stop accepting, drain and return from `run`. Does not wait.

@@ -19,6 +19,8 @@ struct Args {
     pid_file: Option<PathBuf>,
     ready_timeout: Duration,
     drain_timeout: Duration,
+    handoff_state: Option<String>,
+    state_out: Option<PathBuf>,
 }
 
 fn parse_args(argv: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -27,6 +29,8 @@ fn parse_args(argv: impl Iterator<Item = String>) -> Result<Args, String> {
         pid_file: None,
         ready_timeout: Duration::from_secs(30),
         drain_timeout: Duration::from_secs(60),
+        handoff_state: None,
+        state_out: None,
     };
     let mut it = argv;
     while let Some(flag) = it.next() {
@@ -42,6 +46,8 @@ fn parse_args(argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--pid-file" => args.pid_file = Some(value()?.into()),
             "--ready-timeout-ms" => args.ready_timeout = millis(&flag, &value()?)?,
             "--drain-timeout-ms" => args.drain_timeout = millis(&flag, &value()?)?,
+            "--handoff-state" => args.handoff_state = Some(value()?),
+            "--state-out" => args.state_out = Some(value()?.into()),
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -98,6 +104,19 @@ pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // The state blob: what the previous generation handed over, and what we hand on.
+    if let (Some(state), Some(path)) = (server.inherited_state(), &args.state_out) {
+        if let Err(e) = std::fs::write(path, state) {
+            tracing::error!(error = %e, "writing --state-out");
+        }
+    }
+    if let Some(text) = &args.handoff_state {
+        let blob = format!("{text} from {}", std::process::id());
+        if let Err(e) = server.handle().set_handoff_state(blob.into()) {
+            tracing::error!(error = %e, "setting the handoff state");
+            return ExitCode::from(1);
+        }
+    }
     let result = tokio_uring::start(server.run_async(|conn| {
         tokio_uring::spawn(echo(conn));
     }));
