@@ -38,7 +38,7 @@ use crate::inherit::ParentLink;
 use crate::listener::{Endpoint, Listener};
 use crate::machine::{Action, Event, ExitReason, Machine, Outcome, Phase, Requester, UpgradeId};
 use crate::server::{write_pid_file, Config, Connection, DrainGuard, Request, Server, Shared};
-use crate::{spawn, sys, Error, UpgradeError};
+use crate::{spawn, sys, systemd, Error, UpgradeError};
 
 /// Submission queue size: only a handful of ops are ever queued at once.
 const SQ_ENTRIES: u32 = 256;
@@ -293,6 +293,10 @@ impl Driver {
         }
         if let Some(path) = &driver.config.pid_file {
             write_pid_file(path, std::process::id()).map_err(Error::io("writing the pid file"))?;
+        }
+        if driver.predecessor.is_none() {
+            // A successor does not: its predecessor announces it with MAINPID= on READY.
+            systemd::notify("READY=1");
         }
         tracing::info!(
             pid = std::process::id(),
@@ -662,6 +666,10 @@ impl Driver {
     fn act(&mut self, action: Action) {
         match action {
             Action::SpawnChild(upgrade) => {
+                systemd::notify(&format!(
+                    "RELOADING=1\nMONOTONIC_USEC={}",
+                    systemd::monotonic_usec()
+                ));
                 let started = Instant::now();
                 match spawn::spawn(
                     &self.config.exe,
@@ -712,6 +720,7 @@ impl Driver {
             }
             Action::ResumeAccepting => {
                 tracing::warn!("the new process died during the drain; serving again");
+                systemd::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
                 self.accepting = true;
                 for i in 0..self.accepts.len() {
                     if self.accepts[i].op.is_none() {
@@ -720,6 +729,11 @@ impl Driver {
                 }
             }
             Action::StartDrain => {
+                if self.successor.is_none() {
+                    // Draining for a shutdown (after an upgrade the successor is the main
+                    // process now and this one has nothing to tell systemd).
+                    systemd::notify("STOPPING=1");
+                }
                 self.drain_active = true;
                 self.drained_reported = false;
                 self.shared.draining.store(true, SeqCst);
@@ -760,8 +774,14 @@ impl Driver {
 
     fn reply(&mut self, by: Requester, outcome: Outcome) {
         match &outcome {
-            Outcome::Upgraded { pid } => tracing::info!(child.pid = pid, "upgrade complete"),
-            Outcome::Failed(why) => tracing::warn!(reason = %why, "upgrade failed; still serving"),
+            Outcome::Upgraded { pid } => {
+                tracing::info!(child.pid = pid, "upgrade complete");
+                systemd::notify(&format!("MAINPID={pid}\nREADY=1"));
+            }
+            Outcome::Failed(why) => {
+                tracing::warn!(reason = %why, "upgrade failed; still serving");
+                systemd::notify(&format!("READY=1\nSTATUS=upgrade failed: {why}"));
+            }
             Outcome::Busy(why) => tracing::warn!(reason = %why, "upgrade refused"),
         }
         if let Requester::Api(ticket) = by {

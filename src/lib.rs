@@ -72,6 +72,7 @@ mod machine;
 mod server;
 mod spawn;
 mod sys;
+mod systemd;
 
 pub use error::{Error, UpgradeError};
 pub use handoff::{MAX_LISTENERS, MAX_STATE_LEN};

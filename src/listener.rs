@@ -152,6 +152,36 @@ impl Listener {
         })
     }
 
+    /// Adopts a socket passed by systemd socket activation, if it is a listening socket that
+    /// fits `spec`.
+    pub(crate) fn adopt_activated(spec: &ListenSpec, fd: OwnedFd) -> Result<Listener, Error> {
+        let invalid = |why: String| Error::InvalidListener {
+            name: spec.name.clone(),
+            why: format!("socket from systemd: {why}"),
+        };
+        let kind = spec.endpoint.kind();
+        check_listening_socket(fd.as_fd(), kind).map_err(invalid)?;
+        let endpoint = local_endpoint(fd.as_fd(), kind).map_err(|e| invalid(e.to_string()))?;
+        if !endpoint.satisfies(&spec.endpoint) {
+            return Err(invalid(format!(
+                "bound to {endpoint}, but this binary is configured for {}",
+                spec.endpoint
+            )));
+        }
+        Ok(Listener {
+            name: spec.name.as_str().into(),
+            fd,
+            endpoint,
+        })
+    }
+
+    /// Whether an unnamed activated socket is the one `spec` asks for (same kind and address).
+    pub(crate) fn fits(spec: &ListenSpec, fd: BorrowedFd<'_>) -> bool {
+        let kind = spec.endpoint.kind();
+        check_listening_socket(fd, kind).is_ok()
+            && local_endpoint(fd, kind).is_ok_and(|e| e.satisfies(&spec.endpoint))
+    }
+
     /// The record describing this listener in HELLO.
     pub(crate) fn record(&self) -> ListenerRecord {
         ListenerRecord {

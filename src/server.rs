@@ -18,7 +18,7 @@ use crate::handoff::MAX_LISTENERS;
 use crate::inherit::{self, ParentLink};
 use crate::listener::{Endpoint, ListenSpec, Listener};
 use crate::machine::{ExitReason, Phase, Timeouts};
-use crate::{sys, Error, UpgradeError};
+use crate::{sys, systemd, Error, UpgradeError};
 
 /// Configures and starts a [`Server`].
 #[derive(Debug, Clone)]
@@ -175,11 +175,31 @@ impl Builder {
                 (listeners, Some(inherited.link))
             }
             None => {
-                let listeners = self
-                    .listeners
-                    .iter()
-                    .map(Listener::bind)
-                    .collect::<Result<Vec<_>, _>>()?;
+                // First boot: sockets from systemd socket activation (by LISTEN_FDNAMES name,
+                // else by address), the rest bound here.
+                let mut activated = systemd::take_listen_fds()?;
+                let mut listeners = Vec::with_capacity(self.listeners.len());
+                for spec in &self.listeners {
+                    let found = activated
+                        .iter()
+                        .position(|a| a.name.as_deref() == Some(spec.name.as_str()))
+                        .or_else(|| {
+                            activated.iter().position(|a| {
+                                a.name.is_none() && Listener::fits(spec, a.fd.as_fd())
+                            })
+                        });
+                    listeners.push(match found {
+                        Some(i) => {
+                            let listener = Listener::adopt_activated(spec, activated.remove(i).fd)?;
+                            tracing::info!(listener = %spec.name, address = %listener.endpoint, "adopted the socket from systemd");
+                            listener
+                        }
+                        None => Listener::bind(spec)?,
+                    });
+                }
+                for a in activated {
+                    tracing::warn!(name = ?a.name, "systemd passed a socket no listener asks for; closing it");
+                }
                 (listeners, None)
             }
         };

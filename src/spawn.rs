@@ -65,7 +65,10 @@ pub(crate) fn spawn(
         .collect::<io::Result<Vec<_>>>()?;
     let mut envp = Vec::new();
     for (key, value) in std::env::vars_os() {
-        if key.as_bytes().starts_with(b"RINGFLIP_") {
+        // Our own variables are set below; socket activation's are for the first boot only.
+        if key.as_bytes().starts_with(b"RINGFLIP_")
+            || crate::systemd::LISTEN_VARS.iter().any(|v| key == *v)
+        {
             continue;
         }
         let mut kv = key.as_bytes().to_vec();

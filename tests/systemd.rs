@@ -1,0 +1,188 @@
+//! systemd integration: the exact `NOTIFY_SOCKET` message sequence across a good upgrade, a
+//! failed one and a shutdown; and socket activation with `systemd-socket-activate`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{echo_binary, ensure_subreaper, free_port, reap_zombies, EchoOpts, EchoServer};
+
+const QUIET: Duration = Duration::from_millis(300);
+
+struct Notifications {
+    sock: UnixDatagram,
+}
+
+impl Notifications {
+    fn next(&self, bound: Duration) -> Option<String> {
+        self.sock.set_read_timeout(Some(bound)).unwrap();
+        let mut buf = [0u8; 4096];
+        match self.sock.recv(&mut buf) {
+            Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(_) => None,
+        }
+    }
+
+    fn expect(&self, what: &str) -> String {
+        self.next(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("no notification; expected {what}"))
+    }
+
+    fn expect_silence(&self) {
+        if let Some(m) = self.next(QUIET) {
+            panic!("unexpected notification {m:?}");
+        }
+    }
+}
+
+fn assert_reloading(msg: &str) {
+    let mut lines = msg.lines();
+    assert_eq!(lines.next(), Some("RELOADING=1"), "{msg:?}");
+    let usec = lines
+        .next()
+        .and_then(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC in {msg:?}"));
+    assert!(usec > 0);
+    assert_eq!(lines.next(), None, "{msg:?}");
+}
+
+#[test]
+fn notify_sequence_across_upgrades_and_shutdown() {
+    let dir = std::env::temp_dir().join(format!("ringflip-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&path);
+    let n = Notifications {
+        sock: UnixDatagram::bind(&path).unwrap(),
+    };
+    let server = EchoServer::start(EchoOpts {
+        env: vec![("NOTIFY_SOCKET".into(), path.display().to_string())],
+        ..EchoOpts::default()
+    });
+    assert_eq!(n.expect("READY=1 at start"), "READY=1");
+    n.expect_silence();
+
+    // A good upgrade: RELOADING, then the new main pid with READY. The new process itself says
+    // nothing (it is not the main process until its predecessor says so).
+    let new = server.upgrade();
+    assert_reloading(&n.expect("RELOADING=1"));
+    assert_eq!(n.expect("MAINPID"), format!("MAINPID={new}\nREADY=1"));
+    n.expect_silence();
+
+    // A failed upgrade: the reload ends with READY=1 and a status saying why.
+    server.remove_binary();
+    server.upgrade_expect_rollback(Duration::from_millis(500));
+    assert_reloading(&n.expect("RELOADING=1"));
+    let done = n.expect("READY=1 after a failed upgrade");
+    assert!(
+        done.starts_with("READY=1\nSTATUS=upgrade failed: "),
+        "{done:?}"
+    );
+    n.expect_silence();
+    server.restore_binary();
+
+    // Shutdown.
+    server.stop();
+    assert_eq!(n.expect("STOPPING=1"), "STOPPING=1");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn socket_activation_adopts_the_systemd_socket() {
+    ensure_subreaper();
+    let activate = "/usr/bin/systemd-socket-activate";
+    assert!(
+        std::path::Path::new(activate).exists(),
+        "{activate} is needed (Debian package `systemd`; .ci/run installs it)"
+    );
+    let dir = std::env::temp_dir().join(format!("ringflip-activate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pid_file = dir.join("pid");
+    let log = dir.join("server.log");
+    let addr = free_port();
+    let guard = common::ProcGuard::default();
+    // systemd-socket-activate binds the address and execs the server with LISTEN_FDS=1 and
+    // LISTEN_FDNAMES=echo0: if the server bound the port itself, it would fail (in use).
+    let child = Command::new(activate)
+        .arg("-l")
+        .arg(addr.to_string())
+        .arg("--fdname=echo0")
+        .arg("-E")
+        .arg("NO_COLOR=1")
+        .arg(echo_binary())
+        .args(["--listen", &addr.to_string(), "--pid-file"])
+        .arg(&pid_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    guard.track(child.id() as i32);
+    let read_pid =
+        || -> Option<i32> { std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok() };
+    let wait_pid = |not: Option<i32>| -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(p) = read_pid().filter(|p| Some(*p) != not) {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no (new) pid file; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let echo = move |line: &str| {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(line.as_bytes()).unwrap();
+        let mut reply = String::new();
+        BufReader::new(s).read_line(&mut reply).unwrap();
+        assert_eq!(reply, line);
+    };
+    // systemd-socket-activate starts the server on the first connection, which then waits in
+    // the backlog of the socket the server adopts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("Listening on")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "systemd-socket-activate did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let first_conn = std::thread::spawn(move || echo("activated\n"));
+    let first = wait_pid(None);
+    guard.track(first);
+    first_conn.join().expect("the first connection was served");
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log_text.contains("adopted the socket from systemd"),
+        "log:\n{log_text}"
+    );
+
+    // The adopted socket is handed over like any other.
+    // SAFETY: plain syscall on a pid this test started.
+    unsafe { libc::kill(first, libc::SIGHUP) };
+    let second = wait_pid(Some(first));
+    guard.track(second);
+    echo("upgraded\n");
+    // SAFETY: as above.
+    unsafe { libc::kill(second, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while common::pid_alive(first) || common::pid_alive(second) {
+        reap_zombies();
+        assert!(Instant::now() < deadline, "server processes did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
