@@ -93,6 +93,8 @@ fn notify_sequence_across_upgrades_and_shutdown() {
 }
 
 #[test]
+// The server is reaped by `reap_zombies` (this process is a child subreaper), not by `Child`.
+#[allow(clippy::zombie_processes)]
 fn socket_activation_adopts_the_systemd_socket() {
     ensure_subreaper();
     let activate = "/usr/bin/systemd-socket-activate";
