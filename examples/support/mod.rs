@@ -3,3 +3,4 @@
 
 pub mod echo_server;
 pub mod load;
+pub mod scenario;

@@ -1,0 +1,263 @@
+//! Peer echo servers for the side-by-side upgrade benchmark.
+//!
+//! Each peer implements the contract of our own echo server (`examples/support/echo_server.rs`)
+//! with another upgrade mechanism, so the orchestrator can drive them all with the same load and
+//! the same upgrade schedule:
+//!
+//! - `--listen ADDR` (repeatable; one is enough), `--pid-file PATH`, `--drain-timeout-ms N`
+//!   (default 60000). `--ready-timeout-ms N` is accepted for command-line compatibility and
+//!   ignored: neither library lets it be set (see each peer).
+//! - Each connection: bytes read are written back verbatim until the client closes.
+//! - SIGHUP: upgrade to a new copy of the binary at `argv[0]` (not for `plain`, which ignores
+//!   it). The old process then stops accepting, waits for its live connections to finish (or
+//!   the drain timeout) and exits 0. A failed upgrade leaves the old process serving.
+//! - SIGTERM: stop accepting (close the listener), drain, exit 0.
+//!
+//! The upgrading peers re-execute `argv[0]` with the same arguments, so start them with an
+//! absolute program path (as `Command::new(current_exe())` does).
+//!
+//! Listeners are bound with SO_REUSEADDR and a backlog of [`BACKLOG`] (the default
+//! `net.core.somaxconn`, which is what ringflip asks for), so a connection burst measures the
+//! upgrade mechanism, not a 128-entry default backlog.
+#![allow(dead_code)]
+
+pub mod ecdysis_echo;
+pub mod plain_echo;
+pub mod shellflip_echo;
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+/// Runs the peer named `kind` ("shellflip", "ecdysis" or "plain") with command-line arguments
+/// `argv` (without the program name and without the kind); `None` for an unknown kind.
+pub fn dispatch(kind: &str, argv: impl Iterator<Item = String>) -> Option<ExitCode> {
+    match kind {
+        "shellflip" => Some(shellflip_echo::main(argv)),
+        "ecdysis" => Some(ecdysis_echo::main(argv)),
+        "plain" => Some(plain_echo::main(argv)),
+        _ => None,
+    }
+}
+
+/// The peers' names, as [`dispatch`] takes them.
+pub const KINDS: [&str; 3] = ["shellflip", "ecdysis", "plain"];
+
+/// Listen backlog of every peer's listener.
+pub const BACKLOG: u32 = 4096;
+
+/// Parsed command line.
+#[derive(Debug)]
+pub(crate) struct Args {
+    pub listen: Vec<SocketAddr>,
+    pub pid_file: Option<PathBuf>,
+    pub drain_timeout: Duration,
+    /// `--reuseport` (only the plain peer accepts it).
+    pub reuseport: bool,
+}
+
+/// Parses the common options; `--reuseport` only if `allow_reuseport`.
+pub(crate) fn parse_args(
+    argv: impl Iterator<Item = String>,
+    allow_reuseport: bool,
+) -> Result<Args, String> {
+    let mut args = Args {
+        listen: Vec::new(),
+        pid_file: None,
+        drain_timeout: Duration::from_secs(60),
+        reuseport: false,
+    };
+    let mut it = argv;
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--listen" => {
+                let v = value()?;
+                args.listen
+                    .push(v.parse().map_err(|e| format!("--listen {v}: {e}"))?);
+            }
+            "--pid-file" => args.pid_file = Some(value()?.into()),
+            "--drain-timeout-ms" => args.drain_timeout = millis(&flag, &value()?)?,
+            // Accepted so one command line fits every server; no peer library can take it.
+            "--ready-timeout-ms" => {
+                millis(&flag, &value()?)?;
+            }
+            "--reuseport" if allow_reuseport => args.reuseport = true,
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    if args.listen.is_empty() {
+        return Err("at least one --listen ADDR is needed".into());
+    }
+    Ok(args)
+}
+
+fn millis(flag: &str, v: &str) -> Result<Duration, String> {
+    v.parse()
+        .map(Duration::from_millis)
+        .map_err(|e| format!("{flag} {v}: {e}"))
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), like our echo server. The
+/// libraries log through the `log` crate, which tracing-subscriber picks up.
+pub(crate) fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Writes "PID\n" to `path` atomically: a temporary file in the same directory, then rename.
+pub(crate) fn write_pid_file(path: &Path) -> io::Result<()> {
+    let pid = std::process::id();
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp.{pid}"));
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, format!("{pid}\n"))?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// Binds a TCP listener: SO_REUSEADDR, SO_REUSEPORT if asked, backlog [`BACKLOG`].
+///
+/// tokio's `TcpSocket` is socket2 underneath; it needs no dependency beyond tokio itself.
+/// Must run inside a tokio runtime (the listener registers with its reactor).
+pub(crate) fn bind(addr: SocketAddr, reuseport: bool) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if reuseport {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// Echoes everything read back to the peer until it closes (or an error).
+pub(crate) async fn echo(mut stream: TcpStream) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // Bytes are written back as they came, so every line is echoed verbatim.
+        if stream.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Accepts on `listener` until `stop` turns true (or its sender is gone), handing each
+/// connection to `on_conn`; then closes the listener (this process stops accepting).
+pub(crate) async fn accept_until(
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    mut on_conn: impl FnMut(TcpStream),
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, _)) => on_conn(stream),
+            Err(e) => {
+                // EMFILE and the like: the connection waits in the backlog; back off.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    drop(listener);
+}
+
+/// Counts live connections so a process can wait for them to finish (for the peers whose
+/// library has no such helper; shellflip has `ShutdownCoordinator`).
+#[derive(Clone, Debug)]
+pub(crate) struct Conns {
+    // Every live connection holds a clone; the drain side sees `None` once all are gone.
+    tx: mpsc::Sender<()>,
+    live: Arc<AtomicUsize>,
+}
+
+/// Held by a connection's task for its lifetime.
+#[derive(Debug)]
+pub(crate) struct ConnGuard {
+    _tx: mpsc::Sender<()>,
+    live: Arc<AtomicUsize>,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The waiting side of [`Conns`].
+#[derive(Debug)]
+pub(crate) struct Drain {
+    rx: mpsc::Receiver<()>,
+    live: Arc<AtomicUsize>,
+}
+
+/// A connection counter and its drain side.
+pub(crate) fn conns() -> (Conns, Drain) {
+    let (tx, rx) = mpsc::channel(1);
+    let live = Arc::new(AtomicUsize::new(0));
+    (
+        Conns {
+            tx,
+            live: live.clone(),
+        },
+        Drain { rx, live },
+    )
+}
+
+impl Conns {
+    /// A guard for one new connection.
+    pub(crate) fn guard(&self) -> ConnGuard {
+        self.live.fetch_add(1, Ordering::Relaxed);
+        ConnGuard {
+            _tx: self.tx.clone(),
+            live: self.live.clone(),
+        }
+    }
+
+    /// Spawns the echo task for `stream`, counted until it ends.
+    pub(crate) fn spawn_echo(&self, stream: TcpStream) {
+        let guard = self.guard();
+        tokio::spawn(async move {
+            echo(stream).await;
+            drop(guard);
+        });
+    }
+}
+
+impl Drain {
+    /// Waits until every connection has ended (`Ok`) or `timeout` passed (`Err(live)`). Every
+    /// [`Conns`] clone must be dropped first (the accept loops' included), or this waits for
+    /// the whole timeout.
+    pub(crate) async fn wait(mut self, timeout: Duration) -> Result<(), usize> {
+        match tokio::time::timeout(timeout, self.rx.recv()).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(self.live.load(Ordering::Relaxed)),
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Upgrade under load, side by side: the same open-loop load and the same upgrade schedule
+//! against ringflip and the ways users restart servers today.
+//!
+//! ```text
+//! cargo bench --bench upgrade_under_load                       # 20 upgrades per server
+//! cargo bench --bench upgrade_under_load -- --upgrades 100 --rate 5000
+//! cargo bench --bench upgrade_under_load -- --only ringflip,ecdysis
+//! cargo bench --bench upgrade_under_load -- --test             # CI: 2 upgrades each, quick
+//! ```
+//!
+//! Servers (each this same binary re-executed as `--serve KIND`, all echo servers):
+//! - `ringflip`: examples/echo.rs's server (tokio-uring, ringflip's io_uring upgrade ring), SIGHUP;
+//! - `shellflip`, `ecdysis`: Cloudflare's Rust graceful-restart crates, each used as its docs
+//!   intend, on tokio, SIGHUP (see benches/peers/);
+//! - `naive`: a plain tokio server, SIGTERM then start a new one;
+//! - `reuseport`: a plain tokio server with SO_REUSEPORT, start the new one, then SIGTERM the old.
+//!
+//! Per server: failures by kind, long-lived pings failed, latency (from each connection's
+//! *scheduled* start, so stalls count) p50/p99/p99.9/max steady and in the 500 ms after each
+//! upgrade, median handover (trigger → new process's pid file), and server CPU (all
+//! generations) as a share of one core. Server on CPU 0, load generator on CPU 1.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+mod peers;
+#[path = "../examples/support/mod.rs"]
+mod support;
+
+use support::scenario::{self, ms, Scenario, Strategy};
+
+const ALL: [&str; 5] = ["ringflip", "ecdysis", "shellflip", "reuseport", "naive"];
+
+struct Opts {
+    upgrades: usize,
+    rate: u32,
+    interval: Duration,
+    long_lived: usize,
+    burst: usize,
+    only: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some("--serve") {
+        let kind = argv.get(1).cloned().unwrap_or_default();
+        let rest = argv.into_iter().skip(2);
+        return match kind.as_str() {
+            "ringflip" => support::echo_server::main(rest),
+            other => peers::dispatch(other, rest).unwrap_or_else(|| {
+                eprintln!("unknown server kind {other:?}");
+                ExitCode::from(2)
+            }),
+        };
+    }
+    let mut o = Opts {
+        upgrades: 20,
+        rate: 5000,
+        interval: Duration::from_millis(1000),
+        long_lived: 16,
+        burst: 512,
+        only: ALL.iter().map(|s| s.to_string()).collect(),
+    };
+    let mut it = argv.into_iter();
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            // `cargo bench` passes --bench; `cargo test --benches` and CI's quick run pass --test.
+            "--bench" => {}
+            "--test" => {
+                o.upgrades = 2;
+                o.rate = 1000;
+                o.interval = Duration::from_millis(500);
+                o.burst = 64;
+                o.long_lived = 4;
+            }
+            "--only" => {
+                o.only = it
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect()
+            }
+            "--upgrades" | "--rate" | "--interval-ms" | "--long-lived" | "--burst" => {
+                let v: u64 = match it.next().and_then(|v| v.parse().ok()) {
+                    Some(v) => v,
+                    None => {
+                        eprintln!("{flag} needs a number");
+                        return ExitCode::from(2);
+                    }
+                };
+                match flag.as_str() {
+                    "--upgrades" => o.upgrades = v as usize,
+                    "--rate" => o.rate = v as u32,
+                    "--interval-ms" => o.interval = Duration::from_millis(v),
+                    "--long-lived" => o.long_lived = v as usize,
+                    _ => o.burst = v as usize,
+                }
+            }
+            _ => {} // criterion-style filters and flags: ignored
+        }
+    }
+    println!(
+        "upgrade under load: {} conn/s open loop + {} long-lived pinging every 100 ms; {} upgrades \
+         every {} ms, each with a burst of {} connects",
+        o.rate,
+        o.long_lived,
+        o.upgrades,
+        o.interval.as_millis(),
+        o.burst
+    );
+    println!(
+        "{:<10} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "server", "conns", "failed", "refused", "reset", "eof", "tmout", "pings✗",
+        "handover", "p50", "p99", "p99.9", "win p99", "win p99.9", "win max", "cpu%"
+    );
+    let mut all_ok = true;
+    for kind in ALL.iter().filter(|k| o.only.iter().any(|x| x == *k)) {
+        let (serve, strategy) = match *kind {
+            "ringflip" => ("ringflip", Strategy::Signal),
+            "ecdysis" => ("ecdysis", Strategy::Signal),
+            "shellflip" => ("shellflip", Strategy::Signal),
+            "reuseport" => ("plain", Strategy::ReusePort),
+            _ => ("plain", Strategy::Naive),
+        };
+        let s = Scenario {
+            serve_args: vec!["--serve".into(), serve.into()],
+            strategy,
+            upgrades: o.upgrades,
+            rate: o.rate,
+            interval: o.interval,
+            long_lived: o.long_lived,
+            burst: o.burst,
+            // The restart strategies without a handoff cannot keep long-lived connections;
+            // give them a short drain so each restart completes within the interval.
+            drain_timeout: match strategy {
+                Strategy::Signal => Duration::from_secs(30),
+                _ => Duration::from_millis(300),
+            },
+        };
+        let out = match scenario::run(&s) {
+            Ok(out) => out,
+            Err(e) => {
+                println!("{kind:<10} could not run: {e}");
+                all_ok = false;
+                continue;
+            }
+        };
+        let r = &out.report;
+        let f = &r.failures;
+        let (st, w) = (out.steady(), out.window());
+        println!(
+            "{:<10} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>6.2}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>6.1}%",
+            kind,
+            r.ok() + f.total() as usize,
+            f.total(),
+            f.refused,
+            f.reset,
+            f.eof,
+            f.timeout,
+            r.pings_failed,
+            ms(out.median_handover()),
+            ms(st.p50),
+            ms(st.p99),
+            ms(st.p999),
+            ms(w.p99),
+            ms(w.p999),
+            ms(w.max),
+            100.0 * out.server_cpu.as_secs_f64() / out.wall.as_secs_f64()
+        );
+        if out.failed_upgrades > 0 || !out.all_gone {
+            println!(
+                "           {} upgrades did not complete; processes left over: {}; log {}",
+                out.failed_upgrades,
+                !out.all_gone,
+                out.log.display()
+            );
+        }
+        if *kind == "ringflip" {
+            all_ok &= out.ok();
+        }
+        if out.ok() {
+            let _ = std::fs::remove_dir_all(&out.dir);
+        }
+    }
+    // Only ringflip is held to "nothing fails": the peers' failures are the measurement.
+    if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,298 @@
+//! One upgrade-under-load run: start a server (this same binary re-executed with `serve_args`),
+//! load it open-loop, upgrade it on a schedule with a connection burst at each upgrade, stop it,
+//! and collect what happened. Used by the demo and by the upgrade bench.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::load::{cpus, pin_to_cpu, Load, LoadConfig, LoadReport, Stats};
+
+/// The window after each upgrade trigger whose latency is reported separately.
+pub const WINDOW: Duration = Duration::from_millis(500);
+
+/// How a new version replaces the running one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// SIGHUP the serving process; it starts its successor (ringflip, shellflip, ecdysis).
+    Signal,
+    /// SIGTERM the serving process, wait for it to exit, start a new one.
+    Naive,
+    /// Start a new process with SO_REUSEPORT on the same port, wait until it serves, SIGTERM the
+    /// old one.
+    ReusePort,
+}
+
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// Arguments that make this binary a server (e.g. `["--serve", "ringflip"]`); the listen
+    /// address, pid file and drain timeout are appended.
+    pub serve_args: Vec<String>,
+    pub strategy: Strategy,
+    pub upgrades: usize,
+    pub rate: u32,
+    pub interval: Duration,
+    pub long_lived: usize,
+    pub burst: usize,
+    pub drain_timeout: Duration,
+}
+
+pub struct UpgradeRow {
+    pub old: u32,
+    pub new: u32,
+    pub at: Instant,
+    /// Trigger → the new process's pid file (written once it serves).
+    pub handover: Duration,
+}
+
+pub struct Outcome {
+    pub rows: Vec<UpgradeRow>,
+    pub report: LoadReport,
+    /// CPU time of every server process (all generations), reaped.
+    pub server_cpu: Duration,
+    pub wall: Duration,
+    pub failed_upgrades: usize,
+    pub all_gone: bool,
+    pub log: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Outcome {
+    pub fn in_window(&self, t: Instant) -> bool {
+        self.rows.iter().any(|r| t >= r.at && t < r.at + WINDOW)
+    }
+    pub fn steady(&self) -> Stats {
+        self.report.stats(|t| !self.in_window(t))
+    }
+    pub fn window(&self) -> Stats {
+        self.report.stats(|t| self.in_window(t))
+    }
+    pub fn ok(&self) -> bool {
+        self.report.failures.total() == 0
+            && self.report.pings_failed == 0
+            && self.failed_upgrades == 0
+            && self.all_gone
+    }
+    pub fn median_handover(&self) -> Duration {
+        let mut v: Vec<Duration> = self.rows.iter().map(|r| r.handover).collect();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    }
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub fn run(s: &Scenario) -> Result<Outcome, String> {
+    // Orphaned old generations re-parent to us, so we can reap them and count their CPU.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    reap();
+    let dir = std::env::temp_dir().join(format!(
+        "ringflip-run-{}-{}",
+        std::process::id(),
+        s.serve_args.join("-").replace('/', "_")
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let pid_file = dir.join("pid");
+    let _ = std::fs::remove_file(&pid_file);
+    let log = dir.join("server.log");
+    let logf = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let ncpu = cpus();
+    let two_cores = ncpu >= 2;
+    let start_server = |reuseport: bool| -> Result<u32, String> {
+        let mut cmd = Command::new(&exe);
+        cmd.args(&s.serve_args)
+            .args(["--listen", &addr.to_string()])
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .args([
+                "--drain-timeout-ms",
+                &s.drain_timeout.as_millis().to_string(),
+            ])
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("warn".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf.try_clone().map_err(|e| e.to_string())?);
+        if reuseport {
+            cmd.arg("--reuseport");
+        }
+        if two_cores {
+            // Server on CPU 0, load on CPU 1: they do not measure each other. The server
+            // inherits the affinity from this thread, its successors from it.
+            pin_to_cpu(0);
+        }
+        let child = cmd.spawn().map_err(|e| format!("starting the server: {e}"));
+        if two_cores {
+            unpin(ncpu);
+        }
+        Ok(child?.id())
+    };
+    let mut pids = vec![start_server(s.strategy == Strategy::ReusePort)?];
+    let mut current = wait_for_pid(&pid_file, None, Duration::from_secs(10))
+        .ok_or_else(|| format!("the server did not start; see {}", log.display()))?;
+    let cpu_before = children_cpu();
+    let t0 = Instant::now();
+    let load = Load::start(LoadConfig {
+        addr,
+        rate: s.rate,
+        long_lived: s.long_lived,
+        ping_interval: Duration::from_millis(100),
+        timeout: Duration::from_secs(3),
+        max_duration: s.interval * (s.upgrades as u32 + 4) + Duration::from_secs(60),
+        cpu: two_cores.then_some(1),
+    });
+    std::thread::sleep(s.interval);
+    let mut rows = Vec::new();
+    let mut failed_upgrades = 0;
+    for _ in 0..s.upgrades {
+        let old = current;
+        let at = Instant::now();
+        load.burst(s.burst);
+        match s.strategy {
+            Strategy::Signal => signal(old, libc::SIGHUP),
+            Strategy::Naive => {
+                signal(old, libc::SIGTERM);
+                let deadline = Instant::now() + s.drain_timeout + Duration::from_secs(5);
+                while alive(old) && Instant::now() < deadline {
+                    reap();
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                pids.push(start_server(false)?);
+            }
+            Strategy::ReusePort => pids.push(start_server(true)?),
+        }
+        match wait_for_pid(&pid_file, Some(old), Duration::from_secs(10)) {
+            Some(new) => {
+                rows.push(UpgradeRow {
+                    old,
+                    new,
+                    at,
+                    handover: at.elapsed(),
+                });
+                if s.strategy == Strategy::ReusePort {
+                    signal(old, libc::SIGTERM);
+                }
+                pids.push(new);
+                current = new;
+            }
+            None => failed_upgrades += 1,
+        }
+        reap();
+        std::thread::sleep(s.interval.saturating_sub(at.elapsed()));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let report = load.stop();
+    signal(current, libc::SIGTERM);
+    pids.sort_unstable();
+    pids.dedup();
+    let all_gone = wait_all_gone(&pids, s.drain_timeout + Duration::from_secs(10));
+    let wall = t0.elapsed();
+    let server_cpu = children_cpu().saturating_sub(cpu_before);
+    Ok(Outcome {
+        rows,
+        report,
+        server_cpu,
+        wall,
+        failed_upgrades,
+        all_gone,
+        log,
+        dir,
+    })
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: plain syscall on a pid this run started (directly or by upgrade).
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+fn read_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Polls the pid file until it names a live process other than `old`.
+fn wait_for_pid(path: &Path, old: Option<u32>, timeout: Duration) -> Option<u32> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(pid) = read_pid(path) {
+            if Some(pid) != old && alive(pid) {
+                return Some(pid);
+            }
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    None
+}
+
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !matches!(
+            s.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next()),
+            Some("Z")
+        ),
+        Err(_) => false,
+    }
+}
+
+fn reap() {
+    // SAFETY: reaping any exited child (we are their subreaper), never blocking.
+    while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+}
+
+/// Waits for every pid to exit (reaping as we go); SIGKILLs stragglers at the deadline.
+fn wait_all_gone(pids: &[u32], timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        reap();
+        if pids.iter().all(|p| !alive(*p)) {
+            reap();
+            return true;
+        }
+        if Instant::now() >= deadline {
+            for p in pids {
+                if alive(*p) {
+                    signal(*p, libc::SIGKILL);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            reap();
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// CPU time (user + system) of every reaped descendant.
+fn children_cpu() -> Duration {
+    // SAFETY: rusage is plain data, filled by the kernel.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is live.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn unpin(ncpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for c in 0..ncpu.max(1) {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
