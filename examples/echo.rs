@@ -13,7 +13,9 @@
 //! Options: `--listen ADDR` (repeatable; `IP:PORT`, `[IPv6]:PORT`, `unix:PATH`, `unix:@NAME`),
 //! `--pid-file PATH` (written atomically once the process serves), `--ready-timeout-ms N`
 //! (default 30000), `--drain-timeout-ms N` (default 60000), `--handoff-state TEXT` (hand
-//! "TEXT from PID" to the next generation), `--state-out PATH` (write the inherited state there).
+//! "TEXT from PID" to the next generation), `--state-out PATH` (write the inherited state there),
+//! `--max-draining N` (at most N generations draining at once: refuse an upgrade while N older
+//! ones still drain; default 4).
 //! Logs go to stderr; `RUST_LOG` filters them (default `info`).
 
 use std::process::ExitCode;

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-use crate::handoff::Message;
+use crate::handoff::{Message, MAX_LISTENERS};
 use crate::inherit::ParentLink;
 use crate::listener::{Endpoint, Listener};
 use crate::machine::{Action, Event, ExitReason, Machine, Outcome, Phase, Requester, UpgradeId};
@@ -133,10 +133,12 @@ struct SendMsgBufs {
     iov: libc::iovec,
     payload: Vec<u8>,
     control: Vec<u64>,
+    /// Fds sent that nothing else keeps open (this process's own pidfd).
+    _keep: Vec<OwnedFd>,
 }
 
 impl SendMsgBufs {
-    fn new(payload: Vec<u8>, fds: &[RawFd]) -> Box<SendMsgBufs> {
+    fn new(payload: Vec<u8>, fds: &[RawFd], keep: Vec<OwnedFd>) -> Box<SendMsgBufs> {
         let fd_bytes = std::mem::size_of_val(fds) as u32;
         // SAFETY: CMSG_SPACE is a pure size computation.
         let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
@@ -149,6 +151,7 @@ impl SendMsgBufs {
             },
             payload,
             control: vec![0u64; space.div_ceil(8)],
+            _keep: keep,
         });
         bufs.iov.iov_base = bufs.payload.as_mut_ptr().cast();
         bufs.iov.iov_len = bufs.payload.len();
@@ -206,6 +209,9 @@ pub(crate) struct Driver {
     signalfd: OwnedFd,
     successor: Option<Successor>,
     predecessor: Option<ParentLink>,
+    /// Pidfds of the older generations that were alive when this one started; counted (and
+    /// pruned) at each upgrade request against the generation limit.
+    elders: Vec<OwnedFd>,
     timer: Option<(Instant, Token)>,
     drain_active: bool,
     drained_reported: bool,
@@ -223,6 +229,7 @@ impl Driver {
         let Server {
             listeners,
             parent,
+            elders,
             shared,
             config,
             ..
@@ -260,12 +267,14 @@ impl Driver {
                 })
                 .collect(),
             accepting: true,
-            machine: Machine::new(config.timeouts, id_seed),
+            machine: Machine::new(config.timeouts, id_seed)
+                .with_generation_limit(config.max_draining),
             shared,
             config,
             signalfd,
             successor: None,
             predecessor: parent,
+            elders,
             timer: None,
             drain_active: false,
             drained_reported: false,
@@ -438,14 +447,13 @@ impl Driver {
                     unreachable!()
                 };
                 if res == std::mem::size_of::<libc::signalfd_siginfo>() as i32 {
-                    let event = match info.ssi_signo as i32 {
-                        libc::SIGHUP => Event::UpgradeRequested(Requester::Signal),
+                    match info.ssi_signo as i32 {
+                        libc::SIGHUP => self.request_upgrade(Requester::Signal),
                         signo => {
                             tracing::info!(signal = signo, "shutdown requested");
-                            Event::ShutdownRequested
+                            self.feed(Event::ShutdownRequested);
                         }
-                    };
-                    self.feed(event);
+                    }
                 } else if res < 0 && res != -libc::ECANCELED {
                     tracing::error!(error = %errno(res), "reading the signalfd failed");
                 }
@@ -613,7 +621,7 @@ impl Driver {
                 Request::Upgrade(reply) => {
                     self.next_ticket += 1;
                     self.replies.insert(self.next_ticket, reply);
-                    self.feed(Event::UpgradeRequested(Requester::Api(self.next_ticket)));
+                    self.request_upgrade(Requester::Api(self.next_ticket));
                 }
                 Request::Shutdown => self.feed(Event::ShutdownRequested),
             }
@@ -651,6 +659,14 @@ impl Driver {
             self.drained_reported = true;
             self.feed(Event::ConnectionsDrained);
         }
+    }
+
+    /// Counts the older generations still draining (pruning those gone), then asks the machine.
+    fn request_upgrade(&mut self, by: Requester) {
+        self.elders
+            .retain(|fd| sys::pidfd_alive(fd.as_fd()).unwrap_or(false));
+        self.feed(Event::EldersDraining(self.elders.len() as u32));
+        self.feed(Event::UpgradeRequested(by));
     }
 
     fn feed(&mut self, event: Event) {
@@ -799,9 +815,26 @@ impl Driver {
         let Some(child) = &self.successor else {
             return;
         };
+        // This process and its elders still alive, newest first, as many as fit beside the
+        // listeners in one SCM_RIGHTS message.
+        let own = match sys::pidfd_open(std::process::id()) {
+            Ok(fd) => fd,
+            Err(e) => return self.feed(Event::HandoffFailed(format!("pidfd_open(self): {e}"))),
+        };
+        let room = MAX_LISTENERS - self.accepts.len();
+        let mut elder_fds = vec![own.as_raw_fd()];
+        elder_fds.extend(
+            self.elders
+                .iter()
+                .filter(|fd| sys::pidfd_alive(fd.as_fd()).unwrap_or(false))
+                .map(|fd| fd.as_raw_fd())
+                .take(room.saturating_sub(1)),
+        );
+        elder_fds.truncate(room);
         let hello = Message::Hello {
             upgrade,
             parent_pid: std::process::id(),
+            elders: elder_fds.len() as u16,
             listeners: self.accepts.iter().map(|s| s.listener.record()).collect(),
             state: self
                 .shared
@@ -818,8 +851,9 @@ impl Driver {
             .accepts
             .iter()
             .map(|s| s.listener.fd.as_raw_fd())
+            .chain(elder_fds)
             .collect();
-        let bufs = SendMsgBufs::new(payload, &fds);
+        let bufs = SendMsgBufs::new(payload, &fds, vec![own]);
         let msg: *const libc::msghdr = &bufs.msg;
         let channel = child.channel.as_raw_fd();
         let token = self.ops.insert(Op::SendHello(bufs));

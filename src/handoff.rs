@@ -3,8 +3,10 @@
 //! One `SOCK_SEQPACKET` socketpair; the child's end is fd 3, named in `RINGFLIP_HANDOFF_FD`
 //! together with the upgrade id in `RINGFLIP_UPGRADE_ID`. Messages keep their boundaries:
 //!
-//! - parent → child: `HELLO` (upgrade id, parent pid, listener records, state blob) with every
-//!   listener fd in one `SCM_RIGHTS` control message, in record order;
+//! - parent → child: `HELLO` (upgrade id, parent pid, listener records, elder count, state
+//!   blob) with every listener fd in one `SCM_RIGHTS` control message, in record order, followed
+//!   by `elders` pidfds: the parent's own and those of its older generations still draining, so
+//!   the child can count them (race-free: pidfds do not suffer pid reuse);
 //! - child → parent: `READY(upgrade id)` once its accepts are armed;
 //! - child → parent: `RETIRING(upgrade id)` when the child itself starts draining (it upgraded
 //!   again or shuts down), so that its later exit is not mistaken for a crash;
@@ -38,9 +40,9 @@ const MAX_ADDR_LEN: usize = 1024;
 /// Largest application state blob handed to the child, in bytes.
 pub const MAX_STATE_LEN: usize = 64 * 1024;
 /// Largest message on the wire: header (magic, version, kind, id, pid, count: 20 bytes), every
-/// listener record at its largest, the blob length and the blob.
+/// listener record at its largest, the elder count, the blob length and the blob.
 pub(crate) const MAX_MESSAGE_LEN: usize =
-    20 + MAX_LISTENERS * (5 + MAX_NAME_LEN + MAX_ADDR_LEN) + 4 + MAX_STATE_LEN;
+    20 + MAX_LISTENERS * (5 + MAX_NAME_LEN + MAX_ADDR_LEN) + 2 + 4 + MAX_STATE_LEN;
 
 const KIND_HELLO: u8 = 1;
 const KIND_READY: u8 = 2;
@@ -82,6 +84,8 @@ pub(crate) enum Message {
         upgrade: UpgradeId,
         parent_pid: u32,
         listeners: Vec<ListenerRecord>,
+        /// How many pidfds follow the listener fds.
+        elders: u16,
         state: Vec<u8>,
     },
     Ready(UpgradeId),
@@ -140,6 +144,7 @@ impl Message {
                 upgrade,
                 parent_pid,
                 listeners,
+                elders,
                 state,
             } => {
                 out.push(KIND_HELLO);
@@ -154,6 +159,10 @@ impl Message {
                     out.push(l.kind as u8);
                     put_str(&mut out, &l.address, MAX_ADDR_LEN, "listener address")?;
                 }
+                if listeners.len() + *elders as usize > MAX_LISTENERS {
+                    return Err(WireError::TooLarge("fd count"));
+                }
+                out.extend_from_slice(&elders.to_le_bytes());
                 if state.len() > MAX_STATE_LEN {
                     return Err(WireError::TooLarge("state blob"));
                 }
@@ -202,6 +211,10 @@ impl Message {
                         address,
                     });
                 }
+                let elders = r.u16()?;
+                if count + elders as usize > MAX_LISTENERS {
+                    return Err(WireError::TooLarge("fd count"));
+                }
                 let state_len = r.u32()? as usize;
                 if state_len > MAX_STATE_LEN {
                     return Err(WireError::TooLarge("state blob"));
@@ -211,6 +224,7 @@ impl Message {
                     upgrade,
                     parent_pid,
                     listeners,
+                    elders,
                     state,
                 }
             }
@@ -293,6 +307,7 @@ mod tests {
                     address: "[::1]:9090".into(),
                 },
             ],
+            elders: 2,
             state: b"ticket keys".to_vec(),
         }
     }
@@ -361,6 +376,7 @@ mod tests {
                 };
                 MAX_LISTENERS
             ],
+            elders: 0,
             state: vec![1; MAX_STATE_LEN],
         };
         assert!(big.encode().unwrap().len() <= MAX_MESSAGE_LEN);
@@ -385,6 +401,7 @@ mod tests {
                 .prop_map(|(id, pid, listeners, state)| Message::Hello {
                     upgrade: UpgradeId(id),
                     parent_pid: pid,
+                    elders: listeners.len() as u16 % 3,
                     listeners,
                     state
                 }),

@@ -28,6 +28,8 @@ pub(crate) struct ParentLink {
 pub(crate) struct Inherited {
     pub link: ParentLink,
     pub listeners: Vec<(ListenerRecord, OwnedFd)>,
+    /// Pidfds of the older generations still alive (the parent first).
+    pub elders: Vec<OwnedFd>,
     /// The application's state blob.
     pub state: Vec<u8>,
 }
@@ -96,6 +98,7 @@ pub(crate) fn from_environment() -> Result<Option<Inherited>, Error> {
         upgrade: hello_upgrade,
         parent_pid,
         listeners,
+        elders,
         state,
     } = message
     else {
@@ -111,12 +114,19 @@ pub(crate) fn from_environment() -> Result<Option<Inherited>, Error> {
             "HELLO comes from pid {parent_pid}, but the parent is {parent}"
         )));
     }
-    if fds.len() != listeners.len() {
+    if fds.len() != listeners.len() + elders as usize {
         return Err(Error::Handoff(format!(
-            "HELLO describes {} listeners but carried {} fds",
+            "HELLO describes {} listeners and {elders} elder pidfds but carried {} fds",
             listeners.len(),
             fds.len()
         )));
+    }
+    let mut fds = fds;
+    let elders = fds.split_off(listeners.len());
+    for fd in &elders {
+        if let Err(e) = sys::pidfd_alive(fd.as_fd()) {
+            return Err(Error::Handoff(format!("an elder fd is not a pidfd: {e}")));
+        }
     }
     Ok(Some(Inherited {
         link: ParentLink {
@@ -125,6 +135,7 @@ pub(crate) fn from_environment() -> Result<Option<Inherited>, Error> {
             parent_pid,
         },
         listeners: listeners.into_iter().zip(fds).collect(),
+        elders,
         state,
     }))
 }

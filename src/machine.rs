@@ -127,6 +127,8 @@ pub(crate) enum Event {
         pid: u32,
         status: String,
     },
+    /// How many older generations are still alive (draining), as counted just now.
+    EldersDraining(u32),
     /// Every accept reached its terminal completion; every fd it produced was served.
     AcceptStopped,
     /// The live connection count reached zero while draining.
@@ -209,6 +211,10 @@ pub(crate) struct Machine {
     next_id: u64,
     accepting: bool,
     actions: VecDeque<Action>,
+    /// Older generations still draining, as last reported.
+    elders_draining: u32,
+    /// An upgrade is refused while this many older generations still drain (at least 1).
+    max_draining: u32,
 }
 
 impl Machine {
@@ -220,7 +226,16 @@ impl Machine {
             next_id: 0,
             accepting: true,
             actions: VecDeque::new(),
+            elders_draining: 0,
+            max_draining: u32::MAX,
         }
+    }
+
+    /// At most `max` generations draining at once: an upgrade (which makes this process one
+    /// more) is refused while `max` older ones still drain. `max` is at least 1.
+    pub(crate) fn with_generation_limit(mut self, max: u32) -> Machine {
+        self.max_draining = max;
+        self
     }
 
     pub(crate) fn phase(&self) -> Phase {
@@ -296,8 +311,17 @@ impl Machine {
                 self.reply(by, Outcome::Busy("this process has exited"))
             }
             (State::Exited(_), _) => {}
+            (_, E::EldersDraining(n)) => self.elders_draining = n,
 
             // ---- Serving
+            (State::Serving, E::UpgradeRequested(by))
+                if self.elders_draining >= self.max_draining =>
+            {
+                self.reply(
+                    by,
+                    Outcome::Busy("too many older generations are still draining"),
+                )
+            }
             (State::Serving, E::UpgradeRequested(by)) => {
                 self.next_id += 1;
                 let upgrade = UpgradeId(self.id_seed.wrapping_add(self.next_id));

@@ -28,6 +28,7 @@ pub struct Builder {
     drain_timeout: Duration,
     pid_file: Option<PathBuf>,
     binary: Option<PathBuf>,
+    max_draining: u32,
 }
 
 impl Default for Builder {
@@ -38,6 +39,7 @@ impl Default for Builder {
             drain_timeout: Duration::from_secs(60),
             pid_file: None,
             binary: None,
+            max_draining: 4,
         }
     }
 }
@@ -94,6 +96,15 @@ impl Builder {
         self
     }
 
+    /// How many generations may be draining at once (default 4). Upgrades do not wait for the
+    /// previous process to exit: an upgrade is refused as busy only while this many older
+    /// generations still drain (1: only upgrade once every older generation has exited, as
+    /// tableflip does). Must be at least 1.
+    pub fn max_draining_generations(mut self, max: u32) -> Self {
+        self.max_draining = max;
+        self
+    }
+
     /// Write this process's pid to `path` (atomically, by rename) once it serves.
     pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.pid_file = Some(path.into());
@@ -123,6 +134,11 @@ impl Builder {
                 "more than {MAX_LISTENERS} listeners"
             )));
         }
+        if self.max_draining == 0 {
+            return Err(Error::Config(
+                "max_draining_generations must be at least 1".into(),
+            ));
+        }
         let mut names = HashSet::new();
         for l in &self.listeners {
             if !names.insert(l.name.as_str()) {
@@ -144,9 +160,11 @@ impl Builder {
         let args: Vec<OsString> = std::env::args_os().collect();
 
         let mut inherited_state = None;
+        let mut elders = Vec::new();
         let (listeners, parent) = match inherit::from_environment()? {
             Some(inherited) => {
                 inherited_state = Some(Bytes::from(inherited.state));
+                elders = inherited.elders;
                 let upgrade = inherited.link.upgrade;
                 tracing::info!(
                     upgrade.id = %upgrade,
@@ -217,12 +235,14 @@ impl Builder {
                 handoff_state: Mutex::new(Bytes::new()),
             }),
             inherited_state,
+            elders,
             config: Config {
                 timeouts: Timeouts {
                     ready: self.ready_timeout,
                     drain: self.drain_timeout,
                 },
                 pid_file: self.pid_file,
+                max_draining: self.max_draining,
                 exe,
                 args,
                 signals,
@@ -243,6 +263,7 @@ pub(crate) fn handled_signals() -> SigSet {
 #[derive(Debug)]
 pub(crate) struct Config {
     pub timeouts: Timeouts,
+    pub max_draining: u32,
     pub pid_file: Option<PathBuf>,
     pub exe: PathBuf,
     pub args: Vec<OsString>,
@@ -259,6 +280,7 @@ pub struct Server {
     pub(crate) shared: Arc<Shared>,
     pub(crate) config: Config,
     inherited_state: Option<Bytes>,
+    pub(crate) elders: Vec<OwnedFd>,
 }
 
 impl fmt::Debug for Server {

@@ -59,6 +59,29 @@ pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// Whether the process behind a pidfd still runs (`pidfd_send_signal(fd, 0)`): `Ok(false)`
+/// once it exited, an error if `fd` is not a pidfd. Immune to pid reuse.
+pub(crate) fn pidfd_alive(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: plain syscall; signal 0 only checks.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if ret == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ESRCH) => Ok(false),
+        _ => Err(err),
+    }
+}
+
 /// `fcntl(F_DUPFD_CLOEXEC, min)`.
 pub(crate) fn dup_cloexec_at_least(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: duplicating an fd we borrow; the new fd is ours.

@@ -21,6 +21,7 @@ struct Args {
     drain_timeout: Duration,
     handoff_state: Option<String>,
     state_out: Option<PathBuf>,
+    max_draining: Option<u32>,
 }
 
 fn parse_args(argv: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -31,6 +32,7 @@ fn parse_args(argv: impl Iterator<Item = String>) -> Result<Args, String> {
         drain_timeout: Duration::from_secs(60),
         handoff_state: None,
         state_out: None,
+        max_draining: None,
     };
     let mut it = argv;
     while let Some(flag) = it.next() {
@@ -48,6 +50,11 @@ fn parse_args(argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--drain-timeout-ms" => args.drain_timeout = millis(&flag, &value()?)?,
             "--handoff-state" => args.handoff_state = Some(value()?),
             "--state-out" => args.state_out = Some(value()?.into()),
+            "--max-draining" => {
+                let v = value()?;
+                args.max_draining =
+                    Some(v.parse().map_err(|e| format!("--max-draining {v}: {e}"))?);
+            }
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -82,6 +89,9 @@ pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
     let mut builder = Server::builder()
         .ready_timeout(args.ready_timeout)
         .drain_timeout(args.drain_timeout);
+    if let Some(max) = args.max_draining {
+        builder = builder.max_draining_generations(max);
+    }
     if let Some(path) = args.pid_file {
         builder = builder.pid_file(path);
     }

@@ -1605,3 +1605,59 @@ fn property_checker_rejects_corrupted_runs() {
         assert!(check(&bad).is_err(), "not caught: {what}");
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// 4. The draining-generations limit
+
+#[test]
+fn upgrade_is_refused_while_too_many_elders_drain() {
+    let mut h = H {
+        m: Machine::new(TIMEOUTS, SEED).with_generation_limit(2),
+        now: Instant::now(),
+    };
+    // The count is an input like any other; it changes nothing by itself, in any phase.
+    assert_eq!(h.ev(Event::EldersDraining(2)), vec![]);
+    assert_eq!(h.phase(), Phase::Serving);
+    assert_eq!(
+        h.ev(Event::UpgradeRequested(REQ)),
+        vec![Action::Reply(
+            REQ,
+            Outcome::Busy("too many older generations are still draining")
+        )]
+    );
+    assert_eq!(h.phase(), Phase::Serving);
+    assert!(h.m.accepting());
+    // One elder exited: below the limit, the upgrade starts.
+    assert_eq!(h.ev(Event::EldersDraining(1)), vec![]);
+    assert_eq!(
+        h.ev(Event::UpgradeRequested(REQ)),
+        vec![
+            Action::PhaseChanged(Phase::Forking),
+            Action::SpawnChild(ID1)
+        ]
+    );
+}
+
+#[test]
+fn a_limit_of_one_means_upgrade_only_once_every_elder_is_gone() {
+    let mut h = H {
+        m: Machine::new(TIMEOUTS, SEED).with_generation_limit(1),
+        now: Instant::now(),
+    };
+    h.ev(Event::EldersDraining(1));
+    assert_eq!(
+        h.ev(Event::UpgradeRequested(REQ)),
+        vec![Action::Reply(
+            REQ,
+            Outcome::Busy("too many older generations are still draining")
+        )]
+    );
+    h.ev(Event::EldersDraining(0));
+    assert_eq!(
+        h.ev(Event::UpgradeRequested(REQ)),
+        vec![
+            Action::PhaseChanged(Phase::Forking),
+            Action::SpawnChild(ID1)
+        ]
+    );
+}
