@@ -9,6 +9,9 @@
 //! ```
 //!
 //! Servers (each this same binary re-executed as `--serve KIND`, all echo servers):
+//! - `burst-only`: ringflip's echo server with the same bursts and no upgrade at all: the
+//!   baseline that shows what the bursts alone cost, so the others' in-window numbers can be
+//!   read as "burst + upgrade";
 //! - `ringflip`: examples/echo.rs's server (tokio-uring, ringflip's io_uring upgrade ring), SIGHUP;
 //! - `shellflip`, `ecdysis`: Cloudflare's Rust graceful-restart crates, each used as its docs
 //!   intend, on tokio, SIGHUP (see benches/peers/);
@@ -29,7 +32,14 @@ mod support;
 
 use support::scenario::{self, ms, Scenario, Strategy};
 
-const ALL: [&str; 5] = ["ringflip", "ecdysis", "shellflip", "reuseport", "naive"];
+const ALL: [&str; 6] = [
+    "burst-only",
+    "ringflip",
+    "ecdysis",
+    "shellflip",
+    "reuseport",
+    "naive",
+];
 
 struct Opts {
     upgrades: usize,
@@ -115,8 +125,10 @@ fn main() -> ExitCode {
         "handover", "p50", "p99", "p99.9", "win p99", "win p99.9", "win max", "cpu%"
     );
     let mut all_ok = true;
+    let mut timelines = Vec::new();
     for kind in ALL.iter().filter(|k| o.only.iter().any(|x| x == *k)) {
         let (serve, strategy) = match *kind {
+            "burst-only" => ("ringflip", Strategy::BurstOnly),
             "ringflip" => ("ringflip", Strategy::Signal),
             "ecdysis" => ("ecdysis", Strategy::Signal),
             "shellflip" => ("shellflip", Strategy::Signal),
@@ -134,7 +146,7 @@ fn main() -> ExitCode {
             // The restart strategies without a handoff cannot keep long-lived connections;
             // give them a short drain so each restart completes within the interval.
             drain_timeout: match strategy {
-                Strategy::Signal => Duration::from_secs(30),
+                Strategy::Signal | Strategy::BurstOnly => Duration::from_secs(30),
                 _ => Duration::from_millis(300),
             },
         };
@@ -176,11 +188,36 @@ fn main() -> ExitCode {
                 out.log.display()
             );
         }
+        if *kind == "burst-only" {
+            all_ok &= out.ok();
+        }
         if *kind == "ringflip" {
             all_ok &= out.ok();
+            timelines = out.timelines.clone();
         }
         if out.ok() {
             let _ = std::fs::remove_dir_all(&out.dir);
+        }
+    }
+    if !timelines.is_empty() {
+        println!();
+        println!(
+            "ringflip upgrade timeline, median µs from the trigger over {} upgrades:",
+            timelines.len()
+        );
+        for (i, phase) in scenario::PHASES.iter().enumerate() {
+            if let Some(m) = scenario::median_us(&timelines, i) {
+                println!("  {:<18} {m:>9}", phase.trim_end_matches("_us"));
+            }
+        }
+        let let_go: Vec<[i64; 6]> = timelines
+            .iter()
+            .filter(|r| r[2] >= 0 && r[3] >= 0)
+            .map(|r| [r[3] - r[2], 0, 0, 0, 0, 0])
+            .collect();
+        if let Some(m) = scenario::median_us(&let_go, 0) {
+            let max = let_go.iter().map(|r| r[0]).max().unwrap_or(0);
+            println!("  READY → accepting stopped (old side lets go): median {m} µs, max {max} µs");
         }
     }
     // Only ringflip is held to "nothing fails": the peers' failures are the measurement.

@@ -148,6 +148,17 @@ fn run(opts: &Opts) -> Result<bool, String> {
         out.rows.len(),
         opts.upgrades
     );
+    if let (Some(ready), Some(stopped)) = (
+        scenario::median_us(&out.timelines, 2),
+        scenario::median_us(&out.timelines, 3),
+    ) {
+        println!(
+            "old process (median over {} upgrades): READY received {:.2} ms after SIGHUP, accepting stopped {} µs later",
+            out.timelines.len(),
+            ready as f64 / 1e3,
+            stopped - ready
+        );
+    }
     println!(
         "server CPU (all generations, incl. start-up): {:.2} s over {:.1} s = {:.1}% of one core",
         out.server_cpu.as_secs_f64(),

@@ -197,6 +197,38 @@ struct Successor {
     channel: OwnedFd,
 }
 
+/// When each step of the current upgrade happened, for the log (target `ringflip::timeline`)
+/// and the benchmarks.
+#[derive(Clone, Copy, Default)]
+struct Timeline {
+    trigger: Option<Instant>,
+    spawned: Option<Instant>,
+    hello_sent: Option<Instant>,
+    ready: Option<Instant>,
+    accept_stopped: Option<Instant>,
+    drained: Option<Instant>,
+}
+
+impl Timeline {
+    fn log(&self, exited: Instant) {
+        let Some(t0) = self.trigger else { return };
+        let us = |t: Option<Instant>| {
+            t.map(|t| t.saturating_duration_since(t0).as_micros() as i64)
+                .unwrap_or(-1)
+        };
+        tracing::info!(
+            target: "ringflip::timeline",
+            spawned_us = us(self.spawned),
+            hello_sent_us = us(self.hello_sent),
+            ready_us = us(self.ready),
+            accept_stopped_us = us(self.accept_stopped),
+            drained_us = us(self.drained),
+            exited_us = us(Some(exited)),
+            "upgrade timeline (from the trigger)"
+        );
+    }
+}
+
 /// The single owner of the ring. Driven by [`Driver::turn`].
 pub(crate) struct Driver {
     ring: IoUring,
@@ -222,6 +254,7 @@ pub(crate) struct Driver {
     cqes: Vec<(u64, i32, u32)>,
     /// See [`Driver::notify_fd`].
     notify: Option<OwnedFd>,
+    timeline: Timeline,
 }
 
 impl Driver {
@@ -283,6 +316,7 @@ impl Driver {
             exit: None,
             cqes: Vec::with_capacity(1024),
             notify: None,
+            timeline: Timeline::default(),
         };
         for i in 0..driver.accepts.len() {
             driver.arm_accept(i);
@@ -670,7 +704,25 @@ impl Driver {
     }
 
     fn feed(&mut self, event: Event) {
-        self.machine.handle(event, Instant::now());
+        let now = Instant::now();
+        let t = &mut self.timeline;
+        match &event {
+            Event::ChildSpawned { .. } => t.spawned = Some(now),
+            Event::ListenersSent => t.hello_sent = Some(now),
+            Event::ChildReady(_) => t.ready = Some(now),
+            Event::AcceptStopped => {
+                t.accept_stopped = Some(now);
+                if let Some(ready) = t.ready {
+                    tracing::debug!(
+                        let_go_us = now.saturating_duration_since(ready).as_micros() as u64,
+                        "accepting stopped after READY"
+                    );
+                }
+            }
+            Event::ConnectionsDrained => t.drained = Some(now),
+            _ => {}
+        }
+        self.machine.handle(event, now);
     }
 
     fn run_actions(&mut self) {
@@ -682,6 +734,10 @@ impl Driver {
     fn act(&mut self, action: Action) {
         match action {
             Action::SpawnChild(upgrade) => {
+                self.timeline = Timeline {
+                    trigger: Some(Instant::now()),
+                    ..Timeline::default()
+                };
                 systemd::notify(&format!(
                     "RELOADING=1\nMONOTONIC_USEC={}",
                     systemd::monotonic_usec()
@@ -784,7 +840,12 @@ impl Driver {
                 self.shared.phase.store(phase.as_u8(), SeqCst);
                 tracing::info!(%phase, upgrade.id = ?self.machine.current_upgrade().map(|u| u.to_string()), "phase");
             }
-            Action::Exit(reason) => self.exit = Some(reason),
+            Action::Exit(reason) => {
+                if matches!(reason, ExitReason::Upgraded { .. }) {
+                    self.timeline.log(Instant::now());
+                }
+                self.exit = Some(reason);
+            }
         }
     }
 

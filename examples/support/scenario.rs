@@ -22,6 +22,8 @@ pub enum Strategy {
     /// Start a new process with SO_REUSEPORT on the same port, wait until it serves, SIGTERM the
     /// old one.
     ReusePort,
+    /// No upgrade at all: only the burst. The baseline that shows what the burst alone costs.
+    BurstOnly,
 }
 
 #[derive(Clone, Debug)]
@@ -56,6 +58,44 @@ pub struct Outcome {
     pub all_gone: bool,
     pub log: PathBuf,
     pub dir: PathBuf,
+    /// ringflip's per-upgrade timelines from the server log (µs from the trigger), in the order
+    /// of [`PHASES`]; empty for servers that do not log one.
+    pub timelines: Vec<[i64; 6]>,
+}
+
+/// The steps of ringflip's upgrade timeline, as logged by the old process when it exits.
+pub const PHASES: [&str; 6] = [
+    "spawned_us",
+    "hello_sent_us",
+    "ready_us",
+    "accept_stopped_us",
+    "drained_us",
+    "exited_us",
+];
+
+/// Reads every `upgrade timeline` line of a server log.
+pub fn parse_timelines(log: &str) -> Vec<[i64; 6]> {
+    log.lines()
+        .filter(|l| l.contains("upgrade timeline"))
+        .filter_map(|l| {
+            let mut row = [-1i64; 6];
+            for token in l.split_whitespace() {
+                if let Some((k, v)) = token.split_once('=') {
+                    if let Some(i) = PHASES.iter().position(|p| *p == k) {
+                        row[i] = v.parse().ok()?;
+                    }
+                }
+            }
+            Some(row)
+        })
+        .collect()
+}
+
+/// The median of column `i` over the rows where it was reached.
+pub fn median_us(rows: &[[i64; 6]], i: usize) -> Option<i64> {
+    let mut v: Vec<i64> = rows.iter().map(|r| r[i]).filter(|x| *x >= 0).collect();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied()
 }
 
 impl Outcome {
@@ -120,7 +160,7 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
             ])
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or("warn".into()),
+                std::env::var("RUST_LOG").unwrap_or("warn,ringflip::timeline=info".into()),
             )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -162,6 +202,16 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
         let at = Instant::now();
         load.burst(s.burst);
         match s.strategy {
+            Strategy::BurstOnly => {
+                rows.push(UpgradeRow {
+                    old,
+                    new: old,
+                    at,
+                    handover: Duration::ZERO,
+                });
+                std::thread::sleep(s.interval.saturating_sub(at.elapsed()));
+                continue;
+            }
             Strategy::Signal => signal(old, libc::SIGHUP),
             Strategy::Naive => {
                 signal(old, libc::SIGTERM);
@@ -201,7 +251,9 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
     let all_gone = wait_all_gone(&pids, s.drain_timeout + Duration::from_secs(10));
     let wall = t0.elapsed();
     let server_cpu = children_cpu().saturating_sub(cpu_before);
+    let timelines = parse_timelines(&std::fs::read_to_string(&log).unwrap_or_default());
     Ok(Outcome {
+        timelines,
         rows,
         report,
         server_cpu,
