@@ -15,7 +15,11 @@
 //! (default 30000), `--drain-timeout-ms N` (default 60000), `--handoff-state TEXT` (hand
 //! "TEXT from PID" to the next generation), `--state-out PATH` (write the inherited state there),
 //! `--max-draining N` (at most N generations draining at once: refuse an upgrade while N older
-//! ones still drain; default 4).
+//! ones still drain; default 4), `--control PATH` (a control socket, mode 0600).
+//!
+//! `echo ctl PATH upgrade` asks the server on control socket PATH to upgrade, prints
+//! `ok <new pid>` or `failed: <reason>`, and exits non-zero on failure (for `ExecReload=` and
+//! deploy scripts); `echo ctl PATH status` prints phase, pid, generation and live connections.
 //! Logs go to stderr; `RUST_LOG` filters them (default `info`).
 
 use std::process::ExitCode;
@@ -23,5 +27,9 @@ use std::process::ExitCode;
 mod support;
 
 fn main() -> ExitCode {
-    support::echo_server::main(std::env::args().skip(1))
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("ctl") {
+        return support::echo_server::ctl(args.skip(1));
+    }
+    support::echo_server::main(args)
 }

@@ -37,8 +37,10 @@ use crate::handoff::{Message, MAX_LISTENERS};
 use crate::inherit::ParentLink;
 use crate::listener::{Endpoint, Listener};
 use crate::machine::{Action, Event, ExitReason, Machine, Outcome, Phase, Requester, UpgradeId};
-use crate::server::{write_pid_file, Config, Connection, DrainGuard, Request, Server, Shared};
-use crate::{spawn, sys, systemd, Error, UpgradeError};
+use crate::server::{
+    write_pid_file, Config, Connection, DrainGuard, Handle, Request, Server, Shared,
+};
+use crate::{control, spawn, sys, systemd, Error, UpgradeError};
 
 /// Submission queue size: only a handful of ops are ever queued at once.
 const SQ_ENTRIES: u32 = 256;
@@ -180,6 +182,8 @@ impl SendMsgBufs {
 
 struct AcceptSlot {
     listener: Listener,
+    /// The control socket: its connections are served by ringflip, not the application.
+    control: bool,
     /// The armed multishot accept, until its terminal CQE.
     op: Option<Token>,
     cancel_sent: bool,
@@ -291,6 +295,7 @@ impl Driver {
             accepts: listeners
                 .into_iter()
                 .map(|listener| AcceptSlot {
+                    control: &*listener.name == control::CONTROL_LISTENER,
                     listener,
                     op: None,
                     cancel_sent: false,
@@ -462,14 +467,18 @@ impl Driver {
                         slot.backoff = BACKOFF_MIN;
                         self.update_paused_flag();
                     }
-                    let listener = &self.accepts[i].listener;
-                    let conn = Connection::new(
-                        fd,
-                        listener.name.clone(),
-                        !matches!(listener.endpoint, Endpoint::Tcp(_)),
-                        DrainGuard::new(&self.shared),
-                    );
-                    sink(conn);
+                    let guard = DrainGuard::new(&self.shared);
+                    let slot = &self.accepts[i];
+                    if slot.control {
+                        control::serve(fd, Handle::from_shared(self.shared.clone()), guard);
+                    } else {
+                        sink(Connection::new(
+                            fd,
+                            slot.listener.name.clone(),
+                            !matches!(slot.listener.endpoint, Endpoint::Tcp(_)),
+                            guard,
+                        ));
+                    }
                 }
                 if !more {
                     self.ops.remove(token);
@@ -895,6 +904,7 @@ impl Driver {
         let hello = Message::Hello {
             upgrade,
             parent_pid: std::process::id(),
+            generation: self.shared.generation.wrapping_add(1),
             elders: elder_fds.len() as u16,
             listeners: self.accepts.iter().map(|s| s.listener.record()).collect(),
             state: self

@@ -39,10 +39,11 @@ pub const MAX_NAME_LEN: usize = 255;
 const MAX_ADDR_LEN: usize = 1024;
 /// Largest application state blob handed to the child, in bytes.
 pub const MAX_STATE_LEN: usize = 64 * 1024;
-/// Largest message on the wire: header (magic, version, kind, id, pid, count: 20 bytes), every
+/// Largest message on the wire: header (magic, version, kind, id, pid, generation, count: 24
+/// bytes), every
 /// listener record at its largest, the elder count, the blob length and the blob.
 pub(crate) const MAX_MESSAGE_LEN: usize =
-    20 + MAX_LISTENERS * (5 + MAX_NAME_LEN + MAX_ADDR_LEN) + 2 + 4 + MAX_STATE_LEN;
+    24 + MAX_LISTENERS * (5 + MAX_NAME_LEN + MAX_ADDR_LEN) + 2 + 4 + MAX_STATE_LEN;
 
 const KIND_HELLO: u8 = 1;
 const KIND_READY: u8 = 2;
@@ -83,6 +84,8 @@ pub(crate) enum Message {
     Hello {
         upgrade: UpgradeId,
         parent_pid: u32,
+        /// The child's generation: 0 is the first process started by hand.
+        generation: u32,
         listeners: Vec<ListenerRecord>,
         /// How many pidfds follow the listener fds.
         elders: u16,
@@ -143,6 +146,7 @@ impl Message {
             Message::Hello {
                 upgrade,
                 parent_pid,
+                generation,
                 listeners,
                 elders,
                 state,
@@ -150,6 +154,7 @@ impl Message {
                 out.push(KIND_HELLO);
                 out.extend_from_slice(&upgrade.0.to_le_bytes());
                 out.extend_from_slice(&parent_pid.to_le_bytes());
+                out.extend_from_slice(&generation.to_le_bytes());
                 if listeners.len() > MAX_LISTENERS {
                     return Err(WireError::TooLarge("listener count"));
                 }
@@ -195,6 +200,7 @@ impl Message {
             KIND_HELLO => {
                 let upgrade = UpgradeId(r.u64()?);
                 let parent_pid = r.u32()?;
+                let generation = r.u32()?;
                 let count = r.u16()? as usize;
                 if count > MAX_LISTENERS {
                     return Err(WireError::TooLarge("listener count"));
@@ -223,6 +229,7 @@ impl Message {
                 Message::Hello {
                     upgrade,
                     parent_pid,
+                    generation,
                     listeners,
                     elders,
                     state,
@@ -295,6 +302,7 @@ mod tests {
         Message::Hello {
             upgrade: UpgradeId(0xdead_beef_0000_0001),
             parent_pid: 4242,
+            generation: 7,
             listeners: vec![
                 ListenerRecord {
                     name: "main".into(),
@@ -359,7 +367,7 @@ mod tests {
         assert_eq!(m.encode(), Err(WireError::TooLarge("state blob")));
         // A forged listener count above the limit is refused before any allocation.
         let mut bytes = hello().encode().unwrap();
-        bytes[18..20].copy_from_slice(&1000u16.to_le_bytes());
+        bytes[22..24].copy_from_slice(&1000u16.to_le_bytes());
         assert_eq!(
             Message::decode(&bytes),
             Err(WireError::TooLarge("listener count"))
@@ -368,6 +376,7 @@ mod tests {
         let big = Message::Hello {
             upgrade: UpgradeId(1),
             parent_pid: 1,
+            generation: u32::MAX,
             listeners: vec![
                 ListenerRecord {
                     name: "n".repeat(MAX_NAME_LEN),
@@ -401,6 +410,7 @@ mod tests {
                 .prop_map(|(id, pid, listeners, state)| Message::Hello {
                     upgrade: UpgradeId(id),
                     parent_pid: pid,
+                    generation: pid.rotate_left(7),
                     elders: listeners.len() as u16 % 3,
                     listeners,
                     state

@@ -27,6 +27,8 @@ pub(crate) struct ParentLink {
 #[derive(Debug)]
 pub(crate) struct Inherited {
     pub link: ParentLink,
+    /// This process's generation (the parent's plus one).
+    pub generation: u32,
     pub listeners: Vec<(ListenerRecord, OwnedFd)>,
     /// Pidfds of the older generations still alive (the parent first).
     pub elders: Vec<OwnedFd>,
@@ -97,6 +99,7 @@ pub(crate) fn from_environment() -> Result<Option<Inherited>, Error> {
     let Message::Hello {
         upgrade: hello_upgrade,
         parent_pid,
+        generation,
         listeners,
         elders,
         state,
@@ -134,6 +137,7 @@ pub(crate) fn from_environment() -> Result<Option<Inherited>, Error> {
             upgrade,
             parent_pid,
         },
+        generation,
         listeners: listeners.into_iter().zip(fds).collect(),
         elders,
         state,

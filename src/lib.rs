@@ -63,6 +63,7 @@
 //! ```
 #![deny(unsafe_code)]
 
+mod control;
 mod driver;
 mod error;
 mod handoff;

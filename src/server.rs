@@ -18,7 +18,7 @@ use crate::handoff::MAX_LISTENERS;
 use crate::inherit::{self, ParentLink};
 use crate::listener::{Endpoint, ListenSpec, Listener};
 use crate::machine::{ExitReason, Phase, Timeouts};
-use crate::{sys, systemd, Error, UpgradeError};
+use crate::{control, sys, systemd, Error, UpgradeError};
 
 /// Configures and starts a [`Server`].
 #[derive(Debug, Clone)]
@@ -29,6 +29,7 @@ pub struct Builder {
     pid_file: Option<PathBuf>,
     binary: Option<PathBuf>,
     max_draining: u32,
+    control: Option<PathBuf>,
 }
 
 impl Default for Builder {
@@ -40,6 +41,7 @@ impl Default for Builder {
             pid_file: None,
             binary: None,
             max_draining: 4,
+            control: None,
         }
     }
 }
@@ -105,6 +107,15 @@ impl Builder {
         self
     }
 
+    /// A control socket at `path` (Unix stream, mode 0600, handed over across upgrades like
+    /// the listeners): `upgrade` answers `ok <new pid>` or `failed: <reason>` once the outcome
+    /// is known, `status` answers the phase, pid, generation and live connections. Only peers
+    /// with this process's uid are served (`SO_PEERCRED`).
+    pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.control = Some(path.into());
+        self
+    }
+
     /// Write this process's pid to `path` (atomically, by rename) once it serves.
     pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.pid_file = Some(path.into());
@@ -141,12 +152,26 @@ impl Builder {
         }
         let mut names = HashSet::new();
         for l in &self.listeners {
+            if l.name.starts_with("ringflip.") {
+                return Err(Error::Config(format!(
+                    "listener name {:?}: names starting with \"ringflip.\" are reserved",
+                    l.name
+                )));
+            }
             if !names.insert(l.name.as_str()) {
                 return Err(Error::Config(format!(
                     "listener name {:?} used twice",
                     l.name
                 )));
             }
+        }
+        let mut specs = self.listeners.clone();
+        if let Some(path) = &self.control {
+            specs.push(ListenSpec {
+                name: control::CONTROL_LISTENER.into(),
+                endpoint: Endpoint::Unix(path.clone()),
+                mode: Some(0o600),
+            });
         }
         let signals = handled_signals();
         signals
@@ -161,10 +186,12 @@ impl Builder {
 
         let mut inherited_state = None;
         let mut elders = Vec::new();
+        let mut generation = 0;
         let (listeners, parent) = match inherit::from_environment()? {
             Some(inherited) => {
                 inherited_state = Some(Bytes::from(inherited.state));
                 elders = inherited.elders;
+                generation = inherited.generation;
                 let upgrade = inherited.link.upgrade;
                 tracing::info!(
                     upgrade.id = %upgrade,
@@ -172,8 +199,8 @@ impl Builder {
                     "started as a successor; adopting listeners"
                 );
                 let mut by_name: Vec<_> = inherited.listeners.into_iter().map(Some).collect();
-                let mut listeners = Vec::with_capacity(self.listeners.len());
-                for spec in &self.listeners {
+                let mut listeners = Vec::with_capacity(specs.len());
+                for spec in &specs {
                     let slot = by_name
                         .iter_mut()
                         .find(|l| l.as_ref().is_some_and(|(r, _)| r.name == spec.name))
@@ -196,8 +223,8 @@ impl Builder {
                 // First boot: sockets from systemd socket activation (by LISTEN_FDNAMES name,
                 // else by address), the rest bound here.
                 let mut activated = systemd::take_listen_fds()?;
-                let mut listeners = Vec::with_capacity(self.listeners.len());
-                for spec in &self.listeners {
+                let mut listeners = Vec::with_capacity(specs.len());
+                for spec in &specs {
                     let found = activated
                         .iter()
                         .position(|a| a.name.as_deref() == Some(spec.name.as_str()))
@@ -233,6 +260,7 @@ impl Builder {
                 phase: AtomicU8::new(Phase::Serving.as_u8()),
                 requests: Mutex::new(Vec::new()),
                 handoff_state: Mutex::new(Bytes::new()),
+                generation,
             }),
             inherited_state,
             elders,
@@ -397,6 +425,8 @@ pub(crate) struct Shared {
     pub requests: Mutex<Vec<Request>>,
     /// What the next HELLO carries as the application's state.
     pub handoff_state: Mutex<Bytes>,
+    /// 0 for a process started by hand, its parent's plus one after an upgrade.
+    pub generation: u32,
 }
 
 impl Shared {
@@ -453,6 +483,19 @@ impl Handle {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = state;
         Ok(())
+    }
+
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    pub(crate) fn from_shared(shared: Arc<Shared>) -> Handle {
+        Handle { shared }
+    }
+
+    /// This process's generation: 0 when started by hand, one more at each upgrade.
+    pub fn generation(&self) -> u32 {
+        self.shared.generation
     }
 
     /// Asks the server to stop accepting, drain and return from `run`. Does not wait.

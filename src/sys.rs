@@ -269,3 +269,9 @@ pub(crate) fn parent_pid() -> u32 {
     // SAFETY: always succeeds.
     unsafe { libc::getppid() as u32 }
 }
+
+/// `geteuid()`.
+pub(crate) fn euid() -> u32 {
+    // SAFETY: always succeeds.
+    unsafe { libc::geteuid() }
+}

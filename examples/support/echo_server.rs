@@ -22,6 +22,7 @@ struct Args {
     handoff_state: Option<String>,
     state_out: Option<PathBuf>,
     max_draining: Option<u32>,
+    control: Option<PathBuf>,
 }
 
 fn parse_args(argv: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -33,6 +34,7 @@ fn parse_args(argv: impl Iterator<Item = String>) -> Result<Args, String> {
         handoff_state: None,
         state_out: None,
         max_draining: None,
+        control: None,
     };
     let mut it = argv;
     while let Some(flag) = it.next() {
@@ -50,6 +52,7 @@ fn parse_args(argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--drain-timeout-ms" => args.drain_timeout = millis(&flag, &value()?)?,
             "--handoff-state" => args.handoff_state = Some(value()?),
             "--state-out" => args.state_out = Some(value()?.into()),
+            "--control" => args.control = Some(value()?.into()),
             "--max-draining" => {
                 let v = value()?;
                 args.max_draining =
@@ -89,6 +92,9 @@ pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
     let mut builder = Server::builder()
         .ready_timeout(args.ready_timeout)
         .drain_timeout(args.drain_timeout);
+    if let Some(path) = args.control {
+        builder = builder.control_socket(path);
+    }
     if let Some(max) = args.max_draining {
         builder = builder.max_draining_generations(max);
     }
@@ -175,5 +181,38 @@ async fn echo(conn: Connection) {
         echo_loop!(tokio_uring::net::TcpStream::from_std(
             std::net::TcpStream::from(fd)
         ));
+    }
+}
+
+/// `ctl SOCKET COMMAND`: sends one control command (`upgrade`, `status`) and prints the answer.
+/// Exits 0 only for `ok …` (upgrade) or a status line, so `systemctl reload` and deploy
+/// scripts learn whether the upgrade worked.
+pub fn ctl(mut argv: impl Iterator<Item = String>) -> ExitCode {
+    use std::io::{BufRead, BufReader, Write};
+    let (Some(socket), Some(command)) = (argv.next(), argv.next()) else {
+        eprintln!("usage: echo ctl SOCKET upgrade|status");
+        return ExitCode::from(2);
+    };
+    let result = std::os::unix::net::UnixStream::connect(&socket).and_then(|mut s| {
+        s.set_read_timeout(Some(Duration::from_secs(120)))?;
+        writeln!(s, "{command}")?;
+        let mut reply = String::new();
+        BufReader::new(s).read_line(&mut reply)?;
+        Ok(reply)
+    });
+    match result {
+        Ok(reply) => {
+            let reply = reply.trim_end();
+            println!("{reply}");
+            if reply.starts_with("ok ") || reply.starts_with("phase=") {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("echo ctl: {socket}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

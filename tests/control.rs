@@ -1,0 +1,144 @@
+//! The control socket: `upgrade` answers with the outcome, `status` with the state, the socket is
+//! 0600 and peers of another uid are refused, and it follows the service across upgrades.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::{echo_binary, EchoOpts, EchoServer, Load};
+
+fn ctl(socket: &Path, command: &str) -> Output {
+    Command::new(echo_binary())
+        .arg("ctl")
+        .arg(socket)
+        .arg(command)
+        .output()
+        .expect("running echo ctl")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim_end().to_string()
+}
+
+#[test]
+fn control_socket_answers_upgrade_and_status() {
+    let dir = std::env::temp_dir().join(format!("ringflip-control-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("control.sock");
+    let server = EchoServer::start(EchoOpts {
+        extra_args: vec!["--control".into(), socket.display().to_string()],
+        ..EchoOpts::default()
+    });
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket mode");
+    let load = Load::start(server.addr(), 4, 4);
+
+    let first = server.pid();
+    let out = ctl(&socket, "status");
+    assert!(out.status.success(), "{out:?}");
+    let status = stdout(&out);
+    let live: usize = status
+        .strip_prefix(&format!("phase=Serving pid={first} generation=0 live="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("status {status:?}"));
+    // 4 long-lived connections, plus whatever the closed-loop clients have open right now.
+    assert!((4..=8).contains(&live), "{status:?}");
+
+    // A good upgrade answers with the new pid, which is then the one serving.
+    let out = ctl(&socket, "upgrade");
+    assert!(out.status.success(), "{out:?}\n{}", server.log_tail());
+    let reply = stdout(&out);
+    let new: i32 = reply
+        .strip_prefix("ok ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("reply {reply:?}"));
+    assert_ne!(new, first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while server.read_pid_file() != Some(new) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pid file never named {new}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    server.current();
+    // The control socket moved with the listeners: the new process answers.
+    let out = ctl(&socket, "status");
+    assert!(
+        stdout(&out).starts_with(&format!("phase=Serving pid={new} generation=1 ")),
+        "{out:?}"
+    );
+
+    // A failing upgrade says why and exits non-zero; the service keeps serving.
+    server.remove_binary();
+    let out = ctl(&socket, "upgrade");
+    assert!(!out.status.success());
+    let reply = stdout(&out);
+    assert!(
+        reply.starts_with("failed: could not start the new binary"),
+        "{reply:?}"
+    );
+    assert_eq!(server.pid(), new);
+    server.restore_binary();
+
+    assert_eq!(stdout(&ctl(&socket, "bogus")), "error: unknown command");
+    load.stop().assert_clean();
+    server.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn control_socket_refuses_other_uids() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: dropping to nobody needs root");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ringflip-control-uid-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = dir.join("control.sock");
+    let server = EchoServer::start(EchoOpts {
+        extra_args: vec!["--control".into(), socket.display().to_string()],
+        ..EchoOpts::default()
+    });
+    // The test binary must be reachable for nobody, as the echo binary is (under target/).
+    let as_nobody = || {
+        Command::new(echo_binary())
+            .arg("ctl")
+            .arg(&socket)
+            .arg("upgrade")
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("running echo ctl as nobody")
+    };
+    // Mode 0600: nobody cannot even connect.
+    let out = as_nobody();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{out:?}"
+    );
+    // Even with the file opened up, SO_PEERCRED refuses the other uid and nothing happens.
+    let before = server.pid();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = as_nobody();
+    assert!(!out.status.success());
+    assert_eq!(
+        stdout(&out),
+        "refused: uid 65534 is not the service's uid 0"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        server.pid(),
+        before,
+        "a refused peer must not trigger an upgrade"
+    );
+    server.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
