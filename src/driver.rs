@@ -259,6 +259,9 @@ pub(crate) struct Driver {
     /// See [`Driver::notify_fd`].
     notify: Option<OwnedFd>,
     timeline: Timeline,
+    /// The current upgrade's span (`upgrade.id`, `child.pid`, `generation`): every log line of
+    /// the upgrade is inside it.
+    span: tracing::Span,
 }
 
 impl Driver {
@@ -322,6 +325,7 @@ impl Driver {
             cqes: Vec::with_capacity(1024),
             notify: None,
             timeline: Timeline::default(),
+            span: tracing::Span::none(),
         };
         for i in 0..driver.accepts.len() {
             driver.arm_accept(i);
@@ -736,6 +740,8 @@ impl Driver {
 
     fn run_actions(&mut self) {
         while let Some(action) = self.machine.poll_action() {
+            let span = self.span.clone();
+            let _in_upgrade = span.enter();
             self.act(action);
         }
     }
@@ -743,6 +749,13 @@ impl Driver {
     fn act(&mut self, action: Action) {
         match action {
             Action::SpawnChild(upgrade) => {
+                self.span = tracing::info_span!(
+                    "upgrade",
+                    upgrade.id = %upgrade,
+                    child.pid = tracing::field::Empty,
+                    generation = self.shared.generation.wrapping_add(1),
+                );
+                let _in_upgrade = self.span.clone().entered();
                 self.timeline = Timeline {
                     trigger: Some(Instant::now()),
                     ..Timeline::default()
@@ -767,6 +780,7 @@ impl Driver {
                             "new process started"
                         );
                         let pid = child.pid;
+                        self.span.record("child.pid", pid);
                         self.successor = Some(Successor {
                             pid,
                             upgrade,
@@ -846,8 +860,11 @@ impl Driver {
             }
             Action::Reply(by, outcome) => self.reply(by, outcome),
             Action::PhaseChanged(phase) => {
-                self.shared.phase.store(phase.as_u8(), SeqCst);
-                tracing::info!(%phase, upgrade.id = ?self.machine.current_upgrade().map(|u| u.to_string()), "phase");
+                self.shared.phase.set(phase);
+                tracing::info!(%phase, "phase");
+                if phase == Phase::Serving {
+                    self.span = tracing::Span::none();
+                }
             }
             Action::Exit(reason) => {
                 if matches!(reason, ExitReason::Upgraded { .. }) {

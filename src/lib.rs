@@ -78,7 +78,7 @@ mod systemd;
 pub use error::{Error, UpgradeError};
 pub use handoff::{MAX_LISTENERS, MAX_STATE_LEN};
 pub use machine::{ExitReason, Phase};
-pub use server::{Builder, Connection, DrainGuard, Handle, Server};
+pub use server::{Builder, Connection, DrainGuard, Handle, PhaseWatch, Server};
 
 /// The README's code blocks, compiled as doctests so they cannot rot.
 #[cfg(doctest)]

@@ -35,21 +35,6 @@ pub enum Phase {
     Exited,
 }
 
-impl Phase {
-    pub(crate) fn as_u8(self) -> u8 {
-        self as u8
-    }
-    pub(crate) fn from_u8(v: u8) -> Phase {
-        match v {
-            0 => Phase::Serving,
-            1 => Phase::Forking,
-            2 => Phase::HandingOver,
-            3 => Phase::Draining,
-            _ => Phase::Exited,
-        }
-    }
-}
-
 impl fmt::Display for Phase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self, f)
@@ -255,6 +240,7 @@ impl Machine {
     }
 
     /// The upgrade in flight, if any.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn current_upgrade(&self) -> Option<UpgradeId> {
         match self.state {
             State::Forking { upgrade, .. } | State::HandingOver { upgrade, .. } => Some(upgrade),

@@ -6,8 +6,8 @@ use std::fmt;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::SeqCst};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -257,7 +257,7 @@ impl Builder {
                 live: AtomicUsize::new(0),
                 draining: AtomicBool::new(false),
                 accept_paused: AtomicBool::new(false),
-                phase: AtomicU8::new(Phase::Serving.as_u8()),
+                phase: PhaseCell::new(),
                 requests: Mutex::new(Vec::new()),
                 handoff_state: Mutex::new(Bytes::new()),
                 generation,
@@ -421,7 +421,7 @@ pub(crate) struct Shared {
     pub live: AtomicUsize,
     pub draining: AtomicBool,
     pub accept_paused: AtomicBool,
-    pub phase: AtomicU8,
+    pub phase: PhaseCell,
     pub requests: Mutex<Vec<Request>>,
     /// What the next HELLO carries as the application's state.
     pub handoff_state: Mutex<Bytes>,
@@ -447,6 +447,89 @@ impl Shared {
 pub(crate) enum Request {
     Upgrade(mpsc::Sender<Result<u32, UpgradeError>>),
     Shutdown,
+}
+
+/// The phase and a change counter, with a condvar for blocking watchers and a tokio watch
+/// channel for async ones.
+#[derive(Debug)]
+pub(crate) struct PhaseCell {
+    state: Mutex<(Phase, u64)>,
+    changed: Condvar,
+    #[cfg(feature = "tokio")]
+    sender: tokio::sync::watch::Sender<Phase>,
+}
+
+impl PhaseCell {
+    fn new() -> PhaseCell {
+        PhaseCell {
+            state: Mutex::new((Phase::Serving, 0)),
+            changed: Condvar::new(),
+            #[cfg(feature = "tokio")]
+            sender: tokio::sync::watch::Sender::new(Phase::Serving),
+        }
+    }
+
+    fn get(&self) -> (Phase, u64) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set(&self, phase: Phase) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *state = (phase, state.1 + 1);
+        drop(state);
+        self.changed.notify_all();
+        #[cfg(feature = "tokio")]
+        self.sender.send_replace(phase);
+    }
+}
+
+/// Waits for phase changes of a [`Server`]; made by [`Handle::watch_phase`]. Like a watch
+/// channel, it sees the latest phase, not necessarily every phase in between.
+#[derive(Debug)]
+pub struct PhaseWatch {
+    shared: Arc<Shared>,
+    seen: u64,
+}
+
+impl PhaseWatch {
+    /// The current phase.
+    pub fn current(&self) -> Phase {
+        self.shared.phase.get().0
+    }
+
+    /// Waits until the phase changed since this watch last looked, for at most `timeout`;
+    /// returns the phase now, or `None` if nothing changed in time.
+    pub fn changed(&mut self, timeout: Duration) -> Option<Phase> {
+        let cell = &self.shared.phase;
+        let guard = cell.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (guard, _) = cell
+            .changed
+            .wait_timeout_while(guard, timeout, |(_, seq)| *seq == self.seen)
+            .unwrap_or_else(|e| e.into_inner());
+        if guard.1 == self.seen {
+            return None;
+        }
+        self.seen = guard.1;
+        Some(guard.0)
+    }
+
+    /// Waits until the phase satisfies `want`, for at most `timeout`.
+    pub fn wait_for(&mut self, timeout: Duration, want: impl Fn(Phase) -> bool) -> Option<Phase> {
+        let deadline = std::time::Instant::now() + timeout;
+        let (now, seq) = self.shared.phase.get();
+        self.seen = seq;
+        if want(now) {
+            return Some(now);
+        }
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.changed(left) {
+                Some(p) if want(p) => return Some(p),
+                Some(_) => {}
+                None => return None,
+            }
+        }
+    }
 }
 
 /// Triggers upgrades and shutdown of a running [`Server`] from any thread.
@@ -505,7 +588,22 @@ impl Handle {
 
     /// The server's current phase.
     pub fn phase(&self) -> Phase {
-        Phase::from_u8(self.shared.phase.load(SeqCst))
+        self.shared.phase.get().0
+    }
+
+    /// Watches the phase from any thread: [`PhaseWatch::changed`] and
+    /// [`PhaseWatch::wait_for`] wait without polling.
+    pub fn watch_phase(&self) -> PhaseWatch {
+        PhaseWatch {
+            seen: self.shared.phase.get().1,
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The phase as a `tokio::sync::watch` receiver, for async code.
+    #[cfg(feature = "tokio")]
+    pub fn phase_receiver(&self) -> tokio::sync::watch::Receiver<Phase> {
+        self.shared.phase.sender.subscribe()
     }
 
     /// Connections accepted by this process and not yet dropped.

@@ -1068,19 +1068,6 @@ fn exited_is_terminal() {
     assert_eq!(h.phase(), P::Exited);
 }
 
-#[test]
-fn phase_u8_round_trip() {
-    for p in [
-        P::Serving,
-        P::Forking,
-        P::HandingOver,
-        P::Draining,
-        P::Exited,
-    ] {
-        assert_eq!(Phase::from_u8(p.as_u8()), p);
-    }
-}
-
 /// A shutdown during an upgrade goes straight to Draining: no transient `PhaseChanged(Serving)`
 /// that `Handle::phase()` observers or the log could see.
 #[test]

@@ -1,0 +1,160 @@
+//! The in-process API: the phase watch, live-connection counting through drain guards, shutdown
+//! that waits for the last guard, in the blocking `run` mode and as a task of a tokio runtime.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use ringflip::{Connection, ExitReason, Handle, Phase, Server};
+
+const T: Duration = Duration::from_secs(5);
+
+/// Builds a server on its own thread (build() blocks the upgrade signals in the calling thread)
+/// and runs it there with `on_connection`.
+fn start(
+    on_connection: impl FnMut(Connection) + Send + 'static,
+) -> (
+    Handle,
+    std::net::SocketAddr,
+    std::thread::JoinHandle<ExitReason>,
+) {
+    let (tx, rx) = mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let server = Server::builder()
+            .listen_tcp("api", "127.0.0.1:0".parse().unwrap())
+            .drain_timeout(Duration::from_secs(10))
+            .build()
+            .expect("build");
+        tx.send((server.handle(), server.local_addr("api").unwrap()))
+            .unwrap();
+        server.run(on_connection).expect("run")
+    });
+    let (handle, addr) = rx.recv_timeout(T).expect("server started");
+    (handle, addr, thread)
+}
+
+#[test]
+fn shutdown_waits_for_the_last_connection_and_the_watch_sees_each_phase() {
+    let (conns_tx, conns_rx) = mpsc::channel::<Connection>();
+    let (handle, addr, thread) = start(move |c| conns_tx.send(c).unwrap());
+    let mut watch = handle.watch_phase();
+    assert_eq!(watch.current(), Phase::Serving);
+    assert_eq!(handle.generation(), 0);
+
+    let mut client = TcpStream::connect(addr).unwrap();
+    let conn = conns_rx.recv_timeout(T).expect("accepted");
+    assert_eq!(conn.listener(), "api");
+    assert!(!conn.is_unix());
+    assert_eq!(handle.live_connections(), 1);
+
+    handle.shutdown();
+    assert_eq!(
+        watch.wait_for(T, |p| p == Phase::Draining),
+        Some(Phase::Draining)
+    );
+    // Still draining while the connection lives; the connection still works.
+    assert_eq!(watch.changed(Duration::from_millis(200)), None);
+    let (mut stream, guard) = conn.into_tcp();
+    client.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    stream.read_exact(&mut b).unwrap();
+    // New connections are no longer accepted by this process (nothing else listens, so the
+    // kernel queues them; none reaches the application).
+    let _late = TcpStream::connect(addr);
+    assert!(conns_rx.recv_timeout(Duration::from_millis(200)).is_err());
+
+    drop(stream);
+    drop(guard);
+    assert_eq!(
+        watch.wait_for(T, |p| p == Phase::Exited),
+        Some(Phase::Exited)
+    );
+    assert_eq!(thread.join().unwrap(), ExitReason::Shutdown);
+    assert_eq!(handle.live_connections(), 0);
+}
+
+#[test]
+fn runs_as_a_task_of_a_tokio_runtime() {
+    let (tx, rx) = mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let server = Server::builder()
+            .listen_tcp("api", "127.0.0.1:0".parse().unwrap())
+            .build()
+            .expect("build");
+        tx.send((server.handle(), server.local_addr("api").unwrap()))
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
+            server
+                .run_async(|conn| {
+                    tokio::task::spawn_local(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let (mut stream, _guard) = conn.into_tokio().unwrap();
+                        let mut buf = [0u8; 64];
+                        while let Ok(n) = stream.read(&mut buf).await {
+                            if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                })
+                .await
+                .expect("run_async")
+        })
+    });
+    let (handle, addr) = rx.recv_timeout(T).unwrap();
+    let mut phases = handle.phase_receiver();
+    for i in 0..50 {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(T)).unwrap();
+        let line = format!("hello {i}\n");
+        c.write_all(line.as_bytes()).unwrap();
+        let mut got = vec![0u8; line.len()];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(got, line.as_bytes());
+    }
+    handle.shutdown();
+    assert_eq!(thread.join().unwrap(), ExitReason::Shutdown);
+    assert_eq!(*phases.borrow_and_update(), Phase::Exited);
+}
+
+#[test]
+fn bad_configuration_is_a_clear_error() {
+    std::thread::spawn(|| {
+        let err = Server::builder().build().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: no listener configured"
+        );
+        let err = Server::builder()
+            .listen_tcp("a", "127.0.0.1:0".parse().unwrap())
+            .listen_tcp("a", "127.0.0.1:0".parse().unwrap())
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("used twice"), "{err}");
+        let err = Server::builder()
+            .listen_tcp("ringflip.x", "127.0.0.1:0".parse().unwrap())
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("reserved"), "{err}");
+        // A port someone else holds: a bind error naming the listener and the address.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = Server::builder()
+            .listen_tcp("web", addr)
+            .build()
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("listener \"web\": cannot bind {addr}")),
+            "{err}"
+        );
+    })
+    .join()
+    .unwrap();
+}
