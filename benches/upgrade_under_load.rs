@@ -56,7 +56,9 @@ fn main() -> ExitCode {
         let kind = argv.get(1).cloned().unwrap_or_default();
         let rest = argv.into_iter().skip(2);
         return match kind.as_str() {
-            "ringflip" => support::echo_server::main(rest),
+            "ringflip" => {
+                support::echo_server::main(rest, support::echo_server::Runtime::TokioUring)
+            }
             other => peers::dispatch(other, rest).unwrap_or_else(|| {
                 eprintln!("unknown server kind {other:?}");
                 ExitCode::from(2)

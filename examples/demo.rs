@@ -55,7 +55,7 @@ fn parse() -> Result<Opts, String> {
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1).peekable();
     if args.peek().map(String::as_str) == Some("--serve") {
-        return support::echo_server::main(args.skip(1));
+        return support::echo_server::main(args.skip(1), support::echo_server::Runtime::TokioUring);
     }
     let opts = match parse() {
         Ok(o) => o,

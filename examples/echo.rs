@@ -10,7 +10,8 @@
 //! kill -TERM $(cat /tmp/echo.pid)    # stop accepting, drain, exit 0
 //! ```
 //!
-//! Options: `--listen ADDR` (repeatable; `IP:PORT`, `[IPv6]:PORT`, `unix:PATH`, `unix:@NAME`),
+//! Options: `--runtime tokio-uring|tokio|blocking` (default tokio-uring; see also
+//! `examples/echo_tokio.rs` and `examples/echo_blocking.rs`), `--listen ADDR` (repeatable; `IP:PORT`, `[IPv6]:PORT`, `unix:PATH`, `unix:@NAME`),
 //! `--pid-file PATH` (written atomically once the process serves), `--ready-timeout-ms N`
 //! (default 30000), `--drain-timeout-ms N` (default 60000), `--handoff-state TEXT` (hand
 //! "TEXT from PID" to the next generation), `--state-out PATH` (write the inherited state there),
@@ -31,5 +32,5 @@ fn main() -> ExitCode {
     if args.peek().map(String::as_str) == Some("ctl") {
         return support::echo_server::ctl(args.skip(1));
     }
-    support::echo_server::main(args)
+    support::echo_server::main(args, support::echo_server::Runtime::TokioUring)
 }

@@ -14,7 +14,19 @@ enum Listen {
     Unix(String),
 }
 
+/// How connections are served (`--runtime`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runtime {
+    /// tokio-uring; `Server::run_async` on its thread.
+    TokioUring,
+    /// A current-thread tokio runtime; `Server::run_async` on a `LocalSet`.
+    Tokio,
+    /// `Server::run` on the main thread, a thread per connection.
+    Blocking,
+}
+
 struct Args {
+    runtime: Runtime,
     listen: Vec<Listen>,
     pid_file: Option<PathBuf>,
     ready_timeout: Duration,
@@ -25,8 +37,9 @@ struct Args {
     control: Option<PathBuf>,
 }
 
-fn parse_args(argv: impl Iterator<Item = String>) -> Result<Args, String> {
+fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Args, String> {
     let mut args = Args {
+        runtime,
         listen: Vec::new(),
         pid_file: None,
         ready_timeout: Duration::from_secs(30),
@@ -53,6 +66,16 @@ fn parse_args(argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--handoff-state" => args.handoff_state = Some(value()?),
             "--state-out" => args.state_out = Some(value()?.into()),
             "--control" => args.control = Some(value()?.into()),
+            "--runtime" => {
+                args.runtime = match value()?.as_str() {
+                    "tokio-uring" => Runtime::TokioUring,
+                    "tokio" => Runtime::Tokio,
+                    "blocking" => Runtime::Blocking,
+                    other => {
+                        return Err(format!("--runtime {other}: tokio-uring, tokio or blocking"))
+                    }
+                }
+            }
             "--max-draining" => {
                 let v = value()?;
                 args.max_draining =
@@ -73,8 +96,9 @@ fn millis(flag: &str, v: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{flag} {v}: {e}"))
 }
 
-/// Runs the echo server with command-line arguments `argv` (without the program name).
-pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
+/// Runs the echo server with command-line arguments `argv` (without the program name), serving
+/// connections with `runtime` unless `--runtime` says otherwise.
+pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -82,7 +106,7 @@ pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = match parse_args(argv) {
+    let args = match parse_args(argv, runtime) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("echo: {e}");
@@ -133,9 +157,28 @@ pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    let result = tokio_uring::start(server.run_async(|conn| {
-        tokio_uring::spawn(echo(conn));
-    }));
+    let result = match args.runtime {
+        // The upgrade ring runs as a task of the runtime's own thread: no thread hop.
+        Runtime::TokioUring => tokio_uring::start(server.run_async(|conn| {
+            tokio_uring::spawn(echo(conn));
+        })),
+        Runtime::Tokio => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a tokio runtime");
+            tokio::task::LocalSet::new().block_on(
+                &rt,
+                server.run_async(|conn| {
+                    tokio::task::spawn_local(echo_tokio(conn));
+                }),
+            )
+        }
+        // The ring on this thread, a thread per connection.
+        Runtime::Blocking => server.run(|conn| {
+            std::thread::spawn(move || echo_blocking(conn));
+        }),
+    };
     match result {
         Ok(exit) => {
             tracing::info!(?exit, "exiting");
@@ -181,6 +224,30 @@ async fn echo(conn: Connection) {
         echo_loop!(tokio_uring::net::TcpStream::from_std(
             std::net::TcpStream::from(fd)
         ));
+    }
+}
+
+async fn echo_tokio(conn: Connection) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok((mut stream, _guard)) = conn.into_tokio() else {
+        return;
+    };
+    let mut buf = vec![0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn echo_blocking(conn: Connection) {
+    use std::io::{Read, Write};
+    let (mut stream, _guard) = conn.into_tcp();
+    let mut buf = vec![0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 || stream.write_all(&buf[..n]).is_err() {
+            return;
+        }
     }
 }
 
