@@ -1,23 +1,35 @@
-//! Accept-loop benchmark: ringflip's io_uring multishot accept loop against a tokio
-//! `TcpListener::accept` loop (current-thread runtime) and a blocking `std::net::TcpListener`
-//! accept loop, all on loopback, in one run, under the same conditions.
+//! Accept-loop benchmark: ringflip's io_uring multishot accept loop, in its three modes, against
+//! a tokio `TcpListener::accept` loop (current-thread runtime) and a blocking
+//! `std::net::TcpListener` accept loop, all on loopback, in one run, under the same conditions.
 //!
-//! Run it with `cargo bench --bench accept_latency` (about a minute), or
+//! The five loops (`<loop>` in the benchmark ids):
+//! - `ringflip`: `Server::run`, blocking, the ring on the server thread;
+//! - `ringflip-tokio`: `Server::run_async` on a current-thread tokio runtime, in a `LocalSet`
+//!   (the ring's notification eventfd polled by tokio's epoll reactor);
+//! - `ringflip-tokio-uring`: `Server::run_async` inside `tokio_uring::start` (the same, on
+//!   tokio-uring's runtime, which has its own ring besides ringflip's);
+//! - `tokio`: a `tokio::net::TcpListener::accept` loop on a current-thread runtime;
+//! - `std`: a blocking `std::net::TcpListener::accept` loop.
+//!
+//! Run it with `cargo bench --bench accept_latency` (about a minute and a half), or
 //! `cargo bench --bench accept_latency -- --test` to run every benchmark once (a few seconds).
 //! Run it on an otherwise idle machine: the numbers are wall-clock and CPU times.
 //!
 //! # Set-up
 //! Each loop runs on its own server thread, pinned to CPU 0; the client is the benchmark's main
 //! thread, pinned to CPU 1 (pinning is skipped silently with fewer than 2 CPUs or if it fails).
-//! All three listeners have the same backlog: ringflip listens with `somaxconn`, the std and tokio
-//! listeners are re-`listen()`ed with 4096 (the kernel caps it at `somaxconn`).
+//! All five listeners have the same backlog: ringflip listens with `somaxconn`, the std and tokio
+//! listeners are re-`listen()`ed with 4096 (the kernel caps it at `somaxconn`). Each ringflip
+//! server (and its runtime, in the async modes) is built on its own server thread (`build()`
+//! blocks SIGHUP/SIGTERM/SIGINT in the calling thread).
 //!
-//! The three servers run the same per-connection code the moment their accept returns: read
+//! The five servers run the same per-connection code the moment their accept returns: read
 //! `Instant::now()` (t1), publish t1 and the raw fd in a preallocated slot array indexed by
-//! arrival order, bump an atomic counter (no allocation, no lock, no syscall). ringflip's
-//! `Connection` is split with `into_parts()` and its `DrainGuard` dropped at once; tokio's stream
-//! is turned back into a std one with `into_std()` (which deregisters it from the reactor: part
-//! of tokio's per-connection cost, counted in its CPU time, not in its latency).
+//! arrival order, bump an atomic counter (no allocation, no lock, no syscall). In all three
+//! ringflip modes that is the connection callback itself (no task is spawned per connection):
+//! the `Connection` is split with `into_parts()` and its `DrainGuard` dropped at once. tokio's
+//! stream is turned back into a std one with `into_std()` (which deregisters it from the
+//! reactor: part of tokio's per-connection cost, counted in its CPU time, not in its latency).
 //!
 //! **Who closes what.** The server does not close accepted fds: the client thread closes them
 //! after each measurement (first its own end, with `SO_LINGER` 0 so that an RST is sent and no
@@ -29,7 +41,8 @@
 //!   the client thread) to the moment the server's code holds the accepted fd (t1, on the server
 //!   thread). Both are `Instant`s (CLOCK_MONOTONIC, one clock for every CPU), so t1 - t0 needs no
 //!   cross-thread clock correction. One connection in flight at a time: the server is idle
-//!   (asleep in `io_uring_enter`, `epoll_wait` or `accept`) when each connection arrives, so this
+//!   (asleep in `io_uring_enter`, `epoll_wait` or `accept`; the async ringflip modes sleep in
+//!   their runtime's `epoll_wait` on ringflip's eventfd) when each connection arrives, so this
 //!   includes its wake-up. Criterion's "time" is the mean latency per connection.
 //! - `server_cpu_per_conn/<loop>`: the server thread's CPU time (user + sys, from
 //!   `getrusage(RUSAGE_THREAD)`, read on the server thread itself) per accepted connection, in
@@ -40,16 +53,23 @@
 //!   condvar, after one connection), the client completes 4,000 connections into the kernel's
 //!   accept queue, then releases the server. The time is from the moment the server thread runs
 //!   again (recorded by the server itself, so the condvar wake-up is not counted) to the moment
-//!   its code holds the 4,000th fd. For ringflip the thread is blocked inside the `run` callback;
-//!   its ring is `DEFER_TASKRUN`, so the connections stay in the backlog until it enters the ring
-//!   again. For tokio and std, "blocked in the per-connection code" is "not calling accept".
+//!   its code holds the 4,000th fd. For ringflip the thread is blocked inside the `run` (or
+//!   `run_async`) callback; its ring is `DEFER_TASKRUN`, so the connections stay in the backlog
+//!   until it enters the ring again. In the async modes the callback runs synchronously inside
+//!   the driver's turn, on the runtime's only thread: blocking it blocks the whole runtime, which
+//!   is exactly the pause wanted. For tokio and std, "blocked in the per-connection code" is "not
+//!   calling accept".
 //!
-//! Also printed once, on stderr, when a ringflip benchmark first runs: the heap allocations per
-//! accepted connection on ringflip's server thread in steady state (a counting global allocator,
-//! gated by a thread-local flag set on that thread only; 1,000 connections after 1,000 warm-up
-//! connections).
+//! Also printed once per ringflip mode, on stderr, when a benchmark of that mode first runs: the
+//! heap allocations per accepted connection on that mode's server thread in steady state (a
+//! counting global allocator, with a thread-local flag set on ringflip's server threads only and
+//! a per-thread count; 1,000 connections after 1,000 warm-up connections). In the async modes
+//! the flag is set before the runtime is built, so the runtime's set-up shows in the "before"
+//! figure, and anything the runtime allocates per wake-up counts per connection.
 //!
-//! Every wait is bounded (10 s): a stuck loop panics with a message instead of hanging.
+//! Every wait is bounded (10 s): a stuck loop panics with a message instead of hanging; every
+//! server is stopped at the end (ringflip's with `Handle::shutdown`), its thread joined within
+//! 10 s.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -78,21 +98,22 @@ const CLIENT_CPU: usize = 1;
 
 // ---------------------------------------------------------------------------------------------
 // Counting allocator: counts allocations made on threads that set `COUNT_ALLOCS` (only
-// ringflip's server thread does).
+// ringflip's server threads do), each thread in its own counter: the ringflip servers run side by
+// side (the idle ones asleep), and one's count must not include another's.
 
 struct CountingAlloc;
 
-static SERVER_ALLOCS: AtomicU64 = AtomicU64::new(0);
-
 thread_local! {
-    // const-initialised, no destructor: reading it never allocates, even inside the allocator.
+    // const-initialised, no destructor: using them never allocates, even inside the allocator.
     static COUNT_ALLOCS: Cell<bool> = const { Cell::new(false) };
+    /// Allocations made by this thread while `COUNT_ALLOCS` was set.
+    static THREAD_ALLOCS: Cell<u64> = const { Cell::new(0) };
 }
 
 #[inline]
 fn note_alloc() {
     if COUNT_ALLOCS.try_with(Cell::get).unwrap_or(false) {
-        SERVER_ALLOCS.fetch_add(1, Relaxed);
+        let _ = THREAD_ALLOCS.try_with(|n| n.set(n.get() + 1));
     }
 }
 
@@ -266,7 +287,9 @@ impl Shared {
         match self.command.swap(CMD_NONE, AcqRel) {
             CMD_MARK => {
                 self.mark_cpu_ns.store(thread_cpu_ns(), Relaxed);
-                self.mark_allocs.store(SERVER_ALLOCS.load(Relaxed), Relaxed);
+                // On the server thread: its own count.
+                self.mark_allocs
+                    .store(THREAD_ALLOCS.with(Cell::get), Relaxed);
                 self.mark_seq.fetch_add(1, Release);
                 true
             }
@@ -297,24 +320,46 @@ impl Shared {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The three server loops.
+// The server loops.
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
+    /// `Server::run` (blocking).
     Ringflip,
+    /// `Server::run_async` on a current-thread tokio runtime, in a `LocalSet`.
+    RingflipTokio,
+    /// `Server::run_async` inside `tokio_uring::start`.
+    RingflipTokioUring,
     Tokio,
     Std,
 }
 
-const KINDS: [Kind; 3] = [Kind::Ringflip, Kind::Tokio, Kind::Std];
+/// In the order the benchmarks run (and `servers` is indexed by `Kind as usize`).
+const KINDS: [Kind; 5] = [
+    Kind::Ringflip,
+    Kind::RingflipTokio,
+    Kind::RingflipTokioUring,
+    Kind::Tokio,
+    Kind::Std,
+];
 
 impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::Ringflip => "ringflip",
+            Kind::RingflipTokio => "ringflip-tokio",
+            Kind::RingflipTokioUring => "ringflip-tokio-uring",
             Kind::Tokio => "tokio",
             Kind::Std => "std",
         }
+    }
+
+    /// One of ringflip's modes: stopped with its `Handle`, allocations reported.
+    fn is_ringflip(self) -> bool {
+        matches!(
+            self,
+            Kind::Ringflip | Kind::RingflipTokio | Kind::RingflipTokioUring
+        )
     }
 }
 
@@ -341,7 +386,9 @@ fn start(kind: Kind) -> Running {
             let _done = done_tx;
             pin_to(SERVER_CPU);
             match kind {
-                Kind::Ringflip => ringflip_loop(&s, ready_tx),
+                Kind::Ringflip | Kind::RingflipTokio | Kind::RingflipTokioUring => {
+                    ringflip_loop(kind, &s, ready_tx)
+                }
                 Kind::Tokio => tokio_loop(&s, ready_tx),
                 Kind::Std => std_loop(&s, ready_tx),
             }
@@ -365,8 +412,10 @@ fn start(kind: Kind) -> Running {
     }
 }
 
-fn ringflip_loop(s: &Shared, ready: mpsc::Sender<Started>) {
-    // build() blocks SIGHUP/SIGTERM/SIGINT in the calling thread: this thread.
+/// ringflip in one of its three modes; the per-connection code is the same in all three.
+fn ringflip_loop(kind: Kind, s: &Shared, ready: mpsc::Sender<Started>) {
+    // build() blocks SIGHUP/SIGTERM/SIGINT in the calling thread: this thread (built before any
+    // runtime, so a thread a runtime might start inherits the mask).
     let server = match ringflip::Server::builder()
         .listen_tcp("bench", (Ipv4Addr::LOCALHOST, 0).into())
         .drain_timeout(TIMEOUT)
@@ -378,17 +427,50 @@ fn ringflip_loop(s: &Shared, ready: mpsc::Sender<Started>) {
     let addr = server
         .local_addr("bench")
         .expect("the listener named \"bench\"");
-    let _ = ready.send(Ok((addr, Some(server.handle()))));
-    COUNT_ALLOCS.with(|c| c.set(true));
-    let result = server.run(|conn| {
+    let started: Started = Ok((addr, Some(server.handle())));
+    // In the async modes this runs inside the driver's turn, on the runtime's thread: a pause
+    // (CMD_PAUSE) blocks the whole runtime, and with it the ring, as in the blocking mode.
+    let on_connection = |conn: ringflip::Connection| {
         let t1 = Instant::now();
         let (fd, guard) = conn.into_parts();
         drop(guard);
         s.on_accept(fd.into_raw_fd(), t1);
-    });
+    };
+    // Counted from here: the runtimes' set-up is in the "before" count, not per connection.
+    COUNT_ALLOCS.with(|c| c.set(true));
+    let result = match kind {
+        Kind::RingflipTokio => {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    COUNT_ALLOCS.with(|c| c.set(false));
+                    return drop(ready.send(Err(e.to_string())));
+                }
+            };
+            tokio::task::LocalSet::new().block_on(&rt, async move {
+                // Ready once inside the runtime (a runtime that fails to start reports it).
+                let _ = ready.send(started);
+                server.run_async(on_connection).await
+            })
+        }
+        // tokio_uring::start panics if it cannot make its ring: the thread then ends before
+        // `ready` is sent, and the client reports it.
+        Kind::RingflipTokioUring => tokio_uring::start(async move {
+            let _ = ready.send(started);
+            server.run_async(on_connection).await
+        }),
+        Kind::Ringflip => {
+            let _ = ready.send(started);
+            server.run(on_connection)
+        }
+        Kind::Tokio | Kind::Std => unreachable!("{} is not a ringflip mode", kind.name()),
+    };
     COUNT_ALLOCS.with(|c| c.set(false));
     if let Err(e) = result {
-        eprintln!("ringflip: server failed: {e}");
+        eprintln!("{}: server failed: {e}", kind.name());
     }
 }
 
@@ -481,7 +563,7 @@ impl Harness {
             sockaddr,
             held: Vec::with_capacity(DRAIN_N),
         };
-        if matches!(kind, Kind::Ringflip) {
+        if kind.is_ringflip() {
             h.report_allocations();
         }
         h
@@ -706,7 +788,7 @@ impl Harness {
     }
 }
 
-fn harness(servers: &mut [Option<Harness>; 3], kind: Kind) -> &mut Harness {
+fn harness(servers: &mut [Option<Harness>; KINDS.len()], kind: Kind) -> &mut Harness {
     servers[kind as usize].get_or_insert_with(|| Harness::start(kind))
 }
 
@@ -728,7 +810,7 @@ fn main() {
         .configure_from_args();
     // Servers start when a benchmark first needs them and run until the end, so a filtered run
     // starts only what it measures. Idle servers sleep in the kernel.
-    let mut servers: [Option<Harness>; 3] = [None, None, None];
+    let mut servers: [Option<Harness>; KINDS.len()] = std::array::from_fn(|_| None);
 
     {
         let mut group = c.benchmark_group("accept_latency");

@@ -44,7 +44,10 @@ fn main() -> ExitCode {
         args.next();
         let kind = args.next().unwrap_or_default();
         return peers::dispatch(&kind, args).unwrap_or_else(|| {
-            eprintln!("peers_smoke: unknown peer {kind:?}; one of {:?}", peers::KINDS);
+            eprintln!(
+                "peers_smoke: unknown peer {kind:?}; one of {:?}",
+                peers::KINDS
+            );
             ExitCode::from(2)
         });
     }
@@ -52,7 +55,10 @@ fn main() -> ExitCode {
     // is quick. Other words name the peers to check.
     let wanted: Vec<String> = args.filter(|a| !a.starts_with('-')).collect();
     if let Some(bad) = wanted.iter().find(|w| !peers::KINDS.contains(&w.as_str())) {
-        eprintln!("peers_smoke: unknown peer {bad:?}; one of {:?}", peers::KINDS);
+        eprintln!(
+            "peers_smoke: unknown peer {bad:?}; one of {:?}",
+            peers::KINDS
+        );
         return ExitCode::from(2);
     }
     // Orphaned old generations re-parent to us, so we can reap them and read their status.
@@ -68,7 +74,10 @@ fn main() -> ExitCode {
         match check(kind) {
             Ok(()) => {
                 passed += 1;
-                println!("peers_smoke: {kind} ... ok ({:.1} s)", t0.elapsed().as_secs_f64());
+                println!(
+                    "peers_smoke: {kind} ... ok ({:.1} s)",
+                    t0.elapsed().as_secs_f64()
+                );
             }
             Err(e) => {
                 failed += 1;
@@ -244,8 +253,11 @@ fn check_upgrading(
     // its pid in the pid file, and upgrade fine on the next SIGHUP.
     let ran = dir.join("broken.ran");
     let broken = dir.join("broken.sh");
-    std::fs::write(&broken, format!("#!/bin/sh\n: > '{}'\nexit 1\n", ran.display()))
-        .map_err(|e| e.to_string())?;
+    std::fs::write(
+        &broken,
+        format!("#!/bin/sh\n: > '{}'\nexit 1\n", ran.display()),
+    )
+    .map_err(|e| e.to_string())?;
     std::fs::set_permissions(
         &broken,
         <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
@@ -286,8 +298,7 @@ fn check_upgrading(
         long.echo(&format!("long-lived after upgrade {round}"))?;
         short_echoes(addr, 10)?;
         // The old process stops accepting: it lets go of the listening socket.
-        wait_released(old, addr.port())
-            .map_err(|e| format!("after upgrade {round}: {e}"))?;
+        wait_released(old, addr.port()).map_err(|e| format!("after upgrade {round}: {e}"))?;
         if !alive(first) {
             return Err(format!(
                 "pid {first} exited with a live connection (upgrade {round})"
@@ -326,10 +337,20 @@ fn check_plain(dir: &Path, log: &Path, addr: SocketAddr, procs: &mut Procs) -> R
 
     // Reuseport restart: a second instance on the same port, then SIGTERM the first.
     let pid_file2 = dir.join("pid2");
-    let second = spawn_server(&exe, "plain", addr, &pid_file2, log, &["--reuseport"], procs)?;
+    let second = spawn_server(
+        &exe,
+        "plain",
+        addr,
+        &pid_file2,
+        log,
+        &["--reuseport"],
+        procs,
+    )?;
     let got = wait_for_pid(&pid_file2, None)?;
     if got != second {
-        return Err(format!("pid file names {got}, the second server is {second}"));
+        return Err(format!(
+            "pid file names {got}, the second server is {second}"
+        ));
     }
     signal(first, libc::SIGTERM);
     wait_released(first, addr.port())?;
@@ -485,10 +506,7 @@ fn socket_inodes(pid: u32) -> io::Result<HashSet<u64>> {
             continue;
         };
         let t = target.to_string_lossy();
-        if let Some(n) = t
-            .strip_prefix("socket:[")
-            .and_then(|r| r.strip_suffix(']'))
-        {
+        if let Some(n) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
             if let Ok(n) = n.parse() {
                 out.insert(n);
             }

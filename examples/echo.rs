@@ -16,7 +16,9 @@
 //! (default 30000), `--drain-timeout-ms N` (default 60000), `--handoff-state TEXT` (hand
 //! "TEXT from PID" to the next generation), `--state-out PATH` (write the inherited state there),
 //! `--max-draining N` (at most N generations draining at once: refuse an upgrade while N older
-//! ones still drain; default 4), `--control PATH` (a control socket, mode 0600).
+//! ones still drain; default 4), `--control PATH` (a control socket, mode 0600), `--udp ADDR`
+//! (a UDP echo socket, handed over at each upgrade), `--pass-file PATH` (an open file handed
+//! over as a raw fd; each generation appends a line to it through the inherited fd).
 //!
 //! `echo ctl PATH upgrade` asks the server on control socket PATH to upgrade, prints
 //! `ok <new pid>` or `failed: <reason>`, and exits non-zero on failure (for `ExecReload=` and

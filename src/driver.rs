@@ -33,9 +33,9 @@ use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-use crate::handoff::{Message, MAX_LISTENERS};
+use crate::handoff::{ListenerRecord, Message, SocketKind, MAX_LISTENERS};
 use crate::inherit::ParentLink;
-use crate::listener::{Endpoint, Listener};
+use crate::listener::{Endpoint, Listener, UdpSocketEntry};
 use crate::machine::{Action, Event, ExitReason, Machine, Outcome, Phase, Requester, UpgradeId};
 use crate::server::{
     write_pid_file, Config, Connection, DrainGuard, Handle, Request, Server, Shared,
@@ -67,7 +67,7 @@ type Token = u64;
 enum Op {
     Accept(usize),
     ReadSignal(Box<libc::signalfd_siginfo>),
-    ReadWake(Box<u64>),
+    PollWake,
     Timer(Box<types::Timespec>),
     SendHello(Box<SendMsgBufs>),
     RecvSuccessor {
@@ -248,6 +248,8 @@ pub(crate) struct Driver {
     /// Pidfds of the older generations that were alive when this one started; counted (and
     /// pruned) at each upgrade request against the generation limit.
     elders: Vec<OwnedFd>,
+    /// UDP sockets, handed over with the listeners.
+    udp: Vec<UdpSocketEntry>,
     timer: Option<(Instant, Token)>,
     drain_active: bool,
     drained_reported: bool,
@@ -270,6 +272,7 @@ impl Driver {
             listeners,
             parent,
             elders,
+            udp,
             shared,
             config,
             ..
@@ -316,6 +319,7 @@ impl Driver {
             successor: None,
             predecessor: parent,
             elders,
+            udp,
             timer: None,
             drain_active: false,
             drained_reported: false,
@@ -335,6 +339,12 @@ impl Driver {
         // Accepts are armed in the kernel once submitted. Only then tell the predecessor we are
         // ready: it stops accepting on READY, and from that moment our accepts take the queue.
         driver.ring.submit().map_err(Error::io("arming accepts"))?;
+        // The pid file first: the predecessor may exit within microseconds of READY, and the
+        // pid file must never name a process that is gone. (If this upgrade is rolled back
+        // instead, the predecessor writes its own pid back.)
+        if let Some(path) = &driver.config.pid_file {
+            write_pid_file(path, std::process::id()).map_err(Error::io("writing the pid file"))?;
+        }
         if let Some(link) = &driver.predecessor {
             let ready = Message::Ready(link.upgrade).encode().expect("READY fits");
             if let Err(e) = sys::send_nonblocking(link.channel.as_fd(), &ready) {
@@ -342,9 +352,6 @@ impl Driver {
             }
             tracing::info!(upgrade.id = %link.upgrade, predecessor = link.parent_pid, "READY sent");
             driver.arm_predecessor_recv();
-        }
-        if let Some(path) = &driver.config.pid_file {
-            write_pid_file(path, std::process::id()).map_err(Error::io("writing the pid file"))?;
         }
         if driver.predecessor.is_none() {
             // A successor does not: its predecessor announces it with MAINPID= on READY.
@@ -377,6 +384,27 @@ impl Driver {
         Ok(raw)
     }
 
+    /// Whether the ring has completions or deferred work pending (a poll of the ring fd: the
+    /// kernel reports POLLIN for either). Each non-blocking turn runs only a bounded batch of
+    /// deferred work (20 items on this kernel) and the notify eventfd fires only when the
+    /// deferred list goes from empty to non-empty, so after a turn the runtime must turn again
+    /// while this says so, or the rest would wait for unrelated new work.
+    pub(crate) fn has_pending_work(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd, zero timeout.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n > 0 && pfd.revents & libc::POLLIN != 0
+    }
+
+    /// The wake eventfd (requests, the last connection closing, fds freed).
+    pub(crate) fn wake_fd(&self) -> RawFd {
+        self.shared.wake.as_raw_fd()
+    }
+
     /// Resets the notify eventfd's counter; call before a turn when it woke the runtime.
     pub(crate) fn clear_notify(&self) {
         if let Some(fd) = &self.notify {
@@ -403,8 +431,22 @@ impl Driver {
         self.run_actions();
         if self.exit.is_some() {
             self.finish();
+            return Ok(self.exit);
         }
-        Ok(self.exit)
+        // Handling completions queued new SQEs (re-armed reads, cancels, the HELLO…). Submit
+        // them now: a runtime that sleeps on the notify eventfd after this turn would otherwise
+        // sleep with, say, the wake eventfd's read not armed, and miss the wake-up.
+        if !self.ring.submission().is_empty() {
+            if let Err(e) = self.ring.submit() {
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
+                ) {
+                    return Err(Error::io("io_uring_enter")(e));
+                }
+            }
+        }
+        Ok(None)
     }
 
     fn enter(&mut self, wait: bool) -> Result<(), Error> {
@@ -508,10 +550,16 @@ impl Driver {
                     self.arm_signal_read();
                 }
             }
-            Op::ReadWake(_) => {
-                self.ops.remove(token);
-                if res != -libc::ECANCELED {
-                    self.on_wake();
+            Op::PollWake => {
+                if !more {
+                    self.ops.remove(token);
+                }
+                if res == -libc::ECANCELED {
+                    return;
+                }
+                sys::eventfd_drain(self.shared.wake.as_fd());
+                self.on_wake();
+                if !more {
                     self.arm_wake_read();
                 }
             }
@@ -710,8 +758,7 @@ impl Driver {
 
     /// Counts the older generations still draining (pruning those gone), then asks the machine.
     fn request_upgrade(&mut self, by: Requester) {
-        self.elders
-            .retain(|fd| sys::pidfd_alive(fd.as_fd()).unwrap_or(false));
+        self.elders.retain(|fd| !sys::pidfd_exited(fd.as_fd()));
         self.feed(Event::EldersDraining(self.elders.len() as u32));
         self.feed(Event::UpgradeRequested(by));
     }
@@ -815,6 +862,7 @@ impl Driver {
             }
             Action::ResumeAccepting => {
                 tracing::warn!("the new process died during the drain; serving again");
+                self.reclaim_pid_file();
                 systemd::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
                 self.accepting = true;
                 for i in 0..self.accepts.len() {
@@ -883,6 +931,7 @@ impl Driver {
             }
             Outcome::Failed(why) => {
                 tracing::warn!(reason = %why, "upgrade failed; still serving");
+                self.reclaim_pid_file();
                 systemd::notify(&format!("READY=1\nSTATUS=upgrade failed: {why}"));
             }
             Outcome::Busy(why) => tracing::warn!(reason = %why, "upgrade refused"),
@@ -898,6 +947,16 @@ impl Driver {
         }
     }
 
+    /// After a failed upgrade the child may already have written its pid: this process serves,
+    /// so the pid file names it again.
+    fn reclaim_pid_file(&self) {
+        if let Some(path) = &self.config.pid_file {
+            if let Err(e) = write_pid_file(path, std::process::id()) {
+                tracing::error!(error = %e, "rewriting the pid file");
+            }
+        }
+    }
+
     fn send_hello(&mut self, upgrade: UpgradeId) {
         let Some(child) = &self.successor else {
             return;
@@ -908,12 +967,54 @@ impl Driver {
             Ok(fd) => fd,
             Err(e) => return self.feed(Event::HandoffFailed(format!("pidfd_open(self): {e}"))),
         };
-        let room = MAX_LISTENERS - self.accepts.len();
+        // UDP sockets and the application's raw fds travel after the listeners, as records of
+        // their own kind. Raw fds are sent as duplicates held until the send completes, so the
+        // application may replace its set at any time.
+        let mut records: Vec<ListenerRecord> =
+            self.accepts.iter().map(|s| s.listener.record()).collect();
+        let mut fds: Vec<RawFd> = self
+            .accepts
+            .iter()
+            .map(|s| s.listener.fd.as_raw_fd())
+            .collect();
+        for u in &self.udp {
+            records.push(u.record());
+            fds.push(u.socket.as_raw_fd());
+        }
+        let mut keep = Vec::new();
+        for (name, fd) in self
+            .shared
+            .handoff_fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            match sys::dup_cloexec_at_least(fd.as_fd(), 3) {
+                Ok(dup) => {
+                    records.push(ListenerRecord {
+                        name: name.clone(),
+                        kind: SocketKind::Raw,
+                        address: String::new(),
+                    });
+                    fds.push(dup.as_raw_fd());
+                    keep.push(dup);
+                }
+                Err(e) => tracing::warn!(fd = %name, error = %e, "cannot hand this fd over"),
+            }
+        }
+        if fds.len() >= MAX_LISTENERS {
+            return self.feed(Event::HandoffFailed(format!(
+                "{} fds to hand over, at most {} fit",
+                fds.len() + 1,
+                MAX_LISTENERS
+            )));
+        }
+        let room = MAX_LISTENERS - fds.len();
         let mut elder_fds = vec![own.as_raw_fd()];
         elder_fds.extend(
             self.elders
                 .iter()
-                .filter(|fd| sys::pidfd_alive(fd.as_fd()).unwrap_or(false))
+                .filter(|fd| !sys::pidfd_exited(fd.as_fd()))
                 .map(|fd| fd.as_raw_fd())
                 .take(room.saturating_sub(1)),
         );
@@ -923,7 +1024,7 @@ impl Driver {
             parent_pid: std::process::id(),
             generation: self.shared.generation.wrapping_add(1),
             elders: elder_fds.len() as u16,
-            listeners: self.accepts.iter().map(|s| s.listener.record()).collect(),
+            listeners: records,
             state: self
                 .shared
                 .handoff_state
@@ -935,13 +1036,9 @@ impl Driver {
             Ok(p) => p,
             Err(e) => return self.feed(Event::HandoffFailed(e.to_string())),
         };
-        let fds: Vec<RawFd> = self
-            .accepts
-            .iter()
-            .map(|s| s.listener.fd.as_raw_fd())
-            .chain(elder_fds)
-            .collect();
-        let bufs = SendMsgBufs::new(payload, &fds, vec![own]);
+        fds.extend(elder_fds);
+        keep.push(own);
+        let bufs = SendMsgBufs::new(payload, &fds, keep);
         let msg: *const libc::msghdr = &bufs.msg;
         let channel = child.channel.as_raw_fd();
         let token = self.ops.insert(Op::SendHello(bufs));
@@ -980,13 +1077,14 @@ impl Driver {
         );
     }
 
+    /// A multishot poll on the wake eventfd; the counter is reset with read(2) on each
+    /// wake-up (see `Op::PollWake`).
     fn arm_wake_read(&mut self) {
-        let mut value = Box::new(0u64);
-        let ptr: *mut u8 = (&mut *value as *mut u64).cast();
         let fd = self.shared.wake.as_raw_fd();
-        let token = self.ops.insert(Op::ReadWake(value));
+        let token = self.ops.insert(Op::PollWake);
         self.push(
-            opcode::Read::new(types::Fd(fd), ptr, 8)
+            opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+                .multi(true)
                 .build()
                 .user_data(token),
         );

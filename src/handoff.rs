@@ -56,6 +56,10 @@ pub(crate) enum SocketKind {
     Tcp = 1,
     /// A Unix stream listening socket (path or abstract name).
     Unix = 2,
+    /// A UDP socket: handed over, never accepted on.
+    Udp = 3,
+    /// Any fd the application hands over (a memfd, a pipe, a device…), passed as it is.
+    Raw = 4,
 }
 
 impl SocketKind {
@@ -63,6 +67,8 @@ impl SocketKind {
         match v {
             1 => Some(SocketKind::Tcp),
             2 => Some(SocketKind::Unix),
+            3 => Some(SocketKind::Udp),
+            4 => Some(SocketKind::Raw),
             _ => None,
         }
     }

@@ -202,6 +202,7 @@ pub(crate) fn check_listening_socket(fd: BorrowedFd<'_>, kind: SocketKind) -> Re
     let ok = match kind {
         SocketKind::Tcp => domain == libc::AF_INET || domain == libc::AF_INET6,
         SocketKind::Unix => domain == libc::AF_UNIX,
+        SocketKind::Udp | SocketKind::Raw => false,
     };
     if !ok {
         return Err(format!(
@@ -217,6 +218,10 @@ pub(crate) fn check_listening_socket(fd: BorrowedFd<'_>, kind: SocketKind) -> Re
 fn local_endpoint(fd: BorrowedFd<'_>, kind: SocketKind) -> io::Result<Endpoint> {
     match kind {
         SocketKind::Tcp => sys::local_inet_addr(fd).map(Endpoint::Tcp),
+        SocketKind::Udp | SocketKind::Raw => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a listener kind",
+        )),
         SocketKind::Unix => {
             let addr: UnixAddr = getsockname(fd.as_raw_fd())?;
             if let Some(path) = addr.path() {
@@ -248,5 +253,74 @@ fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
             std::fs::remove_file(path)
         }
         _ => Ok(()),
+    }
+}
+
+/// A UDP socket handed over with the listeners (both processes may read it while the old one
+/// drains; nothing is accepted on it).
+#[derive(Debug)]
+pub(crate) struct UdpSocketEntry {
+    pub name: String,
+    pub socket: std::net::UdpSocket,
+}
+
+impl UdpSocketEntry {
+    pub(crate) fn bind(name: &str, addr: SocketAddr) -> Result<UdpSocketEntry, Error> {
+        let socket = std::net::UdpSocket::bind(addr).map_err(|source| Error::Bind {
+            name: name.into(),
+            addr: addr.to_string(),
+            source,
+        })?;
+        Ok(UdpSocketEntry {
+            name: name.into(),
+            socket,
+        })
+    }
+
+    /// Adopts a UDP socket from the parent after checking its type and address.
+    pub(crate) fn adopt(
+        name: &str,
+        wanted: SocketAddr,
+        record: &ListenerRecord,
+        fd: OwnedFd,
+    ) -> Result<UdpSocketEntry, Error> {
+        let invalid = |why: String| Error::InvalidListener {
+            name: name.into(),
+            why,
+        };
+        let ty = sys::socket_type(fd.as_fd()).map_err(|e| invalid(format!("not a socket: {e}")))?;
+        if ty != libc::SOCK_DGRAM {
+            return Err(invalid(format!(
+                "socket type {ty}, expected a datagram socket"
+            )));
+        }
+        let addr = sys::local_inet_addr(fd.as_fd()).map_err(|e| invalid(e.to_string()))?;
+        if addr.to_string() != record.address {
+            return Err(invalid(format!(
+                "bound to {addr}, but the parent described it as {}",
+                record.address
+            )));
+        }
+        if !Endpoint::Tcp(addr).satisfies(&Endpoint::Tcp(wanted)) {
+            return Err(invalid(format!(
+                "inherited socket is bound to {addr}, but this binary is configured for {wanted}"
+            )));
+        }
+        Ok(UdpSocketEntry {
+            name: name.into(),
+            socket: std::net::UdpSocket::from(fd),
+        })
+    }
+
+    pub(crate) fn record(&self) -> ListenerRecord {
+        ListenerRecord {
+            name: self.name.clone(),
+            kind: SocketKind::Udp,
+            address: self
+                .socket
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+        }
     }
 }

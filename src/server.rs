@@ -14,9 +14,10 @@ use bytes::Bytes;
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::driver::Driver;
+use crate::handoff::SocketKind;
 use crate::handoff::MAX_LISTENERS;
 use crate::inherit::{self, ParentLink};
-use crate::listener::{Endpoint, ListenSpec, Listener};
+use crate::listener::{Endpoint, ListenSpec, Listener, UdpSocketEntry};
 use crate::machine::{ExitReason, Phase, Timeouts};
 use crate::{control, sys, systemd, Error, UpgradeError};
 
@@ -30,6 +31,7 @@ pub struct Builder {
     binary: Option<PathBuf>,
     max_draining: u32,
     control: Option<PathBuf>,
+    udp: Vec<(String, SocketAddr)>,
 }
 
 impl Default for Builder {
@@ -42,6 +44,7 @@ impl Default for Builder {
             binary: None,
             max_draining: 4,
             control: None,
+            udp: Vec::new(),
         }
     }
 }
@@ -107,6 +110,15 @@ impl Builder {
         self
     }
 
+    /// A UDP socket named `name` on `addr`: bound on first start, handed over at each upgrade
+    /// (never re-bound), never accepted on. Get it with [`Server::udp_socket`]. While the old
+    /// process drains, both processes may read it; the old one should stop reading once its
+    /// phase is [`Phase::Draining`] (see [`Handle::watch_phase`]).
+    pub fn bind_udp(mut self, name: impl Into<String>, addr: SocketAddr) -> Self {
+        self.udp.push((name.into(), addr));
+        self
+    }
+
     /// A control socket at `path` (Unix stream, mode 0600, handed over across upgrades like
     /// the listeners): `upgrade` answers `ok <new pid>` or `failed: <reason>` once the outcome
     /// is known, `status` answers the phase, pid, generation and live connections. Only peers
@@ -165,6 +177,13 @@ impl Builder {
                 )));
             }
         }
+        for (name, _) in &self.udp {
+            if name.starts_with("ringflip.") || !names.insert(name.as_str()) {
+                return Err(Error::Config(format!(
+                    "UDP socket name {name:?} is reserved or used twice"
+                )));
+            }
+        }
         let mut specs = self.listeners.clone();
         if let Some(path) = &self.control {
             specs.push(ListenSpec {
@@ -187,6 +206,8 @@ impl Builder {
         let mut inherited_state = None;
         let mut elders = Vec::new();
         let mut generation = 0;
+        let mut udp = Vec::new();
+        let mut inherited_fds = Vec::new();
         let (listeners, parent) = match inherit::from_environment()? {
             Some(inherited) => {
                 inherited_state = Some(Bytes::from(inherited.state));
@@ -210,11 +231,26 @@ impl Builder {
                     let (record, fd) = slot.take().expect("matched above");
                     listeners.push(Listener::adopt(spec, &record, fd)?);
                 }
-                for (record, _fd) in by_name.into_iter().flatten() {
+                for (name, addr) in &self.udp {
+                    let slot = by_name
+                        .iter_mut()
+                        .find(|l| {
+                            l.as_ref()
+                                .is_some_and(|(r, _)| &r.name == name && r.kind == SocketKind::Udp)
+                        })
+                        .ok_or_else(|| Error::MissingListener { name: name.clone() })?;
+                    let (record, fd) = slot.take().expect("matched above");
+                    udp.push(UdpSocketEntry::adopt(name, *addr, &record, fd)?);
+                }
+                for (record, fd) in by_name.into_iter().flatten() {
+                    if record.kind == SocketKind::Raw {
+                        inherited_fds.push((record.name, fd));
+                        continue;
+                    }
                     tracing::warn!(
                         listener = %record.name,
                         address = %record.address,
-                        "the previous process handed over a listener this binary does not use; closing it"
+                        "the previous process handed over a socket this binary does not use; closing it"
                     );
                 }
                 (listeners, Some(inherited.link))
@@ -242,6 +278,9 @@ impl Builder {
                         None => Listener::bind(spec)?,
                     });
                 }
+                for (name, addr) in &self.udp {
+                    udp.push(UdpSocketEntry::bind(name, *addr)?);
+                }
                 for a in activated {
                     tracing::warn!(name = ?a.name, "systemd passed a socket no listener asks for; closing it");
                 }
@@ -260,10 +299,13 @@ impl Builder {
                 phase: PhaseCell::new(),
                 requests: Mutex::new(Vec::new()),
                 handoff_state: Mutex::new(Bytes::new()),
+                handoff_fds: Mutex::new(Vec::new()),
                 generation,
             }),
             inherited_state,
             elders,
+            udp,
+            inherited_fds,
             config: Config {
                 timeouts: Timeouts {
                     ready: self.ready_timeout,
@@ -309,6 +351,8 @@ pub struct Server {
     pub(crate) config: Config,
     inherited_state: Option<Bytes>,
     pub(crate) elders: Vec<OwnedFd>,
+    pub(crate) udp: Vec<UdpSocketEntry>,
+    inherited_fds: Vec<(String, OwnedFd)>,
 }
 
 impl fmt::Debug for Server {
@@ -344,6 +388,20 @@ impl Server {
     /// The pid of the process this one took over from, if it was started by an upgrade.
     pub fn predecessor(&self) -> Option<u32> {
         self.parent.as_ref().map(|p| p.parent_pid)
+    }
+
+    /// A clone of the UDP socket named `name` (see [`Builder::bind_udp`]).
+    pub fn udp_socket(&self, name: &str) -> Option<std::io::Result<std::net::UdpSocket>> {
+        self.udp
+            .iter()
+            .find(|u| u.name == name)
+            .map(|u| u.socket.try_clone())
+    }
+
+    /// Takes the fds the previous process handed over with [`Handle::set_handoff_fds`], by
+    /// name (empty on a first start). They are close-on-exec.
+    pub fn take_inherited_fds(&mut self) -> Vec<(String, OwnedFd)> {
+        std::mem::take(&mut self.inherited_fds)
     }
 
     /// The state blob the previous process set with [`Handle::set_handoff_state`] (empty if it
@@ -382,22 +440,48 @@ impl Server {
 
         let mut driver = Driver::new(self)?;
         let notify = driver.notify_fd()?;
-        // SAFETY: the eventfd stays open while `ready_fd` is registered: `driver` owns it and
-        // is dropped after `ready_fd` (declared earlier, dropped later).
-        let ready_fd =
-            unsafe { AsyncFd::register_with_interest(NotifyFd(notify), Interest::READABLE) }
-                .map_err(|e| Error::io("registering with the runtime")(e.into()))?;
+        let wake = driver.wake_fd();
+        // SAFETY: both eventfds stay open while registered: `driver` owns them and is dropped
+        // after these (declared earlier, dropped later).
+        let (notify_fd, wake_fd) = unsafe {
+            (
+                AsyncFd::register_with_interest(NotifyFd(notify), Interest::READABLE),
+                AsyncFd::register_with_interest(NotifyFd(wake), Interest::READABLE),
+            )
+        };
+        let notify_fd =
+            notify_fd.map_err(|e| Error::io("registering with the runtime")(e.into()))?;
+        let wake_fd = wake_fd.map_err(|e| Error::io("registering with the runtime")(e.into()))?;
         loop {
             if let Some(exit) = driver.turn(false, &mut on_connection)? {
                 return Ok(exit);
             }
-            let mut ready = ready_fd
-                .readable()
-                .await
-                .map_err(Error::io("polling the ring"))?;
-            // Cleared (readiness and counter) before the next turn reaps: a completion that
-            // becomes pending after this point signals the eventfd again, so none is missed.
-            ready.clear_ready();
+            if driver.has_pending_work() {
+                // More deferred completions than one turn runs: go again, but let the
+                // runtime's other tasks (the connections just handed over) run first.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            // Woken by the ring (a completion became pending) or directly by the wake eventfd
+            // (a request, the last connection closing): a write to the wake eventfd from
+            // another thread was seen to reach the ring's poll on it without the ring's
+            // registered eventfd firing, so the runtime watches the wake eventfd itself too.
+            std::future::poll_fn(|cx| {
+                let mut woke = false;
+                for fd in [&notify_fd, &wake_fd] {
+                    if let std::task::Poll::Ready(ready) = fd.poll_read_ready(cx) {
+                        ready?.clear_ready();
+                        woke = true;
+                    }
+                }
+                if woke {
+                    std::task::Poll::Ready(Ok::<(), std::io::Error>(()))
+                } else {
+                    std::task::Poll::Pending
+                }
+            })
+            .await
+            .map_err(Error::io("polling the ring"))?;
             driver.clear_notify();
         }
     }
@@ -427,6 +511,8 @@ pub(crate) struct Shared {
     pub handoff_state: Mutex<Bytes>,
     /// 0 for a process started by hand, its parent's plus one after an upgrade.
     pub generation: u32,
+    /// Named fds the next HELLO hands over as they are.
+    pub handoff_fds: Mutex<Vec<(String, OwnedFd)>>,
 }
 
 impl Shared {
@@ -579,6 +665,24 @@ impl Handle {
     /// This process's generation: 0 when started by hand, one more at each upgrade.
     pub fn generation(&self) -> u32 {
         self.shared.generation
+    }
+
+    /// Sets named fds (a memfd, a pipe, a device…) that the next upgrade hands to the new
+    /// process as they are, read there with [`Server::take_inherited_fds`]. This process keeps
+    /// them open (the handoff sends duplicates).
+    pub fn set_handoff_fds(&self, fds: Vec<(String, OwnedFd)>) -> Result<(), Error> {
+        if let Some((name, _)) = fds
+            .iter()
+            .find(|(n, _)| n.len() > crate::handoff::MAX_NAME_LEN)
+        {
+            return Err(Error::Config(format!("fd name {name:?} is too long")));
+        }
+        *self
+            .shared
+            .handoff_fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = fds;
+        Ok(())
     }
 
     /// Asks the server to stop accepting, drain and return from `run`. Does not wait.

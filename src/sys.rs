@@ -82,6 +82,19 @@ pub(crate) fn pidfd_alive(fd: BorrowedFd<'_>) -> io::Result<bool> {
     }
 }
 
+/// Whether the process behind a pidfd has exited (zombie or reaped): a pidfd polls readable
+/// then. `pidfd_alive` cannot tell, as signal 0 still reaches a zombie.
+pub(crate) fn pidfd_exited(fd: BorrowedFd<'_>) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
 /// `fcntl(F_DUPFD_CLOEXEC, min)`.
 pub(crate) fn dup_cloexec_at_least(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: duplicating an fd we borrow; the new fd is ours.

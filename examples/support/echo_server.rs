@@ -35,6 +35,8 @@ struct Args {
     state_out: Option<PathBuf>,
     max_draining: Option<u32>,
     control: Option<PathBuf>,
+    udp: Vec<SocketAddr>,
+    pass_file: Option<PathBuf>,
 }
 
 fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Args, String> {
@@ -48,6 +50,8 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
         state_out: None,
         max_draining: None,
         control: None,
+        udp: Vec::new(),
+        pass_file: None,
     };
     let mut it = argv;
     while let Some(flag) = it.next() {
@@ -66,6 +70,12 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
             "--handoff-state" => args.handoff_state = Some(value()?),
             "--state-out" => args.state_out = Some(value()?.into()),
             "--control" => args.control = Some(value()?.into()),
+            "--udp" => {
+                let v = value()?;
+                args.udp
+                    .push(v.parse().map_err(|e| format!("--udp {v}: {e}"))?);
+            }
+            "--pass-file" => args.pass_file = Some(value()?.into()),
             "--runtime" => {
                 args.runtime = match value()?.as_str() {
                     "tokio-uring" => Runtime::TokioUring,
@@ -119,6 +129,9 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
     if let Some(path) = args.control {
         builder = builder.control_socket(path);
     }
+    for (i, addr) in args.udp.iter().enumerate() {
+        builder = builder.bind_udp(format!("udp{i}"), *addr);
+    }
     if let Some(max) = args.max_draining {
         builder = builder.max_draining_generations(max);
     }
@@ -137,13 +150,61 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
     }
     // Before the runtime starts: build() blocks the upgrade signals, and the runtime's threads
     // inherit the mask.
-    let server = match builder.build() {
+    let mut server = match builder.build() {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
             return ExitCode::from(1);
         }
     };
+    // UDP: echo each datagram back, on a thread of its own.
+    for i in 0..args.udp.len() {
+        if let Some(Ok(sock)) = server.udp_socket(&format!("udp{i}")) {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..n], from);
+                }
+            });
+        }
+    }
+    // --pass-file: an open file handed from generation to generation as a raw fd; each
+    // generation appends a line through the inherited fd (not by reopening the path).
+    if let Some(path) = &args.pass_file {
+        let inherited = server
+            .take_inherited_fds()
+            .into_iter()
+            .find(|(n, _)| n == "file");
+        let file = match inherited {
+            Some((_, fd)) => std::fs::File::from(fd),
+            None => match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::error!(error = %e, "--pass-file");
+                    return ExitCode::from(1);
+                }
+            },
+        };
+        use std::io::Write;
+        let _ = writeln!(
+            &file,
+            "generation {} pid {}",
+            server.handle().generation(),
+            std::process::id()
+        );
+        let handoff = std::os::fd::OwnedFd::from(file);
+        if let Err(e) = server
+            .handle()
+            .set_handoff_fds(vec![("file".into(), handoff)])
+        {
+            tracing::error!(error = %e, "handing the file over");
+            return ExitCode::from(1);
+        }
+    }
     // The state blob: what the previous generation handed over, and what we hand on.
     if let (Some(state), Some(path)) = (server.inherited_state(), &args.state_out) {
         if let Err(e) = std::fs::write(path, state) {

@@ -434,6 +434,23 @@ pub fn echo_binary() -> PathBuf {
     bin
 }
 
+/// `target/<profile>/examples/<name>`, found from the test executable like [`echo_binary`].
+pub fn example_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("examples").join(name))
+        .expect("test executable is not under target/<profile>/deps");
+    if !bin.is_file() {
+        panic!(
+            "example binary not found at {}: run `cargo build --examples` first",
+            bin.display()
+        );
+    }
+    bin
+}
+
 /// Writes `contents` to `path` atomically: a new file beside it, then `rename` over `path`
 /// (a running binary is never written into).
 pub fn replace_file(path: &Path, contents: &[u8], mode: u32) {
@@ -514,6 +531,9 @@ pub struct EchoOpts {
     pub drain_timeout_ms: Option<u64>,
     pub extra_args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// `RLIMIT_NOFILE` (soft and hard) for generation 0, set in the child before exec (its
+    /// successors inherit it). `None`: inherit the test process's limit.
+    pub nofile: Option<u64>,
 }
 
 impl Default for EchoOpts {
@@ -524,6 +544,7 @@ impl Default for EchoOpts {
             drain_timeout_ms: None,
             extra_args: Vec::new(),
             env: Vec::new(),
+            nofile: None,
         }
     }
 }
@@ -575,6 +596,21 @@ impl EchoServer {
         cmd.env("NO_COLOR", "1");
         for (k, v) in &opts.env {
             cmd.env(k, v);
+        }
+        if let Some(n) = opts.nofile {
+            let lim = libc::rlimit {
+                rlim_cur: n as libc::rlim_t,
+                rlim_max: n as libc::rlim_t,
+            };
+            // SAFETY: the closure makes one async-signal-safe syscall on a copied struct.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let logf = fs::File::create(&log).expect("create server log");
         cmd.stdin(Stdio::null())
