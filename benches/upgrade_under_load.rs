@@ -147,8 +147,13 @@ fn main() -> ExitCode {
             burst: o.burst,
             // The restart strategies without a handoff cannot keep long-lived connections;
             // give them a short drain so each restart completes within the interval.
+            server_args: Vec::new(),
+            warmup: Duration::ZERO,
             drain_timeout: match strategy {
-                Strategy::Signal | Strategy::BurstOnly => Duration::from_secs(30),
+                // Longer than the run, so the long-lived connections are never cut.
+                Strategy::Signal | Strategy::BurstOnly => {
+                    o.interval * (o.upgrades as u32 + 10) + Duration::from_secs(60)
+                }
                 _ => Duration::from_millis(300),
             },
         };

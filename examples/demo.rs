@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release --example demo
 //! cargo run --release --example demo -- --upgrades 100 --rate 5000 --interval-ms 1000
+//! cargo run --release --example demo -- --ballast-mib 2048 --long-lived 0 --upgrades 10
 //! ```
 //!
 //! It starts this same binary as the server (`demo --serve …`, the echo server of
@@ -26,6 +27,7 @@ struct Opts {
     interval: Duration,
     long_lived: usize,
     burst: usize,
+    ballast_mib: u64,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -35,6 +37,7 @@ fn parse() -> Result<Opts, String> {
         interval: Duration::from_millis(1000),
         long_lived: 16,
         burst: 512,
+        ballast_mib: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -46,6 +49,7 @@ fn parse() -> Result<Opts, String> {
             "--interval-ms" => o.interval = Duration::from_millis(n),
             "--long-lived" => o.long_lived = n as usize,
             "--burst" => o.burst = n as usize,
+            "--ballast-mib" => o.ballast_mib = n,
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -91,7 +95,16 @@ fn run(opts: &Opts) -> Result<bool, String> {
         interval: opts.interval,
         long_lived: opts.long_lived,
         burst: opts.burst,
-        drain_timeout: Duration::from_secs(30),
+        // Longer than the run: the long-lived connections stay on the first process throughout,
+        // and a drain deadline would (correctly) cut them.
+        drain_timeout: opts.interval * (opts.upgrades as u32 + 10) + Duration::from_secs(60),
+        server_args: if opts.ballast_mib > 0 {
+            vec!["--ballast-mib".into(), opts.ballast_mib.to_string()]
+        } else {
+            Vec::new()
+        },
+        // Let the first process grow to its ballast before the first upgrade.
+        warmup: Duration::from_millis(opts.ballast_mib),
     })?;
     let report = &out.report;
     let steady = out.steady();
@@ -148,12 +161,13 @@ fn run(opts: &Opts) -> Result<bool, String> {
         out.rows.len(),
         opts.upgrades
     );
-    if let (Some(ready), Some(stopped)) = (
+    if let (Some(spawned), Some(ready), Some(stopped)) = (
+        scenario::median_us(&out.timelines, 0),
         scenario::median_us(&out.timelines, 2),
         scenario::median_us(&out.timelines, 3),
     ) {
         println!(
-            "old process (median over {} upgrades): READY received {:.2} ms after SIGHUP, accepting stopped {} µs later",
+            "old process, median over {} upgrades: new process spawned {spawned} µs after SIGHUP, READY after {:.2} ms, accepting stopped {} µs after READY",
             out.timelines.len(),
             ready as f64 / 1e3,
             stopped - ready

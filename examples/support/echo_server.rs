@@ -37,6 +37,7 @@ struct Args {
     control: Option<PathBuf>,
     udp: Vec<SocketAddr>,
     pass_file: Option<PathBuf>,
+    ballast_mib: usize,
 }
 
 fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Args, String> {
@@ -52,6 +53,7 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
         control: None,
         udp: Vec::new(),
         pass_file: None,
+        ballast_mib: 0,
     };
     let mut it = argv;
     while let Some(flag) = it.next() {
@@ -76,6 +78,10 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
                     .push(v.parse().map_err(|e| format!("--udp {v}: {e}"))?);
             }
             "--pass-file" => args.pass_file = Some(value()?.into()),
+            "--ballast-mib" => {
+                let v = value()?;
+                args.ballast_mib = v.parse().map_err(|e| format!("--ballast-mib {v}: {e}"))?;
+            }
             "--runtime" => {
                 args.runtime = match value()?.as_str() {
                     "tokio-uring" => Runtime::TokioUring,
@@ -157,6 +163,19 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // --ballast-mib: make this process big (resident, every page touched), as a service with a
+    // large heap would be, to show that starting the next generation does not copy it. Done on
+    // a thread so that it does not delay serving.
+    if args.ballast_mib > 0 {
+        let mib = args.ballast_mib;
+        std::thread::spawn(move || {
+            let mut ballast = vec![0u8; mib << 20];
+            for page in ballast.chunks_mut(4096) {
+                page[0] = 1;
+            }
+            std::mem::forget(ballast);
+        });
+    }
     // UDP: echo each datagram back, on a thread of its own.
     for i in 0..args.udp.len() {
         if let Some(Ok(sock)) = server.udp_socket(&format!("udp{i}")) {

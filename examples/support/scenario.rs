@@ -38,6 +38,10 @@ pub struct Scenario {
     pub long_lived: usize,
     pub burst: usize,
     pub drain_timeout: Duration,
+    /// More server arguments (e.g. `--ballast-mib 2048`).
+    pub server_args: Vec<String>,
+    /// Wait this long after the server starts before loading it (e.g. for its ballast).
+    pub warmup: Duration,
 }
 
 pub struct UpgradeRow {
@@ -183,6 +187,7 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
     let mut pids = vec![start_server(s.strategy == Strategy::ReusePort)?];
     let mut current = wait_for_pid(&pid_file, None, Duration::from_secs(10))
         .ok_or_else(|| format!("the server did not start; see {}", log.display()))?;
+    std::thread::sleep(s.warmup);
     let cpu_before = children_cpu();
     let t0 = Instant::now();
     let load = Load::start(LoadConfig {
@@ -248,7 +253,10 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
     signal(current, libc::SIGTERM);
     pids.sort_unstable();
     pids.dedup();
-    let all_gone = wait_all_gone(&pids, s.drain_timeout + Duration::from_secs(10));
+    let all_gone = wait_all_gone(
+        &pids,
+        s.drain_timeout.min(Duration::from_secs(30)) + Duration::from_secs(10),
+    );
     let wall = t0.elapsed();
     let server_cpu = children_cpu().saturating_sub(cpu_before);
     let timelines = parse_timelines(&std::fs::read_to_string(&log).unwrap_or_default());
