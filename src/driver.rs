@@ -390,14 +390,9 @@ impl Driver {
     /// deferred list goes from empty to non-empty, so after a turn the runtime must turn again
     /// while this says so, or the rest would wait for unrelated new work.
     pub(crate) fn has_pending_work(&self) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.ring.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one live pollfd, zero timeout.
-        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-        n > 0 && pfd.revents & libc::POLLIN != 0
+        // SAFETY: the ring fd is open for as long as `self.ring` lives.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.ring.as_raw_fd()) };
+        sys::poll_readable(fd)
     }
 
     /// The wake eventfd (requests, the last connection closing, fds freed).
@@ -758,7 +753,7 @@ impl Driver {
 
     /// Counts the older generations still draining (pruning those gone), then asks the machine.
     fn request_upgrade(&mut self, by: Requester) {
-        self.elders.retain(|fd| !sys::pidfd_exited(fd.as_fd()));
+        self.elders.retain(|fd| !sys::poll_readable(fd.as_fd()));
         self.feed(Event::EldersDraining(self.elders.len() as u32));
         self.feed(Event::UpgradeRequested(by));
     }
@@ -1014,7 +1009,7 @@ impl Driver {
         elder_fds.extend(
             self.elders
                 .iter()
-                .filter(|fd| !sys::pidfd_exited(fd.as_fd()))
+                .filter(|fd| !sys::poll_readable(fd.as_fd()))
                 .map(|fd| fd.as_raw_fd())
                 .take(room.saturating_sub(1)),
         );

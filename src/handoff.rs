@@ -445,6 +445,19 @@ mod tests {
         }
 
         #[test]
+        fn whatever_decodes_reencodes_to_the_same_bytes(
+            m in message(),
+            at in any::<prop::sample::Index>(),
+            to in any::<u8>(),
+        ) {
+            // Mutations of valid messages reach far more of the decoder than random bytes.
+            let mut bytes = m.encode().unwrap();
+            let i = at.index(bytes.len());
+            bytes[i] = to;
+            crate::__fuzz::decode_and_reencode(&bytes);
+        }
+
+        #[test]
         fn encode_then_decode_is_identity(m in message()) {
             prop_assert_eq!(Message::decode(&m.encode().unwrap()).unwrap(), m);
         }

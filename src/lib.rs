@@ -80,6 +80,21 @@ pub use handoff::{MAX_LISTENERS, MAX_STATE_LEN};
 pub use machine::{ExitReason, Phase};
 pub use server::{Builder, Connection, DrainGuard, Handle, PhaseWatch, Server};
 
+/// Entry points for the fuzz targets in `fuzz/`; not part of the API.
+#[doc(hidden)]
+pub mod __fuzz {
+    /// Decodes `bytes` as a handoff message; if that succeeds, checks that encoding the result
+    /// gives `bytes` back (the decoder accepts exactly one encoding per message).
+    pub fn decode_and_reencode(bytes: &[u8]) {
+        if let Ok(message) = crate::handoff::Message::decode(bytes) {
+            let again = message
+                .encode()
+                .expect("a decoded message is within bounds");
+            assert_eq!(again, bytes, "decode then encode changed the bytes");
+        }
+    }
+}
+
 /// The README's code blocks, compiled as doctests so they cannot rot.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -82,9 +82,10 @@ pub(crate) fn pidfd_alive(fd: BorrowedFd<'_>) -> io::Result<bool> {
     }
 }
 
-/// Whether the process behind a pidfd has exited (zombie or reaped): a pidfd polls readable
-/// then. `pidfd_alive` cannot tell, as signal 0 still reaches a zombie.
-pub(crate) fn pidfd_exited(fd: BorrowedFd<'_>) -> bool {
+/// Whether `fd` polls readable right now (zero-timeout `poll`). A pidfd is readable once its
+/// process has exited (zombie or reaped; signal 0 still reaches a zombie, so `pidfd_alive`
+/// cannot tell); a ring fd is readable while completions or deferred work are pending.
+pub(crate) fn poll_readable(fd: BorrowedFd<'_>) -> bool {
     let mut pfd = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,
