@@ -40,6 +40,7 @@ use crate::machine::{Action, Event, ExitReason, Machine, Outcome, Phase, Request
 use crate::server::{
     write_pid_file, Config, Connection, DrainGuard, Handle, Request, Server, Shared,
 };
+use crate::workers::WorkerSet;
 use crate::{control, spawn, sys, systemd, Error, UpgradeError};
 
 /// Submission queue size: only a handful of ops are ever queued at once.
@@ -194,6 +195,20 @@ struct AcceptSlot {
     paused_by: Option<i32>,
 }
 
+impl AcceptSlot {
+    fn new(listener: Listener) -> AcceptSlot {
+        AcceptSlot {
+            control: &*listener.name == control::CONTROL_LISTENER,
+            listener,
+            op: None,
+            cancel_sent: false,
+            retry_at: None,
+            backoff: BACKOFF_MIN,
+            paused_by: None,
+        }
+    }
+}
+
 /// The new process while it starts and after it took over.
 struct Successor {
     pid: u32,
@@ -242,7 +257,14 @@ pub(crate) struct Driver {
     machine: Machine,
     shared: Arc<Shared>,
     config: Config,
-    signalfd: OwnedFd,
+    /// None for a worker: only the coordinator reads signals.
+    signalfd: Option<OwnedFd>,
+    /// Thread-per-core: the shared worker state (see `workers.rs`), and which worker this
+    /// driver is (0: the coordinator, which runs the machine).
+    workers: Option<Arc<WorkerSet>>,
+    worker: usize,
+    /// Connections this driver accepted (logged at exit).
+    accepted: u64,
     successor: Option<Successor>,
     predecessor: Option<ParentLink>,
     /// Pidfds of the older generations that were alive when this one started; counted (and
@@ -250,6 +272,8 @@ pub(crate) struct Driver {
     elders: Vec<OwnedFd>,
     /// UDP sockets, handed over with the listeners.
     udp: Vec<UdpSocketEntry>,
+    /// Listeners the workers accept on, handed over by the coordinator.
+    worker_listeners: Vec<(ListenerRecord, OwnedFd)>,
     timer: Option<(Instant, Token)>,
     drain_active: bool,
     drained_reported: bool,
@@ -273,22 +297,12 @@ impl Driver {
             parent,
             elders,
             udp,
+            worker_listeners,
             shared,
             config,
             ..
         } = server;
-        let ring = IoUring::builder()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .setup_cqsize(CQ_ENTRIES)
-            .dontfork()
-            .build(SQ_ENTRIES)
-            .map_err(|e| {
-                Error::Unsupported(format!(
-                    "io_uring with SINGLE_ISSUER|DEFER_TASKRUN (Linux 6.1+): {e}"
-                ))
-            })?;
-        probe(&ring)?;
+        let ring = new_ring()?;
         let signalfd = sys::signalfd(&config.signals).map_err(Error::io("signalfd"))?;
         let id_seed = (std::process::id() as u64) << 32
             ^ std::time::SystemTime::now()
@@ -298,28 +312,21 @@ impl Driver {
         let mut driver = Driver {
             ring,
             ops: Ops::default(),
-            accepts: listeners
-                .into_iter()
-                .map(|listener| AcceptSlot {
-                    control: &*listener.name == control::CONTROL_LISTENER,
-                    listener,
-                    op: None,
-                    cancel_sent: false,
-                    retry_at: None,
-                    backoff: BACKOFF_MIN,
-                    paused_by: None,
-                })
-                .collect(),
+            accepts: listeners.into_iter().map(AcceptSlot::new).collect(),
             accepting: true,
             machine: Machine::new(config.timeouts, id_seed)
                 .with_generation_limit(config.max_draining),
             shared,
             config,
-            signalfd,
+            signalfd: Some(signalfd),
+            workers: None,
+            worker: 0,
+            accepted: 0,
             successor: None,
             predecessor: parent,
             elders,
             udp,
+            worker_listeners,
             timer: None,
             drain_active: false,
             drained_reported: false,
@@ -365,6 +372,83 @@ impl Driver {
         Ok(driver)
     }
 
+    /// Makes this (coordinating) driver lead the workers of `set`.
+    pub(crate) fn with_workers(mut self, set: Arc<WorkerSet>) -> Driver {
+        self.workers = Some(set);
+        self
+    }
+
+    /// A worker: an accept ring on `listeners`, on the calling thread, following the
+    /// coordinator through `set`. Its connections go to the sink of its own `turn`s.
+    pub(crate) fn new_worker(
+        index: usize,
+        listeners: Vec<Listener>,
+        shared: Arc<Shared>,
+        config: Config,
+        set: Arc<WorkerSet>,
+    ) -> Result<Driver, Error> {
+        let ring = new_ring()?;
+        let mut driver = Driver {
+            ring,
+            ops: Ops::default(),
+            accepts: listeners.into_iter().map(AcceptSlot::new).collect(),
+            accepting: set.accepting.load(SeqCst),
+            machine: Machine::new(config.timeouts, 0),
+            shared,
+            config,
+            signalfd: None,
+            workers: Some(set),
+            worker: index,
+            accepted: 0,
+            successor: None,
+            predecessor: None,
+            elders: Vec::new(),
+            udp: Vec::new(),
+            worker_listeners: Vec::new(),
+            timer: None,
+            drain_active: false,
+            drained_reported: false,
+            replies: HashMap::new(),
+            next_ticket: 0,
+            exit: None,
+            cqes: Vec::with_capacity(1024),
+            notify: None,
+            timeline: Timeline::default(),
+            span: tracing::Span::none(),
+        };
+        if driver.accepting {
+            for i in 0..driver.accepts.len() {
+                driver.arm_accept(i);
+            }
+        }
+        driver.arm_wake_read();
+        driver.ring.submit().map_err(Error::io("arming accepts"))?;
+        tracing::debug!(
+            worker = index,
+            listeners = driver.accepts.len(),
+            "worker serving"
+        );
+        Ok(driver)
+    }
+
+    /// A worker looks at the coordinator's wishes: quit, stop or resume accepting.
+    fn follow(&mut self) {
+        let Some(set) = self.workers.clone() else {
+            return;
+        };
+        if set.quit.load(SeqCst) {
+            self.exit = Some(ExitReason::Shutdown);
+            return;
+        }
+        let want = set.accepting.load(SeqCst);
+        if want && !self.accepting {
+            set.set_stopped(self.worker, false);
+            self.resume_accepting();
+        } else if !want && self.accepting {
+            self.stop_accepting();
+        }
+    }
+
     /// An eventfd the kernel signals whenever a completion becomes pending, for runtimes that
     /// poll readiness. The ring fd itself is no good for that with DEFER_TASKRUN: deferred
     /// completions wake only a thread waiting inside io_uring_enter, never the ring's poll
@@ -397,7 +481,16 @@ impl Driver {
 
     /// The wake eventfd (requests, the last connection closing, fds freed).
     pub(crate) fn wake_fd(&self) -> RawFd {
-        self.shared.wake.as_raw_fd()
+        self.own_wake_fd()
+    }
+
+    /// The eventfd that wakes this driver: the shared one for the coordinator, its own for a
+    /// worker.
+    fn own_wake_fd(&self) -> RawFd {
+        match &self.workers {
+            Some(set) if self.worker > 0 => set.wake_of(self.worker).as_raw_fd(),
+            _ => self.shared.wake.as_raw_fd(),
+        }
     }
 
     /// Resets the notify eventfd's counter; call before a turn when it woke the runtime.
@@ -508,6 +601,7 @@ impl Driver {
                         slot.backoff = BACKOFF_MIN;
                         self.update_paused_flag();
                     }
+                    self.accepted += 1;
                     let guard = DrainGuard::new(&self.shared);
                     let slot = &self.accepts[i];
                     if slot.control {
@@ -552,8 +646,15 @@ impl Driver {
                 if res == -libc::ECANCELED {
                     return;
                 }
-                sys::eventfd_drain(self.shared.wake.as_fd());
-                self.on_wake();
+                // SAFETY: the wake eventfd outlives this driver (owned by `shared` or `workers`).
+                sys::eventfd_drain(unsafe {
+                    std::os::fd::BorrowedFd::borrow_raw(self.own_wake_fd())
+                });
+                if self.worker > 0 {
+                    self.follow();
+                } else {
+                    self.on_wake();
+                }
                 if !more {
                     self.arm_wake_read();
                 }
@@ -659,9 +760,7 @@ impl Driver {
         slot.op = None;
         slot.cancel_sent = false;
         if !self.accepting {
-            if self.accepts.iter().all(|s| s.op.is_none()) {
-                self.feed(Event::AcceptStopped);
-            }
+            self.report_if_stopped();
             return;
         }
         let slot = &mut self.accepts[i];
@@ -699,6 +798,8 @@ impl Driver {
     }
 
     fn on_wake(&mut self) {
+        // A worker may have reported that it stopped accepting.
+        self.report_if_stopped();
         let requests = std::mem::take(
             &mut *self
                 .shared
@@ -738,12 +839,70 @@ impl Driver {
         }
     }
 
+    /// Cancels every accept (the terminal completions arrive later; see `report_if_stopped`).
+    /// The coordinator also tells its workers.
+    fn stop_accepting(&mut self) {
+        self.accepting = false;
+        if let (Some(set), 0) = (&self.workers, self.worker) {
+            set.accepting.store(false, SeqCst);
+            set.signal_all();
+        }
+        for i in 0..self.accepts.len() {
+            let slot = &mut self.accepts[i];
+            slot.retry_at = None;
+            if let (Some(op), false) = (slot.op, slot.cancel_sent) {
+                slot.cancel_sent = true;
+                let cancel = self.ops.insert(Op::Cancel);
+                self.push(opcode::AsyncCancel::new(op).build().user_data(cancel));
+            }
+        }
+        self.update_paused_flag();
+        self.report_if_stopped();
+    }
+
+    /// Re-arms every accept that is not armed (one whose cancel is still in flight re-arms
+    /// itself at its terminal completion). The coordinator also tells its workers.
+    fn resume_accepting(&mut self) {
+        self.accepting = true;
+        if let (Some(set), 0) = (&self.workers, self.worker) {
+            set.accepting.store(true, SeqCst);
+            set.signal_all();
+        }
+        for i in 0..self.accepts.len() {
+            if self.accepts[i].op.is_none() {
+                self.arm_accept(i);
+            }
+        }
+    }
+
+    /// Once no accept of this driver is armed any more: a worker tells the coordinator; the
+    /// coordinator tells its machine when every worker has stopped too.
+    fn report_if_stopped(&mut self) {
+        if self.accepting || self.accepts.iter().any(|s| s.op.is_some()) {
+            return;
+        }
+        match &self.workers {
+            Some(set) if self.worker > 0 => {
+                set.set_stopped(self.worker, true);
+                self.shared.wake();
+            }
+            Some(set) if !set.all_stopped() => {}
+            _ => self.feed(Event::AcceptStopped),
+        }
+    }
+
+    /// Every accept of this process (all workers) has reached its terminal completion.
+    fn all_accepts_stopped(&self) -> bool {
+        self.accepts.iter().all(|s| s.op.is_none())
+            && self.workers.as_ref().is_none_or(|set| set.all_stopped())
+    }
+
     /// Reports the drain as complete once accepting has fully stopped (every fd accepted on
     /// the way is counted) and no connection is live.
     fn check_drained(&mut self) {
         if self.drain_active
             && !self.drained_reported
-            && self.accepts.iter().all(|s| s.op.is_none())
+            && self.all_accepts_stopped()
             && self.shared.live.load(SeqCst) == 0
         {
             self.drained_reported = true;
@@ -839,32 +998,12 @@ impl Driver {
                 }
             }
             Action::SendListeners(upgrade) => self.send_hello(upgrade),
-            Action::StopAccepting => {
-                self.accepting = false;
-                for i in 0..self.accepts.len() {
-                    let slot = &mut self.accepts[i];
-                    slot.retry_at = None;
-                    if let (Some(op), false) = (slot.op, slot.cancel_sent) {
-                        slot.cancel_sent = true;
-                        let cancel = self.ops.insert(Op::Cancel);
-                        self.push(opcode::AsyncCancel::new(op).build().user_data(cancel));
-                    }
-                }
-                self.update_paused_flag();
-                if self.accepts.iter().all(|s| s.op.is_none()) {
-                    self.feed(Event::AcceptStopped);
-                }
-            }
+            Action::StopAccepting => self.stop_accepting(),
             Action::ResumeAccepting => {
                 tracing::warn!("the new process died during the drain; serving again");
                 self.reclaim_pid_file();
                 systemd::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
-                self.accepting = true;
-                for i in 0..self.accepts.len() {
-                    if self.accepts[i].op.is_none() {
-                        self.arm_accept(i);
-                    }
-                }
+                self.resume_accepting();
             }
             Action::StartDrain => {
                 if self.successor.is_none() {
@@ -910,6 +1049,10 @@ impl Driver {
                 }
             }
             Action::Exit(reason) => {
+                if let Some(set) = &self.workers {
+                    set.quit.store(true, SeqCst);
+                    set.signal_all();
+                }
                 if matches!(reason, ExitReason::Upgraded { .. }) {
                     self.timeline.log(Instant::now());
                 }
@@ -972,6 +1115,10 @@ impl Driver {
             .iter()
             .map(|s| s.listener.fd.as_raw_fd())
             .collect();
+        for (record, fd) in &self.worker_listeners {
+            records.push(record.clone());
+            fds.push(fd.as_raw_fd());
+        }
         for u in &self.udp {
             records.push(u.record());
             fds.push(u.socket.as_raw_fd());
@@ -1063,7 +1210,9 @@ impl Driver {
         let mut info: Box<libc::signalfd_siginfo> = Box::new(unsafe { std::mem::zeroed() });
         let ptr: *mut u8 = (&mut *info as *mut libc::signalfd_siginfo).cast();
         let len = std::mem::size_of::<libc::signalfd_siginfo>() as u32;
-        let fd = self.signalfd.as_raw_fd();
+        let Some(fd) = self.signalfd.as_ref().map(|fd| fd.as_raw_fd()) else {
+            return;
+        };
         let token = self.ops.insert(Op::ReadSignal(info));
         self.push(
             opcode::Read::new(types::Fd(fd), ptr, len)
@@ -1075,7 +1224,7 @@ impl Driver {
     /// A multishot poll on the wake eventfd; the counter is reset with read(2) on each
     /// wake-up (see `Op::PollWake`).
     fn arm_wake_read(&mut self) {
-        let fd = self.shared.wake.as_raw_fd();
+        let fd = self.own_wake_fd();
         let token = self.ops.insert(Op::PollWake);
         self.push(
             opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
@@ -1172,6 +1321,11 @@ impl Driver {
     /// the memory it points to. Any connection accepted on the way is closed: this process is
     /// done serving (accepts were stopped before the exit, so there should be none).
     fn finish(&mut self) {
+        tracing::info!(
+            worker = self.worker,
+            accepted = self.accepted,
+            "accept loop done"
+        );
         let cancel = self.ops.insert(Op::Cancel);
         self.push(
             opcode::AsyncCancel2::new(types::CancelBuilder::any())
@@ -1213,6 +1367,24 @@ impl Drop for Driver {
 
 fn errno(res: i32) -> io::Error {
     io::Error::from_raw_os_error(-res)
+}
+
+/// The ring every driver uses: SINGLE_ISSUER|DEFER_TASKRUN (connections not yet reaped stay in
+/// the kernel backlog if the process dies), dontfork, a CQ well above any burst.
+fn new_ring() -> Result<IoUring, Error> {
+    let ring = IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_cqsize(CQ_ENTRIES)
+        .dontfork()
+        .build(SQ_ENTRIES)
+        .map_err(|e| {
+            Error::Unsupported(format!(
+                "io_uring with SINGLE_ISSUER|DEFER_TASKRUN (Linux 6.1+): {e}"
+            ))
+        })?;
+    probe(&ring)?;
+    Ok(ring)
 }
 
 fn probe(ring: &IoUring) -> Result<(), Error> {

@@ -74,6 +74,7 @@ mod server;
 mod spawn;
 mod sys;
 mod systemd;
+mod workers;
 
 pub use error::{Error, UpgradeError};
 pub use handoff::{MAX_LISTENERS, MAX_STATE_LEN};

@@ -72,6 +72,8 @@ pub(crate) struct ListenSpec {
     pub endpoint: Endpoint,
     /// File mode for a Unix socket path (e.g. 0o600 for a control socket).
     pub mode: Option<u32>,
+    /// Bind with SO_REUSEPORT: one member of a per-worker group (see `Builder::workers`).
+    pub reuseport: bool,
 }
 
 impl Listener {
@@ -86,6 +88,7 @@ impl Listener {
         // which a burst overflows (clients then wait for SYN retransmits, 1 s and more).
         // listen() again on a listening socket only raises the backlog.
         let fd = match &spec.endpoint {
+            Endpoint::Tcp(addr) if spec.reuseport => bind_reuseport(*addr).map_err(bind_err)?,
             Endpoint::Tcp(addr) => OwnedFd::from(TcpListener::bind(addr).map_err(bind_err)?),
             Endpoint::Unix(path) => {
                 remove_stale_socket(path).map_err(bind_err)?;
@@ -189,6 +192,37 @@ impl Listener {
             kind: self.endpoint.kind(),
             address: self.endpoint.to_string(),
         }
+    }
+}
+
+/// A TCP socket with SO_REUSEADDR and SO_REUSEPORT, bound (CLOEXEC; the caller listens).
+fn bind_reuseport(addr: SocketAddr) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    socket::setsockopt(&fd, sockopt::ReusePort, &true)?;
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    Ok(fd)
+}
+
+/// The worker a listener belongs to: member `i` of a per-worker group is named `name#i`
+/// (member 0 keeps the plain name), and goes to worker `i % workers`; everything else to 0.
+pub(crate) fn worker_of(name: &str, workers: usize) -> usize {
+    name.rsplit_once('#')
+        .and_then(|(_, i)| i.parse::<usize>().ok())
+        .map_or(0, |i| i % workers.max(1))
+}
+
+/// The name of member `i` of the per-worker group of listener `name`.
+pub(crate) fn member_name(name: &str, i: usize) -> String {
+    if i == 0 {
+        name.to_string()
+    } else {
+        format!("{name}#{i}")
     }
 }
 
@@ -322,5 +356,23 @@ impl UdpSocketEntry {
                 .map(|a| a.to_string())
                 .unwrap_or_default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_worker_members_are_named_and_assigned_by_index() {
+        assert_eq!(member_name("web", 0), "web");
+        assert_eq!(member_name("web", 3), "web#3");
+        assert_eq!(worker_of("web", 4), 0);
+        assert_eq!(worker_of("web#3", 4), 3);
+        // More members than workers (the previous binary ran more): wrap around, none closed.
+        assert_eq!(worker_of("web#5", 4), 1);
+        assert_eq!(worker_of("web#5", 1), 0);
+        assert_eq!(worker_of("ringflip.control", 4), 0);
+        assert_eq!(worker_of("odd#name", 2), 0);
     }
 }

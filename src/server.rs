@@ -17,8 +17,9 @@ use crate::driver::Driver;
 use crate::handoff::SocketKind;
 use crate::handoff::MAX_LISTENERS;
 use crate::inherit::{self, ParentLink};
-use crate::listener::{Endpoint, ListenSpec, Listener, UdpSocketEntry};
+use crate::listener::{self, Endpoint, ListenSpec, Listener, UdpSocketEntry};
 use crate::machine::{ExitReason, Phase, Timeouts};
+use crate::workers::WorkerSet;
 use crate::{control, sys, systemd, Error, UpgradeError};
 
 /// Configures and starts a [`Server`].
@@ -32,6 +33,7 @@ pub struct Builder {
     max_draining: u32,
     control: Option<PathBuf>,
     udp: Vec<(String, SocketAddr)>,
+    workers: usize,
 }
 
 impl Default for Builder {
@@ -45,6 +47,7 @@ impl Default for Builder {
             max_draining: 4,
             control: None,
             udp: Vec::new(),
+            workers: 1,
         }
     }
 }
@@ -83,6 +86,7 @@ impl Builder {
             name: name.into(),
             endpoint,
             mode,
+            reuseport: false,
         });
         self
     }
@@ -116,6 +120,17 @@ impl Builder {
     /// phase is [`Phase::Draining`] (see [`Handle::watch_phase`]).
     pub fn bind_udp(mut self, name: impl Into<String>, addr: SocketAddr) -> Self {
         self.udp.push((name.into(), addr));
+        self
+    }
+
+    /// Accept on `n` threads (thread-per-core), each with its own ring; run with
+    /// [`Server::run_workers`]. Each TCP listener becomes a group of `n` SO_REUSEPORT sockets,
+    /// one per worker, handed over by index across upgrades (a binary with fewer workers keeps
+    /// accepting on the extra ones, one with more adds members to the group). Unix listeners
+    /// and the control socket are served by worker 0. On READY every worker stops accepting and
+    /// the process drains as one.
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
         self
     }
 
@@ -164,6 +179,12 @@ impl Builder {
         }
         let mut names = HashSet::new();
         for l in &self.listeners {
+            if l.name.contains('#') {
+                return Err(Error::Config(format!(
+                    "listener name {:?}: '#' is reserved for per-worker sockets",
+                    l.name
+                )));
+            }
             if l.name.starts_with("ringflip.") {
                 return Err(Error::Config(format!(
                     "listener name {:?}: names starting with \"ringflip.\" are reserved",
@@ -184,12 +205,32 @@ impl Builder {
                 )));
             }
         }
-        let mut specs = self.listeners.clone();
+        if self.workers == 0 {
+            return Err(Error::Config("workers must be at least 1".into()));
+        }
+        // With several workers, each TCP listener is a group of SO_REUSEPORT sockets, one per
+        // worker, so the kernel spreads connections over them (several acceptors on one socket
+        // do not share: the first armed takes everything).
+        let mut specs = Vec::new();
+        for spec in &self.listeners {
+            if self.workers > 1 && matches!(spec.endpoint, Endpoint::Tcp(_)) {
+                for i in 0..self.workers {
+                    specs.push(ListenSpec {
+                        name: listener::member_name(&spec.name, i),
+                        reuseport: true,
+                        ..spec.clone()
+                    });
+                }
+            } else {
+                specs.push(spec.clone());
+            }
+        }
         if let Some(path) = &self.control {
             specs.push(ListenSpec {
                 name: control::CONTROL_LISTENER.into(),
                 endpoint: Endpoint::Unix(path.clone()),
                 mode: Some(0o600),
+                reuseport: false,
             });
         }
         let signals = handled_signals();
@@ -224,12 +265,41 @@ impl Builder {
                 for spec in &specs {
                     let slot = by_name
                         .iter_mut()
-                        .find(|l| l.as_ref().is_some_and(|(r, _)| r.name == spec.name))
-                        .ok_or_else(|| Error::MissingListener {
-                            name: spec.name.clone(),
-                        })?;
-                    let (record, fd) = slot.take().expect("matched above");
-                    listeners.push(Listener::adopt(spec, &record, fd)?);
+                        .find(|l| l.as_ref().is_some_and(|(r, _)| r.name == spec.name));
+                    match slot {
+                        Some(slot) => {
+                            let (record, fd) = slot.take().expect("matched above");
+                            listeners.push(Listener::adopt(spec, &record, fd)?);
+                        }
+                        // A new member of a per-worker group (this binary runs more workers
+                        // than the previous one): it joins the inherited group, nothing lost.
+                        None if spec.reuseport && spec.name.contains('#') => {
+                            listeners.push(Listener::bind(spec)?);
+                        }
+                        None => {
+                            return Err(Error::MissingListener {
+                                name: spec.name.clone(),
+                            })
+                        }
+                    }
+                }
+                // Members of a per-worker group beyond this binary's worker count: keep
+                // accepting on them (closing one would reset the connections in its queue).
+                for slot in by_name.iter_mut() {
+                    let extra = slot.as_ref().and_then(|(r, _)| {
+                        let (base, _) = r.name.rsplit_once('#')?;
+                        specs
+                            .iter()
+                            .find(|s| s.name == base && matches!(s.endpoint, Endpoint::Tcp(_)))
+                    });
+                    if let Some(base) = extra {
+                        let (record, fd) = slot.take().expect("matched above");
+                        let spec = ListenSpec {
+                            name: record.name.clone(),
+                            ..base.clone()
+                        };
+                        listeners.push(Listener::adopt(&spec, &record, fd)?);
+                    }
                 }
                 for (name, addr) in &self.udp {
                     let slot = by_name
@@ -306,6 +376,7 @@ impl Builder {
             elders,
             udp,
             inherited_fds,
+            worker_listeners: Vec::new(),
             config: Config {
                 timeouts: Timeouts {
                     ready: self.ready_timeout,
@@ -313,6 +384,7 @@ impl Builder {
                 },
                 pid_file: self.pid_file,
                 max_draining: self.max_draining,
+                workers: self.workers,
                 exe,
                 args,
                 signals,
@@ -330,10 +402,11 @@ pub(crate) fn handled_signals() -> SigSet {
     set
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub timeouts: Timeouts,
     pub max_draining: u32,
+    pub workers: usize,
     pub pid_file: Option<PathBuf>,
     pub exe: PathBuf,
     pub args: Vec<OsString>,
@@ -353,6 +426,8 @@ pub struct Server {
     pub(crate) elders: Vec<OwnedFd>,
     pub(crate) udp: Vec<UdpSocketEntry>,
     inherited_fds: Vec<(String, OwnedFd)>,
+    /// Thread-per-core: the workers' listeners (duplicates), for the handoff.
+    pub(crate) worker_listeners: Vec<(crate::handoff::ListenerRecord, OwnedFd)>,
 }
 
 impl fmt::Debug for Server {
@@ -417,12 +492,91 @@ impl Server {
     ///
     /// Returns once the process has finished draining; the caller should then exit.
     pub fn run(self, mut on_connection: impl FnMut(Connection)) -> Result<ExitReason, Error> {
+        self.single_worker("run")?;
         let mut driver = Driver::new(self)?;
         loop {
             if let Some(exit) = driver.turn(true, &mut on_connection)? {
                 return Ok(exit);
             }
         }
+    }
+
+    fn single_worker(&self, what: &str) -> Result<(), Error> {
+        if self.config.workers > 1 {
+            return Err(Error::Config(format!(
+                "{what} serves on one thread; with workers({}) use run_workers",
+                self.config.workers
+            )));
+        }
+        Ok(())
+    }
+
+    /// Serves on [`Builder::workers`] threads (thread-per-core): this thread coordinates (signals,
+    /// upgrades, the control socket) and accepts like the others; each worker thread `i` has
+    /// its own ring on its own SO_REUSEPORT member of every TCP listener, and hands its
+    /// connections to `handler(i)`'s callback, created on that thread. On READY (or shutdown)
+    /// every worker stops accepting; the process drains as one and this returns once every
+    /// worker has finished.
+    pub fn run_workers<F, H>(mut self, handler: F) -> Result<ExitReason, Error>
+    where
+        F: Fn(usize) -> H + Send + Sync + 'static,
+        H: FnMut(Connection) + 'static,
+    {
+        let n = self.config.workers.max(1);
+        let mut per_worker: Vec<Vec<Listener>> = (0..n).map(|_| Vec::new()).collect();
+        for l in self.listeners.drain(..) {
+            per_worker[listener::worker_of(&l.name, n)].push(l);
+        }
+        self.listeners = std::mem::take(&mut per_worker[0]);
+        // The coordinator hands every listener over at an upgrade, the workers' included: it
+        // keeps a duplicate of each (the same socket; a member left out would be closed with
+        // its queue when this process exits).
+        for l in per_worker.iter().flatten() {
+            let fd = sys::dup_cloexec_at_least(l.fd.as_fd(), 3)
+                .map_err(Error::io("duplicating a worker's listener"))?;
+            self.worker_listeners.push((l.record(), fd));
+        }
+        let set = Arc::new(WorkerSet::new(n - 1)?);
+        let handler = Arc::new(handler);
+        let mut threads = Vec::new();
+        for (i, listeners) in per_worker.into_iter().enumerate().skip(1) {
+            let (shared, config, set, handler) = (
+                self.shared.clone(),
+                self.config.clone(),
+                set.clone(),
+                handler.clone(),
+            );
+            let thread = std::thread::Builder::new()
+                .name(format!("ringflip-worker-{i}"))
+                .spawn(move || -> Result<(), Error> {
+                    let mut sink = handler(i);
+                    let mut driver = Driver::new_worker(i, listeners, shared, config, set)?;
+                    while driver.turn(true, &mut sink)?.is_none() {}
+                    Ok(())
+                })
+                .map_err(Error::io("starting a worker thread"))?;
+            threads.push(thread);
+        }
+        let mut sink = handler(0);
+        let result = Driver::new(self).and_then(|driver| {
+            let mut driver = driver.with_workers(set.clone());
+            loop {
+                if let Some(exit) = driver.turn(true, &mut sink)? {
+                    return Ok(exit);
+                }
+            }
+        });
+        // Whatever happened here, the workers must stop too.
+        set.quit.store(true, std::sync::atomic::Ordering::SeqCst);
+        set.signal_all();
+        for t in threads {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "worker failed"),
+                Err(_) => tracing::error!("worker panicked"),
+            }
+        }
+        result
     }
 
     /// Serves as a task of the current tokio runtime (a tokio-uring runtime is one): the ring's
@@ -438,6 +592,7 @@ impl Server {
         use tokio::io::unix::AsyncFd;
         use tokio::io::Interest;
 
+        self.single_worker("run_async")?;
         let mut driver = Driver::new(self)?;
         let notify = driver.notify_fd()?;
         let wake = driver.wake_fd();

@@ -308,7 +308,7 @@ fn fds_without_conns(pid: i32, port: u16) -> usize {
     let conns = accepted_conn_inodes(port);
     fds_of(pid)
         .iter()
-        .filter(|&&(fd, _)| socket_inode_of(pid, fd).map_or(true, |i| !conns.contains(&i)))
+        .filter(|&&(fd, _)| socket_inode_of(pid, fd).is_none_or(|i| !conns.contains(&i)))
         .count()
 }
 
@@ -474,7 +474,7 @@ fn rollback_case(mode: &str, ready_timeout_ms: u64, window_ms: u64, expect_reaso
     assert_no_children_of(&server, old.pid, secs(3));
     server.assert_no_strays(secs(2));
     assert!(
-        proc_stat(child).map_or(true, |s| s.ppid != old.pid),
+        proc_stat(child).is_none_or(|s| s.ppid != old.pid),
         "{mode}: child {child} still exists under the server"
     );
     let reaped = last_log_line(&server, &format!("child reaped child={child}"));
@@ -589,7 +589,7 @@ fn ready_then_die_old_resumes() {
         old.pid
     );
     assert_no_children_of(&server, old.pid, secs(3));
-    assert!(proc_stat(child).map_or(true, |s| s.ppid != old.pid));
+    assert!(proc_stat(child).is_none_or(|s| s.ppid != old.pid));
     let reaped = last_log_line(&server, &format!("child reaped child={child}"));
     thread::sleep(ms(500));
 
@@ -786,7 +786,7 @@ fn killed_while_serving_backlog_survives() {
 
     assert!(signal(p, libc::SIGSTOP));
     let deadline = Instant::now() + secs(3);
-    while p.stat().map_or(true, |s| s.state != 'T') {
+    while p.stat().is_none_or(|s| s.state != 'T') {
         assert!(Instant::now() < deadline, "server did not stop");
         thread::sleep(POLL);
     }
@@ -1069,7 +1069,7 @@ fn cq_overflow_burst_every_connection_served() {
     for round in 0..ROUNDS {
         assert!(signal(p, libc::SIGSTOP));
         let deadline = Instant::now() + secs(3);
-        while p.stat().map_or(true, |s| s.state != 'T') {
+        while p.stat().is_none_or(|s| s.state != 'T') {
             assert!(Instant::now() < deadline, "server did not stop");
             thread::sleep(POLL);
         }

@@ -38,6 +38,7 @@ struct Args {
     udp: Vec<SocketAddr>,
     pass_file: Option<PathBuf>,
     ballast_mib: usize,
+    workers: usize,
 }
 
 fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Args, String> {
@@ -54,6 +55,7 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
         udp: Vec::new(),
         pass_file: None,
         ballast_mib: 0,
+        workers: 1,
     };
     let mut it = argv;
     while let Some(flag) = it.next() {
@@ -78,6 +80,10 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
                     .push(v.parse().map_err(|e| format!("--udp {v}: {e}"))?);
             }
             "--pass-file" => args.pass_file = Some(value()?.into()),
+            "--workers" => {
+                let v = value()?;
+                args.workers = v.parse().map_err(|e| format!("--workers {v}: {e}"))?;
+            }
             "--ballast-mib" => {
                 let v = value()?;
                 args.ballast_mib = v.parse().map_err(|e| format!("--ballast-mib {v}: {e}"))?;
@@ -137,6 +143,9 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
     }
     for (i, addr) in args.udp.iter().enumerate() {
         builder = builder.bind_udp(format!("udp{i}"), *addr);
+    }
+    if args.workers > 1 {
+        builder = builder.workers(args.workers);
     }
     if let Some(max) = args.max_draining {
         builder = builder.max_draining_generations(max);
@@ -238,6 +247,13 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
         }
     }
     let result = match args.runtime {
+        // Thread-per-core: every worker accepts on its own ring and serves its connections on
+        // threads of their own.
+        _ if args.workers > 1 => server.run_workers(|_worker| {
+            |conn| {
+                std::thread::spawn(move || echo_blocking(conn));
+            }
+        }),
         // The upgrade ring runs as a task of the runtime's own thread: no thread hop.
         Runtime::TokioUring => tokio_uring::start(server.run_async(|conn| {
             tokio_uring::spawn(echo(conn));

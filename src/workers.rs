@@ -1,0 +1,57 @@
+//! Thread-per-core: worker threads, each with its own accept ring on its own SO_REUSEPORT
+//! member of every TCP listener, following the coordinator (the thread that runs the state
+//! machine) through one shared state.
+//!
+//! The coordinator flips `accepting` and signals every worker's eventfd; a worker that has
+//! reaped the terminal completion of each of its accepts marks itself `stopped` and signals the
+//! coordinator's wake eventfd. The coordinator reports `AcceptStopped` to its machine only once
+//! its own accepts and every worker have stopped, so every connection accepted anywhere before
+//! the cancel is served and counted before the drain can end. On exit it sets `quit`.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+
+use crate::{sys, Error};
+
+/// State shared by the coordinator and its workers (worker `i` is at index `i - 1`).
+#[derive(Debug)]
+pub(crate) struct WorkerSet {
+    pub accepting: AtomicBool,
+    pub quit: AtomicBool,
+    stopped: Vec<AtomicBool>,
+    wakes: Vec<OwnedFd>,
+}
+
+impl WorkerSet {
+    /// Shared state for `n` workers besides the coordinator.
+    pub(crate) fn new(n: usize) -> Result<WorkerSet, Error> {
+        Ok(WorkerSet {
+            accepting: AtomicBool::new(true),
+            quit: AtomicBool::new(false),
+            stopped: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            wakes: (0..n)
+                .map(|_| sys::eventfd().map_err(Error::io("eventfd")))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Wakes every worker to look at `accepting` and `quit` again.
+    pub(crate) fn signal_all(&self) {
+        for fd in &self.wakes {
+            sys::eventfd_signal(fd.as_fd());
+        }
+    }
+
+    /// The eventfd that wakes worker `i` (`i >= 1`).
+    pub(crate) fn wake_of(&self, i: usize) -> &OwnedFd {
+        &self.wakes[i - 1]
+    }
+
+    pub(crate) fn set_stopped(&self, i: usize, stopped: bool) {
+        self.stopped[i - 1].store(stopped, SeqCst);
+    }
+
+    pub(crate) fn all_stopped(&self) -> bool {
+        self.stopped.iter().all(|s| s.load(SeqCst))
+    }
+}
