@@ -309,35 +309,14 @@ impl Driver {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0);
-        let mut driver = Driver {
-            ring,
-            ops: Ops::default(),
-            accepts: listeners.into_iter().map(AcceptSlot::new).collect(),
-            accepting: true,
-            machine: Machine::new(config.timeouts, id_seed)
-                .with_generation_limit(config.max_draining),
-            shared,
-            config,
-            signalfd: Some(signalfd),
-            workers: None,
-            worker: 0,
-            accepted: 0,
-            successor: None,
-            predecessor: parent,
-            elders,
-            udp,
-            worker_listeners,
-            timer: None,
-            drain_active: false,
-            drained_reported: false,
-            replies: HashMap::new(),
-            next_ticket: 0,
-            exit: None,
-            cqes: Vec::with_capacity(1024),
-            notify: None,
-            timeline: Timeline::default(),
-            span: tracing::Span::none(),
-        };
+        let mut driver = Driver::base(ring, listeners, shared, config);
+        driver.machine = Machine::new(driver.config.timeouts, id_seed)
+            .with_generation_limit(driver.config.max_draining);
+        driver.signalfd = Some(signalfd);
+        driver.predecessor = parent;
+        driver.elders = elders;
+        driver.udp = udp;
+        driver.worker_listeners = worker_listeners;
         for i in 0..driver.accepts.len() {
             driver.arm_accept(i);
         }
@@ -372,33 +351,25 @@ impl Driver {
         Ok(driver)
     }
 
-    /// Makes this (coordinating) driver lead the workers of `set`.
-    pub(crate) fn with_workers(mut self, set: Arc<WorkerSet>) -> Driver {
-        self.workers = Some(set);
-        self
-    }
-
-    /// A worker: an accept ring on `listeners`, on the calling thread, following the
-    /// coordinator through `set`. Its connections go to the sink of its own `turn`s.
-    pub(crate) fn new_worker(
-        index: usize,
+    /// A driver with its accepts (not armed yet) and nothing else: no signals, no machine
+    /// limits, no predecessor; the constructors fill in their part.
+    fn base(
+        ring: IoUring,
         listeners: Vec<Listener>,
         shared: Arc<Shared>,
         config: Config,
-        set: Arc<WorkerSet>,
-    ) -> Result<Driver, Error> {
-        let ring = new_ring()?;
-        let mut driver = Driver {
+    ) -> Driver {
+        Driver {
             ring,
             ops: Ops::default(),
             accepts: listeners.into_iter().map(AcceptSlot::new).collect(),
-            accepting: set.accepting.load(SeqCst),
+            accepting: true,
             machine: Machine::new(config.timeouts, 0),
             shared,
             config,
             signalfd: None,
-            workers: Some(set),
-            worker: index,
+            workers: None,
+            worker: 0,
             accepted: 0,
             successor: None,
             predecessor: None,
@@ -415,7 +386,29 @@ impl Driver {
             notify: None,
             timeline: Timeline::default(),
             span: tracing::Span::none(),
-        };
+        }
+    }
+
+    /// Makes this (coordinating) driver lead the workers of `set`.
+    pub(crate) fn with_workers(mut self, set: Arc<WorkerSet>) -> Driver {
+        self.workers = Some(set);
+        self
+    }
+
+    /// A worker: an accept ring on `listeners`, on the calling thread, following the
+    /// coordinator through `set`. Its connections go to the sink of its own `turn`s.
+    pub(crate) fn new_worker(
+        index: usize,
+        listeners: Vec<Listener>,
+        shared: Arc<Shared>,
+        config: Config,
+        set: Arc<WorkerSet>,
+    ) -> Result<Driver, Error> {
+        let ring = new_ring()?;
+        let mut driver = Driver::base(ring, listeners, shared, config);
+        driver.accepting = set.accepting.load(SeqCst);
+        driver.workers = Some(set);
+        driver.worker = index;
         if driver.accepting {
             for i in 0..driver.accepts.len() {
                 driver.arm_accept(i);
