@@ -265,6 +265,9 @@ pub(crate) struct Driver {
     worker: usize,
     /// Connections this driver accepted (logged at exit).
     accepted: u64,
+    /// Stopping was reported (to the machine, or by a worker to the coordinator) since the
+    /// last stop: once per stop, so the timeline keeps the first moment.
+    stop_reported: bool,
     successor: Option<Successor>,
     predecessor: Option<ParentLink>,
     /// Pidfds of the older generations that were alive when this one started; counted (and
@@ -371,6 +374,7 @@ impl Driver {
             workers: None,
             worker: 0,
             accepted: 0,
+            stop_reported: false,
             successor: None,
             predecessor: None,
             elders: Vec::new(),
@@ -857,6 +861,7 @@ impl Driver {
     /// itself at its terminal completion). The coordinator also tells its workers.
     fn resume_accepting(&mut self) {
         self.accepting = true;
+        self.stop_reported = false;
         if let (Some(set), 0) = (&self.workers, self.worker) {
             set.accepting.store(true, SeqCst);
             set.signal_all();
@@ -871,7 +876,7 @@ impl Driver {
     /// Once no accept of this driver is armed any more: a worker tells the coordinator; the
     /// coordinator tells its machine when every worker has stopped too.
     fn report_if_stopped(&mut self) {
-        if self.accepting || self.accepts.iter().any(|s| s.op.is_some()) {
+        if self.accepting || self.stop_reported || self.accepts.iter().any(|s| s.op.is_some()) {
             return;
         }
         match &self.workers {
@@ -879,9 +884,10 @@ impl Driver {
                 set.set_stopped(self.worker, true);
                 self.shared.wake();
             }
-            Some(set) if !set.all_stopped() => {}
+            Some(set) if !set.all_stopped() => return,
             _ => self.feed(Event::AcceptStopped),
         }
+        self.stop_reported = true;
     }
 
     /// Every accept of this process (all workers) has reached its terminal completion.

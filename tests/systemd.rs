@@ -98,10 +98,16 @@ fn notify_sequence_across_upgrades_and_shutdown() {
 fn socket_activation_adopts_the_systemd_socket() {
     ensure_subreaper();
     let activate = "/usr/bin/systemd-socket-activate";
-    assert!(
-        std::path::Path::new(activate).exists(),
-        "{activate} is needed (Debian package `systemd`; .ci/run installs it)"
-    );
+    if !std::path::Path::new(activate).exists() {
+        // The README's test command must work where only Rust is installed; CI installs the
+        // tool (.ci/run), and there its absence is a failure, not a skip.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{activate} is needed in CI (Debian package `systemd`; .ci/run installs it)"
+        );
+        eprintln!("skipped: {activate} is not installed (Debian package `systemd`)");
+        return;
+    }
     let dir = std::env::temp_dir().join(format!("ringflip-activate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let pid_file = dir.join("pid");
