@@ -12,6 +12,9 @@
 //! - `burst-only`: ringflip's echo server with the same bursts and no upgrade at all: the
 //!   baseline that shows what the bursts alone cost, so the others' in-window numbers can be
 //!   read as "burst + upgrade";
+//! - `ringflip-tokio`: the same server serving on a plain tokio runtime (`run_async` on a
+//!   `LocalSet`), like the tokio-based peers, so the upgrade libraries are compared on the same
+//!   runtime;
 //! - `ringflip`: examples/echo.rs's server (tokio-uring, ringflip's io_uring upgrade ring), SIGHUP;
 //! - `shellflip`, `ecdysis`: Cloudflare's Rust graceful-restart crates, each used as its docs
 //!   intend, on tokio, SIGHUP (see benches/peers/);
@@ -32,9 +35,10 @@ mod support;
 
 use support::scenario::{self, ms, Scenario, Strategy};
 
-const ALL: [&str; 6] = [
+const ALL: [&str; 7] = [
     "burst-only",
     "ringflip",
+    "ringflip-tokio",
     "ecdysis",
     "shellflip",
     "reuseport",
@@ -58,6 +62,9 @@ fn main() -> ExitCode {
         return match kind.as_str() {
             "ringflip" => {
                 support::echo_server::main(rest, support::echo_server::Runtime::TokioUring)
+            }
+            "ringflip-tokio" => {
+                support::echo_server::main(rest, support::echo_server::Runtime::Tokio)
             }
             other => peers::dispatch(other, rest).unwrap_or_else(|| {
                 eprintln!("unknown server kind {other:?}");
@@ -132,6 +139,7 @@ fn main() -> ExitCode {
         let (serve, strategy) = match *kind {
             "burst-only" => ("ringflip", Strategy::BurstOnly),
             "ringflip" => ("ringflip", Strategy::Signal),
+            "ringflip-tokio" => ("ringflip-tokio", Strategy::Signal),
             "ecdysis" => ("ecdysis", Strategy::Signal),
             "shellflip" => ("shellflip", Strategy::Signal),
             "reuseport" => ("plain", Strategy::ReusePort),
@@ -198,8 +206,10 @@ fn main() -> ExitCode {
         if *kind == "burst-only" {
             all_ok &= out.ok();
         }
-        if *kind == "ringflip" {
+        if kind.starts_with("ringflip") {
             all_ok &= out.ok();
+        }
+        if *kind == "ringflip" {
             timelines = out.timelines.clone();
         }
         if out.ok() {
