@@ -2,10 +2,12 @@
 //! [`Machine`] and the machine's [`Action`]s into ring operations.
 //!
 //! In the ring, at once: a multishot accept per listener, a signalfd read (SIGHUP, SIGTERM,
-//! SIGINT), an eventfd read (API requests, the last connection closing, fds freed), the HELLO
-//! SendMsg and the successor's messages (Recv), the successor's exit (PollAdd on a pidfd), the
-//! predecessor's messages (Recv, EOF when it exits) and one Timeout for the earliest deadline.
-//! Nothing in an upgrade blocks the accept loop except `posix_spawn` itself (~0.2 ms).
+//! SIGINT), a multishot poll on the wake eventfd (API requests, the last connection closing,
+//! fds freed, a worker's report), the HELLO SendMsg and the successor's messages (Recv), the
+//! successor's exit (PollAdd on a pidfd), the predecessor's messages (Recv, EOF when it exits)
+//! and one Timeout for the earliest deadline. Nothing in an upgrade blocks the accept loop
+//! except `posix_spawn` itself (~0.2 ms). With `Builder::workers`, each worker thread runs a
+//! driver of its own with only its accepts and its own wake eventfd (see `workers.rs`).
 //!
 //! Rules this file relies on (measured on this kernel, see `IO_URING_FACTS.md`):
 //! - a multishot accept CQE with `res >= 0` is a connection whatever its flags; the multishot
@@ -21,7 +23,12 @@
 //!   visible until this thread enters the ring with GETEVENTS;
 //! - the ring is `dontfork`, and spawning never forks the address space anyway;
 //! - every op owns its memory (buffers, msghdr, fds) in the op table until its final CQE, and
-//!   the ring is dropped only after every op reached it.
+//!   the ring is dropped only after every op reached it;
+//! - for a runtime that sleeps in epoll (`run_async`): a deferred completion does not make the
+//!   ring fd readable, a non-blocking enter runs only a batch of deferred work, and a
+//!   registered eventfd was seen to miss a wake-up caused from another thread; so the runtime
+//!   watches the registered eventfd *and* the wake eventfd, every SQE is submitted before it
+//!   sleeps, and it turns again while the ring fd polls readable (see `Server::run_async`).
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
