@@ -1332,6 +1332,10 @@ impl Driver {
             accepted = self.accepted,
             "accept loop done"
         );
+        // Whatever ends now must not re-arm (an accept's terminal completion would otherwise
+        // re-arm it if this driver exits while still accepting, e.g. a worker told to quit
+        // after the coordinator failed).
+        self.accepting = false;
         let cancel = self.ops.insert(Op::Cancel);
         self.push(
             opcode::AsyncCancel2::new(types::CancelBuilder::any())
