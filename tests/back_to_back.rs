@@ -21,6 +21,10 @@ fn three_upgrades_in_quick_succession_lose_nothing() {
     let mut pids = vec![server.pid()];
     for i in 1..=3 {
         pids.push(server.upgrade());
+        // The new process writes the pid file just before its READY; the old one accepts until
+        // it has processed READY (tens of µs). Give it ample time, so the held connection lands
+        // on the new generation.
+        std::thread::sleep(Duration::from_millis(100));
         held.push(server.open_conn(server.addr(), &format!("gen{i}\n")));
     }
     for p in &pids {
@@ -47,6 +51,8 @@ fn upgrade_is_refused_beyond_the_draining_limit_then_allowed_again() {
     let gen0 = server.pid();
     let c0 = server.open_conn(server.addr(), "gen0\n");
     let gen1 = server.upgrade();
+    // As above: let gen0 process READY before the connection that must land on gen1.
+    std::thread::sleep(Duration::from_millis(100));
     let c1 = server.open_conn(server.addr(), "gen1\n");
     let gen2 = server.upgrade();
     // gen0 and gen1 both drain: a third upgrade is refused, gen2 keeps serving.
