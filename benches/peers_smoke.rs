@@ -35,6 +35,10 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 mod peers;
+#[path = "../examples/support/mod.rs"]
+mod support;
+
+use support::scenario::{self, alive, read_pid, signal};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -389,11 +393,6 @@ fn point(link: &Path, target: &Path) -> Result<(), String> {
         .map_err(|e| format!("symlink {}: {e}", link.display()))
 }
 
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: plain syscall on a pid we started (directly or by upgrade).
-    unsafe { libc::kill(pid as i32, sig) };
-}
-
 /// A client connection with bounded reads and writes.
 struct Client(TcpStream);
 
@@ -437,38 +436,15 @@ fn short_echoes(addr: SocketAddr, n: usize) -> Result<(), String> {
     Ok(())
 }
 
-fn read_pid(path: &Path) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
 /// Polls the pid file until it names a live process other than `old`.
 fn wait_for_pid(path: &Path, old: Option<u32>) -> Result<u32, String> {
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        if let Some(pid) = read_pid(path) {
-            if Some(pid) != old && alive(pid) {
-                return Ok(pid);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    Err(format!(
-        "{} did not name a new live pid within {WAIT:?} (it says {:?})",
-        path.display(),
-        read_pid(path)
-    ))
-}
-
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !matches!(
-            s.rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next()),
-            Some("Z")
-        ),
-        Err(_) => false,
-    }
+    scenario::wait_for_pid(path, old, WAIT).ok_or_else(|| {
+        format!(
+            "{} did not name a new live pid within {WAIT:?} (it says {:?})",
+            path.display(),
+            read_pid(path)
+        )
+    })
 }
 
 /// Inodes of the TCP sockets listening on `port` (any address).

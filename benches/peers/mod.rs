@@ -100,11 +100,7 @@ pub(crate) fn parse_args(
     Ok(args)
 }
 
-fn millis(flag: &str, v: &str) -> Result<Duration, String> {
-    v.parse()
-        .map(Duration::from_millis)
-        .map_err(|e| format!("{flag} {v}: {e}"))
-}
+use crate::support::echo_server::millis;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), like our echo server. The
 /// libraries log through the `log` crate, which tracing-subscriber picks up.

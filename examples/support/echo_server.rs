@@ -112,7 +112,8 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
     Ok(args)
 }
 
-fn millis(flag: &str, v: &str) -> Result<Duration, String> {
+/// Parses a `--…-ms` option value.
+pub fn millis(flag: &str, v: &str) -> Result<Duration, String> {
     v.parse()
         .map(Duration::from_millis)
         .map_err(|e| format!("{flag} {v}: {e}"))

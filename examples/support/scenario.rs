@@ -273,17 +273,19 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
     })
 }
 
-fn signal(pid: u32, sig: libc::c_int) {
+/// `kill(pid, sig)` on a pid this binary started (directly or by upgrade).
+pub fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: plain syscall on a pid this run started (directly or by upgrade).
     unsafe { libc::kill(pid as i32, sig) };
 }
 
-fn read_pid(path: &Path) -> Option<u32> {
+/// The pid a pid file names, if it names one.
+pub fn read_pid(path: &Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// Polls the pid file until it names a live process other than `old`.
-fn wait_for_pid(path: &Path, old: Option<u32>, timeout: Duration) -> Option<u32> {
+pub fn wait_for_pid(path: &Path, old: Option<u32>, timeout: Duration) -> Option<u32> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if let Some(pid) = read_pid(path) {
@@ -296,7 +298,8 @@ fn wait_for_pid(path: &Path, old: Option<u32>, timeout: Duration) -> Option<u32>
     None
 }
 
-fn alive(pid: u32) -> bool {
+/// Whether `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => !matches!(
             s.rsplit(')')
