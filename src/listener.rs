@@ -133,8 +133,7 @@ impl Listener {
                 record.kind
             )));
         }
-        check_listening_socket(fd.as_fd(), kind).map_err(invalid)?;
-        let endpoint = local_endpoint(fd.as_fd(), kind).map_err(|e| invalid(e.to_string()))?;
+        let endpoint = listening_endpoint(fd.as_fd(), kind).map_err(invalid)?;
         if endpoint.to_string() != record.address {
             return Err(invalid(format!(
                 "bound to {endpoint}, but the parent described it as {}",
@@ -162,9 +161,7 @@ impl Listener {
             name: spec.name.clone(),
             why: format!("socket from systemd: {why}"),
         };
-        let kind = spec.endpoint.kind();
-        check_listening_socket(fd.as_fd(), kind).map_err(invalid)?;
-        let endpoint = local_endpoint(fd.as_fd(), kind).map_err(|e| invalid(e.to_string()))?;
+        let endpoint = listening_endpoint(fd.as_fd(), spec.endpoint.kind()).map_err(invalid)?;
         if !endpoint.satisfies(&spec.endpoint) {
             return Err(invalid(format!(
                 "bound to {endpoint}, but this binary is configured for {}",
@@ -180,9 +177,7 @@ impl Listener {
 
     /// Whether an unnamed activated socket is the one `spec` asks for (same kind and address).
     pub(crate) fn fits(spec: &ListenSpec, fd: BorrowedFd<'_>) -> bool {
-        let kind = spec.endpoint.kind();
-        check_listening_socket(fd, kind).is_ok()
-            && local_endpoint(fd, kind).is_ok_and(|e| e.satisfies(&spec.endpoint))
+        listening_endpoint(fd, spec.endpoint.kind()).is_ok_and(|e| e.satisfies(&spec.endpoint))
     }
 
     /// The record describing this listener in HELLO.
@@ -247,6 +242,12 @@ pub(crate) fn check_listening_socket(fd: BorrowedFd<'_>, kind: SocketKind) -> Re
         return Err("the socket is not listening".into());
     }
     Ok(())
+}
+
+/// Where `fd` listens, once it is checked to be a listening stream socket of `kind`.
+fn listening_endpoint(fd: BorrowedFd<'_>, kind: SocketKind) -> Result<Endpoint, String> {
+    check_listening_socket(fd, kind)?;
+    local_endpoint(fd, kind).map_err(|e| e.to_string())
 }
 
 fn local_endpoint(fd: BorrowedFd<'_>, kind: SocketKind) -> io::Result<Endpoint> {
