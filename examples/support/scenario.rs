@@ -260,6 +260,13 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
     let wall = t0.elapsed();
     let server_cpu = children_cpu().saturating_sub(cpu_before);
     let timelines = parse_timelines(&std::fs::read_to_string(&log).unwrap_or_default());
+    if let Some(prefix) = std::env::var_os("RINGFLIP_DUMP_SAMPLES") {
+        let mut path = prefix;
+        path.push(format!("{:?}{}", s.strategy, s.serve_args.join("")));
+        let path = PathBuf::from(path);
+        dump_samples(&path.with_extension("csv"), &rows, &report);
+        let _ = std::fs::copy(&log, path.with_extension("log"));
+    }
     Ok(Outcome {
         timelines,
         rows,
@@ -357,5 +364,26 @@ fn unpin(ncpu: usize) {
             libc::CPU_SET(c, &mut set);
         }
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Writes every sample as `upgrade,offset_us,latency_us` (offset of its scheduled start from the
+/// latest trigger before it; upgrade -1 before the first; latency -1 when it failed), for
+/// looking at where in a window the slow connections were. `RINGFLIP_DUMP_SAMPLES=PREFIX` writes
+/// `PREFIX<strategy><serve args>.csv` per server, and a copy of its log beside it (`.log`).
+fn dump_samples(path: &Path, rows: &[UpgradeRow], report: &LoadReport) {
+    use std::fmt::Write as _;
+    let mut out = String::from("upgrade,offset_us,latency_us\n");
+    for s in &report.samples {
+        let i = rows.partition_point(|r| r.at <= s.scheduled);
+        let (upgrade, offset) = match i.checked_sub(1) {
+            Some(k) => (k as i64, (s.scheduled - rows[k].at).as_micros() as i64),
+            None => (-1, 0),
+        };
+        let latency = s.result.map_or(-1, |d| d.as_micros() as i64);
+        let _ = writeln!(out, "{upgrade},{offset},{latency}");
+    }
+    if let Err(e) = std::fs::write(path, out) {
+        eprintln!("writing {}: {e}", path.display());
     }
 }
