@@ -96,6 +96,9 @@ pub enum ExitReason {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Event {
     UpgradeRequested(Requester),
+    /// The new binary of the upgrade in flight runs. The driver spawns on another thread and
+    /// feeds this (or `SpawnFailed`) only if that upgrade is still the one in flight (in
+    /// `Forking`); a child started for an upgrade given up meanwhile is killed by the driver.
     ChildSpawned {
         pid: u32,
     },
@@ -149,7 +152,7 @@ pub(crate) enum Action {
 /// Tunables the machine needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Timeouts {
-    /// From spawn to READY.
+    /// From the upgrade request to READY (starting the binary included).
     pub ready: Duration,
     /// From the start of the drain to exit.
     pub drain: Duration,
@@ -161,6 +164,9 @@ enum State {
     Forking {
         upgrade: UpgradeId,
         by: Requester,
+        /// The new binary must be started (and READY) by then: a spawn that hangs (an exec
+        /// stuck on a dead network filesystem) must not block upgrades forever.
+        deadline: Instant,
     },
     HandingOver {
         upgrade: UpgradeId,
@@ -260,6 +266,7 @@ impl Machine {
     /// When [`Machine::handle_timeout`] must be called next.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
+            State::Forking { deadline, .. } => Some(deadline),
             State::HandingOver { ready_deadline, .. } => Some(ready_deadline),
             State::Draining(Drain { deadline, .. }) => Some(deadline),
             _ => None,
@@ -269,6 +276,14 @@ impl Machine {
     /// Time passed; fires any deadline at or before `now`. Calling it early is harmless.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
         match self.state {
+            State::Forking { deadline, by, .. } if now >= deadline => {
+                let ms = self.timeouts.ready.as_millis();
+                self.set(State::Serving);
+                self.reply(
+                    by,
+                    Outcome::Failed(format!("the new binary did not start within {ms} ms")),
+                );
+            }
             State::HandingOver {
                 ready_deadline,
                 child,
@@ -311,7 +326,11 @@ impl Machine {
             (State::Serving, E::UpgradeRequested(by)) => {
                 self.next_id += 1;
                 let upgrade = UpgradeId(self.id_seed.wrapping_add(self.next_id));
-                self.set(State::Forking { upgrade, by });
+                self.set(State::Forking {
+                    upgrade,
+                    by,
+                    deadline: now + self.timeouts.ready,
+                });
                 self.push(Action::SpawnChild(upgrade));
             }
             (State::Serving, E::ShutdownRequested) => self.start_drain(DrainCause::Shutdown, now),
@@ -320,12 +339,20 @@ impl Machine {
             (State::Forking { .. }, E::UpgradeRequested(by)) => {
                 self.reply(by, Outcome::Busy("an upgrade is already in flight"))
             }
-            (State::Forking { upgrade, by }, E::ChildSpawned { pid }) => {
+            (
+                State::Forking {
+                    upgrade,
+                    by,
+                    deadline,
+                },
+                E::ChildSpawned { pid },
+            ) => {
+                // One deadline from the request to READY: the time the spawn took counts.
                 self.set(State::HandingOver {
                     upgrade,
                     by,
                     child: pid,
-                    ready_deadline: now + self.timeouts.ready,
+                    ready_deadline: deadline,
                 });
                 self.push(Action::SendListeners(upgrade));
             }
@@ -337,7 +364,7 @@ impl Machine {
                 );
             }
             (State::Forking { by, .. }, E::ShutdownRequested) => {
-                // The driver spawns synchronously, so no child exists yet.
+                // The driver kills the child if its spawn completes after this.
                 self.reply(by, Outcome::Failed("shutdown requested".into()));
                 self.start_drain(DrainCause::Shutdown, now);
             }

@@ -91,8 +91,8 @@ impl Builder {
         self
     }
 
-    /// How long a new process has, from spawn to READY, before the upgrade is rolled back
-    /// (default 30 s).
+    /// How long a new process has, from the upgrade request (starting the binary included) to
+    /// READY, before the upgrade is rolled back (default 30 s).
     pub fn ready_timeout(mut self, timeout: Duration) -> Self {
         self.ready_timeout = timeout;
         self

@@ -1468,3 +1468,68 @@ fn soak_50_upgrades_fds_and_rss_flat() {
 fn soak_1000_upgrades_fds_and_rss_flat() {
     soak(1000);
 }
+
+/// SIGHUP and SIGTERM back to back. The new binary is started on a thread of its own (so the
+/// accept loop never waits for an exec), which lets the shutdown arrive while that spawn is in
+/// flight: the process is draining by the time its would-be successor exists. Whatever the
+/// interleaving, that successor is killed and reaped, the old process exits 0 and nothing is
+/// left behind. If the upgrade completes before the SIGTERM is read (it should not at these
+/// delays), the successor legitimately serves on and is stopped like any server.
+#[test]
+fn shutdown_racing_a_spawn_leaves_nothing_behind() {
+    const ROUNDS: u64 = 10;
+    let mut raced = 0;
+    let mut completed = 0;
+    for round in 0..ROUNDS {
+        let server = EchoServer::start(EchoOpts::default());
+        let gen0 = server.current();
+        assert!(signal(gen0, libc::SIGHUP));
+        // 0, 20, 40… µs: the SIGTERM is read while the spawn is in flight, or just after it.
+        thread::sleep(Duration::from_micros(20 * round));
+        assert!(signal(gen0, libc::SIGTERM));
+        let status = wait_exit(gen0, secs(10)).unwrap_or_else(|| {
+            panic!(
+                "round {round}: the server did not exit\n{}",
+                server.log_tail()
+            )
+        });
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "round {round}: {}\n{}",
+            status_str(status),
+            server.log_tail()
+        );
+        match server.read_pid_file() {
+            Some(pid) if pid != gen0.pid && pid_alive(pid) => {
+                completed += 1;
+                server.guard().track(pid);
+                server.assert_no_strays(secs(5));
+                server.stop();
+            }
+            _ => {
+                server.assert_no_strays(secs(5));
+                let log = log_text(&server);
+                if [
+                    "after its upgrade was given up",
+                    "during the exit",
+                    "child abandoned",
+                ]
+                .iter()
+                .any(|m| log.contains(m))
+                {
+                    raced += 1;
+                }
+                assert!(
+                    !log.contains("ERROR"),
+                    "round {round}: errors logged\n{}",
+                    server.log_tail()
+                );
+            }
+        }
+    }
+    println!(
+        "RESULT shutdown_racing_a_spawn_leaves_nothing_behind: {ROUNDS} rounds, {raced} with a \
+         successor killed, {completed} where the upgrade completed first, 0 strays"
+    );
+    assert!(raced > 0, "no round raced the spawn");
+}

@@ -144,6 +144,7 @@ use Action::{ResumeAccepting, SendListeners, SpawnChild, StartDrain, StopAccepti
 
 // The exact failure and refusal texts (they reach API callers).
 const F_SPAWN: &str = "could not start the new binary: no such file";
+const F_START: &str = "the new binary did not start within 5000 ms";
 const F_HANDOFF: &str = "could not hand the listeners over: broken pipe";
 const F_INVALID: &str = "new process 4242: garbage";
 const F_EXIT: &str = "new process 4242 exited before READY: signal 9";
@@ -369,7 +370,7 @@ fn table() -> Vec<Row> {
         row!(Serving, Shutdown      => Draining,    false, [pc(P::Draining), StopAccepting, StartDrain]),
         row!(Serving, Deadline      => Serving,     true,  []),
 
-        // ---- Forking (REQ's upgrade ID1; the driver spawns synchronously: no child yet).
+        // ---- Forking (REQ's upgrade ID1; the spawn runs on another thread: no child yet).
         row!(Forking, UpSignal      => Forking,     true,  [busy(Requester::Signal, B_IN_FLIGHT)]),
         row!(Forking, UpApi         => Forking,     true,  [busy(LATE, B_IN_FLIGHT)]),
         row!(Forking, Spawned       => HandingOver, true,  [pc(P::HandingOver), SendListeners(ID1)]),
@@ -385,7 +386,7 @@ fn table() -> Vec<Row> {
         row!(Forking, AcceptStopped => Forking,     true,  []),
         row!(Forking, Drained       => Forking,     true,  []),
         row!(Forking, Shutdown      => Draining,    false, [failed(REQ, F_SHUTDOWN), pc(P::Draining), StopAccepting, StartDrain]),
-        row!(Forking, Deadline      => Forking,     true,  []),
+        row!(Forking, Deadline      => Serving,     true,  [pc(P::Serving), failed(REQ, F_START)]),
 
         // ---- HandingOver (child CHILD for ID1, still accepting).
         row!(HandingOver, UpSignal      => HandingOver, true,  [busy(Requester::Signal, B_IN_FLIGHT)]),
@@ -544,8 +545,8 @@ fn poll_timeout_per_phase() {
         let h = build(s);
         let t = h.m.poll_timeout();
         match h.phase() {
-            P::HandingOver | P::Draining => assert!(t.is_some(), "{s:?}"),
-            P::Serving | P::Forking | P::Exited => assert_eq!(t, None, "{s:?}"),
+            P::Forking | P::HandingOver | P::Draining => assert!(t.is_some(), "{s:?}"),
+            P::Serving | P::Exited => assert_eq!(t, None, "{s:?}"),
         }
     }
 }
@@ -581,8 +582,8 @@ fn full_successful_upgrade() {
         h.ev(spawned(CHILD)),
         vec![pc(P::HandingOver), SendListeners(ID1)]
     );
-    // The READY deadline counts from the spawn.
-    assert_eq!(h.m.poll_timeout(), Some(t0 + 3 * MS + TIMEOUTS.ready));
+    // The READY deadline counts from the request: the time the spawn took counts.
+    assert_eq!(h.m.poll_timeout(), Some(t0 + TIMEOUTS.ready));
     assert!(h.m.accepting());
     assert_eq!(h.ev(Event::ListenersSent), vec![]);
     h.wait(Duration::from_secs(1));
@@ -907,6 +908,23 @@ fn shutdown_during_forking_replies_failed_and_drains() {
     // A ChildSpawned that raced the shutdown is stale.
     assert_eq!(h.ev(spawned(CHILD)), vec![]);
     assert_eq!(h.phase(), P::Draining);
+}
+
+#[test]
+fn a_spawn_that_never_completes_is_given_up_at_the_deadline() {
+    let mut h = build(S::Forking);
+    // (`build` ends 1 ms after the request.)
+    let requested = h.now - MS;
+    assert_eq!(h.m.poll_timeout(), Some(requested + TIMEOUTS.ready));
+    h.wait(TIMEOUTS.ready - 2 * MS);
+    assert_eq!(h.tick(), vec![], "not yet");
+    h.wait(MS);
+    assert_eq!(h.tick(), vec![pc(P::Serving), failed(REQ, F_START)]);
+    assert!(h.m.accepting());
+    assert_eq!(h.m.current_upgrade(), None);
+    // The late child's spawn is stale (the driver kills it); a new upgrade starts afresh.
+    assert_eq!(h.ev(spawned(CHILD)), vec![]);
+    assert_eq!(h.ev(upgrade(LATE)), vec![pc(P::Forking), SpawnChild(ID2)]);
 }
 
 #[test]
@@ -1414,7 +1432,7 @@ fn check(records: &[Record]) -> Result<(), String> {
             "(d) accepting() does not match the phase",
         )?;
         ensure(
-            r.timeout.is_some() == matches!(r.after, P::HandingOver | P::Draining),
+            r.timeout.is_some() == matches!(r.after, P::Forking | P::HandingOver | P::Draining),
             "poll_timeout() does not match the phase",
         )?;
         ensure(
