@@ -49,6 +49,11 @@
 //!   the same one-at-a-time pattern, so it includes going to sleep and waking up once per
 //!   connection. Criterion's "time" is CPU time per connection (getrusage has 1 µs resolution,
 //!   spread over many connections per sample).
+//! - `server_cpu_per_conn_batch32/<loop>`: the same CPU time per connection, with the client
+//!   connecting 32 at a time, back to back, before waiting for the server: closer to a busy
+//!   server, where a wake-up finds several connections queued. An accept loop that takes
+//!   several connections per wake-up (multishot accept) pays one sleep/wake for all of them;
+//!   one that goes back to `accept()`/`epoll_wait` per connection does not.
 //! - `drain_backlog_4000/<loop>`: the server is stopped inside its per-connection code (on a
 //!   condvar, after one connection), the client completes 4,000 connections into the kernel's
 //!   accept queue, then releases the server. The time is from the moment the server thread runs
@@ -91,6 +96,8 @@ const DRAIN_N: usize = 4_000;
 const BACKLOG: i32 = 4096;
 /// Arrival slots: more than the connections ever outstanding at once (DRAIN_N + 1).
 const SLOTS: usize = 8192;
+/// Connections per client batch in `server_cpu_per_conn_batched`.
+const BATCH: u64 = 32;
 /// Connections in the allocation count (after as many warm-up connections).
 const ALLOC_BATCH: u64 = 1_000;
 const SERVER_CPU: usize = 0;
@@ -711,6 +718,39 @@ impl Harness {
         Duration::from_nanos(after.saturating_sub(before))
     }
 
+    /// Server CPU time for `iters` connections, the client connecting them `BATCH` at a time
+    /// (each `connect()` returns once the handshake is done, so the connections of a batch
+    /// reach the server as fast as one client thread can make them).
+    fn cpu_batched(&mut self, iters: u64) -> Duration {
+        let (before, _) = self.mark();
+        let mut left = iters.saturating_sub(1);
+        while left > 0 {
+            let n = left.min(BATCH);
+            self.batch(n);
+            left -= n;
+        }
+        let (after, _) = self.mark(); // the last of the `iters` connections
+        Duration::from_nanos(after.saturating_sub(before))
+    }
+
+    /// `n` connections back to back, then wait until the server holds them all; both ends are
+    /// closed afterwards.
+    fn batch(&mut self, n: u64) {
+        let first = self.next;
+        for _ in 0..n {
+            let (client, _) = self.connect();
+            self.held.push(client);
+        }
+        self.wait_handled(first + n);
+        self.next += n;
+        let mut held = std::mem::take(&mut self.held);
+        for (seq, client) in (first..).zip(held.drain(..)) {
+            drop(client); // RST first, as in `one`
+            self.close_server_end(seq);
+        }
+        self.held = held;
+    }
+
     /// One drain of DRAIN_N queued connections; see the crate docs.
     fn drain_once(&mut self) -> Duration {
         let shared = self.server.shared.clone();
@@ -828,6 +868,16 @@ fn main() {
             group.bench_function(kind.name(), |b| {
                 let h = harness(&mut servers, kind);
                 b.iter_custom(|iters| h.cpu(iters));
+            });
+        }
+        group.finish();
+    }
+    {
+        let mut group = c.benchmark_group(format!("server_cpu_per_conn_batch{BATCH}"));
+        for kind in KINDS {
+            group.bench_function(kind.name(), |b| {
+                let h = harness(&mut servers, kind);
+                b.iter_custom(|iters| h.cpu_batched(iters));
             });
         }
         group.finish();
