@@ -6,6 +6,7 @@
 //! cargo bench --bench upgrade_under_load -- --upgrades 100 --rate 5000
 //! cargo bench --bench upgrade_under_load -- --only ringflip,ecdysis
 //! cargo bench --bench upgrade_under_load -- --test             # CI: 2 upgrades each, quick
+//! cargo bench --bench upgrade_under_load -- --unpinned-server  # servers not pinned to CPU 0
 //! ```
 //!
 //! Servers (each this same binary re-executed as `--serve KIND`, all echo servers):
@@ -24,7 +25,8 @@
 //! Per server: failures by kind, long-lived pings failed, latency (from each connection's
 //! *scheduled* start, so stalls count) p50/p99/p99.9/max steady and in the 500 ms after each
 //! upgrade, median handover (trigger → new process's pid file), and server CPU (all
-//! generations) as a share of one core. Server on CPU 0, load generator on CPU 1.
+//! generations) as a share of one core. Server on CPU 0 (unless `--unpinned-server`), load
+//! generator on CPU 1.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -52,6 +54,7 @@ struct Opts {
     long_lived: usize,
     burst: usize,
     only: Vec<String>,
+    pin_server: bool,
 }
 
 fn main() -> ExitCode {
@@ -79,12 +82,14 @@ fn main() -> ExitCode {
         long_lived: 16,
         burst: 512,
         only: ALL.iter().map(|s| s.to_string()).collect(),
+        pin_server: true,
     };
     let mut it = argv.into_iter();
     while let Some(flag) = it.next() {
         match flag.as_str() {
             // `cargo bench` passes --bench; `cargo test --benches` and CI's quick run pass --test.
             "--bench" => {}
+            "--unpinned-server" => o.pin_server = false,
             "--test" => {
                 o.upgrades = 2;
                 o.rate = 1000;
@@ -121,12 +126,17 @@ fn main() -> ExitCode {
     }
     println!(
         "upgrade under load: {} conn/s open loop + {} long-lived pinging every 100 ms; {} upgrades \
-         every {} ms, each with a burst of {} connects",
+         every {} ms, each with a burst of {} connects; server {}",
         o.rate,
         o.long_lived,
         o.upgrades,
         o.interval.as_millis(),
-        o.burst
+        o.burst,
+        if o.pin_server {
+            "pinned to CPU 0"
+        } else {
+            "not pinned"
+        }
     );
     println!(
         "{:<10} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
@@ -157,6 +167,7 @@ fn main() -> ExitCode {
             // give them a short drain so each restart completes within the interval.
             server_args: Vec::new(),
             warmup: Duration::ZERO,
+            pin_server: o.pin_server,
             drain_timeout: match strategy {
                 // Longer than the run, so the long-lived connections are never cut.
                 Strategy::Signal | Strategy::BurstOnly => {

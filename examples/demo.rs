@@ -88,6 +88,7 @@ fn run(opts: &Opts) -> Result<bool, String> {
         opts.burst
     );
     let out = scenario::run(&Scenario {
+        pin_server: true,
         serve_args: vec!["--serve".into()],
         strategy: Strategy::Signal,
         upgrades: opts.upgrades,

@@ -386,6 +386,8 @@ impl Driver {
         tracing::info!(
             pid = std::process::id(),
             listeners = driver.accepts.len(),
+            // What starting up cost, exec included: under load it competes with the serving.
+            startup_cpu_us = sys::process_cpu_time().as_micros() as u64,
             "serving"
         );
         Ok(driver)

@@ -289,3 +289,18 @@ pub(crate) fn euid() -> u32 {
     // SAFETY: always succeeds.
     unsafe { libc::geteuid() }
 }
+
+/// User + system CPU time this process has used so far (all threads).
+pub(crate) fn process_cpu_time() -> std::time::Duration {
+    // SAFETY: rusage is plain data that getrusage fills; RUSAGE_SELF cannot fail.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| {
+        std::time::Duration::from_secs(t.tv_sec as u64)
+            + std::time::Duration::from_micros(t.tv_usec as u64)
+    };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}

@@ -42,6 +42,10 @@ pub struct Scenario {
     pub server_args: Vec<String>,
     /// Wait this long after the server starts before loading it (e.g. for its ballast).
     pub warmup: Duration,
+    /// Pin the server (and so every generation it starts) to CPU 0, the load generator being on
+    /// CPU 1. Off: the server's processes run wherever the scheduler puts them, as in a
+    /// deployment without pinning (they then share CPU 1 with the load generator at times).
+    pub pin_server: bool,
 }
 
 pub struct UpgradeRow {
@@ -173,13 +177,14 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
         if reuseport {
             cmd.arg("--reuseport");
         }
-        if two_cores {
+        let pin = two_cores && s.pin_server;
+        if pin {
             // Server on CPU 0, load on CPU 1: they do not measure each other. The server
             // inherits the affinity from this thread, its successors from it.
             pin_to_cpu(0);
         }
         let child = cmd.spawn().map_err(|e| format!("starting the server: {e}"));
-        if two_cores {
+        if pin {
             unpin(ncpu);
         }
         Ok(child?.id())
