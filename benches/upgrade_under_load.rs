@@ -238,14 +238,18 @@ fn main() -> ExitCode {
                 println!("  {:<18} {m:>9}", phase.trim_end_matches("_us"));
             }
         }
-        let let_go: Vec<[i64; 6]> = timelines
-            .iter()
-            .filter(|r| r[2] >= 0 && r[3] >= 0)
-            .map(|r| [r[3] - r[2], 0, 0, 0, 0, 0])
-            .collect();
-        if let Some(m) = scenario::median_us(&let_go, 0) {
-            let max = let_go.iter().map(|r| r[0]).max().unwrap_or(0);
-            println!("  READY → accepting stopped (old side lets go): median {m} µs, max {max} µs");
+        if let Some((m, max)) =
+            scenario::gap_us(&timelines, scenario::READY, scenario::ACCEPT_STOPPED)
+        {
+            println!("  READY received → accepting stopped: median {m} µs, max {max} µs");
+        }
+        if let Some((m, max)) =
+            scenario::gap_us(&timelines, scenario::READY_SENT, scenario::ACCEPT_STOPPED)
+        {
+            println!(
+                "  READY sent by the new process → old one's accepting stopped (old side lets go): \
+                 median {m} µs, max {max} µs"
+            );
         }
     }
     // Only ringflip is held to "nothing fails": the peers' failures are the measurement.

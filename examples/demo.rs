@@ -162,16 +162,19 @@ fn run(opts: &Opts) -> Result<bool, String> {
         out.rows.len(),
         opts.upgrades
     );
-    if let (Some(spawned), Some(ready), Some(stopped)) = (
-        scenario::median_us(&out.timelines, 0),
-        scenario::median_us(&out.timelines, 2),
-        scenario::median_us(&out.timelines, 3),
+    if let (Some(spawned), Some(ready), Some((let_go, let_go_max))) = (
+        scenario::median_us(&out.timelines, scenario::SPAWNED),
+        scenario::median_us(&out.timelines, scenario::READY),
+        scenario::gap_us(
+            &out.timelines,
+            scenario::READY_SENT,
+            scenario::ACCEPT_STOPPED,
+        ),
     ) {
         println!(
-            "old process, median over {} upgrades: new process spawned {spawned} µs after SIGHUP, READY after {:.2} ms, accepting stopped {} µs after READY",
+            "old process, median over {} upgrades: new process spawned {spawned} µs after SIGHUP, READY after {:.2} ms, accepting stopped {let_go} µs after the new process sent READY (max {let_go_max} µs)",
             out.timelines.len(),
             ready as f64 / 1e3,
-            stopped - ready
         );
     }
     println!(

@@ -254,6 +254,7 @@ impl SpawnJob {
 /// and the benchmarks.
 #[derive(Clone, Copy, Default)]
 struct Timeline {
+    upgrade: Option<UpgradeId>,
     trigger: Option<Instant>,
     spawned: Option<Instant>,
     hello_sent: Option<Instant>,
@@ -269,8 +270,13 @@ impl Timeline {
             t.map(|t| t.saturating_duration_since(t0).as_micros() as i64)
                 .unwrap_or(-1)
         };
+        let trigger_mono_us = sys::monotonic_us().saturating_sub(t0.elapsed().as_micros() as u64);
+        let upgrade = self.upgrade.map(|id| id.to_string()).unwrap_or_default();
         tracing::info!(
             target: "ringflip::timeline",
+            trigger_mono_us,
+            // Also in the span, but spans may be filtered out.
+            upgrade.id = %upgrade,
             spawned_us = us(self.spawned),
             hello_sent_us = us(self.hello_sent),
             ready_us = us(self.ready),
@@ -376,7 +382,15 @@ impl Driver {
             if let Err(e) = sys::send_nonblocking(link.channel.as_fd(), &ready) {
                 return Err(Error::Handoff(format!("sending READY: {e}")));
             }
-            tracing::info!(upgrade.id = %link.upgrade, predecessor = link.parent_pid, "READY sent");
+            // On the timeline target, with the monotonic clock: the benchmarks measure from this
+            // moment to the old process's "accepting stopped".
+            tracing::info!(
+                target: "ringflip::timeline",
+                predecessor = link.parent_pid,
+                upgrade.id = %link.upgrade,
+                sent_mono_us = sys::monotonic_us(),
+                "READY sent"
+            );
             driver.arm_predecessor_recv();
         }
         if driver.predecessor.is_none() {
@@ -999,6 +1013,7 @@ impl Driver {
                 );
                 let _in_upgrade = self.span.clone().entered();
                 self.timeline = Timeline {
+                    upgrade: Some(upgrade),
                     trigger: Some(Instant::now()),
                     ..Timeline::default()
                 };

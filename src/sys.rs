@@ -304,3 +304,15 @@ pub(crate) fn process_cpu_time() -> std::time::Duration {
     };
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
+
+/// CLOCK_MONOTONIC in microseconds: the same clock in every process of the machine, so an
+/// upgrade's timeline can relate the old process's events to the new one's.
+pub(crate) fn monotonic_us() -> u64 {
+    // SAFETY: clock_gettime fills the timespec; CLOCK_MONOTONIC always exists on Linux.
+    let ts = unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+        ts
+    };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}

@@ -68,30 +68,71 @@ pub struct Outcome {
     pub dir: PathBuf,
     /// ringflip's per-upgrade timelines from the server log (µs from the trigger), in the order
     /// of [`PHASES`]; empty for servers that do not log one.
-    pub timelines: Vec<[i64; 6]>,
+    pub timelines: Vec<TimelineRow>,
 }
 
-/// The steps of ringflip's upgrade timeline, as logged by the old process when it exits.
-pub const PHASES: [&str; 6] = [
+/// The steps of ringflip's upgrade timeline, in µs from the trigger: the old process's own
+/// (logged when it exits), then the moment the new process sent READY (from its own log; the
+/// same monotonic clock).
+pub const PHASES: [&str; 7] = [
     "spawned_us",
     "hello_sent_us",
     "ready_us",
     "accept_stopped_us",
     "drained_us",
     "exited_us",
+    "ready_sent_us",
 ];
+/// Indices into [`PHASES`].
+pub const SPAWNED: usize = 0;
+pub const READY: usize = 2;
+pub const ACCEPT_STOPPED: usize = 3;
+pub const READY_SENT: usize = 6;
 
-/// Reads every `upgrade timeline` line of a server log.
-pub fn parse_timelines(log: &str) -> Vec<[i64; 6]> {
+/// One upgrade's timeline: µs from the trigger per [`PHASES`] entry, -1 where not reached.
+pub type TimelineRow = [i64; 7];
+
+/// `key=value` pairs of a log line, span fields (`upgrade{upgrade.id=…}:`) included.
+fn fields(line: &str) -> impl Iterator<Item = (&str, &str)> {
+    line.split(|c: char| c.is_whitespace() || c == '{')
+        .filter_map(|t| t.split_once('='))
+        .map(|(k, v)| (k, v.trim_end_matches(['}', ':'])))
+}
+
+/// Reads every upgrade timeline of a server log: the old processes' `upgrade timeline` lines,
+/// matched by upgrade id with the new processes' `READY sent` lines.
+pub fn parse_timelines(log: &str) -> Vec<TimelineRow> {
+    let mut ready_sent = std::collections::HashMap::new();
+    for line in log.lines().filter(|l| l.contains("READY sent")) {
+        let id = fields(line)
+            .find(|(k, _)| *k == "upgrade.id")
+            .map(|(_, v)| v);
+        let at = fields(line)
+            .find(|(k, _)| *k == "sent_mono_us")
+            .and_then(|(_, v)| v.parse::<i64>().ok());
+        if let (Some(id), Some(at)) = (id, at) {
+            ready_sent.insert(id.to_owned(), at);
+        }
+    }
     log.lines()
         .filter(|l| l.contains("upgrade timeline"))
         .filter_map(|l| {
-            let mut row = [-1i64; 6];
-            for token in l.split_whitespace() {
-                if let Some((k, v)) = token.split_once('=') {
-                    if let Some(i) = PHASES.iter().position(|p| *p == k) {
-                        row[i] = v.parse().ok()?;
+            let mut row = [-1i64; 7];
+            let (mut id, mut trigger) = (None, None);
+            for (k, v) in fields(l) {
+                match k {
+                    "upgrade.id" => id = Some(v),
+                    "trigger_mono_us" => trigger = v.parse::<i64>().ok(),
+                    _ => {
+                        if let Some(i) = PHASES.iter().position(|p| *p == k) {
+                            row[i] = v.parse().ok()?;
+                        }
                     }
+                }
+            }
+            if let (Some(id), Some(trigger)) = (id, trigger) {
+                if let Some(sent) = ready_sent.get(id) {
+                    row[READY_SENT] = sent - trigger;
                 }
             }
             Some(row)
@@ -100,10 +141,21 @@ pub fn parse_timelines(log: &str) -> Vec<[i64; 6]> {
 }
 
 /// The median of column `i` over the rows where it was reached.
-pub fn median_us(rows: &[[i64; 6]], i: usize) -> Option<i64> {
+pub fn median_us(rows: &[TimelineRow], i: usize) -> Option<i64> {
     let mut v: Vec<i64> = rows.iter().map(|r| r[i]).filter(|x| *x >= 0).collect();
     v.sort_unstable();
     v.get(v.len() / 2).copied()
+}
+
+/// Median and max of `to - from` over the rows where both were reached.
+pub fn gap_us(rows: &[TimelineRow], from: usize, to: usize) -> Option<(i64, i64)> {
+    let mut v: Vec<i64> = rows
+        .iter()
+        .filter(|r| r[from] >= 0 && r[to] >= 0)
+        .map(|r| r[to] - r[from])
+        .collect();
+    v.sort_unstable();
+    Some((*v.get(v.len() / 2)?, *v.last()?))
 }
 
 impl Outcome {
