@@ -220,31 +220,31 @@ fn main() -> ExitCode {
         if kind.starts_with("ringflip") {
             all_ok &= out.ok();
         }
-        if *kind == "ringflip" {
-            timelines = out.timelines.clone();
+        if !out.timelines.is_empty() {
+            timelines.push((*kind, out.timelines.clone()));
         }
         if out.ok() {
             let _ = std::fs::remove_dir_all(&out.dir);
         }
     }
-    if !timelines.is_empty() {
+    for (kind, timelines) in &timelines {
         println!();
         println!(
-            "ringflip upgrade timeline, median µs from the trigger over {} upgrades:",
+            "{kind} upgrade timeline, median µs from the trigger over {} upgrades:",
             timelines.len()
         );
         for (i, phase) in scenario::PHASES.iter().enumerate() {
-            if let Some(m) = scenario::median_us(&timelines, i) {
+            if let Some(m) = scenario::median_us(timelines, i) {
                 println!("  {:<18} {m:>9}", phase.trim_end_matches("_us"));
             }
         }
         if let Some((m, max)) =
-            scenario::gap_us(&timelines, scenario::READY, scenario::ACCEPT_STOPPED)
+            scenario::gap_us(timelines, scenario::READY, scenario::ACCEPT_STOPPED)
         {
             println!("  READY received → accepting stopped: median {m} µs, max {max} µs");
         }
         if let Some((m, max)) =
-            scenario::gap_us(&timelines, scenario::READY_SENT, scenario::ACCEPT_STOPPED)
+            scenario::gap_us(timelines, scenario::READY_SENT, scenario::ACCEPT_STOPPED)
         {
             println!(
                 "  READY sent by the new process → old one's accepting stopped (old side lets go): \
