@@ -19,7 +19,9 @@
 //! threads), `--max-draining N` (at most N generations draining at once: refuse an upgrade while N older
 //! ones still drain; default 4), `--control PATH` (a control socket, mode 0600), `--udp ADDR`
 //! (a UDP echo socket, handed over at each upgrade), `--pass-file PATH` (an open file handed
-//! over as a raw fd; each generation appends a line to it through the inherited fd).
+//! over as a raw fd; each generation appends a line to it through the inherited fd),
+//! `--stall-on-handover-ms N` (fault injection: block the serving thread N ms when an upgrade
+//! reaches HandingOver, tokio-uring runtime only).
 //!
 //! `echo ctl PATH upgrade` asks the server on control socket PATH to upgrade, prints
 //! `ok <new pid>` or `failed: <reason>`, and exits non-zero on failure (for `ExecReload=` and

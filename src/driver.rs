@@ -74,6 +74,10 @@ type Token = u64;
 #[allow(dead_code)]
 enum Op {
     Accept(usize),
+    /// A takeover poll on listener `i` (see `start_takeover`).
+    TakeoverPoll(usize),
+    /// A one-shot, non-waiting accept on listener `i` after its takeover poll fired.
+    TakeoverAccept(usize),
     ReadSignal(Box<libc::signalfd_siginfo>),
     PollWake,
     Timer(Box<types::Timespec>),
@@ -200,6 +204,11 @@ struct AcceptSlot {
     backoff: Duration,
     /// The error that paused this listener, logged once per episode.
     paused_by: Option<i32>,
+    /// The takeover poll, while armed, and whether its cancel was sent.
+    takeover: Option<Token>,
+    takeover_cancel_sent: bool,
+    /// The takeover accept in flight (at most one per listener).
+    takeover_accept: Option<Token>,
 }
 
 impl AcceptSlot {
@@ -212,7 +221,15 @@ impl AcceptSlot {
             retry_at: None,
             backoff: BACKOFF_MIN,
             paused_by: None,
+            takeover: None,
+            takeover_cancel_sent: false,
+            takeover_accept: None,
         }
+    }
+
+    /// Whether any accepting op of this listener is still in flight.
+    fn armed(&self) -> bool {
+        self.op.is_some() || self.takeover.is_some() || self.takeover_accept.is_some()
     }
 }
 
@@ -328,6 +345,9 @@ pub(crate) struct Driver {
     /// See [`Driver::notify_fd`].
     notify: Option<OwnedFd>,
     timeline: Timeline,
+    /// Takeover polls are wanted: from this (new) process's READY until its predecessor says it
+    /// stopped accepting (or exits). See `start_takeover`.
+    takeover: bool,
     /// Spawns in flight on their own threads (see `start_spawn`), and where they report.
     spawning: Vec<std::thread::JoinHandle<()>>,
     spawn_results: (mpsc::Sender<SpawnResult>, mpsc::Receiver<SpawnResult>),
@@ -365,6 +385,9 @@ impl Driver {
         driver.worker_listeners = worker_listeners;
         for i in 0..driver.accepts.len() {
             driver.arm_accept(i);
+        }
+        if driver.predecessor.is_some() {
+            driver.start_takeover();
         }
         driver.arm_signal_read();
         driver.arm_wake_read();
@@ -442,6 +465,7 @@ impl Driver {
             cqes: Vec::with_capacity(1024),
             notify: None,
             timeline: Timeline::default(),
+            takeover: false,
             spawning: Vec::new(),
             spawn_results: mpsc::channel(),
             span: tracing::Span::none(),
@@ -647,30 +671,50 @@ impl Driver {
                 if res >= 0 {
                     // SAFETY: a non-negative accept result is a new fd installed for us.
                     let fd = unsafe { OwnedFd::from_raw_fd(res) };
-                    let slot = &mut self.accepts[i];
-                    if slot.paused_by.take().is_some() {
-                        tracing::info!(listener = %slot.listener.name, "accepting again");
-                        slot.backoff = BACKOFF_MIN;
-                        self.update_paused_flag();
-                    }
-                    self.accepted += 1;
-                    let guard = DrainGuard::new(&self.shared);
-                    let slot = &self.accepts[i];
-                    if slot.control {
-                        control::serve(fd, Handle::from_shared(self.shared.clone()), guard);
-                    } else {
-                        sink(Connection::new(
-                            fd,
-                            slot.listener.name.clone(),
-                            !matches!(slot.listener.endpoint, Endpoint::Tcp(_)),
-                            guard,
-                        ));
-                    }
+                    self.deliver(i, fd, sink);
                 }
                 if !more {
                     self.ops.remove(token);
                     self.accept_ended(i, res);
                 }
+            }
+            Op::TakeoverPoll(i) => {
+                let i = *i;
+                if !more {
+                    self.ops.remove(token);
+                    self.accepts[i].takeover = None;
+                    self.accepts[i].takeover_cancel_sent = false;
+                }
+                if res > 0 {
+                    self.take_over(i);
+                }
+                if !more {
+                    if self.takeover && self.accepting && res != -libc::ECANCELED {
+                        self.arm_takeover(i);
+                    }
+                    self.report_if_stopped();
+                }
+            }
+            Op::TakeoverAccept(i) => {
+                let i = *i;
+                self.ops.remove(token);
+                self.accepts[i].takeover_accept = None;
+                if res >= 0 {
+                    // SAFETY: a non-negative accept result is a new fd installed for us.
+                    let fd = unsafe { OwnedFd::from_raw_fd(res) };
+                    self.deliver(i, fd, sink);
+                    // More may be queued: take them until EAGAIN.
+                    self.take_over(i);
+                } else if res == -libc::EINVAL {
+                    // This kernel has no IORING_ACCEPT_DONTWAIT (Linux < 6.10): no takeover;
+                    // the predecessor's accept stop ends the overlap as before.
+                    tracing::debug!("takeover accepts not supported by this kernel");
+                    self.end_takeover();
+                }
+                // EAGAIN: the queue was empty (the predecessor or our own multishot accept took
+                // the connection). Other errors: the multishot accept meets them too and backs
+                // off; nothing to do here.
+                self.report_if_stopped();
             }
             Op::ReadSignal(_) => {
                 let Some(Op::ReadSignal(info)) = self.ops.remove(token) else {
@@ -766,10 +810,18 @@ impl Driver {
                 }
             }
             Op::RecvPredecessor(_) => {
-                self.ops.remove(token);
+                let Some(Op::RecvPredecessor(buf)) = self.ops.remove(token) else {
+                    unreachable!()
+                };
                 match res {
-                    n if n > 0 => self.arm_predecessor_recv(),
+                    n if n > 0 => {
+                        if let Ok(Message::Released(_)) = Message::decode(&buf[..n as usize]) {
+                            self.end_takeover();
+                        }
+                        self.arm_predecessor_recv();
+                    }
                     0 => {
+                        self.end_takeover();
                         if let Some(link) = self.predecessor.take() {
                             tracing::info!(
                                 predecessor = link.parent_pid,
@@ -807,6 +859,103 @@ impl Driver {
     }
 
     /// A multishot accept reached its terminal CQE.
+    /// Hands a freshly accepted connection of listener `i` to the application.
+    fn deliver(&mut self, i: usize, fd: OwnedFd, sink: &mut dyn FnMut(Connection)) {
+        let slot = &mut self.accepts[i];
+        if slot.paused_by.take().is_some() {
+            tracing::info!(listener = %slot.listener.name, "accepting again");
+            slot.backoff = BACKOFF_MIN;
+            self.update_paused_flag();
+        }
+        self.accepted += 1;
+        let guard = DrainGuard::new(&self.shared);
+        let slot = &self.accepts[i];
+        if slot.control {
+            control::serve(fd, Handle::from_shared(self.shared.clone()), guard);
+        } else {
+            sink(Connection::new(
+                fd,
+                slot.listener.name.clone(),
+                !matches!(slot.listener.endpoint, Endpoint::Tcp(_)),
+                guard,
+            ));
+        }
+    }
+
+    /// A new process takes connections from the moment it is READY, however long its
+    /// predecessor takes to notice the READY and stop accepting.
+    ///
+    /// Why it is needed: accept wake-ups are exclusive and go to the waiter armed first — the
+    /// predecessor's multishot accept (IO_URING_FACTS.md: the acceptor armed first takes
+    /// everything, even while it does not reap). With DEFER_TASKRUN the predecessor's accepts
+    /// run only when its thread enters its ring; a predecessor busy in its runtime (a burst of
+    /// connections to serve) noticed READY 0.1–3 ms late here, and connections waited in the
+    /// queue that long while this process idled.
+    ///
+    /// How: besides the multishot accept, each listener gets a multishot `PollAdd` (POLLIN),
+    /// which is a *non*-exclusive waiter: woken on every new connection whoever else is. On
+    /// each poll completion one `Accept` with `IORING_ACCEPT_DONTWAIT` (never waits: -EAGAIN
+    /// when the queue is empty) takes what is queued; the first process to run takes the
+    /// connection, the other finds the queue empty. It ends when the predecessor sends
+    /// RELEASED (its accepts all stopped) or its channel closes, because from then on the
+    /// multishot accept alone is cheaper.
+    fn start_takeover(&mut self) {
+        self.takeover = true;
+        for i in 0..self.accepts.len() {
+            if !self.accepts[i].control {
+                self.arm_takeover(i);
+            }
+        }
+    }
+
+    fn arm_takeover(&mut self, i: usize) {
+        let fd = self.accepts[i].listener.fd.as_raw_fd();
+        let token = self.ops.insert(Op::TakeoverPoll(i));
+        self.accepts[i].takeover = Some(token);
+        self.accepts[i].takeover_cancel_sent = false;
+        self.push(
+            opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+                .multi(true)
+                .build()
+                .user_data(token),
+        );
+    }
+
+    /// One non-waiting accept on listener `i`, unless one is in flight already.
+    fn take_over(&mut self, i: usize) {
+        if !self.takeover || !self.accepting || self.accepts[i].takeover_accept.is_some() {
+            return;
+        }
+        let fd = self.accepts[i].listener.fd.as_raw_fd();
+        let token = self.ops.insert(Op::TakeoverAccept(i));
+        self.accepts[i].takeover_accept = Some(token);
+        let entry = opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(token);
+        self.push(with_ioprio(entry, IORING_ACCEPT_DONTWAIT));
+    }
+
+    /// Stops the takeover polls (the in-flight accept finishes by itself: it never waits).
+    fn end_takeover(&mut self) {
+        if !self.takeover {
+            return;
+        }
+        self.takeover = false;
+        self.cancel_takeover_polls();
+    }
+
+    fn cancel_takeover_polls(&mut self) {
+        for i in 0..self.accepts.len() {
+            let slot = &mut self.accepts[i];
+            if let (Some(op), false) = (slot.takeover, slot.takeover_cancel_sent) {
+                slot.takeover_cancel_sent = true;
+                let cancel = self.ops.insert(Op::Cancel);
+                self.push(opcode::AsyncCancel::new(op).build().user_data(cancel));
+            }
+        }
+    }
+
     fn accept_ended(&mut self, i: usize, res: i32) {
         let slot = &mut self.accepts[i];
         slot.op = None;
@@ -909,6 +1058,7 @@ impl Driver {
                 self.push(opcode::AsyncCancel::new(op).build().user_data(cancel));
             }
         }
+        self.cancel_takeover_polls();
         self.update_paused_flag();
         self.report_if_stopped();
     }
@@ -926,13 +1076,16 @@ impl Driver {
             if self.accepts[i].op.is_none() {
                 self.arm_accept(i);
             }
+            if self.takeover && self.accepts[i].takeover.is_none() && !self.accepts[i].control {
+                self.arm_takeover(i);
+            }
         }
     }
 
     /// Once no accept of this driver is armed any more: a worker tells the coordinator; the
     /// coordinator tells its machine when every worker has stopped too.
     fn report_if_stopped(&mut self) {
-        if self.accepting || self.stop_reported || self.accepts.iter().any(|s| s.op.is_some()) {
+        if self.accepting || self.stop_reported || self.accepts.iter().any(AcceptSlot::armed) {
             return;
         }
         match &self.workers {
@@ -941,14 +1094,21 @@ impl Driver {
                 self.shared.wake();
             }
             Some(set) if !set.all_stopped() => return,
-            _ => self.feed(Event::AcceptStopped),
+            _ => {
+                self.feed(Event::AcceptStopped);
+                // The successor may stop its takeover polls: connections reach it alone now.
+                if let Some(successor) = &self.successor {
+                    let msg = Message::Released(successor.upgrade).encode().expect("fits");
+                    let _ = sys::send_nonblocking(successor.channel.as_fd(), &msg);
+                }
+            }
         }
         self.stop_reported = true;
     }
 
     /// Every accept of this process (all workers) has reached its terminal completion.
     fn all_accepts_stopped(&self) -> bool {
-        self.accepts.iter().all(|s| s.op.is_none())
+        self.accepts.iter().all(|s| !s.armed())
             && self.workers.as_ref().is_none_or(|set| set.all_stopped())
     }
 
@@ -1507,6 +1667,23 @@ impl Drop for Driver {
             self.abandon_spawns();
         }
     }
+}
+
+/// `IORING_ACCEPT_DONTWAIT` (Linux 6.10): fail with -EAGAIN instead of waiting.
+const IORING_ACCEPT_DONTWAIT: u16 = 1 << 1;
+
+const _: () = assert!(std::mem::size_of::<squeue::Entry>() == 64);
+
+/// Sets an SQE's `ioprio`, which carries the IORING_ACCEPT_* flags and which
+/// `opcode::Accept` has no setter for.
+fn with_ioprio(entry: squeue::Entry, ioprio: u16) -> squeue::Entry {
+    // SAFETY: `squeue::Entry` is `#[repr(C)]` around the kernel's 64-byte `io_uring_sqe`
+    // (checked above), whose `u16 ioprio` sits at byte offset 2 (uapi layout, a stable ABI).
+    // Every bit pattern of those bytes is a valid Entry.
+    let mut bytes: [u8; 64] = unsafe { std::mem::transmute(entry) };
+    bytes[2..4].copy_from_slice(&ioprio.to_ne_bytes());
+    // SAFETY: as above.
+    unsafe { std::mem::transmute::<[u8; 64], squeue::Entry>(bytes) }
 }
 
 fn errno(res: i32) -> io::Error {

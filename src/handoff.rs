@@ -10,6 +10,10 @@
 //! - child → parent: `READY(upgrade id)` once its accepts are armed;
 //! - child → parent: `RETIRING(upgrade id)` when the child itself starts draining (it upgraded
 //!   again or shuts down), so that its later exit is not mistaken for a crash;
+//! - parent → child: `RELEASED(upgrade id)` once the parent's accepts have all stopped: the
+//!   child stops its takeover polls (see the driver). A child that never gets it (a parent of an
+//!   earlier version) stops them at the channel's EOF instead; a child of an earlier version
+//!   ignores it (it reads nothing from its parent but EOF).
 //! - EOF either way when a side exits.
 //!
 //! Every message starts with the magic `RFLP` and a version byte. The decoder is total: any byte
@@ -48,6 +52,7 @@ pub(crate) const MAX_MESSAGE_LEN: usize =
 const KIND_HELLO: u8 = 1;
 const KIND_READY: u8 = 2;
 const KIND_RETIRING: u8 = 3;
+const KIND_RELEASED: u8 = 4;
 
 /// What kind of socket a listener record describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +104,7 @@ pub(crate) enum Message {
     },
     Ready(UpgradeId),
     Retiring(UpgradeId),
+    Released(UpgradeId),
 }
 
 /// Why bytes on the handoff channel were refused.
@@ -188,6 +194,10 @@ impl Message {
                 out.push(KIND_RETIRING);
                 out.extend_from_slice(&id.0.to_le_bytes());
             }
+            Message::Released(id) => {
+                out.push(KIND_RELEASED);
+                out.extend_from_slice(&id.0.to_le_bytes());
+            }
         }
         Ok(out)
     }
@@ -243,6 +253,7 @@ impl Message {
             }
             KIND_READY => Message::Ready(UpgradeId(r.u64()?)),
             KIND_RETIRING => Message::Retiring(UpgradeId(r.u64()?)),
+            KIND_RELEASED => Message::Released(UpgradeId(r.u64()?)),
             other => return Err(WireError::Kind(other)),
         };
         if !r.0.is_empty() {
@@ -332,6 +343,7 @@ mod tests {
             hello(),
             Message::Ready(UpgradeId(7)),
             Message::Retiring(UpgradeId(u64::MAX)),
+            Message::Released(UpgradeId(3)),
         ] {
             assert_eq!(Message::decode(&m.encode().unwrap()).unwrap(), m);
         }
@@ -423,6 +435,7 @@ mod tests {
                 }),
             any::<u64>().prop_map(|id| Message::Ready(UpgradeId(id))),
             any::<u64>().prop_map(|id| Message::Retiring(UpgradeId(id))),
+            any::<u64>().prop_map(|id| Message::Released(UpgradeId(id))),
         ]
     }
 

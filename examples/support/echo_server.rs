@@ -38,6 +38,9 @@ struct Args {
     udp: Vec<SocketAddr>,
     pass_file: Option<PathBuf>,
     ballast_mib: usize,
+    /// Fault injection: block the serving thread this long when an upgrade reaches
+    /// HandingOver, so this process notices its successor's READY late.
+    stall_on_handover: Option<Duration>,
     workers: usize,
 }
 
@@ -55,6 +58,7 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
         udp: Vec::new(),
         pass_file: None,
         ballast_mib: 0,
+        stall_on_handover: None,
         workers: 1,
     };
     let mut it = argv;
@@ -83,6 +87,13 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
             "--workers" => {
                 let v = value()?;
                 args.workers = v.parse().map_err(|e| format!("--workers {v}: {e}"))?;
+            }
+            "--stall-on-handover-ms" => {
+                let v = value()?;
+                let ms: u64 = v
+                    .parse()
+                    .map_err(|e| format!("--stall-on-handover-ms {v}: {e}"))?;
+                args.stall_on_handover = Some(Duration::from_millis(ms));
             }
             "--ballast-mib" => {
                 let v = value()?;
@@ -256,9 +267,19 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
             }
         }),
         // The upgrade ring runs as a task of the runtime's own thread: no thread hop.
-        Runtime::TokioUring => tokio_uring::start(server.run_async(|conn| {
-            tokio_uring::spawn(echo(conn));
-        })),
+        Runtime::TokioUring => {
+            let phases = server.handle().phase_receiver();
+            tokio_uring::start(async move {
+                if let Some(stall) = args.stall_on_handover {
+                    tokio_uring::spawn(stall_on_handover(phases, stall));
+                }
+                server
+                    .run_async(|conn| {
+                        tokio_uring::spawn(echo(conn));
+                    })
+                    .await
+            })
+        }
         Runtime::Tokio => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -377,6 +398,23 @@ pub fn ctl(mut argv: impl Iterator<Item = String>) -> ExitCode {
         Err(e) => {
             eprintln!("echo ctl: {socket}: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Blocks this (runtime) thread for `stall` each time the phase becomes HandingOver.
+async fn stall_on_handover(
+    mut phases: tokio::sync::watch::Receiver<ringflip::Phase>,
+    stall: Duration,
+) {
+    while phases.changed().await.is_ok() {
+        let phase = *phases.borrow_and_update();
+        if phase == ringflip::Phase::HandingOver {
+            tracing::warn!(
+                ?stall,
+                "stalling the serving thread (--stall-on-handover-ms)"
+            );
+            std::thread::sleep(stall);
         }
     }
 }

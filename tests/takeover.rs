@@ -1,0 +1,85 @@
+//! The new process takes connections from its READY on, even while the old one has not yet
+//! noticed the READY (a busy runtime thread): see `start_takeover` in src/driver.rs.
+//!
+//! Needs the example binaries: `cargo build --examples && cargo test --test takeover`.
+
+mod common;
+
+use common::*;
+use std::thread;
+use std::time::{Duration, Instant};
+
+const STALL: Duration = Duration::from_millis(3000);
+
+/// The old process blocks its serving thread for 3 s as soon as the upgrade reaches
+/// HandingOver (`--stall-on-handover-ms`), so it cannot notice READY, stop accepting or serve
+/// anything for that long. Connections made after the new process is READY must still be
+/// served at once — by the new process — and none may fail; the old one then finishes its
+/// stall, lets go and exits.
+#[test]
+fn new_process_serves_while_the_old_one_is_stalled() {
+    let server = EchoServer::start(EchoOpts {
+        extra_args: vec![
+            "--stall-on-handover-ms".into(),
+            STALL.as_millis().to_string(),
+        ],
+        ..Default::default()
+    });
+    let addr = server.addr();
+    echo_once(
+        addr,
+        "before",
+        Duration::from_secs(2),
+        Duration::from_secs(2),
+    )
+    .expect("served before the upgrade");
+    let old = server.current();
+    let t0 = Instant::now();
+    let new = server.upgrade();
+    assert_ne!(new, old.pid);
+    // READY is sent right after the pid file is written.
+    thread::sleep(Duration::from_millis(20));
+
+    let mut worst = Duration::ZERO;
+    for i in 0..20 {
+        let started = Instant::now();
+        let line = format!("during the stall {i}");
+        if let Err(e) = echo_once(addr, &line, Duration::from_secs(5), Duration::from_secs(5)) {
+            panic!(
+                "connection {i} failed: {e:?}\n--- server log ---\n{}",
+                server.log_tail()
+            );
+        }
+        worst = worst.max(started.elapsed());
+    }
+    let during = t0.elapsed();
+    // Meaningful only if all of it happened while the old process was still stalled.
+    assert!(
+        during < STALL - Duration::from_millis(500),
+        "the connections took until {during:?} after SIGHUP: not within the {STALL:?} stall"
+    );
+    assert!(
+        worst < Duration::from_millis(500),
+        "a connection waited {worst:?} while the old process was stalled: the new process did \
+         not take it\n--- server log ---\n{}",
+        server.log_tail()
+    );
+    assert!(old.alive(), "the old process should still be stalled");
+
+    // After the stall the old process notices READY, stops accepting, drains and exits.
+    server.assert_gone(&[old.pid], STALL + Duration::from_secs(10));
+    echo_once(
+        addr,
+        "after",
+        Duration::from_secs(2),
+        Duration::from_secs(2),
+    )
+    .expect("served after the old process left");
+    println!(
+        "RESULT new_process_serves_while_the_old_one_is_stalled: 20 connections during a {} ms \
+         stall of the old process, worst {:.1} ms, 0 failed",
+        STALL.as_millis(),
+        worst.as_secs_f64() * 1e3
+    );
+    server.stop();
+}
