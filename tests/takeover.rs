@@ -66,8 +66,20 @@ fn new_process_serves_while_the_old_one_is_stalled() {
     );
     assert!(old.alive(), "the old process should still be stalled");
 
-    // After the stall the old process notices READY, stops accepting, drains and exits.
+    // After the stall the old process notices READY, stops accepting, says RELEASED, drains and
+    // exits; the new one stops its takeover polls.
     server.assert_gone(&[old.pid], STALL + Duration::from_secs(10));
+    let log = std::fs::read_to_string(server.log_path()).unwrap_or_default();
+    assert!(
+        log.contains("taking connections alongside it"),
+        "no takeover logged\n{}",
+        server.log_tail()
+    );
+    assert!(
+        log.contains("takeover polls stopped"),
+        "the takeover did not end\n{}",
+        server.log_tail()
+    );
     echo_once(
         addr,
         "after",
