@@ -405,6 +405,9 @@ impl Driver {
         }
         if let Some(link) = &driver.predecessor {
             let ready = Message::Ready(link.upgrade).encode().expect("READY fits");
+            // Read before the send: on a shared core the predecessor may run (and act on the
+            // READY) before this thread gets the CPU back.
+            let sent_mono_us = sys::monotonic_us();
             if let Err(e) = sys::send_nonblocking(link.channel.as_fd(), &ready) {
                 return Err(Error::Handoff(format!("sending READY: {e}")));
             }
@@ -414,7 +417,7 @@ impl Driver {
                 target: "ringflip::timeline",
                 predecessor = link.parent_pid,
                 upgrade.id = %link.upgrade,
-                sent_mono_us = sys::monotonic_us(),
+                sent_mono_us,
                 "READY sent"
             );
             driver.arm_predecessor_recv();
