@@ -9,7 +9,8 @@
 //! - **No connection is refused, reset or lost by an upgrade.** Both processes accept on the
 //!   *same* sockets; the old one accepts until the new one is READY, then cancels its accepts
 //!   and serves every connection that completed before the cancel. Connections not yet accepted
-//!   wait in the kernel's backlog for the new process.
+//!   wait in the kernel's backlog for the new process; if the old process has not let go 1 ms
+//!   after READY (a busy runtime thread), the new one takes connections alongside it.
 //! - **A failed upgrade changes nothing.** If the new binary is missing, crashes, says something
 //!   unexpected or is not READY in time, the old process kills and reaps it and keeps serving;
 //!   it never stopped accepting. If the new process dies while the old one still drains, the
@@ -17,7 +18,7 @@
 //! - **Nothing blocks the accept loop.** One io_uring carries the accepts, the handoff, the
 //!   READY handshake, the child's exit, the deadlines and the triggers; the new binary starts
 //!   with `posix_spawn`, not `fork`, so a large process does not stall while its page tables
-//!   are copied.
+//!   are copied, and on a thread of its own (a vfork suspends its caller until the exec).
 //! - **Nothing leaks into the new process** but the one handoff socket: every fd ringflip makes
 //!   is close-on-exec.
 //!
