@@ -1275,12 +1275,7 @@ impl Driver {
     /// this thread's signal mask (SIGHUP/SIGTERM/SIGINT blocked), so no signal meant for the
     /// signalfd is delivered to it.
     fn start_spawn(&mut self, upgrade: UpgradeId) {
-        let job = SpawnJob {
-            exe: self.config.exe.clone(),
-            args: self.config.args.clone(),
-            signals: self.config.signals,
-            upgrade,
-        };
+        let job = self.spawn_job(upgrade);
         let tx = self.spawn_results.0.clone();
         let shared = self.shared.clone();
         let thread = std::thread::Builder::new()
@@ -1294,15 +1289,18 @@ impl Driver {
             Err(e) => {
                 // No thread to be had (EAGAIN): spawn here rather than fail the upgrade.
                 tracing::warn!(error = %e, "no thread for the spawn; spawning on the ring thread");
-                let job = SpawnJob {
-                    exe: self.config.exe.clone(),
-                    args: self.config.args.clone(),
-                    signals: self.config.signals,
-                    upgrade,
-                };
-                let _ = self.spawn_results.0.send(job.run());
+                let _ = self.spawn_results.0.send(self.spawn_job(upgrade).run());
                 self.collect_spawns();
             }
+        }
+    }
+
+    fn spawn_job(&self, upgrade: UpgradeId) -> SpawnJob {
+        SpawnJob {
+            exe: self.config.exe.clone(),
+            args: self.config.args.clone(),
+            signals: self.config.signals,
+            upgrade,
         }
     }
 
