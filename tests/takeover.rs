@@ -95,3 +95,42 @@ fn new_process_serves_while_the_old_one_is_stalled() {
     );
     server.stop();
 }
+
+/// The takeover ends when the old process says RELEASED (its accepts have all stopped), not
+/// only when it exits: here a held connection keeps the old process draining long after it let
+/// go, and the new one must stop its takeover polls while the old one is still alive.
+#[test]
+fn takeover_ends_on_released_while_the_old_one_drains() {
+    let server = EchoServer::start(EchoOpts {
+        extra_args: vec!["--stall-on-handover-ms".into(), "300".into()],
+        drain_timeout_ms: Some(30_000),
+        ..Default::default()
+    });
+    let addr = server.addr();
+    // Held open across the upgrade: the old process drains until it is closed.
+    let held = server.open_conn(addr, "held");
+    let old = server.current();
+    server.upgrade();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let log = || std::fs::read_to_string(server.log_path()).unwrap_or_default();
+    while !log().contains("takeover polls stopped") {
+        assert!(
+            Instant::now() < deadline,
+            "the takeover never ended\n--- server log ---\n{}",
+            server.log_tail()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        log().contains("taking connections alongside it"),
+        "the 300 ms stall should have started a takeover\n{}",
+        server.log_tail()
+    );
+    assert!(
+        old.alive(),
+        "the old process exited: the takeover may have ended at its EOF, not at RELEASED"
+    );
+    drop(held);
+    server.assert_gone(&[old.pid], Duration::from_secs(10));
+    server.stop();
+}
