@@ -5,8 +5,9 @@
 //! SIGINT), a multishot poll on the wake eventfd (API requests, the last connection closing,
 //! fds freed, a worker's report), the HELLO SendMsg and the successor's messages (Recv), the
 //! successor's exit (PollAdd on a pidfd), the predecessor's messages (Recv, EOF when it exits)
-//! and one Timeout for the earliest deadline. Nothing in an upgrade blocks the accept loop
-//! except `posix_spawn` itself (~0.2 ms). With `Builder::workers`, each worker thread runs a
+//! and one Timeout for the earliest deadline. Nothing in an upgrade blocks the accept loop: the
+//! new binary is started on a thread of its own (`start_spawn`). A new process whose
+//! predecessor is slow to let go also polls the listeners (`start_takeover`). With `Builder::workers`, each worker thread runs a
 //! driver of its own with only its accepts and its own wake eventfd (see `workers.rs`).
 //!
 //! Rules this file relies on (measured on this kernel, see `IO_URING_FACTS.md`):
@@ -696,7 +697,9 @@ impl Driver {
                     self.take_over(i);
                 }
                 if !more {
-                    if self.takeover && self.accepting && res != -libc::ECANCELED {
+                    // A cancel comes from end_takeover or stop_accepting, which cleared one of
+                    // the two flags; with both still set it was a stop then a resume.
+                    if self.takeover && self.accepting {
                         self.arm_takeover(i);
                     }
                     self.report_if_stopped();
@@ -715,8 +718,11 @@ impl Driver {
                 } else if res == -libc::EINVAL {
                     // This kernel has no IORING_ACCEPT_DONTWAIT (Linux < 6.10): no takeover;
                     // the predecessor's accept stop ends the overlap as before.
-                    tracing::debug!("takeover accepts not supported by this kernel");
-                    self.end_takeover();
+                    tracing::info!(
+                        "no IORING_ACCEPT_DONTWAIT on this kernel: no takeover; the previous \
+                         process keeps the accept queue until it lets go"
+                    );
+                    self.end_takeover(false);
                 }
                 // EAGAIN: the queue was empty (the predecessor or our own multishot accept took
                 // the connection). Other errors: the multishot accept meets them too and backs
@@ -822,13 +828,19 @@ impl Driver {
                 };
                 match res {
                     n if n > 0 => {
-                        if let Ok(Message::Released(_)) = Message::decode(&buf[..n as usize]) {
-                            self.end_takeover();
+                        let ours = self.predecessor.as_ref().map(|link| link.upgrade);
+                        if let Ok(Message::Released(id)) = Message::decode(&buf[..n as usize]) {
+                            if Some(id) == ours {
+                                self.end_takeover(true);
+                            }
                         }
                         self.arm_predecessor_recv();
                     }
-                    0 => {
-                        self.end_takeover();
+                    e if e == -libc::ECANCELED => {}
+                    // EOF, or an error (ECONNRESET when it exited with data unread): either way
+                    // the previous process is gone.
+                    _ => {
+                        self.end_takeover(true);
                         if let Some(link) = self.predecessor.take() {
                             tracing::info!(
                                 predecessor = link.parent_pid,
@@ -836,7 +848,6 @@ impl Driver {
                             );
                         }
                     }
-                    _ => {}
                 }
             }
             Op::SuccessorExit { .. } => {
@@ -865,7 +876,6 @@ impl Driver {
         }
     }
 
-    /// A multishot accept reached its terminal CQE.
     /// Hands a freshly accepted connection of listener `i` to the application.
     fn deliver(&mut self, i: usize, fd: OwnedFd, sink: &mut dyn FnMut(Connection)) {
         let slot = &mut self.accepts[i];
@@ -945,13 +955,16 @@ impl Driver {
     }
 
     /// Stops the takeover polls (the in-flight accept finishes by itself: it never waits).
-    fn end_takeover(&mut self) {
+    /// `released`: the predecessor let go (RELEASED, or its channel closed).
+    fn end_takeover(&mut self, released: bool) {
         self.takeover_at = None;
         if !self.takeover {
             return;
         }
         self.takeover = false;
-        tracing::info!("the previous process let go; takeover polls stopped");
+        if released {
+            tracing::info!("the previous process let go; takeover polls stopped");
+        }
         self.cancel_takeover_polls();
     }
 
@@ -966,6 +979,7 @@ impl Driver {
         }
     }
 
+    /// A multishot accept reached its terminal CQE.
     fn accept_ended(&mut self, i: usize, res: i32) {
         let slot = &mut self.accepts[i];
         slot.op = None;
@@ -1243,6 +1257,12 @@ impl Driver {
                         .build()
                         .user_data(cancel),
                     );
+                    // Submit before `child.channel` closes: SQEs queued in this turn (the HELLO,
+                    // the Recv, this cancel) name its fd number, which another thread could
+                    // reuse once it is closed.
+                    if let Err(e) = self.ring.submit() {
+                        tracing::warn!(error = %e, "submitting before abandoning the child");
+                    }
                     tracing::info!(child.pid = pid, upgrade.id = %child.upgrade, "child abandoned");
                 }
             }
@@ -1353,9 +1373,20 @@ impl Driver {
 
     /// Waits for the spawns still in flight (at exit) and kills what they started: nothing is
     /// left behind unreaped.
+    /// A spawn stuck in exec (the case the start deadline exists for) is not waited for beyond
+    /// `FINAL_REAP`: its thread is left behind, and a child it still starts gets EOF on its
+    /// channel (this end closes with the process) and exits.
     fn abandon_spawns(&mut self) {
+        let deadline = Instant::now() + FINAL_REAP;
+        while self.spawning.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         for thread in self.spawning.drain(..) {
-            let _ = thread.join();
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                tracing::error!("a spawn is still stuck in exec at exit; leaving it behind");
+            }
         }
         while let Ok(done) = self.spawn_results.1.try_recv() {
             if let Ok(child) = done.result {

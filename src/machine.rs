@@ -339,6 +339,15 @@ impl Machine {
             (State::Forking { .. }, E::UpgradeRequested(by)) => {
                 self.reply(by, Outcome::Busy("an upgrade is already in flight"))
             }
+            (State::Forking { by, deadline, .. }, E::ChildSpawned { pid }) if now >= deadline => {
+                // Started, but too late to hand over: never send it the listeners.
+                let ms = self.timeouts.ready.as_millis();
+                self.rollback(
+                    by,
+                    pid,
+                    format!("the new binary did not start within {ms} ms"),
+                );
+            }
             (
                 State::Forking {
                     upgrade,

@@ -928,6 +928,23 @@ fn a_spawn_that_never_completes_is_given_up_at_the_deadline() {
 }
 
 #[test]
+fn a_spawn_completing_past_the_deadline_is_abandoned_not_handed_over() {
+    let mut h = build(S::Forking);
+    // The deadline passed, but the spawn's report arrives before the timer fires.
+    h.wait(TIMEOUTS.ready);
+    assert_eq!(
+        h.ev(spawned(CHILD)),
+        vec![
+            Action::AbandonChild { pid: CHILD },
+            pc(P::Serving),
+            failed(REQ, F_START)
+        ]
+    );
+    assert!(h.m.accepting());
+    assert_eq!(h.m.poll_timeout(), None);
+}
+
+#[test]
 fn second_shutdown_while_draining_from_a_shutdown_exits_immediately() {
     let mut h = build(S::Serving);
     h.ev(Event::ShutdownRequested);
