@@ -20,7 +20,10 @@
 //! - `shellflip`, `ecdysis`: Cloudflare's Rust graceful-restart crates, each used as its docs
 //!   intend, on tokio, SIGHUP (see benches/peers/);
 //! - `naive`: a plain tokio server, SIGTERM then start a new one;
-//! - `reuseport`: a plain tokio server with SO_REUSEPORT, start the new one, then SIGTERM the old.
+//! - `reuseport`: a plain tokio server with SO_REUSEPORT, start the new one, then SIGTERM the old;
+//! - `nginx`: nginx's stream proxy in front of a plain echo backend, binary upgrade with SIGUSR2
+//!   then SIGQUIT to the old master (skipped when nginx is not installed; see
+//!   benches/peers/nginx_usr2.rs). It has a proxy hop the others do not.
 //!
 //! Per server: failures by kind, long-lived pings failed, latency (from each connection's
 //! *scheduled* start, so stalls count) p50/p99/p99.9/max steady and in the 500 ms after each
@@ -37,7 +40,7 @@ mod support;
 
 use support::scenario::{self, ms, Scenario, Strategy};
 
-const ALL: [&str; 7] = [
+const ALL: [&str; 8] = [
     "burst-only",
     "ringflip",
     "ringflip-tokio",
@@ -45,6 +48,7 @@ const ALL: [&str; 7] = [
     "shellflip",
     "reuseport",
     "naive",
+    "nginx",
 ];
 
 struct Opts {
@@ -146,6 +150,14 @@ fn main() -> ExitCode {
     let mut all_ok = true;
     let mut timelines = Vec::new();
     for kind in ALL.iter().filter(|k| o.only.iter().any(|x| x == *k)) {
+        if *kind == "nginx" && !peers::nginx_usr2::available() {
+            println!(
+                "nginx      skipped: {} or its stream module is not installed \
+                 (apt-get install nginx-core libnginx-mod-stream)",
+                peers::nginx_usr2::NGINX
+            );
+            continue;
+        }
         let (serve, strategy) = match *kind {
             "burst-only" => ("ringflip", Strategy::BurstOnly),
             "ringflip" => ("ringflip", Strategy::Signal),
@@ -153,6 +165,7 @@ fn main() -> ExitCode {
             "ecdysis" => ("ecdysis", Strategy::Signal),
             "shellflip" => ("shellflip", Strategy::Signal),
             "reuseport" => ("plain", Strategy::ReusePort),
+            "nginx" => ("nginx", Strategy::NginxUsr2),
             _ => ("plain", Strategy::Naive),
         };
         let s = Scenario {

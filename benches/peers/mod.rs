@@ -22,6 +22,7 @@
 #![allow(dead_code)]
 
 pub mod ecdysis_echo;
+pub mod nginx_usr2;
 pub mod plain_echo;
 pub mod shellflip_echo;
 
@@ -44,6 +45,7 @@ pub fn dispatch(kind: &str, argv: impl Iterator<Item = String>) -> Option<ExitCo
         "shellflip" => Some(shellflip_echo::main(argv)),
         "ecdysis" => Some(ecdysis_echo::main(argv)),
         "plain" => Some(plain_echo::main(argv)),
+        "nginx" => Some(nginx_usr2::main(argv)),
         _ => None,
     }
 }

@@ -24,6 +24,9 @@ pub enum Strategy {
     ReusePort,
     /// No upgrade at all: only the burst. The baseline that shows what the burst alone costs.
     BurstOnly,
+    /// nginx's binary upgrade: SIGUSR2 to the master, wait for the new master's pid file,
+    /// SIGQUIT to the old master.
+    NginxUsr2,
 }
 
 #[derive(Clone, Debug)]
@@ -244,6 +247,10 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
     let mut pids = vec![start_server(s.strategy == Strategy::ReusePort)?];
     let mut current = wait_for_pid(&pid_file, None, Duration::from_secs(10))
         .ok_or_else(|| format!("the server did not start; see {}", log.display()))?;
+    // A server that daemonizes (nginx) serves from another pid than the one started.
+    if !pids.contains(&current) {
+        pids.push(current);
+    }
     std::thread::sleep(s.warmup);
     let cpu_before = children_cpu();
     let t0 = Instant::now();
@@ -275,6 +282,7 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
                 continue;
             }
             Strategy::Signal => signal(old, libc::SIGHUP),
+            Strategy::NginxUsr2 => signal(old, libc::SIGUSR2),
             Strategy::Naive => {
                 signal(old, libc::SIGTERM);
                 let deadline = Instant::now() + s.drain_timeout + Duration::from_secs(5);
@@ -286,7 +294,9 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
             }
             Strategy::ReusePort => pids.push(start_server(true)?),
         }
-        match wait_for_pid(&pid_file, Some(old), Duration::from_secs(10)) {
+        // A refused upgrade (nginx while an older master still drains) is given up on at the
+        // next upgrade's time, so it does not shift the schedule.
+        match wait_for_pid(&pid_file, Some(old), s.interval.max(Duration::from_secs(1))) {
             Some(new) => {
                 rows.push(UpgradeRow {
                     old,
@@ -294,8 +304,10 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
                     at,
                     handover: at.elapsed(),
                 });
-                if s.strategy == Strategy::ReusePort {
-                    signal(old, libc::SIGTERM);
+                match s.strategy {
+                    Strategy::ReusePort => signal(old, libc::SIGTERM),
+                    Strategy::NginxUsr2 => signal(old, libc::SIGQUIT),
+                    _ => {}
                 }
                 pids.push(new);
                 current = new;
@@ -308,6 +320,13 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
     std::thread::sleep(Duration::from_millis(500));
     let report = load.stop();
     signal(current, libc::SIGTERM);
+    // A helper process a server started (the nginx peer's backend) names itself here.
+    let mut extra = pid_file.as_os_str().to_owned();
+    extra.push(".extra");
+    if let Some(helper) = read_pid(Path::new(&extra)) {
+        signal(helper, libc::SIGTERM);
+        pids.push(helper);
+    }
     pids.sort_unstable();
     pids.dedup();
     let all_gone = wait_all_gone(

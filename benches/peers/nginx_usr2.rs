@@ -1,0 +1,117 @@
+//! nginx as a peer: its stream (TCP) proxy in front of an echo backend, upgraded the way nginx
+//! documents a binary upgrade — SIGUSR2 to the master (it starts a new master from the binary
+//! with the listening sockets inherited), then SIGQUIT to the old master (its workers stop
+//! accepting, finish their connections and exit). The orchestrator sends both
+//! (`Strategy::NginxUsr2` in `examples/support/scenario.rs`).
+//!
+//! `--serve nginx` starts the backend (this binary as `--serve plain` on a free loopback port;
+//! its pid goes to `<pid file>.extra`, which the orchestrator stops at the end), writes an
+//! nginx.conf next to the pid file and execs `nginx` (one worker). nginx must daemonize: a
+//! master whose parent is still the one it started with ignores SIGUSR2 ("the changing binary
+//! signal is ignored"), which with `daemon off` is always the case. The daemon is re-parented to
+//! the orchestrator (a child subreaper). nginx writes its pid file itself; the new master
+//! writes it during the upgrade.
+//!
+//! The backend adds a proxy hop: nginx's latency is not comparable to the echo servers' own;
+//! failures, and the tail in the window against nginx's own steady state, are.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+/// Where Debian's nginx keeps its binary and its dynamic stream module.
+pub const NGINX: &str = "/usr/sbin/nginx";
+const STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
+/// Whether this machine can run the nginx peer.
+pub fn available() -> bool {
+    Path::new(NGINX).exists() && Path::new(STREAM_MODULE).exists()
+}
+
+pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
+    let args = match super::parse_args(argv, false) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("nginx peer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (Some(&listen), Some(pid_file)) = (args.listen.first(), args.pid_file.clone()) else {
+        eprintln!("nginx peer: --listen and --pid-file are needed");
+        return ExitCode::from(2);
+    };
+    let dir = pid_file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let backend_addr = match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr())
+    {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("nginx peer: no free port for the backend: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("nginx peer: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let backend = Command::new(&exe)
+        .args(["--serve", "plain", "--listen", &backend_addr.to_string()])
+        .stdin(Stdio::null())
+        .spawn();
+    let backend = match backend {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("nginx peer: starting the backend: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut extra = pid_file.as_os_str().to_owned();
+    extra.push(".extra");
+    if let Err(e) = std::fs::write(PathBuf::from(extra), format!("{}\n", backend.id())) {
+        eprintln!("nginx peer: writing the backend's pid: {e}");
+        return ExitCode::from(1);
+    }
+    // Wait (bounded) until the backend listens, so the first proxied connections succeed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(backend_addr).is_err() {
+        if std::time::Instant::now() > deadline {
+            eprintln!("nginx peer: the backend did not start listening");
+            return ExitCode::from(1);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let conf = dir.join("nginx.conf");
+    let text = format!(
+        "load_module {STREAM_MODULE};\n\
+         daemon on;\n\
+         master_process on;\n\
+         worker_processes 1;\n\
+         pid {pid};\n\
+         error_log {dir}/nginx-error.log warn;\n\
+         events {{ worker_connections 20000; }}\n\
+         stream {{\n\
+         \x20   upstream echo {{ server {backend_addr}; }}\n\
+         \x20   server {{ listen {listen} backlog={backlog}; proxy_pass echo; }}\n\
+         }}\n",
+        pid = pid_file.display(),
+        dir = dir.display(),
+        backlog = super::BACKLOG,
+    );
+    if let Err(e) = std::fs::write(&conf, text) {
+        eprintln!("nginx peer: writing {}: {e}", conf.display());
+        return ExitCode::from(1);
+    }
+    let err = Command::new(NGINX)
+        .arg("-c")
+        .arg(&conf)
+        .arg("-e")
+        .arg(dir.join("nginx-error.log"))
+        .exec();
+    eprintln!("nginx peer: exec {NGINX}: {err}");
+    ExitCode::from(1)
+}
