@@ -193,7 +193,10 @@ fn main() -> ExitCode {
             Ok(out) => out,
             Err(e) => {
                 println!("{kind:<10} could not run: {e}");
-                all_ok = false;
+                // Only ringflip's own rows fail the bench; a peer that cannot run is reported.
+                if kind.starts_with("ringflip") || *kind == "burst-only" {
+                    all_ok = false;
+                }
                 continue;
             }
         };
