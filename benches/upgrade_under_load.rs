@@ -23,7 +23,10 @@
 //! - `reuseport`: a plain tokio server with SO_REUSEPORT, start the new one, then SIGTERM the old;
 //! - `nginx`: nginx's stream proxy in front of a plain echo backend, binary upgrade with SIGUSR2
 //!   then SIGQUIT to the old master (skipped when nginx is not installed; see
-//!   benches/peers/nginx_usr2.rs). It has a proxy hop the others do not.
+//!   benches/peers/nginx_usr2.rs). It has a proxy hop the others do not;
+//! - `haproxy`: HAProxy in master-worker mode in front of the same backend, seamless reload
+//!   with SIGUSR2 to the master (skipped when HAProxy is not installed; see
+//!   benches/peers/haproxy_reload.rs). Same proxy hop.
 //!
 //! Per server: failures by kind, long-lived pings failed, latency (from each connection's
 //! *scheduled* start, so stalls count) p50/p99/p99.9/max steady and in the 500 ms after each
@@ -40,7 +43,7 @@ mod support;
 
 use support::scenario::{self, ms, Scenario, Strategy};
 
-const ALL: [&str; 8] = [
+const ALL: [&str; 9] = [
     "burst-only",
     "ringflip",
     "ringflip-tokio",
@@ -49,6 +52,7 @@ const ALL: [&str; 8] = [
     "reuseport",
     "naive",
     "nginx",
+    "haproxy",
 ];
 
 struct Opts {
@@ -150,6 +154,13 @@ fn main() -> ExitCode {
     let mut all_ok = true;
     let mut timelines = Vec::new();
     for kind in ALL.iter().filter(|k| o.only.iter().any(|x| x == *k)) {
+        if *kind == "haproxy" && !peers::haproxy_reload::available() {
+            println!(
+                "haproxy    skipped: {} is not installed (apt-get install haproxy)",
+                peers::haproxy_reload::HAPROXY
+            );
+            continue;
+        }
         if *kind == "nginx" && !peers::nginx_usr2::available() {
             println!(
                 "nginx      skipped: {} or its stream module is not installed \
@@ -166,6 +177,7 @@ fn main() -> ExitCode {
             "shellflip" => ("shellflip", Strategy::Signal),
             "reuseport" => ("plain", Strategy::ReusePort),
             "nginx" => ("nginx", Strategy::NginxUsr2),
+            "haproxy" => ("haproxy", Strategy::HaproxyReload),
             _ => ("plain", Strategy::Naive),
         };
         let s = Scenario {

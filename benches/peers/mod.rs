@@ -22,6 +22,7 @@
 #![allow(dead_code)]
 
 pub mod ecdysis_echo;
+pub mod haproxy_reload;
 pub mod nginx_usr2;
 pub mod plain_echo;
 pub mod shellflip_echo;
@@ -46,6 +47,7 @@ pub fn dispatch(kind: &str, argv: impl Iterator<Item = String>) -> Option<ExitCo
         "ecdysis" => Some(ecdysis_echo::main(argv)),
         "plain" => Some(plain_echo::main(argv)),
         "nginx" => Some(nginx_usr2::main(argv)),
+        "haproxy" => Some(haproxy_reload::main(argv)),
         _ => None,
     }
 }
@@ -258,4 +260,31 @@ impl Drain {
             Err(_) => Err(self.live.load(Ordering::Relaxed)),
         }
     }
+}
+
+/// Starts a plain echo backend for a proxy peer (this binary as `--serve plain` on a free
+/// loopback port), names its pid in `<pid file>.extra` for the orchestrator to stop at the end,
+/// and waits (bounded) until it listens. Returns its address.
+pub(crate) fn start_backend(pid_file: &Path) -> Result<SocketAddr, String> {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port for the backend: {e}"))?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let backend = std::process::Command::new(&exe)
+        .args(["--serve", "plain", "--listen", &addr.to_string()])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting the backend: {e}"))?;
+    let mut extra = pid_file.as_os_str().to_owned();
+    extra.push(".extra");
+    std::fs::write(PathBuf::from(extra), format!("{}\n", backend.id()))
+        .map_err(|e| format!("writing the backend's pid: {e}"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if std::time::Instant::now() > deadline {
+            return Err("the backend did not start listening".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(addr)
 }

@@ -17,7 +17,7 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 
 /// Where Debian's nginx keeps its binary and its dynamic stream module.
 pub const NGINX: &str = "/usr/sbin/nginx";
@@ -44,47 +44,13 @@ pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let backend_addr = match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr())
-    {
+    let backend_addr = match super::start_backend(&pid_file) {
         Ok(a) => a,
-        Err(e) => {
-            eprintln!("nginx peer: no free port for the backend: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let exe = match std::env::current_exe() {
-        Ok(p) => p,
         Err(e) => {
             eprintln!("nginx peer: {e}");
             return ExitCode::from(1);
         }
     };
-    let backend = Command::new(&exe)
-        .args(["--serve", "plain", "--listen", &backend_addr.to_string()])
-        .stdin(Stdio::null())
-        .spawn();
-    let backend = match backend {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("nginx peer: starting the backend: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let mut extra = pid_file.as_os_str().to_owned();
-    extra.push(".extra");
-    if let Err(e) = std::fs::write(PathBuf::from(extra), format!("{}\n", backend.id())) {
-        eprintln!("nginx peer: writing the backend's pid: {e}");
-        return ExitCode::from(1);
-    }
-    // Wait (bounded) until the backend listens, so the first proxied connections succeed.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::net::TcpStream::connect(backend_addr).is_err() {
-        if std::time::Instant::now() > deadline {
-            eprintln!("nginx peer: the backend did not start listening");
-            return ExitCode::from(1);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
     let conf = dir.join("nginx.conf");
     let text = format!(
         "load_module {STREAM_MODULE};\n\

@@ -27,6 +27,9 @@ pub enum Strategy {
     /// nginx's binary upgrade: SIGUSR2 to the master, wait for the new master's pid file,
     /// SIGQUIT to the old master.
     NginxUsr2,
+    /// HAProxy's seamless reload in master-worker mode: SIGUSR2 to the master (its pid does not
+    /// change); done when a new worker process appears under it.
+    HaproxyReload,
 }
 
 #[derive(Clone, Debug)]
@@ -281,6 +284,32 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
                 std::thread::sleep(s.interval.saturating_sub(at.elapsed()));
                 continue;
             }
+            Strategy::HaproxyReload => {
+                let before = children_of(old);
+                signal(old, libc::SIGUSR2);
+                let deadline = at + s.interval.max(Duration::from_secs(1));
+                let mut done = false;
+                while Instant::now() < deadline {
+                    if children_of(old).iter().any(|p| !before.contains(p)) {
+                        done = true;
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                if done {
+                    rows.push(UpgradeRow {
+                        old,
+                        new: old,
+                        at,
+                        handover: at.elapsed(),
+                    });
+                } else {
+                    failed_upgrades += 1;
+                }
+                reap();
+                std::thread::sleep(s.interval.saturating_sub(at.elapsed()));
+                continue;
+            }
             Strategy::Signal => signal(old, libc::SIGHUP),
             Strategy::NginxUsr2 => signal(old, libc::SIGUSR2),
             Strategy::Naive => {
@@ -392,6 +421,15 @@ pub fn alive(pid: u32) -> bool {
         ),
         Err(_) => false,
     }
+}
+
+/// The child processes of `pid` (its main thread's children, from /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 fn reap() {

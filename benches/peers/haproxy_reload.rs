@@ -1,0 +1,81 @@
+//! HAProxy as a peer: a TCP proxy in front of an echo backend, reloaded the way HAProxy
+//! documents a seamless reload in master-worker mode — SIGUSR2 to the master, which re-executes
+//! itself (same pid) and starts a new worker that takes the listening sockets from the old one
+//! over the stats socket (`expose-fd listeners`); the old worker stops accepting and finishes
+//! its connections. The orchestrator sends the signal and waits for the new worker
+//! (`Strategy::HaproxyReload` in `examples/support/scenario.rs`).
+//!
+//! `--serve haproxy` starts the backend (see [`super::start_backend`]), writes haproxy.cfg next
+//! to the pid file and execs `haproxy -W` in the foreground, so the process the orchestrator
+//! started is the master, which writes the pid file (its pid does not change on reload).
+//!
+//! As with nginx, the proxy hop makes the absolute latency and CPU not comparable with the
+//! echo servers'; failures, and the window against HAProxy's own steady state, are.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+/// Where Debian's haproxy lives.
+pub const HAPROXY: &str = "/usr/sbin/haproxy";
+
+/// Whether this machine can run the HAProxy peer.
+pub fn available() -> bool {
+    Path::new(HAPROXY).exists()
+}
+
+pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
+    let args = match super::parse_args(argv, false) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("haproxy peer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (Some(&listen), Some(pid_file)) = (args.listen.first(), args.pid_file.clone()) else {
+        eprintln!("haproxy peer: --listen and --pid-file are needed");
+        return ExitCode::from(2);
+    };
+    let dir = pid_file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let backend_addr = match super::start_backend(&pid_file) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("haproxy peer: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let conf = dir.join("haproxy.cfg");
+    let text = format!(
+        "global\n\
+         \x20   master-worker\n\
+         \x20   nbthread 1\n\
+         \x20   maxconn 9000\n\
+         \x20   stats socket {dir}/haproxy.sock mode 600 level admin expose-fd listeners\n\
+         defaults\n\
+         \x20   mode tcp\n\
+         \x20   timeout connect 5s\n\
+         \x20   timeout client 120s\n\
+         \x20   timeout server 120s\n\
+         listen echo\n\
+         \x20   bind {listen} backlog {backlog}\n\
+         \x20   server backend {backend_addr}\n",
+        dir = dir.display(),
+        backlog = super::BACKLOG,
+    );
+    if let Err(e) = std::fs::write(&conf, text) {
+        eprintln!("haproxy peer: writing {}: {e}", conf.display());
+        return ExitCode::from(1);
+    }
+    let err = Command::new(HAPROXY)
+        .arg("-W")
+        .arg("-f")
+        .arg(&conf)
+        .arg("-p")
+        .arg(&pid_file)
+        .exec();
+    eprintln!("haproxy peer: exec {HAPROXY}: {err}");
+    ExitCode::from(1)
+}
