@@ -13,7 +13,9 @@
 //! echo servers'; failures, and the window against HAProxy's own steady state, are.
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use super::ProxySetup;
 use std::process::{Command, ExitCode};
 
 /// Where Debian's haproxy lives.
@@ -25,27 +27,14 @@ pub fn available() -> bool {
 }
 
 pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
-    let args = match super::parse_args(argv, false) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("haproxy peer: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let (Some(&listen), Some(pid_file)) = (args.listen.first(), args.pid_file.clone()) else {
-        eprintln!("haproxy peer: --listen and --pid-file are needed");
-        return ExitCode::from(2);
-    };
-    let dir = pid_file
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let backend_addr = match super::start_backend(&pid_file) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("haproxy peer: {e}");
-            return ExitCode::from(1);
-        }
+    let ProxySetup {
+        listen,
+        pid_file,
+        dir,
+        backend: backend_addr,
+    } = match super::proxy_setup(argv, "haproxy") {
+        Ok(setup) => setup,
+        Err(code) => return code,
     };
     let conf = dir.join("haproxy.cfg");
     let text = format!(

@@ -288,3 +288,43 @@ pub(crate) fn start_backend(pid_file: &Path) -> Result<SocketAddr, String> {
     }
     Ok(addr)
 }
+
+/// What a proxy peer (nginx, HAProxy) needs before it writes its configuration.
+pub(crate) struct ProxySetup {
+    pub listen: SocketAddr,
+    pub pid_file: PathBuf,
+    /// The pid file's directory: the configuration and logs go there.
+    pub dir: PathBuf,
+    /// The echo backend, started and listening.
+    pub backend: SocketAddr,
+}
+
+/// Parses a proxy peer's arguments and starts its backend; on failure, prints why (prefixed
+/// with `name`) and returns the exit code.
+pub(crate) fn proxy_setup(
+    argv: impl Iterator<Item = String>,
+    name: &str,
+) -> Result<ProxySetup, ExitCode> {
+    let args = parse_args(argv, false).map_err(|e| {
+        eprintln!("{name} peer: {e}");
+        ExitCode::from(2)
+    })?;
+    let (Some(&listen), Some(pid_file)) = (args.listen.first(), args.pid_file) else {
+        eprintln!("{name} peer: --listen and --pid-file are needed");
+        return Err(ExitCode::from(2));
+    };
+    let dir = pid_file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let backend = start_backend(&pid_file).map_err(|e| {
+        eprintln!("{name} peer: {e}");
+        ExitCode::from(1)
+    })?;
+    Ok(ProxySetup {
+        listen,
+        pid_file,
+        dir,
+        backend,
+    })
+}

@@ -16,7 +16,9 @@
 //! failures, and the tail in the window against nginx's own steady state, are.
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use super::ProxySetup;
 use std::process::{Command, ExitCode};
 
 /// Where Debian's nginx keeps its binary and its dynamic stream module.
@@ -29,27 +31,14 @@ pub fn available() -> bool {
 }
 
 pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
-    let args = match super::parse_args(argv, false) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("nginx peer: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let (Some(&listen), Some(pid_file)) = (args.listen.first(), args.pid_file.clone()) else {
-        eprintln!("nginx peer: --listen and --pid-file are needed");
-        return ExitCode::from(2);
-    };
-    let dir = pid_file
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let backend_addr = match super::start_backend(&pid_file) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("nginx peer: {e}");
-            return ExitCode::from(1);
-        }
+    let ProxySetup {
+        listen,
+        pid_file,
+        dir,
+        backend: backend_addr,
+    } = match super::proxy_setup(argv, "nginx") {
+        Ok(setup) => setup,
+        Err(code) => return code,
     };
     let conf = dir.join("nginx.conf");
     let text = format!(
