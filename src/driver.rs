@@ -7,8 +7,9 @@
 //! successor's exit (PollAdd on a pidfd), the predecessor's messages (Recv, EOF when it exits)
 //! and one Timeout for the earliest deadline. Nothing in an upgrade blocks the accept loop: the
 //! new binary is started on a thread of its own (`start_spawn`). A new process whose
-//! predecessor is slow to let go also polls the listeners (`start_takeover`). With `Builder::workers`, each worker thread runs a
-//! driver of its own with only its accepts and its own wake eventfd (see `workers.rs`).
+//! predecessor is slow to let go also polls the listeners (`start_takeover`). With
+//! `Builder::workers`, each worker thread runs a driver of its own with only its accepts and
+//! its own wake eventfd (see `workers.rs`).
 //!
 //! Rules this file relies on (measured on this kernel, see `IO_URING_FACTS.md`):
 //! - a multishot accept CQE with `res >= 0` is a connection whatever its flags; the multishot
@@ -973,8 +974,7 @@ impl Driver {
             let slot = &mut self.accepts[i];
             if let (Some(op), false) = (slot.takeover, slot.takeover_cancel_sent) {
                 slot.takeover_cancel_sent = true;
-                let cancel = self.ops.insert(Op::Cancel);
-                self.push(opcode::AsyncCancel::new(op).build().user_data(cancel));
+                self.cancel(types::CancelBuilder::user_data(op));
             }
         }
     }
@@ -1088,8 +1088,7 @@ impl Driver {
             slot.retry_at = None;
             if let (Some(op), false) = (slot.op, slot.cancel_sent) {
                 slot.cancel_sent = true;
-                let cancel = self.ops.insert(Op::Cancel);
-                self.push(opcode::AsyncCancel::new(op).build().user_data(cancel));
+                self.cancel(types::CancelBuilder::user_data(op));
             }
         }
         self.cancel_takeover_polls();
@@ -1249,13 +1248,8 @@ impl Driver {
                     debug_assert_eq!(child.pid, pid);
                     // The exit watch stays armed and reaps it; its Recv ends with the channel.
                     let _ = sys::kill(pid, libc::SIGKILL);
-                    let cancel = self.ops.insert(Op::Cancel);
-                    self.push(
-                        opcode::AsyncCancel2::new(
-                            types::CancelBuilder::fd(types::Fd(child.channel.as_raw_fd())).all(),
-                        )
-                        .build()
-                        .user_data(cancel),
+                    self.cancel(
+                        types::CancelBuilder::fd(types::Fd(child.channel.as_raw_fd())).all(),
                     );
                     // Submit before `child.channel` closes: SQEs queued in this turn (the HELLO,
                     // the Recv, this cancel) name its fd number, which another thread could
@@ -1372,8 +1366,7 @@ impl Driver {
     }
 
     /// Waits for the spawns still in flight (at exit) and kills what they started: nothing is
-    /// left behind unreaped.
-    /// A spawn stuck in exec (the case the start deadline exists for) is not waited for beyond
+    /// left behind unreaped. A spawn stuck in exec (the case the start deadline exists for) is not waited for beyond
     /// `FINAL_REAP`: its thread is left behind, and a child it still starts gets EOF on its
     /// channel (this end closes with the process) and exits.
     fn abandon_spawns(&mut self) {
@@ -1649,6 +1642,12 @@ impl Driver {
         self.timer = Some((at, token));
     }
 
+    /// Queues a cancel of the ops `what` matches; its own completion is an `Op::Cancel`.
+    fn cancel(&mut self, what: types::CancelBuilder) {
+        let token = self.ops.insert(Op::Cancel);
+        self.push(opcode::AsyncCancel2::new(what).build().user_data(token));
+    }
+
     /// Queues an SQE, submitting first if the queue is full.
     fn push(&mut self, entry: squeue::Entry) {
         loop {
@@ -1678,12 +1677,7 @@ impl Driver {
         // re-arm it if this driver exits while still accepting, e.g. a worker told to quit
         // after the coordinator failed).
         self.accepting = false;
-        let cancel = self.ops.insert(Op::Cancel);
-        self.push(
-            opcode::AsyncCancel2::new(types::CancelBuilder::any())
-                .build()
-                .user_data(cancel),
-        );
+        self.cancel(types::CancelBuilder::any());
         let deadline = Instant::now() + FINAL_REAP;
         let mut late = 0usize;
         while self.ops.live > 0 && Instant::now() < deadline {
