@@ -39,28 +39,13 @@ use super::{Args, Conns};
 /// Runs the ecdysis echo server with command-line arguments `argv` (without the program name).
 /// Upgrades re-execute `argv[0]` of this process with the same arguments.
 pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
-    super::init_logging();
-    let args = match super::parse_args(argv, false) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("ecdysis_echo: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the runtime");
-            return ExitCode::from(1);
-        }
-    };
-    let code = rt.block_on(serve(args));
-    // Connections cut by the drain timeout are dropped here, without waiting on them.
-    rt.shutdown_timeout(Duration::from_millis(100));
-    code
+    super::run_peer(
+        "ecdysis_echo",
+        argv,
+        false,
+        tokio::runtime::Builder::new_current_thread(),
+        serve,
+    )
 }
 
 /// Accepts from `stream` until ecdysis ends it, then drops it (closing this process's

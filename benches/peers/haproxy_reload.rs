@@ -12,7 +12,6 @@
 //! As with nginx, the proxy hop makes the absolute latency and CPU not comparable with the
 //! echo servers'; failures, and the window against HAProxy's own steady state, are.
 
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 
 use super::ProxySetup;
@@ -54,17 +53,15 @@ pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
         dir = dir.display(),
         backlog = super::BACKLOG,
     );
-    if let Err(e) = std::fs::write(&conf, text) {
-        eprintln!("haproxy peer: writing {}: {e}", conf.display());
-        return ExitCode::from(1);
-    }
-    let err = Command::new(HAPROXY)
-        .arg("-W")
-        .arg("-f")
-        .arg(&conf)
-        .arg("-p")
-        .arg(&pid_file)
-        .exec();
-    eprintln!("haproxy peer: exec {HAPROXY}: {err}");
-    ExitCode::from(1)
+    super::exec_with_config(
+        "haproxy",
+        &conf,
+        &text,
+        Command::new(HAPROXY)
+            .arg("-W")
+            .arg("-f")
+            .arg(&conf)
+            .arg("-p")
+            .arg(&pid_file),
+    )
 }

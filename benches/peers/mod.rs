@@ -328,3 +328,51 @@ pub(crate) fn proxy_setup(
         backend,
     })
 }
+
+/// Writes a proxy peer's configuration `text` to `conf` and replaces this process with
+/// `command`; returns only on failure, having printed why (prefixed with `name`).
+pub(crate) fn exec_with_config(
+    name: &str,
+    conf: &Path,
+    text: &str,
+    command: &mut std::process::Command,
+) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    if let Err(e) = std::fs::write(conf, text) {
+        eprintln!("{name} peer: writing {}: {e}", conf.display());
+        return ExitCode::from(1);
+    }
+    let err = command.exec();
+    eprintln!("{name} peer: exec {:?}: {err}", command.get_program());
+    ExitCode::from(1)
+}
+
+/// A peer's `main`: logging, the common options (`--reuseport` only if `allow_reuseport`), a
+/// tokio runtime from `runtime`, and `serve` on it. Connections still open when `serve` returns
+/// (cut by the drain timeout) are dropped without waiting on them.
+pub(crate) fn run_peer<Fut: std::future::Future<Output = ExitCode>>(
+    name: &str,
+    argv: impl Iterator<Item = String>,
+    allow_reuseport: bool,
+    mut runtime: tokio::runtime::Builder,
+    serve: impl FnOnce(Args) -> Fut,
+) -> ExitCode {
+    init_logging();
+    let args = match parse_args(argv, allow_reuseport) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match runtime.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return ExitCode::from(1);
+        }
+    };
+    let code = rt.block_on(serve(args));
+    rt.shutdown_timeout(Duration::from_millis(100));
+    code
+}

@@ -15,7 +15,6 @@
 //! The backend adds a proxy hop: nginx's latency is not comparable to the echo servers' own;
 //! failures, and the tail in the window against nginx's own steady state, are.
 
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 
 use super::ProxySetup;
@@ -57,16 +56,14 @@ pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
         dir = dir.display(),
         backlog = super::BACKLOG,
     );
-    if let Err(e) = std::fs::write(&conf, text) {
-        eprintln!("nginx peer: writing {}: {e}", conf.display());
-        return ExitCode::from(1);
-    }
-    let err = Command::new(NGINX)
-        .arg("-c")
-        .arg(&conf)
-        .arg("-e")
-        .arg(dir.join("nginx-error.log"))
-        .exec();
-    eprintln!("nginx peer: exec {NGINX}: {err}");
-    ExitCode::from(1)
+    super::exec_with_config(
+        "nginx",
+        &conf,
+        &text,
+        Command::new(NGINX)
+            .arg("-c")
+            .arg(&conf)
+            .arg("-e")
+            .arg(dir.join("nginx-error.log")),
+    )
 }

@@ -23,27 +23,15 @@ use super::Args;
 
 /// Runs the plain echo server with command-line arguments `argv` (without the program name).
 pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
-    super::init_logging();
-    let args = match super::parse_args(argv, true) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("plain_echo: {e}");
-            return ExitCode::from(2);
-        }
-    };
     // SAFETY: setting a signal's disposition to SIG_IGN, before any other thread exists.
     unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the runtime");
-            return ExitCode::from(1);
-        }
-    };
-    rt.block_on(serve(args))
+    super::run_peer(
+        "plain_echo",
+        argv,
+        true,
+        tokio::runtime::Builder::new_current_thread(),
+        serve,
+    )
 }
 
 async fn serve(args: Args) -> ExitCode {

@@ -33,7 +33,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use shellflip::lifecycle::{receive_from_old_process, LifecycleHandler, PipeWriter};
@@ -48,28 +47,13 @@ use super::Args;
 /// Runs the shellflip echo server with command-line arguments `argv` (without the program
 /// name). Upgrades re-execute `argv[0]` of this process with the same arguments.
 pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
-    super::init_logging();
-    let args = match super::parse_args(argv, false) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("shellflip_echo: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the runtime");
-            return ExitCode::from(1);
-        }
-    };
-    let code = rt.block_on(serve(args));
-    // Connections cut by the drain timeout are dropped here, without waiting on them.
-    rt.shutdown_timeout(Duration::from_millis(100));
-    code
+    super::run_peer(
+        "shellflip_echo",
+        argv,
+        false,
+        tokio::runtime::Builder::new_multi_thread(),
+        serve,
+    )
 }
 
 /// Hands the listening sockets to the new process.
