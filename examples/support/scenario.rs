@@ -248,8 +248,12 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
         Ok(child?.id())
     };
     let mut pids = vec![start_server(s.strategy == Strategy::ReusePort)?];
-    let mut current = wait_for_pid(&pid_file, None, Duration::from_secs(10))
-        .ok_or_else(|| format!("the server did not start; see {}", log.display()))?;
+    let Some(mut current) = wait_for_pid(&pid_file, None, Duration::from_secs(10)) else {
+        // Whatever did start (a proxy peer's backend) must not outlive the run.
+        stop_helper(&pid_file, &mut pids);
+        wait_all_gone(&pids, Duration::from_secs(10));
+        return Err(format!("the server did not start; see {}", log.display()));
+    };
     // A server that daemonizes (nginx) serves from another pid than the one started.
     if !pids.contains(&current) {
         pids.push(current);
@@ -273,6 +277,8 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
         let old = current;
         let at = Instant::now();
         load.burst(s.burst);
+        // HAProxy's master keeps its pid: its reload is done when a new worker appears.
+        let workers_before = (s.strategy == Strategy::HaproxyReload).then(|| children_of(old));
         match s.strategy {
             Strategy::BurstOnly => {
                 rows.push(UpgradeRow {
@@ -284,34 +290,8 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
                 std::thread::sleep(s.interval.saturating_sub(at.elapsed()));
                 continue;
             }
-            Strategy::HaproxyReload => {
-                let before = children_of(old);
-                signal(old, libc::SIGUSR2);
-                let deadline = at + s.interval.max(Duration::from_secs(1));
-                let mut done = false;
-                while Instant::now() < deadline {
-                    if children_of(old).iter().any(|p| !before.contains(p)) {
-                        done = true;
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-                if done {
-                    rows.push(UpgradeRow {
-                        old,
-                        new: old,
-                        at,
-                        handover: at.elapsed(),
-                    });
-                } else {
-                    failed_upgrades += 1;
-                }
-                reap();
-                std::thread::sleep(s.interval.saturating_sub(at.elapsed()));
-                continue;
-            }
             Strategy::Signal => signal(old, libc::SIGHUP),
-            Strategy::NginxUsr2 => signal(old, libc::SIGUSR2),
+            Strategy::NginxUsr2 | Strategy::HaproxyReload => signal(old, libc::SIGUSR2),
             Strategy::Naive => {
                 signal(old, libc::SIGTERM);
                 let deadline = Instant::now() + s.drain_timeout + Duration::from_secs(5);
@@ -325,7 +305,12 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
         }
         // A refused upgrade (nginx while an older master still drains) is given up on at the
         // next upgrade's time, so it does not shift the schedule.
-        match wait_for_pid(&pid_file, Some(old), s.interval.max(Duration::from_secs(1))) {
+        let timeout = s.interval.max(Duration::from_secs(1));
+        let done = match &workers_before {
+            Some(before) => wait_for_new_child(old, before, timeout).then_some(old),
+            None => wait_for_pid(&pid_file, Some(old), timeout),
+        };
+        match done {
             Some(new) => {
                 rows.push(UpgradeRow {
                     old,
@@ -338,8 +323,10 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
                     Strategy::NginxUsr2 => signal(old, libc::SIGQUIT),
                     _ => {}
                 }
-                pids.push(new);
-                current = new;
+                if new != old {
+                    pids.push(new);
+                    current = new;
+                }
             }
             None => failed_upgrades += 1,
         }
@@ -349,13 +336,7 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
     std::thread::sleep(Duration::from_millis(500));
     let report = load.stop();
     signal(current, libc::SIGTERM);
-    // A helper process a server started (the nginx peer's backend) names itself here.
-    let mut extra = pid_file.as_os_str().to_owned();
-    extra.push(".extra");
-    if let Some(helper) = read_pid(Path::new(&extra)) {
-        signal(helper, libc::SIGTERM);
-        pids.push(helper);
-    }
+    stop_helper(&pid_file, &mut pids);
     pids.sort_unstable();
     pids.dedup();
     let all_gone = wait_all_gone(
@@ -410,6 +391,18 @@ pub fn wait_for_pid(path: &Path, old: Option<u32>, timeout: Duration) -> Option<
     None
 }
 
+/// Polls until `pid` has a child process not in `before`.
+fn wait_for_new_child(pid: u32, before: &[u32], timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if children_of(pid).iter().any(|p| !before.contains(p)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    false
+}
+
 /// Whether `pid` exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -420,6 +413,17 @@ pub fn alive(pid: u32) -> bool {
             Some("Z")
         ),
         Err(_) => false,
+    }
+}
+
+/// SIGTERMs the helper process a server started, if it named one in `<pid file>.extra` (a
+/// proxy peer's backend), and adds it to the pids to wait for.
+fn stop_helper(pid_file: &Path, pids: &mut Vec<u32>) {
+    let mut extra = pid_file.as_os_str().to_owned();
+    extra.push(".extra");
+    if let Some(helper) = read_pid(Path::new(&extra)) {
+        signal(helper, libc::SIGTERM);
+        pids.push(helper);
     }
 }
 
