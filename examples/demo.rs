@@ -111,17 +111,18 @@ fn run(opts: &Opts) -> Result<bool, String> {
     let steady = out.steady();
     println!();
     println!(
-        "{:>3}  {:>8} → {:<8} {:>10} {:>8} {:>12} {:>12}",
-        "#", "old pid", "new pid", "handover", "failed", "window p99", "steady p99"
+        "{:>3}  {:>8} → {:<8} {:>8} {:>10} {:>8} {:>12} {:>12}",
+        "#", "old pid", "new pid", "old RSS", "handover", "failed", "window p99", "steady p99"
     );
     for (i, r) in out.rows.iter().enumerate() {
         let (a, b) = (r.at, r.at + WINDOW);
         let w = report.stats(|t| t >= a && t < b);
         println!(
-            "{:>3}  {:>8} → {:<8} {:>8.2}ms {:>8} {:>10.3}ms {:>10.3}ms",
+            "{:>3}  {:>8} → {:<8} {:>5}MiB {:>8.2}ms {:>8} {:>10.3}ms {:>10.3}ms",
             i + 1,
             r.old,
             r.new,
+            r.old_rss_mib,
             ms(r.handover),
             report.failures_in(|t| t >= a && t < b),
             ms(w.p99),

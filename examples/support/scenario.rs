@@ -60,6 +60,8 @@ pub struct UpgradeRow {
     pub at: Instant,
     /// Trigger → the new process's pid file (written once it serves).
     pub handover: Duration,
+    /// Resident memory of the process being replaced, read just before the trigger.
+    pub old_rss_mib: u64,
 }
 
 pub struct Outcome {
@@ -217,6 +219,7 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
     let start_server = |reuseport: bool| -> Result<u32, String> {
         let mut cmd = Command::new(&exe);
         cmd.args(&s.serve_args)
+            .args(&s.server_args)
             .args(["--listen", &addr.to_string()])
             .arg("--pid-file")
             .arg(&pid_file)
@@ -275,6 +278,7 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
     let mut failed_upgrades = 0;
     for _ in 0..s.upgrades {
         let old = current;
+        let old_rss_mib = rss_mib(old);
         let at = Instant::now();
         load.burst(s.burst);
         // HAProxy's master keeps its pid: its reload is done when a new worker appears.
@@ -286,6 +290,7 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
                     new: old,
                     at,
                     handover: Duration::ZERO,
+                    old_rss_mib,
                 });
                 std::thread::sleep(s.interval.saturating_sub(at.elapsed()));
                 continue;
@@ -317,6 +322,7 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
                     new,
                     at,
                     handover: at.elapsed(),
+                    old_rss_mib,
                 });
                 match s.strategy {
                     Strategy::ReusePort => signal(old, libc::SIGTERM),
@@ -401,6 +407,16 @@ fn wait_for_new_child(pid: u32, before: &[u32], timeout: Duration) -> bool {
         std::thread::sleep(Duration::from_micros(100));
     }
     false
+}
+
+/// `pid`'s resident memory (VmRSS) in MiB; 0 if it cannot be read.
+fn rss_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib / 1024)
 }
 
 /// Whether `pid` exists and is not a zombie.
