@@ -17,6 +17,8 @@
 //!   `LocalSet`), like the tokio-based peers, so the upgrade libraries are compared on the same
 //!   runtime;
 //! - `ringflip`: examples/echo.rs's server (tokio-uring, ringflip's io_uring upgrade ring), SIGHUP;
+//! - `ringflip-workers`: the same server thread-per-core (`--workers 2`: two accept rings, each
+//!   on its own SO_REUSEPORT member of the listener, one coordinator), SIGHUP;
 //! - `shellflip`, `ecdysis`: Cloudflare's Rust graceful-restart crates, each used as its docs
 //!   intend, on tokio, SIGHUP (see benches/peers/);
 //! - `naive`: a plain tokio server, SIGTERM then start a new one;
@@ -26,7 +28,9 @@
 //!   benches/peers/nginx_usr2.rs). It has a proxy hop the others do not;
 //! - `haproxy`: HAProxy in master-worker mode in front of the same backend, seamless reload
 //!   with SIGUSR2 to the master (skipped when HAProxy is not installed; see
-//!   benches/peers/haproxy_reload.rs). Same proxy hop.
+//!   benches/peers/haproxy_reload.rs). Same proxy hop;
+//! - `tableflip`: Cloudflare's tableflip (Go) echo server, SIGHUP (skipped when Debian's Go and
+//!   tableflip packages are not installed; see benches/peers/tableflip_echo.rs).
 //!
 //! Per server: failures by kind, long-lived pings failed, latency (from each connection's
 //! *scheduled* start, so stalls count) p50/p99/p99.9/max steady and in the 500 ms after each
@@ -43,17 +47,22 @@ mod support;
 
 use support::scenario::{self, ms, Scenario, Strategy};
 
-const ALL: [&str; 9] = [
+const ALL: [&str; 11] = [
     "burst-only",
     "ringflip",
     "ringflip-tokio",
+    "ringflip-workers",
     "ecdysis",
     "shellflip",
     "reuseport",
     "naive",
     "nginx",
     "haproxy",
+    "tableflip",
 ];
+
+/// Accept rings of the `ringflip-workers` row (`Builder::workers`, thread-per-core).
+const WORKERS: usize = 2;
 
 struct Opts {
     upgrades: usize,
@@ -147,7 +156,7 @@ fn main() -> ExitCode {
         }
     );
     println!(
-        "{:<10} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "{:<16} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
         "server", "conns", "failed", "refused", "reset", "eof", "tmout", "pings✗",
         "handover", "p50", "p99", "p99.9", "win p99", "win p99.9", "win max", "cpu%"
     );
@@ -169,15 +178,31 @@ fn main() -> ExitCode {
             );
             continue;
         }
+        if *kind == "tableflip" {
+            if !peers::tableflip_echo::available() {
+                println!(
+                    "tableflip  skipped: {} or Debian's tableflip sources are not installed \
+                     (apt-get install golang-go golang-github-cloudflare-tableflip-dev)",
+                    peers::tableflip_echo::GO
+                );
+                continue;
+            }
+            if let Err(e) = peers::tableflip_echo::build() {
+                println!("tableflip  could not be built: {e}");
+                continue;
+            }
+        }
         let (serve, strategy) = match *kind {
             "burst-only" => ("ringflip", Strategy::BurstOnly),
             "ringflip" => ("ringflip", Strategy::Signal),
             "ringflip-tokio" => ("ringflip-tokio", Strategy::Signal),
+            "ringflip-workers" => ("ringflip", Strategy::Signal),
             "ecdysis" => ("ecdysis", Strategy::Signal),
             "shellflip" => ("shellflip", Strategy::Signal),
             "reuseport" => ("plain", Strategy::ReusePort),
             "nginx" => ("nginx", Strategy::NginxUsr2),
             "haproxy" => ("haproxy", Strategy::HaproxyReload),
+            "tableflip" => ("tableflip", Strategy::Signal),
             _ => ("plain", Strategy::Naive),
         };
         let s = Scenario {
@@ -190,7 +215,11 @@ fn main() -> ExitCode {
             burst: o.burst,
             // The restart strategies without a handoff cannot keep long-lived connections;
             // give them a short drain so each restart completes within the interval.
-            server_args: Vec::new(),
+            server_args: if *kind == "ringflip-workers" {
+                vec!["--workers".into(), WORKERS.to_string()]
+            } else {
+                Vec::new()
+            },
             warmup: Duration::ZERO,
             pin_server: o.pin_server,
             drain_timeout: match strategy {
@@ -204,7 +233,7 @@ fn main() -> ExitCode {
         let out = match scenario::run(&s) {
             Ok(out) => out,
             Err(e) => {
-                println!("{kind:<10} could not run: {e}");
+                println!("{kind:<16} could not run: {e}");
                 // Only ringflip's own rows fail the bench; a peer that cannot run is reported.
                 if kind.starts_with("ringflip") || *kind == "burst-only" {
                     all_ok = false;
@@ -216,7 +245,7 @@ fn main() -> ExitCode {
         let f = &r.failures;
         let (st, w) = (out.steady(), out.window());
         println!(
-            "{:<10} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>6.2}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>6.1}%",
+            "{:<16} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>6.2}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>6.1}%",
             kind,
             r.ok() + f.total() as usize,
             f.total(),

@@ -26,6 +26,7 @@ pub mod haproxy_reload;
 pub mod nginx_usr2;
 pub mod plain_echo;
 pub mod shellflip_echo;
+pub mod tableflip_echo;
 
 use std::io;
 use std::net::SocketAddr;
@@ -48,6 +49,7 @@ pub fn dispatch(kind: &str, argv: impl Iterator<Item = String>) -> Option<ExitCo
         "plain" => Some(plain_echo::main(argv)),
         "nginx" => Some(nginx_usr2::main(argv)),
         "haproxy" => Some(haproxy_reload::main(argv)),
+        "tableflip" => Some(tableflip_echo::main(argv)),
         _ => None,
     }
 }
