@@ -104,8 +104,13 @@ fn run(opts: &Opts) -> Result<bool, String> {
         } else {
             Vec::new()
         },
-        // Let the first process grow to its ballast before the first upgrade.
-        warmup: Duration::from_millis(opts.ballast_mib),
+        // Let the first process grow to its ballast before the first upgrade: it starts after
+        // 1 s and takes up to 3 s per GiB here.
+        warmup: Duration::from_millis(if opts.ballast_mib > 0 {
+            1000 + opts.ballast_mib * 3
+        } else {
+            0
+        }),
     })?;
     let report = &out.report;
     let steady = out.steady();
