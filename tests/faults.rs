@@ -661,17 +661,17 @@ fn successor_killed_during_drain_old_resumes() {
     let samples = probe.stop();
     let report = keep.stop();
     let cutoff = t_kill + ms(200);
-    let (ok_before, failed_before, _) = tally(&samples, t_kill - secs(60), t_kill);
+    let (ok_before, failed_before, errs_before) = tally(&samples, t_kill - secs(60), t_kill);
     let (ok_window, failed_window, errs_window) = tally(&samples, t_kill, cutoff);
     let (ok_after, failed_after, errs_after) = tally(&samples, cutoff, Instant::now());
     eprintln!(
         "RESULT successor-killed-during-drain: old {} resumed {resumed_after:?} after the kill; \
-         before kill ok {ok_before} failed {failed_before}; kill..+200ms ok {ok_window} failed \
-         {failed_window} {errs_window:?}; after ok {ok_after} failed {failed_after}; \
+         before kill ok {ok_before} failed {failed_before} {errs_before:?}; kill..+200ms ok \
+         {ok_window} failed {failed_window} {errs_window:?}; after ok {ok_after} failed {failed_after}; \
          long-lived: {report}",
         old.pid
     );
-    assert_eq!(failed_before, 0);
+    assert_eq!(failed_before, 0, "failures before the kill: {errs_before:?}");
     assert_eq!(failed_after, 0, "failures after kill+200ms: {errs_after:?}");
     assert!(ok_after > 0);
     report.assert_clean();
