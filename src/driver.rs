@@ -46,6 +46,7 @@ use crate::handoff::{ListenerRecord, Message, SocketKind, MAX_LISTENERS};
 use crate::inherit::ParentLink;
 use crate::listener::{Endpoint, Listener, UdpSocketEntry};
 use crate::machine::{Action, Event, ExitReason, Machine, Outcome, Phase, Requester, UpgradeId};
+use crate::server::Coordinator;
 use crate::server::{
     write_pid_file, Config, Connection, DrainGuard, Handle, Request, Server, Shared,
 };
@@ -322,6 +323,8 @@ pub(crate) struct Driver {
     /// driver is (0: the coordinator, which runs the machine).
     workers: Option<Arc<WorkerSet>>,
     worker: usize,
+    /// The coordinator's: tells the workers to quit once this driver is gone, however it ends.
+    quit_workers_on_drop: Option<Coordinator>,
     /// Connections this driver accepted (logged at exit).
     accepted: u64,
     /// Stopping was reported (to the machine, or by a worker to the coordinator) since the
@@ -457,6 +460,7 @@ impl Driver {
             signalfd: None,
             workers: None,
             worker: 0,
+            quit_workers_on_drop: None,
             accepted: 0,
             stop_reported: false,
             successor: None,
@@ -482,8 +486,9 @@ impl Driver {
     }
 
     /// Makes this (coordinating) driver lead the workers of `set`.
-    pub(crate) fn with_workers(mut self, set: Arc<WorkerSet>) -> Driver {
-        self.workers = Some(set);
+    pub(crate) fn with_workers(mut self, coordinator: Coordinator) -> Driver {
+        self.workers = Some(coordinator.0.clone());
+        self.quit_workers_on_drop = Some(coordinator);
         self
     }
 

@@ -80,7 +80,7 @@ mod workers;
 pub use error::{Error, UpgradeError};
 pub use handoff::{MAX_LISTENERS, MAX_STATE_LEN};
 pub use machine::{ExitReason, Phase};
-pub use server::{Builder, Connection, DrainGuard, Handle, PhaseWatch, Server};
+pub use server::{Builder, Connection, DrainGuard, Handle, PhaseWatch, Server, Worker};
 
 /// Entry points for the fuzz targets in `fuzz/`; not part of the API.
 #[doc(hidden)]

@@ -124,7 +124,7 @@ impl Builder {
     }
 
     /// Accept on `n` threads (thread-per-core), each with its own ring; run with
-    /// [`Server::run_workers`]. Each TCP listener becomes a group of `n` SO_REUSEPORT sockets,
+    /// [`Server::take_workers`] (a runtime per ring) or [`Server::run_workers`]. Each TCP listener becomes a group of `n` SO_REUSEPORT sockets,
     /// one per worker, handed over by index across upgrades (a binary with fewer workers keeps
     /// accepting on the extra ones, one with more adds members to the group). Unix listeners
     /// and the control socket are served by worker 0. On READY every worker stops accepting and
@@ -377,6 +377,7 @@ impl Builder {
             udp,
             inherited_fds,
             worker_listeners: Vec::new(),
+            workers: None,
             config: Config {
                 timeouts: Timeouts {
                     ready: self.ready_timeout,
@@ -428,6 +429,9 @@ pub struct Server {
     inherited_fds: Vec<(String, OwnedFd)>,
     /// Thread-per-core: the workers' listeners (duplicates), for the handoff.
     pub(crate) worker_listeners: Vec<(crate::handoff::ListenerRecord, OwnedFd)>,
+    /// Thread-per-core, once [`Server::take_workers`] has split the workers off: what this
+    /// (coordinating) server shares with them. Dropped unrun, it tells them to quit.
+    workers: Option<Coordinator>,
 }
 
 impl fmt::Debug for Server {
@@ -492,8 +496,7 @@ impl Server {
     ///
     /// Returns once the process has finished draining; the caller should then exit.
     pub fn run(self, mut on_connection: impl FnMut(Connection)) -> Result<ExitReason, Error> {
-        self.single_worker("run")?;
-        let mut driver = Driver::new(self)?;
+        let mut driver = self.into_driver("run")?;
         loop {
             if let Some(exit) = driver.turn(true, &mut on_connection)? {
                 return Ok(exit);
@@ -501,28 +504,41 @@ impl Server {
         }
     }
 
-    fn single_worker(&self, what: &str) -> Result<(), Error> {
-        if self.config.workers > 1 {
+    /// The driver of this server's own ring, made on the calling thread (its ring's one
+    /// issuer), leading the workers if [`Server::take_workers`] split them off.
+    fn into_driver(mut self, what: &str) -> Result<Driver, Error> {
+        if self.config.workers > 1 && self.workers.is_none() {
             return Err(Error::Config(format!(
-                "{what} serves on one thread; with workers({}) use run_workers",
+                "{what} serves one ring; with workers({}) call take_workers first, or use \
+                 run_workers",
                 self.config.workers
             )));
         }
-        Ok(())
+        let workers = self.workers.take();
+        // On an error here `workers` is dropped, which tells the workers to quit.
+        let driver = Driver::new(self)?;
+        Ok(match workers {
+            Some(coordinator) => driver.with_workers(coordinator),
+            None => driver,
+        })
     }
 
-    /// Serves on [`Builder::workers`] threads (thread-per-core): this thread coordinates (signals,
-    /// upgrades, the control socket) and accepts like the others; each worker thread `i` has
-    /// its own ring on its own SO_REUSEPORT member of every TCP listener, and hands its
-    /// connections to `handler(i)`'s callback, created on that thread. On READY (or shutdown)
-    /// every worker stops accepting; the process drains as one and this returns once every
-    /// worker has finished.
-    pub fn run_workers<F, H>(mut self, handler: F) -> Result<ExitReason, Error>
-    where
-        F: Fn(usize) -> H + Send + Sync + 'static,
-        H: FnMut(Connection) + 'static,
-    {
+    /// Thread-per-core ([`Builder::workers`]): splits off the `n - 1` worker rings, to be run
+    /// each on a thread of its own with [`Worker::run`] or, inside that thread's runtime,
+    /// [`Worker::run_async`]; this server stays the coordinator (signals, upgrades, the control
+    /// socket; it accepts like the others) and is run as usual, with [`Server::run`] or
+    /// `run_async`. Worker `i` has its own ring on its own SO_REUSEPORT member of every TCP
+    /// listener. On READY (or shutdown) every worker stops accepting and the process drains
+    /// as one; the workers' `run` returns once the coordinator has finished (or failed, or was
+    /// dropped without running). Empty without `workers(n)`; an error if called twice.
+    pub fn take_workers(&mut self) -> Result<Vec<Worker>, Error> {
         let n = self.config.workers.max(1);
+        if n == 1 {
+            return Ok(Vec::new());
+        }
+        if self.workers.is_some() {
+            return Err(Error::Config("the workers were already taken".into()));
+        }
         let mut per_worker: Vec<Vec<Listener>> = (0..n).map(|_| Vec::new()).collect();
         for l in self.listeners.drain(..) {
             per_worker[listener::worker_of(&l.name, n)].push(l);
@@ -537,38 +553,44 @@ impl Server {
             self.worker_listeners.push((l.record(), fd));
         }
         let set = Arc::new(WorkerSet::new(n - 1)?);
+        self.workers = Some(Coordinator(set.clone()));
+        Ok(per_worker
+            .into_iter()
+            .enumerate()
+            .skip(1)
+            .map(|(index, listeners)| Worker {
+                index,
+                listeners,
+                shared: self.shared.clone(),
+                config: self.config.clone(),
+                set: set.clone(),
+            })
+            .collect())
+    }
+
+    /// Serves on [`Builder::workers`] threads (thread-per-core), each connection handed to a
+    /// callback on the thread that accepted it: [`Server::take_workers`], a thread per
+    /// worker `i` running `handler(i)`'s callback with [`Worker::run`], and this thread the
+    /// coordinator with `handler(0)`'s. Returns once every worker has finished.
+    pub fn run_workers<F, H>(mut self, handler: F) -> Result<ExitReason, Error>
+    where
+        F: Fn(usize) -> H + Send + Sync + 'static,
+        H: FnMut(Connection) + 'static,
+    {
         let handler = Arc::new(handler);
         let mut threads = Vec::new();
-        for (i, listeners) in per_worker.into_iter().enumerate().skip(1) {
-            let (shared, config, set, handler) = (
-                self.shared.clone(),
-                self.config.clone(),
-                set.clone(),
-                handler.clone(),
-            );
+        for worker in self.take_workers()? {
+            let handler = handler.clone();
             let thread = std::thread::Builder::new()
-                .name(format!("ringflip-worker-{i}"))
-                .spawn(move || -> Result<(), Error> {
-                    let mut sink = handler(i);
-                    let mut driver = Driver::new_worker(i, listeners, shared, config, set)?;
-                    while driver.turn(true, &mut sink)?.is_none() {}
-                    Ok(())
+                .name(format!("ringflip-worker-{}", worker.index))
+                .spawn(move || {
+                    let sink = handler(worker.index);
+                    worker.run(sink)
                 })
                 .map_err(Error::io("starting a worker thread"))?;
             threads.push(thread);
         }
-        let mut sink = handler(0);
-        let result = Driver::new(self).and_then(|driver| {
-            let mut driver = driver.with_workers(set.clone());
-            loop {
-                if let Some(exit) = driver.turn(true, &mut sink)? {
-                    return Ok(exit);
-                }
-            }
-        });
-        // Whatever happened here, the workers must stop too.
-        set.quit.store(true, std::sync::atomic::Ordering::SeqCst);
-        set.signal_all();
+        let result = self.run(handler(0));
         for t in threads {
             match t.join() {
                 Ok(Ok(())) => {}
@@ -584,61 +606,135 @@ impl Server {
     /// `on_connection` on this same thread, with no thread hop. Must be awaited on one thread
     /// (a `LocalSet`, a current-thread runtime, or tokio-uring).
     #[cfg(feature = "tokio")]
-    #[allow(unsafe_code)]
     pub async fn run_async(
         self,
-        mut on_connection: impl FnMut(Connection),
+        on_connection: impl FnMut(Connection),
     ) -> Result<ExitReason, Error> {
-        use tokio::io::unix::AsyncFd;
-        use tokio::io::Interest;
+        serve_async(self.into_driver("run_async")?, on_connection).await
+    }
+}
 
-        self.single_worker("run_async")?;
-        let mut driver = Driver::new(self)?;
-        let notify = driver.notify_fd()?;
-        let wake = driver.wake_fd();
-        // SAFETY: both eventfds stay open while registered: `driver` owns them and is dropped
-        // after these (declared earlier, dropped later).
-        let (notify_fd, wake_fd) = unsafe {
-            (
-                AsyncFd::register_with_interest(NotifyFd(notify), Interest::READABLE),
-                AsyncFd::register_with_interest(NotifyFd(wake), Interest::READABLE),
-            )
-        };
-        let notify_fd =
-            notify_fd.map_err(|e| Error::io("registering with the runtime")(e.into()))?;
-        let wake_fd = wake_fd.map_err(|e| Error::io("registering with the runtime")(e.into()))?;
-        loop {
-            if let Some(exit) = driver.turn(false, &mut on_connection)? {
-                return Ok(exit);
-            }
-            if driver.has_pending_work() {
-                // More deferred completions than one turn runs: go again, but let the
-                // runtime's other tasks (the connections just handed over) run first.
-                tokio::task::yield_now().await;
-                continue;
-            }
-            // Woken by the ring (a completion became pending) or directly by the wake eventfd
-            // (a request, the last connection closing): a write to the wake eventfd from
-            // another thread was seen to reach the ring's poll on it without the ring's
-            // registered eventfd firing, so the runtime watches the wake eventfd itself too.
-            std::future::poll_fn(|cx| {
-                let mut woke = false;
-                for fd in [&notify_fd, &wake_fd] {
-                    if let std::task::Poll::Ready(ready) = fd.poll_read_ready(cx) {
-                        ready?.clear_ready();
-                        woke = true;
-                    }
-                }
-                if woke {
-                    std::task::Poll::Ready(Ok::<(), std::io::Error>(()))
-                } else {
-                    std::task::Poll::Pending
-                }
-            })
+/// One ring of a thread-per-core server besides the coordinator's, split off by
+/// [`Server::take_workers`]. Run it on a thread of its own: [`Worker::run`], or
+/// [`Worker::run_async`] as a task of that thread's runtime (one runtime per core, each
+/// serving the connections its own ring accepts, with no thread hop).
+pub struct Worker {
+    index: usize,
+    listeners: Vec<Listener>,
+    shared: Arc<Shared>,
+    config: Config,
+    set: Arc<WorkerSet>,
+}
+
+impl fmt::Debug for Worker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker")
+            .field("index", &self.index)
+            .field("listeners", &self.listeners)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// This worker's number, 1 to `n - 1` (the coordinator is 0).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    fn into_driver(self) -> Result<Driver, Error> {
+        Driver::new_worker(
+            self.index,
+            self.listeners,
+            self.shared,
+            self.config,
+            self.set,
+        )
+    }
+
+    /// Accepts on the calling thread, each connection to `on_connection` (which should hand
+    /// it off quickly), until the coordinator has finished.
+    pub fn run(self, mut on_connection: impl FnMut(Connection)) -> Result<(), Error> {
+        let mut driver = self.into_driver()?;
+        while driver.turn(true, &mut on_connection)?.is_none() {}
+        Ok(())
+    }
+
+    /// Like [`Worker::run`], as a task of the current thread's tokio (or tokio-uring) runtime,
+    /// as [`Server::run_async`] does.
+    #[cfg(feature = "tokio")]
+    pub async fn run_async(self, on_connection: impl FnMut(Connection)) -> Result<(), Error> {
+        serve_async(self.into_driver()?, on_connection)
             .await
-            .map_err(Error::io("polling the ring"))?;
-            driver.clear_notify();
+            .map(drop)
+    }
+}
+
+/// Tells the workers to quit when dropped: held by the coordinator (its server, then its
+/// driver), so that workers never outlive a coordinator that failed or was never run.
+#[derive(Debug)]
+pub(crate) struct Coordinator(pub Arc<WorkerSet>);
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.0.quit.store(true, SeqCst);
+        self.0.signal_all();
+    }
+}
+
+/// Drives `driver` as a task of the current tokio runtime until it exits: see
+/// [`Server::run_async`].
+#[cfg(feature = "tokio")]
+#[allow(unsafe_code)]
+async fn serve_async(
+    mut driver: Driver,
+    mut on_connection: impl FnMut(Connection),
+) -> Result<ExitReason, Error> {
+    use tokio::io::unix::AsyncFd;
+    use tokio::io::Interest;
+
+    let notify = driver.notify_fd()?;
+    let wake = driver.wake_fd();
+    // SAFETY: both eventfds stay open while registered: `driver` owns them and is dropped
+    // after these (declared earlier, dropped later).
+    let (notify_fd, wake_fd) = unsafe {
+        (
+            AsyncFd::register_with_interest(NotifyFd(notify), Interest::READABLE),
+            AsyncFd::register_with_interest(NotifyFd(wake), Interest::READABLE),
+        )
+    };
+    let notify_fd = notify_fd.map_err(|e| Error::io("registering with the runtime")(e.into()))?;
+    let wake_fd = wake_fd.map_err(|e| Error::io("registering with the runtime")(e.into()))?;
+    loop {
+        if let Some(exit) = driver.turn(false, &mut on_connection)? {
+            return Ok(exit);
         }
+        if driver.has_pending_work() {
+            // More deferred completions than one turn runs: go again, but let the
+            // runtime's other tasks (the connections just handed over) run first.
+            tokio::task::yield_now().await;
+            continue;
+        }
+        // Woken by the ring (a completion became pending) or directly by the wake eventfd
+        // (a request, the last connection closing): a write to the wake eventfd from
+        // another thread was seen to reach the ring's poll on it without the ring's
+        // registered eventfd firing, so the runtime watches the wake eventfd itself too.
+        std::future::poll_fn(|cx| {
+            let mut woke = false;
+            for fd in [&notify_fd, &wake_fd] {
+                if let std::task::Poll::Ready(ready) = fd.poll_read_ready(cx) {
+                    ready?.clear_ready();
+                    woke = true;
+                }
+            }
+            if woke {
+                std::task::Poll::Ready(Ok::<(), std::io::Error>(()))
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await
+        .map_err(Error::io("polling the ring"))?;
+        driver.clear_notify();
     }
 }
 

@@ -1,16 +1,32 @@
 //! Thread-per-core: two workers, each with its own ring on its own SO_REUSEPORT member of the
-//! listener, share the load and upgrade together with nothing lost.
+//! listener, share the load and upgrade together with nothing lost; with a tokio-uring runtime
+//! per ring (`Server::take_workers`, `Worker::run_async`) and blocking (`Server::run_workers`).
+//! And the API's rules: the coordinator needs its workers taken, a coordinator that is never
+//! run (or fails) lets its workers go.
 
 mod common;
 
+use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{EchoOpts, EchoServer, Load};
+use ringflip::Server;
 
 #[test]
 fn two_workers_share_the_load_and_upgrade_together() {
+    two_workers(&[]);
+}
+
+#[test]
+fn two_blocking_workers_share_the_load_and_upgrade_together() {
+    two_workers(&["--runtime", "blocking"]);
+}
+
+fn two_workers(runtime: &[&str]) {
+    let mut extra_args = vec!["--workers".to_string(), "2".to_string()];
+    extra_args.extend(runtime.iter().map(|a| a.to_string()));
     let server = EchoServer::start(EchoOpts {
-        extra_args: vec!["--workers".into(), "2".into()],
+        extra_args,
         drain_timeout_ms: Some(30_000),
         ..EchoOpts::default()
     });
@@ -52,4 +68,56 @@ fn two_workers_share_the_load_and_upgrade_together() {
         per_worker.iter().all(|n| *n > 100),
         "both workers should have accepted a share: {per_worker:?}"
     );
+}
+
+fn workers_server() -> Server {
+    Server::builder()
+        .listen_tcp("w", "127.0.0.1:0".parse().unwrap())
+        .workers(2)
+        .build()
+        .expect("build")
+}
+
+#[test]
+fn a_coordinator_needs_its_workers_taken_once() {
+    let server = workers_server();
+    match server.run(drop) {
+        Err(ringflip::Error::Config(msg)) => assert!(msg.contains("take_workers"), "{msg}"),
+        other => panic!("run without take_workers: {other:?}"),
+    }
+    let mut server = workers_server();
+    let workers = server.take_workers().expect("take_workers");
+    assert_eq!(
+        workers.iter().map(|w| w.index()).collect::<Vec<_>>(),
+        vec![1]
+    );
+    assert!(matches!(
+        server.take_workers(),
+        Err(ringflip::Error::Config(_))
+    ));
+    // Without workers(n) there is nothing to take, and run works as ever.
+    let mut single = Server::builder()
+        .listen_tcp("s", "127.0.0.1:0".parse().unwrap())
+        .build()
+        .expect("build");
+    assert!(single.take_workers().expect("take_workers").is_empty());
+}
+
+#[test]
+fn workers_of_a_coordinator_dropped_unrun_stop() {
+    let mut server = workers_server();
+    let mut workers = server.take_workers().expect("take_workers");
+    let worker = workers.pop().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || tx.send(worker.run(drop)).unwrap());
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        rx.try_recv().is_err(),
+        "the worker serves while its coordinator lives"
+    );
+    drop(server);
+    let result = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the worker stops once its coordinator is gone");
+    assert!(result.is_ok(), "{result:?}");
 }

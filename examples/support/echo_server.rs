@@ -292,13 +292,41 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
         }
     }
     let result = match args.runtime {
-        // Thread-per-core: every worker accepts on its own ring and serves its connections on
-        // threads of their own.
-        _ if args.workers > 1 => server.run_workers(|_worker| {
+        // Thread-per-core, blocking: every worker accepts on its own ring and serves its
+        // connections on threads of their own.
+        Runtime::Blocking if args.workers > 1 => server.run_workers(|_worker| {
             |conn| {
                 std::thread::spawn(move || echo_blocking(conn));
             }
         }),
+        // Thread-per-core with a runtime per ring: every worker thread runs its own tokio-uring
+        // runtime, which serves the connections its ring accepts, with no thread hop.
+        _ if args.workers > 1 => match server.take_workers() {
+            Ok(workers) => {
+                let threads: Vec<_> = workers
+                    .into_iter()
+                    .map(|worker| {
+                        std::thread::spawn(move || {
+                            tokio_uring::start(worker.run_async(|conn| {
+                                tokio_uring::spawn(echo(conn));
+                            }))
+                        })
+                    })
+                    .collect();
+                let result = tokio_uring::start(server.run_async(|conn| {
+                    tokio_uring::spawn(echo(conn));
+                }));
+                for thread in threads {
+                    match thread.join() {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::error!(error = %e, "worker failed"),
+                        Err(_) => tracing::error!("worker panicked"),
+                    }
+                }
+                result
+            }
+            Err(e) => Err(e),
+        },
         // The upgrade ring runs as a task of the runtime's own thread: no thread hop.
         Runtime::TokioUring => {
             let phases = server.handle().phase_receiver();
