@@ -162,6 +162,7 @@ fn main() -> ExitCode {
     );
     let mut all_ok = true;
     let mut timelines = Vec::new();
+    let mut handover_windows = Vec::new();
     for kind in ALL.iter().filter(|k| o.only.iter().any(|x| x == *k)) {
         if *kind == "haproxy" && !peers::haproxy_reload::available() {
             println!(
@@ -280,9 +281,25 @@ fn main() -> ExitCode {
         if !out.timelines.is_empty() {
             timelines.push((*kind, out.timelines.clone()));
         }
+        handover_windows.push((*kind, out.handover_window()));
         if out.ok() {
             let _ = std::fs::remove_dir_all(&out.dir);
         }
+    }
+    println!();
+    println!(
+        "first {} ms after each trigger (the handover and the burst; later in the window this \
+         VM's own stalls dominate):",
+        scenario::HANDOVER_WINDOW.as_millis()
+    );
+    for (kind, st) in &handover_windows {
+        println!(
+            "  {kind:<16} p99 {:>7.3}ms  p99.9 {:>7.3}ms  max {:>7.3}ms  ({} conns)",
+            ms(st.p99),
+            ms(st.p999),
+            ms(st.max),
+            st.count
+        );
     }
     for (kind, timelines) in &timelines {
         println!();

@@ -671,7 +671,10 @@ fn successor_killed_during_drain_old_resumes() {
          long-lived: {report}",
         old.pid
     );
-    assert_eq!(failed_before, 0, "failures before the kill: {errs_before:?}");
+    assert_eq!(
+        failed_before, 0,
+        "failures before the kill: {errs_before:?}"
+    );
     assert_eq!(failed_after, 0, "failures after kill+200ms: {errs_after:?}");
     assert!(ok_after > 0);
     report.assert_clean();

@@ -12,6 +12,11 @@ use super::load::{cpus, pin_to_cpu, Load, LoadConfig, LoadReport, Stats};
 /// The window after each upgrade trigger whose latency is reported separately.
 pub const WINDOW: Duration = Duration::from_millis(500);
 
+/// The first part of each window, which holds the handover itself (trigger → READY → the old
+/// process let go, a few ms) and the burst: what is slow here is the upgrade's doing, while
+/// later in the window this VM's own stalls dominate (seen with `RINGFLIP_DUMP_SAMPLES`).
+pub const HANDOVER_WINDOW: Duration = Duration::from_millis(50);
+
 /// How a new version replaces the running one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Strategy {
@@ -168,7 +173,14 @@ pub fn gap_us(rows: &[TimelineRow], from: usize, to: usize) -> Option<(i64, i64)
 
 impl Outcome {
     pub fn in_window(&self, t: Instant) -> bool {
-        self.rows.iter().any(|r| t >= r.at && t < r.at + WINDOW)
+        self.within(t, WINDOW)
+    }
+    fn within(&self, t: Instant, window: Duration) -> bool {
+        self.rows.iter().any(|r| t >= r.at && t < r.at + window)
+    }
+    /// Connections started in the first [`HANDOVER_WINDOW`] after a trigger.
+    pub fn handover_window(&self) -> Stats {
+        self.report.stats(|t| self.within(t, HANDOVER_WINDOW))
     }
     pub fn steady(&self) -> Stats {
         self.report.stats(|t| !self.in_window(t))
@@ -216,6 +228,8 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let ncpu = cpus();
     let two_cores = ncpu >= 2;
+    // Whatever this run pins this thread to, the next run starts from all CPUs again.
+    let _all_cpus_after = AllCpusOnDrop(ncpu);
     let start_server = |reuseport: bool| -> Result<u32, String> {
         let mut cmd = Command::new(&exe);
         cmd.args(&s.serve_args)
@@ -246,7 +260,10 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
         }
         let child = cmd.spawn().map_err(|e| format!("starting the server: {e}"));
         if pin {
-            unpin(ncpu);
+            // This thread too stays off the server's CPU: it polls for the new pid every
+            // 100 µs during each handover, which on CPU 0 took 15-20 % of the core from the
+            // processes being measured (seen with `perf sched timehist`).
+            pin_to_cpu(1);
         }
         Ok(child?.id())
     };
@@ -488,6 +505,14 @@ fn children_cpu() -> Duration {
     unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+struct AllCpusOnDrop(usize);
+
+impl Drop for AllCpusOnDrop {
+    fn drop(&mut self) {
+        unpin(self.0);
+    }
 }
 
 fn unpin(ncpu: usize) {
