@@ -40,6 +40,8 @@ fn main() {
             _ => {} // --bench, --test, criterion-style filters
         }
     }
+    assert!(rounds > 0, "--rounds must be at least 1");
+    assert!(ballast_mib > 0, "--ballast-mib must be at least 1");
     println!("handover vs the old process's size: {rounds} handovers and {rounds} forks per size");
     println!(
         "{:>10} {:>18} {:>18} {:>14} {:>14}",
@@ -100,7 +102,8 @@ fn new_process() {
     server.run(drop).expect("serving");
 }
 
-/// The time a fork takes in this process (to `Command::spawn`'s return).
+/// The time a fork takes in this process, to `Command::spawn`'s return (std waits there until
+/// the child has exec'ed, so /bin/true's exec is in it too).
 fn fork() -> Duration {
     let mut cmd = std::process::Command::new("/bin/true");
     // SAFETY: the hook does nothing; its presence makes std fork instead of posix_spawn.

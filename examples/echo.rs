@@ -16,8 +16,8 @@
 //! (default 30000), `--drain-timeout-ms N` (default 60000), `--handoff-state TEXT` (hand
 //! "TEXT from PID" to the next generation), `--state-out PATH` (write the inherited state there),
 //! `--workers N` (thread-per-core: N accept rings on SO_REUSEPORT groups, each with its own
-//! tokio-uring runtime serving what it accepts; with `--runtime blocking`, a thread per
-//! connection), `--max-draining N` (at most N generations draining at once: refuse an upgrade while N older
+//! tokio-uring runtime serving what it accepts, also for `--runtime tokio`; with
+//! `--runtime blocking`, a thread per connection), `--max-draining N` (at most N generations draining at once: refuse an upgrade while N older
 //! ones still drain; default 4), `--control PATH` (a control socket, mode 0600), `--udp ADDR`
 //! (a UDP echo socket, handed over at each upgrade), `--pass-file PATH` (an open file handed
 //! over as a raw fd; each generation appends a line to it through the inherited fd),

@@ -46,10 +46,10 @@ use crate::handoff::{ListenerRecord, Message, SocketKind, MAX_LISTENERS};
 use crate::inherit::ParentLink;
 use crate::listener::{Endpoint, Listener, UdpSocketEntry};
 use crate::machine::{Action, Event, ExitReason, Machine, Outcome, Phase, Requester, UpgradeId};
-use crate::server::Coordinator;
 use crate::server::{
     write_pid_file, Config, Connection, DrainGuard, Handle, Request, Server, Shared,
 };
+use crate::server::{Coordinator, WorkerGone};
 use crate::workers::WorkerSet;
 use crate::{control, spawn, sys, systemd, Error, UpgradeError};
 
@@ -325,6 +325,8 @@ pub(crate) struct Driver {
     worker: usize,
     /// The coordinator's: tells the workers to quit once this driver is gone, however it ends.
     quit_workers_on_drop: Option<Coordinator>,
+    /// A worker's: reports it stopped for good once this driver is gone, however it ends.
+    stopped_on_drop: Option<WorkerGone>,
     /// Connections this driver accepted (logged at exit).
     accepted: u64,
     /// Stopping was reported (to the machine, or by a worker to the coordinator) since the
@@ -461,6 +463,7 @@ impl Driver {
             workers: None,
             worker: 0,
             quit_workers_on_drop: None,
+            stopped_on_drop: None,
             accepted: 0,
             stop_reported: false,
             successor: None,
@@ -500,9 +503,11 @@ impl Driver {
         shared: Arc<Shared>,
         config: Config,
         set: Arc<WorkerSet>,
+        gone: WorkerGone,
     ) -> Result<Driver, Error> {
         let ring = new_ring()?;
         let mut driver = Driver::base(ring, listeners, shared, config);
+        driver.stopped_on_drop = Some(gone);
         driver.accepting = set.accepting.load(SeqCst);
         driver.workers = Some(set);
         driver.worker = index;

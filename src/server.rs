@@ -530,7 +530,10 @@ impl Server {
     /// `run_async`. Worker `i` has its own ring on its own SO_REUSEPORT member of every TCP
     /// listener. On READY (or shutdown) every worker stops accepting and the process drains
     /// as one; the workers' `run` returns once the coordinator has finished (or failed, or was
-    /// dropped without running). Empty without `workers(n)`; an error if called twice.
+    /// dropped without running). Run every worker: one that is dropped unrun, fails or panics
+    /// no longer holds up its coordinator, but the connections the kernel queues on its
+    /// SO_REUSEPORT members wait there for the next process (logged as an error). Empty
+    /// without `workers(n)`; an error if called twice.
     pub fn take_workers(&mut self) -> Result<Vec<Worker>, Error> {
         let n = self.config.workers.max(1);
         if n == 1 {
@@ -539,20 +542,38 @@ impl Server {
         if self.workers.is_some() {
             return Err(Error::Config("the workers were already taken".into()));
         }
+        // Everything that can fail comes first, so that a failure leaves this server as it was.
+        let set = Arc::new(WorkerSet::new(n - 1)?);
         let mut per_worker: Vec<Vec<Listener>> = (0..n).map(|_| Vec::new()).collect();
-        for l in self.listeners.drain(..) {
-            per_worker[listener::worker_of(&l.name, n)].push(l);
+        let mut mine = Vec::new();
+        for l in std::mem::take(&mut self.listeners) {
+            match listener::worker_of(&l.name, n) {
+                0 => mine.push(l),
+                i => per_worker[i].push(l),
+            }
         }
-        self.listeners = std::mem::take(&mut per_worker[0]);
         // The coordinator hands every listener over at an upgrade, the workers' included: it
         // keeps a duplicate of each (the same socket; a member left out would be closed with
         // its queue when this process exits).
-        for l in per_worker.iter().flatten() {
-            let fd = sys::dup_cloexec_at_least(l.fd.as_fd(), 3)
-                .map_err(Error::io("duplicating a worker's listener"))?;
-            self.worker_listeners.push((l.record(), fd));
-        }
-        let set = Arc::new(WorkerSet::new(n - 1)?);
+        let dups = per_worker
+            .iter()
+            .flatten()
+            .map(|l| {
+                sys::dup_cloexec_at_least(l.fd.as_fd(), 3)
+                    .map(|fd| (l.record(), fd))
+                    .map_err(Error::io("duplicating a worker's listener"))
+            })
+            .collect::<Result<Vec<_>, _>>();
+        let dups = match dups {
+            Ok(dups) => dups,
+            Err(e) => {
+                mine.extend(per_worker.into_iter().flatten());
+                self.listeners = mine;
+                return Err(e);
+            }
+        };
+        self.listeners = mine;
+        self.worker_listeners.extend(dups);
         self.workers = Some(Coordinator(set.clone()));
         Ok(per_worker
             .into_iter()
@@ -564,6 +585,11 @@ impl Server {
                 shared: self.shared.clone(),
                 config: self.config.clone(),
                 set: set.clone(),
+                gone: WorkerGone {
+                    index,
+                    set: set.clone(),
+                    shared: self.shared.clone(),
+                },
             })
             .collect())
     }
@@ -624,6 +650,7 @@ pub struct Worker {
     shared: Arc<Shared>,
     config: Config,
     set: Arc<WorkerSet>,
+    gone: WorkerGone,
 }
 
 impl fmt::Debug for Worker {
@@ -648,6 +675,7 @@ impl Worker {
             self.shared,
             self.config,
             self.set,
+            self.gone,
         )
     }
 
@@ -678,6 +706,31 @@ impl Drop for Coordinator {
     fn drop(&mut self) {
         self.0.quit.store(true, SeqCst);
         self.0.signal_all();
+    }
+}
+
+/// Marks worker `index` stopped for good when dropped: held by a [`Worker`], then by its driver,
+/// so that a worker that was never run, failed or panicked does not keep its coordinator
+/// waiting, at every READY and at shutdown, for a stop that would never be reported (the drain
+/// would then last its whole deadline).
+#[derive(Debug)]
+pub(crate) struct WorkerGone {
+    index: usize,
+    set: Arc<WorkerSet>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for WorkerGone {
+    fn drop(&mut self) {
+        if !self.set.quit.load(SeqCst) {
+            tracing::error!(
+                worker = self.index,
+                "worker gone while its coordinator serves: the connections queued on its \
+                 listeners wait for the next process"
+            );
+        }
+        self.set.set_stopped(self.index, true);
+        self.shared.wake();
     }
 }
 

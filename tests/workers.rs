@@ -121,3 +121,25 @@ fn workers_of_a_coordinator_dropped_unrun_stop() {
         .expect("the worker stops once its coordinator is gone");
     assert!(result.is_ok(), "{result:?}");
 }
+
+#[test]
+fn a_worker_dropped_unrun_does_not_hold_up_the_coordinator() {
+    let mut server = Server::builder()
+        .listen_tcp("w", "127.0.0.1:0".parse().unwrap())
+        .workers(2)
+        .drain_timeout(Duration::from_secs(30))
+        .build()
+        .expect("build");
+    drop(server.take_workers().expect("take_workers"));
+    let handle = server.handle();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || tx.send(server.run(drop)).unwrap());
+    std::thread::sleep(Duration::from_millis(100));
+    handle.shutdown();
+    // The shutdown stops accepting everywhere, then drains: with a worker that never reports
+    // its stop, the drain would run to its 30 s deadline.
+    let result = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the coordinator finishes without waiting for the missing worker");
+    assert!(result.is_ok(), "{result:?}");
+}
