@@ -17,6 +17,9 @@
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
+#[path = "../examples/support/mod.rs"]
+mod support;
+
 /// Set by ringflip in the new process (the handoff socket's fd number).
 const HANDOFF_ENV: &str = "RINGFLIP_HANDOFF_FD";
 
@@ -50,9 +53,9 @@ fn main() {
     let mut rows = Vec::new();
     for (i, mib) in [0, ballast_mib].into_iter().enumerate() {
         if i == 1 {
-            populate(mib << 20);
+            support::echo_server::populate(mib << 20).expect("faulting in the ballast");
         }
-        let rss = rss_mib();
+        let rss = support::scenario::rss_mib(std::process::id());
         let handovers = stats((0..rounds).map(|_| handover()).collect());
         let forks = stats((0..rounds).map(|_| fork()).collect());
         println!(
@@ -118,44 +121,6 @@ fn fork() -> Duration {
 fn wait(pid: u32) {
     // SAFETY: waiting for our own child, blocking.
     unsafe { libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0) };
-}
-
-/// Maps `bytes` of anonymous memory and faults every page in (4 MiB at a time), kept for the
-/// rest of the process.
-fn populate(bytes: usize) {
-    // SAFETY: a fresh anonymous private mapping, never unmapped; no Rust object refers to it.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            bytes,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(base, libc::MAP_FAILED, "mmap of the ballast");
-    const CHUNK: usize = 4 << 20;
-    for off in (0..bytes).step_by(CHUNK) {
-        // SAFETY: a range inside the mapping made above.
-        let rc = unsafe {
-            libc::madvise(
-                base.cast::<u8>().add(off).cast(),
-                CHUNK.min(bytes - off),
-                libc::MADV_POPULATE_WRITE,
-            )
-        };
-        assert_eq!(rc, 0, "populating the ballast");
-    }
-}
-
-fn rss_mib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kib| kib / 1024)
 }
 
 /// (median, max)

@@ -49,7 +49,7 @@ use crate::machine::{Action, Event, ExitReason, Machine, Outcome, Phase, Request
 use crate::server::{
     write_pid_file, Config, Connection, DrainGuard, Handle, Request, Server, Shared,
 };
-use crate::server::{Coordinator, WorkerGone};
+use crate::server::{Coordinator, Worker, WorkerGone};
 use crate::workers::WorkerSet;
 use crate::{control, spawn, sys, systemd, Error, UpgradeError};
 
@@ -495,16 +495,17 @@ impl Driver {
         self
     }
 
-    /// A worker: an accept ring on `listeners`, on the calling thread, following the
-    /// coordinator through `set`. Its connections go to the sink of its own `turn`s.
-    pub(crate) fn new_worker(
-        index: usize,
-        listeners: Vec<Listener>,
-        shared: Arc<Shared>,
-        config: Config,
-        set: Arc<WorkerSet>,
-        gone: WorkerGone,
-    ) -> Result<Driver, Error> {
+    /// A worker: an accept ring on its listeners, on the calling thread, following the
+    /// coordinator through its worker set. Its connections go to the sink of its own `turn`s.
+    pub(crate) fn new_worker(worker: Worker) -> Result<Driver, Error> {
+        let Worker {
+            index,
+            listeners,
+            shared,
+            config,
+            set,
+            gone,
+        } = worker;
         let ring = new_ring()?;
         let mut driver = Driver::base(ring, listeners, shared, config);
         driver.stopped_on_drop = Some(gone);

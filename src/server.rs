@@ -645,12 +645,12 @@ impl Server {
 /// [`Worker::run_async`] as a task of that thread's runtime (one runtime per core, each
 /// serving the connections its own ring accepts, with no thread hop).
 pub struct Worker {
-    index: usize,
-    listeners: Vec<Listener>,
-    shared: Arc<Shared>,
-    config: Config,
-    set: Arc<WorkerSet>,
-    gone: WorkerGone,
+    pub(crate) index: usize,
+    pub(crate) listeners: Vec<Listener>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) config: Config,
+    pub(crate) set: Arc<WorkerSet>,
+    pub(crate) gone: WorkerGone,
 }
 
 impl fmt::Debug for Worker {
@@ -668,21 +668,10 @@ impl Worker {
         self.index
     }
 
-    fn into_driver(self) -> Result<Driver, Error> {
-        Driver::new_worker(
-            self.index,
-            self.listeners,
-            self.shared,
-            self.config,
-            self.set,
-            self.gone,
-        )
-    }
-
     /// Accepts on the calling thread, each connection to `on_connection` (which should hand
     /// it off quickly), until the coordinator has finished.
     pub fn run(self, mut on_connection: impl FnMut(Connection)) -> Result<(), Error> {
-        let mut driver = self.into_driver()?;
+        let mut driver = Driver::new_worker(self)?;
         while driver.turn(true, &mut on_connection)?.is_none() {}
         Ok(())
     }
@@ -691,7 +680,7 @@ impl Worker {
     /// as [`Server::run_async`] does.
     #[cfg(feature = "tokio")]
     pub async fn run_async(self, on_connection: impl FnMut(Connection)) -> Result<(), Error> {
-        serve_async(self.into_driver()?, on_connection)
+        serve_async(Driver::new_worker(self)?, on_connection)
             .await
             .map(drop)
     }

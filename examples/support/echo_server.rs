@@ -196,37 +196,8 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
         let bytes = args.ballast_mib << 20;
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(1000));
-            // SAFETY: a fresh anonymous private mapping, never unmapped (it lives as long as
-            // the process); no Rust object refers to it.
-            let base = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    bytes,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            if base == libc::MAP_FAILED {
-                tracing::error!(error = %std::io::Error::last_os_error(), "ballast: mmap");
-                return;
-            }
-            const CHUNK: usize = 4 << 20;
-            for off in (0..bytes).step_by(CHUNK) {
-                // SAFETY: a range inside the mapping made above.
-                let rc = unsafe {
-                    libc::madvise(
-                        base.cast::<u8>().add(off).cast(),
-                        CHUNK.min(bytes - off),
-                        libc::MADV_POPULATE_WRITE,
-                    )
-                };
-                if rc != 0 {
-                    tracing::error!(error = %std::io::Error::last_os_error(), "ballast: populate");
-                    return;
-                }
-                std::thread::sleep(Duration::from_micros(500));
+            if let Err(e) = populate(bytes) {
+                tracing::error!(error = %e, "ballast");
             }
         });
     }
@@ -368,6 +339,40 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Maps `bytes` of anonymous memory and faults every page in, 4 MiB at a time (one call for
+/// all of it held the memory-map lock for seconds); the mapping lives as long as the process.
+pub fn populate(bytes: usize) -> std::io::Result<()> {
+    // SAFETY: a fresh anonymous private mapping, never unmapped; no Rust object refers to it.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    const CHUNK: usize = 4 << 20;
+    for off in (0..bytes).step_by(CHUNK) {
+        // SAFETY: a range inside the mapping made above.
+        let rc = unsafe {
+            libc::madvise(
+                base.cast::<u8>().add(off).cast(),
+                CHUNK.min(bytes - off),
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Reads and writes back until the peer closes; bytes go back as they came, so every line is

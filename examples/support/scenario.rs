@@ -427,7 +427,7 @@ fn wait_for_new_child(pid: u32, before: &[u32], timeout: Duration) -> bool {
 }
 
 /// `pid`'s resident memory (VmRSS) in MiB; 0 if it cannot be read.
-fn rss_mib(pid: u32) -> u64 {
+pub fn rss_mib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
