@@ -228,8 +228,8 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let ncpu = cpus();
     let two_cores = ncpu >= 2;
-    // Whatever this run pins this thread to, the next run starts from all CPUs again.
-    let _all_cpus_after = AllCpusOnDrop(ncpu);
+    // Whatever this run pins this thread to, the next run starts from the CPUs it had.
+    let _restore_affinity = AffinityRestore::save();
     let start_server = |reuseport: bool| -> Result<u32, String> {
         let mut cmd = Command::new(&exe);
         cmd.args(&s.serve_args)
@@ -507,22 +507,24 @@ fn children_cpu() -> Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-struct AllCpusOnDrop(usize);
+/// This thread's CPU affinity as it was when saved, set again when dropped.
+struct AffinityRestore(libc::cpu_set_t);
 
-impl Drop for AllCpusOnDrop {
-    fn drop(&mut self) {
-        unpin(self.0);
+impl AffinityRestore {
+    fn save() -> AffinityRestore {
+        // SAFETY: cpu_set_t is plain data, filled by the kernel.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set);
+            AffinityRestore(set)
+        }
     }
 }
 
-fn unpin(ncpu: usize) {
-    // SAFETY: cpu_set_t is plain data; CPU_SET writes within it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for c in 0..ncpu.max(1) {
-            libc::CPU_SET(c, &mut set);
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+impl Drop for AffinityRestore {
+    fn drop(&mut self) {
+        // SAFETY: a mask the kernel gave this thread before.
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0) };
     }
 }
 
