@@ -164,34 +164,9 @@ fn main() -> ExitCode {
     let mut timelines = Vec::new();
     let mut handover_windows = Vec::new();
     for kind in ALL.iter().filter(|k| o.only.iter().any(|x| x == *k)) {
-        if *kind == "haproxy" && !peers::haproxy_reload::available() {
-            println!(
-                "haproxy    skipped: {} is not installed (apt-get install haproxy)",
-                peers::haproxy_reload::HAPROXY
-            );
+        if let Err(why) = peers::prepare(kind) {
+            println!("{kind:<16} skipped: {why}");
             continue;
-        }
-        if *kind == "nginx" && !peers::nginx_usr2::available() {
-            println!(
-                "nginx      skipped: {} or its stream module is not installed \
-                 (apt-get install nginx-core libnginx-mod-stream)",
-                peers::nginx_usr2::NGINX
-            );
-            continue;
-        }
-        if *kind == "tableflip" {
-            if !peers::tableflip_echo::available() {
-                println!(
-                    "tableflip  skipped: {} or Debian's tableflip sources are not installed \
-                     (apt-get install golang-go golang-github-cloudflare-tableflip-dev)",
-                    peers::tableflip_echo::GO
-                );
-                continue;
-            }
-            if let Err(e) = peers::tableflip_echo::build() {
-                println!("tableflip  could not be built: {e}");
-                continue;
-            }
         }
         let (serve, strategy) = match *kind {
             "burst-only" => ("ringflip", Strategy::BurstOnly),
@@ -214,8 +189,6 @@ fn main() -> ExitCode {
             interval: o.interval,
             long_lived: o.long_lived,
             burst: o.burst,
-            // The restart strategies without a handoff cannot keep long-lived connections;
-            // give them a short drain so each restart completes within the interval.
             server_args: if *kind == "ringflip-workers" {
                 vec!["--workers".into(), WORKERS.to_string()]
             } else {
@@ -223,6 +196,8 @@ fn main() -> ExitCode {
             },
             warmup: Duration::ZERO,
             pin_server: o.pin_server,
+            // The restart strategies without a handoff cannot keep long-lived connections;
+            // give them a short drain so each restart completes within the interval.
             drain_timeout: match strategy {
                 // Longer than the run, so the long-lived connections are never cut.
                 Strategy::Signal | Strategy::BurstOnly => {

@@ -47,9 +47,9 @@ use crate::inherit::ParentLink;
 use crate::listener::{Endpoint, Listener, UdpSocketEntry};
 use crate::machine::{Action, Event, ExitReason, Machine, Outcome, Phase, Requester, UpgradeId};
 use crate::server::{
-    write_pid_file, Config, Connection, DrainGuard, Handle, Request, Server, Shared,
+    write_pid_file, Config, Connection, Coordinator, DrainGuard, Handle, Request, Server, Shared,
+    Worker, WorkerGone,
 };
-use crate::server::{Coordinator, Worker, WorkerGone};
 use crate::workers::WorkerSet;
 use crate::{control, spawn, sys, systemd, Error, UpgradeError};
 
@@ -499,13 +499,11 @@ impl Driver {
     /// coordinator through its worker set. Its connections go to the sink of its own `turn`s.
     pub(crate) fn new_worker(worker: Worker) -> Result<Driver, Error> {
         let Worker {
-            index,
             listeners,
-            shared,
             config,
-            set,
             gone,
         } = worker;
+        let (index, set, shared) = (gone.index, gone.set.clone(), gone.shared.clone());
         let ring = new_ring()?;
         let mut driver = Driver::base(ring, listeners, shared, config);
         driver.stopped_on_drop = Some(gone);

@@ -124,10 +124,11 @@ impl Builder {
     }
 
     /// Accept on `n` threads (thread-per-core), each with its own ring; run with
-    /// [`Server::take_workers`] (a runtime per ring) or [`Server::run_workers`]. Each TCP listener becomes a group of `n` SO_REUSEPORT sockets,
-    /// one per worker, handed over by index across upgrades (a binary with fewer workers keeps
-    /// accepting on the extra ones, one with more adds members to the group). Unix listeners
-    /// and the control socket are served by worker 0. On READY every worker stops accepting and
+    /// [`Server::take_workers`] (a runtime per ring) or [`Server::run_workers`]. Each TCP
+    /// listener becomes a group of `n` SO_REUSEPORT sockets, one per worker, handed over by
+    /// index across upgrades (a binary with fewer workers keeps accepting on the extra ones,
+    /// one with more adds members to the group). Unix listeners and the control socket are
+    /// served by worker 0. On READY every worker stops accepting and
     /// the process drains as one.
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n;
@@ -580,11 +581,8 @@ impl Server {
             .enumerate()
             .skip(1)
             .map(|(index, listeners)| Worker {
-                index,
                 listeners,
-                shared: self.shared.clone(),
                 config: self.config.clone(),
-                set: set.clone(),
                 gone: WorkerGone {
                     index,
                     set: set.clone(),
@@ -608,9 +606,9 @@ impl Server {
         for worker in self.take_workers()? {
             let handler = handler.clone();
             let thread = std::thread::Builder::new()
-                .name(format!("ringflip-worker-{}", worker.index))
+                .name(format!("ringflip-worker-{}", worker.index()))
                 .spawn(move || {
-                    let sink = handler(worker.index);
+                    let sink = handler(worker.index());
                     worker.run(sink)
                 })
                 .map_err(Error::io("starting a worker thread"))?;
@@ -645,18 +643,16 @@ impl Server {
 /// [`Worker::run_async`] as a task of that thread's runtime (one runtime per core, each
 /// serving the connections its own ring accepts, with no thread hop).
 pub struct Worker {
-    pub(crate) index: usize,
     pub(crate) listeners: Vec<Listener>,
-    pub(crate) shared: Arc<Shared>,
     pub(crate) config: Config,
-    pub(crate) set: Arc<WorkerSet>,
+    /// Also this worker's index, its coordinator's worker set and the process's shared state.
     pub(crate) gone: WorkerGone,
 }
 
 impl fmt::Debug for Worker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Worker")
-            .field("index", &self.index)
+            .field("index", &self.gone.index)
             .field("listeners", &self.listeners)
             .finish_non_exhaustive()
     }
@@ -665,7 +661,7 @@ impl fmt::Debug for Worker {
 impl Worker {
     /// This worker's number, 1 to `n - 1` (the coordinator is 0).
     pub fn index(&self) -> usize {
-        self.index
+        self.gone.index
     }
 
     /// Accepts on the calling thread, each connection to `on_connection` (which should hand
@@ -704,9 +700,9 @@ impl Drop for Coordinator {
 /// would then last its whole deadline).
 #[derive(Debug)]
 pub(crate) struct WorkerGone {
-    index: usize,
-    set: Arc<WorkerSet>,
-    shared: Arc<Shared>,
+    pub index: usize,
+    pub set: Arc<WorkerSet>,
+    pub shared: Arc<Shared>,
 }
 
 impl Drop for WorkerGone {

@@ -54,6 +54,29 @@ pub fn dispatch(kind: &str, argv: impl Iterator<Item = String>) -> Option<ExitCo
     }
 }
 
+/// Readies peer `kind` to run here (builds the tableflip server), or says why it cannot: a
+/// package that is not installed, a failed build. The Rust peers always can.
+pub fn prepare(kind: &str) -> Result<(), String> {
+    match kind {
+        "haproxy" if !haproxy_reload::available() => Err(format!(
+            "{} is not installed (apt-get install haproxy)",
+            haproxy_reload::HAPROXY
+        )),
+        "nginx" if !nginx_usr2::available() => Err(format!(
+            "{} or its stream module is not installed (apt-get install nginx-core \
+             libnginx-mod-stream)",
+            nginx_usr2::NGINX
+        )),
+        "tableflip" if !tableflip_echo::available() => Err(format!(
+            "{} or Debian's tableflip sources are not installed (apt-get install golang-go \
+             golang-github-cloudflare-tableflip-dev)",
+            tableflip_echo::GO
+        )),
+        "tableflip" => tableflip_echo::build().map_err(|e| format!("could not be built: {e}")),
+        _ => Ok(()),
+    }
+}
+
 /// The peers' names, as [`dispatch`] takes them.
 pub const KINDS: [&str; 3] = ["shellflip", "ecdysis", "plain"];
 
