@@ -36,6 +36,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -94,6 +95,8 @@ enum Op {
         pid: u32,
         _pidfd: OwnedFd,
     },
+    /// Removing a file off the serving path (see `unlink_later`).
+    Unlink(std::ffi::CString),
     Cancel,
 }
 
@@ -357,6 +360,10 @@ pub(crate) struct Driver {
     takeover: bool,
     /// When to start the takeover polls unless the predecessor has let go by then.
     takeover_at: Option<Instant>,
+    /// The predecessor has let go and this driver's accepts were re-armed (`rearm_accepts`).
+    predecessor_released: bool,
+    /// A worker: the coordinator's `rearm` count last acted on.
+    rearms_seen: u64,
     /// Spawns in flight on their own threads (see `start_spawn`), and where they report.
     spawning: Vec<std::thread::JoinHandle<()>>,
     spawn_results: (mpsc::Sender<SpawnResult>, mpsc::Receiver<SpawnResult>),
@@ -407,9 +414,11 @@ impl Driver {
         // The pid file first: the predecessor may exit within microseconds of READY, and the
         // pid file must never name a process that is gone. (If this upgrade is rolled back
         // instead, the predecessor writes its own pid back.)
-        if let Some(path) = &driver.config.pid_file {
-            write_pid_file(path, std::process::id()).map_err(Error::io("writing the pid file"))?;
-        }
+        let pid_file_leftover = match &driver.config.pid_file {
+            Some(path) => write_pid_file(path, std::process::id())
+                .map_err(Error::io("writing the pid file"))?,
+            None => None,
+        };
         if let Some(link) = &driver.predecessor {
             let ready = Message::Ready(link.upgrade).encode().expect("READY fits");
             // Read before the send: on a shared core the predecessor may run (and act on the
@@ -428,6 +437,9 @@ impl Driver {
                 "READY sent"
             );
             driver.arm_predecessor_recv();
+        }
+        if let Some(leftover) = pid_file_leftover {
+            driver.unlink_later(leftover);
         }
         if driver.predecessor.is_none() {
             // A successor does not: its predecessor announces it with MAINPID= on READY.
@@ -482,6 +494,8 @@ impl Driver {
             timeline: Timeline::default(),
             takeover: false,
             takeover_at: None,
+            predecessor_released: false,
+            rearms_seen: 0,
             spawning: Vec::new(),
             spawn_results: mpsc::channel(),
             span: tracing::Span::none(),
@@ -508,6 +522,8 @@ impl Driver {
         let mut driver = Driver::base(ring, listeners, shared, config);
         driver.stopped_on_drop = Some(gone);
         driver.accepting = set.accepting.load(SeqCst);
+        // Accepts armed from here on take what is queued anyway (see `rearm_accepts`).
+        driver.rearms_seen = set.rearm.load(SeqCst);
         driver.workers = Some(set);
         driver.worker = index;
         if driver.accepting {
@@ -540,6 +556,11 @@ impl Driver {
             self.resume_accepting();
         } else if !want && self.accepting {
             self.stop_accepting();
+        }
+        let rearms = set.rearm.load(SeqCst);
+        if rearms != self.rearms_seen {
+            self.rearms_seen = rearms;
+            self.rearm_accepts();
         }
     }
 
@@ -880,6 +901,24 @@ impl Driver {
                     Err(e) => tracing::error!(child = pid, error = %e, "waitpid failed"),
                 }
             }
+            Op::Unlink(_) => {
+                let Some(Op::Unlink(path)) = self.ops.remove(token) else {
+                    unreachable!()
+                };
+                // Cancelled: this driver is finishing (see `finish`), so blocking is fine now.
+                let res = if res == -libc::ECANCELED {
+                    let path = std::path::Path::new(std::ffi::OsStr::from_bytes(path.as_bytes()));
+                    match std::fs::remove_file(path) {
+                        Ok(()) => 0,
+                        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+                    }
+                } else {
+                    res
+                };
+                if res < 0 && res != -libc::ENOENT {
+                    tracing::warn!(path = ?path, error = %errno(res), "removing a leftover file");
+                }
+            }
             Op::Cancel => {
                 self.ops.remove(token);
             }
@@ -968,6 +1007,10 @@ impl Driver {
     /// `released`: the predecessor let go (RELEASED, or its channel closed).
     fn end_takeover(&mut self, released: bool) {
         self.takeover_at = None;
+        if released && !self.predecessor_released {
+            self.predecessor_released = true;
+            self.rearm_accepts();
+        }
         if !self.takeover {
             return;
         }
@@ -976,6 +1019,34 @@ impl Driver {
             tracing::info!("the previous process let go; takeover polls stopped");
         }
         self.cancel_takeover_polls();
+    }
+
+    /// Cancels every armed accept of this process (the workers' too); each re-arms itself at
+    /// its terminal completion (`accept_ended`), and a fresh accept takes what is queued
+    /// before it waits. Done once the predecessor has let go.
+    ///
+    /// Why: accept wake-ups are exclusive, and the predecessor's accept, armed first, gets
+    /// them all. A connection that arrives after the predecessor last entered its ring and
+    /// before its cancel takes effect has its wake-up spent on that accept, which then ends
+    /// with -ECANCELED without accepting it (with DEFER_TASKRUN the accept runs only when its
+    /// owner enters the ring). No other waiter is woken for it: it waits in the queue until
+    /// the next connection wakes our accept — for ever, if none comes (RELIABILITY.md, "A
+    /// connection stranded at the let-go"; the regression test is in `driver/tests.rs`).
+    fn rearm_accepts(&mut self) {
+        if !self.accepting {
+            return;
+        }
+        if let (Some(set), 0) = (&self.workers, self.worker) {
+            set.rearm.fetch_add(1, SeqCst);
+            set.signal_all();
+        }
+        for i in 0..self.accepts.len() {
+            let slot = &mut self.accepts[i];
+            if let (Some(op), false) = (slot.op, slot.cancel_sent) {
+                slot.cancel_sent = true;
+                self.cancel(types::CancelBuilder::user_data(op));
+            }
+        }
     }
 
     fn cancel_takeover_polls(&mut self) {
@@ -1435,12 +1506,33 @@ impl Driver {
 
     /// After a failed upgrade the child may already have written its pid: this process serves,
     /// so the pid file names it again.
-    fn reclaim_pid_file(&self) {
-        if let Some(path) = &self.config.pid_file {
-            if let Err(e) = write_pid_file(path, std::process::id()) {
-                tracing::error!(error = %e, "rewriting the pid file");
-            }
+    fn reclaim_pid_file(&mut self) {
+        let Some(path) = &self.config.pid_file else {
+            return;
+        };
+        match write_pid_file(path, std::process::id()) {
+            Ok(Some(leftover)) => self.unlink_later(leftover),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "rewriting the pid file"),
         }
+    }
+
+    /// Removes `path` through the ring. Unlinking can wait for the disk (see
+    /// `write_pid_file`); io_uring always runs UNLINKAT in its io-wq worker threads, never
+    /// inline in the submitting thread, so this never blocks the accept loop. The kernel
+    /// copies the path when the SQE is issued; the op keeps it until the completion anyway.
+    fn unlink_later(&mut self, path: std::path::PathBuf) {
+        use std::os::unix::ffi::OsStringExt;
+        let Ok(path) = std::ffi::CString::new(path.into_os_string().into_vec()) else {
+            return;
+        };
+        let ptr = path.as_ptr();
+        let token = self.ops.insert(Op::Unlink(path));
+        self.push(
+            opcode::UnlinkAt::new(types::Fd(libc::AT_FDCWD), ptr)
+                .build()
+                .user_data(token),
+        );
     }
 
     fn send_hello(&mut self, upgrade: UpgradeId) {
@@ -1780,6 +1872,7 @@ fn probe(ring: &IoUring) -> Result<(), Error> {
         ("SENDMSG", opcode::SendMsg::CODE),
         ("POLL_ADD", opcode::PollAdd::CODE),
         ("TIMEOUT", opcode::Timeout::CODE),
+        ("UNLINKAT", opcode::UnlinkAt::CODE),
     ];
     for (name, code) in needed {
         if !probe.is_supported(code) {
@@ -1788,3 +1881,6 @@ fn probe(ring: &IoUring) -> Result<(), Error> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,7 +9,7 @@
 //! the cancel is served and counted before the drain can end. On exit it sets `quit`.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 
 use crate::{sys, Error};
 
@@ -17,6 +17,9 @@ use crate::{sys, Error};
 #[derive(Debug)]
 pub(crate) struct WorkerSet {
     pub accepting: AtomicBool,
+    /// Bumped by the coordinator when every worker must re-arm its accepts (the predecessor
+    /// let go: see `Driver::rearm_accepts`).
+    pub rearm: AtomicU64,
     pub quit: AtomicBool,
     stopped: Vec<AtomicBool>,
     wakes: Vec<OwnedFd>,
@@ -27,6 +30,7 @@ impl WorkerSet {
     pub(crate) fn new(n: usize) -> Result<WorkerSet, Error> {
         Ok(WorkerSet {
             accepting: AtomicBool::new(true),
+            rearm: AtomicU64::new(0),
             quit: AtomicBool::new(false),
             stopped: (0..n).map(|_| AtomicBool::new(false)).collect(),
             wakes: (0..n)
