@@ -360,8 +360,6 @@ pub(crate) struct Driver {
     takeover: bool,
     /// When to start the takeover polls unless the predecessor has let go by then.
     takeover_at: Option<Instant>,
-    /// The predecessor has let go and this driver's accepts were re-armed (`rearm_accepts`).
-    predecessor_released: bool,
     /// A worker: the coordinator's `rearm` count last acted on.
     rearms_seen: u64,
     /// Spawns in flight on their own threads (see `start_spawn`), and where they report.
@@ -425,6 +423,10 @@ impl Driver {
             // READY) before this thread gets the CPU back.
             let sent_mono_us = sys::monotonic_us();
             if let Err(e) = sys::send_nonblocking(link.channel.as_fd(), &ready) {
+                // Not serving after all: the predecessor rolls back and writes its own pid.
+                if let Some(leftover) = &pid_file_leftover {
+                    let _ = std::fs::remove_file(leftover);
+                }
                 return Err(Error::Handoff(format!("sending READY: {e}")));
             }
             // On the timeline target, with the monotonic clock: the benchmarks measure from this
@@ -440,6 +442,9 @@ impl Driver {
         }
         if let Some(leftover) = pid_file_leftover {
             driver.unlink_later(leftover);
+            // In the kernel's hands now rather than at the first turn. (A process killed
+            // before io-wq runs it leaves that one small file behind.)
+            let _ = driver.ring.submit();
         }
         if driver.predecessor.is_none() {
             // A successor does not: its predecessor announces it with MAINPID= on READY.
@@ -494,7 +499,6 @@ impl Driver {
             timeline: Timeline::default(),
             takeover: false,
             takeover_at: None,
-            predecessor_released: false,
             rearms_seen: 0,
             spawning: Vec::new(),
             spawn_results: mpsc::channel(),
@@ -1007,9 +1011,9 @@ impl Driver {
     /// `released`: the predecessor let go (RELEASED, or its channel closed).
     fn end_takeover(&mut self, released: bool) {
         self.takeover_at = None;
-        if released && !self.predecessor_released {
-            self.predecessor_released = true;
+        if released {
             self.rearm_accepts();
+            self.forward_release();
         }
         if !self.takeover {
             return;
@@ -1021,9 +1025,10 @@ impl Driver {
         self.cancel_takeover_polls();
     }
 
-    /// Cancels every armed accept of this process (the workers' too); each re-arms itself at
-    /// its terminal completion (`accept_ended`), and a fresh accept takes what is queued
-    /// before it waits. Done once the predecessor has let go.
+    /// While this process accepts: cancels every armed accept (the workers' too, the control
+    /// socket's as well); each re-arms itself at its terminal completion (`accept_ended`), and
+    /// a fresh accept takes what is queued before it waits. Done whenever the predecessor (or
+    /// an older generation, see `forward_release`) has let go.
     ///
     /// Why: accept wake-ups are exclusive, and the predecessor's accept, armed first, gets
     /// them all. A connection that arrives after the predecessor last entered its ring and
@@ -1046,6 +1051,17 @@ impl Driver {
                 slot.cancel_sent = true;
                 self.cancel(types::CancelBuilder::user_data(op));
             }
+        }
+    }
+
+    /// Our predecessor let go while we have a successor and have let go ourselves (an
+    /// upgrade came before the older process noticed our READY): the older process's accepts
+    /// were still ahead of our successor's in the queue, so tell the successor to re-arm too
+    /// (a RELEASED again). Before we let go ourselves it must not: our own RELEASED follows.
+    fn forward_release(&self) {
+        if let (Some(successor), true) = (&self.successor, self.stop_reported) {
+            let msg = Message::Released(successor.upgrade).encode().expect("fits");
+            let _ = sys::send_nonblocking(successor.channel.as_fd(), &msg);
         }
     }
 
