@@ -17,9 +17,9 @@ use crate::{sys, Error};
 #[derive(Debug)]
 pub(crate) struct WorkerSet {
     pub accepting: AtomicBool,
-    /// Bumped by the coordinator when every worker must re-arm its accepts (the predecessor
-    /// let go: see `Driver::rearm_accepts`).
-    pub rearm: AtomicU64,
+    /// Bumped by the coordinator when every worker must sweep its accept queues (the
+    /// predecessor let go: see `Driver::sweep_queues`).
+    pub sweeps: AtomicU64,
     pub quit: AtomicBool,
     stopped: Vec<AtomicBool>,
     wakes: Vec<OwnedFd>,
@@ -30,7 +30,7 @@ impl WorkerSet {
     pub(crate) fn new(n: usize) -> Result<WorkerSet, Error> {
         Ok(WorkerSet {
             accepting: AtomicBool::new(true),
-            rearm: AtomicU64::new(0),
+            sweeps: AtomicU64::new(0),
             quit: AtomicBool::new(false),
             stopped: (0..n).map(|_| AtomicBool::new(false)).collect(),
             wakes: (0..n)
