@@ -1073,7 +1073,7 @@ impl Driver {
 
     /// Our predecessor let go while we have a successor and have let go ourselves (an
     /// upgrade came before the older process noticed our READY): the older process's accepts
-    /// were still ahead of our successor's in the queue, so tell the successor to re-arm too
+    /// were still ahead of our successor's in the queue, so tell the successor to sweep too
     /// (a RELEASED again). Before we let go ourselves it must not: our own RELEASED follows.
     fn forward_release(&self) {
         if let (Some(successor), true) = (&self.successor, self.stop_reported) {
