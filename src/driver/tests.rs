@@ -4,93 +4,140 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
-use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::sys::socket::{socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 
 use crate::handoff::Message;
 use crate::inherit::ParentLink;
 use crate::machine::UpgradeId;
-use crate::server::Server;
+use crate::server::{Connection, DrainGuard, Server};
 
 use super::Driver;
 
 const UPGRADE: UpgradeId = UpgradeId(0x5eed);
+const BOUND: Duration = Duration::from_secs(2);
 
-/// A predecessor's ring as the driver makes it: SINGLE_ISSUER|DEFER_TASKRUN, so its accept
-/// runs only when this thread enters it.
-fn predecessor_ring() -> IoUring {
-    IoUring::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .build(8)
+/// The test's stand-in for the old process: a ring made as the driver makes its own
+/// (SINGLE_ISSUER|DEFER_TASKRUN, so its accepts run only when this thread enters it), with a
+/// multishot accept on each listener, and its end of the handoff channel.
+struct Predecessor {
+    ring: IoUring,
+    channel: OwnedFd,
+    /// One multishot accept per listener, user_data `1..=n`.
+    accepts: u64,
+}
+
+impl Predecessor {
+    /// Makes `server` a successor of this predecessor, and arms the predecessor's accepts on
+    /// `listeners` *before* the successor's driver exists, so that they get every wake-up, as
+    /// a real predecessor's do.
+    fn adopt(server: &mut Server, listeners: &[RawFd]) -> Predecessor {
+        let (channel, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        server.parent = Some(ParentLink {
+            channel: theirs,
+            upgrade: UPGRADE,
+            parent_pid: std::process::id(),
+        });
+        let mut ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(8)
+            .unwrap();
+        for (i, fd) in listeners.iter().enumerate() {
+            let accept = opcode::AcceptMulti::new(types::Fd(*fd))
+                .build()
+                .user_data(i as u64 + 1);
+            // SAFETY: the entry points at nothing of ours; the listeners outlive the ring.
+            unsafe { ring.submission().push(&accept).unwrap() };
+        }
+        ring.submit().unwrap();
+        Predecessor {
+            ring,
+            channel,
+            accepts: listeners.len() as u64,
+        }
+    }
+
+    fn expect_ready(&self) {
+        crate::sys::set_recv_timeout(self.channel.as_fd(), Duration::from_secs(5)).unwrap();
+        let mut buf = [0u8; 64];
+        let n =
+            nix::sys::socket::recv(self.channel.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+        assert_eq!(Message::decode(&buf[..n]).unwrap(), Message::Ready(UPGRADE));
+    }
+
+    /// Lets go as the driver does: cancels its accepts (submitted on their own, so no deferred
+    /// work runs first), reaps until each has ended, and checks each ended cancelled without
+    /// having accepted anything — the situation under test (if this kernel accepted the
+    /// connections here, the test would prove nothing). Then sends RELEASED.
+    fn let_go(&mut self) {
+        for ud in 1..=self.accepts {
+            let cancel = opcode::AsyncCancel::new(ud).build().user_data(100 + ud);
+            // SAFETY: a cancel carries no pointer.
+            unsafe { self.ring.submission().push(&cancel).unwrap() };
+        }
+        self.ring.submit().unwrap();
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + BOUND;
+        let ended = |seen: &Vec<(u64, i32)>| seen.iter().filter(|&&(ud, _)| ud <= 100).count();
+        while ended(&seen) < self.accepts as usize && Instant::now() < deadline {
+            // SAFETY: no argument pointer; GETEVENTS only runs deferred completions.
+            unsafe {
+                self.ring
+                    .submitter()
+                    .enter::<libc::sigset_t>(0, 0, super::ENTER_GETEVENTS, None)
+                    .unwrap();
+            }
+            seen.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        }
+        let accepts: Vec<_> = seen.iter().filter(|&&(ud, _)| ud <= 100).collect();
+        assert!(
+            accepts.len() == self.accepts as usize
+                && accepts.iter().all(|&&(_, res)| res == -libc::ECANCELED),
+            "the predecessor's accepts should end cancelled, not take connections: {seen:?}"
+        );
+        let released = Message::Released(UPGRADE).encode().unwrap();
+        crate::sys::send_nonblocking(self.channel.as_fd(), &released).unwrap();
+    }
+}
+
+/// Turns `drivers` (without waiting) until they have delivered `n` connections or `BOUND` has
+/// passed; returns what they delivered.
+fn serve(drivers: &mut [&mut Driver], n: usize) -> Vec<(OwnedFd, DrainGuard)> {
+    let mut delivered = Vec::new();
+    let deadline = Instant::now() + BOUND;
+    while delivered.len() < n && Instant::now() < deadline {
+        for driver in drivers.iter_mut() {
+            let mut sink = |conn: Connection| delivered.push(conn.into_parts());
+            driver.turn(false, &mut sink).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    delivered
+}
+
+fn tcp_server(workers: usize) -> Server {
+    Server::builder()
+        .listen_tcp("t", "127.0.0.1:0".parse().unwrap())
+        .workers(workers)
+        .build()
         .unwrap()
 }
 
-/// Every CQE the ring has for us, after running its deferred work.
-fn reap(ring: &mut IoUring) -> Vec<(u64, i32)> {
-    // SAFETY: no argument pointer; GETEVENTS only runs deferred completions.
-    unsafe {
-        ring.submitter()
-            .enter::<libc::sigset_t>(0, 0, super::ENTER_GETEVENTS, None)
-            .unwrap();
-    }
-    ring.completion()
-        .map(|c| (c.user_data(), c.result()))
-        .collect()
-}
-
-/// A driver for a successor of this very process, on its own listener, with the predecessor's
-/// accept armed on that listener first (so it gets every wake-up, as a real predecessor does).
-/// Returns the driver (READY already sent), the predecessor's ring and channel end, and the
-/// listener's address.
-fn successor_with_predecessor() -> (Driver, IoUring, OwnedFd, std::net::SocketAddr) {
-    let mut server = Server::builder()
-        .listen_tcp("t", "127.0.0.1:0".parse().unwrap())
-        .build()
-        .unwrap();
-    let addr = server.local_addr("t").unwrap();
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .unwrap();
-    server.parent = Some(ParentLink {
-        channel: theirs,
-        upgrade: UPGRADE,
-        parent_pid: std::process::id(),
-    });
-    let mut old = predecessor_ring();
-    let listener = server.listeners[0].fd.as_raw_fd();
-    // SAFETY: the entry points at nothing of ours; the listener outlives the ring's use of it.
-    unsafe {
-        old.submission()
-            .push(
-                &opcode::AcceptMulti::new(types::Fd(listener))
-                    .build()
-                    .user_data(1),
-            )
-            .unwrap();
-    }
-    old.submit().unwrap();
-    let mut driver = Driver::new(server).unwrap();
-    // No takeover polls: they would also take the stranded connection, and the test is about
-    // what happens when the predecessor lets go within TAKEOVER_AFTER (the usual case).
+/// The driver without its takeover polls: they would also take a stranded connection, and
+/// the tests are about a predecessor that lets go within TAKEOVER_AFTER (the usual case).
+fn without_takeover(mut driver: Driver) -> Driver {
     driver.takeover_at = None;
-    let mut buf = [0u8; 64];
-    crate::sys::set_recv_timeout(ours.as_fd(), Duration::from_secs(5)).unwrap();
-    let n = nix::sys::socket::recv(
-        ours.as_raw_fd(),
-        &mut buf,
-        nix::sys::socket::MsgFlags::empty(),
-    )
-    .unwrap();
-    assert_eq!(Message::decode(&buf[..n]).unwrap(), Message::Ready(UPGRADE));
-    (driver, old, ours, addr)
+    driver
 }
 
 /// A connection that arrives after the predecessor last entered its ring and before it
@@ -99,56 +146,28 @@ fn successor_with_predecessor() -> (Driver, IoUring, OwnedFd, std::net::SocketAd
 /// must take it once the predecessor has let go, without waiting for another connection.
 #[test]
 fn a_connection_whose_wake_up_the_predecessor_spent_is_served_after_release() {
-    let (mut driver, mut old, channel, addr) = successor_with_predecessor();
+    let mut server = tcp_server(1);
+    let addr = server.local_addr("t").unwrap();
+    let listener = server.listeners[0].fd.as_raw_fd();
+    let mut old = Predecessor::adopt(&mut server, &[listener]);
+    let mut driver = without_takeover(Driver::new(server).unwrap());
+    old.expect_ready();
 
     let mut client = TcpStream::connect(addr).unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
     client.write_all(b"x").unwrap();
     // Give the wake-up time to reach the predecessor's accept (it is queued as deferred work).
     std::thread::sleep(Duration::from_millis(20));
-    // The predecessor lets go: cancel (submitted on its own, so no deferred work runs first),
-    // then reap. Its accept must end cancelled with the connection left in the queue: that is
-    // the situation under test (if this kernel accepted it here, the test proves nothing).
-    // SAFETY: a cancel carries no pointer.
-    unsafe {
-        old.submission()
-            .push(&opcode::AsyncCancel::new(1).build().user_data(2))
-            .unwrap();
-    }
-    old.submit().unwrap();
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while !seen.iter().any(|&(ud, _)| ud == 1) && Instant::now() < deadline {
-        seen.extend(reap(&mut old));
-    }
-    assert!(
-        seen.contains(&(1, -libc::ECANCELED)) && !seen.iter().any(|&(ud, res)| ud == 1 && res >= 0),
-        "the predecessor's accept should end cancelled, not take the connection: {seen:?}"
-    );
-    let released = Message::Released(UPGRADE).encode().unwrap();
-    crate::sys::send_nonblocking(channel.as_fd(), &released).unwrap();
+    old.let_go();
 
-    // The successor's turns: the stranded connection must reach its code, with no other
-    // connection arriving to wake its accept.
-    let mut delivered = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while delivered.is_empty() && Instant::now() < deadline {
-        driver
-            .turn(false, &mut |conn| delivered.push(conn.into_parts()))
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let mut delivered = serve(&mut [&mut driver], 1);
     assert_eq!(
         delivered.len(),
         1,
-        "the connection queued while the predecessor let go was not taken within 2 s"
+        "the connection queued while the predecessor let go was not taken within {BOUND:?}"
     );
     let (fd, _guard) = delivered.pop().unwrap();
-    let mut accepted = TcpStream::from(fd);
     let mut byte = [0u8; 1];
-    accepted.read_exact(&mut byte).unwrap();
+    TcpStream::from(fd).read_exact(&mut byte).unwrap();
     assert_eq!(&byte, b"x");
 }
 
@@ -156,103 +175,33 @@ fn a_connection_whose_wake_up_the_predecessor_spent_is_served_after_release() {
 /// so a connection may be stranded on any member, the workers' included. The predecessor
 /// (armed first on every member) spends the wake-ups of 16 connections and cancels; after
 /// RELEASED to the coordinator, the coordinator and its worker between them must take all 16.
-/// (Without the workers' re-arm, those that landed on the worker's member stay queued; with
+/// (Without the workers' sweep, those that landed on the worker's member stay queued; with
 /// 16 connections over two members, that is all but certain.)
 #[test]
 fn connections_stranded_on_a_workers_listener_are_served_after_release() {
     const CONNS: usize = 16;
-    let mut server = Server::builder()
-        .listen_tcp("t", "127.0.0.1:0".parse().unwrap())
-        .workers(2)
-        .build()
-        .unwrap();
+    let mut server = tcp_server(2);
     let addr = server.local_addr("t").unwrap();
-    let mut workers = server.take_workers().unwrap();
-    let worker = workers.pop().unwrap();
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .unwrap();
-    server.parent = Some(ParentLink {
-        channel: theirs,
-        upgrade: UPGRADE,
-        parent_pid: std::process::id(),
-    });
-    let mut old = predecessor_ring();
+    let worker = server.take_workers().unwrap().pop().unwrap();
     let members = [
         server.listeners[0].fd.as_raw_fd(),
         worker.listeners[0].fd.as_raw_fd(),
     ];
-    for (i, fd) in members.iter().enumerate() {
-        // SAFETY: as in `successor_with_predecessor`.
-        unsafe {
-            old.submission()
-                .push(
-                    &opcode::AcceptMulti::new(types::Fd(*fd))
-                        .build()
-                        .user_data(i as u64 + 1),
-                )
-                .unwrap();
-        }
-    }
-    old.submit().unwrap();
-    let mut coordinator = server.into_driver("test").unwrap();
-    coordinator.takeover_at = None; // as in `successor_with_predecessor`
+    let mut old = Predecessor::adopt(&mut server, &members);
+    let mut coordinator = without_takeover(server.into_driver("test").unwrap());
     let mut worker = Driver::new_worker(worker).unwrap();
-    let mut buf = [0u8; 64];
-    crate::sys::set_recv_timeout(ours.as_fd(), Duration::from_secs(5)).unwrap();
-    let n = nix::sys::socket::recv(
-        ours.as_raw_fd(),
-        &mut buf,
-        nix::sys::socket::MsgFlags::empty(),
-    )
-    .unwrap();
-    assert_eq!(Message::decode(&buf[..n]).unwrap(), Message::Ready(UPGRADE));
+    old.expect_ready();
 
-    let clients: Vec<TcpStream> = (0..CONNS)
+    let _clients: Vec<TcpStream> = (0..CONNS)
         .map(|_| TcpStream::connect(addr).unwrap())
         .collect();
     std::thread::sleep(Duration::from_millis(20));
-    for ud in [1u64, 2] {
-        // SAFETY: a cancel carries no pointer.
-        unsafe {
-            old.submission()
-                .push(&opcode::AsyncCancel::new(ud).build().user_data(10 + ud))
-                .unwrap();
-        }
-    }
-    old.submit().unwrap();
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while seen.iter().filter(|&&(ud, _)| ud <= 2).count() < 2 && Instant::now() < deadline {
-        seen.extend(reap(&mut old));
-    }
-    let taken_by_old = seen
-        .iter()
-        .filter(|&&(ud, res)| ud <= 2 && res >= 0)
-        .count();
-    assert_eq!(taken_by_old, 0, "the predecessor accepted some: {seen:?}");
-    let released = Message::Released(UPGRADE).encode().unwrap();
-    crate::sys::send_nonblocking(ours.as_fd(), &released).unwrap();
+    old.let_go();
 
-    let mut delivered = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while delivered.len() < CONNS && Instant::now() < deadline {
-        coordinator
-            .turn(false, &mut |conn| delivered.push(conn.into_parts()))
-            .unwrap();
-        worker
-            .turn(false, &mut |conn| delivered.push(conn.into_parts()))
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let delivered = serve(&mut [&mut coordinator, &mut worker], CONNS);
     assert_eq!(
         delivered.len(),
         CONNS,
-        "connections queued while the predecessor let go, not taken within 2 s"
+        "connections queued while the predecessor let go, not taken within {BOUND:?}"
     );
-    drop(clients);
 }
