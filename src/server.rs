@@ -144,7 +144,11 @@ impl Builder {
         self
     }
 
-    /// Write this process's pid to `path` (atomically, by rename) once it serves.
+    /// Write this process's pid to `path` once it serves, before its READY, atomically: a
+    /// new file in the same directory swapped in with `renameat2(RENAME_EXCHANGE)` (a plain
+    /// rename where that is refused), the old one then unlinked off the serving path. A reader
+    /// always finds a whole pid, and never one of a process that has exited after an upgrade.
+    /// A process killed at that moment can leave one `PATH.<pid>.<n>.tmp` behind.
     pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.pid_file = Some(path.into());
         self
