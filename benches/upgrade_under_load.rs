@@ -13,6 +13,8 @@
 //! - `burst-only`: ringflip's echo server with the same bursts and no upgrade at all: the
 //!   baseline that shows what the bursts alone cost, so the others' in-window numbers can be
 //!   read as "burst + upgrade";
+//! - `ecdysis-burst-only`: the same for the ecdysis server, so that how a server copes with a
+//!   burst can be told apart from what its upgrade costs (only with `--only`);
 //! - `ringflip-tokio`: the same server serving on a plain tokio runtime (`run_async` on a
 //!   `LocalSet`), like the tokio-based peers, so the upgrade libraries are compared on the same
 //!   runtime;
@@ -60,6 +62,9 @@ const ALL: [&str; 11] = [
     "haproxy",
     "tableflip",
 ];
+
+/// Rows run only when `--only` names them.
+const EXTRA: [&str; 1] = ["ecdysis-burst-only"];
 
 /// Accept rings of the `ringflip-workers` row (`Builder::workers`, thread-per-core).
 const WORKERS: usize = 2;
@@ -163,13 +168,18 @@ fn main() -> ExitCode {
     let mut all_ok = true;
     let mut timelines = Vec::new();
     let mut handover_windows = Vec::new();
-    for kind in ALL.iter().filter(|k| o.only.iter().any(|x| x == *k)) {
+    for kind in ALL
+        .iter()
+        .chain(EXTRA.iter())
+        .filter(|k| o.only.iter().any(|x| x == *k))
+    {
         if let Err(why) = peers::prepare(kind) {
             println!("{kind:<16} skipped: {why}");
             continue;
         }
         let (serve, strategy) = match *kind {
             "burst-only" => ("ringflip", Strategy::BurstOnly),
+            "ecdysis-burst-only" => ("ecdysis", Strategy::BurstOnly),
             "ringflip" => ("ringflip", Strategy::Signal),
             "ringflip-tokio" => ("ringflip-tokio", Strategy::Signal),
             "ringflip-workers" => ("ringflip", Strategy::Signal),
