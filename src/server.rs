@@ -1150,7 +1150,8 @@ pub(crate) fn write_pid_file(path: &Path, pid: u32) -> std::io::Result<Option<Pa
     tmp.push(format!(".{pid}.{}.tmp", WRITES.fetch_add(1, SeqCst)));
     let tmp = PathBuf::from(tmp);
     std::fs::write(&tmp, format!("{pid}\n"))?;
-    if crate::sys::rename_exchange(&tmp, path).is_ok() {
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    if renameat2(AT_FDCWD, &tmp, AT_FDCWD, path, RenameFlags::RENAME_EXCHANGE).is_ok() {
         return Ok(Some(tmp));
     }
     // No pid file yet (ENOENT), a file system without RENAME_EXCHANGE (EINVAL), a sandbox
