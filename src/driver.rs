@@ -312,6 +312,36 @@ impl Timeline {
 }
 
 /// The single owner of the ring. Driven by [`Driver::turn`].
+/// A driver's place among the rings of a process (thread-per-core: `workers.rs`).
+enum Role {
+    /// The process's only ring.
+    Alone,
+    /// Worker 0, which runs the machine; its guard tells the workers to quit once this driver
+    /// is gone, however it ends.
+    Coordinator(Coordinator),
+    /// Worker `index`; its guard reports it stopped for good once this driver is gone.
+    Worker(WorkerGone),
+}
+
+impl Role {
+    /// The state shared with the other rings, if there are any.
+    fn workers(&self) -> Option<&Arc<WorkerSet>> {
+        match self {
+            Role::Alone => None,
+            Role::Coordinator(Coordinator(set)) => Some(set),
+            Role::Worker(w) => Some(&w.set),
+        }
+    }
+
+    /// 0 for the coordinator (or a lone ring), `1..n` for a worker.
+    fn index(&self) -> usize {
+        match self {
+            Role::Worker(w) => w.index,
+            _ => 0,
+        }
+    }
+}
+
 pub(crate) struct Driver {
     ring: IoUring,
     ops: Ops,
@@ -322,14 +352,8 @@ pub(crate) struct Driver {
     config: Config,
     /// None for a worker: only the coordinator reads signals.
     signalfd: Option<OwnedFd>,
-    /// Thread-per-core: the shared worker state (see `workers.rs`), and which worker this
-    /// driver is (0: the coordinator, which runs the machine).
-    workers: Option<Arc<WorkerSet>>,
-    worker: usize,
-    /// The coordinator's: tells the workers to quit once this driver is gone, however it ends.
-    quit_workers_on_drop: Option<Coordinator>,
-    /// A worker's: reports it stopped for good once this driver is gone, however it ends.
-    stopped_on_drop: Option<WorkerGone>,
+    /// Thread-per-core: this driver's place among the process's rings (see `workers.rs`).
+    role: Role,
     /// Connections this driver accepted (logged at exit).
     accepted: u64,
     /// Stopping was reported (to the machine, or by a worker to the coordinator) since the
@@ -479,10 +503,7 @@ impl Driver {
             shared,
             config,
             signalfd: None,
-            workers: None,
-            worker: 0,
-            quit_workers_on_drop: None,
-            stopped_on_drop: None,
+            role: Role::Alone,
             accepted: 0,
             stop_reported: false,
             successor: None,
@@ -511,8 +532,7 @@ impl Driver {
 
     /// Makes this (coordinating) driver lead the workers of `set`.
     pub(crate) fn with_workers(mut self, coordinator: Coordinator) -> Driver {
-        self.workers = Some(coordinator.0.clone());
-        self.quit_workers_on_drop = Some(coordinator);
+        self.role = Role::Coordinator(coordinator);
         self
     }
 
@@ -527,12 +547,10 @@ impl Driver {
         let (index, set, shared) = (gone.index, gone.set.clone(), gone.shared.clone());
         let ring = new_ring()?;
         let mut driver = Driver::base(ring, listeners, shared, config);
-        driver.stopped_on_drop = Some(gone);
+        driver.role = Role::Worker(gone);
         driver.accepting = set.accepting.load(SeqCst);
         // Accepts armed from here on take what is queued anyway (see `sweep_queues`).
         driver.sweeps_seen = set.sweeps.load(SeqCst);
-        driver.workers = Some(set);
-        driver.worker = index;
         if driver.accepting {
             for i in 0..driver.accepts.len() {
                 driver.arm_accept(i);
@@ -550,16 +568,17 @@ impl Driver {
 
     /// A worker looks at the coordinator's wishes: quit, stop or resume accepting.
     fn follow(&mut self) {
-        let Some(set) = self.workers.clone() else {
+        let Role::Worker(WorkerGone { set, index, .. }) = &self.role else {
             return;
         };
+        let (set, index) = (set.clone(), *index);
         if set.quit.load(SeqCst) {
             self.exit = Some(ExitReason::Shutdown);
             return;
         }
         let want = set.accepting.load(SeqCst);
         if want && !self.accepting {
-            set.set_stopped(self.worker, false);
+            set.set_stopped(index, false);
             self.resume_accepting();
         } else if !want && self.accepting {
             self.stop_accepting();
@@ -609,8 +628,8 @@ impl Driver {
     /// The eventfd that wakes this driver: the shared one for the coordinator, its own for a
     /// worker.
     fn own_wake_fd(&self) -> RawFd {
-        match &self.workers {
-            Some(set) if self.worker > 0 => set.wake_of(self.worker).as_raw_fd(),
+        match &self.role {
+            Role::Worker(w) => w.set.wake_of(w.index).as_raw_fd(),
             _ => self.shared.wake.as_raw_fd(),
         }
     }
@@ -800,7 +819,7 @@ impl Driver {
                 sys::eventfd_drain(unsafe {
                     std::os::fd::BorrowedFd::borrow_raw(self.own_wake_fd())
                 });
-                if self.worker > 0 {
+                if matches!(self.role, Role::Worker(_)) {
                     self.follow();
                 } else {
                     self.on_wake();
@@ -1062,10 +1081,9 @@ impl Driver {
         if !self.accepting {
             return;
         }
-        if let (Some(set), 0) = (&self.workers, self.worker) {
+        self.tell_workers(|set| {
             set.sweeps.fetch_add(1, SeqCst);
-            set.signal_all();
-        }
+        });
         for i in 0..self.accepts.len() {
             self.sweep(i);
         }
@@ -1076,9 +1094,25 @@ impl Driver {
     /// were still ahead of our successor's in the queue, so tell the successor to sweep too
     /// (a RELEASED again). Before we let go ourselves it must not: our own RELEASED follows.
     fn forward_release(&self) {
-        if let (Some(successor), true) = (&self.successor, self.stop_reported) {
+        if self.stop_reported {
+            self.send_released();
+        }
+    }
+
+    /// Tells the successor, if any, that this process has let go (RELEASED).
+    fn send_released(&self) {
+        if let Some(successor) = &self.successor {
             let msg = Message::Released(successor.upgrade).encode().expect("fits");
             let _ = sys::send_nonblocking(successor.channel.as_fd(), &msg);
+        }
+    }
+
+    /// The coordinator changes the workers' shared state with `change`, then wakes them to
+    /// look at it; nothing for a worker or a lone ring.
+    fn tell_workers(&self, change: impl FnOnce(&WorkerSet)) {
+        if let Role::Coordinator(Coordinator(set)) = &self.role {
+            change(set);
+            set.signal_all();
         }
     }
 
@@ -1192,10 +1226,7 @@ impl Driver {
     /// The coordinator also tells its workers.
     fn stop_accepting(&mut self) {
         self.accepting = false;
-        if let (Some(set), 0) = (&self.workers, self.worker) {
-            set.accepting.store(false, SeqCst);
-            set.signal_all();
-        }
+        self.tell_workers(|set| set.accepting.store(false, SeqCst));
         for i in 0..self.accepts.len() {
             let slot = &mut self.accepts[i];
             slot.retry_at = None;
@@ -1214,10 +1245,7 @@ impl Driver {
     fn resume_accepting(&mut self) {
         self.accepting = true;
         self.stop_reported = false;
-        if let (Some(set), 0) = (&self.workers, self.worker) {
-            set.accepting.store(true, SeqCst);
-            set.signal_all();
-        }
+        self.tell_workers(|set| set.accepting.store(true, SeqCst));
         for i in 0..self.accepts.len() {
             if self.accepts[i].op.is_none() {
                 self.arm_accept(i);
@@ -1234,19 +1262,16 @@ impl Driver {
         if self.accepting || self.stop_reported || self.accepts.iter().any(AcceptSlot::armed) {
             return;
         }
-        match &self.workers {
-            Some(set) if self.worker > 0 => {
-                set.set_stopped(self.worker, true);
+        match &self.role {
+            Role::Worker(w) => {
+                w.set.set_stopped(w.index, true);
                 self.shared.wake();
             }
-            Some(set) if !set.all_stopped() => return,
+            Role::Coordinator(c) if !c.0.all_stopped() => return,
             _ => {
                 self.feed(Event::AcceptStopped);
                 // The successor may stop its takeover polls: connections reach it alone now.
-                if let Some(successor) = &self.successor {
-                    let msg = Message::Released(successor.upgrade).encode().expect("fits");
-                    let _ = sys::send_nonblocking(successor.channel.as_fd(), &msg);
-                }
+                self.send_released();
             }
         }
         self.stop_reported = true;
@@ -1255,7 +1280,7 @@ impl Driver {
     /// Every accept of this process (all workers) has reached its terminal completion.
     fn all_accepts_stopped(&self) -> bool {
         self.accepts.iter().all(|s| !s.armed())
-            && self.workers.as_ref().is_none_or(|set| set.all_stopped())
+            && self.role.workers().is_none_or(|set| set.all_stopped())
     }
 
     /// Reports the drain as complete once accepting has fully stopped (every fd accepted on
@@ -1382,10 +1407,7 @@ impl Driver {
                 }
             }
             Action::Exit(reason) => {
-                if let Some(set) = &self.workers {
-                    set.quit.store(true, SeqCst);
-                    set.signal_all();
-                }
+                self.tell_workers(|set| set.quit.store(true, SeqCst));
                 if matches!(reason, ExitReason::Upgraded { .. }) {
                     self.timeline.log(Instant::now());
                 }
@@ -1803,7 +1825,7 @@ impl Driver {
     fn finish(&mut self) {
         self.abandon_spawns();
         tracing::info!(
-            worker = self.worker,
+            worker = self.role.index(),
             accepted = self.accepted,
             "accept loop done"
         );
