@@ -37,8 +37,11 @@
 //! Per server: failures by kind, long-lived pings failed, latency (from each connection's
 //! *scheduled* start, so stalls count) p50/p99/p99.9/max steady and in the 500 ms after each
 //! upgrade, median handover (trigger → new process's pid file), and server CPU (all
-//! generations) as a share of one core. Server on CPU 0 (unless `--unpinned-server`), load
-//! generator on CPU 1.
+//! generations) as a share of one core, and `steal0`: the time the hypervisor took CPU 0
+//! away during the row (`/proc/stat`, 10 ms ticks), which is how this VM's host stalls show.
+//! After the rows: the slowest connection of each upgrade's window, as a median over the
+//! upgrades (a row's p99.9 often comes from one or two stalled upgrades). Server on CPU 0
+//! (unless `--unpinned-server`), load generator on CPU 1.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -161,9 +164,9 @@ fn main() -> ExitCode {
         }
     );
     println!(
-        "{:<16} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "{:<16} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7}",
         "server", "conns", "failed", "refused", "reset", "eof", "tmout", "pings✗",
-        "handover", "p50", "p99", "p99.9", "win p99", "win p99.9", "win max", "cpu%"
+        "handover", "p50", "p99", "p99.9", "win p99", "win p99.9", "win max", "cpu%", "steal0"
     );
     let mut all_ok = true;
     let mut timelines = Vec::new();
@@ -231,7 +234,7 @@ fn main() -> ExitCode {
         let f = &r.failures;
         let (st, w) = (out.steady(), out.window());
         println!(
-            "{:<16} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>6.2}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>6.1}%",
+            "{:<16} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>6.2}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>6.1}% {:>5}ms",
             kind,
             r.ok() + f.total() as usize,
             f.total(),
@@ -247,7 +250,8 @@ fn main() -> ExitCode {
             ms(w.p99),
             ms(w.p999),
             ms(w.max),
-            100.0 * out.server_cpu.as_secs_f64() / out.wall.as_secs_f64()
+            100.0 * out.server_cpu.as_secs_f64() / out.wall.as_secs_f64(),
+            out.steal_cpu0.as_millis()
         );
         if out.failed_upgrades > 0 || !out.all_gone {
             println!(
@@ -266,7 +270,12 @@ fn main() -> ExitCode {
         if !out.timelines.is_empty() {
             timelines.push((*kind, out.timelines.clone()));
         }
-        handover_windows.push((*kind, out.handover_window()));
+        handover_windows.push((
+            *kind,
+            out.handover_window(),
+            out.window_max_per_upgrade(),
+            out.steal_in_and_out_of_windows(),
+        ));
         if out.ok() {
             let _ = std::fs::remove_dir_all(&out.dir);
         }
@@ -277,13 +286,33 @@ fn main() -> ExitCode {
          VM's own stalls dominate):",
         scenario::HANDOVER_WINDOW.as_millis()
     );
-    for (kind, st) in &handover_windows {
+    for (kind, st, _, _) in &handover_windows {
         println!(
             "  {kind:<16} p99 {:>7.3}ms  p99.9 {:>7.3}ms  max {:>7.3}ms  ({} conns)",
             ms(st.p99),
             ms(st.p999),
             ms(st.max),
             st.count
+        );
+    }
+    println!();
+    println!(
+        "slowest connection of each upgrade's {} ms window, over the upgrades (one stall of \
+         this VM's host moves a row's p99.9, not the median):",
+        scenario::WINDOW.as_millis()
+    );
+    for (kind, _, maxima, (steal_in, steal_out)) in &handover_windows {
+        let at = |i: usize| maxima.get(i).copied().unwrap_or_default();
+        let n = maxima.len();
+        println!(
+            "  {kind:<16} median {:>7.3}ms  fastest {:>7.3}ms  second slowest {:>7.3}ms  slowest \
+             {:>7.3}ms  CPU 0 stolen in windows {:>5}ms, outside {:>5}ms",
+            ms(at(n / 2)),
+            ms(at(0)),
+            ms(at(n.saturating_sub(2))),
+            ms(at(n.saturating_sub(1))),
+            steal_in.as_millis(),
+            steal_out.as_millis(),
         );
     }
     for (kind, timelines) in &timelines {

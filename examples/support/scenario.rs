@@ -75,6 +75,11 @@ pub struct Outcome {
     /// CPU time of every server process (all generations), reaped.
     pub server_cpu: Duration,
     pub wall: Duration,
+    /// Time the hypervisor ran something else on the server's CPU (0) during the run:
+    /// `steal` of `/proc/stat`, 10 ms ticks. Zero where the kernel does not count it.
+    pub steal_cpu0: Duration,
+    /// CPU 0's steal time as sampled every 10 ms through the run: (when, total so far).
+    pub steal_samples: Vec<(Instant, Duration)>,
     pub failed_upgrades: usize,
     pub all_gone: bool,
     pub log: PathBuf,
@@ -182,6 +187,33 @@ impl Outcome {
     pub fn handover_window(&self) -> Stats {
         self.report.stats(|t| self.within(t, HANDOVER_WINDOW))
     }
+    /// The slowest successful connection started in each upgrade's window, sorted. Its median
+    /// says what a typical upgrade costs; a row's window p99.9 can come from one or two
+    /// upgrades that met a stall of this VM's host.
+    pub fn window_max_per_upgrade(&self) -> Vec<Duration> {
+        let mut v: Vec<Duration> = self
+            .rows
+            .iter()
+            .map(|r| self.report.stats(|t| t >= r.at && t < r.at + WINDOW).max)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+    /// CPU 0's steal time inside the upgrade windows and outside them (the windows are half of
+    /// each interval at the default 1 s, so the two compare directly). Each 10 ms sample's
+    /// increase counts where the sample was taken.
+    pub fn steal_in_and_out_of_windows(&self) -> (Duration, Duration) {
+        let (mut inside, mut outside) = (Duration::ZERO, Duration::ZERO);
+        for pair in self.steal_samples.windows(2) {
+            let delta = pair[1].1.saturating_sub(pair[0].1);
+            if self.in_window(pair[1].0) {
+                inside += delta;
+            } else {
+                outside += delta;
+            }
+        }
+        (inside, outside)
+    }
     pub fn steady(&self) -> Stats {
         self.report.stats(|t| !self.in_window(t))
     }
@@ -280,6 +312,8 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
     }
     std::thread::sleep(s.warmup);
     let cpu_before = children_cpu();
+    let steal_before = cpu0_steal();
+    let steal_sampler = StealSampler::start(two_cores.then_some(1));
     let t0 = Instant::now();
     let load = Load::start(LoadConfig {
         addr,
@@ -368,6 +402,8 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
     );
     let wall = t0.elapsed();
     let server_cpu = children_cpu().saturating_sub(cpu_before);
+    let steal_cpu0 = cpu0_steal().saturating_sub(steal_before);
+    let steal_samples = steal_sampler.stop();
     let timelines = parse_timelines(&std::fs::read_to_string(&log).unwrap_or_default());
     if let Some(prefix) = std::env::var_os("RINGFLIP_DUMP_SAMPLES") {
         let mut path = prefix;
@@ -382,6 +418,8 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
         report,
         server_cpu,
         wall,
+        steal_cpu0,
+        steal_samples,
         failed_upgrades,
         all_gone,
         log,
@@ -498,6 +536,55 @@ fn wait_all_gone(pids: &[u32], timeout: Duration) -> bool {
 }
 
 /// CPU time (user + system) of every reaped descendant.
+/// CPU 0's `steal` time from `/proc/stat` (the eighth value of its `cpu0` line, in USER_HZ
+/// ticks, 100 per second on Linux); zero if it cannot be read.
+fn cpu0_steal() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu0 "))
+        .and_then(|rest| rest.split_whitespace().nth(7))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// Samples [`cpu0_steal`] every 10 ms on a thread of its own (on `cpu`, the load generator's,
+/// so it does not run beside the server) until stopped.
+struct StealSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(Instant, Duration)>>,
+}
+
+impl StealSampler {
+    fn start(cpu: Option<usize>) -> StealSampler {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            if let Some(cpu) = cpu {
+                pin_to_cpu(cpu);
+            }
+            let mut samples = Vec::new();
+            // Bounded: 20 minutes of samples at most, whatever the caller does.
+            for _ in 0..120_000 {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                samples.push((Instant::now(), cpu0_steal()));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            samples
+        });
+        StealSampler { stop, thread }
+    }
+
+    fn stop(self) -> Vec<(Instant, Duration)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
 fn children_cpu() -> Duration {
     // SAFETY: rusage is plain data, filled by the kernel.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
