@@ -255,6 +255,61 @@ fn every_fd_is_cloexec() {
     server.stop();
 }
 
+/// Slots in `pid`'s fd table (`FDSize:` of /proc/PID/status).
+fn fd_table_slots(pid: i32) -> usize {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("status of a live pid");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("FDSize:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("an FDSize line")
+}
+
+/// The new process starts with an fd table as big as the old one's had become, so its first
+/// accepts under load do not grow it (each growth of a multi-threaded process's table waits
+/// an RCU grace period: 4-20 ms on the serving thread here). The old process's table grows
+/// with 300 connections, which then close: a child would otherwise get a table sized to the
+/// fds still open, 64 slots.
+#[test]
+fn new_process_starts_with_the_old_fd_table_size() {
+    let server = EchoServer::start(EchoOpts::default());
+    let mut held: Vec<_> = (0..300)
+        .map(|i| server.open_conn(server.addr(), &format!("grow-{i}\n")))
+        .collect();
+    held.truncate(5);
+    let old = server.pid();
+    // Until the server has closed its ends too (a child's copied table fits the open fds).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fds_of(old).len() > 100 && Instant::now() < deadline {
+        thread::sleep(POLL);
+    }
+    assert!(fds_of(old).len() <= 100, "the server kept the closed connections open");
+    let old_slots = fd_table_slots(old);
+    assert!(
+        old_slots >= 512,
+        "300 connections grew the table to {old_slots} slots only"
+    );
+    let new = server.upgrade();
+    let new_slots = fd_table_slots(new);
+    eprintln!("fd table: old {old} {old_slots} slots, new {new} {new_slots} slots");
+    assert!(
+        new_slots >= old_slots,
+        "the new process's fd table has {new_slots} slots, the old one's {old_slots}"
+    );
+    // The slot used to grow it was closed before exec.
+    let slot = old_slots as i32 - 1;
+    assert!(
+        !fds_of(new).iter().any(|&(fd, _)| fd == slot),
+        "fd {slot} (used to grow the table) is open in the new process"
+    );
+    assert_all_cloexec("upgraded process", new);
+    drop(held);
+    let r = burst(server.addr(), 50);
+    r.assert_clean();
+    server.assert_gone(&[old], Duration::from_secs(10));
+    server.stop();
+}
+
 /// A script that records, as `{prefix}.fds`, the fds the shell runs with (and env, fd 3's
 /// target), then exits 1. `{prefix}.fds` is written last (rename), as the "done" marker.
 fn fd_probe_script(prefix: &str) -> String {
