@@ -283,7 +283,10 @@ fn new_process_starts_with_the_old_fd_table_size() {
     while fds_of(old).len() > 100 && Instant::now() < deadline {
         thread::sleep(POLL);
     }
-    assert!(fds_of(old).len() <= 100, "the server kept the closed connections open");
+    assert!(
+        fds_of(old).len() <= 100,
+        "the server kept the closed connections open"
+    );
     let old_slots = fd_table_slots(old);
     assert!(
         old_slots >= 512,
