@@ -312,7 +312,6 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
     }
     std::thread::sleep(s.warmup);
     let cpu_before = children_cpu();
-    let steal_before = cpu0_steal();
     let steal_sampler = StealSampler::start(two_cores.then_some(1));
     let t0 = Instant::now();
     let load = Load::start(LoadConfig {
@@ -402,8 +401,12 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
     );
     let wall = t0.elapsed();
     let server_cpu = children_cpu().saturating_sub(cpu_before);
-    let steal_cpu0 = cpu0_steal().saturating_sub(steal_before);
     let steal_samples = steal_sampler.stop();
+    // From the samples: a read of /proc/stat can fail, and a failed read must not count as 0.
+    let steal_cpu0 = match (steal_samples.first(), steal_samples.last()) {
+        (Some(first), Some(last)) => last.1.saturating_sub(first.1),
+        _ => Duration::ZERO,
+    };
     let timelines = parse_timelines(&std::fs::read_to_string(&log).unwrap_or_default());
     if let Some(prefix) = std::env::var_os("RINGFLIP_DUMP_SAMPLES") {
         let mut path = prefix;
@@ -537,16 +540,16 @@ fn wait_all_gone(pids: &[u32], timeout: Duration) -> bool {
 
 /// CPU time (user + system) of every reaped descendant.
 /// CPU 0's `steal` time from `/proc/stat` (the eighth value of its `cpu0` line, in USER_HZ
-/// ticks, 100 per second on Linux); zero if it cannot be read.
-fn cpu0_steal() -> Duration {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+/// ticks, 100 per second on Linux); `None` if it cannot be read (say, with every fd in use
+/// while a peer times out thousands of connections).
+fn cpu0_steal() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let ticks: u64 = stat
         .lines()
         .find_map(|l| l.strip_prefix("cpu0 "))
         .and_then(|rest| rest.split_whitespace().nth(7))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    Duration::from_millis(ticks * 10)
+        .and_then(|v| v.parse().ok())?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 /// Samples [`cpu0_steal`] every 10 ms on a thread of its own (on `cpu`, the load generator's,
@@ -571,7 +574,9 @@ impl StealSampler {
                 if flag.load(Ordering::Relaxed) {
                     break;
                 }
-                samples.push((Instant::now(), cpu0_steal()));
+                if let Some(steal) = cpu0_steal() {
+                    samples.push((Instant::now(), steal));
+                }
                 std::thread::sleep(Duration::from_millis(10));
             }
             samples
