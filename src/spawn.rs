@@ -130,18 +130,21 @@ pub(crate) fn spawn(
 /// stopped accepting. In the child the table is not shared yet, so growing it there needs no
 /// grace period, and exec keeps an unshared table whatever its size.
 ///
-/// The slot is the last of this process's table (below `RLIMIT_NOFILE`, or the dup2 would
-/// fail). It must be closed or close-on-exec here: the child's copy of a close-on-exec fd is
-/// closed at exec anyway, while an fd meant to be inherited must not be replaced.
+/// The slot is half this process's table size (and below `RLIMIT_NOFILE`, or the dup2 would
+/// fail). Table sizes are powers of two and the kernel rounds a growth up to the next one, so
+/// a dup2 to slot S/2 gives a table of exactly S slots; the last slot, S-1, would give 2S, and
+/// the table would double with every generation. The slot must be closed or close-on-exec
+/// here: the child's copy of a close-on-exec fd is closed at exec anyway, while an fd meant to
+/// be inherited must not be replaced.
 fn presize_slot() -> Option<RawFd> {
-    const DEFAULT_TABLE: usize = 64; // NR_OPEN_DEFAULT on 64-bit kernels
+    const DEFAULT_TABLE: u64 = 64; // NR_OPEN_DEFAULT on 64-bit kernels: no growth below it
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let slots = fd_table_slots(&status)?;
+    let slots = fd_table_slots(&status)? as u64;
     let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .ok()?
         .0;
-    let slot = (slots as u64).min(limit).checked_sub(1)?;
-    if slot < DEFAULT_TABLE as u64 {
+    let slot = (slots / 2).min(limit.checked_sub(1)?);
+    if slot < DEFAULT_TABLE {
         return None;
     }
     let slot = RawFd::try_from(slot).ok()?;
