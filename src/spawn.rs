@@ -90,9 +90,11 @@ pub(crate) fn spawn(
 
     // glibc reports exec failures (ENOENT, EACCES, ENOEXEC…) as posix_spawn's own error.
     let pid = match nix::spawn::posix_spawn(exe, &actions, &attr, &argv, &envp) {
-        // The pre-sizing dup2 refused (an fd limit lowered since we looked): start the child
-        // without it rather than fail the upgrade.
-        Err(nix::errno::Errno::EBADF | nix::errno::Errno::EMFILE) if presize.is_some() => {
+        // The pre-sizing dup2 refused (an fd limit lowered since we looked, or no memory for
+        // the table): start the child without it rather than fail the upgrade.
+        Err(nix::errno::Errno::EBADF | nix::errno::Errno::EMFILE | nix::errno::Errno::ENOMEM)
+            if presize.is_some() =>
+        {
             let mut actions = PosixSpawnFileActions::init()?;
             actions.add_dup2(child_end.as_raw_fd(), CHILD_FD)?;
             nix::spawn::posix_spawn(exe, &actions, &attr, &argv, &envp)?
@@ -131,9 +133,10 @@ pub(crate) fn spawn(
 /// grace period, and exec keeps an unshared table whatever its size.
 ///
 /// The slot is half this process's table size (and below `RLIMIT_NOFILE`, or the dup2 would
-/// fail). Table sizes are powers of two and the kernel rounds a growth up to the next one, so
-/// a dup2 to slot S/2 gives a table of exactly S slots; the last slot, S-1, would give 2S, and
-/// the table would double with every generation. The slot must be closed or close-on-exec
+/// fail). Table sizes are powers of two (64, then multiples of 128) and the kernel rounds a
+/// growth up to the next one, so a dup2 to slot S/2 gives exactly S slots under both of the
+/// rounding rules kernels have used, and the table keeps its size from generation to
+/// generation. The slot must be closed or close-on-exec
 /// here: the child's copy of a close-on-exec fd is closed at exec anyway, while an fd meant to
 /// be inherited must not be replaced.
 fn presize_slot() -> Option<RawFd> {

@@ -348,15 +348,12 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
 /// serving. With COOP_TASKRUN it runs that work at this thread's next syscall instead, and
 /// tokio-uring makes one on every turn of its loop. Under a 512-connection burst the default
 /// ring took ten times the rescheduling IPIs of an epoll server on the serving CPU (19,007
-/// against 1,909 in a 20 s bench run). A sleeping thread is still woken at once. Kernels before
-/// 5.19 refuse the flag: then the default ring.
+/// against 1,909 in a 20 s bench run). A sleeping thread is still woken at once. The flag came
+/// in Linux 5.19; ringflip needs 6.1.
 pub fn start_uring<F: std::future::Future>(future: F) -> F::Output {
-    let runtime = tokio_uring::Runtime::new(
-        tokio_uring::builder().uring_builder(tokio_uring::uring_builder().setup_coop_taskrun()),
-    )
-    .or_else(|_| tokio_uring::Runtime::new(&tokio_uring::builder()))
-    .expect("a tokio-uring runtime");
-    runtime.block_on(future)
+    tokio_uring::builder()
+        .uring_builder(tokio_uring::uring_builder().setup_coop_taskrun())
+        .start(future)
 }
 
 /// Maps `bytes` of anonymous memory and faults every page in, 4 MiB at a time (one call for

@@ -194,14 +194,17 @@ impl Outcome {
         let mut v: Vec<Duration> = self
             .rows
             .iter()
-            .map(|r| self.report.stats(|t| t >= r.at && t < r.at + WINDOW).max)
+            .map(|r| self.report.stats(|t| t >= r.at && t < r.at + WINDOW))
+            .filter(|st| st.count > 0)
+            .map(|st| st.max)
             .collect();
         v.sort_unstable();
         v
     }
-    /// CPU 0's steal time inside the upgrade windows and outside them (the windows are half of
-    /// each interval at the default 1 s, so the two compare directly). Each 10 ms sample's
-    /// increase counts where the sample was taken.
+    /// CPU 0's steal time inside the upgrade windows and outside them. At the default 1 s
+    /// interval the windows are half of each interval; outside also covers the first interval
+    /// and the last 500 ms, about 1.5 s more in a 20-upgrade row. Each 10 ms sample's increase
+    /// counts where the sample was taken.
     pub fn steal_in_and_out_of_windows(&self) -> (Duration, Duration) {
         let (mut inside, mut outside) = (Duration::ZERO, Duration::ZERO);
         for pair in self.steal_samples.windows(2) {
@@ -538,7 +541,6 @@ fn wait_all_gone(pids: &[u32], timeout: Duration) -> bool {
     }
 }
 
-/// CPU time (user + system) of every reaped descendant.
 /// CPU 0's `steal` time from `/proc/stat` (the eighth value of its `cpu0` line, in USER_HZ
 /// ticks, 100 per second on Linux); `None` if it cannot be read (say, with every fd in use
 /// while a peer times out thousands of connections).
@@ -556,7 +558,7 @@ fn cpu0_steal() -> Option<Duration> {
 /// so it does not run beside the server) until stopped.
 struct StealSampler {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<(Instant, Duration)>>,
+    thread: Option<std::thread::JoinHandle<Vec<(Instant, Duration)>>>,
 }
 
 impl StealSampler {
@@ -581,15 +583,32 @@ impl StealSampler {
             }
             samples
         });
-        StealSampler { stop, thread }
+        StealSampler {
+            stop,
+            thread: Some(thread),
+        }
     }
 
-    fn stop(self) -> Vec<(Instant, Duration)> {
+    fn stop(mut self) -> Vec<(Instant, Duration)> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread.join().unwrap_or_default()
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
     }
 }
 
+/// A row that ends early (a server that does not start) stops its sampler too.
+impl Drop for StealSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// CPU time (user + system) of every reaped descendant.
 fn children_cpu() -> Duration {
     // SAFETY: rusage is plain data, filled by the kernel.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
