@@ -38,7 +38,9 @@
 //! *scheduled* start, so stalls count) p50/p99/p99.9/max steady and in the 500 ms after each
 //! upgrade, median handover (trigger → new process's pid file), and server CPU (all
 //! generations) as a share of one core, and `steal0`: the time the hypervisor took CPU 0
-//! away during the row (`/proc/stat`, 10 ms ticks), which is how this VM's host stalls show.
+//! away during the row (`/proc/stat`, 10 ms ticks), which is how this VM's host stalls show,
+//! and `steal1` the same for CPU 1, the load generator's (a client that loses its CPU starts
+//! its connections late, which counts as latency too).
 //! After the rows: the slowest connection of each upgrade's window, as a median over the
 //! upgrades (a row's p99.9 often comes from one or two stalled upgrades). Server on CPU 0
 //! (unless `--unpinned-server`), load generator on CPU 1.
@@ -164,9 +166,9 @@ fn main() -> ExitCode {
         }
     );
     println!(
-        "{:<16} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7}",
+        "{:<16} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7}",
         "server", "conns", "failed", "refused", "reset", "eof", "tmout", "pings✗",
-        "handover", "p50", "p99", "p99.9", "win p99", "win p99.9", "win max", "cpu%", "steal0"
+        "handover", "p50", "p99", "p99.9", "win p99", "win p99.9", "win max", "cpu%", "steal0", "steal1"
     );
     let mut all_ok = true;
     let mut timelines = Vec::new();
@@ -234,7 +236,7 @@ fn main() -> ExitCode {
         let f = &r.failures;
         let (st, w) = (out.steady(), out.window());
         println!(
-            "{:<16} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>6.2}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>6.1}% {:>5}ms",
+            "{:<16} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>6.2}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>6.1}% {:>5}ms {:>5}ms",
             kind,
             r.ok() + f.total() as usize,
             f.total(),
@@ -251,7 +253,8 @@ fn main() -> ExitCode {
             ms(w.p999),
             ms(w.max),
             100.0 * out.server_cpu.as_secs_f64() / out.wall.as_secs_f64(),
-            out.steal_cpu0.as_millis()
+            out.steal_cpu0.as_millis(),
+            out.steal_cpu1.as_millis()
         );
         if out.failed_upgrades > 0 || !out.all_gone {
             println!(

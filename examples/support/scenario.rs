@@ -78,8 +78,11 @@ pub struct Outcome {
     /// Time the hypervisor ran something else on the server's CPU (0) during the run:
     /// `steal` of `/proc/stat`, 10 ms ticks. Zero where the kernel does not count it.
     pub steal_cpu0: Duration,
-    /// CPU 0's steal time as sampled every 10 ms through the run: (when, total so far).
-    pub steal_samples: Vec<(Instant, Duration)>,
+    /// The same for CPU 1, the load generator's: a client that loses its CPU falls behind its
+    /// schedule, and the delay counts in the latencies too.
+    pub steal_cpu1: Duration,
+    /// Steal time of CPUs 0 and 1 as sampled every 10 ms through the run: (when, totals so far).
+    pub steal_samples: Vec<StealSample>,
     pub failed_upgrades: usize,
     pub all_gone: bool,
     pub log: PathBuf,
@@ -208,7 +211,7 @@ impl Outcome {
     pub fn steal_in_and_out_of_windows(&self) -> (Duration, Duration) {
         let (mut inside, mut outside) = (Duration::ZERO, Duration::ZERO);
         for pair in self.steal_samples.windows(2) {
-            let delta = pair[1].1.saturating_sub(pair[0].1);
+            let delta = pair[1].1[0].saturating_sub(pair[0].1[0]);
             if self.in_window(pair[1].0) {
                 inside += delta;
             } else {
@@ -406,10 +409,11 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
     let server_cpu = children_cpu().saturating_sub(cpu_before);
     let steal_samples = steal_sampler.stop();
     // From the samples: a read of /proc/stat can fail, and a failed read must not count as 0.
-    let steal_cpu0 = match (steal_samples.first(), steal_samples.last()) {
-        (Some(first), Some(last)) => last.1.saturating_sub(first.1),
+    let stolen = |cpu: usize| match (steal_samples.first(), steal_samples.last()) {
+        (Some(first), Some(last)) => last.1[cpu].saturating_sub(first.1[cpu]),
         _ => Duration::ZERO,
     };
+    let (steal_cpu0, steal_cpu1) = (stolen(0), stolen(1));
     let timelines = parse_timelines(&std::fs::read_to_string(&log).unwrap_or_default());
     if let Some(prefix) = std::env::var_os("RINGFLIP_DUMP_SAMPLES") {
         let mut path = prefix;
@@ -425,6 +429,7 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
         server_cpu,
         wall,
         steal_cpu0,
+        steal_cpu1,
         steal_samples,
         failed_upgrades,
         all_gone,
@@ -541,24 +546,30 @@ fn wait_all_gone(pids: &[u32], timeout: Duration) -> bool {
     }
 }
 
-/// CPU 0's `steal` time from `/proc/stat` (the eighth value of its `cpu0` line, in USER_HZ
-/// ticks, 100 per second on Linux); `None` if it cannot be read (say, with every fd in use
-/// while a peer times out thousands of connections).
-fn cpu0_steal() -> Option<Duration> {
+/// When, and CPUs 0 and 1's steal time so far.
+pub type StealSample = (Instant, [Duration; 2]);
+
+/// CPUs 0 and 1's `steal` time from `/proc/stat` (the eighth value of their `cpuN` lines, in
+/// USER_HZ ticks, 100 per second on Linux); `None` if it cannot be read (say, with every fd in
+/// use while a peer times out thousands of connections). A missing CPU 1 counts 0.
+fn steal_of_cpus() -> Option<[Duration; 2]> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let ticks: u64 = stat
-        .lines()
-        .find_map(|l| l.strip_prefix("cpu0 "))
-        .and_then(|rest| rest.split_whitespace().nth(7))
-        .and_then(|v| v.parse().ok())?;
-    Some(Duration::from_millis(ticks * 10))
+    let steal = |prefix: &str| -> Option<Duration> {
+        let ticks: u64 = stat
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().nth(7))
+            .and_then(|v| v.parse().ok())?;
+        Some(Duration::from_millis(ticks * 10))
+    };
+    Some([steal("cpu0 ")?, steal("cpu1 ").unwrap_or_default()])
 }
 
-/// Samples [`cpu0_steal`] every 10 ms on a thread of its own (on `cpu`, the load generator's,
+/// Samples [`steal_of_cpus`] every 10 ms on a thread of its own (on `cpu`, the load generator's,
 /// so it does not run beside the server) until stopped.
 struct StealSampler {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Vec<(Instant, Duration)>>>,
+    thread: Option<std::thread::JoinHandle<Vec<StealSample>>>,
 }
 
 impl StealSampler {
@@ -576,7 +587,7 @@ impl StealSampler {
                 if flag.load(Ordering::Relaxed) {
                     break;
                 }
-                if let Some(steal) = cpu0_steal() {
+                if let Some(steal) = steal_of_cpus() {
                     samples.push((Instant::now(), steal));
                 }
                 std::thread::sleep(Duration::from_millis(10));
@@ -589,7 +600,7 @@ impl StealSampler {
         }
     }
 
-    fn stop(mut self) -> Vec<(Instant, Duration)> {
+    fn stop(mut self) -> Vec<StealSample> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.thread
             .take()
