@@ -311,7 +311,6 @@ impl Timeline {
     }
 }
 
-/// The single owner of the ring. Driven by [`Driver::turn`].
 /// A driver's place among the rings of a process (thread-per-core: `workers.rs`).
 enum Role {
     /// The process's only ring.
@@ -342,6 +341,7 @@ impl Role {
     }
 }
 
+/// The single owner of the ring. Driven by [`Driver::turn`].
 pub(crate) struct Driver {
     ring: IoUring,
     ops: Ops,

@@ -52,13 +52,8 @@ pub(crate) fn spawn(
     // in case this process runs with 0-2 closed).
     let child_end = sys::dup_cloexec_at_least(child_end.as_fd(), 10)?;
 
-    let mut actions = PosixSpawnFileActions::init()?;
-    actions.add_dup2(child_end.as_raw_fd(), CHILD_FD)?;
     let presize = presize_slot();
-    if let Some(slot) = presize {
-        actions.add_dup2(child_end.as_raw_fd(), slot)?;
-        actions.add_close(slot)?;
-    }
+    let actions = file_actions(child_end.as_raw_fd(), presize)?;
     let mut attr = PosixSpawnAttr::init()?;
     attr.set_flags(
         PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
@@ -95,8 +90,7 @@ pub(crate) fn spawn(
         Err(nix::errno::Errno::EBADF | nix::errno::Errno::EMFILE | nix::errno::Errno::ENOMEM)
             if presize.is_some() =>
         {
-            let mut actions = PosixSpawnFileActions::init()?;
-            actions.add_dup2(child_end.as_raw_fd(), CHILD_FD)?;
+            let actions = file_actions(child_end.as_raw_fd(), None)?;
             nix::spawn::posix_spawn(exe, &actions, &attr, &argv, &envp)?
         }
         other => other?,
@@ -120,6 +114,18 @@ pub(crate) fn spawn(
     })
 }
 
+/// What the child does before exec: `child_end` to fd 3, and, with a `presize` slot, a dup2
+/// to it then a close, which grows its fd table (see [`presize_slot`]).
+fn file_actions(child_end: RawFd, presize: Option<RawFd>) -> io::Result<PosixSpawnFileActions> {
+    let mut actions = PosixSpawnFileActions::init()?;
+    actions.add_dup2(child_end, CHILD_FD)?;
+    if let Some(slot) = presize {
+        actions.add_dup2(child_end, slot)?;
+        actions.add_close(slot)?;
+    }
+    Ok(actions)
+}
+
 /// The fd slot whose dup2 (then close) in the child, before exec, grows the child's fd table
 /// to the size of this process's, or `None` when there is nothing to gain or no safe slot.
 ///
@@ -136,9 +142,9 @@ pub(crate) fn spawn(
 /// fail). Table sizes are powers of two (64, then multiples of 128) and the kernel rounds a
 /// growth up to the next one, so a dup2 to slot S/2 gives exactly S slots under both of the
 /// rounding rules kernels have used, and the table keeps its size from generation to
-/// generation. The slot must be closed or close-on-exec
-/// here: the child's copy of a close-on-exec fd is closed at exec anyway, while an fd meant to
-/// be inherited must not be replaced.
+/// generation. The slot must be closed or close-on-exec here: the child's copy of a
+/// close-on-exec fd is closed at exec anyway, while an fd meant to be inherited must not be
+/// replaced.
 fn presize_slot() -> Option<RawFd> {
     const DEFAULT_TABLE: u64 = 64; // NR_OPEN_DEFAULT on 64-bit kernels: no growth below it
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

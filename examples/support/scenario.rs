@@ -601,6 +601,11 @@ impl StealSampler {
     }
 
     fn stop(mut self) -> Vec<StealSample> {
+        self.halt()
+    }
+
+    /// Stops the thread (once) and returns its samples.
+    fn halt(&mut self) -> Vec<StealSample> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.thread
             .take()
@@ -612,10 +617,7 @@ impl StealSampler {
 /// A row that ends early (a server that does not start) stops its sampler too.
 impl Drop for StealSampler {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.halt();
     }
 }
 

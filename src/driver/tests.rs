@@ -20,7 +20,7 @@ use super::Driver;
 const UPGRADE: UpgradeId = UpgradeId(0x5eed);
 const BOUND: Duration = Duration::from_secs(2);
 
-/// The test's stand-in for the old process: a ring made as the driver makes its own
+/// The test's stand-in for the old process: a ring made by the driver's own `new_ring`
 /// (SINGLE_ISSUER|DEFER_TASKRUN, so its accepts run only when this thread enters it), with a
 /// multishot accept on each listener, and its end of the handoff channel.
 struct Predecessor {
@@ -47,11 +47,7 @@ impl Predecessor {
             upgrade: UPGRADE,
             parent_pid: std::process::id(),
         });
-        let mut ring = IoUring::builder()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .build(8)
-            .unwrap();
+        let mut ring = super::new_ring().unwrap();
         for (i, fd) in listeners.iter().enumerate() {
             let accept = opcode::AcceptMulti::new(types::Fd(*fd))
                 .build()
