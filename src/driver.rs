@@ -662,9 +662,12 @@ impl Driver {
             self.finish();
             return Ok(self.exit);
         }
-        // Handling completions queued new SQEs (re-armed reads, cancels, the HELLO…). Submit
-        // them now: a runtime that sleeps on the notify eventfd after this turn would otherwise
-        // sleep with, say, the wake eventfd's read not armed, and miss the wake-up.
+        // Handling completions queued new SQEs (re-armed reads, cancels, the HELLO…) and may
+        // have moved the next deadline (a new phase, a timer that fired for a deadline since
+        // replaced). Arm it and submit now: a runtime that sleeps on the notify eventfd after
+        // this turn would otherwise sleep with, say, the wake eventfd's read or the start
+        // deadline not armed, and miss the wake-up.
+        self.arm_timer();
         if !self.ring.submission().is_empty() {
             if let Err(e) = self.ring.submit() {
                 if !matches!(

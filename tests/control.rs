@@ -12,6 +12,7 @@ use std::time::Duration;
 use common::{echo_binary, EchoOpts, EchoServer, Load};
 
 fn ctl(socket: &Path, command: &str) -> Output {
+    let _forking = common::forking();
     Command::new(echo_binary())
         .arg("ctl")
         .arg(socket)
@@ -109,6 +110,7 @@ fn control_socket_refuses_other_uids() {
     });
     // The test binary must be reachable for nobody, as the echo binary is (under target/).
     let as_nobody = || {
+        let _forking = common::forking();
         Command::new(echo_binary())
             .arg("ctl")
             .arg(&socket)

@@ -47,7 +47,7 @@ fn run_with(fd3: Option<OwnedFd>, upgrade_id: &str, feed: impl FnOnce()) -> Outp
             Ok(())
         });
     }
-    let child = cmd.spawn().expect("spawn echo");
+    let child = common::spawn(&mut cmd).expect("spawn echo");
     drop(fd3);
     feed();
     let deadline = Instant::now() + Duration::from_secs(15);

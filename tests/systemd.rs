@@ -116,6 +116,7 @@ fn socket_activation_adopts_the_systemd_socket() {
     let guard = common::ProcGuard::default();
     // systemd-socket-activate binds the address and execs the server with LISTEN_FDS=1 and
     // LISTEN_FDNAMES=echo0: if the server bound the port itself, it would fail (in use).
+    let forking = common::forking();
     let child = Command::new(activate)
         .arg("-l")
         .arg(addr.to_string())
@@ -130,6 +131,7 @@ fn socket_activation_adopts_the_systemd_socket() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    drop(forking);
     guard.track(child.id() as i32);
     let read_pid =
         || -> Option<i32> { std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok() };

@@ -373,13 +373,14 @@ fn child_inherits_exactly_one_fd() {
     let base_prefix = dir.join("baseline").display().to_string();
     let probe = dir.join("probe.sh");
     replace_file(&probe, fd_probe_script(&base_prefix).as_bytes(), 0o755);
-    let child = clean_command(&probe)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .env_remove("RINGFLIP_HANDOFF_FD")
-        .spawn()
-        .expect("spawn probe");
+    let child = common::spawn(
+        clean_command(&probe)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .env_remove("RINGFLIP_HANDOFF_FD"),
+    )
+    .expect("spawn probe");
     let probe_proc = Proc::of(child.id() as i32).expect("probe vanished");
     drop(child);
     let st = wait_exit(probe_proc, Duration::from_secs(10)).expect("probe script did not exit");

@@ -22,7 +22,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier, Mutex, Once, OnceLock};
+use std::sync::{Arc, Barrier, Mutex, Once, OnceLock, RwLock, RwLockReadGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -112,6 +112,36 @@ pub fn all_procs() -> Vec<Stat> {
 /// The processes whose parent is `pid` (any state, zombies included).
 pub fn children_of(pid: i32) -> Vec<Stat> {
     all_procs().into_iter().filter(|s| s.ppid == pid).collect()
+}
+
+/// Every thread of `pid`: tid, name, state, wait channel and kernel stack (root can read
+/// it), for the message of a test that found the process stuck.
+pub fn thread_dump(pid: i32) -> String {
+    let mut out = String::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("{pid}: gone\n");
+    };
+    let mut tids: Vec<i32> = tasks
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort();
+    for tid in tids {
+        let dir = format!("/proc/{pid}/task/{tid}");
+        let read = |f: &str| fs::read_to_string(format!("{dir}/{f}")).unwrap_or_default();
+        let state = read("stat")
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_string))
+            .unwrap_or_default();
+        out += &format!(
+            "thread {tid} {:?} state {state} wchan {}\n",
+            read("comm").trim(),
+            read("wchan").trim()
+        );
+        for line in read("stack").lines() {
+            out += &format!("    {line}\n");
+        }
+    }
+    out
 }
 
 /// The command line of a process, for messages.
@@ -451,11 +481,29 @@ pub fn example_binary(name: &str) -> PathBuf {
     bin
 }
 
+/// Taken shared around every fork of the test process and exclusively while an executable is
+/// open for writing. A child forked while another thread has a file open for writing holds
+/// that fd until its own exec (close-on-exec acts only then), and exec of the file meanwhile
+/// fails with ETXTBSY: seen as a failed spawn in one test while another wrote its binary.
+static EXEC_WRITE: RwLock<()> = RwLock::new(());
+
+/// Hold while spawning a child of the test process (see [`EXEC_WRITE`]).
+pub fn forking() -> RwLockReadGuard<'static, ()> {
+    EXEC_WRITE.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `cmd.spawn()` under [`forking`].
+pub fn spawn(cmd: &mut Command) -> io::Result<std::process::Child> {
+    let _forking = forking();
+    cmd.spawn()
+}
+
 /// Writes `contents` to `path` atomically: a new file beside it, then `rename` over `path`
 /// (a running binary is never written into).
 pub fn replace_file(path: &Path, contents: &[u8], mode: u32) {
     let tmp = path.with_extension("new");
     {
+        let _no_fork = EXEC_WRITE.write().unwrap_or_else(|e| e.into_inner());
         let mut f =
             fs::File::create(&tmp).unwrap_or_else(|e| panic!("create {}: {e}", tmp.display()));
         f.write_all(contents).unwrap();
@@ -574,8 +622,12 @@ impl EchoServer {
         let original = echo_binary();
         let dir = TempDir::new("echo");
         let bin = dir.path().join("echo");
-        fs::copy(&original, &bin)
-            .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", original.display(), bin.display()));
+        {
+            let _no_fork = EXEC_WRITE.write().unwrap_or_else(|e| e.into_inner());
+            fs::copy(&original, &bin).unwrap_or_else(|e| {
+                panic!("copy {} -> {}: {e}", original.display(), bin.display())
+            });
+        }
         let pid_file = dir.path().join("echo.pid");
         let log = dir.path().join("server.log");
         let addrs: Vec<SocketAddr> = (0..opts.listeners.max(1)).map(|_| free_port()).collect();
@@ -618,9 +670,7 @@ impl EchoServer {
             .stderr(logf)
             .current_dir(dir.path())
             .process_group(0);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        let child = spawn(&mut cmd).unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
         let pid = child.id() as i32;
         drop(child); // std's Child neither kills nor waits on drop; we reap ourselves.
 
@@ -765,13 +815,15 @@ impl EchoServer {
             if Instant::now() >= deadline {
                 panic!(
                     "upgrade of {} did not complete within {READY_BOUND:?} (pid file: {:?}); \
-                     children of old: {:?}\n--- server log ---\n{}",
+                     children of old: {:?}\n--- threads of the old process ---\n{}\
+                     --- server log ---\n{}",
                     old.describe(),
                     self.read_pid_file(),
                     children_of(old.pid)
                         .iter()
                         .map(|s| (s.pid, s.state, s.comm.clone()))
                         .collect::<Vec<_>>(),
+                    thread_dump(old.pid),
                     self.log_tail()
                 );
             }
