@@ -900,8 +900,133 @@ fn main() {
         group.finish();
     }
 
+    if let Some(rounds) = interleaved_rounds() {
+        interleaved_cpu(&mut servers, rounds);
+    }
+
     for h in servers.into_iter().flatten() {
         h.stop();
     }
     c.final_summary();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interleaved CPU ratios.
+
+/// Connections per loop and round in `server_cpu_interleaved` (one at a time, then as many in
+/// batches of `BATCH`).
+const ROUND_CONNS: u64 = 192;
+/// Rounds of `server_cpu_interleaved` in a full run (`RINGFLIP_CPU_ROUNDS` overrides it).
+const ROUNDS: usize = 60;
+
+/// How many rounds `server_cpu_interleaved` runs: 2 in criterion's `--test` mode, none when a
+/// benchmark filter is given that the name `server_cpu_interleaved` does not contain.
+fn interleaved_rounds() -> Option<usize> {
+    // Criterion's options that take a value: their value is not a filter.
+    const WITH_VALUE: &[&str] = &[
+        "--save-baseline",
+        "--baseline",
+        "--baseline-lenient",
+        "--load-baseline",
+        "--measurement-time",
+        "--warm-up-time",
+        "--sample-size",
+        "--nresamples",
+        "--noise-threshold",
+        "--confidence-level",
+        "--significance-level",
+        "--profile-time",
+        "--output-format",
+        "--plotting-backend",
+        "--color",
+        "--format",
+    ];
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut filter = None;
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        if WITH_VALUE.contains(&a.as_str()) {
+            i += 1;
+        } else if !a.starts_with('-') && filter.is_none() {
+            filter = Some(a.clone());
+        }
+        i += 1;
+    }
+    if filter.is_some_and(|f| !"server_cpu_interleaved".contains(f.as_str())) {
+        return None;
+    }
+    if args.iter().any(|a| a == "--test") {
+        return Some(2);
+    }
+    Some(
+        std::env::var("RINGFLIP_CPU_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(ROUNDS),
+    )
+}
+
+/// `q` (0..=1) of `v`, by nearest rank; `v` need not be sorted.
+fn quantile(v: &[f64], q: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Server CPU per connection of every loop, measured in short rounds that take the loops in
+/// turn (the order rotating from round to round), and each loop's ratio to tokio's and std's
+/// *within each round*: on a VM whose speed drifts over seconds (steal, the host's other
+/// guests), a ratio of two figures taken a minute apart measures the drift as much as the
+/// loops. Printed on stdout as the median over the rounds with the quartiles.
+fn interleaved_cpu(servers: &mut [Option<Harness>; KINDS.len()], rounds: usize) {
+    for kind in KINDS {
+        harness(servers, kind);
+    }
+    // [pattern][kind][round]: CPU ns per connection.
+    let mut per_conn = vec![vec![Vec::with_capacity(rounds); KINDS.len()]; 2];
+    for round in 0..rounds {
+        for k in 0..KINDS.len() {
+            let kind = KINDS[(k + round) % KINDS.len()];
+            let h = harness(servers, kind);
+            let one = h.cpu(ROUND_CONNS);
+            let batched = h.cpu_batched(ROUND_CONNS);
+            per_conn[0][kind as usize].push(one.as_nanos() as f64 / ROUND_CONNS as f64);
+            per_conn[1][kind as usize].push(batched.as_nanos() as f64 / ROUND_CONNS as f64);
+        }
+    }
+    println!(
+        "server_cpu_interleaved: {rounds} rounds; in each, every loop in turn (rotating order) \
+         takes {ROUND_CONNS} connections one at a time, then {ROUND_CONNS} in batches of \
+         {BATCH}; server CPU per connection, median over the rounds [quartiles], and the \
+         ratios of the same round"
+    );
+    for (pattern, name) in [(0, "one at a time"), (1, "batches of 32")] {
+        println!("  {name}:");
+        let rows = &per_conn[pattern];
+        for kind in KINDS {
+            let mine = &rows[kind as usize];
+            let ratio_to = |other: Kind| -> Vec<f64> {
+                mine.iter()
+                    .zip(&rows[other as usize])
+                    .map(|(a, b)| a / b)
+                    .collect()
+            };
+            let (to_tokio, to_std) = (ratio_to(Kind::Tokio), ratio_to(Kind::Std));
+            println!(
+                "    {:<22} {:>6.2} µs [{:.2}, {:.2}]   to tokio {:.2} [{:.2}, {:.2}]   to std \
+                 {:.2} [{:.2}, {:.2}]",
+                kind.name(),
+                quantile(mine, 0.5) / 1e3,
+                quantile(mine, 0.25) / 1e3,
+                quantile(mine, 0.75) / 1e3,
+                quantile(&to_tokio, 0.5),
+                quantile(&to_tokio, 0.25),
+                quantile(&to_tokio, 0.75),
+                quantile(&to_std, 0.5),
+                quantile(&to_std, 0.25),
+                quantile(&to_std, 0.75),
+            );
+        }
+    }
 }
