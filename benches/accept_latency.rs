@@ -65,6 +65,14 @@
 //!   is exactly the pause wanted. For tokio and std, "blocked in the per-connection code" is "not
 //!   calling accept".
 //!
+//! - `server_cpu_interleaved` (not a criterion group; printed on stdout at the end): the same
+//!   two CPU-per-connection figures, measured in 60 short rounds that take every loop in turn
+//!   (the order rotating), with each loop's ratio to tokio and to std taken *within* a round:
+//!   median over the rounds and quartiles. On a VM whose speed drifts over seconds, the ratio of
+//!   two criterion figures measured a minute apart carries the drift. 2 rounds with `--test`;
+//!   `RINGFLIP_CPU_ROUNDS=N` sets the count; a benchmark filter that the name does not contain
+//!   skips it.
+//!
 //! Also printed once per ringflip mode, on stderr, when a benchmark of that mode first runs: the
 //! heap allocations per accepted connection on that mode's server thread in steady state (a
 //! counting global allocator, with a thread-local flag set on ringflip's server threads only and
