@@ -423,6 +423,8 @@ impl Driver {
         driver.elders = elders;
         driver.udp = udp;
         driver.worker_listeners = worker_listeners;
+        // Before the first accept: a burst must not find the table full (see the function).
+        sys::grow_fd_table(driver.shared.wake.as_fd());
         for i in 0..driver.accepts.len() {
             driver.arm_accept(i);
         }

@@ -265,15 +265,66 @@ fn fd_table_slots(pid: i32) -> usize {
         .expect("an FDSize line")
 }
 
+/// This process's soft RLIMIT_NOFILE, raised to the hard limit first (the servers inherit it),
+/// so that a test can hold a few thousand connections.
+fn raise_nofile() -> u64 {
+    // SAFETY: rlimit is plain data; getrlimit fills it, setrlimit reads it.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur as u64
+    }
+}
+
+/// The fd table a server grows to before it serves: a full accept queue's worth of slots,
+/// `min(somaxconn, RLIMIT_NOFILE)`, so a burst does not grow it under load.
+fn first_table(nofile: u64) -> usize {
+    let somaxconn: u64 = fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096);
+    somaxconn.min(nofile) as usize
+}
+
+/// A first generation, before any connection, already has a table for a full accept queue
+/// (each growth of a multi-threaded process's table waits an RCU grace period: ~19 ms on the
+/// serving thread here, twice at the first 512-connection burst before this), and never more
+/// than its fd limit allows.
+#[test]
+fn first_generation_starts_with_a_table_for_a_full_accept_queue() {
+    let nofile = raise_nofile();
+    let server = EchoServer::start(EchoOpts::default());
+    let slots = fd_table_slots(server.pid());
+    let want = first_table(nofile);
+    assert!(
+        slots >= want && slots < 2 * want,
+        "a fresh server has {slots} fd slots; wanted {want} (somaxconn, nofile {nofile})"
+    );
+    server.stop();
+
+    let small = EchoServer::start(EchoOpts {
+        nofile: Some(1024),
+        ..EchoOpts::default()
+    });
+    let slots = fd_table_slots(small.pid());
+    assert_eq!(slots, 1024, "with RLIMIT_NOFILE 1024");
+    drop(small.open_conn(small.addr(), "still serving\n"));
+    small.stop();
+}
+
 /// The new process starts with an fd table as big as the old one's had become, so its first
-/// accepts under load do not grow it (each growth of a multi-threaded process's table waits
-/// an RCU grace period: 4-20 ms on the serving thread here). The old process's table grows
-/// with 300 connections, which then close: a child would otherwise get a table sized to the
-/// fds still open, 64 slots.
+/// accepts under load do not grow it. The old process's table grows past its start-up size
+/// with connections, which then close: a child would otherwise get a table sized to the fds
+/// still open, 64 slots (or its own start-up size).
 #[test]
 fn new_process_starts_with_the_old_fd_table_size() {
+    let nofile = raise_nofile();
     let server = EchoServer::start(EchoOpts::default());
-    let mut held: Vec<_> = (0..300)
+    let grow = first_table(nofile) + 100;
+    let mut held: Vec<_> = (0..grow)
         .map(|i| server.open_conn(server.addr(), &format!("grow-{i}\n")))
         .collect();
     held.truncate(5);
@@ -292,8 +343,8 @@ fn new_process_starts_with_the_old_fd_table_size() {
     );
     let old_slots = fd_table_slots(old);
     assert!(
-        old_slots >= 512,
-        "300 connections grew the table to {old_slots} slots only"
+        old_slots > first_table(nofile),
+        "{grow} connections grew the table to {old_slots} slots only"
     );
     let new = server.upgrade();
     let new_slots = fd_table_slots(new);
