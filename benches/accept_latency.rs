@@ -927,11 +927,16 @@ const ROUND_CONNS: u64 = 192;
 /// Rounds of `server_cpu_interleaved` in a full run (`RINGFLIP_CPU_ROUNDS` overrides it).
 const ROUNDS: usize = 60;
 
-/// How many rounds `server_cpu_interleaved` runs: 2 in criterion's `--test` mode, none when a
-/// benchmark filter is given that the name `server_cpu_interleaved` does not contain.
+/// How many rounds `server_cpu_interleaved` runs: 2 in criterion's test mode (`--test`, or no
+/// `--bench`, as under `cargo test --benches`), none with `--list` or `--ignored`, or when a
+/// benchmark filter is given that neither is part of the name `server_cpu_interleaved` nor
+/// mentions `interleaved` (criterion's filters are regexes; this is the plain-text subset).
 fn interleaved_rounds() -> Option<usize> {
     // Criterion's options that take a value: their value is not a filter.
     const WITH_VALUE: &[&str] = &[
+        "-s",
+        "-b",
+        "-c",
         "--save-baseline",
         "--baseline",
         "--baseline-lenient",
@@ -961,21 +966,29 @@ fn interleaved_rounds() -> Option<usize> {
         }
         i += 1;
     }
-    if filter.is_some_and(|f| !"server_cpu_interleaved".contains(f.as_str())) {
+    let has = |flag: &str| args.iter().any(|a| a == flag);
+    if has("--list") || has("--ignored") {
         return None;
     }
-    if args.iter().any(|a| a == "--test") {
+    if filter.is_some_and(|f| {
+        !"server_cpu_interleaved".contains(f.as_str()) && !f.contains("interleaved")
+    }) {
+        return None;
+    }
+    if has("--test") || !has("--bench") {
         return Some(2);
     }
     Some(
         std::env::var("RINGFLIP_CPU_ROUNDS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(ROUNDS),
+            .unwrap_or(ROUNDS)
+            .max(1),
     )
 }
 
-/// `q` (0..=1) of `v`, by nearest rank; `v` need not be sorted.
+/// `q` (0..=1) of `v` (not empty, need not be sorted): the element at rank `round(q·(n−1))`
+/// of the sorted values (for an even count the median is the upper of the middle two).
 fn quantile(v: &[f64], q: f64) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -1009,7 +1022,10 @@ fn interleaved_cpu(servers: &mut [Option<Harness>; KINDS.len()], rounds: usize) 
          {BATCH}; server CPU per connection, median over the rounds [quartiles], and the \
          ratios of the same round"
     );
-    for (pattern, name) in [(0, "one at a time"), (1, "batches of 32")] {
+    for (pattern, name) in [
+        (0, "one at a time".to_string()),
+        (1, format!("batches of {BATCH}")),
+    ] {
         println!("  {name}:");
         let rows = &per_conn[pattern];
         for kind in KINDS {

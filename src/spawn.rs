@@ -138,11 +138,9 @@ fn file_actions(child_end: RawFd, presize: Option<RawFd>) -> io::Result<PosixSpa
 /// stopped accepting. In the child the table is not shared yet, so growing it there needs no
 /// grace period, and exec keeps an unshared table whatever its size.
 ///
-/// The slot is half this process's table size (and below `RLIMIT_NOFILE`, or the dup2 would
-/// fail). Table sizes are powers of two (64, then multiples of 128) and the kernel rounds a
-/// growth up to the next one, so a dup2 to slot S/2 gives exactly S slots under both of the
-/// rounding rules kernels have used, and the table keeps its size from generation to
-/// generation. The slot must be closed or close-on-exec here: the child's copy of a
+/// The slot is half this process's table size, [`sys::table_growth_slot`] (and below
+/// `RLIMIT_NOFILE`, or the dup2 would fail): a dup2 to slot S/2 gives exactly S slots, so the
+/// table keeps its size from generation to generation. The slot must be closed or close-on-exec here: the child's copy of a
 /// close-on-exec fd is closed at exec anyway, while an fd meant to be inherited must not be
 /// replaced.
 fn presize_slot() -> Option<RawFd> {
@@ -152,9 +150,12 @@ fn presize_slot() -> Option<RawFd> {
     let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .ok()?
         .0;
-    let slot = (slots / 2).min(limit.checked_sub(1)?);
-    if slot < DEFAULT_TABLE {
+    if slots <= DEFAULT_TABLE {
         return None;
+    }
+    let slot = sys::table_growth_slot(slots).min(limit.checked_sub(1)?);
+    if slot < DEFAULT_TABLE {
+        return None; // the limit leaves no room to grow
     }
     let slot = RawFd::try_from(slot).ok()?;
     // SAFETY: F_GETFD only reads the flags of whatever is (or is not) at `slot`.

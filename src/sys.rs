@@ -205,35 +205,39 @@ pub(crate) fn somaxconn() -> i32 {
         .unwrap_or(4096)
 }
 
+/// The fd whose `dup` grows a table to at least `slots` slots: kernels size fd tables in powers
+/// of two (from 64, then in 128-slot steps under the older rule), and growing to cover fd N
+/// makes `roundup_pow_of_two(N + 1)` slots, so half the power of two at or above `slots` gives
+/// exactly that power of two under both rules.
+pub(crate) fn table_growth_slot(slots: u64) -> u64 {
+    slots.max(128).next_power_of_two() / 2
+}
+
 /// Grows this process's fd table, once, to hold a full accept queue: at least
 /// `min(somaxconn, RLIMIT_NOFILE)` slots. A burst of connections grows a 64-slot table
 /// 64 → 128 → … as accepts fill it, and in a multi-threaded process each growth waits for an
 /// RCU grace period on the accepting thread (`expand_files`; traced at ~19 ms each on this VM
 /// under a 512-connection burst). Here it costs that wait once, before serving. A successor's
-/// table is already this size (the spawn grows it before exec, see `spawn::presize_slot`), so
-/// for it this is one `fcntl` and one `close`.
+/// table is already this size or bigger (the spawn grows it before exec, see
+/// `spawn::presize_slot`), so for it this is one `fcntl` and one `close`.
 ///
 /// `F_DUPFD_CLOEXEC` takes the lowest *free* fd at or above the slot, so no open fd is
-/// touched; the table grows to cover it (kernels size tables in powers of two of 128-slot
-/// units, so slot S/2 gives S slots). Best effort: any failure leaves the table as it is.
+/// touched. Best effort: with a limit too low for the slot, the table stays as it is.
 pub(crate) fn grow_fd_table(probe: BorrowedFd<'_>) {
     let Ok((soft, _)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
     else {
         return;
     };
-    let slots = (somaxconn().max(0) as u64).min(soft);
-    let Ok(slot) = libc::c_int::try_from(slots / 2) else {
+    let want = (somaxconn().max(0) as u64).min(soft);
+    let slot = table_growth_slot(want);
+    if slot < 64 || slot >= soft {
+        return; // a default table has 64 slots; dup cannot reach the slot under this limit
+    }
+    let Ok(slot) = RawFd::try_from(slot) else {
         return;
     };
-    if slot < 64 {
-        return; // a default table has 64 slots
-    }
-    // SAFETY: F_DUPFD_CLOEXEC on a borrowed fd makes a new fd that only this function owns.
-    let fd = unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_DUPFD_CLOEXEC, slot) };
-    if fd >= 0 {
-        // SAFETY: `fd` was just made above and nobody else knows it.
-        drop(unsafe { OwnedFd::from_raw_fd(fd) });
-    }
+    // Dropped at once: only the table's growth is wanted.
+    let _ = dup_cloexec_at_least(probe, slot);
 }
 
 /// `kill(pid, sig)`; `ESRCH` (already gone) is not an error.

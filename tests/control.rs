@@ -12,13 +12,13 @@ use std::time::Duration;
 use common::{echo_binary, EchoOpts, EchoServer, Load};
 
 fn ctl(socket: &Path, command: &str) -> Output {
-    let _forking = common::forking();
-    Command::new(echo_binary())
-        .arg("ctl")
-        .arg(socket)
-        .arg(command)
-        .output()
-        .expect("running echo ctl")
+    common::output(
+        Command::new(echo_binary())
+            .arg("ctl")
+            .arg(socket)
+            .arg(command),
+    )
+    .expect("running echo ctl")
 }
 
 fn stdout(o: &Output) -> String {
@@ -110,15 +110,15 @@ fn control_socket_refuses_other_uids() {
     });
     // The test binary must be reachable for nobody, as the echo binary is (under target/).
     let as_nobody = || {
-        let _forking = common::forking();
-        Command::new(echo_binary())
-            .arg("ctl")
-            .arg(&socket)
-            .arg("upgrade")
-            .uid(65534)
-            .gid(65534)
-            .output()
-            .expect("running echo ctl as nobody")
+        common::output(
+            Command::new(echo_binary())
+                .arg("ctl")
+                .arg(&socket)
+                .arg("upgrade")
+                .uid(65534)
+                .gid(65534),
+        )
+        .expect("running echo ctl as nobody")
     };
     // Mode 0600: nobody cannot even connect.
     let out = as_nobody();

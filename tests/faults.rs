@@ -359,10 +359,10 @@ impl Probe {
                         seq += 1;
                         let t0 = Instant::now();
                         let r = echo_once(addr, &format!("P{t}-{seq}\n"), secs(3), secs(3));
-                        if r.is_err() {
+                        out.push((t0, Instant::now(), r));
+                        if out.last().is_some_and(|s| s.2.is_err()) {
                             thread::sleep(ms(5));
                         }
-                        out.push((t0, Instant::now(), r));
                         thread::sleep(ms(3));
                     }
                     out

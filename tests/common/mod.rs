@@ -498,6 +498,14 @@ pub fn spawn(cmd: &mut Command) -> io::Result<std::process::Child> {
     cmd.spawn()
 }
 
+/// `cmd.output()`, spawned under [`forking`] (held only for the spawn, not the run).
+pub fn output(cmd: &mut Command) -> io::Result<std::process::Output> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    spawn(cmd)?.wait_with_output()
+}
+
 /// Writes `contents` to `path` atomically: a new file beside it, then `rename` over `path`
 /// (a running binary is never written into).
 pub fn replace_file(path: &Path, contents: &[u8], mode: u32) {
