@@ -141,6 +141,21 @@ pub fn thread_dump(pid: i32) -> String {
             out += &format!("    {line}\n");
         }
     }
+    // The rings' state: SQ/CQ heads and tails, pending completions, armed polls.
+    if let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) {
+        for e in fds.flatten() {
+            let is_ring =
+                fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("io_uring"));
+            if is_ring {
+                let fd = e.file_name().to_string_lossy().into_owned();
+                let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"));
+                out += &format!("io_uring fd {fd}:\n");
+                for line in info.unwrap_or_default().lines().take(60) {
+                    out += &format!("    {line}\n");
+                }
+            }
+        }
+    }
     out
 }
 
