@@ -6,7 +6,9 @@ mod common;
 
 use std::net::UdpSocket;
 use std::os::unix::fs::MetadataExt;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::{EchoOpts, EchoServer};
 
@@ -24,6 +26,30 @@ fn udp_socket_answers_across_upgrades() {
     client
         .set_read_timeout(Some(Duration::from_secs(2)))
         .unwrap();
+    // Meanwhile, datagrams back to back through every upgrade: each must be answered, also
+    // when the old process read it just before its exit.
+    let stop = Arc::new(AtomicBool::new(false));
+    let background = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let (mut ok, mut lost) = (0u32, Vec::new());
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut i = 0u32;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                i += 1;
+                let msg = format!("background {i}");
+                sock.send_to(msg.as_bytes(), udp_addr).unwrap();
+                let mut buf = [0u8; 256];
+                match sock.recv_from(&mut buf) {
+                    Ok((n, _)) if &buf[..n] == msg.as_bytes() => ok += 1,
+                    other => lost.push(format!("{msg}: {other:?}")),
+                }
+            }
+            (ok, lost)
+        })
+    };
     let mut answered = 0;
     let mut sent = 0;
     for round in 0..4 {
@@ -42,6 +68,20 @@ fn udp_socket_answers_across_upgrades() {
         }
     }
     assert_eq!(answered, sent);
+    // Two more upgrades under the background datagrams alone.
+    for _ in 0..2 {
+        server.upgrade();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (ok, lost) = background.join().unwrap();
+    assert!(
+        lost.is_empty(),
+        "{} of {} background datagrams lost: {lost:?}",
+        lost.len(),
+        ok as usize + lost.len()
+    );
+    assert!(ok > 0);
     let log = server.log_tail();
     assert!(!log.contains("cannot bind"), "{log}");
     server.stop();

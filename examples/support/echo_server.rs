@@ -201,15 +201,37 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
             }
         });
     }
-    // UDP: echo each datagram back, on a thread of its own.
+    // UDP: echo each datagram back, on a thread of its own. The socket is shared with the
+    // next generation, so until this process exits both read from it: a datagram this one has
+    // read must still be answered, so the thread is stopped and joined before the exit (it
+    // wakes every 50 ms to look), not killed with the process between its read and its reply.
+    let udp_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut udp_threads = Vec::new();
     for i in 0..args.udp.len() {
         if let Some(Ok(sock)) = server.udp_socket(&format!("udp{i}")) {
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 2048];
-                while let Ok((n, from)) = sock.recv_from(&mut buf) {
-                    let _ = sock.send_to(&buf[..n], from);
+            let stop = udp_stop.clone();
+            udp_threads.push(std::thread::spawn(move || {
+                if let Err(e) = sock.set_read_timeout(Some(Duration::from_millis(50))) {
+                    tracing::error!(error = %e, "UDP socket timeout");
+                    return;
                 }
-            });
+                let mut buf = [0u8; 2048];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match sock.recv_from(&mut buf) {
+                        Ok((n, from)) => {
+                            let _ = sock.send_to(&buf[..n], from);
+                        }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock
+                                    | std::io::ErrorKind::TimedOut
+                                    | std::io::ErrorKind::Interrupted
+                            ) => {}
+                        Err(_) => break,
+                    }
+                }
+            }));
         }
     }
     // --pass-file: an open file handed from generation to generation as a raw fd; each
@@ -329,6 +351,10 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
             std::thread::spawn(move || echo_blocking(conn));
         }),
     };
+    udp_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for thread in udp_threads {
+        let _ = thread.join();
+    }
     match result {
         Ok(exit) => {
             tracing::info!(?exit, "exiting");
