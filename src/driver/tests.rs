@@ -1,6 +1,7 @@
 //! The driver as a successor, with the test playing its predecessor in the same process: the
 //! predecessor's side is a bare ring and the handoff channel, so each step happens exactly when
-//! the test says.
+//! the test says. In the last test the driver also has a successor, a real process whose end
+//! of the channel the test answers on.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -199,5 +200,109 @@ fn connections_stranded_on_a_workers_listener_are_served_after_release() {
         delivered.len(),
         CONNS,
         "connections queued while the predecessor let go, not taken within {BOUND:?}"
+    );
+}
+
+/// A successor's end of the handoff channel, taken from the real process the driver spawned
+/// (`pidfd_getfd` of its fd 3), so that the test can answer for it.
+fn successor_channel(pid: u32) -> OwnedFd {
+    let pidfd = crate::sys::pidfd_open(pid).unwrap();
+    // SAFETY: plain syscall with integer arguments; on success the fd is new and ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), 3, 0) };
+    assert!(fd >= 0, "pidfd_getfd: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
+    unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as RawFd) }
+}
+
+/// SIGKILLs and reaps a child of this process when dropped (also when the test fails).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = crate::sys::kill(self.0, libc::SIGKILL);
+        // SAFETY: reaping our own child, which SIGKILL ends promptly.
+        unsafe { libc::waitpid(self.0 as libc::pid_t, std::ptr::null_mut(), 0) };
+    }
+}
+
+/// Receives one message on `channel` (bounded), dropping any fds it carries.
+fn recv_message(channel: &OwnedFd) -> Message {
+    crate::sys::set_recv_timeout(channel.as_fd(), Duration::from_secs(5)).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = nix::sys::socket::recv(channel.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+    Message::decode(&buf[..n]).unwrap()
+}
+
+/// Three generations: an elder (the test's predecessor stand-in) that has not let go yet, the
+/// driver under test, and its successor, which sends READY at once (an upgrade that came
+/// before the elder noticed the driver's own READY). The driver lets go and tells its
+/// successor (RELEASED); the elder's accepts are still ahead of the successor's in the queue.
+/// When the elder lets go, the driver must forward that RELEASED, so that the successor sweeps
+/// the queue again: a connection whose wake-up the elder spent is otherwise stranded.
+#[test]
+fn an_elders_release_is_forwarded_to_the_successor() {
+    let mut server = tcp_server(1);
+    let listener = server.listeners[0].fd.as_raw_fd();
+    let mut elder = Predecessor::adopt(&mut server, &[listener]);
+    // The successor is a real process (so that its exit watch and pid are real) that only
+    // holds its end of the channel; the test answers on that end.
+    server.config.exe = "/bin/sleep".into();
+    server.config.args = vec!["sleep".into(), "30".into()];
+    let mut driver = without_takeover(Driver::new(server).unwrap());
+    elder.expect_ready();
+    // A live connection keeps the driver draining (alive) after it lets go.
+    driver
+        .shared
+        .live
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+
+    driver.request_upgrade(crate::machine::Requester::Signal);
+    let deadline = Instant::now() + BOUND;
+    while driver.successor.is_none() && Instant::now() < deadline {
+        driver.turn(false, &mut |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let pid = driver.successor.as_ref().expect("no successor started").pid;
+    let _successor = KillOnDrop(pid);
+    let channel = successor_channel(pid);
+    let upgrade = match recv_message(&channel) {
+        Message::Hello { upgrade, .. } => upgrade,
+        other => panic!("expected HELLO, got {other:?}"),
+    };
+    let ready = Message::Ready(upgrade).encode().unwrap();
+    crate::sys::send_nonblocking(channel.as_fd(), &ready).unwrap();
+
+    // The driver's own let-go.
+    let deadline = Instant::now() + BOUND;
+    while !driver.stop_reported && Instant::now() < deadline {
+        driver.turn(false, &mut |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        driver.stop_reported,
+        "the driver did not let go after READY"
+    );
+    assert_eq!(recv_message(&channel), Message::Released(upgrade));
+
+    // The elder lets go; the driver must pass it on.
+    elder.let_go();
+    let deadline = Instant::now() + BOUND;
+    crate::sys::set_recv_timeout(channel.as_fd(), Duration::from_millis(1)).unwrap();
+    let mut forwarded = None;
+    while forwarded.is_none() && Instant::now() < deadline {
+        driver.turn(false, &mut |_| {}).unwrap();
+        let mut buf = [0u8; 256];
+        if let Ok(n) = nix::sys::socket::recv(channel.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            forwarded = Some(Message::decode(&buf[..n]).unwrap());
+        }
+    }
+    driver
+        .shared
+        .live
+        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        forwarded,
+        Some(Message::Released(upgrade)),
+        "the elder's RELEASED was not forwarded to the successor within {BOUND:?}"
     );
 }
