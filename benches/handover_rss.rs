@@ -12,7 +12,8 @@
 //! until the new process's READY — and, for comparison, the time a `fork` takes
 //! (`std::process::Command` with a `pre_exec` hook, which forces a fork; returns once the
 //! child exists). No load runs: this isolates what the old process's size costs. The new
-//! process does nothing but adopt the listener, send READY and stop.
+//! process does nothing but adopt the listener, send READY and wait for a SIGTERM, sent once the
+//! old server has exited.
 
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
@@ -90,18 +91,23 @@ fn handover() -> Duration {
     let new_pid = handle.upgrade().expect("the handover");
     let took = t0.elapsed();
     serving.join().expect("the old server");
+    // Only now: a new process that died while the old server still drained would (rightly)
+    // make the old one serve again, and this join would never return (seen once in CI, when
+    // the new process stopped by itself right after READY).
+    // SAFETY: plain syscall on our own child, not reaped yet.
+    unsafe { libc::kill(new_pid as libc::pid_t, libc::SIGTERM) };
     wait(new_pid);
     took
 }
 
-/// The new process: adopt the listener, say READY (`run` does, first thing), stop.
+/// The new process: adopt the listener, say READY (`run` does, first thing), serve until the
+/// SIGTERM that follows the old server's exit.
 fn new_process() {
     let server = ringflip::Server::builder()
         .listen_tcp("h", "127.0.0.1:0".parse().unwrap())
         .drain_timeout(Duration::from_secs(5))
         .build()
         .expect("adopting the listener");
-    server.handle().shutdown();
     server.run(drop).expect("serving");
 }
 
