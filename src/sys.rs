@@ -230,8 +230,8 @@ pub(crate) fn grow_fd_table(probe: BorrowedFd<'_>) {
     };
     let want = (somaxconn().max(0) as u64).min(soft);
     let slot = table_growth_slot(want);
-    if slot < 64 || slot >= soft {
-        return; // a default table has 64 slots; dup cannot reach the slot under this limit
+    if slot >= soft {
+        return; // dup cannot reach the slot under this limit
     }
     let Ok(slot) = RawFd::try_from(slot) else {
         return;

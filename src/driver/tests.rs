@@ -65,11 +65,7 @@ impl Predecessor {
     }
 
     fn expect_ready(&self) {
-        crate::sys::set_recv_timeout(self.channel.as_fd(), Duration::from_secs(5)).unwrap();
-        let mut buf = [0u8; 64];
-        let n =
-            nix::sys::socket::recv(self.channel.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
-        assert_eq!(Message::decode(&buf[..n]).unwrap(), Message::Ready(UPGRADE));
+        assert_eq!(recv_message(&self.channel), Message::Ready(UPGRADE));
     }
 
     /// Lets go as the driver does: cancels its accepts (submitted on their own, so no deferred

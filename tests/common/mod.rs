@@ -22,7 +22,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier, Mutex, Once, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Barrier, Mutex, Once, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -507,6 +507,11 @@ pub fn forking() -> RwLockReadGuard<'static, ()> {
     EXEC_WRITE.read().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Hold while an executable is open for writing (see [`EXEC_WRITE`]).
+fn writing_executable() -> RwLockWriteGuard<'static, ()> {
+    EXEC_WRITE.write().unwrap_or_else(|e| e.into_inner())
+}
+
 /// `cmd.spawn()` under [`forking`].
 pub fn spawn(cmd: &mut Command) -> io::Result<std::process::Child> {
     let _forking = forking();
@@ -526,7 +531,7 @@ pub fn output(cmd: &mut Command) -> io::Result<std::process::Output> {
 pub fn replace_file(path: &Path, contents: &[u8], mode: u32) {
     let tmp = path.with_extension("new");
     {
-        let _no_fork = EXEC_WRITE.write().unwrap_or_else(|e| e.into_inner());
+        let _no_fork = writing_executable();
         let mut f =
             fs::File::create(&tmp).unwrap_or_else(|e| panic!("create {}: {e}", tmp.display()));
         f.write_all(contents).unwrap();
@@ -646,7 +651,7 @@ impl EchoServer {
         let dir = TempDir::new("echo");
         let bin = dir.path().join("echo");
         {
-            let _no_fork = EXEC_WRITE.write().unwrap_or_else(|e| e.into_inner());
+            let _no_fork = writing_executable();
             fs::copy(&original, &bin).unwrap_or_else(|e| {
                 panic!("copy {} -> {}: {e}", original.display(), bin.display())
             });
