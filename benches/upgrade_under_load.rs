@@ -42,7 +42,9 @@
 //! and `steal1` the same for CPU 1, the load generator's (a client that loses its CPU starts
 //! its connections late, which counts as latency too).
 //! After the rows: the slowest connection of each upgrade's window, as a median over the
-//! upgrades (a row's p99.9 often comes from one or two stalled upgrades). Server on CPU 0
+//! upgrades (a row's p99.9 often comes from one or two stalled upgrades), and those slowest
+//! connections sorted by what the VM did to them while they were open: CPU 0 or CPU 1 taken by
+//! the host, or the client late to start them (`Outcome::window_worst`). Server on CPU 0
 //! (unless `--unpinned-server`), load generator on CPU 1.
 
 use std::process::ExitCode;
@@ -73,6 +75,8 @@ const EXTRA: [&str; 1] = ["ecdysis-burst-only"];
 
 /// Accept rings of the `ringflip-workers` row (`Builder::workers`, thread-per-core).
 const WORKERS: usize = 2;
+/// The issue's bound on a window's slowest connection; windows at or above it are attributed.
+const SLOW: Duration = Duration::from_millis(10);
 
 struct Opts {
     upgrades: usize,
@@ -278,6 +282,7 @@ fn main() -> ExitCode {
             out.handover_window(),
             out.window_max_per_upgrade(),
             out.steal_in_and_out_of_windows(),
+            out.window_worst(),
         ));
         if out.ok() {
             let _ = std::fs::remove_dir_all(&out.dir);
@@ -289,7 +294,7 @@ fn main() -> ExitCode {
          VM's own stalls dominate):",
         scenario::HANDOVER_WINDOW.as_millis()
     );
-    for (kind, st, _, _) in &handover_windows {
+    for (kind, st, _, _, _) in &handover_windows {
         println!(
             "  {kind:<16} p99 {:>7.3}ms  p99.9 {:>7.3}ms  max {:>7.3}ms  ({} conns)",
             ms(st.p99),
@@ -304,7 +309,7 @@ fn main() -> ExitCode {
          this VM's host moves a row's p99.9, not the median):",
         scenario::WINDOW.as_millis()
     );
-    for (kind, _, maxima, (steal_in, steal_out)) in &handover_windows {
+    for (kind, _, maxima, (steal_in, steal_out), _) in &handover_windows {
         let at = |i: usize| maxima.get(i).copied().unwrap_or_default();
         let n = maxima.len();
         println!(
@@ -316,6 +321,46 @@ fn main() -> ExitCode {
             ms(at(n.saturating_sub(1))),
             steal_in.as_millis(),
             steal_out.as_millis(),
+        );
+    }
+    println!();
+    println!(
+        "the same slowest connections, by what this VM did to them while they were open: the host \
+         took CPU 0 (server) or CPU 1 (client) (10 ms ticks), or the client started late (≥ 1 ms); \
+         'undisturbed' is none of these:"
+    );
+    for (kind, _, _, _, worst) in &handover_windows {
+        let slow: Vec<_> = worst.iter().filter(|w| w.latency >= SLOW).collect();
+        let by = |f: &dyn Fn(&scenario::WorstConn) -> bool| slow.iter().filter(|w| f(w)).count();
+        let cpu0 = by(&|w| !w.stolen[0].is_zero());
+        let cpu1 = by(&|w| w.stolen[0].is_zero() && !w.stolen[1].is_zero());
+        let late = by(&|w| w.stolen == [Duration::ZERO; 2] && w.disturbed());
+        let mut quiet: Vec<Duration> = worst
+            .iter()
+            .filter(|w| !w.disturbed())
+            .map(|w| w.latency)
+            .collect();
+        quiet.sort_unstable();
+        let unexplained: Vec<String> = slow
+            .iter()
+            .filter(|w| !w.disturbed())
+            .map(|w| format!("{:.1}", ms(w.latency)))
+            .collect();
+        println!(
+            "  {kind:<16} ≥ {} ms: {} of {} (CPU 0 stolen {cpu0}, only CPU 1 {cpu1}, only client \
+             late {late}, undisturbed {}{}); undisturbed windows {}: median {:.3}ms, slowest {:.3}ms",
+            SLOW.as_millis(),
+            slow.len(),
+            worst.len(),
+            unexplained.len(),
+            if unexplained.is_empty() {
+                String::new()
+            } else {
+                format!(": {} ms", unexplained.join(", "))
+            },
+            quiet.len(),
+            ms(quiet.get(quiet.len() / 2).copied().unwrap_or_default()),
+            ms(quiet.last().copied().unwrap_or_default()),
         );
     }
     for (kind, timelines) in &timelines {

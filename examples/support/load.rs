@@ -75,11 +75,23 @@ pub enum Kind {
     Other,
 }
 
-/// One finished short connection: when it was scheduled, how long it took, or how it failed.
+/// One finished short connection: when it was scheduled, when its `connect()` began, how long it
+/// took from the schedule, or how it failed.
 #[derive(Clone, Copy, Debug)]
 pub struct Sample {
     pub scheduled: Instant,
+    /// When this client called `connect()`: later than `scheduled` by the client's own lateness
+    /// (its CPU taken by the host, or the loop busy with other connections), which no server
+    /// can be blamed for but which counts in the latency all the same.
+    pub connect_at: Instant,
     pub result: Result<Duration, Kind>,
+}
+
+impl Sample {
+    /// How late the client was to start this connection.
+    pub fn client_lag(&self) -> Duration {
+        self.connect_at.saturating_duration_since(self.scheduled)
+    }
 }
 
 /// Everything a run measured.
@@ -223,6 +235,8 @@ struct Conn {
     state: State,
     /// When the current exchange was scheduled (latency is measured from here).
     scheduled: Instant,
+    /// When its `connect()` began.
+    connect_at: Instant,
     deadline: Instant,
     expect: Vec<u8>,
     got: Vec<u8>,
@@ -444,6 +458,7 @@ fn run(config: LoadConfig, stop: &AtomicBool, burst: &AtomicUsize) -> LoadReport
                     } else {
                         report.samples.push(Sample {
                             scheduled: c.scheduled,
+                            connect_at: c.connect_at,
                             result: Ok(latency),
                         });
                         close(ep, &mut conns, fd);
@@ -478,6 +493,7 @@ fn start_short(
             report.failures.add(kind);
             report.samples.push(Sample {
                 scheduled,
+                connect_at: Instant::now(),
                 result: Err(kind),
             });
             note(report, format!("connect: {e}"));
@@ -493,6 +509,7 @@ fn open(
     long_lived: bool,
 ) -> io::Result<Conn> {
     let (domain, addr, len) = sockaddr(config.addr);
+    let connect_at = Instant::now();
     // SAFETY: plain syscall.
     let fd = unsafe {
         libc::socket(
@@ -525,6 +542,7 @@ fn open(
         fd,
         state: State::Connecting,
         scheduled,
+        connect_at,
         deadline: now.max(scheduled) + config.timeout,
         expect: format!("conn-{seq}\n").into_bytes(),
         got: Vec::new(),
@@ -550,6 +568,7 @@ fn fail(
         report.failures.add(kind);
         report.samples.push(Sample {
             scheduled: c.scheduled,
+            connect_at: c.connect_at,
             result: Err(kind),
         });
         note(report, why);

@@ -204,6 +204,44 @@ impl Outcome {
         v.sort_unstable();
         v
     }
+    /// Each upgrade window's slowest successful connection, with what this VM did to it: how
+    /// late the client was to start it, and how much time the host took from CPU 0 (the
+    /// server's) and CPU 1 (the client's) while it was open. In upgrade order.
+    pub fn window_worst(&self) -> Vec<WorstConn> {
+        self.rows
+            .iter()
+            .filter_map(|r| {
+                let worst = self
+                    .report
+                    .samples
+                    .iter()
+                    .filter(|s| s.scheduled >= r.at && s.scheduled < r.at + WINDOW)
+                    .filter_map(|s| Some((s, s.result.ok()?)))
+                    .max_by_key(|(_, latency)| *latency)?;
+                let (sample, latency) = worst;
+                let stolen = self.steal_between(sample.scheduled, sample.scheduled + latency);
+                Some(WorstConn {
+                    latency,
+                    client_lag: sample.client_lag(),
+                    stolen,
+                })
+            })
+            .collect()
+    }
+    /// Steal time of CPUs 0 and 1 between two instants, from the 10 ms samples: from the last
+    /// sample at or before `from` to the first at or after `to`, so it may count up to one
+    /// sampling period more on either side, never less. `/proc/stat` counts in 10 ms ticks, so a
+    /// zero means "under 10 ms", not "nothing".
+    fn steal_between(&self, from: Instant, to: Instant) -> [Duration; 2] {
+        let s = &self.steal_samples;
+        if s.is_empty() {
+            return [Duration::ZERO; 2];
+        }
+        let first = s.partition_point(|x| x.0 <= from).saturating_sub(1);
+        let last = s.partition_point(|x| x.0 < to).min(s.len() - 1);
+        let (a, b) = (s[first].1, s[last].1);
+        [b[0].saturating_sub(a[0]), b[1].saturating_sub(a[1])]
+    }
     /// CPU 0's steal time inside the upgrade windows and outside them. At the default 1 s
     /// interval the windows are half of each interval; outside also covers the first interval
     /// and the last 500 ms, about 1.5 s more in a 20-upgrade row. Each 10 ms sample's increase
@@ -546,6 +584,25 @@ fn wait_all_gone(pids: &[u32], timeout: Duration) -> bool {
     }
 }
 
+/// An upgrade window's slowest connection and what this VM did to it ([`Outcome::window_worst`]).
+#[derive(Clone, Copy, Debug)]
+pub struct WorstConn {
+    /// From its scheduled start to the checked reply.
+    pub latency: Duration,
+    /// How late the client was to call `connect()`.
+    pub client_lag: Duration,
+    /// Steal time of CPUs 0 (server) and 1 (client) while it was open, in 10 ms ticks.
+    pub stolen: [Duration; 2],
+}
+
+impl WorstConn {
+    /// Whether the host took either CPU while it was open, or the client started it late by a
+    /// millisecond or more: a slow connection this VM can account for.
+    pub fn disturbed(&self) -> bool {
+        self.stolen.iter().any(|d| !d.is_zero()) || self.client_lag >= Duration::from_millis(1)
+    }
+}
+
 /// When, and CPUs 0 and 1's steal time so far.
 pub type StealSample = (Instant, [Duration; 2]);
 
@@ -652,13 +709,13 @@ impl Drop for AffinityRestore {
     }
 }
 
-/// Writes every sample as `upgrade,offset_us,latency_us` (offset of its scheduled start from the
+/// Writes every sample as `upgrade,offset_us,latency_us,client_lag_us` (offset of its scheduled start from the
 /// latest trigger before it; upgrade -1 before the first; latency -1 when it failed), for
 /// looking at where in a window the slow connections were. `RINGFLIP_DUMP_SAMPLES=PREFIX` writes
 /// `PREFIX<strategy><serve args>.csv` per server, and a copy of its log beside it (`.log`).
 fn dump_samples(path: &Path, rows: &[UpgradeRow], report: &LoadReport) {
     use std::fmt::Write as _;
-    let mut out = String::from("upgrade,offset_us,latency_us\n");
+    let mut out = String::from("upgrade,offset_us,latency_us,client_lag_us\n");
     for s in &report.samples {
         let i = rows.partition_point(|r| r.at <= s.scheduled);
         let (upgrade, offset) = match i.checked_sub(1) {
@@ -666,7 +723,8 @@ fn dump_samples(path: &Path, rows: &[UpgradeRow], report: &LoadReport) {
             None => (-1, 0),
         };
         let latency = s.result.map_or(-1, |d| d.as_micros() as i64);
-        let _ = writeln!(out, "{upgrade},{offset},{latency}");
+        let lag = s.client_lag().as_micros();
+        let _ = writeln!(out, "{upgrade},{offset},{latency},{lag}");
     }
     if let Err(e) = std::fs::write(path, out) {
         eprintln!("writing {}: {e}", path.display());
