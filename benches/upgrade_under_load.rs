@@ -170,8 +170,8 @@ fn main() -> ExitCode {
         }
     );
     println!(
-        "{:<16} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7}",
-        "server", "conns", "failed", "refused", "reset", "eof", "tmout", "pings✗",
+        "{:<16} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>6} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7}",
+        "server", "conns", "failed", "refused", "reset", "eof", "tmout", "wrong", "other", "pings✗",
         "handover", "p50", "p99", "p99.9", "win p99", "win p99.9", "win max", "cpu%", "steal0", "steal1"
     );
     let mut all_ok = true;
@@ -240,7 +240,7 @@ fn main() -> ExitCode {
         let f = &r.failures;
         let (st, w) = (out.steady(), out.window());
         println!(
-            "{:<16} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>6.2}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>6.1}% {:>5}ms {:>5}ms",
+            "{:<16} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6.2}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>6.1}% {:>5}ms {:>5}ms",
             kind,
             r.ok() + f.total() as usize,
             f.total(),
@@ -248,6 +248,8 @@ fn main() -> ExitCode {
             f.reset,
             f.eof,
             f.timeout,
+            f.wrong_reply,
+            f.other,
             r.pings_failed,
             ms(out.median_handover()),
             ms(st.p50),
