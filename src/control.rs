@@ -9,7 +9,7 @@
 //! - anything else → `error: unknown command`.
 //!
 //! Peers are checked with `SO_PEERCRED`: only the service's own uid is served, anyone else gets
-//! `refused: …`. Each connection is served on a short-lived thread of its own: an upgrade answer
+//! `refused: …` (after its line is read, like everyone's). Each connection is served on a short-lived thread of its own: an upgrade answer
 //! waits for READY, which must not block the ring.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -49,6 +49,13 @@ pub(crate) fn serve(fd: OwnedFd, handle: Handle, guard: DrainGuard) {
 fn answer(stream: UnixStream, handle: &Handle) -> std::io::Result<()> {
     let mut out = stream.try_clone()?;
     let cred = getsockopt(&stream.as_fd(), PeerCredentials)?;
+    // The line is read before the peer is judged, a refused one's too: a reply written and the
+    // socket closed before the peer has written its line fails that write (EPIPE), and a
+    // client that gives up on it never reads the refusal (seen: `echo ctl` printed nothing, 14
+    // times in 60 beside two CPU hogs). Nothing a refused peer sends is acted on.
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = String::new();
+    BufReader::new(Read::take(&stream, MAX_LINE)).read_line(&mut line)?;
     let own = crate::sys::euid();
     if cred.uid() != own {
         tracing::warn!(
@@ -62,9 +69,6 @@ fn answer(stream: UnixStream, handle: &Handle) -> std::io::Result<()> {
             cred.uid()
         );
     }
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut line = String::new();
-    BufReader::new(Read::take(&stream, MAX_LINE)).read_line(&mut line)?;
     let reply = match line.trim() {
         "upgrade" => {
             tracing::info!(
