@@ -861,14 +861,7 @@ impl Driver {
                 }
                 match res {
                     n if n > 0 => {
-                        match Message::decode(&buf[..n as usize]) {
-                            Ok(Message::Ready(id)) => self.feed(Event::ChildReady(id)),
-                            Ok(Message::Retiring(_)) => self.feed(Event::ChildRetired),
-                            Ok(other) => self.feed(Event::ChildMessageInvalid(format!(
-                                "unexpected message {other:?}"
-                            ))),
-                            Err(e) => self.feed(Event::ChildMessageInvalid(e.to_string())),
-                        }
+                        self.on_successor_message(&buf[..n as usize]);
                         if self.successor.is_some() {
                             self.arm_successor_recv();
                         }
@@ -926,6 +919,7 @@ impl Driver {
                     Ok(Some(status)) => {
                         tracing::info!(child = pid, %status, "child reaped");
                         if self.successor.as_ref().is_some_and(|s| s.pid == pid) {
+                            self.take_successor_messages();
                             self.successor = None;
                         }
                         self.feed(Event::ChildExited { pid, status });
@@ -955,6 +949,47 @@ impl Driver {
             }
             Op::Cancel => {
                 self.ops.remove(token);
+            }
+        }
+    }
+
+    /// One message from the successor, as the machine's event.
+    fn on_successor_message(&mut self, bytes: &[u8]) {
+        match Message::decode(bytes) {
+            Ok(Message::Ready(id)) => self.feed(Event::ChildReady(id)),
+            Ok(Message::Retiring(_)) => self.feed(Event::ChildRetired),
+            Ok(other) => self.feed(Event::ChildMessageInvalid(format!(
+                "unexpected message {other:?}"
+            ))),
+            Err(e) => self.feed(Event::ChildMessageInvalid(e.to_string())),
+        }
+    }
+
+    /// Feeds what the successor sent and this driver has not read yet; called at its exit,
+    /// before the exit is fed, so that the exit is judged with everything it said.
+    ///
+    /// Why: its channel's `Recv` takes one message per op, and the next one is armed only when
+    /// the previous CQE is reaped. A successor that sends READY, is told to stop at once and
+    /// sends RETIRING before exiting leaves RETIRING queued behind a `Recv` not yet submitted,
+    /// while its exit's CQE sits in the same batch as READY's. Fed in that order, the exit
+    /// looked unplanned and this process took the service back (seen: a test's SIGTERM to the
+    /// new process 0.5 ms after its READY left the old one serving).
+    ///
+    /// Invariant relied on: a dead process's messages stay queued on our end of the
+    /// SEQPACKET pair, in order, until read. A message an in-flight `Recv` already took has its
+    /// CQE ahead of the exit's (both are task work on this ring, run in the order queued, and
+    /// the message came before the exit), so it was fed before this runs. What this reads is
+    /// gone from the socket, and the armed `Recv` (if any) ends with EOF, ignored once the
+    /// successor is cleared.
+    fn take_successor_messages(&mut self) {
+        let mut buf = [0u8; CHANNEL_BUF];
+        // Bounded: a child sends READY and RETIRING, nothing else; more is garbage anyway.
+        for _ in 0..8 {
+            let Some(child) = &self.successor else { return };
+            match sys::recv_nonblocking(child.channel.as_fd(), &mut buf) {
+                Ok(n) if n > 0 => self.on_successor_message(&buf[..n]),
+                // EOF, nothing queued, or an error: nothing more it said.
+                _ => return,
             }
         }
     }

@@ -1,6 +1,6 @@
 //! The driver as a successor, with the test playing its predecessor in the same process: the
 //! predecessor's side is a bare ring and the handoff channel, so each step happens exactly when
-//! the test says. In the last test the driver also has a successor, a real process whose end
+//! the test says. In the last tests the driver also has a successor, a real process whose end
 //! of the channel the test answers on.
 
 use std::io::{Read, Write};
@@ -252,19 +252,8 @@ fn an_elders_release_is_forwarded_to_the_successor() {
         .live
         .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
 
-    driver.request_upgrade(crate::machine::Requester::Signal);
-    let deadline = Instant::now() + BOUND;
-    while driver.successor.is_none() && Instant::now() < deadline {
-        driver.turn(false, &mut |_| {}).unwrap();
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let pid = driver.successor.as_ref().expect("no successor started").pid;
+    let (pid, channel, upgrade) = start_successor(&mut driver);
     let _successor = KillOnDrop(pid);
-    let channel = successor_channel(pid);
-    let upgrade = match recv_message(&channel) {
-        Message::Hello { upgrade, .. } => upgrade,
-        other => panic!("expected HELLO, got {other:?}"),
-    };
     let ready = Message::Ready(upgrade).encode().unwrap();
     crate::sys::send_nonblocking(channel.as_fd(), &ready).unwrap();
 
@@ -300,5 +289,78 @@ fn an_elders_release_is_forwarded_to_the_successor() {
         forwarded,
         Some(Message::Released(upgrade)),
         "the elder's RELEASED was not forwarded to the successor within {BOUND:?}"
+    );
+}
+
+/// Starts the driver's upgrade to a real stand-in process (`/bin/sleep`) and takes that
+/// process's end of the channel; returns the successor's pid, the channel and the upgrade id
+/// its HELLO carried.
+fn start_successor(driver: &mut Driver) -> (u32, OwnedFd, UpgradeId) {
+    driver.request_upgrade(crate::machine::Requester::Signal);
+    let deadline = Instant::now() + BOUND;
+    while driver.successor.is_none() && Instant::now() < deadline {
+        driver.turn(false, &mut |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let pid = driver.successor.as_ref().expect("no successor started").pid;
+    let channel = successor_channel(pid);
+    match recv_message(&channel) {
+        Message::Hello { upgrade, .. } => (pid, channel, upgrade),
+        other => panic!("expected HELLO, got {other:?}"),
+    }
+}
+
+/// A successor told to stop right after its READY sends RETIRING and exits before this
+/// process has even read the READY. Its exit is planned: this process must finish its drain,
+/// not take the service back. The test sends READY and RETIRING and ends the successor
+/// between two turns, so the driver's next turn sees READY's CQE and the exit's in one batch,
+/// with RETIRING still queued on the channel (the order a loaded machine produced).
+#[test]
+fn a_successor_that_retires_right_after_ready_is_not_taken_for_a_crash() {
+    let mut server = tcp_server(1);
+    server.config.exe = "/bin/sleep".into();
+    server.config.args = vec!["sleep".into(), "30".into()];
+    let mut driver = Driver::new(server).unwrap();
+    // A live connection keeps the driver draining (alive) after it lets go.
+    driver
+        .shared
+        .live
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let (pid, channel, upgrade) = start_successor(&mut driver);
+    let _successor = KillOnDrop(pid);
+
+    for message in [Message::Ready(upgrade), Message::Retiring(upgrade)] {
+        crate::sys::send_nonblocking(channel.as_fd(), &message.encode().unwrap()).unwrap();
+    }
+    drop(channel);
+    crate::sys::kill(pid, libc::SIGKILL).unwrap();
+    // Wait (bounded) until the exit is visible, without reaping: the driver reaps.
+    let deadline = Instant::now() + BOUND;
+    while !crate::sys::pidfd_open(pid)
+        .ok()
+        .is_some_and(|fd| crate::sys::poll_readable(fd.as_fd()))
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+
+    let deadline = Instant::now() + BOUND;
+    while driver.successor.is_some() && Instant::now() < deadline {
+        driver.turn(false, &mut |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        driver.successor.is_none(),
+        "the successor's exit was not seen"
+    );
+    let phase = driver.machine.phase();
+    driver
+        .shared
+        .live
+        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        phase,
+        crate::Phase::Draining,
+        "a successor that retired and exited was taken for a crash"
     );
 }
