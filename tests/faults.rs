@@ -1536,6 +1536,51 @@ fn soak_1000_upgrades_fds_and_rss_flat() {
     soak(1000);
 }
 
+/// The path of the one unexplained CI hang (5cbb971, `rollback_on_close_early`): a close-early
+/// rollback, then at once a good upgrade, over and over on one server under light load, in
+/// each runtime. Each good upgrade must complete within `EchoServer::upgrade`'s bound; a stuck
+/// one panics with every thread's state and each ring's fdinfo (`thread_dump`).
+fn rollback_then_upgrade_soak(runtime: &str, rounds: usize) {
+    let server = EchoServer::start(EchoOpts {
+        ready_timeout_ms: Some(5000),
+        extra_args: vec!["--runtime".into(), runtime.into()],
+        ..Default::default()
+    });
+    // No long-lived connections: each would keep an old generation draining for the whole run.
+    let load = light_load(server.addr(), 2, 0);
+    for round in 0..rounds {
+        let failed_before = log_count(&server, "upgrade failed; still serving");
+        server.replace_binary_with_script(&misbehave_script("close-early"));
+        let old = server.current();
+        signal(old, libc::SIGHUP);
+        assert!(
+            wait_log(
+                &server,
+                "upgrade failed; still serving",
+                failed_before + 1,
+                secs(5)
+            ),
+            "{runtime}, round {round}: no rollback\n{}",
+            server.log_tail()
+        );
+        server.restore_binary();
+        server.upgrade();
+    }
+    let report = load.stop();
+    eprintln!("RESULT soak {runtime}: {rounds} rounds; load: {report}");
+    report.assert_clean();
+    assert!(report.connections_ok > 0, "{report}");
+    server.stop();
+}
+
+#[test]
+#[ignore = "long: 300 rollback-then-upgrade rounds per runtime; run explicitly with --ignored"]
+fn soak_rollback_then_upgrade_in_every_runtime() {
+    for runtime in ["tokio-uring", "tokio", "blocking"] {
+        rollback_then_upgrade_soak(runtime, 300);
+    }
+}
+
 /// SIGHUP and SIGTERM back to back. The new binary is started on a thread of its own (so the
 /// accept loop never waits for an exec), which lets the shutdown arrive while that spawn is in
 /// flight: the process is draining by the time its would-be successor exists. Whatever the
