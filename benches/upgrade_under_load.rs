@@ -327,9 +327,12 @@ fn main() -> ExitCode {
     }
     println!();
     println!(
-        "the same slowest connections, by what this VM did to them while they were open: the host \
-         took CPU 0 (server) or CPU 1 (client) (10 ms ticks), or the client started late (≥ 1 ms); \
-         'undisturbed' is none of these:"
+        "the same slowest connections, by what this VM did to them: a tick of the host's steal on \
+         CPU 0 (server) or CPU 1 (client) while they were open (10 ms ticks, from samples ~10 ms \
+         apart, so a tick may stand for a few µs and fall up to a sample before or after), or \
+         the client late (≥ 1 ms) to call connect(); 'undisturbed' is none of these (the \
+         client's delays after connect() are not seen). The windows under the bound, with a \
+         CPU 0 tick too, say how often a tick lands by chance:"
     );
     for (kind, _, _, _, worst) in &handover_windows {
         let slow: Vec<_> = worst.iter().filter(|w| w.latency >= SLOW).collect();
@@ -343,14 +346,17 @@ fn main() -> ExitCode {
             .map(|w| w.latency)
             .collect();
         quiet.sort_unstable();
+        let fast: Vec<_> = worst.iter().filter(|w| w.latency < SLOW).collect();
+        let fast_cpu0 = fast.iter().filter(|w| !w.stolen[0].is_zero()).count();
         let unexplained: Vec<String> = slow
             .iter()
             .filter(|w| !w.disturbed())
             .map(|w| format!("{:.1}", ms(w.latency)))
             .collect();
         println!(
-            "  {kind:<16} ≥ {} ms: {} of {} (CPU 0 stolen {cpu0}, only CPU 1 {cpu1}, only client \
-             late {late}, undisturbed {}{}); undisturbed windows {}: median {:.3}ms, slowest {:.3}ms",
+            "  {kind:<16} ≥ {} ms: {} of {} (CPU 0 tick {cpu0}, only CPU 1 {cpu1}, only client \
+             late {late}, undisturbed {}{}); under it, with a CPU 0 tick: {fast_cpu0} of {}; \
+             undisturbed windows {}: median {:.3}ms, slowest {:.3}ms",
             SLOW.as_millis(),
             slow.len(),
             worst.len(),
@@ -360,6 +366,7 @@ fn main() -> ExitCode {
             } else {
                 format!(": {} ms", unexplained.join(", "))
             },
+            fast.len(),
             quiet.len(),
             ms(quiet.get(quiet.len() / 2).copied().unwrap_or_default()),
             ms(quiet.last().copied().unwrap_or_default()),

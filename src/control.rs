@@ -9,14 +9,15 @@
 //! - anything else → `error: unknown command`.
 //!
 //! Peers are checked with `SO_PEERCRED`: only the service's own uid is served, anyone else gets
-//! `refused: …` (after its line is read, like everyone's). Each connection is served on a short-lived thread of its own: an upgrade answer
-//! waits for READY, which must not block the ring.
+//! `refused: …` (after what it sent is read, so the answer always reaches it). Each connection
+//! is served on a short-lived thread of its own: an upgrade answer waits for READY, which must
+//! not block the ring.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering::SeqCst;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
@@ -28,6 +29,27 @@ pub(crate) const CONTROL_LISTENER: &str = "ringflip.control";
 
 /// A command line longer than this is refused.
 const MAX_LINE: u64 = 256;
+
+/// Reads one request line, up to [`MAX_LINE`] bytes, within `limit` overall however the peer
+/// trickles it: what came by then, by EOF or by an error, without its newline.
+fn read_line_within(stream: &UnixStream, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    let mut line = Vec::new();
+    let mut buf = [0u8; MAX_LINE as usize];
+    while line.len() < buf.len() && !line.contains(&b'\n') {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        let room = buf.len() - line.len();
+        match (&mut &*stream).read(&mut buf[..room]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => line.extend_from_slice(&buf[..n]),
+        }
+    }
+    let end = line.iter().position(|&b| b == b'\n').unwrap_or(line.len());
+    String::from_utf8_lossy(&line[..end]).into_owned()
+}
 
 /// Serves one control connection on its own thread. The guard keeps a draining process alive
 /// until the answer is written.
@@ -49,13 +71,6 @@ pub(crate) fn serve(fd: OwnedFd, handle: Handle, guard: DrainGuard) {
 fn answer(stream: UnixStream, handle: &Handle) -> std::io::Result<()> {
     let mut out = stream.try_clone()?;
     let cred = getsockopt(&stream.as_fd(), PeerCredentials)?;
-    // The line is read before the peer is judged, a refused one's too: a reply written and the
-    // socket closed before the peer has written its line fails that write (EPIPE), and a
-    // client that gives up on it never reads the refusal (seen: `echo ctl` printed nothing, 14
-    // times in 60 beside two CPU hogs). Nothing a refused peer sends is acted on.
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut line = String::new();
-    BufReader::new(Read::take(&stream, MAX_LINE)).read_line(&mut line)?;
     let own = crate::sys::euid();
     if cred.uid() != own {
         tracing::warn!(
@@ -63,12 +78,18 @@ fn answer(stream: UnixStream, handle: &Handle) -> std::io::Result<()> {
             peer.pid = cred.pid(),
             "control peer refused"
         );
+        // Take in its line (at most 1 s, never acted on) before answering: a reply written and
+        // the socket closed before the peer has written its line fails that write (EPIPE), and
+        // a client that gives up on it never reads the refusal (seen: `echo ctl` printed
+        // nothing, 14 times in 60 beside two CPU hogs).
+        let _ = read_line_within(&stream, Duration::from_secs(1));
         return writeln!(
             out,
             "refused: uid {} is not the service's uid {own}",
             cred.uid()
         );
     }
+    let line = read_line_within(&stream, Duration::from_secs(10));
     let reply = match line.trim() {
         "upgrade" => {
             tracing::info!(

@@ -862,7 +862,11 @@ impl Driver {
                 match res {
                     n if n > 0 => {
                         self.on_successor_message(&buf[..n as usize]);
-                        if self.successor.is_some() {
+                        // The ring reads the channel until READY. After it the child sends
+                        // at most RETIRING, which matters only at its exit, and is read
+                        // then (`take_successor_messages`): no `Recv` is ever left queued
+                        // on a channel that the exit closes.
+                        if self.successor.is_some() && self.machine.phase() == Phase::HandingOver {
                             self.arm_successor_recv();
                         }
                     }
@@ -968,19 +972,22 @@ impl Driver {
     /// Feeds what the successor sent and this driver has not read yet; called at its exit,
     /// before the exit is fed, so that the exit is judged with everything it said.
     ///
-    /// Why: its channel's `Recv` takes one message per op, and the next one is armed only when
-    /// the previous CQE is reaped. A successor that sends READY, is told to stop at once and
-    /// sends RETIRING before exiting leaves RETIRING queued behind a `Recv` not yet submitted,
-    /// while its exit's CQE sits in the same batch as READY's. Fed in that order, the exit
-    /// looked unplanned and this process took the service back (seen: a test's SIGTERM to the
-    /// new process 0.5 ms after its READY left the old one serving).
+    /// Why: a successor told to stop right after READY sends RETIRING and exits. Its READY
+    /// and its exit can reach this driver in one batch of CQEs; fed as they came, without the
+    /// RETIRING, the exit looked unplanned and this process took the service back (seen: a
+    /// test's SIGTERM to the new process 0.5 ms after its READY left the old one serving).
     ///
-    /// Invariant relied on: a dead process's messages stay queued on our end of the
-    /// SEQPACKET pair, in order, until read. A message an in-flight `Recv` already took has its
-    /// CQE ahead of the exit's (both are task work on this ring, run in the order queued, and
-    /// the message came before the exit), so it was fed before this runs. What this reads is
-    /// gone from the socket, and the armed `Recv` (if any) ends with EOF, ignored once the
-    /// successor is cleared.
+    /// Invariants relied on:
+    /// - a dead process's messages stay queued on our end of the SEQPACKET pair, in order,
+    ///   until read;
+    /// - from READY on, no `Recv` is armed on the channel (see `Op::RecvSuccessor`), so
+    ///   nothing else takes a message, and none is queued to run on the fd that clearing
+    ///   the successor closes;
+    /// - before READY, the one armed `Recv` was submitted in the turn that started the child,
+    ///   before the child could send anything. A message it took has its CQE ahead of the
+    ///   exit's: both are task work on this ring, run in the order queued, and the message
+    ///   came first. What it has not taken is read here, and it then ends with EOF, ignored
+    ///   once the successor is cleared.
     fn take_successor_messages(&mut self) {
         let mut buf = [0u8; CHANNEL_BUF];
         // Bounded: a child sends READY and RETIRING, nothing else; more is garbage anyway.
@@ -988,7 +995,10 @@ impl Driver {
             let Some(child) = &self.successor else { return };
             match sys::recv_nonblocking(child.channel.as_fd(), &mut buf) {
                 Ok(n) if n > 0 => self.on_successor_message(&buf[..n]),
-                // EOF, nothing queued, or an error: nothing more it said.
+                // Reported once, before the queued messages, when the child died with some of
+                // ours unread (a RELEASED it never read).
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNRESET | libc::EINTR)) => {}
+                // EOF, nothing queued, or another error: nothing more it said.
                 _ => return,
             }
         }

@@ -487,7 +487,8 @@ pub fn ctl(mut argv: impl Iterator<Item = String>) -> ExitCode {
     };
     let result = std::os::unix::net::UnixStream::connect(&socket).and_then(|mut s| {
         s.set_read_timeout(Some(Duration::from_secs(120)))?;
-        writeln!(s, "{command}")?;
+        // One write: a line in pieces could meet a server that answered after the first.
+        s.write_all(format!("{command}\n").as_bytes())?;
         let mut reply = String::new();
         BufReader::new(s).read_line(&mut reply)?;
         Ok(reply)

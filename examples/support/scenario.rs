@@ -591,7 +591,8 @@ pub struct WorstConn {
     pub latency: Duration,
     /// How late the client was to call `connect()`.
     pub client_lag: Duration,
-    /// Steal time of CPUs 0 (server) and 1 (client) while it was open, in 10 ms ticks.
+    /// Steal time of CPUs 0 (server) and 1 (client) while it was open, in 10 ms ticks: a
+    /// tick may stand for a few µs of steal, and fall up to one sample before or after.
     pub stolen: [Duration; 2],
 }
 

@@ -333,17 +333,24 @@ fn a_successor_that_retires_right_after_ready_is_not_taken_for_a_crash() {
         crate::sys::send_nonblocking(channel.as_fd(), &message.encode().unwrap()).unwrap();
     }
     drop(channel);
+    let pidfd = crate::sys::pidfd_open(pid).unwrap();
     crate::sys::kill(pid, libc::SIGKILL).unwrap();
     // Wait (bounded) until the exit is visible, without reaping: the driver reaps.
     let deadline = Instant::now() + BOUND;
-    while !crate::sys::pidfd_open(pid)
-        .ok()
-        .is_some_and(|fd| crate::sys::poll_readable(fd.as_fd()))
-        && Instant::now() < deadline
-    {
+    while !crate::sys::poll_readable(pidfd.as_fd()) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
+    assert!(
+        crate::sys::poll_readable(pidfd.as_fd()),
+        "the stand-in successor did not exit"
+    );
+    // The exit's wake-up of the driver's own pidfd poll follows the exit's visibility.
+    std::thread::sleep(Duration::from_millis(20));
 
+    // One turn: READY's CQE and the exit's in one batch, the case under test. (Should the
+    // exit come a turn later, the driver is held to the same outcome below.)
+    driver.turn(false, &mut |_| {}).unwrap();
+    let one_batch = driver.successor.is_none();
     let deadline = Instant::now() + BOUND;
     while driver.successor.is_some() && Instant::now() < deadline {
         driver.turn(false, &mut |_| {}).unwrap();
@@ -353,6 +360,9 @@ fn a_successor_that_retires_right_after_ready_is_not_taken_for_a_crash() {
         driver.successor.is_none(),
         "the successor's exit was not seen"
     );
+    // The driver reaped it: no kill or wait on a pid that may be reused now.
+    std::mem::forget(_successor);
+    assert!(one_batch, "READY and the exit came in different turns");
     let phase = driver.machine.phase();
     driver
         .shared
