@@ -240,17 +240,10 @@ fn an_elders_release_is_forwarded_to_the_successor() {
     let mut server = tcp_server(1);
     let listener = server.listeners[0].fd.as_raw_fd();
     let mut elder = Predecessor::adopt(&mut server, &[listener]);
-    // The successor is a real process (so that its exit watch and pid are real) that only
-    // holds its end of the channel; the test answers on that end.
-    server.config.exe = "/bin/sleep".into();
-    server.config.args = vec!["sleep".into(), "30".into()];
+    upgrade_to_a_stand_in(&mut server);
     let mut driver = without_takeover(Driver::new(server).unwrap());
     elder.expect_ready();
-    // A live connection keeps the driver draining (alive) after it lets go.
-    driver
-        .shared
-        .live
-        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    hold_the_drain(&driver);
 
     let (pid, channel, upgrade) = start_successor(&mut driver);
     let _successor = KillOnDrop(pid);
@@ -281,15 +274,35 @@ fn an_elders_release_is_forwarded_to_the_successor() {
             forwarded = Some(Message::decode(&buf[..n]).unwrap());
         }
     }
-    driver
-        .shared
-        .live
-        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    end_the_drain(&driver);
     assert_eq!(
         forwarded,
         Some(Message::Released(upgrade)),
         "the elder's RELEASED was not forwarded to the successor within {BOUND:?}"
     );
+}
+
+/// Makes `/bin/sleep 30` the binary `server` upgrades to: a real process (so that its exit
+/// watch and pid are real) that only holds its end of the channel, which the test answers on.
+fn upgrade_to_a_stand_in(server: &mut Server) {
+    server.config.exe = "/bin/sleep".into();
+    server.config.args = vec!["sleep".into(), "30".into()];
+}
+
+/// Counts one live connection, which keeps the driver draining (alive) after it lets go,
+/// until [`end_the_drain`].
+fn hold_the_drain(driver: &Driver) {
+    driver
+        .shared
+        .live
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn end_the_drain(driver: &Driver) {
+    driver
+        .shared
+        .live
+        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
 }
 
 /// Starts the driver's upgrade to a real stand-in process (`/bin/sleep`) and takes that
@@ -318,14 +331,9 @@ fn start_successor(driver: &mut Driver) -> (u32, OwnedFd, UpgradeId) {
 #[test]
 fn a_successor_that_retires_right_after_ready_is_not_taken_for_a_crash() {
     let mut server = tcp_server(1);
-    server.config.exe = "/bin/sleep".into();
-    server.config.args = vec!["sleep".into(), "30".into()];
+    upgrade_to_a_stand_in(&mut server);
     let mut driver = Driver::new(server).unwrap();
-    // A live connection keeps the driver draining (alive) after it lets go.
-    driver
-        .shared
-        .live
-        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    hold_the_drain(&driver);
     let (pid, channel, upgrade) = start_successor(&mut driver);
     let _successor = KillOnDrop(pid);
 
@@ -364,10 +372,7 @@ fn a_successor_that_retires_right_after_ready_is_not_taken_for_a_crash() {
     std::mem::forget(_successor);
     assert!(one_batch, "READY and the exit came in different turns");
     let phase = driver.machine.phase();
-    driver
-        .shared
-        .live
-        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    end_the_drain(&driver);
     assert_eq!(
         phase,
         crate::Phase::Draining,
