@@ -9,7 +9,8 @@
 //!   the child can count them (race-free: pidfds do not suffer pid reuse);
 //! - child → parent: `READY(upgrade id)` once its accepts are armed;
 //! - child → parent: `RETIRING(upgrade id)` when the child itself starts draining (it upgraded
-//!   again or shuts down), so that its later exit is not mistaken for a crash;
+//!   again or shuts down), so that its later exit is not mistaken for a crash (the parent reads
+//!   it when the child exits, before it judges the exit);
 //! - parent → child: `RELEASED(upgrade id)` once the parent's accepts have all stopped: the
 //!   child stops its takeover polls (see the driver). A child that never gets it (a parent of an
 //!   earlier version) stops them at the channel's EOF instead; a child of an earlier version
