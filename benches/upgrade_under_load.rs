@@ -279,12 +279,15 @@ fn main() -> ExitCode {
         if !out.timelines.is_empty() {
             timelines.push((*kind, out.timelines.clone()));
         }
+        let worst = out.window_worst();
+        let mut maxima: Vec<Duration> = worst.iter().map(|w| w.latency).collect();
+        maxima.sort_unstable();
         handover_windows.push((
             *kind,
             out.handover_window(),
-            out.window_max_per_upgrade(),
+            maxima,
             out.steal_in_and_out_of_windows(),
-            out.window_worst(),
+            worst,
         ));
         if out.ok() {
             let _ = std::fs::remove_dir_all(&out.dir);

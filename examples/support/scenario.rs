@@ -190,23 +190,11 @@ impl Outcome {
     pub fn handover_window(&self) -> Stats {
         self.report.stats(|t| self.within(t, HANDOVER_WINDOW))
     }
-    /// The slowest successful connection started in each upgrade's window, sorted. Its median
-    /// says what a typical upgrade costs; a row's window p99.9 can come from one or two
-    /// upgrades that met a stall of this VM's host.
-    pub fn window_max_per_upgrade(&self) -> Vec<Duration> {
-        let mut v: Vec<Duration> = self
-            .rows
-            .iter()
-            .map(|r| self.report.stats(|t| t >= r.at && t < r.at + WINDOW))
-            .filter(|st| st.count > 0)
-            .map(|st| st.max)
-            .collect();
-        v.sort_unstable();
-        v
-    }
     /// Each upgrade window's slowest successful connection, with what this VM did to it: how
     /// late the client was to start it, and how much time the host took from CPU 0 (the
-    /// server's) and CPU 1 (the client's) while it was open. In upgrade order.
+    /// server's) and CPU 1 (the client's) while it was open. In upgrade order. Their median
+    /// says what a typical upgrade costs; a row's window p99.9 can come from one or two
+    /// upgrades that met a stall of this VM's host.
     pub fn window_worst(&self) -> Vec<WorstConn> {
         self.rows
             .iter()
