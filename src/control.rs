@@ -28,21 +28,20 @@ use crate::UpgradeError;
 pub(crate) const CONTROL_LISTENER: &str = "ringflip.control";
 
 /// A command line longer than this is refused.
-const MAX_LINE: u64 = 256;
+const MAX_LINE: usize = 256;
 
 /// Reads one request line, up to [`MAX_LINE`] bytes, within `limit` overall however the peer
 /// trickles it: what came by then, by EOF or by an error, without its newline.
-fn read_line_within(stream: &UnixStream, limit: Duration) -> String {
+fn read_line_within(mut stream: &UnixStream, limit: Duration) -> String {
     let deadline = Instant::now() + limit;
     let mut line = Vec::new();
-    let mut buf = [0u8; MAX_LINE as usize];
-    while line.len() < buf.len() && !line.contains(&b'\n') {
+    let mut buf = [0u8; MAX_LINE];
+    while line.len() < MAX_LINE && !line.contains(&b'\n') {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
             break;
         }
-        let room = buf.len() - line.len();
-        match (&mut &*stream).read(&mut buf[..room]) {
+        match stream.read(&mut buf[..MAX_LINE - line.len()]) {
             Ok(0) | Err(_) => break,
             Ok(n) => line.extend_from_slice(&buf[..n]),
         }
