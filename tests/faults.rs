@@ -67,6 +67,18 @@ fn wait_log(server: &EchoServer, pattern: &str, n: usize, bound: Duration) -> bo
     }
 }
 
+/// The log line of a rollback: the upgrade failed and the old process serves on.
+const ROLLED_BACK: &str = "upgrade failed; still serving";
+
+/// Waits (bounded) until the log has `n` rollbacks; panics with `what` and the log's tail.
+fn expect_rollbacks(server: &EchoServer, n: usize, bound: Duration, what: impl std::fmt::Display) {
+    assert!(
+        wait_log(server, ROLLED_BACK, n, bound),
+        "{what}\n{}",
+        server.log_tail()
+    );
+}
+
 /// The value of `key=` on the last log line containing `marker`.
 fn last_log_value(server: &EchoServer, marker: &str, key: &str) -> Option<String> {
     let text = log_text(server);
@@ -430,26 +442,20 @@ fn rollback_case(mode: &str, ready_timeout_ms: u64, window_ms: u64, expect_reaso
     thread::sleep(ms(200));
     let old = server.current();
     let started_before = log_count(&server, "new process started");
-    let failed_before = log_count(&server, "upgrade failed; still serving");
+    let failed_before = log_count(&server, ROLLED_BACK);
 
     server.replace_binary_with_script(&misbehave_script(mode));
-    let t0 = Instant::now();
     // The pid file must not change and the old process must live for the whole window.
     server.upgrade_expect_rollback(ms(window_ms));
-    assert!(
-        wait_log(
-            &server,
-            "upgrade failed; still serving",
-            failed_before + 1,
-            secs(5)
-        ),
-        "{mode}: no 'upgrade failed' in the log\n{}",
-        server.log_tail()
+    expect_rollbacks(
+        &server,
+        failed_before + 1,
+        secs(5),
+        format!("{mode}: no 'upgrade failed' in the log"),
     );
-    let _ = t0;
     let rollback_ms = match (
         last_log_time(&server, "new process started"),
-        last_log_time(&server, "upgrade failed; still serving"),
+        last_log_time(&server, ROLLED_BACK),
     ) {
         (Some(a), Some(b)) => format!("{:.1} ms", (b - a) * 1000.0),
         _ => "?".to_string(),
@@ -468,7 +474,7 @@ fn rollback_case(mode: &str, ready_timeout_ms: u64, window_ms: u64, expect_reaso
         "{mode}: the misbehaving child never received HELLO\n{}",
         server.log_tail()
     );
-    let reason = last_log_line(&server, "upgrade failed; still serving");
+    let reason = last_log_line(&server, ROLLED_BACK);
     assert!(
         expect_reason.iter().any(|r| reason.contains(r)),
         "{mode}: unexpected rollback reason (wanted one of {expect_reason:?}): {reason}"
@@ -561,21 +567,18 @@ fn deadline_after_an_earlier_rollback_still_fires() {
     let old = server.current();
     server.replace_binary_with_script(&misbehave_script("close-early"));
     signal(old, libc::SIGHUP);
-    assert!(
-        wait_log(&server, "upgrade failed; still serving", 1, secs(5)),
-        "close-early: no rollback\n{}",
-        server.log_tail()
-    );
+    expect_rollbacks(&server, 1, secs(5), "close-early: no rollback");
     // Within the first upgrade's 3 s, so that its timer is still armed; no load, no request:
     // only a deadline can end this one.
     server.replace_binary_with_script(&misbehave_script("hang"));
     signal(old, libc::SIGHUP);
-    assert!(
-        wait_log(&server, "upgrade failed; still serving", 2, secs(8)),
-        "hang: not rolled back within 8 s of a 3 s ready deadline\n{}",
-        server.log_tail()
+    expect_rollbacks(
+        &server,
+        2,
+        secs(8),
+        "hang: not rolled back within 8 s of a 3 s ready deadline",
     );
-    let reason = last_log_line(&server, "upgrade failed; still serving");
+    let reason = last_log_line(&server, ROLLED_BACK);
     assert!(reason.contains("was not ready within 3000 ms"), "{reason}");
     assert_no_children_of(&server, old.pid, secs(3));
     assert_eq!(server.pid(), old.pid);
@@ -1549,19 +1552,15 @@ fn rollback_then_upgrade_soak(runtime: &str, rounds: usize) {
     // No long-lived connections: each would keep an old generation draining for the whole run.
     let load = light_load(server.addr(), 2, 0);
     for round in 0..rounds {
-        let failed_before = log_count(&server, "upgrade failed; still serving");
+        let failed_before = log_count(&server, ROLLED_BACK);
         server.replace_binary_with_script(&misbehave_script("close-early"));
         let old = server.current();
         signal(old, libc::SIGHUP);
-        assert!(
-            wait_log(
-                &server,
-                "upgrade failed; still serving",
-                failed_before + 1,
-                secs(5)
-            ),
-            "{runtime}, round {round}: no rollback\n{}",
-            server.log_tail()
+        expect_rollbacks(
+            &server,
+            failed_before + 1,
+            secs(5),
+            format!("{runtime}, round {round}: no rollback"),
         );
         server.restore_binary();
         // Not `server.upgrade()`: between two closed-loop connections the previous generation
