@@ -1,14 +1,16 @@
 //! Accept-loop benchmark: ringflip's io_uring multishot accept loop, in its three modes, against
-//! a tokio `TcpListener::accept` loop (current-thread runtime) and a blocking
-//! `std::net::TcpListener` accept loop, all on loopback, in one run, under the same conditions.
+//! the plain accept loop of each mode's runtime (tokio's `TcpListener::accept` on a
+//! current-thread runtime, tokio-uring's, and a blocking `std::net::TcpListener`), all on
+//! loopback, in one run, under the same conditions.
 //!
-//! The five loops (`<loop>` in the benchmark ids):
+//! The six loops (`<loop>` in the benchmark ids):
 //! - `ringflip`: `Server::run`, blocking, the ring on the server thread;
 //! - `ringflip-tokio`: `Server::run_async` on a current-thread tokio runtime, in a `LocalSet`
 //!   (the ring's notification eventfd polled by tokio's epoll reactor);
 //! - `ringflip-tokio-uring`: `Server::run_async` inside `tokio_uring::start` (the same, on
 //!   tokio-uring's runtime, which has its own ring besides ringflip's);
 //! - `tokio`: a `tokio::net::TcpListener::accept` loop on a current-thread runtime;
+//! - `tokio-uring`: a `tokio_uring::net::TcpListener::accept` loop in `tokio_uring::start`;
 //! - `std`: a blocking `std::net::TcpListener::accept` loop.
 //!
 //! Run it with `cargo bench --bench accept_latency` (about a minute and a half), or
@@ -65,6 +67,15 @@
 //!   is exactly the pause wanted. For tokio and std, "blocked in the per-connection code" is "not
 //!   calling accept".
 //!
+//! - `accept_latency_ratio` (not a criterion group; printed on stdout, checked): the accept
+//!   latency of one connection at a time, as in `accept_latency`, in rounds that take every
+//!   loop in turn (the order rotating), `RATIO_SAMPLES` connections per loop in all (300 with
+//!   `--test`); per loop the median and p99, and each ringflip mode's ratio to its plain
+//!   counterpart (`ringflip` to `std`, `ringflip-tokio` to `tokio`, `ringflip-tokio-uring` to
+//!   `tokio-uring`). **The benchmark fails** (exits non-zero) when a median ratio exceeds
+//!   `MAX_MEDIAN_RATIO` (3×): a ringflip mode that waits for a late wake-up (an eventfd whose
+//!   signal the kernel defers by an RCU grace period measured 15–400× here) is caught on any
+//!   machine that defers it, while 3× leaves room for a noisy VM. `.ci/run` runs it.
 //! - `server_cpu_interleaved` (not a criterion group; printed on stdout at the end): the same
 //!   two CPU-per-connection figures, measured in 60 short rounds that take every loop in turn
 //!   (the order rotating), with each loop's ratio to tokio and to std taken *within* a round:
@@ -346,15 +357,18 @@ enum Kind {
     /// `Server::run_async` inside `tokio_uring::start`.
     RingflipTokioUring,
     Tokio,
+    /// `tokio_uring::net::TcpListener::accept` inside `tokio_uring::start`.
+    TokioUring,
     Std,
 }
 
 /// In the order the benchmarks run (and `servers` is indexed by `Kind as usize`).
-const KINDS: [Kind; 5] = [
+const KINDS: [Kind; 6] = [
     Kind::Ringflip,
     Kind::RingflipTokio,
     Kind::RingflipTokioUring,
     Kind::Tokio,
+    Kind::TokioUring,
     Kind::Std,
 ];
 
@@ -365,7 +379,18 @@ impl Kind {
             Kind::RingflipTokio => "ringflip-tokio",
             Kind::RingflipTokioUring => "ringflip-tokio-uring",
             Kind::Tokio => "tokio",
+            Kind::TokioUring => "tokio-uring",
             Kind::Std => "std",
+        }
+    }
+
+    /// The plain loop of the same runtime, which a ringflip mode is measured against.
+    fn counterpart(self) -> Option<Kind> {
+        match self {
+            Kind::Ringflip => Some(Kind::Std),
+            Kind::RingflipTokio => Some(Kind::Tokio),
+            Kind::RingflipTokioUring => Some(Kind::TokioUring),
+            Kind::Tokio | Kind::TokioUring | Kind::Std => None,
         }
     }
 
@@ -405,6 +430,7 @@ fn start(kind: Kind) -> Running {
                     ringflip_loop(kind, &s, ready_tx)
                 }
                 Kind::Tokio => tokio_loop(&s, ready_tx),
+                Kind::TokioUring => tokio_uring_loop(&s, ready_tx),
                 Kind::Std => std_loop(&s, ready_tx),
             }
         })
@@ -481,7 +507,9 @@ fn ringflip_loop(kind: Kind, s: &Shared, ready: mpsc::Sender<Started>) {
             let _ = ready.send(started);
             server.run(on_connection)
         }
-        Kind::Tokio | Kind::Std => unreachable!("{} is not a ringflip mode", kind.name()),
+        Kind::Tokio | Kind::TokioUring | Kind::Std => {
+            unreachable!("{} is not a ringflip mode", kind.name())
+        }
     };
     COUNT_ALLOCS.with(|c| c.set(false));
     if let Err(e) = result {
@@ -515,6 +543,38 @@ fn tokio_loop(s: &Shared, ready: mpsc::Sender<Started>) {
                 }
                 Err(e) => {
                     eprintln!("tokio: accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    });
+}
+
+/// tokio-uring's own accept loop (one `IORING_OP_ACCEPT` per connection on its ring). The
+/// stream is forgotten, not dropped: the client closes the fd (as for every loop), and dropping
+/// it would close it a second time.
+fn tokio_uring_loop(s: &Shared, ready: mpsc::Sender<Started>) {
+    // tokio_uring::start panics if it cannot make its ring: the thread then ends before
+    // `ready` is sent, and the client reports it.
+    tokio_uring::start(async {
+        let listener = match tokio_uring::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0).into()) {
+            Ok(l) => l,
+            Err(e) => return drop(ready.send(Err(e.to_string()))),
+        };
+        raise_backlog(listener.as_raw_fd());
+        let _ = ready.send(Ok((listener.local_addr().unwrap(), None)));
+        loop {
+            match listener.accept().await {
+                Ok((stream, _peer)) => {
+                    let t1 = Instant::now();
+                    let fd = stream.as_raw_fd();
+                    std::mem::forget(stream);
+                    if !s.on_accept(fd, t1) {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    eprintln!("tokio-uring: accept failed: {e}");
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }
@@ -908,7 +968,16 @@ fn main() {
         group.finish();
     }
 
-    if let Some(rounds) = interleaved_rounds() {
+    let ratio_rounds = rounds_for(
+        "accept_latency_ratio",
+        RATIO_SAMPLES / RATIO_ROUND,
+        RATIO_SAMPLES_TEST / RATIO_ROUND,
+    );
+    let ratio_failures = match ratio_rounds {
+        Some(rounds) => latency_ratios(&mut servers, rounds),
+        None => Vec::new(),
+    };
+    if let Some(rounds) = rounds_for("server_cpu_interleaved", ROUNDS, 2) {
         interleaved_cpu(&mut servers, rounds);
     }
 
@@ -916,6 +985,80 @@ fn main() {
         h.stop();
     }
     c.final_summary();
+    if !ratio_failures.is_empty() {
+        eprintln!("accept_latency_ratio FAILED:");
+        for failure in &ratio_failures {
+            eprintln!("  {failure}");
+        }
+        std::process::exit(1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Latency ratios, checked.
+
+/// Connections per loop in `accept_latency_ratio` in a full run...
+const RATIO_SAMPLES: usize = 2_000;
+/// ...taken this many per loop and round.
+const RATIO_ROUND: usize = 50;
+/// ...and in test mode (`--test`).
+const RATIO_SAMPLES_TEST: usize = 300;
+/// The largest median accept latency a ringflip mode may have, as a multiple of its plain
+/// counterpart's in the same run, before the benchmark fails.
+const MAX_MEDIAN_RATIO: f64 = 3.0;
+
+/// Per loop, the latency of one connection at a time (as `accept_latency`), in rounds that take
+/// the loops in turn, the order rotating; prints medians, p99 and each ringflip mode's ratios
+/// to its counterpart. Returns the ratios over `MAX_MEDIAN_RATIO`, described.
+fn latency_ratios(servers: &mut [Option<Harness>; KINDS.len()], rounds: usize) -> Vec<String> {
+    for kind in KINDS {
+        harness(servers, kind);
+    }
+    let mut us: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds * RATIO_ROUND); KINDS.len()];
+    for round in 0..rounds {
+        for k in 0..KINDS.len() {
+            let kind = KINDS[(k + round) % KINDS.len()];
+            let h = harness(servers, kind);
+            for _ in 0..RATIO_ROUND {
+                us[kind as usize].push(h.one().as_nanos() as f64 / 1e3);
+            }
+        }
+    }
+    println!(
+        "accept_latency_ratio: {} connections per loop, one at a time, in {rounds} rounds that \
+         take every loop in turn (rotating order); accept latency median and p99",
+        rounds * RATIO_ROUND
+    );
+    let mut failures = Vec::new();
+    for kind in KINDS {
+        let mine = &us[kind as usize];
+        let (median, p99) = (quantile(mine, 0.5), quantile(mine, 0.99));
+        let vs = match kind.counterpart() {
+            Some(other) => {
+                let theirs = &us[other as usize];
+                let (m_ratio, p_ratio) =
+                    (median / quantile(theirs, 0.5), p99 / quantile(theirs, 0.99));
+                if m_ratio.is_nan() || m_ratio > MAX_MEDIAN_RATIO {
+                    failures.push(format!(
+                        "{}: median accept latency {median:.1} µs is {m_ratio:.2}x {}'s \
+                         (at most {MAX_MEDIAN_RATIO}x allowed)",
+                        kind.name(),
+                        other.name()
+                    ));
+                }
+                format!(
+                    "   to {:<12} median {m_ratio:.2}x   p99 {p_ratio:.2}x",
+                    other.name()
+                )
+            }
+            None => String::new(),
+        };
+        println!(
+            "    {:<22} median {median:>8.1} µs   p99 {p99:>8.1} µs{vs}",
+            kind.name()
+        );
+    }
+    failures
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -927,11 +1070,13 @@ const ROUND_CONNS: u64 = 192;
 /// Rounds of `server_cpu_interleaved` in a full run (`RINGFLIP_CPU_ROUNDS` overrides it).
 const ROUNDS: usize = 60;
 
-/// How many rounds `server_cpu_interleaved` runs: 2 in criterion's test mode (`--test`, or no
-/// `--bench`, as under `cargo test --benches`), none with `--list` or `--ignored`, or when a
-/// benchmark filter is given that neither is part of the name `server_cpu_interleaved` nor
-/// mentions `interleaved` (criterion's filters are regexes; this is the plain-text subset).
-fn interleaved_rounds() -> Option<usize> {
+/// How many rounds the section `name` (`server_cpu_interleaved`, `accept_latency_ratio`) runs:
+/// `test` in criterion's test mode (`--test`, or no `--bench`, as under `cargo test
+/// --benches`), else `full` (`RINGFLIP_CPU_ROUNDS` overrides it for `server_cpu_interleaved`);
+/// none with `--list` or `--ignored`, or when a benchmark filter is given that is neither part
+/// of `name` nor mentions its last word (criterion's filters are regexes; this is the
+/// plain-text subset).
+fn rounds_for(name: &str, full: usize, test: usize) -> Option<usize> {
     // Criterion's options that take a value: their value is not a filter.
     const WITH_VALUE: &[&str] = &[
         "-s",
@@ -970,21 +1115,21 @@ fn interleaved_rounds() -> Option<usize> {
     if has("--list") || has("--ignored") {
         return None;
     }
-    if filter.is_some_and(|f| {
-        !"server_cpu_interleaved".contains(f.as_str()) && !f.contains("interleaved")
-    }) {
+    let last_word = name.rsplit('_').next().unwrap_or(name);
+    if filter.is_some_and(|f| !name.contains(f.as_str()) && !f.contains(last_word)) {
         return None;
     }
     if has("--test") || !has("--bench") {
-        return Some(2);
+        return Some(test);
     }
-    Some(
-        std::env::var("RINGFLIP_CPU_ROUNDS")
+    let rounds = match name {
+        "server_cpu_interleaved" => std::env::var("RINGFLIP_CPU_ROUNDS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(ROUNDS)
-            .max(1),
-    )
+            .unwrap_or(full),
+        _ => full,
+    };
+    Some(rounds.max(1))
 }
 
 /// `q` (0..=1) of `v` (not empty, need not be sorted): the element at rank `round(q·(n−1))`

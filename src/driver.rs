@@ -26,11 +26,14 @@
 //! - the ring is `dontfork`, and spawning never forks the address space anyway;
 //! - every op owns its memory (buffers, msghdr, fds) in the op table until its final CQE, and
 //!   the ring is dropped only after every op reached it;
-//! - for a runtime that sleeps in epoll (`run_async`): a deferred completion does not make the
-//!   ring fd readable, a non-blocking enter runs only a batch of deferred work, and a
-//!   registered eventfd was seen to miss a wake-up caused from another thread; so the runtime
-//!   watches the registered eventfd *and* the wake eventfd, every SQE is submitted before it
-//!   sleeps, and it turns again while the ring fd polls readable (see `Server::run_async`).
+//! - a thread waiting in `io_uring_enter(GETEVENTS, min_complete=1)` (`Waiting::InRing`) is
+//!   woken by the kernel directly when a completion's task work is queued
+//!   (`io_req_local_work_add` wakes the submitter once `cq_wait_nr` is reached);
+//! - a runtime that sleeps in epoll (`Waiting::InRuntime`) is woken by the fds the ring's ops
+//!   wait on, never by an eventfd registered with the ring, whose signal the kernel may defer by
+//!   an RCU grace period (see `wake_set.rs` and `docs/WAKEUPS.md`); a non-blocking enter runs
+//!   only a batch of deferred work, so the runtime turns again while the ring fd polls readable
+//!   (`has_pending_work`), and every SQE is submitted before it sleeps.
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
@@ -51,6 +54,7 @@ use crate::server::{
     write_pid_file, Config, Connection, Coordinator, DrainGuard, Handle, Request, Server, Shared,
     Worker, WorkerGone,
 };
+use crate::wake_set::{Source, WakeSet};
 use crate::workers::WorkerSet;
 use crate::{control, spawn, sys, systemd, Error, UpgradeError};
 
@@ -215,6 +219,10 @@ struct AcceptSlot {
     takeover_cancel_sent: bool,
     /// The sweeping accept in flight (at most one per listener; see `sweep`).
     sweep_accept: Option<Token>,
+    /// Connections delivered from this listener so far.
+    delivered: u64,
+    /// `delivered` when this listener last woke the runtime (see `sweep_missed`).
+    woke_at: Option<u64>,
 }
 
 impl AcceptSlot {
@@ -230,6 +238,8 @@ impl AcceptSlot {
             takeover: None,
             takeover_cancel_sent: false,
             sweep_accept: None,
+            delivered: 0,
+            woke_at: None,
         }
     }
 
@@ -341,9 +351,22 @@ impl Role {
     }
 }
 
+/// Where the thread that drives the ring sleeps between turns, which decides what wakes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Waiting {
+    /// In `io_uring_enter(GETEVENTS)` (`Server::run`, `Worker::run`): the kernel wakes the
+    /// thread itself when a completion is queued; deadlines are a ring `Timeout`.
+    InRing,
+    /// In an async runtime's reactor, on the driver's wake set (`Server::run_async`): see
+    /// `wake_set.rs`.
+    InRuntime,
+}
+
 /// The single owner of the ring. Driven by [`Driver::turn`].
 pub(crate) struct Driver {
     ring: IoUring,
+    /// With `Waiting::InRuntime`: the fds that wake the runtime (see `wake_set.rs`).
+    wake_set: Option<WakeSet>,
     ops: Ops,
     accepts: Vec<AcceptSlot>,
     accepting: bool,
@@ -376,8 +399,6 @@ pub(crate) struct Driver {
     exit: Option<ExitReason>,
     /// Reused buffer of (user_data, result, flags), so reaping allocates nothing.
     cqes: Vec<(u64, i32, u32)>,
-    /// See [`Driver::notify_fd`].
-    notify: Option<OwnedFd>,
     timeline: Timeline,
     /// Takeover polls are wanted: from this (new) process's READY until its predecessor says it
     /// stopped accepting (or exits). See `start_takeover`.
@@ -397,7 +418,7 @@ pub(crate) struct Driver {
 }
 
 impl Driver {
-    pub(crate) fn new(server: Server) -> Result<Driver, Error> {
+    pub(crate) fn new(server: Server, waiting: Waiting) -> Result<Driver, Error> {
         let Server {
             listeners,
             parent,
@@ -415,7 +436,7 @@ impl Driver {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0);
-        let mut driver = Driver::base(ring, listeners, shared, config);
+        let mut driver = Driver::base(ring, listeners, shared, config, waiting)?;
         driver.machine = Machine::new(driver.config.timeouts, id_seed)
             .with_generation_limit(driver.config.max_draining);
         driver.signalfd = Some(signalfd);
@@ -423,6 +444,7 @@ impl Driver {
         driver.elders = elders;
         driver.udp = udp;
         driver.worker_listeners = worker_listeners;
+        driver.watch_initial()?;
         // Before the first accept: a burst must not find the table full (see the function).
         sys::grow_fd_table(driver.shared.wake.as_fd());
         for i in 0..driver.accepts.len() {
@@ -495,9 +517,15 @@ impl Driver {
         listeners: Vec<Listener>,
         shared: Arc<Shared>,
         config: Config,
-    ) -> Driver {
-        Driver {
+        waiting: Waiting,
+    ) -> Result<Driver, Error> {
+        let wake_set = match waiting {
+            Waiting::InRing => None,
+            Waiting::InRuntime => Some(WakeSet::new().map_err(Error::io("the wake set"))?),
+        };
+        Ok(Driver {
             ring,
+            wake_set,
             ops: Ops::default(),
             accepts: listeners.into_iter().map(AcceptSlot::new).collect(),
             accepting: true,
@@ -520,7 +548,6 @@ impl Driver {
             next_ticket: 0,
             exit: None,
             cqes: Vec::with_capacity(1024),
-            notify: None,
             timeline: Timeline::default(),
             takeover: false,
             takeover_at: None,
@@ -529,6 +556,60 @@ impl Driver {
             spawning: Vec::new(),
             spawn_results: mpsc::channel(),
             span: tracing::Span::none(),
+        })
+    }
+
+    /// Puts into the wake set (if any) every fd the ring is about to wait on: before the ring
+    /// arms its first op on them, as `wake_set.rs` requires.
+    fn watch_initial(&self) -> Result<(), Error> {
+        let Some(set) = &self.wake_set else {
+            return Ok(());
+        };
+        let watch = |fd: std::os::fd::BorrowedFd<'_>, source| {
+            set.add(fd, source)
+                .map_err(Error::io("adding to the wake set"))
+        };
+        // SAFETY: the wake eventfd outlives this driver (owned by `shared` or `workers`).
+        let wake = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.own_wake_fd()) };
+        watch(wake, Source::Other)?;
+        if let Some(fd) = &self.signalfd {
+            watch(fd.as_fd(), Source::Other)?;
+        }
+        if let Some(link) = &self.predecessor {
+            watch(link.channel.as_fd(), Source::Other)?;
+        }
+        if self.accepting {
+            self.watch_listeners();
+        }
+        Ok(())
+    }
+
+    /// Adds `fd` to the wake set, if any; a failure (no memory, the user's epoll watch limit)
+    /// is logged: the fd's events are then seen at the next wake-up of another kind, at the
+    /// latest at the next deadline.
+    fn watch(&self, fd: std::os::fd::BorrowedFd<'_>) {
+        if let Some(set) = &self.wake_set {
+            if let Err(e) = set.add(fd, Source::Other) {
+                tracing::error!(error = %e, "adding an fd to the wake set");
+            }
+        }
+    }
+
+    /// Listeners wake the runtime while this driver accepts, and only then: a draining process
+    /// is not woken for connections its successor takes.
+    fn watch_listeners(&self) {
+        let Some(set) = &self.wake_set else { return };
+        for (i, slot) in self.accepts.iter().enumerate() {
+            if let Err(e) = set.add(slot.listener.fd.as_fd(), Source::Listener(i)) {
+                tracing::error!(listener = %slot.listener.name, error = %e, "adding a listener to the wake set");
+            }
+        }
+    }
+
+    fn unwatch_listeners(&self) {
+        let Some(set) = &self.wake_set else { return };
+        for slot in &self.accepts {
+            set.remove(slot.listener.fd.as_fd());
         }
     }
 
@@ -540,7 +621,7 @@ impl Driver {
 
     /// A worker: an accept ring on its listeners, on the calling thread, following the
     /// coordinator through its worker set. Its connections go to the sink of its own `turn`s.
-    pub(crate) fn new_worker(worker: Worker) -> Result<Driver, Error> {
+    pub(crate) fn new_worker(worker: Worker, waiting: Waiting) -> Result<Driver, Error> {
         let Worker {
             listeners,
             config,
@@ -548,9 +629,10 @@ impl Driver {
         } = worker;
         let (index, set, shared) = (gone.index, gone.set.clone(), gone.shared.clone());
         let ring = new_ring()?;
-        let mut driver = Driver::base(ring, listeners, shared, config);
+        let mut driver = Driver::base(ring, listeners, shared, config, waiting)?;
         driver.role = Role::Worker(gone);
         driver.accepting = set.accepting.load(SeqCst);
+        driver.watch_initial()?;
         // Accepts armed from here on take what is queued anyway (see `sweep_queues`).
         driver.sweeps_seen = set.sweeps.load(SeqCst);
         if driver.accepting {
@@ -592,23 +674,10 @@ impl Driver {
         }
     }
 
-    /// An eventfd the kernel signals whenever a completion becomes pending, for runtimes that
-    /// poll readiness. The ring fd itself is no good for that with DEFER_TASKRUN: deferred
-    /// completions wake only a thread waiting inside io_uring_enter, never the ring's poll
-    /// queue (checked here: an epoll on the ring fd slept through an accepted connection). A
-    /// registered eventfd is signalled when the deferred list goes from empty to non-empty.
-    pub(crate) fn notify_fd(&mut self) -> Result<RawFd, Error> {
-        if let Some(fd) = &self.notify {
-            return Ok(fd.as_raw_fd());
-        }
-        let fd = sys::eventfd().map_err(Error::io("eventfd"))?;
-        self.ring
-            .submitter()
-            .register_eventfd(fd.as_raw_fd())
-            .map_err(Error::io("registering an eventfd with the ring"))?;
-        let raw = fd.as_raw_fd();
-        self.notify = Some(fd);
-        Ok(raw)
+    /// The fd a runtime polls for readability to know when to turn (the wake set's epoll fd);
+    /// `None` for a driver made to wait in the ring.
+    pub(crate) fn readiness_fd(&self) -> Option<RawFd> {
+        self.wake_set.as_ref().map(WakeSet::fd)
     }
 
     /// Whether the ring has completions or deferred work pending (a poll of the ring fd: the
@@ -622,24 +691,12 @@ impl Driver {
         sys::poll_readable(fd)
     }
 
-    /// The wake eventfd (requests, the last connection closing, fds freed).
-    pub(crate) fn wake_fd(&self) -> RawFd {
-        self.own_wake_fd()
-    }
-
     /// The eventfd that wakes this driver: the shared one for the coordinator, its own for a
     /// worker.
     fn own_wake_fd(&self) -> RawFd {
         match &self.role {
             Role::Worker(w) => w.set.wake_of(w.index).as_raw_fd(),
             _ => self.shared.wake.as_raw_fd(),
-        }
-    }
-
-    /// Resets the notify eventfd's counter; call before a turn when it woke the runtime.
-    pub(crate) fn clear_notify(&self) {
-        if let Some(fd) = &self.notify {
-            sys::eventfd_drain(fd.as_fd());
         }
     }
 
@@ -654,8 +711,18 @@ impl Driver {
             return Ok(self.exit);
         }
         self.arm_timer();
+        if let Some(set) = &mut self.wake_set {
+            // Before entering: what becomes ready from here on is a new edge, a new wake-up.
+            let accepts = &mut self.accepts;
+            set.drain(|i| {
+                if let Some(slot) = accepts.get_mut(i) {
+                    slot.woke_at.get_or_insert(slot.delivered);
+                }
+            });
+        }
         self.enter(wait)?;
         self.reap(sink);
+        self.sweep_missed();
         self.on_time(Instant::now());
         self.run_actions();
         self.check_drained();
@@ -1013,6 +1080,7 @@ impl Driver {
             self.update_paused_flag();
         }
         self.accepted += 1;
+        self.accepts[i].delivered += 1;
         let guard = DrainGuard::new(&self.shared);
         let slot = &self.accepts[i];
         if slot.control {
@@ -1093,6 +1161,24 @@ impl Driver {
             .build()
             .user_data(token);
         self.push(with_ioprio(entry, IORING_ACCEPT_DONTWAIT));
+    }
+
+    /// A listener that woke the runtime but delivered nothing in the turn that followed is swept
+    /// (`sweep`): the connection's wake-up may have reached the wake set before the ring's
+    /// exclusive accept waiter queued its task work (`wake_set.rs`), and nothing else would wake
+    /// the runtime for it. Not while the predecessor holds the queue (`takeover_at`): its
+    /// accept gets the connections, and the takeover decides when to take them alongside it.
+    /// Usually the sweep finds the queue empty (-EAGAIN): one SQE, no extra syscall.
+    fn sweep_missed(&mut self) {
+        for i in 0..self.accepts.len() {
+            let slot = &mut self.accepts[i];
+            let Some(seen) = slot.woke_at.take() else {
+                continue;
+            };
+            if slot.delivered == seen && slot.op.is_some() && self.takeover_at.is_none() {
+                self.sweep(i);
+            }
+        }
     }
 
     /// Stops the takeover polls (the in-flight accept finishes by itself: it never waits).
@@ -1286,6 +1372,7 @@ impl Driver {
             }
         }
         self.cancel_takeover_polls();
+        self.unwatch_listeners();
         self.update_paused_flag();
         self.report_if_stopped();
     }
@@ -1296,6 +1383,7 @@ impl Driver {
         self.accepting = true;
         self.stop_reported = false;
         self.tell_workers(|set| set.accepting.store(true, SeqCst));
+        self.watch_listeners();
         for i in 0..self.accepts.len() {
             if self.accepts[i].op.is_none() {
                 self.arm_accept(i);
@@ -1319,6 +1407,10 @@ impl Driver {
             }
             Role::Coordinator(c) if !c.0.all_stopped() => return,
             _ => {
+                tracing::info!(
+                    accepted = self.accepted,
+                    "every accept stopped; connections not accepted yet wait for the successor"
+                );
                 self.feed(Event::AcceptStopped);
                 // The successor may stop its takeover polls: connections reach it alone now.
                 self.send_released();
@@ -1522,6 +1614,8 @@ impl Driver {
                     );
                     let pid = child.pid;
                     self.span.record("child.pid", pid);
+                    self.watch(child.channel.as_fd());
+                    self.watch(child.pidfd.as_fd());
                     self.successor = Some(Successor {
                         pid,
                         upgrade,
@@ -1538,6 +1632,7 @@ impl Driver {
                         "new process started after its upgrade was given up; killing it"
                     );
                     let _ = sys::kill(child.pid, libc::SIGKILL);
+                    self.watch(child.pidfd.as_fd());
                     self.arm_successor_exit(child.pid, child.pidfd);
                 }
                 Err(e) if current => self.feed(Event::SpawnFailed(format!(
@@ -1833,6 +1928,10 @@ impl Driver {
         let Some(at) = next else {
             return;
         };
+        if let Some(set) = &mut self.wake_set {
+            // The timerfd wakes the runtime directly; the turn checks deadlines on the clock.
+            return set.set_timer(at, Instant::now());
+        }
         if self.timer.is_some_and(|(armed, _)| armed <= at) {
             return;
         }

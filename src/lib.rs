@@ -75,6 +75,7 @@ mod server;
 mod spawn;
 mod sys;
 mod systemd;
+mod wake_set;
 mod workers;
 
 pub use error::{Error, UpgradeError};

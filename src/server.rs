@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::driver::Driver;
+use crate::driver::{Driver, Waiting};
 use crate::handoff::SocketKind;
 use crate::handoff::MAX_LISTENERS;
 use crate::inherit::{self, ParentLink};
@@ -503,7 +503,7 @@ impl Server {
     ///
     /// Returns once the process has finished draining; the caller should then exit.
     pub fn run(self, mut on_connection: impl FnMut(Connection)) -> Result<ExitReason, Error> {
-        let mut driver = self.into_driver("run")?;
+        let mut driver = self.into_driver("run", Waiting::InRing)?;
         loop {
             if let Some(exit) = driver.turn(true, &mut on_connection)? {
                 return Ok(exit);
@@ -513,7 +513,7 @@ impl Server {
 
     /// The driver of this server's own ring, made on the calling thread (its ring's one
     /// issuer), leading the workers if [`Server::take_workers`] split them off.
-    pub(crate) fn into_driver(mut self, what: &str) -> Result<Driver, Error> {
+    pub(crate) fn into_driver(mut self, what: &str, waiting: Waiting) -> Result<Driver, Error> {
         if self.config.workers > 1 && self.workers.is_none() {
             return Err(Error::Config(format!(
                 "{what} serves one ring; with workers({}) call take_workers first, or use \
@@ -523,7 +523,7 @@ impl Server {
         }
         let workers = self.workers.take();
         // On an error here `workers` is dropped, which tells the workers to quit.
-        let driver = Driver::new(self)?;
+        let driver = Driver::new(self, waiting)?;
         Ok(match workers {
             Some(coordinator) => driver.with_workers(coordinator),
             None => driver,
@@ -640,7 +640,11 @@ impl Server {
         self,
         on_connection: impl FnMut(Connection),
     ) -> Result<ExitReason, Error> {
-        serve_async(self.into_driver("run_async")?, on_connection).await
+        serve_async(
+            self.into_driver("run_async", Waiting::InRuntime)?,
+            on_connection,
+        )
+        .await
     }
 }
 
@@ -673,7 +677,7 @@ impl Worker {
     /// Accepts on the calling thread, each connection to `on_connection` (which should hand
     /// it off quickly), until the coordinator has finished.
     pub fn run(self, mut on_connection: impl FnMut(Connection)) -> Result<(), Error> {
-        let mut driver = Driver::new_worker(self)?;
+        let mut driver = Driver::new_worker(self, Waiting::InRing)?;
         while driver.turn(true, &mut on_connection)?.is_none() {}
         Ok(())
     }
@@ -682,7 +686,7 @@ impl Worker {
     /// as [`Server::run_async`] does.
     #[cfg(feature = "tokio")]
     pub async fn run_async(self, on_connection: impl FnMut(Connection)) -> Result<(), Error> {
-        serve_async(Driver::new_worker(self)?, on_connection)
+        serve_async(Driver::new_worker(self, Waiting::InRuntime)?, on_connection)
             .await
             .map(drop)
     }
@@ -726,7 +730,8 @@ impl Drop for WorkerGone {
 }
 
 /// Drives `driver` as a task of the current tokio runtime until it exits: see
-/// [`Server::run_async`].
+/// [`Server::run_async`]. The runtime's reactor watches one fd, the driver's wake set (an epoll
+/// instance holding the fds the ring waits on; `wake_set.rs` says why not the ring's eventfd).
 #[cfg(feature = "tokio")]
 #[allow(unsafe_code)]
 async fn serve_async(
@@ -736,49 +741,31 @@ async fn serve_async(
     use tokio::io::unix::AsyncFd;
     use tokio::io::Interest;
 
-    let notify = driver.notify_fd()?;
-    let wake = driver.wake_fd();
-    // SAFETY: both eventfds stay open while registered: `driver` owns them and is dropped
-    // after these (declared earlier, dropped later).
-    let (notify_fd, wake_fd) = unsafe {
-        (
-            AsyncFd::register_with_interest(NotifyFd(notify), Interest::READABLE),
-            AsyncFd::register_with_interest(NotifyFd(wake), Interest::READABLE),
-        )
-    };
-    let notify_fd = notify_fd.map_err(|e| Error::io("registering with the runtime")(e.into()))?;
-    let wake_fd = wake_fd.map_err(|e| Error::io("registering with the runtime")(e.into()))?;
+    let fd = driver
+        .readiness_fd()
+        .expect("a driver made with Waiting::InRuntime has a wake set");
+    // SAFETY: the wake set's fd stays open while registered: `driver` owns it and, a
+    // parameter, is dropped after this local.
+    let wake_set = unsafe { AsyncFd::register_with_interest(NotifyFd(fd), Interest::READABLE) }
+        .map_err(|e| Error::io("registering with the runtime")(e.into()))?;
     loop {
         if let Some(exit) = driver.turn(false, &mut on_connection)? {
             return Ok(exit);
         }
         if driver.has_pending_work() {
-            // More deferred completions than one turn runs: go again, but let the
-            // runtime's other tasks (the connections just handed over) run first.
+            // More deferred completions than one turn runs (or completions posted by this
+            // turn's submit): go again, but let the runtime's other tasks (the connections just
+            // handed over) run first.
             tokio::task::yield_now().await;
             continue;
         }
-        // Woken by the ring (a completion became pending) or directly by the wake eventfd
-        // (a request, the last connection closing): a write to the wake eventfd from
-        // another thread was seen to reach the ring's poll on it without the ring's
-        // registered eventfd firing, so the runtime watches the wake eventfd itself too.
-        std::future::poll_fn(|cx| {
-            let mut woke = false;
-            for fd in [&notify_fd, &wake_fd] {
-                if let std::task::Poll::Ready(ready) = fd.poll_read_ready(cx) {
-                    ready?.clear_ready();
-                    woke = true;
-                }
-            }
-            if woke {
-                std::task::Poll::Ready(Ok::<(), std::io::Error>(()))
-            } else {
-                std::task::Poll::Pending
-            }
-        })
-        .await
-        .map_err(Error::io("polling the ring"))?;
-        driver.clear_notify();
+        // The next turn drains the wake set first, so a readiness that comes after this
+        // clear is a new edge and wakes the runtime again.
+        wake_set
+            .readable()
+            .await
+            .map_err(Error::io("polling the wake set"))?
+            .clear_ready();
     }
 }
 

@@ -69,6 +69,8 @@ fn wait_log(server: &EchoServer, pattern: &str, n: usize, bound: Duration) -> bo
 
 /// The log line of a rollback: the upgrade failed and the old process serves on.
 const ROLLED_BACK: &str = "upgrade failed; still serving";
+/// The log line of a process whose accepts have all stopped (after READY, or at shutdown).
+const LET_GO: &str = "every accept stopped";
 
 /// Waits (bounded) until the log has `n` rollbacks; panics with `what` and the log's tail.
 fn expect_rollbacks(server: &EchoServer, n: usize, bound: Duration, what: impl std::fmt::Display) {
@@ -751,6 +753,13 @@ fn old_killed_during_drain_new_unaffected() {
     thread::sleep(ms(200));
     let old = server.current();
     let new = server.upgrade();
+    // The pid file names the new process once it is READY; the old one accepts until it has
+    // noticed, and connections opened before its let-go may be its own: wait for the let-go.
+    assert!(
+        wait_log(&server, LET_GO, 1, secs(5)),
+        "the old process did not let go\n{}",
+        server.log_tail()
+    );
     let ll = light_load(server.addr(), 0, 8); // long-lived on the new process
     thread::sleep(ms(300));
     assert!(old.alive(), "old process must still drain");

@@ -143,7 +143,7 @@ fn a_connection_whose_wake_up_the_predecessor_spent_is_served_after_release() {
     let addr = server.local_addr("t").unwrap();
     let listener = server.listeners[0].fd.as_raw_fd();
     let mut old = Predecessor::adopt(&mut server, &[listener]);
-    let mut driver = without_takeover(Driver::new(server).unwrap());
+    let mut driver = without_takeover(Driver::new(server, super::Waiting::InRing).unwrap());
     old.expect_ready();
 
     let mut client = TcpStream::connect(addr).unwrap();
@@ -181,8 +181,9 @@ fn connections_stranded_on_a_workers_listener_are_served_after_release() {
         worker.listeners[0].fd.as_raw_fd(),
     ];
     let mut old = Predecessor::adopt(&mut server, &members);
-    let mut coordinator = without_takeover(server.into_driver("test").unwrap());
-    let mut worker = Driver::new_worker(worker).unwrap();
+    let mut coordinator =
+        without_takeover(server.into_driver("test", super::Waiting::InRing).unwrap());
+    let mut worker = Driver::new_worker(worker, super::Waiting::InRing).unwrap();
     old.expect_ready();
 
     let _clients: Vec<TcpStream> = (0..CONNS)
@@ -241,7 +242,7 @@ fn an_elders_release_is_forwarded_to_the_successor() {
     let listener = server.listeners[0].fd.as_raw_fd();
     let mut elder = Predecessor::adopt(&mut server, &[listener]);
     upgrade_to_a_stand_in(&mut server);
-    let mut driver = without_takeover(Driver::new(server).unwrap());
+    let mut driver = without_takeover(Driver::new(server, super::Waiting::InRing).unwrap());
     elder.expect_ready();
     hold_the_drain(&driver);
 
@@ -332,7 +333,7 @@ fn start_successor(driver: &mut Driver) -> (u32, OwnedFd, UpgradeId) {
 fn a_successor_that_retires_right_after_ready_is_not_taken_for_a_crash() {
     let mut server = tcp_server(1);
     upgrade_to_a_stand_in(&mut server);
-    let mut driver = Driver::new(server).unwrap();
+    let mut driver = Driver::new(server, super::Waiting::InRing).unwrap();
     hold_the_drain(&driver);
     let (pid, channel, upgrade) = start_successor(&mut driver);
     let _successor = KillOnDrop(pid);
@@ -377,5 +378,138 @@ fn a_successor_that_retires_right_after_ready_is_not_taken_for_a_crash() {
         phase,
         crate::Phase::Draining,
         "a successor that retired and exited was taken for a crash"
+    );
+}
+
+/// Whether `fd` polls readable within `ms` milliseconds.
+fn readable_within(fd: RawFd, ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd.
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+}
+
+/// Turns as `serve_async` does after a wake-up: once, then again while the ring has work
+/// pending (bounded). Returns the connections delivered.
+fn turn_as_a_runtime(driver: &mut Driver) -> Vec<(OwnedFd, DrainGuard)> {
+    let mut delivered = Vec::new();
+    let mut sink = |conn: Connection| delivered.push(conn.into_parts());
+    driver.turn(false, &mut sink).unwrap();
+    for _ in 0..100 {
+        if !driver.has_pending_work() {
+            break;
+        }
+        driver.turn(false, &mut sink).unwrap();
+    }
+    delivered
+}
+
+/// A driver made for a runtime (`Waiting::InRuntime`) is woken through its wake set, by the
+/// fds its ring waits on and never by an eventfd registered with the ring (whose signal the
+/// kernel may defer by an RCU grace period: `wake_set.rs`). Each of a connection, a request
+/// from another thread (the wake eventfd), a signal and a deadline must make the wake set
+/// readable, and the turn that follows must complete what it announced: the connection is
+/// delivered in that turn (the ring's task work was queued before the wake-up, or the sweep
+/// took it), the request and the signal are handled.
+#[test]
+fn in_a_runtime_every_source_wakes_the_wake_set_and_one_turn_handles_it() {
+    let server = tcp_server(1);
+    let addr = server.local_addr("t").unwrap();
+    let handle = server.handle();
+    let mut driver = Driver::new(server, super::Waiting::InRuntime).unwrap();
+    let fd = driver.readiness_fd().expect("a wake set");
+    turn_as_a_runtime(&mut driver);
+
+    for round in 0..50 {
+        let _client = TcpStream::connect(addr).unwrap();
+        assert!(
+            readable_within(fd, 2_000),
+            "round {round}: a connection did not wake the wake set"
+        );
+        let delivered = turn_as_a_runtime(&mut driver);
+        assert_eq!(
+            delivered.len(),
+            1,
+            "round {round}: the turn after the wake-up did not deliver the connection"
+        );
+    }
+
+    // A request from another thread: the wake eventfd. (The upgrade fails at once: the
+    // binary is missing; what matters is that the driver handled the request.)
+    let mut server_exe = driver.config.exe.clone();
+    server_exe.set_file_name("no-such-binary-for-this-test");
+    driver.config.exe = server_exe;
+    let requester = std::thread::spawn(move || handle.upgrade());
+    assert!(
+        readable_within(fd, 2_000),
+        "a request did not wake the wake set"
+    );
+    let deadline = Instant::now() + BOUND;
+    while !requester.is_finished() && Instant::now() < deadline {
+        if readable_within(fd, 100) {
+            turn_as_a_runtime(&mut driver);
+        }
+    }
+    let outcome = requester.join().unwrap();
+    assert!(
+        outcome.is_err(),
+        "upgrading to a missing binary: {outcome:?}"
+    );
+
+    // A signal: the signalfd (SIGHUP is blocked by build(), so it is queued for it).
+    // SAFETY: raising a signal that is blocked and read by this driver's signalfd.
+    assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
+    assert!(
+        readable_within(fd, 2_000),
+        "a signal did not wake the wake set"
+    );
+    turn_as_a_runtime(&mut driver);
+    assert_ne!(
+        driver.machine.phase(),
+        crate::Phase::Serving,
+        "SIGTERM not handled"
+    );
+    // Draining with nothing live: done in the same turn or at the next wake-up.
+    let deadline = Instant::now() + BOUND;
+    while driver.exit.is_none() && Instant::now() < deadline {
+        if readable_within(fd, 100) {
+            turn_as_a_runtime(&mut driver);
+        }
+    }
+    assert_eq!(
+        driver.exit,
+        Some(crate::ExitReason::Shutdown),
+        "the drain did not end"
+    );
+}
+
+/// The deadline timer of a driver in a runtime is the wake set's timerfd: a deadline wakes the
+/// runtime, and the turn acts on it. Here the start deadline of an upgrade whose binary never
+/// says READY (a stand-in that sleeps): the wake set becomes readable once the deadline has
+/// passed, and the turn rolls the upgrade back.
+#[test]
+fn in_a_runtime_a_deadline_wakes_the_wake_set() {
+    let mut server = tcp_server(1);
+    upgrade_to_a_stand_in(&mut server);
+    server.config.timeouts.ready = Duration::from_millis(200);
+    let mut driver = Driver::new(server, super::Waiting::InRuntime).unwrap();
+    let fd = driver.readiness_fd().expect("a wake set");
+    let (pid, _channel, _upgrade) = start_successor(&mut driver);
+    let _successor = KillOnDrop(pid);
+    assert_eq!(driver.machine.phase(), crate::Phase::HandingOver);
+    let deadline = Instant::now() + BOUND;
+    while driver.machine.phase() != crate::Phase::Serving && Instant::now() < deadline {
+        // Sleep in poll as a runtime would: only the wake set can end the wait early.
+        if readable_within(fd, 1_000) {
+            turn_as_a_runtime(&mut driver);
+        }
+    }
+    assert_eq!(
+        driver.machine.phase(),
+        crate::Phase::Serving,
+        "the ready deadline did not wake the runtime and roll the upgrade back"
     );
 }

@@ -1096,6 +1096,24 @@ impl EchoServer {
     pub fn log_path(&self) -> &Path {
         &self.log
     }
+
+    /// Waits (polling every 10 ms, at most `bound`) until the server's log contains `needle`;
+    /// panics with `what` and the log's tail otherwise. For events that another process logs
+    /// at its own pace: a test waits for the event, never for a guessed delay.
+    pub fn wait_for_log(&self, needle: &str, bound: Duration, what: &str) {
+        let deadline = Instant::now() + bound;
+        loop {
+            if std::fs::read_to_string(&self.log).is_ok_and(|log| log.contains(needle)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: no \"{needle}\" in the log within {bound:?}\n--- server log ---\n{}",
+                self.log_tail()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 impl Drop for EchoServer {
