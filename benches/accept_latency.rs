@@ -6,7 +6,7 @@
 //! The six loops (`<loop>` in the benchmark ids):
 //! - `ringflip`: `Server::run`, blocking, the ring on the server thread;
 //! - `ringflip-tokio`: `Server::run_async` on a current-thread tokio runtime, in a `LocalSet`
-//!   (the ring's notification eventfd polled by tokio's epoll reactor);
+//!   (the driver's wake set, an epoll of the fds its ring waits on, polled by tokio's reactor);
 //! - `ringflip-tokio-uring`: `Server::run_async` inside `tokio_uring::start` (the same, on
 //!   tokio-uring's runtime, which has its own ring besides ringflip's);
 //! - `tokio`: a `tokio::net::TcpListener::accept` loop on a current-thread runtime;

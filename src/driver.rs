@@ -682,9 +682,10 @@ impl Driver {
 
     /// Whether the ring has completions or deferred work pending (a poll of the ring fd: the
     /// kernel reports POLLIN for either). Each non-blocking turn runs only a bounded batch of
-    /// deferred work (20 items on this kernel) and the notify eventfd fires only when the
-    /// deferred list goes from empty to non-empty, so after a turn the runtime must turn again
-    /// while this says so, or the rest would wait for unrelated new work.
+    /// deferred work (20 items on this kernel), and completions posted by the turn's own submit
+    /// (a sweep, a cancel's terminal completion) make no fd of the wake set ready, so after a
+    /// turn the runtime must turn again while this says so, or the rest would wait for
+    /// unrelated new work.
     pub(crate) fn has_pending_work(&self) -> bool {
         // SAFETY: the ring fd is open for as long as `self.ring` lives.
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.ring.as_raw_fd()) };
@@ -733,9 +734,9 @@ impl Driver {
         }
         // Handling completions queued new SQEs (re-armed reads, cancels, the HELLO…) and may
         // have moved the next deadline (a new phase, a timer that fired for a deadline since
-        // replaced). Arm it and submit now: a runtime that sleeps on the notify eventfd after
-        // this turn would otherwise sleep with, say, the wake eventfd's read or the start
-        // deadline not armed, and miss the wake-up.
+        // replaced). Arm it and submit now: a runtime that sleeps on the wake set after this
+        // turn would otherwise sleep with, say, the wake eventfd's read or the start deadline
+        // not armed, and miss the wake-up.
         self.arm_timer();
         if !self.ring.submission().is_empty() {
             if let Err(e) = self.ring.submit() {
@@ -1168,16 +1169,30 @@ impl Driver {
     /// exclusive accept waiter queued its task work (`wake_set.rs`), and nothing else would wake
     /// the runtime for it. Not while the predecessor holds the queue (`takeover_at`): its
     /// accept gets the connections, and the takeover decides when to take them alongside it.
-    /// Usually the sweep finds the queue empty (-EAGAIN): one SQE, no extra syscall.
     fn sweep_missed(&mut self) {
         for i in 0..self.accepts.len() {
             let slot = &mut self.accepts[i];
             let Some(seen) = slot.woke_at.take() else {
                 continue;
             };
-            if slot.delivered == seen && slot.op.is_some() && self.takeover_at.is_none() {
+            let missed = slot.delivered == seen
+                && slot.op.is_some()
+                // Queued still: the common case (a connection already taken in the turn
+                // before this edge was drained) costs one poll, not a sweep and a turn.
+                && sys::poll_readable(slot.listener.fd.as_fd());
+            if missed && !self.predecessor_holds_queue() {
                 self.sweep(i);
             }
+        }
+    }
+
+    /// Whether this process's predecessor still holds the accept queues and may take their
+    /// connections (it has not let go, and the takeover has not started): the coordinator
+    /// knows it from `takeover_at`, a worker from its worker set.
+    fn predecessor_holds_queue(&self) -> bool {
+        match &self.role {
+            Role::Worker(w) => w.set.predecessor_holds_queue.load(SeqCst),
+            _ => self.takeover_at.is_some(),
         }
     }
 
@@ -1186,6 +1201,7 @@ impl Driver {
     fn end_takeover(&mut self, released: bool) {
         self.takeover_at = None;
         if released {
+            self.tell_workers(|set| set.predecessor_holds_queue.store(false, SeqCst));
             self.sweep_queues();
             self.forward_release();
         }

@@ -550,7 +550,7 @@ impl Server {
             return Err(Error::Config("the workers were already taken".into()));
         }
         // Everything that can fail comes first, so that a failure leaves this server as it was.
-        let set = Arc::new(WorkerSet::new(n - 1)?);
+        let set = Arc::new(WorkerSet::new(n - 1, self.parent.is_some())?);
         let mut per_worker: Vec<Vec<Listener>> = (0..n).map(|_| Vec::new()).collect();
         let mut mine = Vec::new();
         for l in std::mem::take(&mut self.listeners) {
@@ -631,8 +631,9 @@ impl Server {
         result
     }
 
-    /// Serves as a task of the current tokio runtime (a tokio-uring runtime is one): the ring's
-    /// fd is polled by the runtime's reactor, and each accepted connection goes to
+    /// Serves as a task of the current tokio runtime (a tokio-uring runtime is one): the
+    /// runtime's reactor polls one fd of the driver's (an epoll of the fds its ring waits on;
+    /// see `docs/WAKEUPS.md`), and each accepted connection goes to
     /// `on_connection` on this same thread, with no thread hop. Must be awaited on one thread
     /// (a `LocalSet`, a current-thread runtime, or tokio-uring).
     #[cfg(feature = "tokio")]

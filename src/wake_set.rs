@@ -155,9 +155,12 @@ impl WakeSet {
 
     /// Sets the timerfd to fire at `at`, unless it is set for that moment or earlier already.
     pub(crate) fn set_timer(&mut self, at: Instant, now: Instant) {
+        // Set for `at` already: it fires, or it fired and its edge wakes (or woke) the runtime.
+        // Set for an earlier moment still to come: that wake-up comes first, and the turn it
+        // starts sets the timer again.
         if self
             .timer_at
-            .is_some_and(|armed| armed <= at && armed > now)
+            .is_some_and(|armed| armed == at || (armed < at && armed > now))
         {
             return;
         }

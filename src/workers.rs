@@ -17,6 +17,11 @@ use crate::{sys, Error};
 #[derive(Debug)]
 pub(crate) struct WorkerSet {
     pub accepting: AtomicBool,
+    /// The process's predecessor still holds the accept queues (this process is a successor
+    /// whose predecessor has not let go yet): a worker must not take connections outside its
+    /// own multishot accepts (see `Driver::sweep_missed`). Cleared by the coordinator when the
+    /// predecessor lets go, before it bumps `sweeps`.
+    pub predecessor_holds_queue: AtomicBool,
     /// Bumped by the coordinator when every worker must sweep its accept queues (the
     /// predecessor let go: see `Driver::sweep_queues`).
     pub sweeps: AtomicU64,
@@ -27,9 +32,10 @@ pub(crate) struct WorkerSet {
 
 impl WorkerSet {
     /// Shared state for `n` workers besides the coordinator.
-    pub(crate) fn new(n: usize) -> Result<WorkerSet, Error> {
+    pub(crate) fn new(n: usize, successor: bool) -> Result<WorkerSet, Error> {
         Ok(WorkerSet {
             accepting: AtomicBool::new(true),
+            predecessor_holds_queue: AtomicBool::new(successor),
             sweeps: AtomicU64::new(0),
             quit: AtomicBool::new(false),
             stopped: (0..n).map(|_| AtomicBool::new(false)).collect(),

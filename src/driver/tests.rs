@@ -106,8 +106,17 @@ impl Predecessor {
 /// Turns `drivers` (without waiting) until they have delivered `n` connections or `BOUND` has
 /// passed; returns what they delivered.
 fn serve(drivers: &mut [&mut Driver], n: usize) -> Vec<(OwnedFd, DrainGuard)> {
+    serve_within(drivers, n, BOUND)
+}
+
+/// [`serve`] for at most `bound`.
+fn serve_within(
+    drivers: &mut [&mut Driver],
+    n: usize,
+    bound: Duration,
+) -> Vec<(OwnedFd, DrainGuard)> {
     let mut delivered = Vec::new();
-    let deadline = Instant::now() + BOUND;
+    let deadline = Instant::now() + bound;
     while delivered.len() < n && Instant::now() < deadline {
         for driver in drivers.iter_mut() {
             let mut sink = |conn: Connection| delivered.push(conn.into_parts());
@@ -211,14 +220,32 @@ fn successor_channel(pid: u32) -> OwnedFd {
     unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as RawFd) }
 }
 
-/// SIGKILLs and reaps a child of this process when dropped (also when the test fails).
-struct KillOnDrop(u32);
+/// SIGKILLs and reaps a child of this process when dropped (also when the test fails),
+/// through a pidfd: if the driver reaped it first, its pid may name another process by then.
+struct KillOnDrop(OwnedFd);
+
+impl KillOnDrop {
+    fn new(pid: u32) -> KillOnDrop {
+        KillOnDrop(crate::sys::pidfd_open(pid).expect("pidfd_open of a live child"))
+    }
+}
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        let _ = crate::sys::kill(self.0, libc::SIGKILL);
-        // SAFETY: reaping our own child, which SIGKILL ends promptly.
-        unsafe { libc::waitpid(self.0 as libc::pid_t, std::ptr::null_mut(), 0) };
+        let fd = self.0.as_raw_fd();
+        // SAFETY: plain syscalls on a pidfd we own; siginfo may be null for waitid here
+        // (P_PIDFD with WEXITED); ESRCH/ECHILD (already reaped) are fine.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd,
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            );
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(libc::P_PIDFD, fd as libc::id_t, &mut info, libc::WEXITED);
+        }
     }
 }
 
@@ -247,7 +274,7 @@ fn an_elders_release_is_forwarded_to_the_successor() {
     hold_the_drain(&driver);
 
     let (pid, channel, upgrade) = start_successor(&mut driver);
-    let _successor = KillOnDrop(pid);
+    let _successor = KillOnDrop::new(pid);
     let ready = Message::Ready(upgrade).encode().unwrap();
     crate::sys::send_nonblocking(channel.as_fd(), &ready).unwrap();
 
@@ -336,7 +363,7 @@ fn a_successor_that_retires_right_after_ready_is_not_taken_for_a_crash() {
     let mut driver = Driver::new(server, super::Waiting::InRing).unwrap();
     hold_the_drain(&driver);
     let (pid, channel, upgrade) = start_successor(&mut driver);
-    let _successor = KillOnDrop(pid);
+    let _successor = KillOnDrop::new(pid);
 
     for message in [Message::Ready(upgrade), Message::Retiring(upgrade)] {
         crate::sys::send_nonblocking(channel.as_fd(), &message.encode().unwrap()).unwrap();
@@ -369,8 +396,6 @@ fn a_successor_that_retires_right_after_ready_is_not_taken_for_a_crash() {
         driver.successor.is_none(),
         "the successor's exit was not seen"
     );
-    // The driver reaped it: no kill or wait on a pid that may be reused now.
-    std::mem::forget(_successor);
     assert!(one_batch, "READY and the exit came in different turns");
     let phase = driver.machine.phase();
     end_the_drain(&driver);
@@ -453,13 +478,18 @@ fn in_a_runtime_every_source_wakes_the_wake_set_and_one_turn_handles_it() {
             turn_as_a_runtime(&mut driver);
         }
     }
+    assert!(
+        requester.is_finished(),
+        "the upgrade request was not answered within {BOUND:?}"
+    );
     let outcome = requester.join().unwrap();
     assert!(
         outcome.is_err(),
         "upgrading to a missing binary: {outcome:?}"
     );
 
-    // A signal: the signalfd (SIGHUP is blocked by build(), so it is queued for it).
+    // A signal: the signalfd (build() blocked SIGTERM on this thread, so it stays queued for
+    // the signalfd; `raise` signals the calling thread).
     // SAFETY: raising a signal that is blocked and read by this driver's signalfd.
     assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
     assert!(
@@ -498,7 +528,7 @@ fn in_a_runtime_a_deadline_wakes_the_wake_set() {
     let mut driver = Driver::new(server, super::Waiting::InRuntime).unwrap();
     let fd = driver.readiness_fd().expect("a wake set");
     let (pid, _channel, _upgrade) = start_successor(&mut driver);
-    let _successor = KillOnDrop(pid);
+    let _successor = KillOnDrop::new(pid);
     assert_eq!(driver.machine.phase(), crate::Phase::HandingOver);
     let deadline = Instant::now() + BOUND;
     while driver.machine.phase() != crate::Phase::Serving && Instant::now() < deadline {
@@ -511,5 +541,80 @@ fn in_a_runtime_a_deadline_wakes_the_wake_set() {
         driver.machine.phase(),
         crate::Phase::Serving,
         "the ready deadline did not wake the runtime and roll the upgrade back"
+    );
+}
+
+/// The sweep that closes the one race of the wake set (`Driver::sweep_missed`): a listener
+/// that woke the runtime while the ring's accept got no task work. Made deterministic here with
+/// the predecessor stand-in: its multishot accept, armed first, takes the connection's
+/// (exclusive) wake-up and never runs, so the driver's own accept gets nothing, while the
+/// driver's wake set (a non-exclusive waiter) is woken. With the takeover under way (here:
+/// `takeover_at` cleared), the turn after that wake-up must take the connection itself.
+#[test]
+fn in_a_runtime_a_listener_that_woke_but_delivered_nothing_is_swept() {
+    let mut server = tcp_server(1);
+    let addr = server.local_addr("t").unwrap();
+    let listener = server.listeners[0].fd.as_raw_fd();
+    let old = Predecessor::adopt(&mut server, &[listener]);
+    let mut driver = without_takeover(Driver::new(server, super::Waiting::InRuntime).unwrap());
+    old.expect_ready();
+    let fd = driver.readiness_fd().expect("a wake set");
+    turn_as_a_runtime(&mut driver);
+
+    for round in 0..10 {
+        let _client = TcpStream::connect(addr).unwrap();
+        assert!(
+            readable_within(fd, 2_000),
+            "round {round}: the connection did not wake the wake set"
+        );
+        let delivered = turn_as_a_runtime(&mut driver);
+        assert_eq!(
+            delivered.len(),
+            1,
+            "round {round}: the connection whose wake-up the predecessor's accept took was \
+             not swept"
+        );
+    }
+    drop(old);
+}
+
+/// A worker of a new process, in a runtime, must leave the connections queued on its listener
+/// to the predecessor until the predecessor lets go: its wake set sees every connection, but
+/// the sweep of `sweep_missed` would take them from under a predecessor that may still roll the
+/// upgrade back (killing this process and resetting what it took). After RELEASED the worker
+/// sweeps and takes its share (as `connections_stranded_on_a_workers_listener_...`).
+#[test]
+fn in_a_runtime_a_worker_takes_nothing_its_predecessor_holds() {
+    const CONNS: usize = 16;
+    let mut server = tcp_server(2);
+    let addr = server.local_addr("t").unwrap();
+    let members: Vec<RawFd> = server.listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
+    assert_eq!(members.len(), 2, "one listener per worker");
+    let mut old = Predecessor::adopt(&mut server, &members);
+    let worker = server.take_workers().unwrap().pop().unwrap();
+    let mut coordinator =
+        without_takeover(server.into_driver("test", super::Waiting::InRing).unwrap());
+    let mut worker = Driver::new_worker(worker, super::Waiting::InRuntime).unwrap();
+    old.expect_ready();
+
+    let _clients: Vec<TcpStream> = (0..CONNS)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    let early = serve_within(
+        &mut [&mut coordinator, &mut worker],
+        CONNS,
+        Duration::from_millis(300),
+    );
+    assert_eq!(
+        early.len(),
+        0,
+        "connections the predecessor holds were taken before it let go"
+    );
+    old.let_go();
+    let delivered = serve(&mut [&mut coordinator, &mut worker], CONNS);
+    assert_eq!(
+        delivered.len(),
+        CONNS,
+        "connections queued while the predecessor let go, not taken within {BOUND:?}"
     );
 }
