@@ -56,19 +56,8 @@ struct Running {
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    if argv.first().map(String::as_str) == Some("--serve") {
-        let kind = argv.get(1).cloned().unwrap_or_default();
-        let rest = argv.into_iter().skip(2);
-        use support::echo_server::{main as echo, Runtime};
-        return match kind.as_str() {
-            "ringflip" => echo(rest, Runtime::TokioUring),
-            "ringflip-tokio" => echo(rest, Runtime::Tokio),
-            "ringflip-blocking" => echo(rest, Runtime::Blocking),
-            other => peers::dispatch(other, rest).unwrap_or_else(|| {
-                eprintln!("unknown server kind {other:?}");
-                ExitCode::from(2)
-            }),
-        };
+    if let Some(exit) = peers::serve_if_asked(&argv) {
+        return exit;
     }
     // `cargo bench -- FILTER` passes the filter to every bench: run only when it names this one.
     let filtered_out = argv
@@ -170,8 +159,13 @@ fn start(kind: &'static str, dir: &std::path::Path, pin: bool) -> Result<Running
     if pin {
         pin_to_cpu(0); // the server inherits this thread's affinity
     }
+    let serve: &[&str] = match kind {
+        "ringflip-blocking" => &["--serve", "ringflip", "--runtime", "blocking"],
+        _ => &["--serve", kind],
+    };
     let child = Command::new(exe)
-        .args(["--serve", kind, "--listen", &addr.to_string(), "--pid-file"])
+        .args(serve)
+        .args(["--listen", &addr.to_string(), "--pid-file"])
         .arg(&pid_file)
         .args(["--drain-timeout-ms", "2000"])
         .env("RUST_LOG", "warn")

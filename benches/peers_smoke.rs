@@ -43,21 +43,13 @@ use support::scenario::{self, alive, read_pid, signal};
 const WAIT: Duration = Duration::from_secs(10);
 
 fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1).peekable();
-    if args.peek().map(String::as_str) == Some("--serve") {
-        args.next();
-        let kind = args.next().unwrap_or_default();
-        return peers::dispatch(&kind, args).unwrap_or_else(|| {
-            eprintln!(
-                "peers_smoke: unknown peer {kind:?}; one of {:?}",
-                peers::KINDS
-            );
-            ExitCode::from(2)
-        });
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(exit) = peers::serve_if_asked(&argv) {
+        return exit;
     }
     // `--test`, `--bench` (added by cargo bench) and other flags: nothing to change, the check
     // is quick. Other words name the peers to check.
-    let wanted: Vec<String> = args.filter(|a| !a.starts_with('-')).collect();
+    let wanted: Vec<String> = argv.into_iter().filter(|a| !a.starts_with('-')).collect();
     if let Some(bad) = wanted.iter().find(|w| !peers::KINDS.contains(&w.as_str())) {
         eprintln!(
             "peers_smoke: unknown peer {bad:?}; one of {:?}",

@@ -90,21 +90,8 @@ struct Opts {
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    if argv.first().map(String::as_str) == Some("--serve") {
-        let kind = argv.get(1).cloned().unwrap_or_default();
-        let rest = argv.into_iter().skip(2);
-        return match kind.as_str() {
-            "ringflip" => {
-                support::echo_server::main(rest, support::echo_server::Runtime::TokioUring)
-            }
-            "ringflip-tokio" => {
-                support::echo_server::main(rest, support::echo_server::Runtime::Tokio)
-            }
-            other => peers::dispatch(other, rest).unwrap_or_else(|| {
-                eprintln!("unknown server kind {other:?}");
-                ExitCode::from(2)
-            }),
-        };
+    if let Some(exit) = peers::serve_if_asked(&argv) {
+        return exit;
     }
     let mut o = Opts {
         upgrades: 20,

@@ -54,6 +54,27 @@ pub fn dispatch(kind: &str, argv: impl Iterator<Item = String>) -> Option<ExitCo
     }
 }
 
+/// `--serve KIND ARGS…` as the benches' first arguments: runs server KIND (`ringflip` and
+/// `ringflip-tokio`, ringflip's echo server on tokio-uring or tokio, which also takes
+/// `--runtime blocking`; or a peer of [`dispatch`]) and returns its exit code. `None` when
+/// `argv` (without the program name) does not start with `--serve`.
+pub fn serve_if_asked(argv: &[String]) -> Option<ExitCode> {
+    use crate::support::echo_server::{main as echo, Runtime};
+    if argv.first().map(String::as_str) != Some("--serve") {
+        return None;
+    }
+    let kind = argv.get(1).cloned().unwrap_or_default();
+    let rest = argv.iter().skip(2).cloned();
+    Some(match kind.as_str() {
+        "ringflip" => echo(rest, Runtime::TokioUring),
+        "ringflip-tokio" => echo(rest, Runtime::Tokio),
+        other => dispatch(other, rest).unwrap_or_else(|| {
+            eprintln!("unknown server kind {other:?}");
+            ExitCode::from(2)
+        }),
+    })
+}
+
 /// Readies peer `kind` to run here (builds the tableflip server), or says why it cannot: a
 /// package that is not installed, a failed build. The Rust peers always can.
 pub fn prepare(kind: &str) -> Result<(), String> {

@@ -181,26 +181,36 @@ fn a_connection_whose_wake_up_the_predecessor_spent_is_served_after_release() {
 /// 16 connections over two members, that is all but certain.)
 #[test]
 fn connections_stranded_on_a_workers_listener_are_served_after_release() {
+    successor_with_a_worker(super::Waiting::InRing, Duration::from_millis(20));
+}
+
+/// A successor with one worker waiting as `waiting`, and a predecessor stand-in armed first on
+/// both SO_REUSEPORT members: 16 connections are made; for `hold`, the drivers turn and must
+/// take none of them (the predecessor holds them); then the predecessor lets go, and the
+/// coordinator and its worker between them must take all 16 within `BOUND`.
+fn successor_with_a_worker(waiting: super::Waiting, hold: Duration) {
     const CONNS: usize = 16;
     let mut server = tcp_server(2);
     let addr = server.local_addr("t").unwrap();
-    let worker = server.take_workers().unwrap().pop().unwrap();
-    let members = [
-        server.listeners[0].fd.as_raw_fd(),
-        worker.listeners[0].fd.as_raw_fd(),
-    ];
+    let members: Vec<RawFd> = server.listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
+    assert_eq!(members.len(), 2, "one listener per worker");
     let mut old = Predecessor::adopt(&mut server, &members);
+    let worker = server.take_workers().unwrap().pop().unwrap();
     let mut coordinator =
         without_takeover(server.into_driver("test", super::Waiting::InRing).unwrap());
-    let mut worker = Driver::new_worker(worker, super::Waiting::InRing).unwrap();
+    let mut worker = Driver::new_worker(worker, waiting).unwrap();
     old.expect_ready();
 
     let _clients: Vec<TcpStream> = (0..CONNS)
         .map(|_| TcpStream::connect(addr).unwrap())
         .collect();
-    std::thread::sleep(Duration::from_millis(20));
+    let early = serve_within(&mut [&mut coordinator, &mut worker], CONNS, hold);
+    assert_eq!(
+        early.len(),
+        0,
+        "connections the predecessor holds were taken before it let go"
+    );
     old.let_go();
-
     let delivered = serve(&mut [&mut coordinator, &mut worker], CONNS);
     assert_eq!(
         delivered.len(),
@@ -432,6 +442,25 @@ fn turn_as_a_runtime(driver: &mut Driver) -> Vec<(OwnedFd, DrainGuard)> {
     delivered
 }
 
+/// `rounds` times: one connection to `addr`, which must make the driver's wake set readable,
+/// and be delivered by the turns that follow (as a runtime turns after a wake-up).
+fn connect_and_expect_one_turn(driver: &mut Driver, addr: std::net::SocketAddr, rounds: usize) {
+    let fd = driver.readiness_fd().expect("a wake set");
+    for round in 0..rounds {
+        let _client = TcpStream::connect(addr).unwrap();
+        assert!(
+            readable_within(fd, 2_000),
+            "round {round}: a connection did not wake the wake set"
+        );
+        let delivered = turn_as_a_runtime(driver);
+        assert_eq!(
+            delivered.len(),
+            1,
+            "round {round}: the turn after the wake-up did not deliver the connection"
+        );
+    }
+}
+
 /// A driver made for a runtime (`Waiting::InRuntime`) is woken through its wake set, by the
 /// fds its ring waits on and never by an eventfd registered with the ring (whose signal the
 /// kernel may defer by an RCU grace period: `wake_set.rs`). Each of a connection, a request
@@ -447,20 +476,7 @@ fn in_a_runtime_every_source_wakes_the_wake_set_and_one_turn_handles_it() {
     let mut driver = Driver::new(server, super::Waiting::InRuntime).unwrap();
     let fd = driver.readiness_fd().expect("a wake set");
     turn_as_a_runtime(&mut driver);
-
-    for round in 0..50 {
-        let _client = TcpStream::connect(addr).unwrap();
-        assert!(
-            readable_within(fd, 2_000),
-            "round {round}: a connection did not wake the wake set"
-        );
-        let delivered = turn_as_a_runtime(&mut driver);
-        assert_eq!(
-            delivered.len(),
-            1,
-            "round {round}: the turn after the wake-up did not deliver the connection"
-        );
-    }
+    connect_and_expect_one_turn(&mut driver, addr, 50);
 
     // A request from another thread: the wake eventfd. (The upgrade fails at once: the
     // binary is missing; what matters is that the driver handled the request.)
@@ -558,23 +574,10 @@ fn in_a_runtime_a_listener_that_woke_but_delivered_nothing_is_swept() {
     let old = Predecessor::adopt(&mut server, &[listener]);
     let mut driver = without_takeover(Driver::new(server, super::Waiting::InRuntime).unwrap());
     old.expect_ready();
-    let fd = driver.readiness_fd().expect("a wake set");
     turn_as_a_runtime(&mut driver);
-
-    for round in 0..10 {
-        let _client = TcpStream::connect(addr).unwrap();
-        assert!(
-            readable_within(fd, 2_000),
-            "round {round}: the connection did not wake the wake set"
-        );
-        let delivered = turn_as_a_runtime(&mut driver);
-        assert_eq!(
-            delivered.len(),
-            1,
-            "round {round}: the connection whose wake-up the predecessor's accept took was \
-             not swept"
-        );
-    }
+    // Without the sweep, none of these would be delivered: the predecessor's accept took
+    // every wake-up and never runs.
+    connect_and_expect_one_turn(&mut driver, addr, 10);
     drop(old);
 }
 
@@ -585,36 +588,5 @@ fn in_a_runtime_a_listener_that_woke_but_delivered_nothing_is_swept() {
 /// sweeps and takes its share (as `connections_stranded_on_a_workers_listener_...`).
 #[test]
 fn in_a_runtime_a_worker_takes_nothing_its_predecessor_holds() {
-    const CONNS: usize = 16;
-    let mut server = tcp_server(2);
-    let addr = server.local_addr("t").unwrap();
-    let members: Vec<RawFd> = server.listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
-    assert_eq!(members.len(), 2, "one listener per worker");
-    let mut old = Predecessor::adopt(&mut server, &members);
-    let worker = server.take_workers().unwrap().pop().unwrap();
-    let mut coordinator =
-        without_takeover(server.into_driver("test", super::Waiting::InRing).unwrap());
-    let mut worker = Driver::new_worker(worker, super::Waiting::InRuntime).unwrap();
-    old.expect_ready();
-
-    let _clients: Vec<TcpStream> = (0..CONNS)
-        .map(|_| TcpStream::connect(addr).unwrap())
-        .collect();
-    let early = serve_within(
-        &mut [&mut coordinator, &mut worker],
-        CONNS,
-        Duration::from_millis(300),
-    );
-    assert_eq!(
-        early.len(),
-        0,
-        "connections the predecessor holds were taken before it let go"
-    );
-    old.let_go();
-    let delivered = serve(&mut [&mut coordinator, &mut worker], CONNS);
-    assert_eq!(
-        delivered.len(),
-        CONNS,
-        "connections queued while the predecessor let go, not taken within {BOUND:?}"
-    );
+    successor_with_a_worker(super::Waiting::InRuntime, Duration::from_millis(300));
 }
