@@ -987,19 +987,25 @@ impl Driver {
                 if res == -libc::ECANCELED {
                     return;
                 }
-                match sys::try_reap(pid) {
-                    Ok(Some(status)) => {
-                        tracing::info!(child = pid, %status, "child reaped");
-                        if self.successor.as_ref().is_some_and(|s| s.pid == pid) {
-                            self.take_successor_messages();
-                            self.successor = None;
-                        }
-                        self.feed(Event::ChildExited { pid, status });
+                // The pidfd polled readable: the process has exited. `waitpid` only adds its
+                // status, and cannot when someone else reaped it first (an application's
+                // `waitpid(-1)`, or SIGCHLD set to SIG_IGN: ECHILD); the exit counts anyway.
+                let status = match sys::try_reap(pid) {
+                    Ok(Some(status)) => status,
+                    // Woken before the zombie was visible to waitpid: watch again (the
+                    // pidfd stays readable, so this completes at once).
+                    Ok(None) => return self.arm_successor_exit(pid, _pidfd),
+                    Err(e) => {
+                        tracing::warn!(child = pid, error = %e, "the child exited and was reaped elsewhere");
+                        format!("exited, status unknown (reaped elsewhere: {e})")
                     }
-                    // Woken before the exit was visible: watch again.
-                    Ok(None) => self.arm_successor_exit(pid, _pidfd),
-                    Err(e) => tracing::error!(child = pid, error = %e, "waitpid failed"),
+                };
+                tracing::info!(child = pid, %status, "child reaped");
+                if self.successor.as_ref().is_some_and(|s| s.pid == pid) {
+                    self.take_successor_messages();
+                    self.successor = None;
                 }
+                self.feed(Event::ChildExited { pid, status });
             }
             Op::Unlink(_) => {
                 let Some(Op::Unlink(path)) = self.ops.remove(token) else {

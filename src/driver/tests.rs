@@ -590,3 +590,31 @@ fn in_a_runtime_a_listener_that_woke_but_delivered_nothing_is_swept() {
 fn in_a_runtime_a_worker_takes_nothing_its_predecessor_holds() {
     successor_with_a_worker(super::Waiting::InRuntime, Duration::from_millis(300));
 }
+
+/// A successor reaped by someone else (an application that reaps with `waitpid(-1)`, or
+/// SIGCHLD set to SIG_IGN, where the kernel reaps) is still gone: its readable pidfd says so,
+/// whatever `waitpid` answers (ECHILD). The upgrade must roll back at once, not wait for the
+/// ready deadline (30 s here) with a dead successor, nor, during a drain, never resume.
+#[test]
+fn a_successor_reaped_elsewhere_is_seen_to_exit() {
+    let mut server = tcp_server(1);
+    upgrade_to_a_stand_in(&mut server);
+    let mut driver = Driver::new(server, super::Waiting::InRing).unwrap();
+    let (pid, _channel, _upgrade) = start_successor(&mut driver);
+    assert_eq!(driver.machine.phase(), crate::Phase::HandingOver);
+    // Reaped here, as an application's own `waitpid(-1)` loop would.
+    crate::sys::kill(pid, libc::SIGKILL).unwrap();
+    // SAFETY: reaping our own child (the stand-in successor), which SIGKILL ends promptly.
+    let reaped = unsafe { libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0) };
+    assert_eq!(reaped, pid as libc::pid_t);
+    let deadline = Instant::now() + BOUND;
+    while driver.machine.phase() != crate::Phase::Serving && Instant::now() < deadline {
+        driver.turn(false, &mut |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        driver.machine.phase(),
+        crate::Phase::Serving,
+        "the exit of a successor reaped elsewhere was not seen within {BOUND:?}"
+    );
+}
