@@ -395,6 +395,8 @@ pub(crate) struct Driver {
     drain_active: bool,
     drained_reported: bool,
     replies: HashMap<u64, mpsc::Sender<Result<u32, UpgradeError>>>,
+    /// The coordinator's (or a lone ring's): requests are taken while this driver lives.
+    requests_open: Option<crate::server::RequestsOpen>,
     next_ticket: u64,
     exit: Option<ExitReason>,
     /// Reused buffer of (user_data, result, flags), so reaping allocates nothing.
@@ -427,6 +429,7 @@ impl Driver {
             worker_listeners,
             shared,
             config,
+            requests_open,
             ..
         } = server;
         let ring = new_ring()?;
@@ -444,6 +447,7 @@ impl Driver {
         driver.elders = elders;
         driver.udp = udp;
         driver.worker_listeners = worker_listeners;
+        driver.requests_open = Some(requests_open);
         driver.watch_initial()?;
         // Before the first accept: a burst must not find the table full (see the function).
         sys::grow_fd_table(driver.shared.wake.as_fd());
@@ -545,6 +549,7 @@ impl Driver {
             drain_active: false,
             drained_reported: false,
             replies: HashMap::new(),
+            requests_open: None,
             next_ticket: 0,
             exit: None,
             cqes: Vec::with_capacity(1024),
@@ -1331,14 +1336,7 @@ impl Driver {
         self.collect_spawns();
         // A worker may have reported that it stopped accepting.
         self.report_if_stopped();
-        let requests = std::mem::take(
-            &mut *self
-                .shared
-                .requests
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
-        for request in requests {
+        for request in self.shared.take_requests() {
             match request {
                 Request::Upgrade(reply) => {
                     self.next_ticket += 1;

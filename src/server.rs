@@ -365,20 +365,22 @@ impl Builder {
             }
         };
         let wake = sys::eventfd().map_err(Error::io("eventfd"))?;
+        let shared = Arc::new(Shared {
+            wake,
+            live: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            accept_paused: AtomicBool::new(false),
+            phase: PhaseCell::new(),
+            requests: Mutex::new(Some(Vec::new())),
+            handoff_state: Mutex::new(Bytes::new()),
+            handoff_fds: Mutex::new(Vec::new()),
+            generation,
+        });
         Ok(Server {
             listeners,
             parent,
-            shared: Arc::new(Shared {
-                wake,
-                live: AtomicUsize::new(0),
-                draining: AtomicBool::new(false),
-                accept_paused: AtomicBool::new(false),
-                phase: PhaseCell::new(),
-                requests: Mutex::new(Vec::new()),
-                handoff_state: Mutex::new(Bytes::new()),
-                handoff_fds: Mutex::new(Vec::new()),
-                generation,
-            }),
+            requests_open: RequestsOpen(shared.clone()),
+            shared,
             inherited_state,
             elders,
             udp,
@@ -439,6 +441,8 @@ pub struct Server {
     /// Thread-per-core, once [`Server::take_workers`] has split the workers off: what this
     /// (coordinating) server shares with them. Dropped unrun, it tells them to quit.
     workers: Option<Coordinator>,
+    /// Requests are taken while this lives: in the server, then in its driver.
+    pub(crate) requests_open: RequestsOpen,
 }
 
 impl fmt::Debug for Server {
@@ -789,7 +793,8 @@ pub(crate) struct Shared {
     pub draining: AtomicBool,
     pub accept_paused: AtomicBool,
     pub phase: PhaseCell,
-    pub requests: Mutex<Vec<Request>>,
+    /// Requests for the driver; `None` once no driver will take them (see [`RequestsOpen`]).
+    pub requests: Mutex<Option<Vec<Request>>>,
     /// What the next HELLO carries as the application's state.
     pub handoff_state: Mutex<Bytes>,
     /// 0 for a process started by hand, its parent's plus one after an upgrade.
@@ -803,12 +808,42 @@ impl Shared {
         sys::eventfd_signal(self.wake.as_fd());
     }
 
+    /// Queues `request` for the driver, or drops it (and with it its reply channel, whose
+    /// receiver then reads `NotRunning`) when no driver will take it.
     fn request(&self, request: Request) {
+        if let Some(queue) = &mut *self.requests.lock().unwrap_or_else(|e| e.into_inner()) {
+            queue.push(request);
+        }
+        self.wake();
+    }
+
+    /// The requests queued so far, taken (none once closed).
+    pub(crate) fn take_requests(&self) -> Vec<Request> {
         self.requests
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(request);
-        self.wake();
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+}
+
+/// While this lives, a driver will take the requests of [`Handle`]s: held by the [`Server`],
+/// then by its driver. Dropped (the server dropped unrun, the driver gone however it ended), it
+/// closes the queue: the requests in it and every later one are dropped, and their callers get
+/// `NotRunning` at once instead of waiting for an answer that will never come.
+#[derive(Debug)]
+pub(crate) struct RequestsOpen(Arc<Shared>);
+
+impl Drop for RequestsOpen {
+    fn drop(&mut self) {
+        let pending = self
+            .0
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(pending); // outside the lock: dropping a reply sender wakes its caller
     }
 }
 

@@ -158,3 +158,50 @@ fn bad_configuration_is_a_clear_error() {
     .join()
     .unwrap();
 }
+
+/// Calls `handle.upgrade()` on a thread of its own; the answer, or `None` if none came within
+/// `T` (the call would block for ever: the thread is left behind).
+fn upgrade_answer(handle: &Handle) -> Option<Result<u32, ringflip::UpgradeError>> {
+    let (tx, rx) = mpsc::channel();
+    let handle = handle.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(handle.upgrade());
+    });
+    rx.recv_timeout(T).ok()
+}
+
+/// `Handle::upgrade` once no driver will ever answer: after `run` returned, and for a server
+/// dropped without running. Both must say `NotRunning` at once, not block for ever.
+#[test]
+fn upgrade_without_a_running_server_is_not_running() {
+    let (handle, _addr, thread) = start(|_conn| {});
+    handle.shutdown();
+    assert_eq!(thread.join().unwrap(), ExitReason::Shutdown);
+    assert!(
+        matches!(
+            upgrade_answer(&handle),
+            Some(Err(ringflip::UpgradeError::NotRunning))
+        ),
+        "upgrade after run returned"
+    );
+
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let server = Server::builder()
+            .listen_tcp("api", "127.0.0.1:0".parse().unwrap())
+            .build()
+            .expect("build");
+        tx.send(server.handle()).unwrap();
+        // Dropped here, never run.
+    })
+    .join()
+    .unwrap();
+    let handle = rx.recv().unwrap();
+    assert!(
+        matches!(
+            upgrade_answer(&handle),
+            Some(Err(ringflip::UpgradeError::NotRunning))
+        ),
+        "upgrade on a server dropped unrun"
+    );
+}
