@@ -411,6 +411,8 @@ pub(crate) struct Driver {
     sweeps_seen: u64,
     /// The kernel refused `IORING_ACCEPT_DONTWAIT` (see `sweep`).
     no_dontwait: bool,
+    /// Set by `finish`: from then on nothing is armed (see `arm`).
+    finishing: bool,
     /// Spawns in flight on their own threads (see `start_spawn`), and where they report.
     spawning: Vec<std::thread::JoinHandle<()>>,
     spawn_results: (mpsc::Sender<SpawnResult>, mpsc::Receiver<SpawnResult>),
@@ -558,6 +560,7 @@ impl Driver {
             takeover_at: None,
             sweeps_seen: 0,
             no_dontwait: false,
+            finishing: false,
             spawning: Vec::new(),
             spawn_results: mpsc::channel(),
             span: tracing::Span::none(),
@@ -1136,15 +1139,11 @@ impl Driver {
 
     fn arm_takeover(&mut self, i: usize) {
         let fd = self.accepts[i].listener.fd.as_raw_fd();
-        let token = self.ops.insert(Op::TakeoverPoll(i));
-        self.accepts[i].takeover = Some(token);
+        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .multi(true)
+            .build();
+        self.accepts[i].takeover = self.arm(Op::TakeoverPoll(i), entry);
         self.accepts[i].takeover_cancel_sent = false;
-        self.push(
-            opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
-                .multi(true)
-                .build()
-                .user_data(token),
-        );
     }
 
     /// Takes what is queued on listener `i` now, beside the multishot accept: one
@@ -1166,13 +1165,11 @@ impl Driver {
             return;
         }
         let fd = self.accepts[i].listener.fd.as_raw_fd();
-        let token = self.ops.insert(Op::SweepAccept(i));
-        self.accepts[i].sweep_accept = Some(token);
         let entry = opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
             .flags(libc::SOCK_CLOEXEC)
-            .build()
-            .user_data(token);
-        self.push(with_ioprio(entry, IORING_ACCEPT_DONTWAIT));
+            .build();
+        let entry = with_ioprio(entry, IORING_ACCEPT_DONTWAIT);
+        self.accepts[i].sweep_accept = self.arm(Op::SweepAccept(i), entry);
     }
 
     /// A listener that woke the runtime but delivered nothing in the turn that followed is swept
@@ -1746,13 +1743,8 @@ impl Driver {
         let Ok(path) = std::ffi::CString::new(path.into_os_string().into_vec()) else {
             return;
         };
-        let ptr = path.as_ptr();
-        let token = self.ops.insert(Op::Unlink(path));
-        self.push(
-            opcode::UnlinkAt::new(types::Fd(libc::AT_FDCWD), ptr)
-                .build()
-                .user_data(token),
-        );
+        let entry = opcode::UnlinkAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr()).build();
+        self.arm(Op::Unlink(path), entry);
     }
 
     fn send_hello(&mut self, upgrade: UpgradeId) {
@@ -1843,26 +1835,19 @@ impl Driver {
         let bufs = SendMsgBufs::new(payload, &fds, keep);
         let msg: *const libc::msghdr = &bufs.msg;
         let channel = child.channel.as_raw_fd();
-        let token = self.ops.insert(Op::SendHello(bufs));
-        self.push(
-            opcode::SendMsg::new(types::Fd(channel), msg)
-                .flags(libc::MSG_NOSIGNAL as u32)
-                .build()
-                .user_data(token),
-        );
+        let entry = opcode::SendMsg::new(types::Fd(channel), msg)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build();
+        self.arm(Op::SendHello(bufs), entry);
     }
 
     fn arm_accept(&mut self, i: usize) {
         let fd = self.accepts[i].listener.fd.as_raw_fd();
-        let token = self.ops.insert(Op::Accept(i));
-        self.accepts[i].op = Some(token);
+        let entry = opcode::AcceptMulti::new(types::Fd(fd))
+            .flags(libc::SOCK_CLOEXEC)
+            .build();
+        self.accepts[i].op = self.arm(Op::Accept(i), entry);
         self.accepts[i].cancel_sent = false;
-        self.push(
-            opcode::AcceptMulti::new(types::Fd(fd))
-                .flags(libc::SOCK_CLOEXEC)
-                .build()
-                .user_data(token),
-        );
     }
 
     fn arm_signal_read(&mut self) {
@@ -1873,25 +1858,18 @@ impl Driver {
         let Some(fd) = self.signalfd.as_ref().map(|fd| fd.as_raw_fd()) else {
             return;
         };
-        let token = self.ops.insert(Op::ReadSignal(info));
-        self.push(
-            opcode::Read::new(types::Fd(fd), ptr, len)
-                .build()
-                .user_data(token),
-        );
+        let entry = opcode::Read::new(types::Fd(fd), ptr, len).build();
+        self.arm(Op::ReadSignal(info), entry);
     }
 
     /// A multishot poll on the wake eventfd; the counter is reset with read(2) on each
     /// wake-up (see `Op::PollWake`).
     fn arm_wake_read(&mut self) {
         let fd = self.own_wake_fd();
-        let token = self.ops.insert(Op::PollWake);
-        self.push(
-            opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
-                .multi(true)
-                .build()
-                .user_data(token),
-        );
+        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .multi(true)
+            .build();
+        self.arm(Op::PollWake, entry);
     }
 
     fn arm_successor_recv(&mut self) {
@@ -1901,22 +1879,13 @@ impl Driver {
         let (pid, fd) = (child.pid, child.channel.as_raw_fd());
         let mut buf = Box::new([0u8; CHANNEL_BUF]);
         let ptr = buf.as_mut_ptr();
-        let token = self.ops.insert(Op::RecvSuccessor { pid, buf });
-        self.push(
-            opcode::Recv::new(types::Fd(fd), ptr, CHANNEL_BUF as u32)
-                .build()
-                .user_data(token),
-        );
+        let entry = opcode::Recv::new(types::Fd(fd), ptr, CHANNEL_BUF as u32).build();
+        self.arm(Op::RecvSuccessor { pid, buf }, entry);
     }
 
     fn arm_successor_exit(&mut self, pid: u32, pidfd: OwnedFd) {
-        let fd = pidfd.as_raw_fd();
-        let token = self.ops.insert(Op::SuccessorExit { pid, _pidfd: pidfd });
-        self.push(
-            opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
-                .build()
-                .user_data(token),
-        );
+        let entry = opcode::PollAdd::new(types::Fd(pidfd.as_raw_fd()), libc::POLLIN as u32).build();
+        self.arm(Op::SuccessorExit { pid, _pidfd: pidfd }, entry);
     }
 
     fn arm_predecessor_recv(&mut self) {
@@ -1926,12 +1895,8 @@ impl Driver {
         let fd = link.channel.as_raw_fd();
         let mut buf = Box::new([0u8; CHANNEL_BUF]);
         let ptr = buf.as_mut_ptr();
-        let token = self.ops.insert(Op::RecvPredecessor(buf));
-        self.push(
-            opcode::Recv::new(types::Fd(fd), ptr, CHANNEL_BUF as u32)
-                .build()
-                .user_data(token),
-        );
+        let entry = opcode::Recv::new(types::Fd(fd), ptr, CHANNEL_BUF as u32).build();
+        self.arm(Op::RecvPredecessor(buf), entry);
     }
 
     /// Keeps one Timeout armed for the earliest of the machine's deadline and the accept
@@ -1961,10 +1926,23 @@ impl Driver {
                 .sec(wait.as_secs())
                 .nsec(wait.subsec_nanos()),
         );
-        let ptr: *const types::Timespec = &*ts;
-        let token = self.ops.insert(Op::Timer(ts));
-        self.push(opcode::Timeout::new(ptr).build().user_data(token));
-        self.timer = Some((at, token));
+        let entry = opcode::Timeout::new(&*ts).build();
+        if let Some(token) = self.arm(Op::Timer(ts), entry) {
+            self.timer = Some((at, token));
+        }
+    }
+
+    /// Puts `op` in the table and queues `entry` for it (with the op's token): every op but a
+    /// cancel starts here. Nothing once `finish` has begun: an op armed after the final cancel
+    /// would not be covered by it. `entry` may point into `op`'s boxed memory, which does not
+    /// move when `op` does.
+    fn arm(&mut self, op: Op, entry: squeue::Entry) -> Option<Token> {
+        if self.finishing {
+            return None;
+        }
+        let token = self.ops.insert(op);
+        self.push(entry.user_data(token));
+        Some(token)
     }
 
     /// Queues a cancel of the ops `what` matches; its own completion is an `Op::Cancel`.
@@ -2002,12 +1980,35 @@ impl Driver {
         // re-arm it if this driver exits while still accepting, e.g. a worker told to quit
         // after the coordinator failed).
         self.accepting = false;
+        // Nothing is armed from here on (see `arm`): an op whose completion comes after the
+        // cancel below (a signal read that found a signal pending as it was submitted) would
+        // otherwise re-arm, and no cancel would cover it.
+        self.finishing = true;
         self.cancel(types::CancelBuilder::any());
         let deadline = Instant::now() + FINAL_REAP;
         let mut late = 0usize;
-        while self.ops.live > 0 && Instant::now() < deadline {
-            if self.enter(true).is_err() {
+        while self.ops.live > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 break;
+            }
+            let ts = types::Timespec::new()
+                .sec(left.as_secs())
+                .nsec(left.subsec_nanos());
+            // A bounded wait (ETIME when it ends empty-handed), so no op that never
+            // completes can hold the exit.
+            match self
+                .ring
+                .submitter()
+                .submit_with_args(1, &types::SubmitArgs::new().timespec(&ts))
+            {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "waiting for the last completions");
+                    break;
+                }
             }
             self.reap(&mut |_conn| late += 1);
         }

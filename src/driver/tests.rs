@@ -618,3 +618,64 @@ fn a_successor_reaped_elsewhere_is_seen_to_exit() {
         "the exit of a successor reaped elsewhere was not seen within {BOUND:?}"
     );
 }
+
+/// Ends the process with a message if `done` is not set within `bound`: for a test whose
+/// failure is a wait that never returns.
+fn watchdog(what: &'static str, bound: Duration) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + bound;
+        while Instant::now() < deadline {
+            if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!("{what}: still waiting after {bound:?}; ending the test process");
+        std::process::exit(101);
+    });
+    done
+}
+
+/// The teardown re-arms nothing and waits a bounded time. SIGINT and SIGTERM arrive together
+/// as the drain ends: the turn that ends it reads one of them and re-arms the signal read,
+/// which the final cancel is queued behind; submitted together, the re-armed read finds the
+/// other signal pending and completes at once, before the cancel can reach it. Before, handling
+/// that completion re-armed the read again, no cancel covered it, and the last wait for the
+/// ops to end blocked until a third signal: for ever.
+#[test]
+fn finishing_rearms_nothing_when_two_signals_land_at_the_end_of_the_drain() {
+    let server = tcp_server(1);
+    let mut driver = Driver::new(server, super::Waiting::InRing).unwrap();
+    hold_the_drain(&driver);
+    driver.feed(crate::machine::Event::ShutdownRequested);
+    let deadline = Instant::now() + BOUND;
+    while !driver.all_accepts_stopped() && Instant::now() < deadline {
+        driver.turn(false, &mut |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(driver.all_accepts_stopped(), "the accepts did not stop");
+    assert_eq!(driver.machine.phase(), crate::Phase::Draining);
+
+    let done = watchdog("the turn that finishes", Duration::from_secs(20));
+    // SAFETY: both are blocked on this thread (build()) and read by the driver's signalfd.
+    unsafe {
+        assert_eq!(libc::raise(libc::SIGINT), 0);
+        assert_eq!(libc::raise(libc::SIGTERM), 0);
+    }
+    end_the_drain(&driver);
+    let started = Instant::now();
+    let mut exit = None;
+    while exit.is_none() && Instant::now() < deadline {
+        exit = driver.turn(true, &mut |_| {}).unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(exit, Some(crate::ExitReason::Shutdown));
+    assert_eq!(driver.ops.live, 0, "ops left in flight after the teardown");
+    assert!(
+        started.elapsed() < super::FINAL_REAP,
+        "the teardown took {:?}",
+        started.elapsed()
+    );
+}
