@@ -413,6 +413,8 @@ pub(crate) struct Driver {
     no_dontwait: bool,
     /// Set by `finish`: from then on nothing is armed (see `arm`).
     finishing: bool,
+    /// The pid file's previous content, moved aside by `prepare`, removed once started.
+    pid_file_leftover: Option<std::path::PathBuf>,
     /// Spawns in flight on their own threads (see `start_spawn`), and where they report.
     spawning: Vec<std::thread::JoinHandle<()>>,
     spawn_results: (mpsc::Sender<SpawnResult>, mpsc::Receiver<SpawnResult>),
@@ -422,7 +424,18 @@ pub(crate) struct Driver {
 }
 
 impl Driver {
+    /// A started driver: [`Driver::prepare`], then [`Driver::start`].
+    #[cfg(test)]
     pub(crate) fn new(server: Server, waiting: Waiting) -> Result<Driver, Error> {
+        let mut driver = Driver::prepare(server, waiting)?;
+        driver.start()?;
+        Ok(driver)
+    }
+
+    /// Everything that can fail before the first accept: the ring, the signalfd, the wake
+    /// set, the pid file. Nothing is armed yet (see [`Driver::start`]), so a failure here
+    /// loses no connection: none has been taken.
+    pub(crate) fn prepare(server: Server, waiting: Waiting) -> Result<Driver, Error> {
         let Server {
             listeners,
             parent,
@@ -453,67 +466,97 @@ impl Driver {
         driver.watch_initial()?;
         // Before the first accept: a burst must not find the table full (see the function).
         sys::grow_fd_table(driver.shared.wake.as_fd());
-        for i in 0..driver.accepts.len() {
-            driver.arm_accept(i);
-        }
-        if driver.predecessor.is_some() {
-            // READY goes out below; give the predecessor a moment to let go by itself.
-            driver.takeover_at = Some(Instant::now() + TAKEOVER_AFTER);
-        }
-        driver.arm_signal_read();
-        driver.arm_wake_read();
-        // Accepts are armed in the kernel once submitted. Only then tell the predecessor we are
-        // ready: it stops accepting on READY, and from that moment our accepts take the queue.
-        driver.ring.submit().map_err(Error::io("arming accepts"))?;
-        // The pid file first: the predecessor may exit within microseconds of READY, and the
-        // pid file must never name a process that is gone. (If this upgrade is rolled back
-        // instead, the predecessor writes its own pid back.)
-        let pid_file_leftover = match &driver.config.pid_file {
+        // The pid file before the first accept (the last step that can fail), and before READY:
+        // the predecessor may exit within microseconds of READY, and the pid file must never
+        // name a process that is gone. (If this upgrade is rolled back instead, the predecessor
+        // writes its own pid back.)
+        driver.pid_file_leftover = match &driver.config.pid_file {
             Some(path) => write_pid_file(path, std::process::id())
                 .map_err(Error::io("writing the pid file"))?,
             None => None,
         };
-        if let Some(link) = &driver.predecessor {
+        Ok(driver)
+    }
+
+    /// Arms the accepts and the other waits, and (a successor) tells the predecessor READY.
+    ///
+    /// The first accept runs inline when it is submitted and takes every connection already
+    /// queued, so from here on this driver owns connections: nothing after the submit may
+    /// fail the start. Everything that can fail comes before, in [`Driver::prepare`] and, for a
+    /// runtime, the registration of the wake set (`serve_async`). A READY that cannot be sent
+    /// (the predecessor closed the channel: it exited or gave up) does not stop this process:
+    /// it serves on alone what it has taken.
+    pub(crate) fn start(&mut self) -> Result<(), Error> {
+        if self.accepting {
+            for i in 0..self.accepts.len() {
+                self.arm_accept(i);
+            }
+        }
+        if self.predecessor.is_some() {
+            // READY goes out below; give the predecessor a moment to let go by itself.
+            self.takeover_at = Some(Instant::now() + TAKEOVER_AFTER);
+        }
+        self.arm_signal_read();
+        self.arm_wake_read();
+        // Accepts are armed in the kernel once submitted. Only then tell the predecessor we are
+        // ready: it stops accepting on READY, and from that moment our accepts take the queue.
+        // (A failed submit armed nothing: no connection was taken.)
+        self.ring.submit().map_err(Error::io("arming accepts"))?;
+        if let Role::Worker(w) = &self.role {
+            tracing::debug!(
+                worker = w.index,
+                listeners = self.accepts.len(),
+                "worker serving"
+            );
+            return Ok(());
+        }
+        if let Some(link) = &self.predecessor {
             let ready = Message::Ready(link.upgrade).encode().expect("READY fits");
             // Read before the send: on a shared core the predecessor may run (and act on the
             // READY) before this thread gets the CPU back.
             let sent_mono_us = sys::monotonic_us();
-            if let Err(e) = sys::send_nonblocking(link.channel.as_fd(), &ready) {
-                // Not serving after all: the predecessor rolls back and writes its own pid.
-                if let Some(leftover) = &pid_file_leftover {
-                    let _ = std::fs::remove_file(leftover);
+            match sys::send_nonblocking(link.channel.as_fd(), &ready) {
+                Ok(()) => {
+                    // On the timeline target, with the monotonic clock: the benchmarks measure
+                    // from this moment to the old process's "accepting stopped".
+                    tracing::info!(
+                        target: "ringflip::timeline",
+                        predecessor = link.parent_pid,
+                        upgrade.id = %link.upgrade,
+                        sent_mono_us,
+                        "READY sent"
+                    );
+                    self.arm_predecessor_recv();
                 }
-                return Err(Error::Handoff(format!("sending READY: {e}")));
+                Err(e) => {
+                    tracing::warn!(
+                        predecessor = link.parent_pid,
+                        error = %e,
+                        "READY could not be sent (the previous process is gone or gave up); serving alone"
+                    );
+                    self.predecessor = None;
+                    self.end_takeover(true);
+                }
             }
-            // On the timeline target, with the monotonic clock: the benchmarks measure from this
-            // moment to the old process's "accepting stopped".
-            tracing::info!(
-                target: "ringflip::timeline",
-                predecessor = link.parent_pid,
-                upgrade.id = %link.upgrade,
-                sent_mono_us,
-                "READY sent"
-            );
-            driver.arm_predecessor_recv();
         }
-        if let Some(leftover) = pid_file_leftover {
-            driver.unlink_later(leftover);
+        if let Some(leftover) = self.pid_file_leftover.take() {
+            self.unlink_later(leftover);
             // In the kernel's hands now rather than at the first turn. (A process killed
             // before io-wq runs it leaves that one small file behind.)
-            let _ = driver.ring.submit();
+            let _ = self.ring.submit();
         }
-        if driver.predecessor.is_none() {
+        if self.predecessor.is_none() {
             // A successor does not: its predecessor announces it with MAINPID= on READY.
             systemd::notify("READY=1");
         }
         tracing::info!(
             pid = std::process::id(),
-            listeners = driver.accepts.len(),
+            listeners = self.accepts.len(),
             // What starting up cost, exec included: under load it competes with the serving.
             startup_cpu_us = sys::process_cpu_time().as_micros() as u64,
             "serving"
         );
-        Ok(driver)
+        Ok(())
     }
 
     /// A driver with its accepts (not armed yet) and nothing else: no signals, no machine
@@ -561,6 +604,7 @@ impl Driver {
             sweeps_seen: 0,
             no_dontwait: false,
             finishing: false,
+            pid_file_leftover: None,
             spawning: Vec::new(),
             spawn_results: mpsc::channel(),
             span: tracing::Span::none(),
@@ -629,13 +673,22 @@ impl Driver {
 
     /// A worker: an accept ring on its listeners, on the calling thread, following the
     /// coordinator through its worker set. Its connections go to the sink of its own `turn`s.
+    /// A started worker: [`Driver::prepare_worker`], then [`Driver::start`].
+    #[cfg(test)]
     pub(crate) fn new_worker(worker: Worker, waiting: Waiting) -> Result<Driver, Error> {
+        let mut driver = Driver::prepare_worker(worker, waiting)?;
+        driver.start()?;
+        Ok(driver)
+    }
+
+    /// A worker's [`Driver::prepare`].
+    pub(crate) fn prepare_worker(worker: Worker, waiting: Waiting) -> Result<Driver, Error> {
         let Worker {
             listeners,
             config,
             gone,
         } = worker;
-        let (index, set, shared) = (gone.index, gone.set.clone(), gone.shared.clone());
+        let (set, shared) = (gone.set.clone(), gone.shared.clone());
         let ring = new_ring()?;
         let mut driver = Driver::base(ring, listeners, shared, config, waiting)?;
         driver.role = Role::Worker(gone);
@@ -643,18 +696,6 @@ impl Driver {
         driver.watch_initial()?;
         // Accepts armed from here on take what is queued anyway (see `sweep_queues`).
         driver.sweeps_seen = set.sweeps.load(SeqCst);
-        if driver.accepting {
-            for i in 0..driver.accepts.len() {
-                driver.arm_accept(i);
-            }
-        }
-        driver.arm_wake_read();
-        driver.ring.submit().map_err(Error::io("arming accepts"))?;
-        tracing::debug!(
-            worker = index,
-            listeners = driver.accepts.len(),
-            "worker serving"
-        );
         Ok(driver)
     }
 

@@ -509,6 +509,7 @@ impl Server {
     /// Returns once the process has finished draining; the caller should then exit.
     pub fn run(self, mut on_connection: impl FnMut(Connection)) -> Result<ExitReason, Error> {
         let mut driver = self.into_driver("run", Waiting::InRing)?;
+        driver.start()?;
         loop {
             if let Some(exit) = driver.turn(true, &mut on_connection)? {
                 return Ok(exit);
@@ -517,7 +518,8 @@ impl Server {
     }
 
     /// The driver of this server's own ring, made on the calling thread (its ring's one
-    /// issuer), leading the workers if [`Server::take_workers`] split them off.
+    /// issuer), leading the workers if [`Server::take_workers`] split them off; prepared, not
+    /// started (see `Driver::start`).
     pub(crate) fn into_driver(mut self, what: &str, waiting: Waiting) -> Result<Driver, Error> {
         if self.config.workers > 1 && self.workers.is_none() {
             return Err(Error::Config(format!(
@@ -528,7 +530,7 @@ impl Server {
         }
         let workers = self.workers.take();
         // On an error here `workers` is dropped, which tells the workers to quit.
-        let driver = Driver::new(self, waiting)?;
+        let driver = Driver::prepare(self, waiting)?;
         Ok(match workers {
             Some(coordinator) => driver.with_workers(coordinator),
             None => driver,
@@ -683,7 +685,8 @@ impl Worker {
     /// Accepts on the calling thread, each connection to `on_connection` (which should hand
     /// it off quickly), until the coordinator has finished.
     pub fn run(self, mut on_connection: impl FnMut(Connection)) -> Result<(), Error> {
-        let mut driver = Driver::new_worker(self, Waiting::InRing)?;
+        let mut driver = Driver::prepare_worker(self, Waiting::InRing)?;
+        driver.start()?;
         while driver.turn(true, &mut on_connection)?.is_none() {}
         Ok(())
     }
@@ -692,9 +695,12 @@ impl Worker {
     /// as [`Server::run_async`] does.
     #[cfg(feature = "tokio")]
     pub async fn run_async(self, on_connection: impl FnMut(Connection)) -> Result<(), Error> {
-        serve_async(Driver::new_worker(self, Waiting::InRuntime)?, on_connection)
-            .await
-            .map(drop)
+        serve_async(
+            Driver::prepare_worker(self, Waiting::InRuntime)?,
+            on_connection,
+        )
+        .await
+        .map(drop)
     }
 }
 
@@ -735,7 +741,8 @@ impl Drop for WorkerGone {
     }
 }
 
-/// Drives `driver` as a task of the current tokio runtime until it exits: see
+/// Starts `driver` (prepared) and drives it as a task of the current tokio runtime until it
+/// exits: see
 /// [`Server::run_async`]. The runtime's reactor watches one fd, the driver's wake set (an epoll
 /// instance holding the fds the ring waits on; `wake_set.rs` says why not the ring's eventfd).
 #[cfg(feature = "tokio")]
@@ -754,6 +761,8 @@ async fn serve_async(
     // parameter, is dropped after this local.
     let wake_set = unsafe { AsyncFd::register_with_interest(NotifyFd(fd), Interest::READABLE) }
         .map_err(|e| Error::io("registering with the runtime")(e.into()))?;
+    // Only now, with every fallible step behind it: the first accept takes connections.
+    driver.start()?;
     loop {
         if let Some(exit) = driver.turn(false, &mut on_connection)? {
             return Ok(exit);

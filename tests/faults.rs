@@ -1656,3 +1656,46 @@ fn shutdown_racing_a_spawn_leaves_nothing_behind() {
     );
     assert!(raced > 0, "no round raced the spawn");
 }
+
+/// A new binary that fails after it was started but before it serves: its pid file cannot be
+/// written (here a directory that does not exist, as a full or read-only file system would).
+/// It must take no connection (its accepts are armed only once nothing can fail), exit with a
+/// clear error, and the old process must roll back and serve on; a later upgrade works.
+#[test]
+fn successor_failing_to_write_its_pid_file_loses_nothing() {
+    let server = EchoServer::start(EchoOpts::default());
+    let load = light_load(server.addr(), 4, 8);
+    thread::sleep(ms(200));
+    let old = server.current();
+    let failed_before = log_count(&server, ROLLED_BACK);
+    let missing = server.dir().join("no-such-dir").join("echo.pid");
+    // The real binary, with a later --pid-file that wins over the first.
+    server.replace_binary_with_script(&format!(
+        "#!/bin/sh\nexec {} \"$@\" --pid-file {}\n",
+        echo_binary().display(),
+        missing.display()
+    ));
+    server.upgrade_expect_rollback(ms(1000));
+    expect_rollbacks(
+        &server,
+        failed_before + 1,
+        secs(5),
+        "no rollback after the successor failed to write its pid file",
+    );
+    assert!(
+        log_text(&server).contains("writing the pid file"),
+        "the successor's error does not say what failed\n{}",
+        server.log_tail()
+    );
+    assert_no_children_of(&server, old.pid, secs(3));
+    assert_eq!(server.pid(), old.pid);
+    server.restore_binary();
+    let new = server.upgrade();
+    assert_ne!(new, old.pid);
+    thread::sleep(ms(200));
+    let report = load.stop();
+    eprintln!("RESULT successor-pid-file-fails: {report}");
+    report.assert_clean();
+    server.assert_gone(&[old.pid], secs(10));
+    server.stop();
+}

@@ -196,8 +196,9 @@ fn successor_with_a_worker(waiting: super::Waiting, hold: Duration) {
     assert_eq!(members.len(), 2, "one listener per worker");
     let mut old = Predecessor::adopt(&mut server, &members);
     let worker = server.take_workers().unwrap().pop().unwrap();
-    let mut coordinator =
-        without_takeover(server.into_driver("test", super::Waiting::InRing).unwrap());
+    let mut coordinator = server.into_driver("test", super::Waiting::InRing).unwrap();
+    coordinator.start().unwrap();
+    let mut coordinator = without_takeover(coordinator);
     let mut worker = Driver::new_worker(worker, waiting).unwrap();
     old.expect_ready();
 
@@ -678,4 +679,46 @@ fn finishing_rearms_nothing_when_two_signals_land_at_the_end_of_the_drain() {
         "the teardown took {:?}",
         started.elapsed()
     );
+}
+
+/// A new process that fails to start (here: its pid file cannot be written) must not have
+/// taken any connection: its first accept runs inline when it is submitted and takes every
+/// queued connection, which a failing start then closed. Every fallible step now comes before
+/// the accepts are armed. The connection, queued before, must still be in the backlog after
+/// the failed start, with its first byte, for the predecessor (here: the test) to serve.
+#[test]
+fn a_successor_that_fails_to_start_takes_no_connection() {
+    let mut server = tcp_server(1);
+    let addr = server.local_addr("t").unwrap();
+    let listener = server.listeners[0].fd.as_raw_fd();
+    let backlog = std::net::TcpListener::from(
+        crate::sys::dup_cloexec_at_least(server.listeners[0].fd.as_fd(), 3).unwrap(),
+    );
+    let old = Predecessor::adopt(&mut server, &[listener]);
+    server.config.pid_file = Some(
+        std::env::temp_dir()
+            .join(format!("ringflip-missing-{}", std::process::id()))
+            .join("x.pid"),
+    );
+    let mut client = TcpStream::connect(addr).unwrap();
+    client.write_all(b"x").unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+
+    let started = Driver::new(server, super::Waiting::InRing);
+    assert!(
+        started.is_err(),
+        "the pid file cannot be written, yet it started"
+    );
+    drop(started);
+    drop(old);
+
+    backlog.set_nonblocking(true).unwrap();
+    let (mut stream, _) = backlog
+        .accept()
+        .expect("the queued connection was taken by the failed start");
+    stream.set_nonblocking(false).unwrap();
+    stream.set_read_timeout(Some(BOUND)).unwrap();
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte).unwrap();
+    assert_eq!(&byte, b"x");
 }
