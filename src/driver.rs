@@ -49,7 +49,9 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use crate::handoff::{ListenerRecord, Message, SocketKind, MAX_LISTENERS};
 use crate::inherit::ParentLink;
 use crate::listener::{Endpoint, Listener, UdpSocketEntry};
-use crate::machine::{Action, Event, ExitReason, Machine, Outcome, Phase, Requester, UpgradeId};
+use crate::machine::{
+    Action, Event, ExitReason, Machine, Outcome, Phase, Requester, Stop, UpgradeId,
+};
 use crate::server::{
     write_pid_file, Config, Connection, Coordinator, DrainGuard, Handle, Request, Server, Shared,
     Worker, WorkerGone,
@@ -254,6 +256,17 @@ struct Successor {
     pid: u32,
     upgrade: UpgradeId,
     channel: OwnedFd,
+    /// A duplicate of the exit watch's pidfd: signals reach this process and no other, even
+    /// after it was reaped and its pid reused.
+    pidfd: OwnedFd,
+}
+
+/// A child abandoned with `Stop::Terminate` (SIGTERM): SIGKILLed at `kill_at` if it has not
+/// exited by then (see `escalate`).
+struct Terminating {
+    pid: u32,
+    pidfd: OwnedFd,
+    kill_at: Instant,
 }
 
 /// What a spawn thread needs: the binary, its arguments, the signals to reset, the upgrade.
@@ -415,6 +428,8 @@ pub(crate) struct Driver {
     finishing: bool,
     /// The pid file's previous content, moved aside by `prepare`, removed once started.
     pid_file_leftover: Option<std::path::PathBuf>,
+    /// Children abandoned with SIGTERM, until they exit or are SIGKILLed (see `escalate`).
+    terminating: Vec<Terminating>,
     /// Spawns in flight on their own threads (see `start_spawn`), and where they report.
     spawning: Vec<std::thread::JoinHandle<()>>,
     spawn_results: (mpsc::Sender<SpawnResult>, mpsc::Receiver<SpawnResult>),
@@ -605,6 +620,7 @@ impl Driver {
             no_dontwait: false,
             finishing: false,
             pid_file_leftover: None,
+            terminating: Vec::new(),
             spawning: Vec::new(),
             spawn_results: mpsc::channel(),
             span: tracing::Span::none(),
@@ -1092,8 +1108,11 @@ impl Driver {
         }
     }
 
-    /// Feeds what the successor sent and this driver has not read yet; called at its exit,
-    /// before the exit is fed, so that the exit is judged with everything it said.
+    /// Feeds what the successor sent and this driver has not read yet. Called at its exit,
+    /// before the exit is fed, so that the exit is judged with everything it said; and in
+    /// HandingOver before a shutdown or the ready deadline is acted on, so that a READY already
+    /// on the channel counts (the ring's `Recv` armed beside it then takes whatever comes next,
+    /// or ends with the channel).
     ///
     /// Why: a successor told to stop right after READY sends RETIRING and exits. Its READY
     /// and its exit can reach this driver in one batch of CQEs; fed as they came, without the
@@ -1395,7 +1414,14 @@ impl Driver {
     }
 
     fn on_time(&mut self, now: Instant) {
+        if self.machine.phase() == Phase::HandingOver
+            && self.machine.poll_timeout().is_some_and(|t| t <= now)
+        {
+            // The ready deadline passed: a READY already on the channel is a READY in time.
+            self.take_successor_messages();
+        }
         self.machine.handle_timeout(now);
+        self.escalate(now);
         if self.takeover_at.is_some_and(|t| t <= now) {
             self.takeover_at = None;
             if self.accepting {
@@ -1496,6 +1522,25 @@ impl Driver {
         }
     }
 
+    /// SIGKILLs the children abandoned with SIGTERM that are still running at their
+    /// `kill_at`, and forgets those that have exited (their exit watch reaps them).
+    fn escalate(&mut self, now: Instant) {
+        self.terminating.retain(|t| {
+            if sys::poll_readable(t.pidfd.as_fd()) {
+                return false; // exited
+            }
+            if t.kill_at > now {
+                return true;
+            }
+            tracing::warn!(
+                child.pid = t.pid,
+                "the abandoned child did not exit after SIGTERM; SIGKILL"
+            );
+            let _ = sys::pidfd_signal(t.pidfd.as_fd(), libc::SIGKILL);
+            false
+        });
+    }
+
     /// Counts the older generations still draining (pruning those gone), then asks the machine.
     fn request_upgrade(&mut self, by: Requester) {
         self.elders.retain(|fd| !sys::poll_readable(fd.as_fd()));
@@ -1504,6 +1549,11 @@ impl Driver {
     }
 
     fn feed(&mut self, event: Event) {
+        if matches!(event, Event::ShutdownRequested) && self.machine.phase() == Phase::HandingOver {
+            // A READY already on the channel is a READY: the successor then keeps serving
+            // while this process drains, instead of being stopped with what it took.
+            self.take_successor_messages();
+        }
         let now = Instant::now();
         let t = &mut self.timeline;
         match &event {
@@ -1581,11 +1631,29 @@ impl Driver {
                 self.drain_active = false;
                 self.shared.draining.store(false, SeqCst);
             }
-            Action::AbandonChild { pid } => {
+            Action::AbandonChild { pid, stop } => {
                 if let Some(child) = self.successor.take() {
                     debug_assert_eq!(child.pid, pid);
                     // The exit watch stays armed and reaps it; its Recv ends with the channel.
-                    let _ = sys::kill(pid, libc::SIGKILL);
+                    match stop {
+                        Stop::Kill => {
+                            let _ = sys::pidfd_signal(child.pidfd.as_fd(), libc::SIGKILL);
+                        }
+                        Stop::Terminate => {
+                            let _ = sys::pidfd_signal(child.pidfd.as_fd(), libc::SIGTERM);
+                            let grace = self.config.timeouts.drain;
+                            tracing::info!(
+                                child.pid = pid,
+                                ?grace,
+                                "the abandoned child may hold connections: SIGTERM, so it drains them"
+                            );
+                            self.terminating.push(Terminating {
+                                pid,
+                                pidfd: child.pidfd,
+                                kill_at: Instant::now() + grace,
+                            });
+                        }
+                    }
                     self.cancel(
                         types::CancelBuilder::fd(types::Fd(child.channel.as_raw_fd())).all(),
                     );
@@ -1674,10 +1742,21 @@ impl Driver {
                     self.span.record("child.pid", pid);
                     self.watch(child.channel.as_fd());
                     self.watch(child.pidfd.as_fd());
+                    let pidfd = match sys::dup_cloexec_at_least(child.pidfd.as_fd(), 3) {
+                        Ok(fd) => fd,
+                        Err(e) => {
+                            // No fd to spare: it cannot be watched safely; give it up at once.
+                            let _ = sys::kill(pid, libc::SIGKILL);
+                            self.arm_successor_exit(pid, child.pidfd);
+                            self.feed(Event::SpawnFailed(format!("duplicating a pidfd: {e}")));
+                            continue;
+                        }
+                    };
                     self.successor = Some(Successor {
                         pid,
                         upgrade,
                         channel: child.channel,
+                        pidfd,
                     });
                     self.arm_successor_exit(pid, child.pidfd);
                     self.arm_successor_recv();
@@ -1950,6 +2029,7 @@ impl Driver {
             .filter_map(|s| s.retry_at)
             .chain(self.machine.poll_timeout())
             .chain(self.takeover_at)
+            .chain(self.terminating.iter().map(|t| t.kill_at))
             .min();
         let Some(at) = next else {
             return;

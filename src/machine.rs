@@ -139,14 +139,28 @@ pub(crate) enum Action {
     StartDrain,
     /// Stop counting: connections are served normally again.
     StopDrain,
-    /// Kill the child (if it still runs), close its channel; the driver reaps it.
-    AbandonChild { pid: u32 },
+    /// Stop the child (if it still runs) as `stop` says, close its channel; the driver reaps
+    /// it.
+    AbandonChild { pid: u32, stop: Stop },
     /// Tell the requester how its upgrade ended.
     Reply(Requester, Outcome),
     /// Phase changed; for observers and logs.
     PhaseChanged(Phase),
     /// The run loop should end.
     Exit(ExitReason),
+}
+
+/// How an abandoned child is stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// It was never handed the listeners (no HELLO went out): nothing of the service's is in
+    /// its hands, SIGKILL.
+    Kill,
+    /// It has the listeners and may have armed its accepts: its first accept takes what is
+    /// queued, before it sends READY. A SIGKILL would reset those connections, so SIGTERM: a
+    /// ringflip process drains them and exits. SIGKILL only if it has not exited after the
+    /// drain deadline (the driver's escalation).
+    Terminate,
 }
 
 /// Tunables the machine needs.
@@ -173,6 +187,8 @@ enum State {
         by: Requester,
         child: u32,
         ready_deadline: Instant,
+        /// The HELLO (with the listeners) went out: the child may hold connections.
+        hello_sent: bool,
     },
     Draining(Drain),
     Exited(ExitReason),
@@ -288,12 +304,14 @@ impl Machine {
                 ready_deadline,
                 child,
                 by,
+                hello_sent,
                 ..
             } if now >= ready_deadline => {
                 let ms = self.timeouts.ready.as_millis();
                 self.rollback(
                     by,
                     child,
+                    hello_sent,
                     format!("new process {child} was not ready within {ms} ms"),
                 );
             }
@@ -345,6 +363,7 @@ impl Machine {
                 self.rollback(
                     by,
                     pid,
+                    false,
                     format!("the new binary did not start within {ms} ms"),
                 );
             }
@@ -362,6 +381,7 @@ impl Machine {
                     by,
                     child: pid,
                     ready_deadline: deadline,
+                    hello_sent: false,
                 });
                 self.push(Action::SendListeners(upgrade));
             }
@@ -382,15 +402,32 @@ impl Machine {
             (State::HandingOver { .. }, E::UpgradeRequested(by)) => {
                 self.reply(by, Outcome::Busy("an upgrade is already in flight"))
             }
-            (State::HandingOver { .. }, E::ListenersSent) => {}
-            (State::HandingOver { by, child, .. }, E::HandoffFailed(why)) => self.rollback(
+            (State::HandingOver { .. }, E::ListenersSent) => {
+                if let State::HandingOver { hello_sent, .. } = &mut self.state {
+                    *hello_sent = true;
+                }
+            }
+            (
+                State::HandingOver {
+                    by,
+                    child,
+                    hello_sent,
+                    ..
+                },
+                E::HandoffFailed(why),
+            ) => self.rollback(
                 by,
                 child,
+                hello_sent,
                 format!("could not hand the listeners over: {why}"),
             ),
             (
                 State::HandingOver {
-                    upgrade, by, child, ..
+                    upgrade,
+                    by,
+                    child,
+                    hello_sent,
+                    ..
                 },
                 E::ChildReady(id),
             ) => {
@@ -401,25 +438,48 @@ impl Machine {
                     self.rollback(
                         by,
                         child,
+                        hello_sent,
                         format!("new process answered READY for upgrade {id}, expected {upgrade}"),
                     );
                 }
             }
-            (State::HandingOver { by, child, .. }, E::ChildMessageInvalid(why)) => {
-                self.rollback(by, child, format!("new process {child}: {why}"))
-            }
-            (State::HandingOver { by, child, .. }, E::ChildExited { pid, status })
-                if pid == child =>
-            {
-                self.rollback(
+            (
+                State::HandingOver {
                     by,
                     child,
-                    format!("new process {pid} exited before READY: {status}"),
-                )
-            }
-            (State::HandingOver { by, child, .. }, E::ShutdownRequested) => {
+                    hello_sent,
+                    ..
+                },
+                E::ChildMessageInvalid(why),
+            ) => self.rollback(by, child, hello_sent, format!("new process {child}: {why}")),
+            (
+                State::HandingOver {
+                    by,
+                    child,
+                    hello_sent,
+                    ..
+                },
+                E::ChildExited { pid, status },
+            ) if pid == child => self.rollback(
+                by,
+                child,
+                hello_sent,
+                format!("new process {pid} exited before READY: {status}"),
+            ),
+            (
+                State::HandingOver {
+                    by,
+                    child,
+                    hello_sent,
+                    ..
+                },
+                E::ShutdownRequested,
+            ) => {
                 // Straight to Draining: no transient Serving phase for observers.
-                self.push(Action::AbandonChild { pid: child });
+                self.push(Action::AbandonChild {
+                    pid: child,
+                    stop: Stop::for_child(hello_sent),
+                });
                 self.reply(by, Outcome::Failed("shutdown requested".into()));
                 self.start_drain(DrainCause::Shutdown, now);
             }
@@ -482,9 +542,12 @@ impl Machine {
         self.push(Action::Reply(by, outcome));
     }
 
-    /// Give up on the child: kill it, tell the requester, keep serving. Accepting never stopped.
-    fn rollback(&mut self, by: Requester, child: u32, why: String) {
-        self.push(Action::AbandonChild { pid: child });
+    /// Give up on the child: stop it, tell the requester, keep serving. Accepting never stopped.
+    fn rollback(&mut self, by: Requester, child: u32, hello_sent: bool, why: String) {
+        self.push(Action::AbandonChild {
+            pid: child,
+            stop: Stop::for_child(hello_sent),
+        });
         self.set(State::Serving);
         self.reply(by, Outcome::Failed(why));
     }
@@ -520,6 +583,17 @@ impl Machine {
         };
         self.set(State::Exited(reason));
         self.push(Action::Exit(reason));
+    }
+}
+
+impl Stop {
+    /// How to stop a child that was (or was not) sent the listeners.
+    fn for_child(hello_sent: bool) -> Stop {
+        if hello_sent {
+            Stop::Terminate
+        } else {
+            Stop::Kill
+        }
     }
 }
 

@@ -59,6 +59,28 @@ pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// `pidfd_send_signal(fd, sig)`: reaches the process the pidfd was opened for and no other,
+/// even after its pid was reused; `ESRCH` (it has exited) is not an error.
+pub(crate) fn pidfd_signal(fd: BorrowedFd<'_>, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain syscall on a borrowed fd; no siginfo.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::ESRCH) {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
 /// Whether the process behind a pidfd still runs (`pidfd_send_signal(fd, 0)`): `Ok(false)`
 /// once it exited, an error if `fd` is not a pidfd. Immune to pid reuse.
 pub(crate) fn pidfd_alive(fd: BorrowedFd<'_>) -> io::Result<bool> {

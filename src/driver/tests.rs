@@ -722,3 +722,75 @@ fn a_successor_that_fails_to_start_takes_no_connection() {
     stream.read_exact(&mut byte).unwrap();
     assert_eq!(&byte, b"x");
 }
+
+/// A stand-in successor (a shell) that, on SIGTERM, writes "term" to `mark` and exits 0: the
+/// test can tell a SIGTERM (the mark) from a SIGKILL (none).
+fn upgrade_to_a_terminable_stand_in(server: &mut Server, mark: &std::path::Path) {
+    server.config.exe = "/bin/sh".into();
+    server.config.args = vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "trap 'echo term > {}; kill $! 2>/dev/null; exit 0' TERM; sleep 30 3>&- & wait",
+            mark.display()
+        )
+        .into(),
+    ];
+}
+
+/// SIGTERM to the old process while the new one has its listeners but the old one has not
+/// read its READY yet (in the channel, unread): a READY there is a READY. The upgrade
+/// completes (this process drains for an upgrade, the new one serves on) instead of the new
+/// process being stopped with the connections it already took.
+#[test]
+fn a_ready_waiting_on_the_channel_counts_when_a_shutdown_comes() {
+    let mark = std::env::temp_dir().join(format!("ringflip-term-a-{}", std::process::id()));
+    let _ = std::fs::remove_file(&mark);
+    let mut server = tcp_server(1);
+    upgrade_to_a_terminable_stand_in(&mut server, &mark);
+    let mut driver = Driver::new(server, super::Waiting::InRing).unwrap();
+    hold_the_drain(&driver);
+    let (pid, channel, upgrade) = start_successor(&mut driver);
+    let _successor = KillOnDrop::new(pid);
+    crate::sys::send_nonblocking(channel.as_fd(), &Message::Ready(upgrade).encode().unwrap())
+        .unwrap();
+    // The shutdown reaches the driver before its ring has read the READY.
+    driver.feed(crate::machine::Event::ShutdownRequested);
+    driver.run_actions();
+    assert_eq!(driver.machine.phase(), crate::Phase::Draining);
+    assert!(
+        driver.successor.is_some(),
+        "the new process was abandoned although its READY was waiting"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!mark.exists(), "the new process was sent SIGTERM");
+    end_the_drain(&driver);
+}
+
+/// SIGTERM to the old process while the new one has its listeners and no READY has come: the
+/// new one may have armed its accepts and taken connections (its first accept runs before its
+/// READY). It must get SIGTERM, so that it drains them, not a SIGKILL that resets them.
+#[test]
+fn a_successor_with_the_listeners_is_terminated_not_killed_at_a_shutdown() {
+    let mark = std::env::temp_dir().join(format!("ringflip-term-b-{}", std::process::id()));
+    let _ = std::fs::remove_file(&mark);
+    let mut server = tcp_server(1);
+    upgrade_to_a_terminable_stand_in(&mut server, &mark);
+    let mut driver = Driver::new(server, super::Waiting::InRing).unwrap();
+    let (pid, _channel, _upgrade) = start_successor(&mut driver);
+    let _successor = KillOnDrop::new(pid);
+    // The HELLO's completion (ListenersSent) is reaped in the next turn.
+    driver.turn(false, &mut |_| {}).unwrap();
+    driver.feed(crate::machine::Event::ShutdownRequested);
+    driver.run_actions();
+    let deadline = Instant::now() + BOUND;
+    while !mark.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let said = std::fs::read_to_string(&mark).unwrap_or_default();
+    let _ = std::fs::remove_file(&mark);
+    assert_eq!(
+        said, "term\n",
+        "the new process was not sent SIGTERM (SIGKILLed?)"
+    );
+}

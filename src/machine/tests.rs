@@ -122,8 +122,19 @@ fn exited(pid: u32) -> Event {
 fn pc(p: Phase) -> Action {
     Action::PhaseChanged(p)
 }
+/// A child that has the listeners (HELLO sent), abandoned: SIGTERM, so it drains.
 fn abandon(pid: u32) -> Action {
-    Action::AbandonChild { pid }
+    Action::AbandonChild {
+        pid,
+        stop: Stop::Terminate,
+    }
+}
+/// A child that never got the listeners, abandoned: SIGKILL.
+fn kill(pid: u32) -> Action {
+    Action::AbandonChild {
+        pid,
+        stop: Stop::Kill,
+    }
 }
 fn failed(by: Requester, why: &str) -> Action {
     Action::Reply(by, Outcome::Failed(why.into()))
@@ -663,10 +674,45 @@ fn rollback_on_ready_deadline() {
     h.now = deadline;
     assert_eq!(
         h.tick(),
-        vec![abandon(CHILD), pc(P::Serving), failed(REQ, F_DEADLINE)],
-        "fires at the deadline itself"
+        vec![kill(CHILD), pc(P::Serving), failed(REQ, F_DEADLINE)],
+        "fires at the deadline itself; no HELLO went out: SIGKILL"
     );
     assert_rolled_back(&mut h);
+}
+
+/// A child that was sent the listeners may have armed its accepts and taken connections before
+/// its READY: abandoned, it gets SIGTERM (it drains them), never a SIGKILL that resets them.
+/// One that was not sent them is killed. Both for the ready deadline and for a shutdown.
+#[test]
+fn an_abandoned_child_with_the_listeners_is_terminated_not_killed() {
+    for (hello, stop) in [(false, Stop::Kill), (true, Stop::Terminate)] {
+        let mut h = H::new();
+        h.ev(upgrade(REQ));
+        h.ev(spawned(CHILD));
+        if hello {
+            assert_eq!(h.ev(Event::ListenersSent), vec![]);
+        }
+        h.now += TIMEOUTS.ready;
+        let actions = h.tick();
+        assert_eq!(
+            actions[0],
+            Action::AbandonChild { pid: CHILD, stop },
+            "deadline, hello {hello}"
+        );
+
+        let mut h = H::new();
+        h.ev(upgrade(REQ));
+        h.ev(spawned(CHILD));
+        if hello {
+            h.ev(Event::ListenersSent);
+        }
+        let actions = h.ev(Event::ShutdownRequested);
+        assert_eq!(
+            actions[0],
+            Action::AbandonChild { pid: CHILD, stop },
+            "shutdown, hello {hello}"
+        );
+    }
 }
 
 #[test]
@@ -707,7 +753,7 @@ fn rollback_replies_to_a_signal_requester_too() {
     assert_eq!(
         h.ev(invalid()),
         vec![
-            abandon(CHILD),
+            kill(CHILD),
             pc(P::Serving),
             failed(Requester::Signal, F_INVALID)
         ]
@@ -934,11 +980,7 @@ fn a_spawn_completing_past_the_deadline_is_abandoned_not_handed_over() {
     h.wait(TIMEOUTS.ready);
     assert_eq!(
         h.ev(spawned(CHILD)),
-        vec![
-            Action::AbandonChild { pid: CHILD },
-            pc(P::Serving),
-            failed(REQ, F_START)
-        ]
+        vec![kill(CHILD), pc(P::Serving), failed(REQ, F_START)]
     );
     assert!(h.m.accepting());
     assert_eq!(h.m.poll_timeout(), None);
@@ -1382,7 +1424,7 @@ fn check(records: &[Record]) -> Result<(), String> {
             .actions
             .iter()
             .filter_map(|a| match a {
-                Action::AbandonChild { pid } => Some(*pid),
+                Action::AbandonChild { pid, .. } => Some(*pid),
                 _ => None,
             })
             .collect();
