@@ -50,7 +50,7 @@ use crate::handoff::{ListenerRecord, Message, SocketKind, MAX_LISTENERS};
 use crate::inherit::ParentLink;
 use crate::listener::{Endpoint, Listener, UdpSocketEntry};
 use crate::machine::{
-    Action, Event, ExitReason, Machine, Outcome, Phase, Requester, Stop, UpgradeId,
+    Action, DrainCause, Event, ExitReason, Machine, Outcome, Phase, Requester, Stop, UpgradeId,
 };
 use crate::server::{
     write_pid_file, Config, Connection, Coordinator, DrainGuard, Handle, Request, Server, Shared,
@@ -1101,6 +1101,7 @@ impl Driver {
         match Message::decode(bytes) {
             Ok(Message::Ready(id)) => self.feed(Event::ChildReady(id)),
             Ok(Message::Retiring(_)) => self.feed(Event::ChildRetired),
+            Ok(Message::Serving(_)) => self.feed(Event::ChildResumed),
             Ok(other) => self.feed(Event::ChildMessageInvalid(format!(
                 "unexpected message {other:?}"
             ))),
@@ -1610,12 +1611,19 @@ impl Driver {
                 tracing::warn!("the new process died during the drain; serving again");
                 self.reclaim_pid_file();
                 systemd::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
+                // Our own predecessor, if it still drains, was told RETIRING: withdraw it, or
+                // our later exit would pass for planned and nobody would take the service back.
+                if let Some(link) = &self.predecessor {
+                    let msg = Message::Serving(link.upgrade).encode().expect("fits");
+                    let _ = sys::send_nonblocking(link.channel.as_fd(), &msg);
+                }
                 self.resume_accepting();
             }
-            Action::StartDrain => {
-                if self.successor.is_none() {
-                    // Draining for a shutdown (after an upgrade the successor is the main
-                    // process now and this one has nothing to tell systemd).
+            Action::StartDrain(cause) => {
+                if cause == DrainCause::Shutdown {
+                    // After an upgrade the successor is the main process now and this one has
+                    // nothing to tell systemd. (Not guessed from `self.successor`: READY and the
+                    // successor's exit can come in one batch, and the exit clears it first.)
                     systemd::notify("STOPPING=1");
                 }
                 self.drain_active = true;

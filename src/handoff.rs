@@ -11,6 +11,10 @@
 //! - child → parent: `RETIRING(upgrade id)` when the child itself starts draining (it upgraded
 //!   again or shuts down), so that its later exit is not mistaken for a crash (the parent reads
 //!   it when the child exits, before it judges the exit);
+//! - child → parent: `SERVING(upgrade id)` when the child serves again after a RETIRING (its own
+//!   successor died during its drain and it took the service back): the RETIRING is withdrawn,
+//!   its exit would be a crash again. A parent of an earlier version refuses it as an unknown
+//!   kind, which it ignores while draining;
 //! - parent → child: `RELEASED(upgrade id)` once the parent's accepts have all stopped: the
 //!   child stops its takeover polls (see the driver). A child that never gets it (a parent of an
 //!   earlier version) stops them at the channel's EOF instead; a child of an earlier version
@@ -54,6 +58,7 @@ const KIND_HELLO: u8 = 1;
 const KIND_READY: u8 = 2;
 const KIND_RETIRING: u8 = 3;
 const KIND_RELEASED: u8 = 4;
+const KIND_SERVING: u8 = 5;
 
 /// What kind of socket a listener record describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +111,7 @@ pub(crate) enum Message {
     Ready(UpgradeId),
     Retiring(UpgradeId),
     Released(UpgradeId),
+    Serving(UpgradeId),
 }
 
 /// Why bytes on the handoff channel were refused.
@@ -199,6 +205,10 @@ impl Message {
                 out.push(KIND_RELEASED);
                 out.extend_from_slice(&id.0.to_le_bytes());
             }
+            Message::Serving(id) => {
+                out.push(KIND_SERVING);
+                out.extend_from_slice(&id.0.to_le_bytes());
+            }
         }
         Ok(out)
     }
@@ -255,6 +265,7 @@ impl Message {
             KIND_READY => Message::Ready(UpgradeId(r.u64()?)),
             KIND_RETIRING => Message::Retiring(UpgradeId(r.u64()?)),
             KIND_RELEASED => Message::Released(UpgradeId(r.u64()?)),
+            KIND_SERVING => Message::Serving(UpgradeId(r.u64()?)),
             other => return Err(WireError::Kind(other)),
         };
         if !r.0.is_empty() {
@@ -345,6 +356,7 @@ mod tests {
             Message::Ready(UpgradeId(7)),
             Message::Retiring(UpgradeId(u64::MAX)),
             Message::Released(UpgradeId(3)),
+            Message::Serving(UpgradeId(9)),
         ] {
             assert_eq!(Message::decode(&m.encode().unwrap()).unwrap(), m);
         }
@@ -437,6 +449,7 @@ mod tests {
             any::<u64>().prop_map(|id| Message::Ready(UpgradeId(id))),
             any::<u64>().prop_map(|id| Message::Retiring(UpgradeId(id))),
             any::<u64>().prop_map(|id| Message::Released(UpgradeId(id))),
+            any::<u64>().prop_map(|id| Message::Serving(UpgradeId(id))),
         ]
     }
 

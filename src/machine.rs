@@ -111,6 +111,9 @@ pub(crate) enum Event {
     ChildMessageInvalid(String),
     /// The successor is handing over to its own successor or shutting down: its exit is planned.
     ChildRetired,
+    /// The successor serves again after its own successor died (`SERVING`): it withdraws its
+    /// RETIRING, so its exit would again be a crash.
+    ChildResumed,
     ChildExited {
         pid: u32,
         status: String,
@@ -135,8 +138,10 @@ pub(crate) enum Action {
     StopAccepting,
     /// Re-arm every accept (a rollback after handover).
     ResumeAccepting,
-    /// Count live connections from now on; answer with `ConnectionsDrained` at zero.
-    StartDrain,
+    /// Count live connections from now on; answer with `ConnectionsDrained` at zero. The cause
+    /// says what to tell the others: a shutdown is announced to systemd (`STOPPING=1`), an
+    /// upgrade is not (the successor is the main process now).
+    StartDrain(DrainCause),
     /// Stop counting: connections are served normally again.
     StopDrain,
     /// Stop the child (if it still runs) as `stop` says, close its channel; the driver reaps
@@ -153,13 +158,14 @@ pub(crate) enum Action {
 /// How an abandoned child is stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Stop {
-    /// It was never handed the listeners (no HELLO went out): nothing of the service's is in
-    /// its hands, SIGKILL.
+    /// It never got the listeners (they were never sent, or the send failed): nothing of the
+    /// service's is in its hands, SIGKILL.
     Kill,
-    /// It has the listeners and may have armed its accepts: its first accept takes what is
-    /// queued, before it sends READY. A SIGKILL would reset those connections, so SIGTERM: a
-    /// ringflip process drains them and exits. SIGKILL only if it has not exited after the
-    /// drain deadline (the driver's escalation).
+    /// The listeners were sent (from HandingOver on: the HELLO may reach it before this
+    /// process has seen its own send complete), so it may have armed its accepts: its first
+    /// accept takes what is queued, before it sends READY. A SIGKILL would reset those
+    /// connections, so SIGTERM: a ringflip process drains them and exits. SIGKILL only if it
+    /// has not exited after the drain deadline (the driver's escalation).
     Terminate,
 }
 
@@ -187,8 +193,6 @@ enum State {
         by: Requester,
         child: u32,
         ready_deadline: Instant,
-        /// The HELLO (with the listeners) went out: the child may hold connections.
-        hello_sent: bool,
     },
     Draining(Drain),
     Exited(ExitReason),
@@ -304,14 +308,13 @@ impl Machine {
                 ready_deadline,
                 child,
                 by,
-                hello_sent,
                 ..
             } if now >= ready_deadline => {
                 let ms = self.timeouts.ready.as_millis();
                 self.rollback(
                     by,
                     child,
-                    hello_sent,
+                    Stop::Terminate,
                     format!("new process {child} was not ready within {ms} ms"),
                 );
             }
@@ -363,7 +366,7 @@ impl Machine {
                 self.rollback(
                     by,
                     pid,
-                    false,
+                    Stop::Kill,
                     format!("the new binary did not start within {ms} ms"),
                 );
             }
@@ -381,7 +384,6 @@ impl Machine {
                     by,
                     child: pid,
                     ready_deadline: deadline,
-                    hello_sent: false,
                 });
                 self.push(Action::SendListeners(upgrade));
             }
@@ -402,32 +404,16 @@ impl Machine {
             (State::HandingOver { .. }, E::UpgradeRequested(by)) => {
                 self.reply(by, Outcome::Busy("an upgrade is already in flight"))
             }
-            (State::HandingOver { .. }, E::ListenersSent) => {
-                if let State::HandingOver { hello_sent, .. } = &mut self.state {
-                    *hello_sent = true;
-                }
-            }
-            (
-                State::HandingOver {
-                    by,
-                    child,
-                    hello_sent,
-                    ..
-                },
-                E::HandoffFailed(why),
-            ) => self.rollback(
+            (State::HandingOver { .. }, E::ListenersSent) => {}
+            (State::HandingOver { by, child, .. }, E::HandoffFailed(why)) => self.rollback(
                 by,
                 child,
-                hello_sent,
+                Stop::Kill,
                 format!("could not hand the listeners over: {why}"),
             ),
             (
                 State::HandingOver {
-                    upgrade,
-                    by,
-                    child,
-                    hello_sent,
-                    ..
+                    upgrade, by, child, ..
                 },
                 E::ChildReady(id),
             ) => {
@@ -438,47 +424,32 @@ impl Machine {
                     self.rollback(
                         by,
                         child,
-                        hello_sent,
+                        Stop::Terminate,
                         format!("new process answered READY for upgrade {id}, expected {upgrade}"),
                     );
                 }
             }
-            (
-                State::HandingOver {
-                    by,
-                    child,
-                    hello_sent,
-                    ..
-                },
-                E::ChildMessageInvalid(why),
-            ) => self.rollback(by, child, hello_sent, format!("new process {child}: {why}")),
-            (
-                State::HandingOver {
-                    by,
-                    child,
-                    hello_sent,
-                    ..
-                },
-                E::ChildExited { pid, status },
-            ) if pid == child => self.rollback(
+            (State::HandingOver { by, child, .. }, E::ChildMessageInvalid(why)) => self.rollback(
                 by,
                 child,
-                hello_sent,
-                format!("new process {pid} exited before READY: {status}"),
+                Stop::Terminate,
+                format!("new process {child}: {why}"),
             ),
-            (
-                State::HandingOver {
+            (State::HandingOver { by, child, .. }, E::ChildExited { pid, status })
+                if pid == child =>
+            {
+                self.rollback(
                     by,
                     child,
-                    hello_sent,
-                    ..
-                },
-                E::ShutdownRequested,
-            ) => {
+                    Stop::Terminate,
+                    format!("new process {pid} exited before READY: {status}"),
+                )
+            }
+            (State::HandingOver { by, child, .. }, E::ShutdownRequested) => {
                 // Straight to Draining: no transient Serving phase for observers.
                 self.push(Action::AbandonChild {
                     pid: child,
-                    stop: Stop::for_child(hello_sent),
+                    stop: Stop::Terminate,
                 });
                 self.reply(by, Outcome::Failed("shutdown requested".into()));
                 self.start_drain(DrainCause::Shutdown, now);
@@ -498,6 +469,9 @@ impl Machine {
             (State::Draining(_), E::ConnectionsDrained) => self.update_drain(|d| d.drained = true),
             (State::Draining(d), E::ChildRetired) if d.has_successor() => {
                 self.update_drain(|d| d.successor_retired = true)
+            }
+            (State::Draining(d), E::ChildResumed) if d.has_successor() => {
+                self.update_drain(|d| d.successor_retired = false)
             }
             (State::Draining(d), E::ChildExited { pid, .. }) if d.successor() == Some(pid) => {
                 if !d.successor_retired && !d.shutdown_requested {
@@ -543,11 +517,8 @@ impl Machine {
     }
 
     /// Give up on the child: stop it, tell the requester, keep serving. Accepting never stopped.
-    fn rollback(&mut self, by: Requester, child: u32, hello_sent: bool, why: String) {
-        self.push(Action::AbandonChild {
-            pid: child,
-            stop: Stop::for_child(hello_sent),
-        });
+    fn rollback(&mut self, by: Requester, child: u32, stop: Stop, why: String) {
+        self.push(Action::AbandonChild { pid: child, stop });
         self.set(State::Serving);
         self.reply(by, Outcome::Failed(why));
     }
@@ -563,7 +534,7 @@ impl Machine {
         }));
         self.accepting = false;
         self.push(Action::StopAccepting);
-        self.push(Action::StartDrain);
+        self.push(Action::StartDrain(cause));
     }
 
     fn update_drain(&mut self, update: impl FnOnce(&mut Drain)) {
@@ -583,17 +554,6 @@ impl Machine {
         };
         self.set(State::Exited(reason));
         self.push(Action::Exit(reason));
-    }
-}
-
-impl Stop {
-    /// How to stop a child that was (or was not) sent the listeners.
-    fn for_child(hello_sent: bool) -> Stop {
-        if hello_sent {
-            Stop::Terminate
-        } else {
-            Stop::Kill
-        }
     }
 }
 

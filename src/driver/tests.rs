@@ -794,3 +794,79 @@ fn a_successor_with_the_listeners_is_terminated_not_killed_at_a_shutdown() {
         "the new process was not sent SIGTERM (SIGKILLed?)"
     );
 }
+
+/// READY and the successor's unplanned exit in one batch of completions: this process starts
+/// the drain of an upgrade and, in the same turn, takes the service back. The drain's cause
+/// travels in the action, so it is not taken for a shutdown (which would tell systemd
+/// `STOPPING=1`); and the RETIRING this process told its own predecessor is withdrawn
+/// (`SERVING`) once it serves again, or its later exit would pass for planned.
+#[test]
+fn a_rollback_right_after_ready_is_not_a_shutdown_and_withdraws_retiring() {
+    let dir = std::env::temp_dir().join(format!("ringflip-notify-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).unwrap();
+    let notify_path = dir.join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_nonblocking(true).unwrap();
+    std::env::set_var("NOTIFY_SOCKET", &notify_path);
+
+    let mut server = tcp_server(1);
+    let listener = server.listeners[0].fd.as_raw_fd();
+    let elder = Predecessor::adopt(&mut server, &[listener]);
+    upgrade_to_a_stand_in(&mut server);
+    let mut driver = without_takeover(Driver::new(server, super::Waiting::InRing).unwrap());
+    elder.expect_ready();
+    hold_the_drain(&driver);
+    let (pid, channel, upgrade) = start_successor(&mut driver);
+    let pidfd = crate::sys::pidfd_open(pid).unwrap();
+    crate::sys::send_nonblocking(channel.as_fd(), &Message::Ready(upgrade).encode().unwrap())
+        .unwrap();
+    crate::sys::kill(pid, libc::SIGKILL).unwrap();
+    let deadline = Instant::now() + BOUND;
+    while !crate::sys::poll_readable(pidfd.as_fd()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    let deadline = Instant::now() + BOUND;
+    while (driver.successor.is_some() || driver.machine.phase() != crate::Phase::Serving)
+        && Instant::now() < deadline
+    {
+        driver.turn(false, &mut |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::env::remove_var("NOTIFY_SOCKET");
+    end_the_drain(&driver);
+    assert_eq!(
+        driver.machine.phase(),
+        crate::Phase::Serving,
+        "the successor died unplanned: this process serves again"
+    );
+
+    let mut said = Vec::new();
+    let mut buf = [0u8; 512];
+    while let Ok(n) = notify.recv(&mut buf) {
+        said.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        !said.iter().any(|m| m.contains("STOPPING=1")),
+        "an upgrade's drain was announced as a shutdown: {said:?}"
+    );
+    let me = format!("MAINPID={}", std::process::id());
+    assert!(
+        said.last().is_some_and(|m| m.contains(&me)),
+        "the process that serves again is not the main process again: {said:?}"
+    );
+
+    // What the elder was told after READY, in order: the last word must not be RETIRING.
+    crate::sys::set_recv_timeout(elder.channel.as_fd(), Duration::from_millis(50)).unwrap();
+    let mut told = Vec::new();
+    while let Ok(n) = nix::sys::socket::recv(elder.channel.as_raw_fd(), &mut buf, MsgFlags::empty())
+    {
+        told.push(Message::decode(&buf[..n]).unwrap());
+    }
+    assert!(
+        !matches!(told.last(), Some(Message::Retiring(_))),
+        "RETIRING was not withdrawn after serving again: {told:?}"
+    );
+}
