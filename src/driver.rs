@@ -521,8 +521,12 @@ impl Driver {
             tracing::debug!(
                 worker = w.index,
                 listeners = self.accepts.len(),
-                "worker serving"
+                accepting = self.accepting,
+                "worker started"
             );
+            // Started after the coordinator stopped accepting: nothing to stop, and nothing
+            // else would make it say so (its report comes from accepts ending).
+            self.report_if_stopped();
             return Ok(());
         }
         if let Some(link) = &self.predecessor {

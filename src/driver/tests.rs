@@ -870,3 +870,34 @@ fn a_rollback_right_after_ready_is_not_a_shutdown_and_withdraws_retiring() {
         "RETIRING was not withdrawn after serving again: {told:?}"
     );
 }
+
+/// A worker whose thread starts only after the coordinator stopped accepting (a shutdown right
+/// at start-up) has nothing to stop, and must say so at once: the coordinator's drain waits
+/// for every worker's report, and would otherwise last its whole deadline (60 s by default).
+#[test]
+fn a_worker_started_after_the_stop_reports_stopped_at_once() {
+    let mut server = tcp_server(2);
+    let worker = server.take_workers().unwrap().pop().unwrap();
+    let mut coordinator = server.into_driver("test", super::Waiting::InRing).unwrap();
+    coordinator.start().unwrap();
+    coordinator.feed(crate::machine::Event::ShutdownRequested);
+    coordinator.run_actions();
+    let deadline = Instant::now() + BOUND;
+    while !coordinator.accepts.iter().all(|s| !s.armed()) && Instant::now() < deadline {
+        coordinator.turn(false, &mut |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Only now does the worker start.
+    let mut worker = Driver::new_worker(worker, super::Waiting::InRing).unwrap();
+    let mut exit = None;
+    while exit.is_none() && Instant::now() < deadline {
+        worker.turn(false, &mut |_| {}).unwrap();
+        exit = coordinator.turn(false, &mut |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        exit,
+        Some(crate::ExitReason::Shutdown),
+        "the coordinator's drain waited for a late worker that had nothing to stop"
+    );
+}
