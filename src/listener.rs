@@ -6,7 +6,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -92,12 +92,7 @@ impl Listener {
             Endpoint::Tcp(addr) => OwnedFd::from(TcpListener::bind(addr).map_err(bind_err)?),
             Endpoint::Unix(path) => {
                 remove_stale_socket(path).map_err(bind_err)?;
-                let l = UnixListener::bind(path).map_err(bind_err)?;
-                if let Some(mode) = spec.mode {
-                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-                        .map_err(bind_err)?;
-                }
-                OwnedFd::from(l)
+                bind_unix(path, spec.mode).map_err(bind_err)?
             }
             Endpoint::UnixAbstract(name) => {
                 let addr =
@@ -273,6 +268,32 @@ fn local_endpoint(fd: BorrowedFd<'_>, kind: SocketKind) -> io::Result<Endpoint> 
     }
 }
 
+/// A Unix stream socket bound at `path`, its file created with `mode` if given.
+///
+/// With a mode, the file never exists with any other: the mode is set on the socket before
+/// `bind` creates the file. The kernel creates a Unix socket's file with the mode of the
+/// socket's own inode less the umask (`unix_bind_bsd`: `S_IFSOCK | (SOCK_INODE(sock)->i_mode &
+/// ~current_umask())`), and `fchmod` on the unbound socket sets that inode's mode (checked
+/// here: 0600 with a umask of 0; `listener::tests::a_unix_socket_with_a_mode_is_created_with_it`).
+/// A `chmod` after the bind would leave the file open to others between the two.
+fn bind_unix(path: &std::path::Path, mode: Option<u32>) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    if let Some(mode) = mode {
+        nix::sys::stat::fchmod(
+            fd.as_fd(),
+            nix::sys::stat::Mode::from_bits_truncate(mode as nix::libc::mode_t),
+        )?;
+    }
+    bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(fd)
+}
+
 /// A socket file left by a process that died is in the way of bind(); anything else at that
 /// path is not ours to remove.
 fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
@@ -375,5 +396,47 @@ mod tests {
         assert_eq!(worker_of("web#5", 1), 0);
         assert_eq!(worker_of("ringflip.control", 4), 0);
         assert_eq!(worker_of("odd#name", 2), 0);
+    }
+
+    /// A Unix socket with a mode (the control socket's 0600) is created with that mode: no
+    /// moment in which another user could connect to it. Watched with inotify: the file must
+    /// appear (IN_CREATE) and never have its attributes changed afterwards (IN_ATTRIB, which a
+    /// chmod after the bind would cause), even with a umask of 0.
+    #[test]
+    fn a_unix_socket_with_a_mode_is_created_with_it() {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let dir = std::env::temp_dir().join(format!("ringflip-sockmode-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("ctl.sock");
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).unwrap();
+        inotify
+            .add_watch(&dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_ATTRIB)
+            .unwrap();
+        let spec = ListenSpec {
+            name: "ctl".into(),
+            endpoint: Endpoint::Unix(path.clone()),
+            mode: Some(0o600),
+            reuseport: false,
+        };
+        let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        let listener = Listener::bind(&spec);
+        nix::sys::stat::umask(old_umask);
+        let _listener = listener.unwrap();
+        let events = inotify.read_events().unwrap();
+        let kinds: Vec<_> = events.iter().map(|e| e.mask).collect();
+        assert!(
+            kinds.iter().any(|m| m.contains(AddWatchFlags::IN_CREATE)),
+            "{kinds:?}"
+        );
+        assert!(
+            !kinds.iter().any(|m| m.contains(AddWatchFlags::IN_ATTRIB)),
+            "the socket's mode was changed after it was created (it existed with another): \
+             {kinds:?}"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
