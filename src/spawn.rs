@@ -35,6 +35,30 @@ pub(crate) struct Spawned {
     pub channel: OwnedFd,
 }
 
+/// The handoff socketpair (this process's end, the child's end), sized for the largest HELLO.
+///
+/// A `SOCK_SEQPACKET` message must fit the sender's send buffer whole (`EMSGSIZE` otherwise:
+/// the kernel refuses a unix datagram longer than `sk_sndbuf - 32`). The largest HELLO the
+/// protocol allows (`MAX_MESSAGE_LEN`, ~390 KB: 253 listener records at their longest and a
+/// 64 KiB state blob) is larger than the default buffer (`net.core.wmem_default`, 208 KiB on
+/// most systems), so both ends ask for room for it; the kernel grants up to twice
+/// `net.core.wmem_max` (so at least 416 KiB with the usual 208 KiB maximum, enough). The child
+/// sends only short messages, but its end gets the same size: one rule for the channel.
+pub(crate) fn handoff_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{setsockopt, sockopt::SndBuf};
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    let room = crate::handoff::MAX_MESSAGE_LEN + 4096;
+    for end in [&ours, &theirs] {
+        setsockopt(end, SndBuf, &room)?;
+    }
+    Ok((ours, theirs))
+}
+
 /// Starts `exe` with `args` (argv[0] included) and the handoff socket at fd 3.
 pub(crate) fn spawn(
     exe: &Path,
@@ -42,12 +66,7 @@ pub(crate) fn spawn(
     upgrade: UpgradeId,
     handled_signals: &SigSet,
 ) -> io::Result<Spawned> {
-    let (channel, child_end) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )?;
+    let (channel, child_end) = handoff_pair()?;
     // dup2(fd, fd) would leave FD_CLOEXEC set, so make sure the source is not fd 3 (nor stdio,
     // in case this process runs with 0-2 closed).
     let child_end = sys::dup_cloexec_at_least(child_end.as_fd(), 10)?;
@@ -186,6 +205,40 @@ fn cstring(bytes: &[u8]) -> io::Result<CString> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The largest HELLO the protocol allows goes through the handoff channel whole (before
+    /// the channel was sized for it, the send failed with EMSGSIZE and the upgrade rolled
+    /// back).
+    #[test]
+    fn the_largest_hello_fits_the_channel() {
+        use crate::handoff::{
+            ListenerRecord, Message, SocketKind, MAX_LISTENERS, MAX_MESSAGE_LEN, MAX_NAME_LEN,
+            MAX_STATE_LEN,
+        };
+        let big = Message::Hello {
+            upgrade: UpgradeId(1),
+            parent_pid: 1,
+            generation: 1,
+            listeners: vec![
+                ListenerRecord {
+                    name: "n".repeat(MAX_NAME_LEN),
+                    kind: SocketKind::Tcp,
+                    address: "a".repeat(1024),
+                };
+                MAX_LISTENERS
+            ],
+            elders: 0,
+            state: vec![7; MAX_STATE_LEN],
+        }
+        .encode()
+        .unwrap();
+        assert!(big.len() > 300_000, "{}", big.len());
+        let (ours, theirs) = handoff_pair().unwrap();
+        sys::send_nonblocking(ours.as_fd(), &big).expect("the largest HELLO does not fit");
+        let mut buf = vec![0u8; MAX_MESSAGE_LEN];
+        let n = sys::recv_nonblocking(theirs.as_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], &big[..]);
+    }
 
     #[test]
     fn fd_table_slots_reads_fdsize() {
