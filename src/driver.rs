@@ -410,6 +410,8 @@ pub(crate) struct Driver {
     replies: HashMap<u64, mpsc::Sender<Result<u32, UpgradeError>>>,
     /// The coordinator's (or a lone ring's): requests are taken while this driver lives.
     requests_open: Option<crate::server::RequestsOpen>,
+    /// The coordinator's (or a lone ring's): signals other threads get come to this thread.
+    signal_reader: Option<crate::signals::Reader>,
     next_ticket: u64,
     exit: Option<ExitReason>,
     /// Reused buffer of (user_data, result, flags), so reaping allocates nothing.
@@ -460,9 +462,19 @@ impl Driver {
             shared,
             config,
             requests_open,
+            signal_reader,
             ..
         } = server;
         let ring = new_ring()?;
+        // The signalfd sees only signals blocked in the thread that reads it: this one, which
+        // may not be the one that called `build`. And signals delivered to other threads are
+        // forwarded here from now on (`signals.rs`).
+        config
+            .signals
+            .thread_block()
+            .map_err(|e| Error::io("blocking signals")(e.into()))?;
+        drop(signal_reader);
+        let signal_reader = crate::signals::Reader::claim();
         let signalfd = sys::signalfd(&config.signals).map_err(Error::io("signalfd"))?;
         let id_seed = (std::process::id() as u64) << 32
             ^ std::time::SystemTime::now()
@@ -478,6 +490,7 @@ impl Driver {
         driver.udp = udp;
         driver.worker_listeners = worker_listeners;
         driver.requests_open = Some(requests_open);
+        driver.signal_reader = Some(signal_reader);
         driver.watch_initial()?;
         // Before the first accept: a burst must not find the table full (see the function).
         sys::grow_fd_table(driver.shared.wake.as_fd());
@@ -614,6 +627,7 @@ impl Driver {
             drained_reported: false,
             replies: HashMap::new(),
             requests_open: None,
+            signal_reader: None,
             next_ticket: 0,
             exit: None,
             cqes: Vec::with_capacity(1024),

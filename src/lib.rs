@@ -72,6 +72,7 @@ mod inherit;
 mod listener;
 mod machine;
 mod server;
+mod signals;
 mod spawn;
 mod sys;
 mod systemd;

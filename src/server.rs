@@ -12,7 +12,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::SigSet;
 
 use crate::driver::{Driver, Waiting};
 use crate::handoff::SocketKind;
@@ -21,7 +21,7 @@ use crate::inherit::{self, ParentLink};
 use crate::listener::{self, Endpoint, ListenSpec, Listener, UdpSocketEntry};
 use crate::machine::{ExitReason, Phase, Timeouts};
 use crate::workers::WorkerSet;
-use crate::{control, sys, systemd, Error, UpgradeError};
+use crate::{control, signals, sys, systemd, Error, UpgradeError};
 
 /// Configures and starts a [`Server`].
 #[derive(Debug, Clone)]
@@ -165,9 +165,10 @@ impl Builder {
     }
 
     /// Sets the process up: blocks SIGHUP, SIGTERM and SIGINT in the calling thread (they are
-    /// read from a signalfd; call this before starting other threads, which inherit the mask),
-    /// then either receives the listeners from the previous process (when started as a
-    /// successor) or binds them.
+    /// read from a signalfd; threads started later inherit the mask; one started earlier that
+    /// is handed one of them forwards it to the server's thread instead of dying of it), then
+    /// either receives the listeners from the previous process (when started as a successor)
+    /// or binds them.
     ///
     /// For a successor, any error here means the upgrade fails: the caller should exit
     /// non-zero, and the previous process keeps serving.
@@ -241,10 +242,13 @@ impl Builder {
                 reuseport: false,
             });
         }
-        let signals = handled_signals();
+        let signals = signals::handled();
         signals
             .thread_block()
             .map_err(|e| Error::io("blocking signals")(e.into()))?;
+        // Threads started before this one blocked them may be handed them: forwarded here.
+        signals::install(&signals).map_err(Error::io("installing the signal forwarding"))?;
+        let signal_reader = signals::Reader::claim();
 
         let exe = match &self.binary {
             Some(path) => path.clone(),
@@ -381,6 +385,7 @@ impl Builder {
             listeners,
             parent,
             requests_open: RequestsOpen(shared.clone()),
+            signal_reader,
             shared,
             inherited_state,
             elders,
@@ -402,15 +407,6 @@ impl Builder {
             },
         })
     }
-}
-
-/// The signals ringflip reads from its signalfd: SIGHUP upgrades, SIGTERM and SIGINT stop.
-pub(crate) fn handled_signals() -> SigSet {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGHUP);
-    set.add(Signal::SIGTERM);
-    set.add(Signal::SIGINT);
-    set
 }
 
 #[derive(Debug, Clone)]
@@ -444,6 +440,9 @@ pub struct Server {
     workers: Option<Coordinator>,
     /// Requests are taken while this lives: in the server, then in its driver.
     pub(crate) requests_open: RequestsOpen,
+    /// Signals delivered to other threads are forwarded to the one that called `build` (see
+    /// `signals.rs`) until the driver claims them for its own thread.
+    pub(crate) signal_reader: signals::Reader,
 }
 
 impl fmt::Debug for Server {

@@ -1,0 +1,96 @@
+//! SIGHUP, SIGTERM and SIGINT reach the driver whatever thread the kernel delivers them to.
+//!
+//! The driver reads them from a signalfd, which sees only signals blocked in the thread that
+//! reads it: `Builder::build` blocks them in its calling thread, and threads started after it
+//! inherit the mask. A thread started *before* `build` (a multi-thread tokio runtime made by
+//! `#[tokio::main]`, a logging thread, a test harness) does not block them, and the kernel
+//! may deliver a process-directed signal to any thread that does not block it. With the default
+//! action, a `systemctl reload` (SIGHUP) would then kill the whole service.
+//!
+//! So `build` also installs a handler for the three signals. It runs only on a thread that
+//! does not block the signal (on the others the signal stays pending for the signalfd), and
+//! forwards it to the driver's thread with `tgkill`: there it is blocked, so it stays pending
+//! for that thread, and the driver's signalfd read (which runs on that thread: the ring's task
+//! work runs in its submitter) takes it as any other. `tgkill` and `gettid` are async-signal-
+//! safe, and the handler touches only an atomic. With no driver thread registered (before
+//! `build` returned, after the driver ended) the signal gets its default action, as without
+//! ringflip. A successor starts with the default dispositions (`spawn.rs`).
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicI32, Ordering::SeqCst};
+
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+
+/// The thread whose signalfd reads the signals (0: none).
+static READER: AtomicI32 = AtomicI32::new(0);
+
+/// The calling thread's id.
+pub(crate) fn gettid() -> i32 {
+    // SAFETY: plain syscall, always succeeds.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+/// The thread the signals are forwarded to, while this lives: the one that called `build`,
+/// then the driver's (each blocks them). Dropped, it stops the forwarding unless another
+/// thread has claimed it since.
+#[derive(Debug)]
+pub(crate) struct Reader {
+    tid: i32,
+}
+
+impl Reader {
+    /// Makes the calling thread, which must block the signals, the one they are forwarded to.
+    pub(crate) fn claim() -> Reader {
+        let tid = gettid();
+        READER.store(tid, SeqCst);
+        Reader { tid }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        let _ = READER.compare_exchange(self.tid, 0, SeqCst, SeqCst);
+    }
+}
+
+extern "C" fn forward(sig: libc::c_int) {
+    // SAFETY: errno is thread-local; saved and restored so the interrupted code sees its own.
+    let errno = unsafe { *libc::__errno_location() };
+    let reader = READER.load(SeqCst);
+    // SAFETY: plain syscalls with integer arguments, async-signal-safe.
+    unsafe {
+        let forwarded = reader > 0
+            && reader != gettid()
+            && libc::syscall(libc::SYS_tgkill, libc::getpid(), reader, sig) == 0;
+        if !forwarded {
+            // No reader (none registered, or gone, or, against the rule, one that does not
+            // block it): the default action, as if this handler were not there.
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+        *libc::__errno_location() = errno;
+    }
+}
+
+/// Installs the forwarding handler for `signals` (idempotent).
+pub(crate) fn install(signals: &SigSet) -> std::io::Result<()> {
+    let action = SigAction::new(
+        SigHandler::Handler(forward),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for signal in signals.iter() {
+        // SAFETY: `forward` is async-signal-safe (see the module doc).
+        unsafe { sigaction(signal, &action) }.map_err(std::io::Error::from)?;
+    }
+    Ok(())
+}
+
+/// The signals ringflip reads: SIGHUP upgrades, SIGTERM and SIGINT stop.
+pub(crate) fn handled() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGHUP);
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set
+}
