@@ -515,6 +515,10 @@ impl Driver {
     /// (the predecessor closed the channel: it exited or gave up) does not stop this process:
     /// it serves on alone what it has taken.
     pub(crate) fn start(&mut self) -> Result<(), Error> {
+        if !self.predecessor_holds_queue() && self.predecessor.is_none() {
+            // No predecessor (or a worker started after it let go): nothing to wait for.
+            self.listen_deferred();
+        }
         if self.accepting {
             for i in 0..self.accepts.len() {
                 self.arm_accept(i);
@@ -530,6 +534,8 @@ impl Driver {
         // ready: it stops accepting on READY, and from that moment our accepts take the queue.
         // (A failed submit armed nothing: no connection was taken.)
         self.ring.submit().map_err(Error::io("arming accepts"))?;
+        // The workers accept from now on (see `WorkerSet::coordinator_started`).
+        self.tell_workers(|set| set.coordinator_started.store(true, SeqCst));
         if let Role::Worker(w) = &self.role {
             tracing::debug!(
                 worker = w.index,
@@ -686,6 +692,9 @@ impl Driver {
     fn watch_listeners(&self) {
         let Some(set) = &self.wake_set else { return };
         for (i, slot) in self.accepts.iter().enumerate() {
+            if !self.listening(i) {
+                continue; // watched once it listens (`listen_deferred`)
+            }
             if let Err(e) = set.add(slot.listener.fd.as_fd(), Source::Listener(i)) {
                 tracing::error!(listener = %slot.listener.name, error = %e, "adding a listener to the wake set");
             }
@@ -726,11 +735,51 @@ impl Driver {
         let ring = new_ring()?;
         let mut driver = Driver::base(ring, listeners, shared, config, waiting)?;
         driver.role = Role::Worker(gone);
-        driver.accepting = set.accepting.load(SeqCst);
+        driver.accepting = set.wants_accepting();
         driver.watch_initial()?;
         // Accepts armed from here on take what is queued anyway (see `sweep_queues`).
         driver.sweeps_seen = set.sweeps.load(SeqCst);
         Ok(driver)
+    }
+
+    /// Whether listener `i` listens: not yet for a new member of a per-worker group in a
+    /// successor (bound in `build`, see `Driver::listen_deferred`). Asked of the kernel
+    /// (`SO_ACCEPTCONN`): the coordinator's handoff may have made it listen meanwhile.
+    fn listening(&self, i: usize) -> bool {
+        sys::is_listening(self.accepts[i].listener.fd.as_fd()).unwrap_or(true)
+    }
+
+    /// Makes this driver's new members listen, and accept if it accepts. Called once the
+    /// predecessor has let go (or, for a process without one, at start).
+    ///
+    /// Why deferred: a successor running more workers than its predecessor binds new
+    /// SO_REUSEPORT members in `build`. A member that listens takes its share of new
+    /// connections at once (the kernel hashes each SYN onto a listening member), and if this
+    /// process then fails (before READY, or rolled back), they are reset with it; measured:
+    /// 56 of ~25,000 connections failed over 10 failing 2 → 4 worker upgrades
+    /// (`tests/workers.rs`). A bound socket that does not listen is no member of the group:
+    /// nothing is queued on it until `listen`.
+    fn listen_deferred(&mut self) {
+        for i in 0..self.accepts.len() {
+            if self.listening(i) {
+                continue;
+            }
+            let slot = &self.accepts[i];
+            if let Err(e) = sys::listen(slot.listener.fd.as_fd(), sys::somaxconn()) {
+                tracing::error!(listener = %slot.listener.name, error = %e, "listen on a new member");
+                continue;
+            }
+            tracing::info!(listener = %slot.listener.name, "new member of the group listening");
+            if self.accepting {
+                if let Some(set) = &self.wake_set {
+                    let fd = self.accepts[i].listener.fd.as_fd();
+                    if let Err(e) = set.add(fd, Source::Listener(i)) {
+                        tracing::error!(error = %e, "adding a listener to the wake set");
+                    }
+                }
+                self.arm_accept(i);
+            }
+        }
     }
 
     /// A worker looks at the coordinator's wishes: quit, stop or resume accepting.
@@ -743,7 +792,7 @@ impl Driver {
             self.exit = Some(ExitReason::Shutdown);
             return;
         }
-        let want = set.accepting.load(SeqCst);
+        let want = set.wants_accepting();
         if want && !self.accepting {
             set.set_stopped(index, false);
             self.resume_accepting();
@@ -753,6 +802,10 @@ impl Driver {
         let sweeps = set.sweeps.load(SeqCst);
         if sweeps != self.sweeps_seen {
             self.sweeps_seen = sweeps;
+            // The predecessor let go: new members may listen now.
+            if !self.predecessor_holds_queue() {
+                self.listen_deferred();
+            }
             self.sweep_queues();
         }
     }
@@ -1217,6 +1270,9 @@ impl Driver {
     }
 
     fn arm_takeover(&mut self, i: usize) {
+        if !self.listening(i) {
+            return;
+        }
         let fd = self.accepts[i].listener.fd.as_raw_fd();
         let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
             .multi(true)
@@ -1232,7 +1288,7 @@ impl Driver {
     /// instead, which re-arms itself at its terminal completion and, as any fresh accept,
     /// takes what is queued before it waits (one driver turn later than a sweep would).
     fn sweep(&mut self, i: usize) {
-        if !self.accepting || self.accepts[i].sweep_accept.is_some() {
+        if !self.accepting || self.accepts[i].sweep_accept.is_some() || !self.listening(i) {
             return;
         }
         if self.no_dontwait {
@@ -1289,6 +1345,7 @@ impl Driver {
         self.takeover_at = None;
         if released {
             self.tell_workers(|set| set.predecessor_holds_queue.store(false, SeqCst));
+            self.listen_deferred();
             self.sweep_queues();
             self.forward_release();
         }
@@ -1906,6 +1963,21 @@ impl Driver {
         // UDP sockets and the application's raw fds travel after the listeners, as records of
         // their own kind. Raw fds are sent as duplicates held until the send completes, so the
         // application may replace its set at any time.
+        // A member whose listen was deferred (its predecessor has not let go yet, see
+        // `listen_deferred`) listens now: the successor adopts only listening sockets. Its
+        // worker arms its accepts at the release, as before.
+        for fd in self
+            .accepts
+            .iter()
+            .map(|s| s.listener.fd.as_fd())
+            .chain(self.worker_listeners.iter().map(|(_, fd)| fd.as_fd()))
+        {
+            if !sys::is_listening(fd).unwrap_or(true) {
+                if let Err(e) = sys::listen(fd, sys::somaxconn()) {
+                    return self.feed(Event::HandoffFailed(format!("listen on a new member: {e}")));
+                }
+            }
+        }
         let mut records: Vec<ListenerRecord> =
             self.accepts.iter().map(|s| s.listener.record()).collect();
         let mut fds: Vec<RawFd> = self
@@ -1988,6 +2060,9 @@ impl Driver {
     }
 
     fn arm_accept(&mut self, i: usize) {
+        if !self.listening(i) {
+            return; // a new member, not listening yet (see `listen_deferred`)
+        }
         let fd = self.accepts[i].listener.fd.as_raw_fd();
         let entry = opcode::AcceptMulti::new(types::Fd(fd))
             .flags(libc::SOCK_CLOEXEC)

@@ -77,8 +77,11 @@ pub(crate) struct ListenSpec {
 }
 
 impl Listener {
-    /// Binds a new listener with the largest backlog the kernel allows.
-    pub(crate) fn bind(spec: &ListenSpec) -> Result<Listener, Error> {
+    /// Binds a new listener, with the largest backlog the kernel allows; listens at once only
+    /// if `listen` (see `Driver::listen_deferred` for the other case: a bound SO_REUSEPORT
+    /// socket that does not listen is no member of the group yet, so the kernel queues nothing
+    /// on it).
+    pub(crate) fn bind_with(spec: &ListenSpec, listen: bool) -> Result<Listener, Error> {
         let bind_err = |source| Error::Bind {
             name: spec.name.clone(),
             addr: spec.endpoint.to_string(),
@@ -100,7 +103,9 @@ impl Listener {
                 OwnedFd::from(UnixListener::bind_addr(&addr).map_err(bind_err)?)
             }
         };
-        sys::listen(fd.as_fd(), sys::somaxconn()).map_err(bind_err)?;
+        if listen {
+            sys::listen(fd.as_fd(), sys::somaxconn()).map_err(bind_err)?;
+        }
         let endpoint = local_endpoint(fd.as_fd(), spec.endpoint.kind()).map_err(bind_err)?;
         Ok(Listener {
             name: spec.name.as_str().into(),
@@ -420,7 +425,7 @@ mod tests {
             reuseport: false,
         };
         let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
-        let listener = Listener::bind(&spec);
+        let listener = Listener::bind_with(&spec, true);
         nix::sys::stat::umask(old_umask);
         let _listener = listener.unwrap();
         let events = inotify.read_events().unwrap();

@@ -284,9 +284,12 @@ impl Builder {
                             listeners.push(Listener::adopt(spec, &record, fd)?);
                         }
                         // A new member of a per-worker group (this binary runs more workers
-                        // than the previous one): it joins the inherited group, nothing lost.
+                        // than the previous one): it joins the inherited group, but listens
+                        // only once the previous process has let go (`listen_deferred` in the
+                        // driver): should this process fail before that, the kernel must not
+                        // have queued connections on a member that dies with it.
                         None if spec.reuseport && spec.name.contains('#') => {
-                            listeners.push(bind_member(spec, &listeners)?);
+                            listeners.push(bind_member(spec, &listeners, false)?);
                         }
                         None => {
                             return Err(Error::MissingListener {
@@ -357,7 +360,7 @@ impl Builder {
                             tracing::info!(listener = %spec.name, address = %listener.endpoint, "adopted the socket from systemd");
                             listener
                         }
-                        None => bind_member(spec, &listeners)?,
+                        None => bind_member(spec, &listeners, true)?,
                     });
                 }
                 for (name, addr) in &self.udp {
@@ -1147,7 +1150,7 @@ impl AsRawFd for Connection {
 
 /// Binds `spec`; a member `name#i` of a per-worker group asked for TCP port 0 joins the port
 /// member 0 (`name`, bound before it in `bound`) got, not a port of its own.
-fn bind_member(spec: &ListenSpec, bound: &[Listener]) -> Result<Listener, Error> {
+fn bind_member(spec: &ListenSpec, bound: &[Listener], listen: bool) -> Result<Listener, Error> {
     if let (Endpoint::Tcp(addr), Some((base, _))) = (&spec.endpoint, spec.name.rsplit_once('#')) {
         if spec.reuseport && addr.port() == 0 {
             let first = bound
@@ -1155,14 +1158,17 @@ fn bind_member(spec: &ListenSpec, bound: &[Listener]) -> Result<Listener, Error>
                 .find(|l| &*l.name == base)
                 .and_then(|l| sys::local_inet_addr(l.fd.as_fd()).ok());
             if let Some(first) = first {
-                return Listener::bind(&ListenSpec {
-                    endpoint: Endpoint::Tcp(first),
-                    ..spec.clone()
-                });
+                return Listener::bind_with(
+                    &ListenSpec {
+                        endpoint: Endpoint::Tcp(first),
+                        ..spec.clone()
+                    },
+                    listen,
+                );
             }
         }
     }
-    Listener::bind(spec)
+    Listener::bind_with(spec, listen)
 }
 
 /// Writes `pid` to `path` atomically: a temporary file in the same directory, exchanged with

@@ -17,6 +17,10 @@ use crate::{sys, Error};
 #[derive(Debug)]
 pub(crate) struct WorkerSet {
     pub accepting: AtomicBool,
+    /// The coordinator has started (everything that can fail in it is behind it): workers
+    /// accept only from then on. A worker that accepted before a coordinator that then failed
+    /// to start would close what it took when the process exits.
+    pub coordinator_started: AtomicBool,
     /// The process's predecessor still holds the accept queues (this process is a successor
     /// whose predecessor has not let go yet): a worker must not take connections outside its
     /// own multishot accepts (see `Driver::sweep_missed`). Cleared by the coordinator when the
@@ -35,6 +39,7 @@ impl WorkerSet {
     pub(crate) fn new(n: usize, successor: bool) -> Result<WorkerSet, Error> {
         Ok(WorkerSet {
             accepting: AtomicBool::new(true),
+            coordinator_started: AtomicBool::new(false),
             predecessor_holds_queue: AtomicBool::new(successor),
             sweeps: AtomicU64::new(0),
             quit: AtomicBool::new(false),
@@ -59,6 +64,11 @@ impl WorkerSet {
 
     pub(crate) fn set_stopped(&self, i: usize, stopped: bool) {
         self.stopped[i - 1].store(stopped, SeqCst);
+    }
+
+    /// Whether a worker should accept now: the coordinator wants it and has started.
+    pub(crate) fn wants_accepting(&self) -> bool {
+        self.accepting.load(SeqCst) && self.coordinator_started.load(SeqCst)
     }
 
     pub(crate) fn all_stopped(&self) -> bool {
