@@ -770,14 +770,15 @@ impl Driver {
                 continue;
             }
             tracing::info!(listener = %slot.listener.name, "new member of the group listening");
-            if self.accepting {
-                if let Some(set) = &self.wake_set {
-                    let fd = self.accepts[i].listener.fd.as_fd();
-                    if let Err(e) = set.add(fd, Source::Listener(i)) {
-                        tracing::error!(error = %e, "adding a listener to the wake set");
-                    }
+        }
+        // Every listener not armed yet: those just made to listen, and one a handoff made
+        // listen before the release (`send_hello`), which no accept was armed on then.
+        if self.accepting {
+            self.watch_listeners();
+            for i in 0..self.accepts.len() {
+                if self.accepts[i].retry_at.is_none() {
+                    self.arm_accept(i);
                 }
-                self.arm_accept(i);
             }
         }
     }
@@ -2060,8 +2061,10 @@ impl Driver {
     }
 
     fn arm_accept(&mut self, i: usize) {
-        if !self.listening(i) {
-            return; // a new member, not listening yet (see `listen_deferred`)
+        if self.accepts[i].op.is_some() || !self.listening(i) {
+            // Armed already (one multishot accept per listener: a second would stay armed
+            // past the cancel of the first), or a new member not listening yet.
+            return;
         }
         let fd = self.accepts[i].listener.fd.as_raw_fd();
         let entry = opcode::AcceptMulti::new(types::Fd(fd))

@@ -901,3 +901,29 @@ fn a_worker_started_after_the_stop_reports_stopped_at_once() {
         "the coordinator's drain waited for a late worker that had nothing to stop"
     );
 }
+
+/// One multishot accept per listener, however often arming is asked for: a second one would
+/// not be covered by the cancel at the stop (the slot keeps one token), and would go on taking
+/// connections in a process that said it let go. (Seen in review: a late worker armed its new
+/// members twice, once at the release and once at its start.)
+#[test]
+fn arming_an_armed_listener_again_arms_nothing() {
+    let server = tcp_server(1);
+    let addr = server.local_addr("t").unwrap();
+    let mut driver = Driver::new(server, super::Waiting::InRing).unwrap();
+    driver.arm_accept(0);
+    driver.turn(false, &mut |_| {}).unwrap();
+    hold_the_drain(&driver);
+    driver.feed(crate::machine::Event::ShutdownRequested);
+    driver.run_actions();
+    let deadline = Instant::now() + BOUND;
+    while !driver.all_accepts_stopped() && Instant::now() < deadline {
+        driver.turn(false, &mut |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(driver.all_accepts_stopped());
+    let _client = TcpStream::connect(addr).unwrap();
+    let taken = serve_within(&mut [&mut driver], 1, Duration::from_millis(200));
+    end_the_drain(&driver);
+    assert_eq!(taken.len(), 0, "an accept outlived the stop");
+}
