@@ -432,6 +432,11 @@ pub(crate) struct Driver {
     pid_file_leftover: Option<std::path::PathBuf>,
     /// Children abandoned with SIGTERM, until they exit or are SIGKILLed (see `escalate`).
     terminating: Vec<Terminating>,
+    /// systemd knows this process as the service's main one: it started it (no predecessor),
+    /// or the predecessor announced it (`MAINPID=`, before its RELEASED), or it took the
+    /// service back (`ResumeAccepting`). Only the main process says `STOPPING=1`: a successor
+    /// abandoned before that, stopping, must not stop the whole unit (`NotifyAccess=all`).
+    is_main: bool,
     /// Spawns in flight on their own threads (see `start_spawn`), and where they report.
     spawning: Vec<std::thread::JoinHandle<()>>,
     spawn_results: (mpsc::Sender<SpawnResult>, mpsc::Receiver<SpawnResult>),
@@ -585,7 +590,8 @@ impl Driver {
         }
         if self.predecessor.is_none() {
             // A successor does not: its predecessor announces it with MAINPID= on READY.
-            systemd::notify("READY=1");
+            self.is_main = true;
+            systemd::notify(self.config.notify_socket.as_deref(), "READY=1");
         }
         tracing::info!(
             pid = std::process::id(),
@@ -645,6 +651,7 @@ impl Driver {
             finishing: false,
             pid_file_leftover: None,
             terminating: Vec::new(),
+            is_main: false,
             spawning: Vec::new(),
             spawn_results: mpsc::channel(),
             span: tracing::Span::none(),
@@ -1098,6 +1105,8 @@ impl Driver {
                         let ours = self.predecessor.as_ref().map(|link| link.upgrade);
                         if let Ok(Message::Released(id)) = Message::decode(&buf[..n as usize]) {
                             if Some(id) == ours {
+                                // Sent after its MAINPID=<this process>.
+                                self.is_main = true;
                                 self.end_takeover(true);
                             }
                         }
@@ -1675,18 +1684,22 @@ impl Driver {
                     trigger: Some(Instant::now()),
                     ..Timeline::default()
                 };
-                systemd::notify(&format!(
-                    "RELOADING=1\nMONOTONIC_USEC={}",
-                    systemd::monotonic_usec()
-                ));
+                systemd::notify(
+                    self.config.notify_socket.as_deref(),
+                    &format!("RELOADING=1\nMONOTONIC_USEC={}", systemd::monotonic_usec()),
+                );
                 self.start_spawn(upgrade);
             }
             Action::SendListeners(upgrade) => self.send_hello(upgrade),
             Action::StopAccepting => self.stop_accepting(),
             Action::ResumeAccepting => {
                 tracing::warn!("the new process died during the drain; serving again");
+                self.is_main = true;
                 self.reclaim_pid_file();
-                systemd::notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
+                systemd::notify(
+                    self.config.notify_socket.as_deref(),
+                    &format!("MAINPID={}\nREADY=1", std::process::id()),
+                );
                 // Our own predecessor, if it still drains, was told RETIRING: withdraw it, or
                 // our later exit would pass for planned and nobody would take the service back.
                 if let Some(link) = &self.predecessor {
@@ -1696,11 +1709,11 @@ impl Driver {
                 self.resume_accepting();
             }
             Action::StartDrain(cause) => {
-                if cause == DrainCause::Shutdown {
+                if cause == DrainCause::Shutdown && self.is_main {
                     // After an upgrade the successor is the main process now and this one has
                     // nothing to tell systemd. (Not guessed from `self.successor`: READY and the
                     // successor's exit can come in one batch, and the exit clears it first.)
-                    systemd::notify("STOPPING=1");
+                    systemd::notify(self.config.notify_socket.as_deref(), "STOPPING=1");
                 }
                 self.drain_active = true;
                 self.drained_reported = false;
@@ -1899,14 +1912,21 @@ impl Driver {
         match &outcome {
             Outcome::Upgraded { pid } => {
                 tracing::info!(child.pid = pid, "upgrade complete");
-                systemd::notify(&format!("MAINPID={pid}\nREADY=1"));
+                self.is_main = false;
+                systemd::notify(
+                    self.config.notify_socket.as_deref(),
+                    &format!("MAINPID={pid}\nREADY=1"),
+                );
             }
             Outcome::Failed(why) => {
                 // The child may have written the pid file before it failed.
                 self.reclaim_pid_file();
                 if self.machine.phase() == Phase::Serving {
                     tracing::warn!(reason = %why, "upgrade failed; still serving");
-                    systemd::notify(&format!("READY=1\nSTATUS=upgrade failed: {why}"));
+                    systemd::notify(
+                        self.config.notify_socket.as_deref(),
+                        &format!("READY=1\nSTATUS=upgrade failed: {why}"),
+                    );
                 } else {
                     // A shutdown cut the upgrade short; this process is stopping.
                     tracing::warn!(reason = %why, "upgrade abandoned");

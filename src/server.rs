@@ -407,6 +407,7 @@ impl Builder {
                 exe,
                 args,
                 signals,
+                notify_socket: systemd::notify_target(),
             },
         })
     }
@@ -421,6 +422,8 @@ pub(crate) struct Config {
     pub exe: PathBuf,
     pub args: Vec<OsString>,
     pub signals: SigSet,
+    /// Where systemd notifications go (`NOTIFY_SOCKET` at `build`), if anywhere.
+    pub notify_socket: Option<OsString>,
 }
 
 /// A process that serves its listeners and can hand them to a new binary.

@@ -19,9 +19,16 @@ pub(crate) const LISTEN_VARS: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_F
 /// First fd passed by socket activation (`SD_LISTEN_FDS_START`).
 const LISTEN_FDS_START: RawFd = 3;
 
-/// Sends one notification if `NOTIFY_SOCKET` is set; failures are logged, never fatal.
-pub(crate) fn notify(message: &str) {
-    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+/// `NOTIFY_SOCKET`, read once by `Builder::build` (not at each message: the environment is
+/// the process's, and reading it while another thread may write it is unsound).
+pub(crate) fn notify_target() -> Option<std::ffi::OsString> {
+    std::env::var_os("NOTIFY_SOCKET")
+}
+
+/// Sends one notification to `target` (the service manager's `NOTIFY_SOCKET`), if any;
+/// failures are logged, never fatal.
+pub(crate) fn notify(target: Option<&std::ffi::OsStr>, message: &str) {
+    let Some(target) = target else {
         return;
     };
     let result = UnixDatagram::unbound().and_then(|sock| {
@@ -30,7 +37,7 @@ pub(crate) fn notify(message: &str) {
             let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
             sock.send_to_addr(message.as_bytes(), &addr)
         } else {
-            sock.send_to(message.as_bytes(), &target)
+            sock.send_to(message.as_bytes(), target)
         }
     });
     match result {

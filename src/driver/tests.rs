@@ -808,14 +808,27 @@ fn a_rollback_right_after_ready_is_not_a_shutdown_and_withdraws_retiring() {
     let notify_path = dir.join("notify");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
     notify.set_nonblocking(true).unwrap();
-    std::env::set_var("NOTIFY_SOCKET", &notify_path);
 
     let mut server = tcp_server(1);
+    // This driver's target only (the environment is the whole test process's).
+    server.config.notify_socket = Some(notify_path.clone().into());
     let listener = server.listeners[0].fd.as_raw_fd();
-    let elder = Predecessor::adopt(&mut server, &[listener]);
+    let mut elder = Predecessor::adopt(&mut server, &[listener]);
     upgrade_to_a_stand_in(&mut server);
     let mut driver = without_takeover(Driver::new(server, super::Waiting::InRing).unwrap());
     elder.expect_ready();
+    // The elder lets go (RELEASED): this process is the main one now, whose shutdown would
+    // be announced.
+    elder.let_go();
+    let deadline = Instant::now() + BOUND;
+    while !driver.is_main && Instant::now() < deadline {
+        driver.turn(false, &mut |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        driver.is_main,
+        "RELEASED did not make this process the main one"
+    );
     hold_the_drain(&driver);
     let (pid, channel, upgrade) = start_successor(&mut driver);
     let pidfd = crate::sys::pidfd_open(pid).unwrap();
@@ -834,7 +847,6 @@ fn a_rollback_right_after_ready_is_not_a_shutdown_and_withdraws_retiring() {
         driver.turn(false, &mut |_| {}).unwrap();
         std::thread::sleep(Duration::from_millis(1));
     }
-    std::env::remove_var("NOTIFY_SOCKET");
     end_the_drain(&driver);
     assert_eq!(
         driver.machine.phase(),
@@ -926,4 +938,37 @@ fn arming_an_armed_listener_again_arms_nothing() {
     let taken = serve_within(&mut [&mut driver], 1, Duration::from_millis(200));
     end_the_drain(&driver);
     assert_eq!(taken.len(), 0, "an accept outlived the stop");
+}
+
+/// A successor that is stopped before it became the main process (its predecessor abandoned
+/// it, or has not let go yet) must not tell systemd `STOPPING=1`: with `NotifyAccess=all` the
+/// manager would take it for the main process stopping and stop the whole unit, the serving
+/// predecessor included.
+#[test]
+fn a_successor_stopped_before_it_is_the_main_process_says_nothing_to_systemd() {
+    let dir = std::env::temp_dir().join(format!("ringflip-notify2-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).unwrap();
+    let notify_path = dir.join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_nonblocking(true).unwrap();
+    let mut server = tcp_server(1);
+    server.config.notify_socket = Some(notify_path.clone().into());
+    let listener = server.listeners[0].fd.as_raw_fd();
+    let elder = Predecessor::adopt(&mut server, &[listener]);
+    let mut driver = without_takeover(Driver::new(server, super::Waiting::InRing).unwrap());
+    elder.expect_ready();
+    driver.feed(crate::machine::Event::ShutdownRequested);
+    driver.run_actions();
+    let mut said = Vec::new();
+    let mut buf = [0u8; 512];
+    while let Ok(n) = notify.recv(&mut buf) {
+        said.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(elder);
+    assert!(
+        !said.iter().any(|m| m.contains("STOPPING=1")),
+        "a successor that never became the main process announced its stop: {said:?}"
+    );
 }
