@@ -478,8 +478,7 @@ impl Driver {
             .signals
             .thread_block()
             .map_err(|e| Error::io("blocking signals")(e.into()))?;
-        drop(signal_reader);
-        let signal_reader = crate::signals::Reader::claim();
+        let signal_reader = crate::signals::Reader::claim().replacing(signal_reader);
         let signalfd = sys::signalfd(&config.signals).map_err(Error::io("signalfd"))?;
         let id_seed = (std::process::id() as u64) << 32
             ^ std::time::SystemTime::now()
@@ -499,6 +498,13 @@ impl Driver {
         driver.watch_initial()?;
         // Before the first accept: a burst must not find the table full (see the function).
         sys::grow_fd_table(driver.shared.wake.as_fd());
+        if driver.predecessor_gave_up() {
+            // Abandoned (ready deadline, shutdown) while starting: its SIGTERM is pending.
+            // Nothing is taken yet and the pid file is the predecessor's: leave now.
+            return Err(Error::Handoff(
+                "the previous process gave up on this upgrade before it was ready".into(),
+            ));
+        }
         // The pid file before the first accept (the last step that can fail), and before READY:
         // the predecessor may exit within microseconds of READY, and the pid file must never
         // name a process that is gone. (If this upgrade is rolled back instead, the predecessor
@@ -571,11 +577,24 @@ impl Driver {
                     );
                     self.arm_predecessor_recv();
                 }
+                Err(e) if self.predecessor_gave_up() => {
+                    // It abandoned this process (its SIGTERM is pending and drains what the
+                    // accepts took): not the main process, not serving alone. The pid file
+                    // goes back to what it was.
+                    tracing::warn!(
+                        predecessor = link.parent_pid,
+                        error = %e,
+                        "the previous process gave up on this upgrade; stopping"
+                    );
+                    self.restore_pid_file();
+                    self.predecessor = None;
+                    return Ok(());
+                }
                 Err(e) => {
                     tracing::warn!(
                         predecessor = link.parent_pid,
                         error = %e,
-                        "READY could not be sent (the previous process is gone or gave up); serving alone"
+                        "READY could not be sent (the previous process is gone); serving alone"
                     );
                     self.predecessor = None;
                     self.end_takeover(true);
@@ -747,6 +766,40 @@ impl Driver {
         // Accepts armed from here on take what is queued anyway (see `sweep_queues`).
         driver.sweeps_seen = set.sweeps.load(SeqCst);
         Ok(driver)
+    }
+
+    /// Whether the predecessor abandoned this process: it closed the handoff channel while it
+    /// is still alive (its pidfd, the first of the elders the HELLO carried, not readable).
+    /// It then also sent SIGTERM (`Stop::Terminate`), which is pending here.
+    fn predecessor_gave_up(&self) -> bool {
+        let Some(link) = &self.predecessor else {
+            return false;
+        };
+        sys::peer_closed(link.channel.as_fd())
+            && self
+                .elders
+                .first()
+                .is_some_and(|parent| !sys::poll_readable(parent.as_fd()))
+    }
+
+    /// Puts the pid file's previous content back (`prepare` exchanged it with this process's
+    /// pid): for a start that turned out to be abandoned.
+    fn restore_pid_file(&mut self) {
+        let (Some(path), Some(leftover)) = (&self.config.pid_file, self.pid_file_leftover.take())
+        else {
+            return;
+        };
+        use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+        match renameat2(
+            AT_FDCWD,
+            &leftover,
+            AT_FDCWD,
+            path,
+            RenameFlags::RENAME_EXCHANGE,
+        ) {
+            Ok(()) => self.unlink_later(leftover),
+            Err(e) => tracing::warn!(error = %e, "restoring the pid file"),
+        }
     }
 
     /// Whether listener `i` listens: not yet for a new member of a per-worker group in a
@@ -1214,8 +1267,9 @@ impl Driver {
     ///   once the successor is cleared.
     fn take_successor_messages(&mut self) {
         let mut buf = [0u8; CHANNEL_BUF];
-        // Bounded: a child sends READY and RETIRING, nothing else; more is garbage anyway.
-        for _ in 0..8 {
+        // Bounded: a child sends READY, then RETIRING and SERVING by turns (one pair per
+        // successor of its own that died during its drain); past this, garbage.
+        for _ in 0..64 {
             let Some(child) = &self.successor else { return };
             match sys::recv_nonblocking(child.channel.as_fd(), &mut buf) {
                 Ok(n) if n > 0 => self.on_successor_message(&buf[..n]),
@@ -1744,10 +1798,12 @@ impl Driver {
                                 ?grace,
                                 "the abandoned child may hold connections: SIGTERM, so it drains them"
                             );
+                            // From the SIGTERM, the child may still be starting (the ready
+                            // deadline's case) before its own drain begins.
                             self.terminating.push(Terminating {
                                 pid,
                                 pidfd: child.pidfd,
-                                kill_at: Instant::now() + grace,
+                                kill_at: Instant::now() + self.config.timeouts.ready + grace,
                             });
                         }
                     }

@@ -47,6 +47,18 @@ impl Reader {
     }
 }
 
+impl Reader {
+    /// This claim, after an older one (`build`'s): the older is let go without undoing this
+    /// one when both are of the same thread. Claimed first, dropped after: no moment without
+    /// a reader, in which a signal would take its default action.
+    pub(crate) fn replacing(self, older: Reader) -> Reader {
+        if older.tid == self.tid {
+            std::mem::forget(older);
+        }
+        self
+    }
+}
+
 impl Drop for Reader {
     fn drop(&mut self) {
         let _ = READER.compare_exchange(self.tid, 0, SeqCst, SeqCst);

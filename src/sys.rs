@@ -333,6 +333,22 @@ pub(crate) fn recv_nonblocking(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result
     Ok(n as usize)
 }
 
+/// Whether the peer of a connected socket has closed its end with nothing left to read
+/// (a non-blocking `MSG_PEEK` reads EOF).
+pub(crate) fn peer_closed(fd: BorrowedFd<'_>) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: peeks at most one byte into a live u8.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
+}
+
 /// Sets `SO_RCVTIMEO` on a socket.
 pub(crate) fn set_recv_timeout(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<()> {
     let tv = libc::timeval {

@@ -724,18 +724,32 @@ fn a_successor_that_fails_to_start_takes_no_connection() {
 }
 
 /// A stand-in successor (a shell) that, on SIGTERM, writes "term" to `mark` and exits 0: the
-/// test can tell a SIGTERM (the mark) from a SIGKILL (none).
+/// test can tell a SIGTERM (the mark) from a SIGKILL (none). Once its trap is set it writes
+/// "up" to `mark` + ".up" (see `wait_until_up`).
 fn upgrade_to_a_terminable_stand_in(server: &mut Server, mark: &std::path::Path) {
     server.config.exe = "/bin/sh".into();
     server.config.args = vec![
         "sh".into(),
         "-c".into(),
         format!(
-            "trap 'echo term > {}; kill $! 2>/dev/null; exit 0' TERM; sleep 30 3>&- & wait",
-            mark.display()
+            "trap 'echo term > {m}; kill $! 2>/dev/null; exit 0' TERM; echo up > {m}.up; \
+             sleep 30 3>&- & wait",
+            m = mark.display()
         )
         .into(),
     ];
+}
+
+/// Waits (bounded) until the terminable stand-in has set its trap: a SIGTERM before that would
+/// end the shell without a mark, whatever sent it.
+fn wait_until_up(mark: &std::path::Path) {
+    let up = std::path::PathBuf::from(format!("{}.up", mark.display()));
+    let deadline = Instant::now() + BOUND;
+    while !up.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(up.exists(), "the stand-in never set its trap");
+    let _ = std::fs::remove_file(up);
 }
 
 /// SIGTERM to the old process while the new one has its listeners but the old one has not
@@ -752,6 +766,7 @@ fn a_ready_waiting_on_the_channel_counts_when_a_shutdown_comes() {
     hold_the_drain(&driver);
     let (pid, channel, upgrade) = start_successor(&mut driver);
     let _successor = KillOnDrop::new(pid);
+    wait_until_up(&mark);
     crate::sys::send_nonblocking(channel.as_fd(), &Message::Ready(upgrade).encode().unwrap())
         .unwrap();
     // The shutdown reaches the driver before its ring has read the READY.
@@ -781,6 +796,7 @@ fn a_successor_with_the_listeners_is_terminated_not_killed_at_a_shutdown() {
     let _successor = KillOnDrop::new(pid);
     // The HELLO's completion (ListenersSent) is reaped in the next turn.
     driver.turn(false, &mut |_| {}).unwrap();
+    wait_until_up(&mark);
     driver.feed(crate::machine::Event::ShutdownRequested);
     driver.run_actions();
     let deadline = Instant::now() + BOUND;
@@ -970,5 +986,33 @@ fn a_successor_stopped_before_it_is_the_main_process_says_nothing_to_systemd() {
     assert!(
         !said.iter().any(|m| m.contains("STOPPING=1")),
         "a successor that never became the main process announced its stop: {said:?}"
+    );
+}
+
+/// A new process whose predecessor gave up on it while it was starting (it closed the channel
+/// and, alive, sent SIGTERM) must not start: it would take the pid file from the serving
+/// predecessor and connections from the queue, only to drain and exit. It fails before the
+/// pid file, which keeps the predecessor's pid.
+#[test]
+fn a_successor_abandoned_while_starting_leaves_the_pid_file_alone() {
+    let dir = std::env::temp_dir().join(format!("ringflip-abandoned-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).unwrap();
+    let pid_file = dir.join("x.pid");
+    std::fs::write(&pid_file, "4242\n").unwrap();
+    let mut server = tcp_server(1);
+    let listener = server.listeners[0].fd.as_raw_fd();
+    let old = Predecessor::adopt(&mut server, &[listener]);
+    // The predecessor stand-in is this (live) process.
+    server.elders = vec![crate::sys::pidfd_open(std::process::id()).unwrap()];
+    server.config.pid_file = Some(pid_file.clone());
+    drop(old); // gives up: closes its end of the channel
+    let started = Driver::new(server, super::Waiting::InRing);
+    let content = std::fs::read_to_string(&pid_file).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(started.is_err(), "an abandoned successor started");
+    assert_eq!(
+        content, "4242\n",
+        "the abandoned successor took the pid file"
     );
 }
