@@ -1189,7 +1189,7 @@ impl Driver {
                 // The pidfd polled readable: the process has exited. `waitpid` only adds its
                 // status, and cannot when someone else reaped it first (an application's
                 // `waitpid(-1)`, or SIGCHLD set to SIG_IGN: ECHILD); the exit counts anyway.
-                let status = match sys::try_reap(pid) {
+                let status = match sys::try_reap_pidfd(_pidfd.as_fd()) {
                     Ok(Some(status)) => status,
                     // Woken before the zombie was visible to waitpid: watch again (the
                     // pidfd stays readable, so this completes at once).

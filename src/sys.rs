@@ -274,29 +274,34 @@ pub(crate) fn kill(pid: u32, sig: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
-/// `waitpid(pid, WNOHANG)`: `Some(description)` once the child was reaped.
-pub(crate) fn try_reap(pid: u32) -> io::Result<Option<String>> {
-    let mut status = 0;
-    // SAFETY: `status` is a live int.
-    let ret = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+/// `waitid(P_PIDFD, fd, WEXITED | WNOHANG)`: `Some(description)` ("exit status 1", "killed by
+/// signal 9") once the child the pidfd was opened for was reaped here; `None` while it runs (or
+/// is not yet a zombie). Unlike `waitpid(pid)`, never about another process that took a reused
+/// pid.
+pub(crate) fn try_reap_pidfd(fd: BorrowedFd<'_>) -> io::Result<Option<String>> {
+    // SAFETY: siginfo_t is plain data that waitid fills; all-zero is valid.
+    let mut info: libc::siginfo_t = unsafe { mem::zeroed() };
+    // SAFETY: a live siginfo_t; the pidfd is borrowed.
+    let ret = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            fd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG,
+        )
+    };
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }
-    if ret == 0 {
+    // SAFETY: waitid filled `info` for a child (or left si_pid 0: nothing to report yet).
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
         return Ok(None);
     }
-    Ok(Some(describe_wait_status(status)))
-}
-
-/// "exit status 1", "killed by signal 9".
-pub(crate) fn describe_wait_status(status: libc::c_int) -> String {
-    if libc::WIFEXITED(status) {
-        format!("exit status {}", libc::WEXITSTATUS(status))
-    } else if libc::WIFSIGNALED(status) {
-        format!("killed by signal {}", libc::WTERMSIG(status))
-    } else {
-        format!("wait status {status:#x}")
-    }
+    Ok(Some(match info.si_code {
+        libc::CLD_EXITED => format!("exit status {status}"),
+        _ => format!("killed by signal {status}"),
+    }))
 }
 
 /// A non-blocking `send` of one whole datagram.
