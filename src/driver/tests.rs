@@ -417,6 +417,33 @@ fn a_successor_that_retires_right_after_ready_is_not_taken_for_a_crash() {
     );
 }
 
+/// An empty directory of this test process's own, for files a test makes.
+fn fresh_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ringflip-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).unwrap();
+    dir
+}
+
+/// A stand-in for systemd's notify socket in `dir`: its path, for `Config::notify_socket`,
+/// and the socket.
+fn notify_socket(dir: &std::path::Path) -> (std::path::PathBuf, std::os::unix::net::UnixDatagram) {
+    let path = dir.join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    (path, socket)
+}
+
+/// Every notification queued on `socket`, in order.
+fn notifications(socket: &std::os::unix::net::UnixDatagram) -> Vec<String> {
+    let mut said = Vec::new();
+    let mut buf = [0u8; 512];
+    while let Ok(n) = socket.recv(&mut buf) {
+        said.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    said
+}
+
 /// Whether `fd` polls readable within `ms` milliseconds.
 fn readable_within(fd: RawFd, ms: i32) -> bool {
     let mut pfd = libc::pollfd {
@@ -818,13 +845,8 @@ fn a_successor_with_the_listeners_is_terminated_not_killed_at_a_shutdown() {
 /// (`SERVING`) once it serves again, or its later exit would pass for planned.
 #[test]
 fn a_rollback_right_after_ready_is_not_a_shutdown_and_withdraws_retiring() {
-    let dir = std::env::temp_dir().join(format!("ringflip-notify-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir(&dir).unwrap();
-    let notify_path = dir.join("notify");
-    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_nonblocking(true).unwrap();
-
+    let dir = fresh_dir("notify");
+    let (notify_path, notify) = notify_socket(&dir);
     let mut server = tcp_server(1);
     // This driver's target only (the environment is the whole test process's).
     server.config.notify_socket = Some(notify_path.clone().into());
@@ -870,11 +892,7 @@ fn a_rollback_right_after_ready_is_not_a_shutdown_and_withdraws_retiring() {
         "the successor died unplanned: this process serves again"
     );
 
-    let mut said = Vec::new();
-    let mut buf = [0u8; 512];
-    while let Ok(n) = notify.recv(&mut buf) {
-        said.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-    }
+    let said = notifications(&notify);
     let _ = std::fs::remove_dir_all(&dir);
     assert!(
         !said.iter().any(|m| m.contains("STOPPING=1")),
@@ -889,6 +907,7 @@ fn a_rollback_right_after_ready_is_not_a_shutdown_and_withdraws_retiring() {
     // What the elder was told after READY, in order: the last word must not be RETIRING.
     crate::sys::set_recv_timeout(elder.channel.as_fd(), Duration::from_millis(50)).unwrap();
     let mut told = Vec::new();
+    let mut buf = [0u8; 512];
     while let Ok(n) = nix::sys::socket::recv(elder.channel.as_raw_fd(), &mut buf, MsgFlags::empty())
     {
         told.push(Message::decode(&buf[..n]).unwrap());
@@ -962,12 +981,8 @@ fn arming_an_armed_listener_again_arms_nothing() {
 /// predecessor included.
 #[test]
 fn a_successor_stopped_before_it_is_the_main_process_says_nothing_to_systemd() {
-    let dir = std::env::temp_dir().join(format!("ringflip-notify2-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir(&dir).unwrap();
-    let notify_path = dir.join("notify");
-    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_nonblocking(true).unwrap();
+    let dir = fresh_dir("notify2");
+    let (notify_path, notify) = notify_socket(&dir);
     let mut server = tcp_server(1);
     server.config.notify_socket = Some(notify_path.clone().into());
     let listener = server.listeners[0].fd.as_raw_fd();
@@ -976,11 +991,7 @@ fn a_successor_stopped_before_it_is_the_main_process_says_nothing_to_systemd() {
     elder.expect_ready();
     driver.feed(crate::machine::Event::ShutdownRequested);
     driver.run_actions();
-    let mut said = Vec::new();
-    let mut buf = [0u8; 512];
-    while let Ok(n) = notify.recv(&mut buf) {
-        said.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-    }
+    let said = notifications(&notify);
     let _ = std::fs::remove_dir_all(&dir);
     drop(elder);
     assert!(
@@ -995,9 +1006,7 @@ fn a_successor_stopped_before_it_is_the_main_process_says_nothing_to_systemd() {
 /// pid file, which keeps the predecessor's pid.
 #[test]
 fn a_successor_abandoned_while_starting_leaves_the_pid_file_alone() {
-    let dir = std::env::temp_dir().join(format!("ringflip-abandoned-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir(&dir).unwrap();
+    let dir = fresh_dir("abandoned");
     let pid_file = dir.join("x.pid");
     std::fs::write(&pid_file, "4242\n").unwrap();
     let mut server = tcp_server(1);
