@@ -12,9 +12,10 @@
 //!   wait in the kernel's backlog for the new process; if the old process has not let go 1 ms
 //!   after READY (a busy runtime thread), the new one takes connections alongside it.
 //! - **A failed upgrade changes nothing.** If the new binary is missing, crashes, says something
-//!   unexpected or is not READY in time, the old process kills and reaps it and keeps serving;
-//!   it never stopped accepting. If the new process dies while the old one still drains, the
-//!   old one re-arms its accepts and serves again.
+//!   unexpected or is not READY in time, the old process stops and reaps it (SIGTERM once it
+//!   may hold connections, so it drains them) and keeps serving; it never stopped accepting.
+//!   If the new process dies while the old one still drains, the old one re-arms its accepts
+//!   and serves again.
 //! - **Nothing blocks the accept loop.** One io_uring carries the accepts, the handoff, the
 //!   READY handshake, the child's exit, the deadlines and the triggers; the new binary starts
 //!   with `posix_spawn`, not `fork`, so a large process does not stall while its page tables
