@@ -2272,6 +2272,16 @@ impl Driver {
     /// done serving (accepts were stopped before the exit, so there should be none).
     fn finish(&mut self) {
         self.abandon_spawns();
+        if !self.terminating.is_empty() {
+            // Not SIGKILLed: each was sent SIGTERM and may still be draining connections it
+            // took; a ringflip process finishes and exits by itself. One that ignores SIGTERM
+            // outlives this process (reparented), which this log names.
+            let pids: Vec<u32> = self.terminating.iter().map(|t| t.pid).collect();
+            tracing::warn!(
+                ?pids,
+                "abandoned new processes still running at exit (sent SIGTERM); left to finish"
+            );
+        }
         tracing::info!(
             worker = self.role.index(),
             accepted = self.accepted,

@@ -15,6 +15,11 @@
 //! safe, and the handler touches only an atomic. With no driver thread registered (before
 //! `build` returned, after the driver ended) the signal gets its default action, as without
 //! ringflip. A successor starts with the default dispositions (`spawn.rs`).
+//!
+//! Between `build` and the driver's start the reader is the thread that called `build`; the
+//! driver then claims the forwarding for its own thread. Run the server on the thread that
+//! called `build` (or one started after it): a signal forwarded to the build thread in that
+//! window stays pending there, where another thread's signalfd cannot read it.
 #![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicI32, Ordering::SeqCst};
