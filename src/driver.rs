@@ -424,6 +424,8 @@ pub(crate) struct Driver {
     takeover_at: Option<Instant>,
     /// A worker: the coordinator's `sweeps` count last acted on.
     sweeps_seen: u64,
+    /// A worker: the coordinator's stop (`WorkerSet::current_stop`) it is stopping for.
+    stop_seen: u64,
     /// The kernel refused `IORING_ACCEPT_DONTWAIT` (see `sweep`).
     no_dontwait: bool,
     /// Set by `finish`: from then on nothing is armed (see `arm`).
@@ -556,6 +558,7 @@ impl Driver {
             );
             // Started after the coordinator stopped accepting: nothing to stop, and nothing
             // else would make it say so (its report comes from accepts ending).
+            self.stop_seen = w.set.current_stop();
             self.report_if_stopped();
             return Ok(());
         }
@@ -666,6 +669,7 @@ impl Driver {
             takeover: false,
             takeover_at: None,
             sweeps_seen: 0,
+            stop_seen: 0,
             no_dontwait: false,
             finishing: false,
             pid_file_leftover: None,
@@ -855,10 +859,18 @@ impl Driver {
         }
         let want = set.wants_accepting();
         if want && !self.accepting {
-            set.set_stopped(index, false);
+            set.withdraw_stop(index);
             self.resume_accepting();
-        } else if !want && self.accepting {
-            self.stop_accepting();
+        } else if !want && (self.accepting || self.stop_seen != set.current_stop()) {
+            // A new stop (also one that came while this worker had not followed the resume
+            // before it): acknowledge that one, once every accept has ended.
+            self.stop_seen = set.current_stop();
+            self.stop_reported = false;
+            if self.accepting {
+                self.stop_accepting();
+            } else {
+                self.report_if_stopped();
+            }
         }
         let sweeps = set.sweeps.load(SeqCst);
         if sweeps != self.sweeps_seen {
@@ -1586,7 +1598,7 @@ impl Driver {
     /// The coordinator also tells its workers.
     fn stop_accepting(&mut self) {
         self.accepting = false;
-        self.tell_workers(|set| set.accepting.store(false, SeqCst));
+        self.tell_workers(WorkerSet::begin_stop);
         for i in 0..self.accepts.len() {
             let slot = &mut self.accepts[i];
             slot.retry_at = None;
@@ -1626,7 +1638,7 @@ impl Driver {
         }
         match &self.role {
             Role::Worker(w) => {
-                w.set.set_stopped(w.index, true);
+                w.set.ack_stop(w.index, self.stop_seen);
                 self.shared.wake();
             }
             Role::Coordinator(c) if !c.0.all_stopped() => return,

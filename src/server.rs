@@ -741,7 +741,7 @@ impl Drop for WorkerGone {
                  listeners wait for the next process"
             );
         }
-        self.set.set_stopped(self.index, true);
+        self.set.gone(self.index);
         self.shared.wake();
     }
 }

@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 
 use crate::{sys, Error};
 
+/// `WorkerSet::acked` of a worker that has ended for good.
+const GONE: u64 = u64::MAX;
+
 /// State shared by the coordinator and its workers (worker `i` is at index `i - 1`).
 #[derive(Debug)]
 pub(crate) struct WorkerSet {
@@ -30,7 +33,12 @@ pub(crate) struct WorkerSet {
     /// predecessor let go: see `Driver::sweep_queues`).
     pub sweeps: AtomicU64,
     pub quit: AtomicBool,
-    stopped: Vec<AtomicBool>,
+    /// Bumped by the coordinator at each stop: a worker's acknowledgement names the stop it
+    /// answers, and only one of the current stop counts (see `all_stopped`).
+    stop_epoch: AtomicU64,
+    /// Per worker: the stop it last acknowledged having fully stopped for, 0 while it accepts,
+    /// `GONE` once it has ended for good.
+    acked: Vec<AtomicU64>,
     wakes: Vec<OwnedFd>,
 }
 
@@ -43,7 +51,8 @@ impl WorkerSet {
             predecessor_holds_queue: AtomicBool::new(successor),
             sweeps: AtomicU64::new(0),
             quit: AtomicBool::new(false),
-            stopped: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            stop_epoch: AtomicU64::new(0),
+            acked: (0..n).map(|_| AtomicU64::new(0)).collect(),
             wakes: (0..n)
                 .map(|_| sys::eventfd().map_err(Error::io("eventfd")))
                 .collect::<Result<_, _>>()?,
@@ -62,8 +71,32 @@ impl WorkerSet {
         &self.wakes[i - 1]
     }
 
-    pub(crate) fn set_stopped(&self, i: usize, stopped: bool) {
-        self.stopped[i - 1].store(stopped, SeqCst);
+    /// The coordinator stops the workers: a new stop, which every worker must acknowledge
+    /// anew. The epoch is bumped before `accepting` is cleared, so a worker that sees the
+    /// stop also sees its epoch.
+    pub(crate) fn begin_stop(&self) {
+        self.stop_epoch.fetch_add(1, SeqCst);
+        self.accepting.store(false, SeqCst);
+    }
+
+    /// The stop now in force (what a worker acknowledges).
+    pub(crate) fn current_stop(&self) -> u64 {
+        self.stop_epoch.load(SeqCst)
+    }
+
+    /// Worker `i` (`i >= 1`) has fully stopped (every accept ended) for stop `epoch`.
+    pub(crate) fn ack_stop(&self, i: usize, epoch: u64) {
+        self.acked[i - 1].store(epoch, SeqCst);
+    }
+
+    /// Worker `i` accepts again: its acknowledgement is withdrawn.
+    pub(crate) fn withdraw_stop(&self, i: usize) {
+        self.acked[i - 1].store(0, SeqCst);
+    }
+
+    /// Worker `i` has ended for good: it counts as stopped for every stop to come.
+    pub(crate) fn gone(&self, i: usize) {
+        self.acked[i - 1].store(GONE, SeqCst);
     }
 
     /// Whether a worker should accept now: the coordinator wants it and has started.
@@ -71,7 +104,41 @@ impl WorkerSet {
         self.accepting.load(SeqCst) && self.coordinator_started.load(SeqCst)
     }
 
+    /// Every worker has acknowledged the current stop (or is gone). An acknowledgement of an
+    /// earlier stop does not count: between the two a resume may have made it accept again.
     pub(crate) fn all_stopped(&self) -> bool {
-        self.stopped.iter().all(|s| s.load(SeqCst))
+        let epoch = self.current_stop();
+        self.acked.iter().all(|a| {
+            let a = a.load(SeqCst);
+            a == GONE || (a == epoch && epoch != 0)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker's acknowledgement answers one stop: stopped for the first, it does not count
+    /// for a second one that came after a resume (it may have accepted again in between, and
+    /// the coordinator would let go while it still holds an accept). A worker gone for good
+    /// counts for every stop.
+    #[test]
+    fn an_acknowledgement_answers_one_stop() {
+        let set = WorkerSet::new(2, false).unwrap();
+        assert!(!set.all_stopped(), "nothing stopped yet");
+        set.begin_stop();
+        let first = set.current_stop();
+        set.ack_stop(1, first);
+        set.gone(2);
+        assert!(set.all_stopped());
+        set.accepting.store(true, SeqCst); // the coordinator resumes...
+        set.begin_stop(); // ...and stops again before worker 1 followed the resume
+        assert!(
+            !set.all_stopped(),
+            "worker 1's acknowledgement of the first stop counted for the second"
+        );
+        set.ack_stop(1, set.current_stop());
+        assert!(set.all_stopped());
     }
 }
