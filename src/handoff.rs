@@ -43,7 +43,7 @@ pub(crate) const VERSION: u8 = 1;
 /// At most this many listeners: `SCM_MAX_FD` (253) fds fit in one `SCM_RIGHTS` message.
 pub const MAX_LISTENERS: usize = 253;
 /// Longest listener name in bytes.
-pub const MAX_NAME_LEN: usize = 255;
+pub(crate) const MAX_NAME_LEN: usize = 255;
 /// Longest listener address in bytes.
 const MAX_ADDR_LEN: usize = 1024;
 /// Largest application state blob handed to the child, in bytes.
@@ -116,7 +116,7 @@ pub(crate) enum Message {
 
 /// Why bytes on the handoff channel were refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum WireError {
+pub(crate) enum WireError {
     /// The message is shorter than its header or a field says.
     Truncated,
     /// The message does not start with the protocol magic.

@@ -64,6 +64,8 @@
 //! }
 //! ```
 #![deny(unsafe_code)]
+// Inside the crate, `pub` means the public API: everything else is `pub(crate)` or narrower.
+#![warn(unreachable_pub)]
 
 mod control;
 mod driver;

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 /// The phase of a serving process in its upgrade lifecycle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Phase {
     /// Accepting connections; no upgrade in flight.
     Serving,
@@ -43,7 +44,7 @@ impl fmt::Display for Phase {
 
 /// Identifies one upgrade attempt; the child must echo it in its READY.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct UpgradeId(pub u64);
+pub(crate) struct UpgradeId(pub u64);
 
 impl fmt::Display for UpgradeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -82,6 +83,7 @@ pub(crate) enum DrainCause {
 
 /// Why the run loop ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ExitReason {
     /// A new process took over and this one finished draining.
     Upgraded {
