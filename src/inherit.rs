@@ -127,7 +127,7 @@ pub(crate) fn from_environment() -> Result<Option<Inherited>, Error> {
     let mut fds = fds;
     let elders = fds.split_off(listeners.len());
     for fd in &elders {
-        if let Err(e) = sys::pidfd_alive(fd.as_fd()) {
+        if let Err(e) = sys::pidfd_signal(fd.as_fd(), 0) {
             return Err(Error::Handoff(format!("an elder fd is not a pidfd: {e}")));
         }
     }

@@ -60,36 +60,15 @@ pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 }
 
 /// `pidfd_send_signal(fd, sig)`: reaches the process the pidfd was opened for and no other,
-/// even after its pid was reused; `ESRCH` (it has exited) is not an error.
-pub(crate) fn pidfd_signal(fd: BorrowedFd<'_>, sig: libc::c_int) -> io::Result<()> {
+/// even after its pid was reused. `Ok(false)` once it has exited (`ESRCH`), an error if `fd`
+/// is not a pidfd. Signal 0 only checks that the process still runs.
+pub(crate) fn pidfd_signal(fd: BorrowedFd<'_>, sig: libc::c_int) -> io::Result<bool> {
     // SAFETY: plain syscall on a borrowed fd; no siginfo.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
             fd.as_raw_fd(),
             sig,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if ret < 0 {
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::ESRCH) {
-            return Err(err);
-        }
-    }
-    Ok(())
-}
-
-/// Whether the process behind a pidfd still runs (`pidfd_send_signal(fd, 0)`): `Ok(false)`
-/// once it exited, an error if `fd` is not a pidfd. Immune to pid reuse.
-pub(crate) fn pidfd_alive(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    // SAFETY: plain syscall; signal 0 only checks.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            0,
             std::ptr::null::<libc::siginfo_t>(),
             0,
         )
@@ -105,7 +84,7 @@ pub(crate) fn pidfd_alive(fd: BorrowedFd<'_>) -> io::Result<bool> {
 }
 
 /// Whether `fd` polls readable right now (zero-timeout `poll`). A pidfd is readable once its
-/// process has exited (zombie or reaped; signal 0 still reaches a zombie, so `pidfd_alive`
+/// process has exited (zombie or reaped; signal 0 still reaches a zombie, so `pidfd_signal(fd, 0)`
 /// cannot tell); a ring fd is readable while completions or deferred work are pending.
 pub(crate) fn poll_readable(fd: BorrowedFd<'_>) -> bool {
     let mut pfd = libc::pollfd {

@@ -243,17 +243,11 @@ impl KillOnDrop {
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
+        // Already gone, or already reaped by the driver (ECHILD): fine.
+        let _ = crate::sys::pidfd_signal(self.0.as_fd(), libc::SIGKILL);
         let fd = self.0.as_raw_fd();
-        // SAFETY: plain syscalls on a pidfd we own; siginfo may be null for waitid here
-        // (P_PIDFD with WEXITED); ESRCH/ECHILD (already reaped) are fine.
+        // SAFETY: a blocking waitid on a pidfd we own (SIGKILL ends the child promptly).
         unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd,
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            );
             let mut info: libc::siginfo_t = std::mem::zeroed();
             libc::waitid(libc::P_PIDFD, fd as libc::id_t, &mut info, libc::WEXITED);
         }
