@@ -949,10 +949,7 @@ impl Driver {
         self.arm_timer();
         if !self.ring.submission().is_empty() {
             if let Err(e) = self.ring.submit() {
-                if !matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
-                ) {
+                if !retry_next_turn(&e) {
                     return Err(Error::io("io_uring_enter")(e));
                 }
             }
@@ -974,16 +971,7 @@ impl Driver {
         };
         match result {
             Ok(_) => Ok(()),
-            // EINTR: a signal we do not read arrived; EBUSY/EAGAIN: the CQ is full (overflow
-            // entries wait in the kernel); reaping frees room and the next turn retries.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
-                ) =>
-            {
-                Ok(())
-            }
+            Err(e) if retry_next_turn(&e) => Ok(()),
             Err(e) => Err(Error::io("io_uring_enter")(e)),
         }
     }
@@ -2326,8 +2314,8 @@ impl Driver {
                 .submit_with_args(1, &types::SubmitArgs::new().timespec(&ts))
             {
                 Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {}
+                // ETIME: the wait ended empty-handed; the loop checks the deadline.
+                Err(e) if retry_next_turn(&e) || e.raw_os_error() == Some(libc::ETIME) => {}
                 Err(e) => {
                     tracing::error!(error = %e, "waiting for the last completions");
                     break;
@@ -2383,6 +2371,16 @@ fn with_ioprio(entry: squeue::Entry, ioprio: u16) -> squeue::Entry {
     bytes[2..4].copy_from_slice(&ioprio.to_ne_bytes());
     // SAFETY: as above.
     unsafe { std::mem::transmute::<[u8; 64], squeue::Entry>(bytes) }
+}
+
+/// An `io_uring_enter` error that only means "reap and try again": EINTR (a signal this
+/// driver does not read arrived), EBUSY/EAGAIN (the CQ is full and overflow entries wait in
+/// the kernel; reaping frees room).
+fn retry_next_turn(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+    )
 }
 
 fn errno(res: i32) -> io::Error {
