@@ -225,6 +225,9 @@ struct AcceptSlot {
     delivered: u64,
     /// `delivered` when this listener last woke the runtime (see `sweep_missed`).
     woke_at: Option<u64>,
+    /// Seen listening (see `Driver::listening`). A socket that listens never stops here, so
+    /// once true this is the answer; while false the kernel is asked again.
+    seen_listening: std::cell::Cell<bool>,
 }
 
 impl AcceptSlot {
@@ -242,6 +245,7 @@ impl AcceptSlot {
             sweep_accept: None,
             delivered: 0,
             woke_at: None,
+            seen_listening: std::cell::Cell::new(false),
         }
     }
 
@@ -808,9 +812,15 @@ impl Driver {
 
     /// Whether listener `i` listens: not yet for a new member of a per-worker group in a
     /// successor (bound in `build`, see `Driver::listen_deferred`). Asked of the kernel
-    /// (`SO_ACCEPTCONN`): the coordinator's handoff may have made it listen meanwhile.
+    /// (`SO_ACCEPTCONN`) until it says yes, since the coordinator's handoff may make a worker's
+    /// member listen meanwhile; then remembered, so the accept and sweep paths pay no syscall.
     fn listening(&self, i: usize) -> bool {
-        sys::is_listening(self.accepts[i].listener.fd.as_fd()).unwrap_or(true)
+        let slot = &self.accepts[i];
+        if !slot.seen_listening.get() {
+            let listens = sys::is_listening(slot.listener.fd.as_fd()).unwrap_or(true);
+            slot.seen_listening.set(listens);
+        }
+        slot.seen_listening.get()
     }
 
     /// Makes this driver's new members listen, and accept if it accepts. Called once the
