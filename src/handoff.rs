@@ -114,6 +114,27 @@ pub(crate) enum Message {
     Serving(UpgradeId),
 }
 
+/// The largest HELLO the protocol's bounds allow: every listener record at its longest, the
+/// largest state blob. For the tests of the buffers that must hold it.
+#[cfg(test)]
+pub(crate) fn largest_hello() -> Message {
+    Message::Hello {
+        upgrade: UpgradeId(1),
+        parent_pid: 1,
+        generation: u32::MAX,
+        listeners: vec![
+            ListenerRecord {
+                name: "n".repeat(MAX_NAME_LEN),
+                kind: SocketKind::Tcp,
+                address: "a".repeat(MAX_ADDR_LEN),
+            };
+            MAX_LISTENERS
+        ],
+        elders: 0,
+        state: vec![1; MAX_STATE_LEN],
+    }
+}
+
 /// Why bytes on the handoff channel were refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum WireError {
@@ -404,22 +425,7 @@ mod tests {
             Err(WireError::TooLarge("listener count"))
         );
         // The largest HELLO the bounds allow fits the receive buffer.
-        let big = Message::Hello {
-            upgrade: UpgradeId(1),
-            parent_pid: 1,
-            generation: u32::MAX,
-            listeners: vec![
-                ListenerRecord {
-                    name: "n".repeat(MAX_NAME_LEN),
-                    kind: SocketKind::Tcp,
-                    address: "a".repeat(MAX_ADDR_LEN),
-                };
-                MAX_LISTENERS
-            ],
-            elders: 0,
-            state: vec![1; MAX_STATE_LEN],
-        };
-        assert!(big.encode().unwrap().len() <= MAX_MESSAGE_LEN);
+        assert!(largest_hello().encode().unwrap().len() <= MAX_MESSAGE_LEN);
     }
 
     fn record() -> impl Strategy<Value = ListenerRecord> {

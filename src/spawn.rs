@@ -211,27 +211,8 @@ mod tests {
     /// back).
     #[test]
     fn the_largest_hello_fits_the_channel() {
-        use crate::handoff::{
-            ListenerRecord, Message, SocketKind, MAX_LISTENERS, MAX_MESSAGE_LEN, MAX_NAME_LEN,
-            MAX_STATE_LEN,
-        };
-        let big = Message::Hello {
-            upgrade: UpgradeId(1),
-            parent_pid: 1,
-            generation: 1,
-            listeners: vec![
-                ListenerRecord {
-                    name: "n".repeat(MAX_NAME_LEN),
-                    kind: SocketKind::Tcp,
-                    address: "a".repeat(1024),
-                };
-                MAX_LISTENERS
-            ],
-            elders: 0,
-            state: vec![7; MAX_STATE_LEN],
-        }
-        .encode()
-        .unwrap();
+        use crate::handoff::{largest_hello, MAX_MESSAGE_LEN};
+        let big = largest_hello().encode().unwrap();
         assert!(big.len() > 300_000, "{}", big.len());
         let (ours, theirs) = handoff_pair().unwrap();
         sys::send_nonblocking(ours.as_fd(), &big).expect("the largest HELLO does not fit");
