@@ -87,13 +87,18 @@ pub(crate) fn pidfd_signal(fd: BorrowedFd<'_>, sig: libc::c_int) -> io::Result<b
 /// process has exited (zombie or reaped; signal 0 still reaches a zombie, so `pidfd_signal(fd, 0)`
 /// cannot tell); a ring fd is readable while completions or deferred work are pending.
 pub(crate) fn poll_readable(fd: BorrowedFd<'_>) -> bool {
+    readable_within(fd, 0)
+}
+
+/// Whether `fd` polls readable within `timeout_ms` milliseconds (`poll`).
+pub(crate) fn readable_within(fd: BorrowedFd<'_>, timeout_ms: i32) -> bool {
     let mut pfd = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
-    // SAFETY: one live pollfd, zero timeout.
-    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    // SAFETY: one live pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
     n > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }
 

@@ -190,17 +190,8 @@ mod tests {
         set.add(listener.as_fd(), Source::Listener(3)).unwrap();
         let now = Instant::now();
         set.set_timer(now + Duration::from_millis(5), now);
-        let readable = |set: &WakeSet, ms: i32| {
-            let mut pfd = libc::pollfd {
-                fd: set.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one live pollfd.
-            #[allow(unsafe_code)]
-            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-            n > 0
-        };
+        let readable =
+            |set: &WakeSet, ms: i32| crate::sys::readable_within(set.epoll.0.as_fd(), ms);
         assert!(readable(&set, 2_000), "the timerfd did not wake the set");
         let mut fired = Vec::new();
         set.drain(|i| fired.push(i));

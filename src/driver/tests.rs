@@ -438,15 +438,10 @@ fn notifications(socket: &std::os::unix::net::UnixDatagram) -> Vec<String> {
     said
 }
 
-/// Whether `fd` polls readable within `ms` milliseconds.
+/// Whether `fd` (a driver's wake set) polls readable within `ms` milliseconds.
 fn readable_within(fd: RawFd, ms: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one live pollfd.
-    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+    // SAFETY: the driver that owns the wake set outlives each call.
+    crate::sys::readable_within(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }, ms)
 }
 
 /// Turns as `serve_async` does after a wake-up: once, then again while the ring has work
