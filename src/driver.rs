@@ -401,6 +401,9 @@ pub(crate) struct Driver {
     stop_reported: bool,
     successor: Option<Successor>,
     predecessor: Option<ParentLink>,
+    /// The predecessor's pid, kept after its link is gone: a SIGTERM from it means it gave up
+    /// on this process (`Event::PredecessorGaveUp`), not an operator's stop.
+    predecessor_pid: Option<u32>,
     /// Pidfds of the older generations that were alive when this one started; counted (and
     /// pruned) at each upgrade request against the generation limit.
     elders: Vec<OwnedFd>,
@@ -495,6 +498,7 @@ impl Driver {
         driver.machine = Machine::new(driver.config.timeouts, id_seed)
             .with_generation_limit(driver.config.max_draining);
         driver.signalfd = Some(signalfd);
+        driver.predecessor_pid = parent.as_ref().map(|link| link.parent_pid);
         driver.predecessor = parent;
         driver.elders = elders;
         driver.udp = udp;
@@ -657,6 +661,7 @@ impl Driver {
             stop_reported: false,
             successor: None,
             predecessor: None,
+            predecessor_pid: None,
             elders: Vec::new(),
             udp: Vec::new(),
             worker_listeners: Vec::new(),
@@ -1076,6 +1081,10 @@ impl Driver {
                 if res == std::mem::size_of::<libc::signalfd_siginfo>() as i32 {
                     match info.ssi_signo as i32 {
                         libc::SIGHUP => self.request_upgrade(Requester::Signal),
+                        _ if self.predecessor_pid.is_some_and(|pid| pid == info.ssi_pid) => {
+                            tracing::info!("the previous process gave up on this one; stopping");
+                            self.feed(Event::PredecessorGaveUp);
+                        }
                         signo => {
                             tracing::info!(signal = signo, "shutdown requested");
                             self.feed(Event::ShutdownRequested);
@@ -1828,6 +1837,14 @@ impl Driver {
                     }
                     tracing::info!(child.pid = pid, upgrade.id = %child.upgrade, "child abandoned");
                 }
+            }
+            Action::CheckSuccessor(pid) => {
+                // A readable pidfd means exited (its exit watch reports it soon after).
+                let alive = self
+                    .successor
+                    .as_ref()
+                    .is_some_and(|s| s.pid == pid && !sys::poll_readable(s.pidfd.as_fd()));
+                self.feed(Event::SuccessorChecked { pid, alive });
             }
             Action::Reply(by, outcome) => self.reply(by, outcome),
             Action::PhaseChanged(phase) => {

@@ -17,7 +17,7 @@
 
 // Not wired into the driver yet (the next commits).
 #[cfg_attr(not(test), allow(dead_code))]
-mod successor;
+pub(crate) mod successor;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -128,9 +128,19 @@ pub(crate) enum Event {
     EldersDraining(u32),
     /// Every accept reached its terminal completion; every fd it produced was served.
     AcceptStopped,
+    /// The answer to `CheckSuccessor`: whether that process still runs.
+    SuccessorChecked {
+        pid: u32,
+        alive: bool,
+    },
     /// The live connection count reached zero while draining.
     ConnectionsDrained,
     ShutdownRequested,
+    /// The predecessor stopped this process before it saw its READY (a SIGTERM sent by the
+    /// predecessor: its ready deadline, its own shutdown). A shutdown, but never a second one:
+    /// a process already draining (say, told to stop by systemd at the same moment) keeps
+    /// draining instead of taking it for an impatient operator's second signal.
+    PredecessorGaveUp,
 }
 
 /// What the driver must do.
@@ -153,6 +163,8 @@ pub(crate) enum Action {
     /// Stop the child (if it still runs) as `stop` says, close its channel; the driver reaps
     /// it.
     AbandonChild { pid: u32, stop: Stop },
+    /// Look whether the successor still runs (its pidfd); answer with `SuccessorChecked`.
+    CheckSuccessor(u32),
     /// Tell the requester how its upgrade ended.
     Reply(Requester, Outcome),
     /// Phase changed; for observers and logs.
@@ -214,12 +226,15 @@ struct Drain {
     drained: bool,
     /// The successor announced that its exit is planned (it upgraded again or shut down).
     successor_retired: bool,
-    /// A shutdown was requested while draining after an upgrade: never resume.
+    /// The operator asked for a shutdown (SIGTERM, SIGINT, the API): an upgrade's drain never
+    /// resumes, and the next request stops waiting for connections.
     shutdown_requested: bool,
+    /// The drain is over and the successor's life is being checked (`CheckSuccessor`).
+    checking: bool,
 }
 
 /// The restart state machine. See the module docs.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Machine {
     state: State,
     timeouts: Timeouts,
@@ -324,9 +339,7 @@ impl Machine {
                     format!("new process {child} was not ready within {ms} ms"),
                 );
             }
-            State::Draining(Drain {
-                deadline, cause, ..
-            }) if now >= deadline => self.exit(cause),
+            State::Draining(Drain { deadline, .. }) if now >= deadline => self.finish_drain(),
             _ => {}
         }
     }
@@ -483,15 +496,34 @@ impl Machine {
                 if !d.successor_retired && !d.shutdown_requested {
                     // The successor died unplanned while this process still holds the
                     // listeners: take the service back (rollback after handover).
-                    self.set(State::Serving);
-                    self.accepting = true;
-                    self.push(Action::StopDrain);
-                    self.push(Action::ResumeAccepting);
+                    self.resume();
+                } else if d.checking {
+                    // Its exit was planned, and the drain is over.
+                    self.exit(d.cause);
+                }
+            }
+            (State::Draining(d), E::SuccessorChecked { pid, alive })
+                if d.checking && d.successor() == Some(pid) =>
+            {
+                if alive || d.successor_retired || d.shutdown_requested {
+                    self.exit(d.cause);
+                } else {
+                    self.resume();
+                }
+            }
+            (State::Draining(_), E::PredecessorGaveUp) => {}
+            (_, E::PredecessorGaveUp) => {
+                self.handle(E::ShutdownRequested, now);
+                if let State::Draining(drain) = &mut self.state {
+                    // Not the operator's stop: their first signal must not cut this drain
+                    // short as a second one would.
+                    drain.shutdown_requested = false;
                 }
             }
             (State::Draining(d), E::ShutdownRequested) => {
-                if d.has_successor() && !d.shutdown_requested {
-                    // Draining after an upgrade: finish the drain, but never resume.
+                if !d.shutdown_requested {
+                    // Draining after an upgrade (or one the predecessor asked for): finish
+                    // the drain, but never resume.
                     self.update_drain(|d| d.shutdown_requested = true)
                 } else {
                     // Asked to stop while already stopping: stop waiting for connections.
@@ -536,7 +568,8 @@ impl Machine {
             accept_stopped: false,
             drained: false,
             successor_retired: false,
-            shutdown_requested: false,
+            shutdown_requested: cause == DrainCause::Shutdown,
+            checking: false,
         }));
         self.accepting = false;
         self.push(Action::StopAccepting);
@@ -547,10 +580,40 @@ impl Machine {
         if let State::Draining(drain) = &mut self.state {
             update(drain);
             if drain.accept_stopped && drain.drained {
-                let cause = drain.cause;
-                self.exit(cause);
+                self.finish_drain();
             }
         }
+    }
+
+    /// The drain is over (or its deadline passed). After an upgrade whose successor has not
+    /// announced its exit, first make sure it still runs: its exit may be on the way (its
+    /// exit watch not reaped yet) while this process, with nothing left to drain, is about to
+    /// exit too — and then no process would serve. A successor found dead is a rollback
+    /// after handover, like its exit seen while draining.
+    fn finish_drain(&mut self) {
+        let State::Draining(drain) = &mut self.state else {
+            return;
+        };
+        match drain.cause {
+            DrainCause::Upgraded { child, .. }
+                if !drain.successor_retired && !drain.shutdown_requested =>
+            {
+                if !drain.checking {
+                    drain.checking = true;
+                    self.push(Action::CheckSuccessor(child));
+                }
+            }
+            cause => self.exit(cause),
+        }
+    }
+
+    /// The successor died during the drain without having announced it: take the service
+    /// back (rollback after handover).
+    fn resume(&mut self) {
+        self.set(State::Serving);
+        self.accepting = true;
+        self.push(Action::StopDrain);
+        self.push(Action::ResumeAccepting);
     }
 
     fn exit(&mut self, cause: DrainCause) {
@@ -575,5 +638,7 @@ impl Drain {
     }
 }
 
+#[cfg(test)]
+mod explore_tests;
 #[cfg(test)]
 mod tests;

@@ -127,7 +127,7 @@ pub(crate) enum Notice {
 }
 
 /// The successor's side. See the module docs.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Succession {
     stage: Stage,
     linked: bool,

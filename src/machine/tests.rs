@@ -119,6 +119,9 @@ fn exited(pid: u32) -> Event {
 }
 
 // Action shorthands.
+fn alive(pid: u32) -> Event {
+    Event::SuccessorChecked { pid, alive: true }
+}
 fn pc(p: Phase) -> Action {
     Action::PhaseChanged(p)
 }
@@ -151,7 +154,9 @@ fn exit_upgraded(successor: u32) -> Action {
 fn exit_shutdown() -> Action {
     Action::Exit(ExitReason::Shutdown)
 }
-use Action::{ResumeAccepting, SendListeners, SpawnChild, StopAccepting, StopDrain};
+use Action::{
+    CheckSuccessor, ResumeAccepting, SendListeners, SpawnChild, StopAccepting, StopDrain,
+};
 
 /// `StartDrain` for a shutdown.
 fn drain_shutdown() -> Action {
@@ -198,19 +203,22 @@ enum S {
     DrainingUpgradeRetired,
     /// As `DrainingUpgrade`, then a shutdown was requested (finish the drain, never resume).
     DrainingUpgradeShutdown,
+    /// As `DrainingUpgrade`, drained: the successor's life is being checked before the exit.
+    DrainingUpgradeChecking,
     /// Draining after a shutdown request from Serving.
     DrainingShutdown,
     /// Exited after a shutdown and a complete drain.
     Exited,
 }
 
-const STARTS: [S; 8] = [
+const STARTS: [S; 9] = [
     S::Serving,
     S::Forking,
     S::HandingOver,
     S::DrainingUpgrade,
     S::DrainingUpgradeRetired,
     S::DrainingUpgradeShutdown,
+    S::DrainingUpgradeChecking,
     S::DrainingShutdown,
     S::Exited,
 ];
@@ -257,6 +265,11 @@ fn build(start: S) -> H {
             h = build(S::DrainingUpgrade);
             h.wait(MS);
             assert_eq!(h.ev(Event::ShutdownRequested), vec![]);
+        }
+        S::DrainingUpgradeChecking => {
+            h = build(S::DrainingUpgrade);
+            assert_eq!(h.ev(Event::AcceptStopped), vec![]);
+            assert_eq!(h.ev(Event::ConnectionsDrained), vec![CheckSuccessor(CHILD)]);
         }
         S::DrainingShutdown => {
             assert_eq!(
@@ -308,12 +321,18 @@ enum Ev {
     AcceptStopped,
     Drained,
     Shutdown,
+    /// `SuccessorChecked { pid: CHILD, alive: true }`
+    CheckedAlive,
+    /// `SuccessorChecked { pid: CHILD, alive: false }`
+    CheckedDead,
+    /// `PredecessorGaveUp`
+    GaveUp,
     /// The clock moves past `poll_timeout()` (or a day ahead when there is none), then
     /// `handle_timeout`.
     Deadline,
 }
 
-const EVS: [Ev; 17] = [
+const EVS: [Ev; 20] = [
     Ev::UpSignal,
     Ev::UpApi,
     Ev::Spawned,
@@ -330,6 +349,9 @@ const EVS: [Ev; 17] = [
     Ev::AcceptStopped,
     Ev::Drained,
     Ev::Shutdown,
+    Ev::CheckedAlive,
+    Ev::CheckedDead,
+    Ev::GaveUp,
     Ev::Deadline,
 ];
 
@@ -351,6 +373,15 @@ fn apply(h: &mut H, ev: Ev) -> Vec<Action> {
         Ev::AcceptStopped => h.ev(Event::AcceptStopped),
         Ev::Drained => h.ev(Event::ConnectionsDrained),
         Ev::Shutdown => h.ev(Event::ShutdownRequested),
+        Ev::CheckedAlive => h.ev(Event::SuccessorChecked {
+            pid: CHILD,
+            alive: true,
+        }),
+        Ev::CheckedDead => h.ev(Event::SuccessorChecked {
+            pid: CHILD,
+            alive: false,
+        }),
+        Ev::GaveUp => h.ev(Event::PredecessorGaveUp),
         Ev::Deadline => h.expire(),
     }
 }
@@ -397,6 +428,9 @@ fn table() -> Vec<Row> {
         row!(Serving, Drained       => Serving,     true,  []),
         row!(Serving, Shutdown      => Draining,    false, [pc(P::Draining), StopAccepting, drain_shutdown()]),
         row!(Serving, Deadline      => Serving,     true,  []),
+        row!(Serving, CheckedAlive  => Serving, true, []),
+        row!(Serving, CheckedDead   => Serving, true, []),
+        row!(Serving, GaveUp        => Draining,    false, [pc(P::Draining), StopAccepting, drain_shutdown()]),
 
         // ---- Forking (REQ's upgrade ID1; the spawn runs on another thread: no child yet).
         row!(Forking, UpSignal      => Forking,     true,  [busy(Requester::Signal, B_IN_FLIGHT)]),
@@ -416,6 +450,9 @@ fn table() -> Vec<Row> {
         row!(Forking, Drained       => Forking,     true,  []),
         row!(Forking, Shutdown      => Draining,    false, [failed(REQ, F_SHUTDOWN), pc(P::Draining), StopAccepting, drain_shutdown()]),
         row!(Forking, Deadline      => Serving,     true,  [pc(P::Serving), failed(REQ, F_START)]),
+        row!(Forking, CheckedAlive  => Forking, true, []),
+        row!(Forking, CheckedDead   => Forking, true, []),
+        row!(Forking, GaveUp        => Draining,    false, [failed(REQ, F_SHUTDOWN), pc(P::Draining), StopAccepting, drain_shutdown()]),
 
         // ---- HandingOver (child CHILD for ID1, still accepting).
         row!(HandingOver, UpSignal      => HandingOver, true,  [busy(Requester::Signal, B_IN_FLIGHT)]),
@@ -435,6 +472,9 @@ fn table() -> Vec<Row> {
         row!(HandingOver, Drained       => HandingOver, true,  []),
         row!(HandingOver, Shutdown      => Draining,    false, [abandon(CHILD), failed(REQ, F_SHUTDOWN), pc(P::Draining), StopAccepting, drain_shutdown()]),
         row!(HandingOver, Deadline      => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, F_DEADLINE)]),
+        row!(HandingOver, CheckedAlive  => HandingOver, true, []),
+        row!(HandingOver, CheckedDead   => HandingOver, true, []),
+        row!(HandingOver, GaveUp        => Draining,    false, [abandon(CHILD), failed(REQ, F_SHUTDOWN), pc(P::Draining), StopAccepting, drain_shutdown()]),
 
         // ---- Draining after the upgrade to CHILD.
         row!(DrainingUpgrade, UpSignal      => Draining, false, [busy(Requester::Signal, B_UPGRADED)]),
@@ -453,7 +493,10 @@ fn table() -> Vec<Row> {
         row!(DrainingUpgrade, AcceptStopped => Draining, false, []),
         row!(DrainingUpgrade, Drained       => Draining, false, []),
         row!(DrainingUpgrade, Shutdown      => Draining, false, []),
-        row!(DrainingUpgrade, Deadline      => Exited,   false, [pc(P::Exited), exit_upgraded(CHILD)]),
+        row!(DrainingUpgrade, Deadline      => Draining, false, [CheckSuccessor(CHILD)]),
+        row!(DrainingUpgrade, CheckedAlive  => Draining, false, []),
+        row!(DrainingUpgrade, CheckedDead   => Draining, false, []),
+        row!(DrainingUpgrade, GaveUp        => Draining, false, []),
 
         // ---- Draining after the upgrade, the successor has retired: its exit is planned.
         row!(DrainingUpgradeRetired, UpSignal      => Draining, false, [busy(Requester::Signal, B_UPGRADED)]),
@@ -473,6 +516,9 @@ fn table() -> Vec<Row> {
         row!(DrainingUpgradeRetired, Drained       => Draining, false, []),
         row!(DrainingUpgradeRetired, Shutdown      => Draining, false, []),
         row!(DrainingUpgradeRetired, Deadline      => Exited,   false, [pc(P::Exited), exit_upgraded(CHILD)]),
+        row!(DrainingUpgradeRetired, CheckedAlive  => Draining, false, []),
+        row!(DrainingUpgradeRetired, CheckedDead   => Draining, false, []),
+        row!(DrainingUpgradeRetired, GaveUp        => Draining, false, []),
 
         // ---- Draining after the upgrade, a shutdown was requested: never resume; a second
         // shutdown stops waiting.
@@ -493,6 +539,31 @@ fn table() -> Vec<Row> {
         row!(DrainingUpgradeShutdown, Drained       => Draining, false, []),
         row!(DrainingUpgradeShutdown, Shutdown      => Exited,   false, [pc(P::Exited), exit_upgraded(CHILD)]),
         row!(DrainingUpgradeShutdown, Deadline      => Exited,   false, [pc(P::Exited), exit_upgraded(CHILD)]),
+        row!(DrainingUpgradeShutdown, CheckedAlive  => Draining, false, []),
+        row!(DrainingUpgradeShutdown, CheckedDead   => Draining, false, []),
+        row!(DrainingUpgradeShutdown, GaveUp        => Draining, false, []),
+
+        // ---- Drained after the upgrade, checking that the successor still runs before the exit.
+        row!(DrainingUpgradeChecking, UpSignal      => Draining, false, [busy(Requester::Signal, B_UPGRADED)]),
+        row!(DrainingUpgradeChecking, UpApi         => Draining, false, [busy(LATE, B_UPGRADED)]),
+        row!(DrainingUpgradeChecking, Spawned       => Draining, false, []),
+        row!(DrainingUpgradeChecking, SpawnFailed   => Draining, false, []),
+        row!(DrainingUpgradeChecking, ListenersSent => Draining, false, []),
+        row!(DrainingUpgradeChecking, HandoffFailed => Draining, false, []),
+        row!(DrainingUpgradeChecking, ReadyRight    => Draining, false, []),
+        row!(DrainingUpgradeChecking, ReadyWrong    => Draining, false, []),
+        row!(DrainingUpgradeChecking, Invalid       => Draining, false, []),
+        row!(DrainingUpgradeChecking, Retired       => Exited,   false, [pc(P::Exited), exit_upgraded(CHILD)]),
+        row!(DrainingUpgradeChecking, Resumed       => Draining, false, []),
+        row!(DrainingUpgradeChecking, ExitedChild   => Serving,  true,  [pc(P::Serving), StopDrain, ResumeAccepting]),
+        row!(DrainingUpgradeChecking, ExitedOther   => Draining, false, []),
+        row!(DrainingUpgradeChecking, AcceptStopped => Draining, false, []),
+        row!(DrainingUpgradeChecking, Drained       => Draining, false, []),
+        row!(DrainingUpgradeChecking, Shutdown      => Exited,   false, [pc(P::Exited), exit_upgraded(CHILD)]),
+        row!(DrainingUpgradeChecking, Deadline      => Draining, false, []),
+        row!(DrainingUpgradeChecking, CheckedAlive  => Exited,   false, [pc(P::Exited), exit_upgraded(CHILD)]),
+        row!(DrainingUpgradeChecking, CheckedDead   => Serving,  true,  [pc(P::Serving), StopDrain, ResumeAccepting]),
+        row!(DrainingUpgradeChecking, GaveUp        => Draining, false, []),
 
         // ---- Draining after a shutdown: no successor, so child events are all stale.
         row!(DrainingShutdown, UpSignal      => Draining, false, [busy(Requester::Signal, B_SHUTTING)]),
@@ -512,6 +583,9 @@ fn table() -> Vec<Row> {
         row!(DrainingShutdown, Drained       => Draining, false, []),
         row!(DrainingShutdown, Shutdown      => Exited,   false, [pc(P::Exited), exit_shutdown()]),
         row!(DrainingShutdown, Deadline      => Exited,   false, [pc(P::Exited), exit_shutdown()]),
+        row!(DrainingShutdown, CheckedAlive  => Draining, false, []),
+        row!(DrainingShutdown, CheckedDead   => Draining, false, []),
+        row!(DrainingShutdown, GaveUp        => Draining, false, []),
 
         // ---- Exited: terminal; upgrade requests are refused, everything else is ignored.
         row!(Exited, UpSignal      => Exited, false, [busy(Requester::Signal, B_EXITED)]),
@@ -531,6 +605,9 @@ fn table() -> Vec<Row> {
         row!(Exited, Drained       => Exited, false, []),
         row!(Exited, Shutdown      => Exited, false, []),
         row!(Exited, Deadline      => Exited, false, []),
+        row!(Exited, CheckedAlive  => Exited, false, []),
+        row!(Exited, CheckedDead   => Exited, false, []),
+        row!(Exited, GaveUp        => Exited, false, []),
     ]
 }
 
@@ -638,8 +715,10 @@ fn full_successful_upgrade() {
     assert_eq!(h.m.poll_timeout(), Some(drain_start + TIMEOUTS.drain));
     assert_eq!(h.ev(Event::AcceptStopped), vec![]);
     h.wait(Duration::from_secs(2));
+    // Drained: first make sure the successor still runs, then exit.
+    assert_eq!(h.ev(Event::ConnectionsDrained), vec![CheckSuccessor(CHILD)]);
     assert_eq!(
-        h.ev(Event::ConnectionsDrained),
+        h.ev(alive(CHILD)),
         vec![pc(P::Exited), exit_upgraded(CHILD)]
     );
     assert_eq!(h.phase(), P::Exited);
@@ -826,8 +905,9 @@ fn drain_exits_after_accept_stopped_then_drained() {
         "a second stop notice changes nothing"
     );
     assert_eq!(h.phase(), P::Draining);
+    assert_eq!(h.ev(Event::ConnectionsDrained), vec![CheckSuccessor(CHILD)]);
     assert_eq!(
-        h.ev(Event::ConnectionsDrained),
+        h.ev(alive(CHILD)),
         vec![pc(P::Exited), exit_upgraded(CHILD)]
     );
 }
@@ -838,9 +918,44 @@ fn drain_exits_after_drained_then_accept_stopped() {
     assert_eq!(h.ev(Event::ConnectionsDrained), vec![]);
     assert_eq!(h.ev(Event::ConnectionsDrained), vec![]);
     assert_eq!(h.phase(), P::Draining);
+    assert_eq!(h.ev(Event::AcceptStopped), vec![CheckSuccessor(CHILD)]);
     assert_eq!(
-        h.ev(Event::AcceptStopped),
+        h.ev(alive(CHILD)),
         vec![pc(P::Exited), exit_upgraded(CHILD)]
+    );
+}
+
+#[test]
+fn a_successor_found_dead_when_the_drain_ends_is_a_rollback_after_handover() {
+    // Its exit watch has not been reaped yet (the explorer's path: READY, the successor
+    // dies, this process drains what little it had and would exit with nobody serving).
+    let mut h = build(S::DrainingUpgradeChecking);
+    assert_eq!(
+        h.ev(Event::SuccessorChecked {
+            pid: CHILD,
+            alive: false
+        }),
+        vec![pc(P::Serving), StopDrain, ResumeAccepting]
+    );
+    assert!(h.m.accepting());
+    assert_eq!(
+        h.ev(exited(CHILD)),
+        vec![],
+        "its exit, reaped later, is stale"
+    );
+    assert_eq!(h.ev(alive(CHILD)), vec![], "so is a late answer");
+}
+
+#[test]
+fn a_stop_from_the_predecessor_never_cuts_a_drain_short() {
+    // systemd's SIGTERM and the predecessor's (it gave up on this process) can both come.
+    let mut h = build(S::DrainingShutdown);
+    assert_eq!(h.ev(Event::PredecessorGaveUp), vec![]);
+    assert_eq!(h.phase(), P::Draining);
+    assert_eq!(
+        h.ev(Event::ShutdownRequested),
+        vec![pc(P::Exited), exit_shutdown()],
+        "a second signal from anyone else still does"
     );
 }
 
@@ -869,12 +984,17 @@ fn drain_exits_at_the_drain_deadline() {
         assert_eq!(h.tick(), vec![]);
         assert_eq!(h.phase(), P::Draining);
         h.now = deadline;
-        let want = match start {
-            S::DrainingUpgrade => exit_upgraded(CHILD),
-            _ => exit_shutdown(),
-        };
-        assert_eq!(h.tick(), vec![pc(P::Exited), want]);
-        assert_eq!(h.tick(), vec![], "fires once");
+        if start == S::DrainingUpgrade {
+            assert_eq!(h.tick(), vec![CheckSuccessor(CHILD)]);
+            assert_eq!(h.tick(), vec![], "fires once");
+            assert_eq!(
+                h.ev(alive(CHILD)),
+                vec![pc(P::Exited), exit_upgraded(CHILD)]
+            );
+        } else {
+            assert_eq!(h.tick(), vec![pc(P::Exited), exit_shutdown()]);
+            assert_eq!(h.tick(), vec![], "fires once");
+        }
     }
 }
 
@@ -1144,8 +1264,8 @@ fn late_events_after_a_successful_upgrade_change_nothing() {
 
 #[test]
 fn exited_is_terminal() {
-    let mut h = build(S::DrainingUpgrade);
-    h.expire();
+    let mut h = build(S::DrainingUpgradeChecking);
+    h.ev(alive(CHILD));
     assert_eq!(h.phase(), P::Exited);
     for e in [
         Event::ShutdownRequested,
