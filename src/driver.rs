@@ -46,18 +46,19 @@ use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
+use crate::connection::{Connection, DrainGuard};
+use crate::handle::Handle;
 use crate::handoff::{ListenerRecord, Message, SocketKind, MAX_LISTENERS};
 use crate::inherit::ParentLink;
 use crate::listener::{Endpoint, Listener, UdpSocketEntry};
 use crate::machine::{
     Action, DrainCause, Event, ExitReason, Machine, Outcome, Phase, Requester, Stop, UpgradeId,
 };
-use crate::server::{
-    write_pid_file, Config, Connection, Coordinator, DrainGuard, Handle, Request, Server, Shared,
-    Worker, WorkerGone,
-};
+use crate::pidfile::write_pid_file;
+use crate::server::{Server, Worker};
+use crate::shared::{Config, Request, Shared};
 use crate::wake_set::{Source, WakeSet};
-use crate::workers::WorkerSet;
+use crate::workers::{Coordinator, WorkerGone, WorkerSet};
 use crate::{control, spawn, sys, systemd, Error, UpgradeError};
 
 /// Submission queue size: only a handful of ops are ever queued at once.
@@ -413,7 +414,7 @@ pub(crate) struct Driver {
     drained_reported: bool,
     replies: HashMap<u64, mpsc::Sender<Result<u32, UpgradeError>>>,
     /// The coordinator's (or a lone ring's): requests are taken while this driver lives.
-    requests_open: Option<crate::server::RequestsOpen>,
+    requests_open: Option<crate::shared::RequestsOpen>,
     /// The coordinator's (or a lone ring's): signals other threads get come to this thread.
     signal_reader: Option<crate::signals::Reader>,
     next_ticket: u64,
@@ -2438,5 +2439,6 @@ fn probe(ring: &IoUring) -> Result<(), Error> {
     Ok(())
 }
 
+pub(crate) mod runtime;
 #[cfg(test)]
 mod tests;

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types, IoUring};
 use nix::sys::socket::{socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 
+use crate::connection::{Connection, DrainGuard};
 use crate::handoff::Message;
 use crate::inherit::ParentLink;
 use crate::machine::UpgradeId;
-use crate::server::{Connection, DrainGuard, Server};
+use crate::server::Server;
 
 use super::Driver;
 
