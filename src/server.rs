@@ -17,7 +17,7 @@ use bytes::Bytes;
 use crate::connection::Connection;
 #[cfg(feature = "tokio")]
 use crate::driver::runtime::serve_async;
-use crate::driver::{Driver, Waiting};
+use crate::driver::{Driver, ServerParts, Waiting};
 use crate::error::Error;
 use crate::handle::Handle;
 use crate::handoff::MAX_LISTENERS;
@@ -417,11 +417,38 @@ impl Server {
         }
         let workers = self.workers.take();
         // On an error here `workers` is dropped, which tells the workers to quit.
-        let driver = Driver::prepare(self, waiting)?;
+        let driver = Driver::prepare(self.into_parts(), waiting)?;
         Ok(match workers {
             Some(coordinator) => driver.with_workers(coordinator),
             None => driver,
         })
+    }
+
+    /// What its driver is made from; the rest (what the application did not take) is dropped.
+    pub(crate) fn into_parts(self) -> ServerParts {
+        let Server {
+            listeners,
+            parent,
+            elders,
+            udp,
+            worker_listeners,
+            shared,
+            config,
+            requests_open,
+            signal_reader,
+            ..
+        } = self;
+        ServerParts {
+            listeners,
+            parent,
+            elders,
+            udp,
+            worker_listeners,
+            shared,
+            config,
+            requests_open,
+            signal_reader,
+        }
     }
 
     /// Thread-per-core ([`Builder::workers`]): splits off the `n - 1` worker rings, to be run
@@ -569,10 +596,21 @@ impl Worker {
         self.gone.index
     }
 
+    /// This worker's driver, made on the calling thread (its ring's one issuer); prepared, not
+    /// started (see `Driver::start`).
+    pub(crate) fn into_driver(self, waiting: Waiting) -> Result<Driver, Error> {
+        let Worker {
+            listeners,
+            config,
+            gone,
+        } = self;
+        Driver::prepare_worker(listeners, config, gone, waiting)
+    }
+
     /// Accepts on the calling thread, each connection to `on_connection` (which should hand
     /// it off quickly), until the coordinator has finished.
     pub fn run(self, mut on_connection: impl FnMut(Connection)) -> Result<(), Error> {
-        let mut driver = Driver::prepare_worker(self, Waiting::InRing)?;
+        let mut driver = self.into_driver(Waiting::InRing)?;
         driver.start()?;
         while driver.turn(true, &mut on_connection)?.is_none() {}
         Ok(())
@@ -582,11 +620,8 @@ impl Worker {
     /// as [`Server::run_async`] does.
     #[cfg(feature = "tokio")]
     pub async fn run_async(self, on_connection: impl FnMut(Connection)) -> Result<(), Error> {
-        serve_async(
-            Driver::prepare_worker(self, Waiting::InRuntime)?,
-            on_connection,
-        )
-        .await
-        .map(drop)
+        serve_async(self.into_driver(Waiting::InRuntime)?, on_connection)
+            .await
+            .map(drop)
     }
 }

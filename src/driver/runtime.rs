@@ -1,16 +1,80 @@
-//! The driver as a task of a tokio runtime (`Server::run_async`, `Worker::run_async`).
+//! A driver that waits in an async runtime (`Waiting::InRuntime`): its wake set, which holds
+//! the fds its ring waits on, and the tokio adapter (`Server::run_async`, `Worker::run_async`).
 
 #[cfg(feature = "tokio")]
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, RawFd};
 
-#[cfg(feature = "tokio")]
 use super::Driver;
 #[cfg(feature = "tokio")]
 use crate::connection::Connection;
-#[cfg(feature = "tokio")]
 use crate::error::Error;
 #[cfg(feature = "tokio")]
 use crate::machine::ExitReason;
+use crate::wake_set::{Source, WakeSet};
+
+impl Driver {
+    /// The fd a runtime polls for readability to know when to turn (the wake set's epoll fd);
+    /// `None` for a driver made to wait in the ring.
+    pub(crate) fn readiness_fd(&self) -> Option<RawFd> {
+        self.wake_set.as_ref().map(WakeSet::fd)
+    }
+
+    /// Puts into the wake set (if any) every fd the ring is about to wait on: before the ring
+    /// arms its first op on them, as `wake_set.rs` requires.
+    pub(super) fn watch_initial(&self) -> Result<(), Error> {
+        let Some(set) = &self.wake_set else {
+            return Ok(());
+        };
+        let watch = |fd: std::os::fd::BorrowedFd<'_>, source| {
+            set.add(fd, source)
+                .map_err(Error::io("adding to the wake set"))
+        };
+        watch(self.wake_fd(), Source::Other)?;
+        if let Some(fd) = &self.signalfd {
+            watch(fd.as_fd(), Source::Other)?;
+        }
+        if let Some(link) = &self.predecessor {
+            watch(link.channel.as_fd(), Source::Other)?;
+        }
+        if self.accepting {
+            self.watch_listeners();
+        }
+        Ok(())
+    }
+
+    /// Adds `fd` to the wake set, if any; a failure (no memory, the user's epoll watch limit)
+    /// is logged: the fd's events are then seen at the next wake-up of another kind, at the
+    /// latest at the next deadline.
+    pub(super) fn watch(&self, fd: std::os::fd::BorrowedFd<'_>) {
+        if let Some(set) = &self.wake_set {
+            if let Err(e) = set.add(fd, Source::Other) {
+                tracing::error!(error = %e, "adding an fd to the wake set");
+            }
+        }
+    }
+
+    /// Listeners wake the runtime while this driver accepts, and only then: a draining process
+    /// is not woken for connections its successor takes.
+    pub(super) fn watch_listeners(&self) {
+        let Some(set) = &self.wake_set else { return };
+        for (i, slot) in self.accepts.iter().enumerate() {
+            if !self.listening(i) {
+                continue; // watched once it listens (`listen_deferred`)
+            }
+            if let Err(e) = set.add(slot.listener.fd.as_fd(), Source::Listener(i)) {
+                tracing::error!(listener = %slot.listener.name, error = %e, "adding a listener to the wake set");
+            }
+        }
+    }
+
+    pub(super) fn unwatch_listeners(&self) {
+        let Some(set) = &self.wake_set else { return };
+        for slot in &self.accepts {
+            set.remove(slot.listener.fd.as_fd());
+        }
+    }
+}
 
 /// Starts `driver` (prepared) and drives it as a task of the current tokio runtime until it
 /// exits: see

@@ -2,6 +2,8 @@
 //! predecessor's side is a bare ring and the handoff channel, so each step happens exactly when
 //! the test says. In the last tests the driver also has a successor, a real process whose end
 //! of the channel the test answers on.
+// Raw fds of the test's own rings and channels, as the driver's code does.
+#![allow(unsafe_code)]
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -12,12 +14,29 @@ use io_uring::{opcode, types, IoUring};
 use nix::sys::socket::{socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 
 use crate::connection::{Connection, DrainGuard};
+use crate::error::Error;
 use crate::handoff::Message;
 use crate::inherit::ParentLink;
 use crate::machine::UpgradeId;
-use crate::server::Server;
+use crate::server::{Server, Worker};
 
-use super::Driver;
+use super::{Driver, Waiting};
+
+impl Driver {
+    /// A started driver: [`Driver::prepare`], then [`Driver::start`].
+    fn new(server: Server, waiting: Waiting) -> Result<Driver, Error> {
+        let mut driver = Driver::prepare(server.into_parts(), waiting)?;
+        driver.start()?;
+        Ok(driver)
+    }
+
+    /// A started worker: [`Driver::prepare_worker`], then [`Driver::start`].
+    fn new_worker(worker: Worker, waiting: Waiting) -> Result<Driver, Error> {
+        let mut driver = worker.into_driver(waiting)?;
+        driver.start()?;
+        Ok(driver)
+    }
+}
 
 const UPGRADE: UpgradeId = UpgradeId(0x5eed);
 const BOUND: Duration = Duration::from_secs(2);
@@ -49,7 +68,7 @@ impl Predecessor {
             upgrade: UPGRADE,
             parent_pid: std::process::id(),
         });
-        let mut ring = super::new_ring().unwrap();
+        let mut ring = super::ring::new_ring().unwrap();
         for (i, fd) in listeners.iter().enumerate() {
             let accept = opcode::AcceptMulti::new(types::Fd(*fd))
                 .build()
@@ -88,7 +107,7 @@ impl Predecessor {
             unsafe {
                 self.ring
                     .submitter()
-                    .enter::<libc::sigset_t>(0, 0, super::ENTER_GETEVENTS, None)
+                    .enter::<libc::sigset_t>(0, 0, super::ring::ENTER_GETEVENTS, None)
                     .unwrap();
             }
             seen.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
@@ -692,7 +711,7 @@ fn finishing_rearms_nothing_when_two_signals_land_at_the_end_of_the_drain() {
     assert_eq!(exit, Some(crate::ExitReason::Shutdown));
     assert_eq!(driver.ops.live, 0, "ops left in flight after the teardown");
     assert!(
-        started.elapsed() < super::FINAL_REAP,
+        started.elapsed() < super::ring::FINAL_REAP,
         "the teardown took {:?}",
         started.elapsed()
     );
