@@ -426,7 +426,7 @@ fn a_successor_that_retires_right_after_ready_is_not_taken_for_a_crash() {
     end_the_drain(&driver);
     assert_eq!(
         phase,
-        crate::Phase::Draining,
+        crate::machine::Phase::Draining,
         "a successor that retired and exited was taken for a crash"
     );
 }
@@ -552,7 +552,7 @@ fn in_a_runtime_every_source_wakes_the_wake_set_and_one_turn_handles_it() {
     turn_as_a_runtime(&mut driver);
     assert_ne!(
         driver.machine.phase(),
-        crate::Phase::Serving,
+        crate::machine::Phase::Serving,
         "SIGTERM not handled"
     );
     // Draining with nothing live: done in the same turn or at the next wake-up.
@@ -564,7 +564,7 @@ fn in_a_runtime_every_source_wakes_the_wake_set_and_one_turn_handles_it() {
     }
     assert_eq!(
         driver.exit,
-        Some(crate::ExitReason::Shutdown),
+        Some(crate::machine::ExitReason::Shutdown),
         "the drain did not end"
     );
 }
@@ -582,9 +582,9 @@ fn in_a_runtime_a_deadline_wakes_the_wake_set() {
     let fd = driver.readiness_fd().expect("a wake set");
     let (pid, _channel, _upgrade) = start_successor(&mut driver);
     let _successor = KillOnDrop::new(pid);
-    assert_eq!(driver.machine.phase(), crate::Phase::HandingOver);
+    assert_eq!(driver.machine.phase(), crate::machine::Phase::HandingOver);
     let deadline = Instant::now() + BOUND;
-    while driver.machine.phase() != crate::Phase::Serving && Instant::now() < deadline {
+    while driver.machine.phase() != crate::machine::Phase::Serving && Instant::now() < deadline {
         // Sleep in poll as a runtime would: only the wake set can end the wait early.
         if readable_within(fd, 1_000) {
             turn_as_a_runtime(&mut driver);
@@ -592,7 +592,7 @@ fn in_a_runtime_a_deadline_wakes_the_wake_set() {
     }
     assert_eq!(
         driver.machine.phase(),
-        crate::Phase::Serving,
+        crate::machine::Phase::Serving,
         "the ready deadline did not wake the runtime and roll the upgrade back"
     );
 }
@@ -638,20 +638,20 @@ fn a_successor_reaped_elsewhere_is_seen_to_exit() {
     upgrade_to_a_stand_in(&mut server);
     let mut driver = Driver::new(server, super::Waiting::InRing).unwrap();
     let (pid, _channel, _upgrade) = start_successor(&mut driver);
-    assert_eq!(driver.machine.phase(), crate::Phase::HandingOver);
+    assert_eq!(driver.machine.phase(), crate::machine::Phase::HandingOver);
     // Reaped here, as an application's own `waitpid(-1)` loop would.
     crate::sys::kill(pid, libc::SIGKILL).unwrap();
     // SAFETY: reaping our own child (the stand-in successor), which SIGKILL ends promptly.
     let reaped = unsafe { libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0) };
     assert_eq!(reaped, pid as libc::pid_t);
     let deadline = Instant::now() + BOUND;
-    while driver.machine.phase() != crate::Phase::Serving && Instant::now() < deadline {
+    while driver.machine.phase() != crate::machine::Phase::Serving && Instant::now() < deadline {
         driver.turn(false, &mut |_| {}).unwrap();
         std::thread::sleep(Duration::from_millis(1));
     }
     assert_eq!(
         driver.machine.phase(),
-        crate::Phase::Serving,
+        crate::machine::Phase::Serving,
         "the exit of a successor reaped elsewhere was not seen within {BOUND:?}"
     );
 }
@@ -693,7 +693,7 @@ fn finishing_rearms_nothing_when_two_signals_land_at_the_end_of_the_drain() {
         std::thread::sleep(Duration::from_millis(1));
     }
     assert!(driver.all_accepts_stopped(), "the accepts did not stop");
-    assert_eq!(driver.machine.phase(), crate::Phase::Draining);
+    assert_eq!(driver.machine.phase(), crate::machine::Phase::Draining);
 
     let done = watchdog("the turn that finishes", Duration::from_secs(20));
     // SAFETY: both are blocked on this thread (build()) and read by the driver's signalfd.
@@ -708,7 +708,7 @@ fn finishing_rearms_nothing_when_two_signals_land_at_the_end_of_the_drain() {
         exit = driver.turn(true, &mut |_| {}).unwrap();
     }
     done.store(true, std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(exit, Some(crate::ExitReason::Shutdown));
+    assert_eq!(exit, Some(crate::machine::ExitReason::Shutdown));
     assert_eq!(driver.ops.live, 0, "ops left in flight after the teardown");
     assert!(
         started.elapsed() < super::ring::FINAL_REAP,
@@ -808,7 +808,7 @@ fn a_ready_waiting_on_the_channel_counts_when_a_shutdown_comes() {
     // The shutdown reaches the driver before its ring has read the READY.
     driver.feed(crate::machine::Event::ShutdownRequested);
     driver.run_actions();
-    assert_eq!(driver.machine.phase(), crate::Phase::Draining);
+    assert_eq!(driver.machine.phase(), crate::machine::Phase::Draining);
     assert!(
         driver.successor.is_some(),
         "the new process was abandoned although its READY was waiting"
@@ -888,7 +888,7 @@ fn a_rollback_right_after_ready_is_not_a_shutdown_and_withdraws_retiring() {
     }
     std::thread::sleep(Duration::from_millis(20));
     let deadline = Instant::now() + BOUND;
-    while (driver.successor.is_some() || driver.machine.phase() != crate::Phase::Serving)
+    while (driver.successor.is_some() || driver.machine.phase() != crate::machine::Phase::Serving)
         && Instant::now() < deadline
     {
         driver.turn(false, &mut |_| {}).unwrap();
@@ -897,7 +897,7 @@ fn a_rollback_right_after_ready_is_not_a_shutdown_and_withdraws_retiring() {
     end_the_drain(&driver);
     assert_eq!(
         driver.machine.phase(),
-        crate::Phase::Serving,
+        crate::machine::Phase::Serving,
         "the successor died unplanned: this process serves again"
     );
 
@@ -953,7 +953,7 @@ fn a_worker_started_after_the_stop_reports_stopped_at_once() {
     }
     assert_eq!(
         exit,
-        Some(crate::ExitReason::Shutdown),
+        Some(crate::machine::ExitReason::Shutdown),
         "the coordinator's drain waited for a late worker that had nothing to stop"
     );
 }
