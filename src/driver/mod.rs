@@ -156,7 +156,7 @@ pub(crate) struct Driver {
     drained_reported: bool,
     replies: HashMap<u64, mpsc::Sender<Result<u32, UpgradeError>>>,
     /// The coordinator's (or a lone ring's): requests are taken while this driver lives.
-    requests_open: Option<crate::shared::RequestsOpen>,
+    requests_open: Option<RequestsOpen>,
     /// The coordinator's (or a lone ring's): signals other threads get come to this thread.
     signal_reader: Option<crate::signals::Reader>,
     next_ticket: u64,
