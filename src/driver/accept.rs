@@ -236,7 +236,7 @@ impl Driver {
             slot.retry_at = None;
             if let (Some(op), false) = (slot.op, slot.cancel_sent) {
                 slot.cancel_sent = true;
-                self.cancel(types::CancelBuilder::user_data(op));
+                self.cancel(types::CancelBuilder::user_data(op.user_data()));
             }
         }
         self.cancel_takeover_polls();

@@ -32,7 +32,16 @@ pub(super) const CHANNEL_BUF: usize = 64;
 /// visible) when the issuer enters with this flag.
 pub(super) const ENTER_GETEVENTS: u32 = 1;
 
-pub(super) type Token = u64;
+/// An op's key in the table ([`Ops`]); its SQE carries it as `user_data`, and so do its CQEs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Token(u64);
+
+impl Token {
+    /// As an SQE's `user_data`.
+    pub(super) fn user_data(self) -> u64 {
+        self.0
+    }
+}
 
 /// What an in-flight op is and the memory it owns until its final CQE.
 // Some buffers are only ever written by the kernel: owning them is their whole purpose.
@@ -83,11 +92,11 @@ impl Ops {
         slot.0 = slot.0.wrapping_add(1);
         slot.1 = Some(op);
         self.live += 1;
-        ((slot.0 as u64) << 32) | index as u64
+        Token(((slot.0 as u64) << 32) | index as u64)
     }
 
     pub(super) fn get(&self, token: Token) -> Option<&Op> {
-        let (gen, index) = ((token >> 32) as u32, token as u32);
+        let (gen, index) = ((token.0 >> 32) as u32, token.0 as u32);
         match self.slots.get(index as usize) {
             Some((g, Some(op))) if *g == gen => Some(op),
             _ => None,
@@ -95,7 +104,7 @@ impl Ops {
     }
 
     pub(super) fn remove(&mut self, token: Token) -> Option<Op> {
-        let (gen, index) = ((token >> 32) as u32, token as u32);
+        let (gen, index) = ((token.0 >> 32) as u32, token.0 as u32);
         match self.slots.get_mut(index as usize) {
             Some((g, op @ Some(_))) if *g == gen => {
                 self.free.push(index);
@@ -219,7 +228,7 @@ impl Driver {
                 break;
             }
             for &(token, res, flags) in &cqes {
-                self.complete(token, res, flags, sink);
+                self.complete(Token(token), res, flags, sink);
             }
         }
         self.cqes = cqes;
@@ -290,14 +299,14 @@ impl Driver {
             return None;
         }
         let token = self.ops.insert(op);
-        self.push(entry.user_data(token));
+        self.push(entry.user_data(token.0));
         Some(token)
     }
 
     /// Queues a cancel of the ops `what` matches; its own completion is an `Op::Cancel`.
     pub(super) fn cancel(&mut self, what: types::CancelBuilder) {
         let token = self.ops.insert(Op::Cancel);
-        self.push(opcode::AsyncCancel2::new(what).build().user_data(token));
+        self.push(opcode::AsyncCancel2::new(what).build().user_data(token.0));
     }
 
     /// Queues an SQE, submitting first if the queue is full.

@@ -232,7 +232,7 @@ impl Driver {
             let slot = &mut self.accepts[i];
             if let (Some(op), false) = (slot.op, slot.cancel_sent) {
                 slot.cancel_sent = true;
-                self.cancel(types::CancelBuilder::user_data(op));
+                self.cancel(types::CancelBuilder::user_data(op.user_data()));
             }
             return;
         }
@@ -345,7 +345,7 @@ impl Driver {
             let slot = &mut self.accepts[i];
             if let (Some(op), false) = (slot.takeover, slot.takeover_cancel_sent) {
                 slot.takeover_cancel_sent = true;
-                self.cancel(types::CancelBuilder::user_data(op));
+                self.cancel(types::CancelBuilder::user_data(op.user_data()));
             }
         }
     }
