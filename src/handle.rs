@@ -12,7 +12,9 @@ use crate::handoff::MAX_STATE_LEN;
 use crate::machine::Phase;
 use crate::shared::{Request, Shared};
 
-/// Triggers upgrades and shutdown of a running [`Server`](crate::Server) from any thread.
+/// Triggers upgrades and shutdown of a running [`Server`] from any thread.
+///
+/// [`Server`]: crate::Server
 #[derive(Clone, Debug)]
 pub struct Handle {
     shared: Arc<Shared>,
@@ -31,7 +33,9 @@ impl Handle {
 
     /// Sets the blob that the next upgrade hands to the new process with the listeners
     /// (session-ticket keys, a warm cache index, …), read there with
-    /// [`Server::inherited_state`](crate::Server::inherited_state). At most [`MAX_STATE_LEN`] bytes.
+    /// [`Server::inherited_state`]. At most [`MAX_STATE_LEN`] bytes.
+    ///
+    /// [`Server::inherited_state`]: crate::Server::inherited_state
     pub fn set_handoff_state(&self, state: Bytes) -> Result<(), Error> {
         if state.len() > MAX_STATE_LEN {
             return Err(Error::Config(format!(
@@ -62,8 +66,10 @@ impl Handle {
     }
 
     /// Sets named fds (a memfd, a pipe, a device…) that the next upgrade hands to the new
-    /// process as they are, read there with [`Server::take_inherited_fds`](crate::Server::take_inherited_fds). This process keeps
+    /// process as they are, read there with [`Server::take_inherited_fds`]. This process keeps
     /// them open (the handoff sends duplicates).
+    ///
+    /// [`Server::take_inherited_fds`]: crate::Server::take_inherited_fds
     pub fn set_handoff_fds(&self, fds: Vec<(String, OwnedFd)>) -> Result<(), Error> {
         if let Some((name, _)) = fds
             .iter()
@@ -110,8 +116,10 @@ impl Handle {
     }
 }
 
-/// Waits for phase changes of a [`Server`](crate::Server); made by [`Handle::watch_phase`]. Like a watch
+/// Waits for phase changes of a [`Server`]; made by [`Handle::watch_phase`]. Like a watch
 /// channel, it sees the latest phase, not necessarily every phase in between.
+///
+/// [`Server`]: crate::Server
 #[derive(Debug)]
 pub struct PhaseWatch {
     shared: Arc<Shared>,

@@ -123,9 +123,11 @@ impl Builder {
     /// A UDP socket named `name` on `addr`: bound on first start, handed over at each upgrade
     /// (never re-bound), never accepted on. Get it with [`Server::udp_socket`]. While the old
     /// process drains, both processes may read it; the old one should stop reading once its
-    /// phase is [`Phase::Draining`](crate::Phase::Draining) (see [`Handle::watch_phase`]), and answer what it has read
+    /// phase is [`Phase::Draining`] (see [`Handle::watch_phase`]), and answer what it has read
     /// before it exits: a datagram read by a thread the exit kills is lost (the echo example
     /// stops and joins its UDP thread after [`Server::run`] returns).
+    ///
+    /// [`Phase::Draining`]: crate::Phase::Draining
     pub fn bind_udp(mut self, name: impl Into<String>, addr: SocketAddr) -> Self {
         self.udp.push((name.into(), addr));
         self

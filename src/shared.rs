@@ -28,7 +28,9 @@ pub(crate) struct Config {
     pub notify_socket: Option<OsString>,
 }
 
-/// State shared between the driver, its [`Handle`](crate::Handle)s and the live connections' guards.
+/// State shared between the driver, its [`Handle`]s and the live connections' guards.
+///
+/// [`Handle`]: crate::Handle
 #[derive(Debug)]
 pub(crate) struct Shared {
     /// Wakes the driver: requests queued, the last connection closed, fds freed.
@@ -72,10 +74,13 @@ impl Shared {
     }
 }
 
-/// While this lives, a driver will take the requests of [`Handle`](crate::Handle)s: held by the [`Server`](crate::Server),
+/// While this lives, a driver will take the requests of [`Handle`]s: held by the [`Server`],
 /// then by its driver. Dropped (the server dropped unrun, the driver gone however it ended), it
 /// closes the queue: the requests in it and every later one are dropped, and their callers get
 /// `NotRunning` at once instead of waiting for an answer that will never come.
+///
+/// [`Handle`]: crate::Handle
+/// [`Server`]: crate::Server
 #[derive(Debug)]
 pub(crate) struct RequestsOpen(pub Arc<Shared>);
 

@@ -130,10 +130,12 @@ impl Drop for Coordinator {
     }
 }
 
-/// Marks worker `index` stopped for good when dropped: held by a [`Worker`](crate::Worker), then by its driver,
+/// Marks worker `index` stopped for good when dropped: held by a [`Worker`], then by its driver,
 /// so that a worker that was never run, failed or panicked does not keep its coordinator
 /// waiting, at every READY and at shutdown, for a stop that would never be reported (the drain
 /// would then last its whole deadline).
+///
+/// [`Worker`]: crate::Worker
 #[derive(Debug)]
 pub(crate) struct WorkerGone {
     pub index: usize,

@@ -78,8 +78,10 @@ impl Driver {
 
 /// Starts `driver` (prepared) and drives it as a task of the current tokio runtime until it
 /// exits: see
-/// [`Server::run_async`](crate::Server::run_async). The runtime's reactor watches one fd, the driver's wake set (an epoll
+/// [`Server::run_async`]. The runtime's reactor watches one fd, the driver's wake set (an epoll
 /// instance holding the fds the ring waits on; `wake_set.rs` says why not the ring's eventfd).
+///
+/// [`Server::run_async`]: crate::Server::run_async
 #[cfg(feature = "tokio")]
 #[allow(unsafe_code)]
 pub(crate) async fn serve_async(
