@@ -1,5 +1,5 @@
 //! The driver: the one owner of the ring. It turns completions into [`Event`]s for the
-//! [`Machine`] and the machine's [`Action`]s into ring operations.
+//! [`Machine`] and the machine's [`Action`](crate::machine::Action)s into ring operations.
 //!
 //! In the ring, at once: a multishot accept per listener, a signalfd read (SIGHUP, SIGTERM,
 //! SIGINT), a multishot poll on the wake eventfd (API requests, the last connection closing,
