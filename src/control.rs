@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
-use crate::server::{DrainGuard, Handle};
-use crate::UpgradeError;
+use crate::connection::DrainGuard;
+use crate::error::UpgradeError;
+use crate::handle::Handle;
 
 /// The listener name the control socket is registered under.
 pub(crate) const CONTROL_LISTENER: &str = "ringflip.control";

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
 
+use crate::error::Error;
 use crate::handoff::{
     ListenerRecord, Message, ENV_FD, ENV_UPGRADE_ID, MAX_LISTENERS, MAX_MESSAGE_LEN,
 };
 use crate::machine::UpgradeId;
 use crate::sys;
-use crate::Error;
 
 /// The link to the previous generation, as the successor holds it.
 #[derive(Debug)]

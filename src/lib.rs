@@ -67,14 +67,19 @@
 // Inside the crate, `pub` means the public API: everything else is `pub(crate)` or narrower.
 #![warn(unreachable_pub)]
 
+mod boot;
+mod connection;
 mod control;
 mod driver;
 mod error;
+mod handle;
 mod handoff;
 mod inherit;
 mod listener;
 mod machine;
+mod pidfile;
 mod server;
+mod shared;
 mod signals;
 mod spawn;
 mod sys;
@@ -82,10 +87,12 @@ mod systemd;
 mod wake_set;
 mod workers;
 
+pub use connection::{Connection, DrainGuard};
 pub use error::{Error, UpgradeError};
+pub use handle::{Handle, PhaseWatch};
 pub use handoff::{MAX_LISTENERS, MAX_STATE_LEN};
 pub use machine::{ExitReason, Phase};
-pub use server::{Builder, Connection, DrainGuard, Handle, PhaseWatch, Server, Worker};
+pub use server::{Builder, Server, Worker};
 
 /// Entry points for the fuzz targets in `fuzz/`; not part of the API.
 #[doc(hidden)]

@@ -13,9 +13,9 @@ use std::sync::Arc;
 
 use nix::sys::socket::{getsockname, UnixAddr};
 
+use crate::error::Error;
 use crate::handoff::{ListenerRecord, SocketKind};
 use crate::sys;
-use crate::Error;
 
 /// Where a listener listens.
 #[derive(Clone, Debug, PartialEq, Eq)]

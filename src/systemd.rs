@@ -11,7 +11,8 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::UnixDatagram;
 
-use crate::{sys, Error};
+use crate::error::Error;
+use crate::sys;
 
 /// The variables systemd sets for socket activation; a successor must never see them.
 pub(crate) const LISTEN_VARS: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];

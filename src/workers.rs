@@ -10,8 +10,11 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
 
-use crate::{sys, Error};
+use crate::error::Error;
+use crate::shared::Shared;
+use crate::sys;
 
 /// `WorkerSet::acked` of a worker that has ended for good.
 const GONE: u64 = u64::MAX;
@@ -112,6 +115,45 @@ impl WorkerSet {
             let a = a.load(SeqCst);
             a == GONE || (a == epoch && epoch != 0)
         })
+    }
+}
+
+/// Tells the workers to quit when dropped: held by the coordinator (its server, then its
+/// driver), so that workers never outlive a coordinator that failed or was never run.
+#[derive(Debug)]
+pub(crate) struct Coordinator(pub Arc<WorkerSet>);
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.0.quit.store(true, SeqCst);
+        self.0.signal_all();
+    }
+}
+
+/// Marks worker `index` stopped for good when dropped: held by a [`Worker`], then by its driver,
+/// so that a worker that was never run, failed or panicked does not keep its coordinator
+/// waiting, at every READY and at shutdown, for a stop that would never be reported (the drain
+/// would then last its whole deadline).
+///
+/// [`Worker`]: crate::Worker
+#[derive(Debug)]
+pub(crate) struct WorkerGone {
+    pub index: usize,
+    pub set: Arc<WorkerSet>,
+    pub shared: Arc<Shared>,
+}
+
+impl Drop for WorkerGone {
+    fn drop(&mut self) {
+        if !self.set.quit.load(SeqCst) {
+            tracing::error!(
+                worker = self.index,
+                "worker gone while its coordinator serves: the connections queued on its \
+                 listeners wait for the next process"
+            );
+        }
+        self.set.gone(self.index);
+        self.shared.wake();
     }
 }
 

@@ -1,5 +1,5 @@
 //! The new process takes connections from its READY on, even while the old one has not yet
-//! noticed the READY (a busy runtime thread): see `start_takeover` in src/driver.rs.
+//! noticed the READY (a busy runtime thread): see `start_takeover` in src/driver/takeover.rs.
 //!
 //! Needs the example binaries: `cargo build --examples && cargo test --test takeover`.
 

@@ -2,6 +2,8 @@
 //! predecessor's side is a bare ring and the handoff channel, so each step happens exactly when
 //! the test says. In the last tests the driver also has a successor, a real process whose end
 //! of the channel the test answers on.
+// Raw fds of the test's own rings and channels, as the driver's code does.
+#![allow(unsafe_code)]
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -11,12 +13,30 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types, IoUring};
 use nix::sys::socket::{socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 
+use crate::connection::{Connection, DrainGuard};
+use crate::error::Error;
 use crate::handoff::Message;
 use crate::inherit::ParentLink;
 use crate::machine::UpgradeId;
-use crate::server::{Connection, DrainGuard, Server};
+use crate::server::{Server, Worker};
 
-use super::Driver;
+use super::{Driver, Waiting};
+
+impl Driver {
+    /// A started driver: [`Driver::prepare`], then [`Driver::start`].
+    fn new(server: Server, waiting: Waiting) -> Result<Driver, Error> {
+        let mut driver = Driver::prepare(server.into_parts(), waiting)?;
+        driver.start()?;
+        Ok(driver)
+    }
+
+    /// A started worker: [`Driver::prepare_worker`], then [`Driver::start`].
+    fn new_worker(worker: Worker, waiting: Waiting) -> Result<Driver, Error> {
+        let mut driver = worker.into_driver(waiting)?;
+        driver.start()?;
+        Ok(driver)
+    }
+}
 
 const UPGRADE: UpgradeId = UpgradeId(0x5eed);
 const BOUND: Duration = Duration::from_secs(2);
@@ -48,7 +68,7 @@ impl Predecessor {
             upgrade: UPGRADE,
             parent_pid: std::process::id(),
         });
-        let mut ring = super::new_ring().unwrap();
+        let mut ring = super::ring::new_ring().unwrap();
         for (i, fd) in listeners.iter().enumerate() {
             let accept = opcode::AcceptMulti::new(types::Fd(*fd))
                 .build()
@@ -87,7 +107,7 @@ impl Predecessor {
             unsafe {
                 self.ring
                     .submitter()
-                    .enter::<libc::sigset_t>(0, 0, super::ENTER_GETEVENTS, None)
+                    .enter::<libc::sigset_t>(0, 0, super::ring::ENTER_GETEVENTS, None)
                     .unwrap();
             }
             seen.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
@@ -406,7 +426,7 @@ fn a_successor_that_retires_right_after_ready_is_not_taken_for_a_crash() {
     end_the_drain(&driver);
     assert_eq!(
         phase,
-        crate::Phase::Draining,
+        crate::machine::Phase::Draining,
         "a successor that retired and exited was taken for a crash"
     );
 }
@@ -532,7 +552,7 @@ fn in_a_runtime_every_source_wakes_the_wake_set_and_one_turn_handles_it() {
     turn_as_a_runtime(&mut driver);
     assert_ne!(
         driver.machine.phase(),
-        crate::Phase::Serving,
+        crate::machine::Phase::Serving,
         "SIGTERM not handled"
     );
     // Draining with nothing live: done in the same turn or at the next wake-up.
@@ -544,7 +564,7 @@ fn in_a_runtime_every_source_wakes_the_wake_set_and_one_turn_handles_it() {
     }
     assert_eq!(
         driver.exit,
-        Some(crate::ExitReason::Shutdown),
+        Some(crate::machine::ExitReason::Shutdown),
         "the drain did not end"
     );
 }
@@ -562,9 +582,9 @@ fn in_a_runtime_a_deadline_wakes_the_wake_set() {
     let fd = driver.readiness_fd().expect("a wake set");
     let (pid, _channel, _upgrade) = start_successor(&mut driver);
     let _successor = KillOnDrop::new(pid);
-    assert_eq!(driver.machine.phase(), crate::Phase::HandingOver);
+    assert_eq!(driver.machine.phase(), crate::machine::Phase::HandingOver);
     let deadline = Instant::now() + BOUND;
-    while driver.machine.phase() != crate::Phase::Serving && Instant::now() < deadline {
+    while driver.machine.phase() != crate::machine::Phase::Serving && Instant::now() < deadline {
         // Sleep in poll as a runtime would: only the wake set can end the wait early.
         if readable_within(fd, 1_000) {
             turn_as_a_runtime(&mut driver);
@@ -572,7 +592,7 @@ fn in_a_runtime_a_deadline_wakes_the_wake_set() {
     }
     assert_eq!(
         driver.machine.phase(),
-        crate::Phase::Serving,
+        crate::machine::Phase::Serving,
         "the ready deadline did not wake the runtime and roll the upgrade back"
     );
 }
@@ -618,20 +638,20 @@ fn a_successor_reaped_elsewhere_is_seen_to_exit() {
     upgrade_to_a_stand_in(&mut server);
     let mut driver = Driver::new(server, super::Waiting::InRing).unwrap();
     let (pid, _channel, _upgrade) = start_successor(&mut driver);
-    assert_eq!(driver.machine.phase(), crate::Phase::HandingOver);
+    assert_eq!(driver.machine.phase(), crate::machine::Phase::HandingOver);
     // Reaped here, as an application's own `waitpid(-1)` loop would.
     crate::sys::kill(pid, libc::SIGKILL).unwrap();
     // SAFETY: reaping our own child (the stand-in successor), which SIGKILL ends promptly.
     let reaped = unsafe { libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0) };
     assert_eq!(reaped, pid as libc::pid_t);
     let deadline = Instant::now() + BOUND;
-    while driver.machine.phase() != crate::Phase::Serving && Instant::now() < deadline {
+    while driver.machine.phase() != crate::machine::Phase::Serving && Instant::now() < deadline {
         driver.turn(false, &mut |_| {}).unwrap();
         std::thread::sleep(Duration::from_millis(1));
     }
     assert_eq!(
         driver.machine.phase(),
-        crate::Phase::Serving,
+        crate::machine::Phase::Serving,
         "the exit of a successor reaped elsewhere was not seen within {BOUND:?}"
     );
 }
@@ -673,7 +693,7 @@ fn finishing_rearms_nothing_when_two_signals_land_at_the_end_of_the_drain() {
         std::thread::sleep(Duration::from_millis(1));
     }
     assert!(driver.all_accepts_stopped(), "the accepts did not stop");
-    assert_eq!(driver.machine.phase(), crate::Phase::Draining);
+    assert_eq!(driver.machine.phase(), crate::machine::Phase::Draining);
 
     let done = watchdog("the turn that finishes", Duration::from_secs(20));
     // SAFETY: both are blocked on this thread (build()) and read by the driver's signalfd.
@@ -688,10 +708,10 @@ fn finishing_rearms_nothing_when_two_signals_land_at_the_end_of_the_drain() {
         exit = driver.turn(true, &mut |_| {}).unwrap();
     }
     done.store(true, std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(exit, Some(crate::ExitReason::Shutdown));
+    assert_eq!(exit, Some(crate::machine::ExitReason::Shutdown));
     assert_eq!(driver.ops.live, 0, "ops left in flight after the teardown");
     assert!(
-        started.elapsed() < super::FINAL_REAP,
+        started.elapsed() < super::ring::FINAL_REAP,
         "the teardown took {:?}",
         started.elapsed()
     );
@@ -788,7 +808,7 @@ fn a_ready_waiting_on_the_channel_counts_when_a_shutdown_comes() {
     // The shutdown reaches the driver before its ring has read the READY.
     driver.feed(crate::machine::Event::ShutdownRequested);
     driver.run_actions();
-    assert_eq!(driver.machine.phase(), crate::Phase::Draining);
+    assert_eq!(driver.machine.phase(), crate::machine::Phase::Draining);
     assert!(
         driver.successor.is_some(),
         "the new process was abandoned although its READY was waiting"
@@ -868,7 +888,7 @@ fn a_rollback_right_after_ready_is_not_a_shutdown_and_withdraws_retiring() {
     }
     std::thread::sleep(Duration::from_millis(20));
     let deadline = Instant::now() + BOUND;
-    while (driver.successor.is_some() || driver.machine.phase() != crate::Phase::Serving)
+    while (driver.successor.is_some() || driver.machine.phase() != crate::machine::Phase::Serving)
         && Instant::now() < deadline
     {
         driver.turn(false, &mut |_| {}).unwrap();
@@ -877,7 +897,7 @@ fn a_rollback_right_after_ready_is_not_a_shutdown_and_withdraws_retiring() {
     end_the_drain(&driver);
     assert_eq!(
         driver.machine.phase(),
-        crate::Phase::Serving,
+        crate::machine::Phase::Serving,
         "the successor died unplanned: this process serves again"
     );
 
@@ -933,7 +953,7 @@ fn a_worker_started_after_the_stop_reports_stopped_at_once() {
     }
     assert_eq!(
         exit,
-        Some(crate::ExitReason::Shutdown),
+        Some(crate::machine::ExitReason::Shutdown),
         "the coordinator's drain waited for a late worker that had nothing to stop"
     );
 }

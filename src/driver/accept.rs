@@ -1,0 +1,295 @@
+//! Accepting: one multishot accept per listener ([`AcceptSlot`]), handing each connection to
+//! the application (or the control socket), re-arming with a backoff after a resource error,
+//! and stopping and resuming (the coordinator's workers follow), reported once every accept
+//! has ended.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, types};
+
+use crate::connection::{Connection, DrainGuard};
+use crate::handle::Handle;
+use crate::listener::{Endpoint, Listener};
+use crate::machine::Event;
+use crate::workers::WorkerSet;
+use crate::{control, sys};
+
+use super::ring::{Op, Token};
+use super::{Driver, Role};
+
+/// First and largest pause before re-arming an accept that failed for lack of fds or memory.
+const BACKOFF_MIN: Duration = Duration::from_millis(1);
+
+const BACKOFF_MAX: Duration = Duration::from_millis(200);
+
+pub(super) struct AcceptSlot {
+    pub(super) listener: Listener,
+    /// The control socket: its connections are served by ringflip, not the application.
+    pub(super) control: bool,
+    /// The armed multishot accept, until its terminal CQE.
+    pub(super) op: Option<Token>,
+    pub(super) cancel_sent: bool,
+    /// Set while re-arming is paused after a resource error.
+    pub(super) retry_at: Option<Instant>,
+    backoff: Duration,
+    /// The error that paused this listener, logged once per episode.
+    paused_by: Option<i32>,
+    /// The takeover poll, while armed, and whether its cancel was sent.
+    pub(super) takeover: Option<Token>,
+    pub(super) takeover_cancel_sent: bool,
+    /// The sweeping accept in flight (at most one per listener; see `sweep`).
+    pub(super) sweep_accept: Option<Token>,
+    /// Connections delivered from this listener so far.
+    pub(super) delivered: u64,
+    /// `delivered` when this listener last woke the runtime (see `sweep_missed`).
+    pub(super) woke_at: Option<u64>,
+    /// Seen listening (see `Driver::listening`). A socket that listens never stops here, so
+    /// once true this is the answer; while false the kernel is asked again.
+    seen_listening: std::cell::Cell<bool>,
+}
+
+impl AcceptSlot {
+    pub(super) fn new(listener: Listener) -> AcceptSlot {
+        AcceptSlot {
+            control: &*listener.name == control::CONTROL_LISTENER,
+            listener,
+            op: None,
+            cancel_sent: false,
+            retry_at: None,
+            backoff: BACKOFF_MIN,
+            paused_by: None,
+            takeover: None,
+            takeover_cancel_sent: false,
+            sweep_accept: None,
+            delivered: 0,
+            woke_at: None,
+            seen_listening: std::cell::Cell::new(false),
+        }
+    }
+
+    /// Whether any accepting op of this listener is still in flight.
+    pub(super) fn armed(&self) -> bool {
+        self.op.is_some() || self.takeover.is_some() || self.sweep_accept.is_some()
+    }
+}
+
+impl Driver {
+    /// Whether listener `i` listens: not yet for a new member of a per-worker group in a
+    /// successor (bound in `build`, see `Driver::listen_deferred`). Asked of the kernel
+    /// (`SO_ACCEPTCONN`) until it says yes, since the coordinator's handoff may make a worker's
+    /// member listen meanwhile; then remembered, so the accept and sweep paths pay no syscall.
+    pub(super) fn listening(&self, i: usize) -> bool {
+        let slot = &self.accepts[i];
+        if !slot.seen_listening.get() {
+            let listens = sys::is_listening(slot.listener.fd.as_fd()).unwrap_or(true);
+            slot.seen_listening.set(listens);
+        }
+        slot.seen_listening.get()
+    }
+
+    pub(super) fn arm_accept(&mut self, i: usize) {
+        if self.accepts[i].op.is_some() || !self.listening(i) {
+            // Armed already (one multishot accept per listener: a second would stay armed
+            // past the cancel of the first), or a new member not listening yet.
+            return;
+        }
+        let fd = self.accepts[i].listener.fd.as_raw_fd();
+        let entry = opcode::AcceptMulti::new(types::Fd(fd))
+            .flags(libc::SOCK_CLOEXEC)
+            .build();
+        self.accepts[i].op = self.arm(Op::Accept(i), entry);
+        self.accepts[i].cancel_sent = false;
+    }
+
+    /// A completion of listener `i`'s multishot accept: a connection, or its end.
+    pub(super) fn on_accept(
+        &mut self,
+        token: Token,
+        i: usize,
+        res: i32,
+        more: bool,
+        sink: &mut dyn FnMut(Connection),
+    ) {
+        if res >= 0 {
+            // SAFETY: a non-negative accept result is a new fd installed for us.
+            let fd = unsafe { OwnedFd::from_raw_fd(res) };
+            self.deliver(i, fd, sink);
+        }
+        if !more {
+            self.ops.remove(token);
+            self.accept_ended(i, res);
+        }
+    }
+
+    /// The completion of listener `i`'s sweeping accept (see `sweep`).
+    pub(super) fn on_sweep_accept(
+        &mut self,
+        token: Token,
+        i: usize,
+        res: i32,
+        sink: &mut dyn FnMut(Connection),
+    ) {
+        self.ops.remove(token);
+        self.accepts[i].sweep_accept = None;
+        if res >= 0 {
+            // SAFETY: a non-negative accept result is a new fd installed for us.
+            let fd = unsafe { OwnedFd::from_raw_fd(res) };
+            self.deliver(i, fd, sink);
+            // More may be queued: take them until EAGAIN.
+            self.sweep(i);
+        } else if res == -libc::EINVAL && !self.no_dontwait {
+            // This kernel has no IORING_ACCEPT_DONTWAIT (Linux < 6.10): no takeover
+            // (the predecessor's accept stop ends the overlap as before), and sweeps
+            // re-arm the multishot accept instead (see `sweep`), starting with this one.
+            tracing::info!(
+                "no IORING_ACCEPT_DONTWAIT on this kernel: no takeover; the previous \
+                 process keeps the accept queue until it lets go"
+            );
+            self.no_dontwait = true;
+            self.end_takeover(false);
+            self.sweep(i);
+        }
+        // EAGAIN: the queue was empty (the predecessor or our own multishot accept took
+        // the connection). Other errors: the multishot accept meets them too and backs
+        // off; nothing to do here.
+        self.report_if_stopped();
+    }
+
+    /// Hands a freshly accepted connection of listener `i` to the application.
+    fn deliver(&mut self, i: usize, fd: OwnedFd, sink: &mut dyn FnMut(Connection)) {
+        let slot = &mut self.accepts[i];
+        if slot.paused_by.take().is_some() {
+            tracing::info!(listener = %slot.listener.name, "accepting again");
+            slot.backoff = BACKOFF_MIN;
+            self.update_paused_flag();
+        }
+        self.accepted += 1;
+        self.accepts[i].delivered += 1;
+        let guard = DrainGuard::new(&self.shared);
+        let slot = &self.accepts[i];
+        if slot.control {
+            control::serve(fd, Handle::from_shared(self.shared.clone()), guard);
+        } else {
+            sink(Connection::new(
+                fd,
+                slot.listener.name.clone(),
+                !matches!(slot.listener.endpoint, Endpoint::Tcp(_)),
+                guard,
+            ));
+        }
+    }
+
+    /// A multishot accept reached its terminal CQE.
+    fn accept_ended(&mut self, i: usize, res: i32) {
+        let slot = &mut self.accepts[i];
+        slot.op = None;
+        slot.cancel_sent = false;
+        if !self.accepting {
+            self.report_if_stopped();
+            return;
+        }
+        let slot = &mut self.accepts[i];
+        match -res {
+            // A full CQ or a connection: nothing wrong, re-arm at once.
+            e if e <= 0 => self.arm_accept(i),
+            libc::ECONNABORTED | libc::EPROTO | libc::EINTR | libc::EAGAIN => self.arm_accept(i),
+            libc::ECANCELED => self.arm_accept(i),
+            e => {
+                // EMFILE, ENFILE, ENOBUFS, ENOMEM: the connection waits in the backlog; retry
+                // after a pause (doubling up to BACKOFF_MAX) or as soon as a connection closes.
+                // Anything else (the socket was shut down, …) would fail again at once: same
+                // pause, so no error loop can spin.
+                if slot.paused_by != Some(e) {
+                    tracing::warn!(
+                        listener = %slot.listener.name,
+                        error = %io::Error::from_raw_os_error(e),
+                        "accept paused; retrying with backoff"
+                    );
+                    slot.paused_by = Some(e);
+                }
+                slot.retry_at = Some(Instant::now() + slot.backoff);
+                slot.backoff = (slot.backoff * 2).min(BACKOFF_MAX);
+                self.update_paused_flag();
+            }
+        }
+    }
+
+    fn update_paused_flag(&self) {
+        let paused = self
+            .accepts
+            .iter()
+            .any(|s| s.retry_at.is_some() || s.paused_by.is_some());
+        self.shared.accept_paused.store(paused, SeqCst);
+    }
+
+    /// Cancels every accept (the terminal completions arrive later; see `report_if_stopped`).
+    /// The coordinator also tells its workers.
+    pub(super) fn stop_accepting(&mut self) {
+        self.accepting = false;
+        self.tell_workers(WorkerSet::begin_stop);
+        for i in 0..self.accepts.len() {
+            let slot = &mut self.accepts[i];
+            slot.retry_at = None;
+            if let (Some(op), false) = (slot.op, slot.cancel_sent) {
+                slot.cancel_sent = true;
+                self.cancel(types::CancelBuilder::user_data(op.user_data()));
+            }
+        }
+        self.cancel_takeover_polls();
+        self.unwatch_listeners();
+        self.update_paused_flag();
+        self.report_if_stopped();
+    }
+
+    /// Re-arms every accept that is not armed (one whose cancel is still in flight re-arms
+    /// itself at its terminal completion). The coordinator also tells its workers.
+    pub(super) fn resume_accepting(&mut self) {
+        self.accepting = true;
+        self.stop_reported = false;
+        self.tell_workers(|set| set.accepting.store(true, SeqCst));
+        self.watch_listeners();
+        for i in 0..self.accepts.len() {
+            if self.accepts[i].op.is_none() {
+                self.arm_accept(i);
+            }
+            if self.takeover && self.accepts[i].takeover.is_none() && !self.accepts[i].control {
+                self.arm_takeover(i);
+            }
+        }
+    }
+
+    /// Once no accept of this driver is armed any more: a worker tells the coordinator; the
+    /// coordinator tells its machine when every worker has stopped too.
+    pub(super) fn report_if_stopped(&mut self) {
+        if self.accepting || self.stop_reported || self.accepts.iter().any(AcceptSlot::armed) {
+            return;
+        }
+        match &self.role {
+            Role::Worker(w) => {
+                w.set.ack_stop(w.index, self.stop_seen);
+                self.shared.wake();
+            }
+            Role::Coordinator(c) if !c.0.all_stopped() => return,
+            _ => {
+                tracing::info!(
+                    accepted = self.accepted,
+                    "every accept stopped; connections not accepted yet wait for the successor"
+                );
+                self.feed(Event::AcceptStopped);
+                // The successor may stop its takeover polls: connections reach it alone now.
+                self.send_released();
+            }
+        }
+        self.stop_reported = true;
+    }
+
+    /// Every accept of this process (all workers) has reached its terminal completion.
+    pub(super) fn all_accepts_stopped(&self) -> bool {
+        self.accepts.iter().all(|s| !s.armed())
+            && self.role.workers().is_none_or(|set| set.all_stopped())
+    }
+}

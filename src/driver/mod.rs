@@ -1,0 +1,699 @@
+//! The driver: the one owner of the ring. It turns completions into [`Event`]s for the
+//! [`Machine`] and the machine's [`Action`](crate::machine::Action)s into ring operations.
+//!
+//! In the ring, at once: a multishot accept per listener, a signalfd read (SIGHUP, SIGTERM,
+//! SIGINT), a multishot poll on the wake eventfd (API requests, the last connection closing,
+//! fds freed, a worker's report), the HELLO SendMsg and the successor's messages (Recv), the
+//! successor's exit (PollAdd on a pidfd), the predecessor's messages (Recv, EOF when it exits)
+//! and one Timeout for the earliest deadline. Nothing in an upgrade blocks the accept loop: the
+//! new binary is started on a thread of its own (`start_spawn`). A new process whose
+//! predecessor is slow to let go also polls the listeners (`start_takeover`). With
+//! `Builder::workers`, each worker thread runs a driver of its own with only its accepts and
+//! its own wake eventfd (see `workers.rs`).
+//!
+//! This file holds the [`Driver`] itself: its making (`prepare`), its start, and its turn,
+//! which hands each completion to the part it concerns:
+//! - `ring.rs`: the op table, arming, cancelling, submitting and reaping, the final wait;
+//! - `accept.rs`: the accepts, delivering connections, stopping and resuming;
+//! - `takeover.rs`: the successor's side (taking the queues over from a slow predecessor, its
+//!   RELEASED, deferred listens) and a worker following its coordinator;
+//! - `upgrade.rs`: the predecessor's side (the machine's actions, the HELLO, replies, systemd,
+//!   the pid file);
+//! - `child.rs`: the new process it started (the spawn, its messages, its exit);
+//! - `runtime.rs`: waiting in an async runtime (the wake set, the tokio adapter).
+//!
+//! Rules the driver relies on (measured on this kernel, see `IO_URING_FACTS.md`):
+//! - a multishot accept CQE with `res >= 0` is a connection whatever its flags; the multishot
+//!   ended when `IORING_CQE_F_MORE` is missing (an error, a full CQ, a cancel): re-arm unless the
+//!   machine said stop;
+//! - `-EMFILE`/`-ENFILE` end the multishot and leave the connection in the backlog: re-arm after
+//!   a backoff, or as soon as a connection closes;
+//! - stopping: `AsyncCancel`, then reap until the accept's own terminal CQE (`-ECANCELED`),
+//!   serving every fd on the way. `close()` does not stop an armed accept, and `shutdown()` of a
+//!   shared listener would destroy it for every process, so neither is used;
+//! - the ring is `SINGLE_ISSUER | DEFER_TASKRUN`: connections the kernel has not handed to us yet
+//!   stay in the listen backlog if this process dies, for a successor to take; no completion is
+//!   visible until this thread enters the ring with GETEVENTS;
+//! - the ring is `dontfork`, and spawning never forks the address space anyway;
+//! - every op owns its memory (buffers, msghdr, fds) in the op table until its final CQE, and
+//!   the ring is dropped only after every op reached it;
+//! - a thread waiting in `io_uring_enter(GETEVENTS, min_complete=1)` (`Waiting::InRing`) is
+//!   woken by the kernel directly when a completion's task work is queued
+//!   (`io_req_local_work_add` wakes the submitter once `cq_wait_nr` is reached);
+//! - a runtime that sleeps in epoll (`Waiting::InRuntime`) is woken by the fds the ring's ops
+//!   wait on, never by an eventfd registered with the ring, whose signal the kernel may defer by
+//!   an RCU grace period (see `wake_set.rs` and `docs/WAKEUPS.md`); a non-blocking enter runs
+//!   only a batch of deferred work, so the runtime turns again while the ring fd polls readable
+//!   (`has_pending_work`), and every SQE is submitted before it sleeps.
+
+mod accept;
+mod child;
+mod ring;
+pub(crate) mod runtime;
+mod takeover;
+#[cfg(test)]
+mod tests;
+mod upgrade;
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use io_uring::{cqueue, IoUring};
+
+use crate::connection::Connection;
+use crate::error::{Error, UpgradeError};
+use crate::handoff::{ListenerRecord, Message};
+use crate::inherit::ParentLink;
+use crate::listener::{Listener, UdpSocketEntry};
+use crate::machine::{Event, ExitReason, Machine, Phase, Requester};
+use crate::pidfile::write_pid_file;
+use crate::shared::{Config, Request, RequestsOpen, Shared};
+use crate::wake_set::WakeSet;
+use crate::workers::{Coordinator, WorkerGone, WorkerSet};
+use crate::{signals, sys, systemd};
+
+use self::accept::AcceptSlot;
+use self::child::{SpawnResult, Successor, Terminating};
+use self::ring::{errno, new_ring, retry_next_turn, Op, Ops, Token};
+use self::takeover::TAKEOVER_AFTER;
+use self::upgrade::Timeline;
+
+/// A driver's place among the rings of a process (thread-per-core: `workers.rs`).
+enum Role {
+    /// The process's only ring.
+    Alone,
+    /// Worker 0, which runs the machine; its guard tells the workers to quit once this driver
+    /// is gone, however it ends.
+    Coordinator(Coordinator),
+    /// Worker `index`; its guard reports it stopped for good once this driver is gone.
+    Worker(WorkerGone),
+}
+
+impl Role {
+    /// The state shared with the other rings, if there are any.
+    fn workers(&self) -> Option<&Arc<WorkerSet>> {
+        match self {
+            Role::Alone => None,
+            Role::Coordinator(Coordinator(set)) => Some(set),
+            Role::Worker(w) => Some(&w.set),
+        }
+    }
+
+    /// 0 for the coordinator (or a lone ring), `1..n` for a worker.
+    fn index(&self) -> usize {
+        match self {
+            Role::Worker(w) => w.index,
+            _ => 0,
+        }
+    }
+}
+
+/// Where the thread that drives the ring sleeps between turns, which decides what wakes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Waiting {
+    /// In `io_uring_enter(GETEVENTS)` (`Server::run`, `Worker::run`): the kernel wakes the
+    /// thread itself when a completion is queued; deadlines are a ring `Timeout`.
+    InRing,
+    /// In an async runtime's reactor, on the driver's wake set (`Server::run_async`): see
+    /// `wake_set.rs`.
+    InRuntime,
+}
+
+/// The single owner of the ring. Driven by [`Driver::turn`].
+pub(crate) struct Driver {
+    ring: IoUring,
+    /// With `Waiting::InRuntime`: the fds that wake the runtime (see `wake_set.rs`).
+    wake_set: Option<WakeSet>,
+    ops: Ops,
+    accepts: Vec<AcceptSlot>,
+    accepting: bool,
+    machine: Machine,
+    shared: Arc<Shared>,
+    config: Config,
+    /// None for a worker: only the coordinator reads signals.
+    signalfd: Option<OwnedFd>,
+    /// Thread-per-core: this driver's place among the process's rings (see `workers.rs`).
+    role: Role,
+    /// Connections this driver accepted (logged at exit).
+    accepted: u64,
+    /// Stopping was reported (to the machine, or by a worker to the coordinator) since the
+    /// last stop: once per stop, so the timeline keeps the first moment.
+    stop_reported: bool,
+    successor: Option<Successor>,
+    predecessor: Option<ParentLink>,
+    /// The predecessor's pid, kept after its link is gone: a SIGTERM from it means it gave up
+    /// on this process (`Event::PredecessorGaveUp`), not an operator's stop.
+    predecessor_pid: Option<u32>,
+    /// Pidfds of the older generations that were alive when this one started; counted (and
+    /// pruned) at each upgrade request against the generation limit.
+    elders: Vec<OwnedFd>,
+    /// UDP sockets, handed over with the listeners.
+    udp: Vec<UdpSocketEntry>,
+    /// Listeners the workers accept on, handed over by the coordinator.
+    worker_listeners: Vec<(ListenerRecord, OwnedFd)>,
+    timer: Option<(Instant, Token)>,
+    drain_active: bool,
+    drained_reported: bool,
+    replies: HashMap<u64, mpsc::Sender<Result<u32, UpgradeError>>>,
+    /// The coordinator's (or a lone ring's): requests are taken while this driver lives.
+    requests_open: Option<RequestsOpen>,
+    /// The coordinator's (or a lone ring's): signals other threads get come to this thread.
+    signal_reader: Option<crate::signals::Reader>,
+    next_ticket: u64,
+    exit: Option<ExitReason>,
+    /// Reused buffer of (user_data, result, flags), so reaping allocates nothing.
+    cqes: Vec<(u64, i32, u32)>,
+    timeline: Timeline,
+    /// Takeover polls are wanted: from this (new) process's READY until its predecessor says it
+    /// stopped accepting (or exits). See `start_takeover`.
+    takeover: bool,
+    /// When to start the takeover polls unless the predecessor has let go by then.
+    takeover_at: Option<Instant>,
+    /// A worker: the coordinator's `sweeps` count last acted on.
+    sweeps_seen: u64,
+    /// A worker: the coordinator's stop (`WorkerSet::current_stop`) it is stopping for.
+    stop_seen: u64,
+    /// The kernel refused `IORING_ACCEPT_DONTWAIT` (see `sweep`).
+    no_dontwait: bool,
+    /// Set by `finish`: from then on nothing is armed (see `arm`).
+    finishing: bool,
+    /// The pid file's previous content, moved aside by `prepare`, removed once started.
+    pid_file_leftover: Option<std::path::PathBuf>,
+    /// Children abandoned with SIGTERM, until they exit or are SIGKILLed (see `escalate`).
+    terminating: Vec<Terminating>,
+    /// systemd knows this process as the service's main one: it started it (no predecessor),
+    /// or the predecessor announced it (`MAINPID=`, before its RELEASED), or it took the
+    /// service back (`ResumeAccepting`). Only the main process says `STOPPING=1`: a successor
+    /// abandoned before that, stopping, must not stop the whole unit (`NotifyAccess=all`).
+    is_main: bool,
+    /// Spawns in flight on their own threads (see `start_spawn`), and where they report.
+    spawning: Vec<std::thread::JoinHandle<()>>,
+    spawn_results: (mpsc::Sender<SpawnResult>, mpsc::Receiver<SpawnResult>),
+    /// The current upgrade's span (`upgrade.id`, `child.pid`, `generation`): every log line of
+    /// the upgrade is inside it.
+    span: tracing::Span,
+}
+
+/// What a coordinating (or lone) driver is made from: a built server's sockets, state and
+/// configuration, taken apart by `Server::into_driver`.
+pub(crate) struct ServerParts {
+    pub listeners: Vec<Listener>,
+    pub parent: Option<ParentLink>,
+    pub elders: Vec<OwnedFd>,
+    pub udp: Vec<UdpSocketEntry>,
+    pub worker_listeners: Vec<(ListenerRecord, OwnedFd)>,
+    pub shared: Arc<Shared>,
+    pub config: Config,
+    pub requests_open: RequestsOpen,
+    pub signal_reader: signals::Reader,
+}
+
+impl Driver {
+    /// Everything that can fail before the first accept: the ring, the signalfd, the wake
+    /// set, the pid file. Nothing is armed yet (see [`Driver::start`]), so a failure here
+    /// loses no connection: none has been taken.
+    pub(crate) fn prepare(parts: ServerParts, waiting: Waiting) -> Result<Driver, Error> {
+        let ServerParts {
+            listeners,
+            parent,
+            elders,
+            udp,
+            worker_listeners,
+            shared,
+            config,
+            requests_open,
+            signal_reader,
+        } = parts;
+        let ring = new_ring()?;
+        // The signalfd sees only signals blocked in the thread that reads it: this one, which
+        // may not be the one that called `build`. And signals delivered to other threads are
+        // forwarded here from now on (`signals.rs`).
+        config
+            .signals
+            .thread_block()
+            .map_err(|e| Error::io("blocking signals")(e.into()))?;
+        let signal_reader = crate::signals::Reader::claim().replacing(signal_reader);
+        let signalfd = sys::signalfd(&config.signals).map_err(Error::io("signalfd"))?;
+        let id_seed = (std::process::id() as u64) << 32
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+        let mut driver = Driver::base(ring, listeners, shared, config, waiting)?;
+        driver.machine = Machine::new(driver.config.timeouts, id_seed)
+            .with_generation_limit(driver.config.max_draining);
+        driver.signalfd = Some(signalfd);
+        driver.predecessor_pid = parent.as_ref().map(|link| link.parent_pid);
+        driver.predecessor = parent;
+        driver.elders = elders;
+        driver.udp = udp;
+        driver.worker_listeners = worker_listeners;
+        driver.requests_open = Some(requests_open);
+        driver.signal_reader = Some(signal_reader);
+        driver.watch_initial()?;
+        // Before the first accept: a burst must not find the table full (see the function).
+        sys::grow_fd_table(driver.shared.wake.as_fd());
+        if driver.predecessor_gave_up() {
+            // Abandoned (ready deadline, shutdown) while starting: its SIGTERM is pending.
+            // Nothing is taken yet and the pid file is the predecessor's: leave now.
+            return Err(Error::Handoff(
+                "the previous process gave up on this upgrade before it was ready".into(),
+            ));
+        }
+        // The pid file before the first accept (the last step that can fail), and before READY:
+        // the predecessor may exit within microseconds of READY, and the pid file must never
+        // name a process that is gone. (If this upgrade is rolled back instead, the predecessor
+        // writes its own pid back.)
+        driver.pid_file_leftover = match &driver.config.pid_file {
+            Some(path) => write_pid_file(path, std::process::id())
+                .map_err(Error::io("writing the pid file"))?,
+            None => None,
+        };
+        Ok(driver)
+    }
+
+    /// Arms the accepts and the other waits, and (a successor) tells the predecessor READY.
+    ///
+    /// The first accept runs inline when it is submitted and takes every connection already
+    /// queued, so from here on this driver owns connections: nothing after the submit may
+    /// fail the start. Everything that can fail comes before, in [`Driver::prepare`] and, for a
+    /// runtime, the registration of the wake set (`serve_async`). A READY that cannot be sent
+    /// (the predecessor closed the channel: it exited or gave up) does not stop this process:
+    /// it serves on alone what it has taken.
+    pub(crate) fn start(&mut self) -> Result<(), Error> {
+        if !self.predecessor_holds_queue() && self.predecessor.is_none() {
+            // No predecessor (or a worker started after it let go): nothing to wait for.
+            self.listen_deferred();
+        }
+        if self.accepting {
+            for i in 0..self.accepts.len() {
+                self.arm_accept(i);
+            }
+        }
+        if self.predecessor.is_some() {
+            // READY goes out below; give the predecessor a moment to let go by itself.
+            self.takeover_at = Some(Instant::now() + TAKEOVER_AFTER);
+        }
+        self.arm_signal_read();
+        self.arm_wake_read();
+        // Accepts are armed in the kernel once submitted. Only then tell the predecessor we are
+        // ready: it stops accepting on READY, and from that moment our accepts take the queue.
+        // (A failed submit armed nothing: no connection was taken.)
+        self.ring.submit().map_err(Error::io("arming accepts"))?;
+        // The workers accept from now on (see `WorkerSet::coordinator_started`).
+        self.tell_workers(|set| set.coordinator_started.store(true, SeqCst));
+        if let Role::Worker(w) = &self.role {
+            tracing::debug!(
+                worker = w.index,
+                listeners = self.accepts.len(),
+                accepting = self.accepting,
+                "worker started"
+            );
+            // Started after the coordinator stopped accepting: nothing to stop, and nothing
+            // else would make it say so (its report comes from accepts ending).
+            self.stop_seen = w.set.current_stop();
+            self.report_if_stopped();
+            return Ok(());
+        }
+        if let Some(link) = &self.predecessor {
+            let ready = Message::Ready(link.upgrade).encode().expect("READY fits");
+            // Read before the send: on a shared core the predecessor may run (and act on the
+            // READY) before this thread gets the CPU back.
+            let sent_mono_us = sys::monotonic_us();
+            match sys::send_nonblocking(link.channel.as_fd(), &ready) {
+                Ok(()) => {
+                    // On the timeline target, with the monotonic clock: the benchmarks measure
+                    // from this moment to the old process's "accepting stopped".
+                    tracing::info!(
+                        target: "ringflip::timeline",
+                        predecessor = link.parent_pid,
+                        upgrade.id = %link.upgrade,
+                        sent_mono_us,
+                        "READY sent"
+                    );
+                    self.arm_predecessor_recv();
+                }
+                Err(e) if self.predecessor_gave_up() => {
+                    // It abandoned this process (its SIGTERM is pending and drains what the
+                    // accepts took): not the main process, not serving alone. The pid file
+                    // goes back to what it was.
+                    tracing::warn!(
+                        predecessor = link.parent_pid,
+                        error = %e,
+                        "the previous process gave up on this upgrade; stopping"
+                    );
+                    self.restore_pid_file();
+                    self.predecessor = None;
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        predecessor = link.parent_pid,
+                        error = %e,
+                        "READY could not be sent (the previous process is gone); serving alone"
+                    );
+                    self.predecessor = None;
+                    self.end_takeover(true);
+                }
+            }
+        }
+        if let Some(leftover) = self.pid_file_leftover.take() {
+            self.unlink_later(leftover);
+            // In the kernel's hands now rather than at the first turn. (A process killed
+            // before io-wq runs it leaves that one small file behind.)
+            let _ = self.ring.submit();
+        }
+        if self.predecessor.is_none() {
+            // A successor does not: its predecessor announces it with MAINPID= on READY.
+            self.is_main = true;
+            systemd::notify(self.config.notify_socket.as_deref(), "READY=1");
+        }
+        tracing::info!(
+            pid = std::process::id(),
+            listeners = self.accepts.len(),
+            // What starting up cost, exec included: under load it competes with the serving.
+            startup_cpu_us = sys::process_cpu_time().as_micros() as u64,
+            "serving"
+        );
+        Ok(())
+    }
+
+    /// A driver with its accepts (not armed yet) and nothing else: no signals, no machine
+    /// limits, no predecessor; the constructors fill in their part.
+    fn base(
+        ring: IoUring,
+        listeners: Vec<Listener>,
+        shared: Arc<Shared>,
+        config: Config,
+        waiting: Waiting,
+    ) -> Result<Driver, Error> {
+        let wake_set = match waiting {
+            Waiting::InRing => None,
+            Waiting::InRuntime => Some(WakeSet::new().map_err(Error::io("the wake set"))?),
+        };
+        Ok(Driver {
+            ring,
+            wake_set,
+            ops: Ops::default(),
+            accepts: listeners.into_iter().map(AcceptSlot::new).collect(),
+            accepting: true,
+            machine: Machine::new(config.timeouts, 0),
+            shared,
+            config,
+            signalfd: None,
+            role: Role::Alone,
+            accepted: 0,
+            stop_reported: false,
+            successor: None,
+            predecessor: None,
+            predecessor_pid: None,
+            elders: Vec::new(),
+            udp: Vec::new(),
+            worker_listeners: Vec::new(),
+            timer: None,
+            drain_active: false,
+            drained_reported: false,
+            replies: HashMap::new(),
+            requests_open: None,
+            signal_reader: None,
+            next_ticket: 0,
+            exit: None,
+            cqes: Vec::with_capacity(1024),
+            timeline: Timeline::default(),
+            takeover: false,
+            takeover_at: None,
+            sweeps_seen: 0,
+            stop_seen: 0,
+            no_dontwait: false,
+            finishing: false,
+            pid_file_leftover: None,
+            terminating: Vec::new(),
+            is_main: false,
+            spawning: Vec::new(),
+            spawn_results: mpsc::channel(),
+            span: tracing::Span::none(),
+        })
+    }
+
+    /// Makes this (coordinating) driver lead the workers of `set`.
+    pub(crate) fn with_workers(mut self, coordinator: Coordinator) -> Driver {
+        self.role = Role::Coordinator(coordinator);
+        self
+    }
+
+    /// A worker's [`Driver::prepare`]: an accept ring on its listeners, on the calling thread,
+    /// following the coordinator through its worker set. Its connections go to the sink of its
+    /// own `turn`s.
+    pub(crate) fn prepare_worker(
+        listeners: Vec<Listener>,
+        config: Config,
+        gone: WorkerGone,
+        waiting: Waiting,
+    ) -> Result<Driver, Error> {
+        let (set, shared) = (gone.set.clone(), gone.shared.clone());
+        let ring = new_ring()?;
+        let mut driver = Driver::base(ring, listeners, shared, config, waiting)?;
+        driver.role = Role::Worker(gone);
+        driver.accepting = set.wants_accepting();
+        driver.watch_initial()?;
+        // Accepts armed from here on take what is queued anyway (see `sweep_queues`).
+        driver.sweeps_seen = set.sweeps.load(SeqCst);
+        Ok(driver)
+    }
+
+    /// One turn: submit, wait for at least one completion if `wait`, handle every completion,
+    /// fire due deadlines, carry out the machine's actions. `Some` once the server is done.
+    pub(crate) fn turn(
+        &mut self,
+        wait: bool,
+        sink: &mut dyn FnMut(Connection),
+    ) -> Result<Option<ExitReason>, Error> {
+        if self.exit.is_some() {
+            return Ok(self.exit);
+        }
+        self.arm_timer();
+        if let Some(set) = &mut self.wake_set {
+            // Before entering: what becomes ready from here on is a new edge, a new wake-up.
+            let accepts = &mut self.accepts;
+            set.drain(|i| {
+                if let Some(slot) = accepts.get_mut(i) {
+                    slot.woke_at.get_or_insert(slot.delivered);
+                }
+            });
+        }
+        self.enter(wait)?;
+        self.reap(sink);
+        self.sweep_missed();
+        self.on_time(Instant::now());
+        self.run_actions();
+        self.check_drained();
+        self.run_actions();
+        if self.exit.is_some() {
+            self.finish();
+            return Ok(self.exit);
+        }
+        // Handling completions queued new SQEs (re-armed reads, cancels, the HELLO…) and may
+        // have moved the next deadline (a new phase, a timer that fired for a deadline since
+        // replaced). Arm it and submit now: a runtime that sleeps on the wake set after this
+        // turn would otherwise sleep with, say, the wake eventfd's read or the start deadline
+        // not armed, and miss the wake-up.
+        self.arm_timer();
+        if !self.ring.submission().is_empty() {
+            if let Err(e) = self.ring.submit() {
+                if !retry_next_turn(&e) {
+                    return Err(Error::io("io_uring_enter")(e));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn complete(&mut self, token: Token, res: i32, flags: u32, sink: &mut dyn FnMut(Connection)) {
+        let more = cqueue::more(flags);
+        let Some(op) = self.ops.get(token) else {
+            return;
+        };
+        match op {
+            Op::Accept(i) => {
+                let i = *i;
+                self.on_accept(token, i, res, more, sink);
+            }
+            Op::TakeoverPoll(i) => {
+                let i = *i;
+                self.on_takeover_poll(token, i, res, more);
+            }
+            Op::SweepAccept(i) => {
+                let i = *i;
+                self.on_sweep_accept(token, i, res, sink);
+            }
+            Op::ReadSignal(_) => {
+                let Some(Op::ReadSignal(info)) = self.ops.remove(token) else {
+                    unreachable!()
+                };
+                if res == std::mem::size_of::<libc::signalfd_siginfo>() as i32 {
+                    match info.ssi_signo as i32 {
+                        libc::SIGHUP => self.request_upgrade(Requester::Signal),
+                        _ if self.predecessor_pid.is_some_and(|pid| pid == info.ssi_pid) => {
+                            tracing::info!("the previous process gave up on this one; stopping");
+                            self.feed(Event::PredecessorGaveUp);
+                        }
+                        signo => {
+                            tracing::info!(signal = signo, "shutdown requested");
+                            self.feed(Event::ShutdownRequested);
+                        }
+                    }
+                } else if res < 0 && res != -libc::ECANCELED {
+                    tracing::error!(error = %errno(res), "reading the signalfd failed");
+                }
+                if res != -libc::ECANCELED {
+                    self.arm_signal_read();
+                }
+            }
+            Op::PollWake => {
+                if !more {
+                    self.ops.remove(token);
+                }
+                if res == -libc::ECANCELED {
+                    return;
+                }
+                sys::eventfd_drain(self.wake_fd());
+                if matches!(self.role, Role::Worker(_)) {
+                    self.follow();
+                } else {
+                    self.on_wake();
+                }
+                if !more {
+                    self.arm_wake_read();
+                }
+            }
+            Op::Timer(_) => {
+                self.ops.remove(token);
+                if self.timer.is_some_and(|(_, t)| t == token) {
+                    self.timer = None;
+                }
+            }
+            Op::SendHello(_) => self.on_hello_sent(token, res),
+            Op::RecvSuccessor { .. } => self.on_successor_recv(token, res),
+            Op::RecvPredecessor(_) => self.on_predecessor_recv(token, res),
+            Op::SuccessorExit { .. } => self.on_successor_exit(token, res),
+            Op::Unlink(_) => self.on_unlinked(token, res),
+            Op::Cancel => {
+                self.ops.remove(token);
+            }
+        }
+    }
+
+    fn on_wake(&mut self) {
+        self.collect_spawns();
+        // A worker may have reported that it stopped accepting.
+        self.report_if_stopped();
+        for request in self.shared.take_requests() {
+            match request {
+                Request::Upgrade(reply) => {
+                    self.next_ticket += 1;
+                    self.replies.insert(self.next_ticket, reply);
+                    self.request_upgrade(Requester::Api(self.next_ticket));
+                }
+                Request::Shutdown => self.feed(Event::ShutdownRequested),
+            }
+        }
+        // A connection closed: fds may be free again, retry paused accepts now.
+        if self.accepting {
+            for i in 0..self.accepts.len() {
+                if self.accepts[i].retry_at.take().is_some() {
+                    self.arm_accept(i);
+                }
+            }
+        }
+    }
+
+    fn on_time(&mut self, now: Instant) {
+        if self.machine.phase() == Phase::HandingOver
+            && self.machine.poll_timeout().is_some_and(|t| t <= now)
+        {
+            // The ready deadline passed: a READY already on the channel is a READY in time.
+            self.take_successor_messages();
+        }
+        self.machine.handle_timeout(now);
+        self.escalate(now);
+        if self.takeover_at.is_some_and(|t| t <= now) {
+            self.takeover_at = None;
+            if self.accepting {
+                tracing::info!(
+                    after = ?TAKEOVER_AFTER,
+                    "the previous process still holds the accept queue; taking connections alongside it"
+                );
+                self.start_takeover();
+            }
+        }
+        if self.accepting {
+            for i in 0..self.accepts.len() {
+                if self.accepts[i].retry_at.is_some_and(|t| t <= now) {
+                    self.accepts[i].retry_at = None;
+                    self.arm_accept(i);
+                }
+            }
+        }
+    }
+
+    /// Reports the drain as complete once accepting has fully stopped (every fd accepted on
+    /// the way is counted) and no connection is live.
+    fn check_drained(&mut self) {
+        if self.drain_active
+            && !self.drained_reported
+            && self.all_accepts_stopped()
+            && self.shared.live.load(SeqCst) == 0
+        {
+            self.drained_reported = true;
+            self.feed(Event::ConnectionsDrained);
+        }
+    }
+
+    fn feed(&mut self, event: Event) {
+        if matches!(event, Event::ShutdownRequested) && self.machine.phase() == Phase::HandingOver {
+            // A READY already on the channel is a READY: the successor then keeps serving
+            // while this process drains, instead of being stopped with what it took.
+            self.take_successor_messages();
+        }
+        let now = Instant::now();
+        let t = &mut self.timeline;
+        match &event {
+            Event::ChildSpawned { .. } => t.spawned = Some(now),
+            Event::ListenersSent => t.hello_sent = Some(now),
+            Event::ChildReady(_) => t.ready = Some(now),
+            Event::AcceptStopped => {
+                t.accept_stopped = Some(now);
+                if let Some(ready) = t.ready {
+                    tracing::debug!(
+                        let_go_us = now.saturating_duration_since(ready).as_micros() as u64,
+                        "accepting stopped after READY"
+                    );
+                }
+            }
+            Event::ConnectionsDrained => t.drained = Some(now),
+            _ => {}
+        }
+        self.machine.handle(event, now);
+    }
+
+    fn run_actions(&mut self) {
+        while let Some(action) = self.machine.poll_action() {
+            let span = self.span.clone();
+            let _in_upgrade = span.enter();
+            self.act(action);
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if self.ops.live > 0 {
+            self.finish();
+        } else {
+            self.abandon_spawns();
+        }
+    }
+}

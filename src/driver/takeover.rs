@@ -1,0 +1,352 @@
+//! The successor's side of an upgrade: taking the accept queues over from a predecessor that
+//! is slow to let go (takeover polls and sweeps), its RELEASED, new members of a per-worker
+//! group that listen only once it let go, and a worker following its coordinator.
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::Duration;
+
+use io_uring::{opcode, types};
+
+use crate::handoff::Message;
+use crate::machine::ExitReason;
+use crate::sys;
+use crate::workers::{Coordinator, WorkerGone, WorkerSet};
+
+use super::ring::{with_ioprio, Op, Token, CHANNEL_BUF};
+use super::{Driver, Role};
+
+/// How long a new process leaves its predecessor to stop accepting by itself before it starts
+/// its takeover polls (see `start_takeover`). Usually the predecessor lets go well within it
+/// and the polls never run: on one busy core, two processes taking turns at every connection
+/// cost more than they gain (measured: window p99.9 up by ~1.5x with the polls from READY on).
+pub(super) const TAKEOVER_AFTER: Duration = Duration::from_millis(1);
+
+/// `IORING_ACCEPT_DONTWAIT` (Linux 6.10): fail with -EAGAIN instead of waiting.
+const IORING_ACCEPT_DONTWAIT: u16 = 1 << 1;
+
+impl Driver {
+    /// Whether the predecessor abandoned this process: it closed the handoff channel while it
+    /// is still alive (its pidfd, the first of the elders the HELLO carried, not readable).
+    /// It then also sent SIGTERM (`Stop::Terminate`), which is pending here.
+    pub(super) fn predecessor_gave_up(&self) -> bool {
+        let Some(link) = &self.predecessor else {
+            return false;
+        };
+        sys::peer_closed(link.channel.as_fd())
+            && self
+                .elders
+                .first()
+                .is_some_and(|parent| !sys::poll_readable(parent.as_fd()))
+    }
+
+    /// Makes this driver's new members listen, and accept if it accepts. Called once the
+    /// predecessor has let go (or, for a process without one, at start).
+    ///
+    /// Why deferred: a successor running more workers than its predecessor binds new
+    /// SO_REUSEPORT members in `build`. A member that listens takes its share of new
+    /// connections at once (the kernel hashes each SYN onto a listening member), and if this
+    /// process then fails (before READY, or rolled back), they are reset with it; measured:
+    /// 56 of ~25,000 connections failed over 10 failing 2 → 4 worker upgrades
+    /// (`tests/workers.rs`). A bound socket that does not listen is no member of the group:
+    /// nothing is queued on it until `listen`.
+    pub(super) fn listen_deferred(&mut self) {
+        for i in 0..self.accepts.len() {
+            if self.listening(i) {
+                continue;
+            }
+            let slot = &self.accepts[i];
+            if let Err(e) = sys::listen(slot.listener.fd.as_fd(), sys::somaxconn()) {
+                tracing::error!(listener = %slot.listener.name, error = %e, "listen on a new member");
+                continue;
+            }
+            tracing::info!(listener = %slot.listener.name, "new member of the group listening");
+        }
+        // Every listener not armed yet: those just made to listen, and one a handoff made
+        // listen before the release (`send_hello`), which no accept was armed on then.
+        if self.accepting {
+            self.watch_listeners();
+            for i in 0..self.accepts.len() {
+                if self.accepts[i].retry_at.is_none() {
+                    self.arm_accept(i);
+                }
+            }
+        }
+    }
+
+    /// A worker looks at the coordinator's wishes: quit, stop or resume accepting.
+    pub(super) fn follow(&mut self) {
+        let Role::Worker(WorkerGone { set, index, .. }) = &self.role else {
+            return;
+        };
+        let (set, index) = (set.clone(), *index);
+        if set.quit.load(SeqCst) {
+            self.exit = Some(ExitReason::Shutdown);
+            return;
+        }
+        let want = set.wants_accepting();
+        if want && !self.accepting {
+            set.withdraw_stop(index);
+            self.resume_accepting();
+        } else if !want && (self.accepting || self.stop_seen != set.current_stop()) {
+            // A new stop (also one that came while this worker had not followed the resume
+            // before it): acknowledge that one, once every accept has ended.
+            self.stop_seen = set.current_stop();
+            self.stop_reported = false;
+            if self.accepting {
+                self.stop_accepting();
+            } else {
+                self.report_if_stopped();
+            }
+        }
+        let sweeps = set.sweeps.load(SeqCst);
+        if sweeps != self.sweeps_seen {
+            self.sweeps_seen = sweeps;
+            // The predecessor let go: new members may listen now.
+            if !self.predecessor_holds_queue() {
+                self.listen_deferred();
+            }
+            self.sweep_queues();
+        }
+    }
+
+    /// The coordinator changes the workers' shared state with `change`, then wakes them to
+    /// look at it; nothing for a worker or a lone ring.
+    pub(super) fn tell_workers(&self, change: impl FnOnce(&WorkerSet)) {
+        if let Role::Coordinator(Coordinator(set)) = &self.role {
+            change(set);
+            set.signal_all();
+        }
+    }
+
+    pub(super) fn arm_predecessor_recv(&mut self) {
+        let Some(link) = &self.predecessor else {
+            return;
+        };
+        let fd = link.channel.as_raw_fd();
+        let mut buf = Box::new([0u8; CHANNEL_BUF]);
+        let ptr = buf.as_mut_ptr();
+        let entry = opcode::Recv::new(types::Fd(fd), ptr, CHANNEL_BUF as u32).build();
+        self.arm(Op::RecvPredecessor(buf), entry);
+    }
+
+    /// A message from the predecessor (RELEASED), or its exit.
+    pub(super) fn on_predecessor_recv(&mut self, token: Token, res: i32) {
+        let Some(Op::RecvPredecessor(buf)) = self.ops.remove(token) else {
+            unreachable!()
+        };
+        match res {
+            n if n > 0 => {
+                let ours = self.predecessor.as_ref().map(|link| link.upgrade);
+                if let Ok(Message::Released(id)) = Message::decode(&buf[..n as usize]) {
+                    if Some(id) == ours {
+                        // Sent after its MAINPID=<this process>.
+                        self.is_main = true;
+                        self.end_takeover(true);
+                    }
+                }
+                self.arm_predecessor_recv();
+            }
+            e if e == -libc::ECANCELED => {}
+            // EOF, or an error (ECONNRESET when it exited with data unread): either way
+            // the previous process is gone.
+            _ => {
+                self.end_takeover(true);
+                if let Some(link) = self.predecessor.take() {
+                    tracing::info!(predecessor = link.parent_pid, "previous process exited");
+                }
+            }
+        }
+    }
+
+    /// A new process takes connections from `TAKEOVER_AFTER` past its READY on, however long
+    /// its predecessor takes to notice the READY and stop accepting.
+    ///
+    /// Why it is needed: accept wake-ups are exclusive and go to the waiter armed first — the
+    /// predecessor's multishot accept (IO_URING_FACTS.md: the acceptor armed first takes
+    /// everything, even while it does not reap). With DEFER_TASKRUN the predecessor's accepts
+    /// run only when its thread enters its ring; a predecessor busy in its runtime (a burst of
+    /// connections to serve) noticed READY 0.1–3 ms late here, and connections waited in the
+    /// queue that long while this process idled.
+    ///
+    /// How: besides the multishot accept, each listener gets a multishot `PollAdd` (POLLIN),
+    /// which is a *non*-exclusive waiter: woken on every new connection whoever else is. On
+    /// each poll completion one `Accept` with `IORING_ACCEPT_DONTWAIT` (never waits: -EAGAIN
+    /// when the queue is empty) takes what is queued; the first process to run takes the
+    /// connection, the other finds the queue empty. It ends when the predecessor sends
+    /// RELEASED (its accepts all stopped) or its channel closes, because from then on the
+    /// multishot accept alone is cheaper; if that comes within `TAKEOVER_AFTER`, it never
+    /// starts.
+    pub(super) fn start_takeover(&mut self) {
+        self.takeover = true;
+        for i in 0..self.accepts.len() {
+            if !self.accepts[i].control {
+                self.arm_takeover(i);
+            }
+        }
+    }
+
+    pub(super) fn arm_takeover(&mut self, i: usize) {
+        if !self.listening(i) {
+            return;
+        }
+        let fd = self.accepts[i].listener.fd.as_raw_fd();
+        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .multi(true)
+            .build();
+        self.accepts[i].takeover = self.arm(Op::TakeoverPoll(i), entry);
+        self.accepts[i].takeover_cancel_sent = false;
+    }
+
+    /// A completion of listener `i`'s takeover poll (see `start_takeover`).
+    pub(super) fn on_takeover_poll(&mut self, token: Token, i: usize, res: i32, more: bool) {
+        if !more {
+            self.ops.remove(token);
+            self.accepts[i].takeover = None;
+            self.accepts[i].takeover_cancel_sent = false;
+        }
+        if res > 0 {
+            self.sweep(i);
+        }
+        if !more {
+            // A cancel comes from end_takeover or stop_accepting, which cleared one of
+            // the two flags; with both still set it was a stop then a resume.
+            if self.takeover && self.accepting {
+                self.arm_takeover(i);
+            }
+            self.report_if_stopped();
+        }
+    }
+
+    /// Takes what is queued on listener `i` now, beside the multishot accept: one
+    /// non-waiting accept (`IORING_ACCEPT_DONTWAIT`), again after each success, until the
+    /// queue is empty (-EAGAIN). Unless one is in flight already. Used by the takeover polls
+    /// and by `sweep_queues`. Without DONTWAIT (Linux < 6.10) it cancels the multishot accept
+    /// instead, which re-arms itself at its terminal completion and, as any fresh accept,
+    /// takes what is queued before it waits (one driver turn later than a sweep would).
+    pub(super) fn sweep(&mut self, i: usize) {
+        if !self.accepting || self.accepts[i].sweep_accept.is_some() || !self.listening(i) {
+            return;
+        }
+        if self.no_dontwait {
+            let slot = &mut self.accepts[i];
+            if let (Some(op), false) = (slot.op, slot.cancel_sent) {
+                slot.cancel_sent = true;
+                self.cancel(types::CancelBuilder::user_data(op.user_data()));
+            }
+            return;
+        }
+        let fd = self.accepts[i].listener.fd.as_raw_fd();
+        let entry = opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
+            .flags(libc::SOCK_CLOEXEC)
+            .build();
+        let entry = with_ioprio(entry, IORING_ACCEPT_DONTWAIT);
+        self.accepts[i].sweep_accept = self.arm(Op::SweepAccept(i), entry);
+    }
+
+    /// A listener that woke the runtime but delivered nothing in the turn that followed is swept
+    /// (`sweep`): the connection's wake-up may have reached the wake set before the ring's
+    /// exclusive accept waiter queued its task work (`wake_set.rs`), and nothing else would wake
+    /// the runtime for it. Not while the predecessor holds the queue (`takeover_at`): its
+    /// accept gets the connections, and the takeover decides when to take them alongside it.
+    pub(super) fn sweep_missed(&mut self) {
+        for i in 0..self.accepts.len() {
+            let slot = &mut self.accepts[i];
+            let Some(seen) = slot.woke_at.take() else {
+                continue;
+            };
+            let missed = slot.delivered == seen
+                && slot.op.is_some()
+                // Queued still: the common case (a connection already taken in the turn
+                // before this edge was drained) costs one poll, not a sweep and a turn.
+                && sys::poll_readable(slot.listener.fd.as_fd());
+            if missed && !self.predecessor_holds_queue() {
+                self.sweep(i);
+            }
+        }
+    }
+
+    /// Whether this process's predecessor still holds the accept queues and may take their
+    /// connections (it has not let go, and the takeover has not started): the coordinator
+    /// knows it from `takeover_at`, a worker from its worker set.
+    pub(super) fn predecessor_holds_queue(&self) -> bool {
+        match &self.role {
+            Role::Worker(w) => w.set.predecessor_holds_queue.load(SeqCst),
+            _ => self.takeover_at.is_some(),
+        }
+    }
+
+    /// Stops the takeover polls (the in-flight accept finishes by itself: it never waits).
+    /// `released`: the predecessor let go (RELEASED, or its channel closed).
+    pub(super) fn end_takeover(&mut self, released: bool) {
+        self.takeover_at = None;
+        if released {
+            self.tell_workers(|set| set.predecessor_holds_queue.store(false, SeqCst));
+            self.listen_deferred();
+            self.sweep_queues();
+            self.forward_release();
+        }
+        if !self.takeover {
+            return;
+        }
+        self.takeover = false;
+        if released {
+            tracing::info!("the previous process let go; takeover polls stopped");
+        }
+        self.cancel_takeover_polls();
+    }
+
+    /// Sweeps every listener's queue (`sweep`), the workers' too. Done whenever the
+    /// predecessor (or an older generation, see `forward_release`) has let go.
+    ///
+    /// Why: accept wake-ups are exclusive, and the predecessor's accept, armed first, gets
+    /// them all. A connection that arrives after the predecessor last entered its ring and
+    /// before its cancel takes effect has its wake-up spent on that accept, which then ends
+    /// with -ECANCELED without accepting it (with DEFER_TASKRUN the accept runs only when its
+    /// owner enters the ring). No other waiter is woken for it: it waits in the queue until
+    /// the next connection wakes our accept — for ever, if none comes (RELIABILITY.md, "A
+    /// connection stranded at the let-go"; the regression tests are in `driver/tests.rs`).
+    /// A sweep rather than a cancel and re-arm of the multishot accepts: between those two
+    /// this process would accept nothing for a driver turn, which in a busy runtime is one
+    /// whole tick (measured: the first 50 ms after a trigger with a 512-burst went from
+    /// 14–26 to 36–190 ms p99.9).
+    fn sweep_queues(&mut self) {
+        if !self.accepting {
+            return;
+        }
+        self.tell_workers(|set| {
+            set.sweeps.fetch_add(1, SeqCst);
+        });
+        for i in 0..self.accepts.len() {
+            self.sweep(i);
+        }
+    }
+
+    /// Our predecessor let go while we have a successor and have let go ourselves (an
+    /// upgrade came before the older process noticed our READY): the older process's accepts
+    /// were still ahead of our successor's in the queue, so tell the successor to sweep too
+    /// (a RELEASED again). Before we let go ourselves it must not: our own RELEASED follows.
+    fn forward_release(&self) {
+        if self.stop_reported {
+            self.send_released();
+        }
+    }
+
+    /// Tells the successor, if any, that this process has let go (RELEASED).
+    pub(super) fn send_released(&self) {
+        if let Some(successor) = &self.successor {
+            let msg = Message::Released(successor.upgrade).encode().expect("fits");
+            let _ = sys::send_nonblocking(successor.channel.as_fd(), &msg);
+        }
+    }
+
+    pub(super) fn cancel_takeover_polls(&mut self) {
+        for i in 0..self.accepts.len() {
+            let slot = &mut self.accepts[i];
+            if let (Some(op), false) = (slot.takeover, slot.takeover_cancel_sent) {
+                slot.takeover_cancel_sent = true;
+                self.cancel(types::CancelBuilder::user_data(op.user_data()));
+            }
+        }
+    }
+}

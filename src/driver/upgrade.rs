@@ -1,0 +1,419 @@
+//! The predecessor's side of an upgrade: carrying out the machine's [`Action`]s, the HELLO
+//! that hands the listeners over, the answers to upgrade requests, systemd's notifications,
+//! the upgrade's timeline, and the pid file (reclaimed after a failed upgrade, restored by an
+//! abandoned successor, leftovers removed off the serving path).
+
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::Instant;
+
+use io_uring::{opcode, types};
+
+use crate::error::UpgradeError;
+use crate::handoff::{ListenerRecord, Message, SocketKind, MAX_LISTENERS};
+use crate::machine::{
+    Action, DrainCause, Event, ExitReason, Outcome, Phase, Requester, Stop, UpgradeId,
+};
+use crate::pidfile::write_pid_file;
+use crate::{sys, systemd};
+
+use super::child::Terminating;
+use super::ring::{errno, Op, SendMsgBufs, Token};
+use super::Driver;
+
+/// When each step of the current upgrade happened, for the log (target `ringflip::timeline`)
+/// and the benchmarks.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Timeline {
+    upgrade: Option<UpgradeId>,
+    trigger: Option<Instant>,
+    pub(super) spawned: Option<Instant>,
+    pub(super) hello_sent: Option<Instant>,
+    pub(super) ready: Option<Instant>,
+    pub(super) accept_stopped: Option<Instant>,
+    pub(super) drained: Option<Instant>,
+}
+
+impl Timeline {
+    fn log(&self, exited: Instant) {
+        let Some(t0) = self.trigger else { return };
+        let us = |t: Option<Instant>| {
+            t.map(|t| t.saturating_duration_since(t0).as_micros() as i64)
+                .unwrap_or(-1)
+        };
+        let trigger_mono_us = sys::monotonic_us().saturating_sub(t0.elapsed().as_micros() as u64);
+        let upgrade = self.upgrade.map(|id| id.to_string()).unwrap_or_default();
+        tracing::info!(
+            target: "ringflip::timeline",
+            trigger_mono_us,
+            // Also in the span, but spans may be filtered out.
+            upgrade.id = %upgrade,
+            spawned_us = us(self.spawned),
+            hello_sent_us = us(self.hello_sent),
+            ready_us = us(self.ready),
+            accept_stopped_us = us(self.accept_stopped),
+            drained_us = us(self.drained),
+            exited_us = us(Some(exited)),
+            "upgrade timeline (from the trigger)"
+        );
+    }
+}
+
+impl Driver {
+    /// Counts the older generations still draining (pruning those gone), then asks the machine.
+    pub(super) fn request_upgrade(&mut self, by: Requester) {
+        self.elders.retain(|fd| !sys::poll_readable(fd.as_fd()));
+        self.feed(Event::EldersDraining(self.elders.len() as u32));
+        self.feed(Event::UpgradeRequested(by));
+    }
+
+    pub(super) fn act(&mut self, action: Action) {
+        match action {
+            Action::SpawnChild(upgrade) => {
+                self.span = tracing::info_span!(
+                    "upgrade",
+                    upgrade.id = %upgrade,
+                    child.pid = tracing::field::Empty,
+                    generation = self.shared.generation.wrapping_add(1),
+                );
+                let _in_upgrade = self.span.clone().entered();
+                self.timeline = Timeline {
+                    upgrade: Some(upgrade),
+                    trigger: Some(Instant::now()),
+                    ..Timeline::default()
+                };
+                systemd::notify(
+                    self.config.notify_socket.as_deref(),
+                    &format!("RELOADING=1\nMONOTONIC_USEC={}", systemd::monotonic_usec()),
+                );
+                self.start_spawn(upgrade);
+            }
+            Action::SendListeners(upgrade) => self.send_hello(upgrade),
+            Action::StopAccepting => self.stop_accepting(),
+            Action::ResumeAccepting => {
+                tracing::warn!("the new process died during the drain; serving again");
+                self.is_main = true;
+                self.reclaim_pid_file();
+                systemd::notify(
+                    self.config.notify_socket.as_deref(),
+                    &format!("MAINPID={}\nREADY=1", std::process::id()),
+                );
+                // Our own predecessor, if it still drains, was told RETIRING: withdraw it, or
+                // our later exit would pass for planned and nobody would take the service back.
+                if let Some(link) = &self.predecessor {
+                    let msg = Message::Serving(link.upgrade).encode().expect("fits");
+                    let _ = sys::send_nonblocking(link.channel.as_fd(), &msg);
+                }
+                self.resume_accepting();
+            }
+            Action::StartDrain(cause) => {
+                if cause == DrainCause::Shutdown && self.is_main {
+                    // After an upgrade the successor is the main process now and this one has
+                    // nothing to tell systemd. (Not guessed from `self.successor`: READY and the
+                    // successor's exit can come in one batch, and the exit clears it first.)
+                    systemd::notify(self.config.notify_socket.as_deref(), "STOPPING=1");
+                }
+                self.drain_active = true;
+                self.drained_reported = false;
+                self.shared.draining.store(true, SeqCst);
+                // Tell our own predecessor (if it still drains) that our exit is planned.
+                if let Some(link) = &self.predecessor {
+                    let msg = Message::Retiring(link.upgrade).encode().expect("fits");
+                    let _ = sys::send_nonblocking(link.channel.as_fd(), &msg);
+                }
+            }
+            Action::StopDrain => {
+                self.drain_active = false;
+                self.shared.draining.store(false, SeqCst);
+            }
+            Action::AbandonChild { pid, stop } => {
+                if let Some(child) = self.successor.take() {
+                    debug_assert_eq!(child.pid, pid);
+                    // The exit watch stays armed and reaps it; its Recv ends with the channel.
+                    match stop {
+                        Stop::Kill => {
+                            let _ = sys::pidfd_signal(child.pidfd.as_fd(), libc::SIGKILL);
+                        }
+                        Stop::Terminate => {
+                            let _ = sys::pidfd_signal(child.pidfd.as_fd(), libc::SIGTERM);
+                            let grace = self.config.timeouts.drain;
+                            tracing::info!(
+                                child.pid = pid,
+                                ?grace,
+                                "the abandoned child may hold connections: SIGTERM, so it drains them"
+                            );
+                            // From the SIGTERM, the child may still be starting (the ready
+                            // deadline's case) before its own drain begins.
+                            self.terminating.push(Terminating {
+                                pid,
+                                pidfd: child.pidfd,
+                                kill_at: Instant::now() + self.config.timeouts.ready + grace,
+                            });
+                        }
+                    }
+                    self.cancel(
+                        types::CancelBuilder::fd(types::Fd(child.channel.as_raw_fd())).all(),
+                    );
+                    // Submit before `child.channel` closes: SQEs queued in this turn (the HELLO,
+                    // the Recv, this cancel) name its fd number, which another thread could
+                    // reuse once it is closed.
+                    if let Err(e) = self.ring.submit() {
+                        tracing::warn!(error = %e, "submitting before abandoning the child");
+                    }
+                    tracing::info!(child.pid = pid, upgrade.id = %child.upgrade, "child abandoned");
+                }
+            }
+            Action::CheckSuccessor(pid) => {
+                // A readable pidfd means exited (its exit watch reports it soon after).
+                let alive = self
+                    .successor
+                    .as_ref()
+                    .is_some_and(|s| s.pid == pid && !sys::poll_readable(s.pidfd.as_fd()));
+                self.feed(Event::SuccessorChecked { pid, alive });
+            }
+            Action::Reply(by, outcome) => self.reply(by, outcome),
+            Action::PhaseChanged(phase) => {
+                self.shared.phase.set(phase);
+                tracing::info!(%phase, "phase");
+                if phase == Phase::Serving {
+                    self.span = tracing::Span::none();
+                }
+            }
+            Action::Exit(reason) => {
+                self.tell_workers(|set| set.quit.store(true, SeqCst));
+                if matches!(reason, ExitReason::Upgraded { .. }) {
+                    self.timeline.log(Instant::now());
+                }
+                self.exit = Some(reason);
+            }
+        }
+    }
+
+    fn send_hello(&mut self, upgrade: UpgradeId) {
+        let Some(child) = &self.successor else {
+            return;
+        };
+        // This process and its elders still alive, newest first, as many as fit beside the
+        // listeners in one SCM_RIGHTS message.
+        let own = match sys::pidfd_open(std::process::id()) {
+            Ok(fd) => fd,
+            Err(e) => return self.feed(Event::HandoffFailed(format!("pidfd_open(self): {e}"))),
+        };
+        // UDP sockets and the application's raw fds travel after the listeners, as records of
+        // their own kind. Raw fds are sent as duplicates held until the send completes, so the
+        // application may replace its set at any time.
+        // A member whose listen was deferred (its predecessor has not let go yet, see
+        // `listen_deferred`) listens now: the successor adopts only listening sockets. Its
+        // worker arms its accepts at the release, as before.
+        for fd in self
+            .accepts
+            .iter()
+            .map(|s| s.listener.fd.as_fd())
+            .chain(self.worker_listeners.iter().map(|(_, fd)| fd.as_fd()))
+        {
+            if !sys::is_listening(fd).unwrap_or(true) {
+                if let Err(e) = sys::listen(fd, sys::somaxconn()) {
+                    return self.feed(Event::HandoffFailed(format!("listen on a new member: {e}")));
+                }
+            }
+        }
+        let mut records: Vec<ListenerRecord> =
+            self.accepts.iter().map(|s| s.listener.record()).collect();
+        let mut fds: Vec<RawFd> = self
+            .accepts
+            .iter()
+            .map(|s| s.listener.fd.as_raw_fd())
+            .collect();
+        for (record, fd) in &self.worker_listeners {
+            records.push(record.clone());
+            fds.push(fd.as_raw_fd());
+        }
+        for u in &self.udp {
+            records.push(u.record());
+            fds.push(u.socket.as_raw_fd());
+        }
+        let mut keep = Vec::new();
+        for (name, fd) in self
+            .shared
+            .handoff_fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            match sys::dup_cloexec_at_least(fd.as_fd(), 3) {
+                Ok(dup) => {
+                    records.push(ListenerRecord {
+                        name: name.clone(),
+                        kind: SocketKind::Raw,
+                        address: String::new(),
+                    });
+                    fds.push(dup.as_raw_fd());
+                    keep.push(dup);
+                }
+                Err(e) => tracing::warn!(fd = %name, error = %e, "cannot hand this fd over"),
+            }
+        }
+        if fds.len() >= MAX_LISTENERS {
+            return self.feed(Event::HandoffFailed(format!(
+                "{} fds to hand over, at most {} fit",
+                fds.len() + 1,
+                MAX_LISTENERS
+            )));
+        }
+        let room = MAX_LISTENERS - fds.len();
+        let mut elder_fds = vec![own.as_raw_fd()];
+        elder_fds.extend(
+            self.elders
+                .iter()
+                .filter(|fd| !sys::poll_readable(fd.as_fd()))
+                .map(|fd| fd.as_raw_fd())
+                .take(room.saturating_sub(1)),
+        );
+        elder_fds.truncate(room);
+        let hello = Message::Hello {
+            upgrade,
+            parent_pid: std::process::id(),
+            generation: self.shared.generation.wrapping_add(1),
+            elders: elder_fds.len() as u16,
+            listeners: records,
+            state: self
+                .shared
+                .handoff_state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .to_vec(),
+        };
+        let payload = match hello.encode() {
+            Ok(p) => p,
+            Err(e) => return self.feed(Event::HandoffFailed(e.to_string())),
+        };
+        fds.extend(elder_fds);
+        keep.push(own);
+        let bufs = SendMsgBufs::new(payload, &fds, keep);
+        let msg: *const libc::msghdr = &bufs.msg;
+        let channel = child.channel.as_raw_fd();
+        let entry = opcode::SendMsg::new(types::Fd(channel), msg)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build();
+        self.arm(Op::SendHello(bufs), entry);
+    }
+
+    /// The HELLO's SendMsg completed: the handoff is sent, or failed.
+    pub(super) fn on_hello_sent(&mut self, token: Token, res: i32) {
+        let Some(Op::SendHello(bufs)) = self.ops.remove(token) else {
+            unreachable!()
+        };
+        let event = if res == bufs.payload.len() as i32 {
+            Event::ListenersSent
+        } else if res < 0 {
+            Event::HandoffFailed(errno(res).to_string())
+        } else {
+            Event::HandoffFailed(format!("sent {res} of {} bytes", bufs.payload.len()))
+        };
+        self.feed(event);
+    }
+
+    fn reply(&mut self, by: Requester, outcome: Outcome) {
+        match &outcome {
+            Outcome::Upgraded { pid } => {
+                tracing::info!(child.pid = pid, "upgrade complete");
+                self.is_main = false;
+                systemd::notify(
+                    self.config.notify_socket.as_deref(),
+                    &format!("MAINPID={pid}\nREADY=1"),
+                );
+            }
+            Outcome::Failed(why) => {
+                // The child may have written the pid file before it failed.
+                self.reclaim_pid_file();
+                if self.machine.phase() == Phase::Serving {
+                    tracing::warn!(reason = %why, "upgrade failed; still serving");
+                    systemd::notify(
+                        self.config.notify_socket.as_deref(),
+                        &format!("READY=1\nSTATUS=upgrade failed: {why}"),
+                    );
+                } else {
+                    // A shutdown cut the upgrade short; this process is stopping.
+                    tracing::warn!(reason = %why, "upgrade abandoned");
+                }
+            }
+            Outcome::Busy(why) => tracing::warn!(reason = %why, "upgrade refused"),
+        }
+        if let Requester::Api(ticket) = by {
+            if let Some(tx) = self.replies.remove(&ticket) {
+                let _ = tx.send(match outcome {
+                    Outcome::Upgraded { pid } => Ok(pid),
+                    Outcome::Failed(why) => Err(UpgradeError::Failed(why)),
+                    Outcome::Busy(why) => Err(UpgradeError::Busy(why.into())),
+                });
+            }
+        }
+    }
+
+    /// After a failed upgrade the child may already have written its pid: this process serves,
+    /// so the pid file names it again.
+    fn reclaim_pid_file(&mut self) {
+        let Some(path) = &self.config.pid_file else {
+            return;
+        };
+        match write_pid_file(path, std::process::id()) {
+            Ok(Some(leftover)) => self.unlink_later(leftover),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "rewriting the pid file"),
+        }
+    }
+
+    /// Puts the pid file's previous content back (`prepare` exchanged it with this process's
+    /// pid): for a start that turned out to be abandoned.
+    pub(super) fn restore_pid_file(&mut self) {
+        let (Some(path), Some(leftover)) = (&self.config.pid_file, self.pid_file_leftover.take())
+        else {
+            return;
+        };
+        use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+        match renameat2(
+            AT_FDCWD,
+            &leftover,
+            AT_FDCWD,
+            path,
+            RenameFlags::RENAME_EXCHANGE,
+        ) {
+            Ok(()) => self.unlink_later(leftover),
+            Err(e) => tracing::warn!(error = %e, "restoring the pid file"),
+        }
+    }
+
+    /// Removes `path` through the ring. Unlinking can wait for the disk (see
+    /// `write_pid_file`); io_uring always runs UNLINKAT in its io-wq worker threads, never
+    /// inline in the submitting thread, so this never blocks the accept loop. The kernel
+    /// copies the path when the SQE is issued; the op keeps it until the completion anyway.
+    pub(super) fn unlink_later(&mut self, path: std::path::PathBuf) {
+        use std::os::unix::ffi::OsStringExt;
+        let Ok(path) = std::ffi::CString::new(path.into_os_string().into_vec()) else {
+            return;
+        };
+        let entry = opcode::UnlinkAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr()).build();
+        self.arm(Op::Unlink(path), entry);
+    }
+
+    /// A leftover file's removal (see `unlink_later`) completed.
+    pub(super) fn on_unlinked(&mut self, token: Token, res: i32) {
+        let Some(Op::Unlink(path)) = self.ops.remove(token) else {
+            unreachable!()
+        };
+        // Cancelled: this driver is finishing (see `finish`), so blocking is fine now.
+        let res = if res == -libc::ECANCELED {
+            let path = std::path::Path::new(std::ffi::OsStr::from_bytes(path.as_bytes()));
+            match std::fs::remove_file(path) {
+                Ok(()) => 0,
+                Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+            }
+        } else {
+            res
+        };
+        if res < 0 && res != -libc::ENOENT {
+            tracing::warn!(path = ?path, error = %errno(res), "removing a leftover file");
+        }
+    }
+}

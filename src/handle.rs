@@ -1,0 +1,168 @@
+//! [`Handle`] (upgrades and shutdown from any thread) and [`PhaseWatch`].
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::error::{Error, UpgradeError};
+use crate::handoff::MAX_STATE_LEN;
+use crate::machine::Phase;
+use crate::shared::{Request, Shared};
+
+/// Triggers upgrades and shutdown of a running [`Server`] from any thread.
+///
+/// [`Server`]: crate::Server
+#[derive(Clone, Debug)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    /// Upgrades to the new binary and waits for the outcome: the new process's pid once it is
+    /// READY, or why it failed (this process then keeps serving).
+    ///
+    /// Blocks; do not call it on the thread that runs the server.
+    pub fn upgrade(&self) -> Result<u32, UpgradeError> {
+        let (tx, rx) = mpsc::channel();
+        self.shared.request(Request::Upgrade(tx));
+        rx.recv().unwrap_or(Err(UpgradeError::NotRunning))
+    }
+
+    /// Sets the blob that the next upgrade hands to the new process with the listeners
+    /// (session-ticket keys, a warm cache index, …), read there with
+    /// [`Server::inherited_state`]. At most [`MAX_STATE_LEN`] bytes.
+    ///
+    /// [`Server::inherited_state`]: crate::Server::inherited_state
+    pub fn set_handoff_state(&self, state: Bytes) -> Result<(), Error> {
+        if state.len() > MAX_STATE_LEN {
+            return Err(Error::Config(format!(
+                "handoff state of {} bytes exceeds the {}-byte limit",
+                state.len(),
+                MAX_STATE_LEN
+            )));
+        }
+        *self
+            .shared
+            .handoff_state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = state;
+        Ok(())
+    }
+
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    pub(crate) fn from_shared(shared: Arc<Shared>) -> Handle {
+        Handle { shared }
+    }
+
+    /// This process's generation: 0 when started by hand, one more at each upgrade.
+    pub fn generation(&self) -> u32 {
+        self.shared.generation
+    }
+
+    /// Sets named fds (a memfd, a pipe, a device…) that the next upgrade hands to the new
+    /// process as they are, read there with [`Server::take_inherited_fds`]. This process keeps
+    /// them open (the handoff sends duplicates).
+    ///
+    /// [`Server::take_inherited_fds`]: crate::Server::take_inherited_fds
+    pub fn set_handoff_fds(&self, fds: Vec<(String, OwnedFd)>) -> Result<(), Error> {
+        if let Some((name, _)) = fds
+            .iter()
+            .find(|(n, _)| n.len() > crate::handoff::MAX_NAME_LEN)
+        {
+            return Err(Error::Config(format!("fd name {name:?} is too long")));
+        }
+        *self
+            .shared
+            .handoff_fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = fds;
+        Ok(())
+    }
+
+    /// Asks the server to stop accepting, drain and return from `run`. Does not wait.
+    pub fn shutdown(&self) {
+        self.shared.request(Request::Shutdown);
+    }
+
+    /// The server's current phase.
+    pub fn phase(&self) -> Phase {
+        self.shared.phase.get().0
+    }
+
+    /// Watches the phase from any thread: [`PhaseWatch::changed`] and
+    /// [`PhaseWatch::wait_for`] wait without polling.
+    pub fn watch_phase(&self) -> PhaseWatch {
+        PhaseWatch {
+            seen: self.shared.phase.get().1,
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The phase as a `tokio::sync::watch` receiver, for async code.
+    #[cfg(feature = "tokio")]
+    pub fn phase_receiver(&self) -> tokio::sync::watch::Receiver<Phase> {
+        self.shared.phase.sender.subscribe()
+    }
+
+    /// Connections accepted by this process and not yet dropped.
+    pub fn live_connections(&self) -> usize {
+        self.shared.live.load(SeqCst)
+    }
+}
+
+/// Waits for phase changes of a [`Server`]; made by [`Handle::watch_phase`]. Like a watch
+/// channel, it sees the latest phase, not necessarily every phase in between.
+///
+/// [`Server`]: crate::Server
+#[derive(Debug)]
+pub struct PhaseWatch {
+    shared: Arc<Shared>,
+    seen: u64,
+}
+
+impl PhaseWatch {
+    /// The current phase.
+    pub fn current(&self) -> Phase {
+        self.shared.phase.get().0
+    }
+
+    /// Waits until the phase changed since this watch last looked, for at most `timeout`;
+    /// returns the phase now, or `None` if nothing changed in time.
+    pub fn changed(&mut self, timeout: Duration) -> Option<Phase> {
+        let cell = &self.shared.phase;
+        let guard = cell.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (guard, _) = cell
+            .changed
+            .wait_timeout_while(guard, timeout, |(_, seq)| *seq == self.seen)
+            .unwrap_or_else(|e| e.into_inner());
+        if guard.1 == self.seen {
+            return None;
+        }
+        self.seen = guard.1;
+        Some(guard.0)
+    }
+
+    /// Waits until the phase satisfies `want`, for at most `timeout`.
+    pub fn wait_for(&mut self, timeout: Duration, want: impl Fn(Phase) -> bool) -> Option<Phase> {
+        let deadline = std::time::Instant::now() + timeout;
+        let (now, seq) = self.shared.phase.get();
+        self.seen = seq;
+        if want(now) {
+            return Some(now);
+        }
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.changed(left) {
+                Some(p) if want(p) => return Some(p),
+                Some(_) => {}
+                None => return None,
+            }
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! The state shared between the public face ([`Handle`](crate::handle::Handle), the
+//! [`DrainGuard`](crate::connection::DrainGuard)s) and the driver: [`Shared`], its request
+//! queue, the phase cell, and the [`Config`] the builder fixed.
+
+use std::ffi::OsString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+
+use bytes::Bytes;
+use nix::sys::signal::SigSet;
+
+use crate::error::UpgradeError;
+use crate::machine::{Phase, Timeouts};
+use crate::sys;
+
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub timeouts: Timeouts,
+    pub max_draining: u32,
+    pub workers: usize,
+    pub pid_file: Option<PathBuf>,
+    pub exe: PathBuf,
+    pub args: Vec<OsString>,
+    pub signals: SigSet,
+    /// Where systemd notifications go (`NOTIFY_SOCKET` at `build`), if anywhere.
+    pub notify_socket: Option<OsString>,
+}
+
+/// State shared between the driver, its [`Handle`]s and the live connections' guards.
+///
+/// [`Handle`]: crate::Handle
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// Wakes the driver: requests queued, the last connection closed, fds freed.
+    pub wake: OwnedFd,
+    pub live: AtomicUsize,
+    pub draining: AtomicBool,
+    pub accept_paused: AtomicBool,
+    pub phase: PhaseCell,
+    /// Requests for the driver; `None` once no driver will take them (see [`RequestsOpen`]).
+    pub requests: Mutex<Option<Vec<Request>>>,
+    /// What the next HELLO carries as the application's state.
+    pub handoff_state: Mutex<Bytes>,
+    /// 0 for a process started by hand, its parent's plus one after an upgrade.
+    pub generation: u32,
+    /// Named fds the next HELLO hands over as they are.
+    pub handoff_fds: Mutex<Vec<(String, OwnedFd)>>,
+}
+
+impl Shared {
+    pub(crate) fn wake(&self) {
+        sys::eventfd_signal(self.wake.as_fd());
+    }
+
+    /// Queues `request` for the driver, or drops it (and with it its reply channel, whose
+    /// receiver then reads `NotRunning`) when no driver will take it.
+    pub(crate) fn request(&self, request: Request) {
+        if let Some(queue) = &mut *self.requests.lock().unwrap_or_else(|e| e.into_inner()) {
+            queue.push(request);
+        }
+        self.wake();
+    }
+
+    /// The requests queued so far, taken (none once closed).
+    pub(crate) fn take_requests(&self) -> Vec<Request> {
+        self.requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+}
+
+/// While this lives, a driver will take the requests of [`Handle`]s: held by the [`Server`],
+/// then by its driver. Dropped (the server dropped unrun, the driver gone however it ended), it
+/// closes the queue: the requests in it and every later one are dropped, and their callers get
+/// `NotRunning` at once instead of waiting for an answer that will never come.
+///
+/// [`Handle`]: crate::Handle
+/// [`Server`]: crate::Server
+#[derive(Debug)]
+pub(crate) struct RequestsOpen(pub Arc<Shared>);
+
+impl Drop for RequestsOpen {
+    fn drop(&mut self) {
+        let pending = self
+            .0
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(pending); // outside the lock: dropping a reply sender wakes its caller
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum Request {
+    Upgrade(mpsc::Sender<Result<u32, UpgradeError>>),
+    Shutdown,
+}
+
+/// The phase and a change counter, with a condvar for blocking watchers and a tokio watch
+/// channel for async ones.
+#[derive(Debug)]
+pub(crate) struct PhaseCell {
+    pub state: Mutex<(Phase, u64)>,
+    pub changed: Condvar,
+    #[cfg(feature = "tokio")]
+    pub sender: tokio::sync::watch::Sender<Phase>,
+}
+
+impl PhaseCell {
+    pub(crate) fn new() -> PhaseCell {
+        PhaseCell {
+            state: Mutex::new((Phase::Serving, 0)),
+            changed: Condvar::new(),
+            #[cfg(feature = "tokio")]
+            sender: tokio::sync::watch::Sender::new(Phase::Serving),
+        }
+    }
+
+    pub(crate) fn get(&self) -> (Phase, u64) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set(&self, phase: Phase) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *state = (phase, state.1 + 1);
+        drop(state);
+        self.changed.notify_all();
+        #[cfg(feature = "tokio")]
+        self.sender.send_replace(phase);
+    }
+}
