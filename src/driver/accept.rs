@@ -14,6 +14,7 @@ use io_uring::{opcode, types};
 use crate::connection::{Connection, DrainGuard};
 use crate::handle::Handle;
 use crate::listener::{Endpoint, Listener};
+use crate::machine::successor::SuccessionEvent;
 use crate::machine::Event;
 use crate::workers::WorkerSet;
 use crate::{control, sys};
@@ -150,7 +151,7 @@ impl Driver {
                  process keeps the accept queue until it lets go"
             );
             self.no_dontwait = true;
-            self.end_takeover(false);
+            self.feed_succession(SuccessionEvent::NoDontwait);
             self.sweep(i);
         }
         // EAGAIN: the queue was empty (the predecessor or our own multishot accept took
@@ -256,7 +257,10 @@ impl Driver {
             if self.accepts[i].op.is_none() {
                 self.arm_accept(i);
             }
-            if self.takeover && self.accepts[i].takeover.is_none() && !self.accepts[i].control {
+            if self.succession.taking_over()
+                && self.accepts[i].takeover.is_none()
+                && !self.accepts[i].control
+            {
                 self.arm_takeover(i);
             }
         }
@@ -282,6 +286,7 @@ impl Driver {
                 self.feed(Event::AcceptStopped);
                 // The successor may stop its takeover polls: connections reach it alone now.
                 self.send_released();
+                self.feed_succession(SuccessionEvent::LetGo);
             }
         }
         self.stop_reported = true;

@@ -65,20 +65,20 @@ use io_uring::{cqueue, IoUring};
 
 use crate::connection::Connection;
 use crate::error::{Error, UpgradeError};
-use crate::handoff::{ListenerRecord, Message};
+use crate::handoff::ListenerRecord;
 use crate::inherit::ParentLink;
 use crate::listener::{Listener, UdpSocketEntry};
+use crate::machine::successor::{Succession, SuccessionEvent};
 use crate::machine::{Event, ExitReason, Machine, Phase, Requester};
 use crate::pidfile::write_pid_file;
 use crate::shared::{Config, Request, RequestsOpen, Shared};
 use crate::wake_set::WakeSet;
 use crate::workers::{Coordinator, WorkerGone, WorkerSet};
-use crate::{signals, sys, systemd};
+use crate::{signals, sys};
 
 use self::accept::AcceptSlot;
 use self::child::{SpawnResult, Successor, Terminating};
 use self::ring::{errno, new_ring, retry_next_turn, Op, Ops, Token};
-use self::takeover::TAKEOVER_AFTER;
 use self::upgrade::Timeline;
 
 /// A driver's place among the rings of a process (thread-per-core: `workers.rs`).
@@ -167,11 +167,9 @@ pub(crate) struct Driver {
     /// Reused buffer of (user_data, result, flags), so reaping allocates nothing.
     cqes: Vec<(u64, i32, u32)>,
     timeline: Timeline,
-    /// Takeover polls are wanted: from this (new) process's READY until its predecessor says it
-    /// stopped accepting (or exits). See `start_takeover`.
-    takeover: bool,
-    /// When to start the takeover polls unless the predecessor has let go by then.
-    takeover_at: Option<Instant>,
+    /// The successor's side: READY, the takeover, the predecessor's let-go, whether systemd
+    /// knows this process as the main one (see `machine/successor.rs`).
+    succession: Succession,
     /// A worker: the coordinator's `sweeps` count last acted on.
     sweeps_seen: u64,
     /// A worker: the coordinator's stop (`WorkerSet::current_stop`) it is stopping for.
@@ -188,7 +186,6 @@ pub(crate) struct Driver {
     /// or the predecessor announced it (`MAINPID=`, before its RELEASED), or it took the
     /// service back (`ResumeAccepting`). Only the main process says `STOPPING=1`: a successor
     /// abandoned before that, stopping, must not stop the whole unit (`NotifyAccess=all`).
-    is_main: bool,
     /// Spawns in flight on their own threads (see `start_spawn`), and where they report.
     spawning: Vec<std::thread::JoinHandle<()>>,
     spawn_results: (mpsc::Sender<SpawnResult>, mpsc::Receiver<SpawnResult>),
@@ -247,6 +244,9 @@ impl Driver {
             .with_generation_limit(driver.config.max_draining);
         driver.signalfd = Some(signalfd);
         driver.predecessor_pid = parent.as_ref().map(|link| link.parent_pid);
+        if parent.is_some() {
+            driver.succession = Succession::handed_over();
+        }
         driver.predecessor = parent;
         driver.elders = elders;
         driver.udp = udp;
@@ -293,10 +293,6 @@ impl Driver {
                 self.arm_accept(i);
             }
         }
-        if self.predecessor.is_some() {
-            // READY goes out below; give the predecessor a moment to let go by itself.
-            self.takeover_at = Some(Instant::now() + TAKEOVER_AFTER);
-        }
         self.arm_signal_read();
         self.arm_wake_read();
         // Accepts are armed in the kernel once submitted. Only then tell the predecessor we are
@@ -318,59 +314,9 @@ impl Driver {
             self.report_if_stopped();
             return Ok(());
         }
-        if let Some(link) = &self.predecessor {
-            let ready = Message::Ready(link.upgrade).encode().expect("READY fits");
-            // Read before the send: on a shared core the predecessor may run (and act on the
-            // READY) before this thread gets the CPU back.
-            let sent_mono_us = sys::monotonic_us();
-            match sys::send_nonblocking(link.channel.as_fd(), &ready) {
-                Ok(()) => {
-                    // On the timeline target, with the monotonic clock: the benchmarks measure
-                    // from this moment to the old process's "accepting stopped".
-                    tracing::info!(
-                        target: "ringflip::timeline",
-                        predecessor = link.parent_pid,
-                        upgrade.id = %link.upgrade,
-                        sent_mono_us,
-                        "READY sent"
-                    );
-                    self.arm_predecessor_recv();
-                }
-                Err(e) if self.predecessor_gave_up() => {
-                    // It abandoned this process (its SIGTERM is pending and drains what the
-                    // accepts took): not the main process, not serving alone. The pid file
-                    // goes back to what it was.
-                    tracing::warn!(
-                        predecessor = link.parent_pid,
-                        error = %e,
-                        "the previous process gave up on this upgrade; stopping"
-                    );
-                    self.restore_pid_file();
-                    self.predecessor = None;
-                    return Ok(());
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        predecessor = link.parent_pid,
-                        error = %e,
-                        "READY could not be sent (the previous process is gone); serving alone"
-                    );
-                    self.predecessor = None;
-                    self.end_takeover(true);
-                }
-            }
-        }
-        if let Some(leftover) = self.pid_file_leftover.take() {
-            self.unlink_later(leftover);
-            // In the kernel's hands now rather than at the first turn. (A process killed
-            // before io-wq runs it leaves that one small file behind.)
-            let _ = self.ring.submit();
-        }
-        if self.predecessor.is_none() {
-            // A successor does not: its predecessor announces it with MAINPID= on READY.
-            self.is_main = true;
-            systemd::notify(self.config.notify_socket.as_deref(), "READY=1");
-        }
+        // The successor's side decides the rest: READY, the pid file, systemd.
+        self.feed_succession(SuccessionEvent::Started);
+        self.run_actions();
         tracing::info!(
             pid = std::process::id(),
             listeners = self.accepts.len(),
@@ -423,15 +369,13 @@ impl Driver {
             exit: None,
             cqes: Vec::with_capacity(1024),
             timeline: Timeline::default(),
-            takeover: false,
-            takeover_at: None,
+            succession: Succession::alone(),
             sweeps_seen: 0,
             stop_seen: 0,
             no_dontwait: false,
             finishing: false,
             pid_file_leftover: None,
             terminating: Vec::new(),
-            is_main: false,
             spawning: Vec::new(),
             spawn_results: mpsc::channel(),
             span: tracing::Span::none(),
@@ -619,16 +563,8 @@ impl Driver {
         }
         self.machine.handle_timeout(now);
         self.escalate(now);
-        if self.takeover_at.is_some_and(|t| t <= now) {
-            self.takeover_at = None;
-            if self.accepting {
-                tracing::info!(
-                    after = ?TAKEOVER_AFTER,
-                    "the previous process still holds the accept queue; taking connections alongside it"
-                );
-                self.start_takeover();
-            }
-        }
+        self.succession
+            .handle_timeout(now, self.machine.accepting());
         if self.accepting {
             for i in 0..self.accepts.len() {
                 if self.accepts[i].retry_at.is_some_and(|t| t <= now) {
@@ -679,11 +615,19 @@ impl Driver {
         self.machine.handle(event, now);
     }
 
+    /// Carries out both machines' actions until neither has one left (an action may feed
+    /// either machine again).
     fn run_actions(&mut self) {
-        while let Some(action) = self.machine.poll_action() {
-            let span = self.span.clone();
-            let _in_upgrade = span.enter();
-            self.act(action);
+        loop {
+            if let Some(action) = self.succession.poll_action() {
+                self.act_succession(action);
+            } else if let Some(action) = self.machine.poll_action() {
+                let span = self.span.clone();
+                let _in_upgrade = span.enter();
+                self.act(action);
+            } else {
+                return;
+            }
         }
     }
 }

@@ -265,7 +265,7 @@ impl Driver {
             .iter()
             .filter_map(|s| s.retry_at)
             .chain(self.machine.poll_timeout())
-            .chain(self.takeover_at)
+            .chain(self.succession.poll_timeout())
             .chain(self.terminating.iter().map(|t| t.kill_at))
             .min();
         let Some(at) = next else {

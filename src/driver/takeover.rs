@@ -4,23 +4,18 @@
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::Ordering::SeqCst;
-use std::time::Duration;
+use std::time::Instant;
 
 use io_uring::{opcode, types};
 
 use crate::handoff::Message;
+use crate::machine::successor::{Notice, SuccessionAction, SuccessionEvent, TAKEOVER_AFTER};
 use crate::machine::ExitReason;
-use crate::sys;
 use crate::workers::{Coordinator, WorkerGone, WorkerSet};
+use crate::{sys, systemd};
 
 use super::ring::{with_ioprio, Op, Token, CHANNEL_BUF};
 use super::{Driver, Role};
-
-/// How long a new process leaves its predecessor to stop accepting by itself before it starts
-/// its takeover polls (see `start_takeover`). Usually the predecessor lets go well within it
-/// and the polls never run: on one busy core, two processes taking turns at every connection
-/// cost more than they gain (measured: window p99.9 up by ~1.5x with the polls from READY on).
-pub(super) const TAKEOVER_AFTER: Duration = Duration::from_millis(1);
 
 /// `IORING_ACCEPT_DONTWAIT` (Linux 6.10): fail with -EAGAIN instead of waiting.
 const IORING_ACCEPT_DONTWAIT: u16 = 1 << 1;
@@ -140,9 +135,7 @@ impl Driver {
                 let ours = self.predecessor.as_ref().map(|link| link.upgrade);
                 if let Ok(Message::Released(id)) = Message::decode(&buf[..n as usize]) {
                     if Some(id) == ours {
-                        // Sent after its MAINPID=<this process>.
-                        self.is_main = true;
-                        self.end_takeover(true);
+                        self.feed_succession(SuccessionEvent::Released);
                     }
                 }
                 self.arm_predecessor_recv();
@@ -151,10 +144,10 @@ impl Driver {
             // EOF, or an error (ECONNRESET when it exited with data unread): either way
             // the previous process is gone.
             _ => {
-                self.end_takeover(true);
-                if let Some(link) = self.predecessor.take() {
+                if let Some(link) = &self.predecessor {
                     tracing::info!(predecessor = link.parent_pid, "previous process exited");
                 }
+                self.feed_succession(SuccessionEvent::PredecessorGone);
             }
         }
     }
@@ -178,7 +171,9 @@ impl Driver {
     /// multishot accept alone is cheaper; if that comes within `TAKEOVER_AFTER`, it never
     /// starts.
     pub(super) fn start_takeover(&mut self) {
-        self.takeover = true;
+        if !self.accepting {
+            return; // armed when accepting resumes (`resume_accepting`)
+        }
         for i in 0..self.accepts.len() {
             if !self.accepts[i].control {
                 self.arm_takeover(i);
@@ -211,7 +206,7 @@ impl Driver {
         if !more {
             // A cancel comes from end_takeover or stop_accepting, which cleared one of
             // the two flags; with both still set it was a stop then a resume.
-            if self.takeover && self.accepting {
+            if self.succession.taking_over() && self.accepting {
                 self.arm_takeover(i);
             }
             self.report_if_stopped();
@@ -268,32 +263,124 @@ impl Driver {
 
     /// Whether this process's predecessor still holds the accept queues and may take their
     /// connections (it has not let go, and the takeover has not started): the coordinator
-    /// knows it from `takeover_at`, a worker from its worker set.
+    /// asks its successor's side, a worker its worker set.
     pub(super) fn predecessor_holds_queue(&self) -> bool {
         match &self.role {
             Role::Worker(w) => w.set.predecessor_holds_queue.load(SeqCst),
-            _ => self.takeover_at.is_some(),
+            _ => self.succession.predecessor_holds_queue(),
         }
     }
 
-    /// Stops the takeover polls (the in-flight accept finishes by itself: it never waits).
-    /// `released`: the predecessor let go (RELEASED, or its channel closed).
-    pub(super) fn end_takeover(&mut self, released: bool) {
-        self.takeover_at = None;
-        if released {
-            self.tell_workers(|set| set.predecessor_holds_queue.store(false, SeqCst));
-            self.listen_deferred();
-            self.sweep_queues();
-            self.forward_release();
+    /// An event for the successor's side; its actions run with the upgrade machine's
+    /// (`run_actions`).
+    pub(super) fn feed_succession(&mut self, event: SuccessionEvent) {
+        self.succession.handle(event, Instant::now());
+    }
+
+    /// Carries out one action of the successor's side.
+    pub(super) fn act_succession(&mut self, action: SuccessionAction) {
+        use SuccessionAction as A;
+        match action {
+            A::SendReady => self.send_ready(),
+            A::AnnounceReady => {
+                systemd::notify(self.config.notify_socket.as_deref(), "READY=1");
+            }
+            A::AnnounceStopping => {
+                systemd::notify(self.config.notify_socket.as_deref(), "STOPPING=1");
+            }
+            A::TellPredecessor(notice) => {
+                if let Some(link) = &self.predecessor {
+                    let msg = match notice {
+                        Notice::Retiring => Message::Retiring(link.upgrade),
+                        Notice::Serving => Message::Serving(link.upgrade),
+                    };
+                    let msg = msg.encode().expect("fits");
+                    let _ = sys::send_nonblocking(link.channel.as_fd(), &msg);
+                }
+            }
+            A::ForgetPredecessor => {
+                if let Some(link) = self.predecessor.take() {
+                    tracing::debug!(
+                        predecessor = link.parent_pid,
+                        "forgetting the previous process"
+                    );
+                }
+            }
+            A::DiscardOldPidFile => {
+                if let Some(leftover) = self.pid_file_leftover.take() {
+                    self.unlink_later(leftover);
+                    // In the kernel's hands now rather than at the next turn. (A process
+                    // killed before io-wq runs it leaves that one small file behind.)
+                    let _ = self.ring.submit();
+                }
+            }
+            A::RestorePidFile => self.restore_pid_file(),
+            A::ListenDeferred => self.listen_deferred(),
+            A::StartTakeover => {
+                tracing::info!(
+                    after = ?TAKEOVER_AFTER,
+                    "the previous process still holds the accept queue; taking connections alongside it"
+                );
+                self.start_takeover();
+            }
+            A::EndTakeover => {
+                tracing::info!("takeover polls stopped");
+                self.cancel_takeover_polls();
+            }
+            A::QueuesFree { forward } => {
+                self.tell_workers(|set| set.predecessor_holds_queue.store(false, SeqCst));
+                self.listen_deferred();
+                self.sweep_queues();
+                if forward {
+                    // Our predecessor let go after we did (an upgrade came before the older
+                    // process noticed our READY): the older process's accepts were still
+                    // ahead of our successor's in the queue, so it sweeps too.
+                    self.send_released();
+                }
+            }
         }
-        if !self.takeover {
-            return;
+    }
+
+    /// Sends READY to the predecessor (the accepts are armed) and feeds the outcome.
+    fn send_ready(&mut self) {
+        let Some(link) = &self.predecessor else {
+            return self.feed_succession(SuccessionEvent::ReadyUnsent {
+                predecessor_gave_up: false,
+            });
+        };
+        let ready = Message::Ready(link.upgrade).encode().expect("READY fits");
+        // Read before the send: on a shared core the predecessor may run (and act on the
+        // READY) before this thread gets the CPU back.
+        let sent_mono_us = sys::monotonic_us();
+        match sys::send_nonblocking(link.channel.as_fd(), &ready) {
+            Ok(()) => {
+                // On the timeline target, with the monotonic clock: the benchmarks measure
+                // from this moment to the old process's "accepting stopped".
+                tracing::info!(
+                    target: "ringflip::timeline",
+                    predecessor = link.parent_pid,
+                    upgrade.id = %link.upgrade,
+                    sent_mono_us,
+                    "READY sent"
+                );
+                self.arm_predecessor_recv();
+                self.feed_succession(SuccessionEvent::ReadySent);
+            }
+            Err(e) => {
+                // Gave up: it abandoned this process (its SIGTERM is pending and drains what
+                // the accepts took). Otherwise it is gone, and this process serves alone.
+                let predecessor_gave_up = self.predecessor_gave_up();
+                tracing::warn!(
+                    predecessor = link.parent_pid,
+                    error = %e,
+                    predecessor_gave_up,
+                    "READY could not be sent"
+                );
+                self.feed_succession(SuccessionEvent::ReadyUnsent {
+                    predecessor_gave_up,
+                });
+            }
         }
-        self.takeover = false;
-        if released {
-            tracing::info!("the previous process let go; takeover polls stopped");
-        }
-        self.cancel_takeover_polls();
     }
 
     /// Sweeps every listener's queue (`sweep`), the workers' too. Done whenever the
@@ -319,16 +406,6 @@ impl Driver {
         });
         for i in 0..self.accepts.len() {
             self.sweep(i);
-        }
-    }
-
-    /// Our predecessor let go while we have a successor and have let go ourselves (an
-    /// upgrade came before the older process noticed our READY): the older process's accepts
-    /// were still ahead of our successor's in the queue, so tell the successor to sweep too
-    /// (a RELEASED again). Before we let go ourselves it must not: our own RELEASED follows.
-    fn forward_release(&self) {
-        if self.stop_reported {
-            self.send_released();
         }
     }
 

@@ -158,7 +158,11 @@ fn tcp_server(workers: usize) -> Server {
 /// The driver without its takeover polls: they would also take a stranded connection, and
 /// the tests are about a predecessor that lets go within TAKEOVER_AFTER (the usual case).
 fn without_takeover(mut driver: Driver) -> Driver {
-    driver.takeover_at = None;
+    // As on a kernel without IORING_ACCEPT_DONTWAIT: no takeover, nothing held back.
+    driver.succession.handle(
+        crate::machine::successor::SuccessionEvent::NoDontwait,
+        Instant::now(),
+    );
     driver
 }
 
@@ -868,12 +872,12 @@ fn a_rollback_right_after_ready_is_not_a_shutdown_and_withdraws_retiring() {
     // be announced.
     elder.let_go();
     let deadline = Instant::now() + BOUND;
-    while !driver.is_main && Instant::now() < deadline {
+    while !driver.succession.is_main() && Instant::now() < deadline {
         driver.turn(false, &mut |_| {}).unwrap();
         std::thread::sleep(Duration::from_millis(1));
     }
     assert!(
-        driver.is_main,
+        driver.succession.is_main(),
         "RELEASED did not make this process the main one"
     );
     hold_the_drain(&driver);

@@ -12,9 +12,8 @@ use io_uring::{opcode, types};
 
 use crate::error::UpgradeError;
 use crate::handoff::{ListenerRecord, Message, SocketKind, MAX_LISTENERS};
-use crate::machine::{
-    Action, DrainCause, Event, ExitReason, Outcome, Phase, Requester, Stop, UpgradeId,
-};
+use crate::machine::successor::SuccessionEvent;
+use crate::machine::{Action, Event, ExitReason, Outcome, Phase, Requester, Stop, UpgradeId};
 use crate::pidfile::write_pid_file;
 use crate::{sys, systemd};
 
@@ -93,35 +92,23 @@ impl Driver {
             Action::StopAccepting => self.stop_accepting(),
             Action::ResumeAccepting => {
                 tracing::warn!("the new process died during the drain; serving again");
-                self.is_main = true;
                 self.reclaim_pid_file();
                 systemd::notify(
                     self.config.notify_socket.as_deref(),
                     &format!("MAINPID={}\nREADY=1", std::process::id()),
                 );
-                // Our own predecessor, if it still drains, was told RETIRING: withdraw it, or
-                // our later exit would pass for planned and nobody would take the service back.
-                if let Some(link) = &self.predecessor {
-                    let msg = Message::Serving(link.upgrade).encode().expect("fits");
-                    let _ = sys::send_nonblocking(link.channel.as_fd(), &msg);
-                }
+                // The main process again; a RETIRING told to our own predecessor is withdrawn.
+                self.feed_succession(SuccessionEvent::Resumed);
                 self.resume_accepting();
             }
             Action::StartDrain(cause) => {
-                if cause == DrainCause::Shutdown && self.is_main {
-                    // After an upgrade the successor is the main process now and this one has
-                    // nothing to tell systemd. (Not guessed from `self.successor`: READY and the
-                    // successor's exit can come in one batch, and the exit clears it first.)
-                    systemd::notify(self.config.notify_socket.as_deref(), "STOPPING=1");
-                }
                 self.drain_active = true;
                 self.drained_reported = false;
                 self.shared.draining.store(true, SeqCst);
-                // Tell our own predecessor (if it still drains) that our exit is planned.
-                if let Some(link) = &self.predecessor {
-                    let msg = Message::Retiring(link.upgrade).encode().expect("fits");
-                    let _ = sys::send_nonblocking(link.channel.as_fd(), &msg);
-                }
+                // STOPPING=1 if this is the main process and it shuts down (the cause travels
+                // in the action: READY and the successor's exit can come in one batch); RETIRING
+                // to our own predecessor if it still drains.
+                self.feed_succession(SuccessionEvent::Draining(cause));
             }
             Action::StopDrain => {
                 self.drain_active = false;
@@ -318,7 +305,6 @@ impl Driver {
         match &outcome {
             Outcome::Upgraded { pid } => {
                 tracing::info!(child.pid = pid, "upgrade complete");
-                self.is_main = false;
                 systemd::notify(
                     self.config.notify_socket.as_deref(),
                     &format!("MAINPID={pid}\nREADY=1"),

@@ -15,8 +15,6 @@
 //! The driver turns completions into events and actions into ring operations; nothing here can
 //! block, fail or allocate per connection.
 
-// Not wired into the driver yet (the next commits).
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) mod successor;
 
 use std::collections::VecDeque;
