@@ -152,6 +152,9 @@ impl Driver {
                 }
             }
             Action::CheckSuccessor(pid) => {
+                // First what it said and this driver has not read (after READY, a RETIRING is
+                // read only at its exit): a planned exit must not pass for a crash.
+                self.take_successor_messages();
                 // A readable pidfd means exited (its exit watch reports it soon after).
                 let alive = self
                     .successor

@@ -265,6 +265,14 @@ impl Succession {
                 self.main = true;
                 self.queues_free();
             }
+            (Stage::Alone, E::Released) if self.linked => {
+                // A RELEASED again: the predecessor forwards its own predecessor's let-go (it
+                // was upgraded before the older process noticed its READY). That older
+                // process's accepts were ahead in the queue: sweep again, and pass it on.
+                self.push(A::QueuesFree {
+                    forward: self.let_go,
+                });
+            }
             (_, E::PredecessorGone) => {
                 self.forget_predecessor();
                 if matches!(
