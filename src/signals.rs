@@ -9,10 +9,14 @@
 //!
 //! So `build` also installs a handler for the three signals. It runs only on a thread that
 //! does not block the signal (on the others the signal stays pending for the signalfd), and
-//! forwards it to the driver's thread with `tgkill`: there it is blocked, so it stays pending
-//! for that thread, and the driver's signalfd read (which runs on that thread: the ring's task
-//! work runs in its submitter) takes it as any other. `tgkill` and `gettid` are async-signal-
-//! safe, and the handler touches only an atomic. With no driver thread registered (before
+//! forwards it to the driver's thread with `rt_tgsigqueueinfo`: there it is blocked, so it
+//! stays pending for that thread, and the driver's signalfd read (which runs on that thread:
+//! the ring's task work runs in its submitter) takes it as any other. The forwarded signal
+//! keeps the sender's pid (`ssi_pid`): the driver tells the predecessor's SIGTERM (it gave up
+//! on this process) from an operator's by it. A `tgkill` would put this process's own pid
+//! there. The kernel refuses to forge `SI_USER` to another thread, so the copy goes as
+//! `SI_QUEUE`, which the driver does not look at. `rt_tgsigqueueinfo` and `gettid` are
+//! async-signal-safe, and the handler touches only an atomic and its own stack. With no driver thread registered (before
 //! `build` returned, after the driver ended) the signal gets its default action, as without
 //! ringflip. A successor starts with the default dispositions (`spawn.rs`).
 //!
@@ -70,15 +74,24 @@ impl Drop for Reader {
     }
 }
 
-extern "C" fn forward(sig: libc::c_int) {
+extern "C" fn forward(sig: libc::c_int, info: *mut libc::siginfo_t, _context: *mut libc::c_void) {
     // SAFETY: errno is thread-local; saved and restored so the interrupted code sees its own.
     let errno = unsafe { *libc::__errno_location() };
     let reader = READER.load(SeqCst);
-    // SAFETY: plain syscalls with integer arguments, async-signal-safe.
+    // SAFETY: `info` is the kernel's siginfo for this delivery (SA_SIGINFO), valid for the
+    // handler's duration; the copy lives on this stack. Plain syscalls, async-signal-safe.
     unsafe {
+        let mut copy = *info;
+        copy.si_code = libc::SI_QUEUE;
         let forwarded = reader > 0
             && reader != gettid()
-            && libc::syscall(libc::SYS_tgkill, libc::getpid(), reader, sig) == 0;
+            && libc::syscall(
+                libc::SYS_rt_tgsigqueueinfo,
+                libc::getpid(),
+                reader,
+                sig,
+                &mut copy as *mut libc::siginfo_t,
+            ) == 0;
         if !forwarded {
             // No reader (none registered, or gone, or, against the rule, one that does not
             // block it): the default action, as if this handler were not there.
@@ -92,8 +105,8 @@ extern "C" fn forward(sig: libc::c_int) {
 /// Installs the forwarding handler for `signals` (idempotent).
 pub(crate) fn install(signals: &SigSet) -> std::io::Result<()> {
     let action = SigAction::new(
-        SigHandler::Handler(forward),
-        SaFlags::SA_RESTART,
+        SigHandler::SigAction(forward),
+        SaFlags::SA_RESTART | SaFlags::SA_SIGINFO,
         SigSet::empty(),
     );
     for signal in signals.iter() {

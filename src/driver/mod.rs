@@ -485,7 +485,11 @@ impl Driver {
                             self.feed(Event::PredecessorGaveUp);
                         }
                         signo => {
-                            tracing::info!(signal = signo, "shutdown requested");
+                            tracing::info!(
+                                signal = signo,
+                                sender = info.ssi_pid,
+                                "shutdown requested"
+                            );
                             self.feed(Event::ShutdownRequested);
                         }
                     }
