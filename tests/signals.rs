@@ -10,8 +10,12 @@ use ringflip::{ExitReason, Server};
 
 const T: Duration = Duration::from_secs(10);
 
+/// Signal routing is process-wide (one forwarding target): one test at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn a_signal_delivered_to_a_thread_started_before_build_reaches_the_server() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // Started before build(): it does not block the server's signals.
     let (tx, rx) = mpsc::channel();
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
@@ -64,6 +68,7 @@ impl std::io::Write for Captured {
 
 #[test]
 fn a_forwarded_signal_keeps_its_senders_pid() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // The driver tells the predecessor's SIGTERM from an operator's by the sender's pid
     // (`ssi_pid`), so forwarding from another thread must keep it: a `tgkill` from the handler
     // made every forwarded signal look sent by this process itself.
