@@ -317,6 +317,12 @@ impl Driver {
         // The successor's side decides the rest: READY, the pid file, systemd.
         self.feed_succession(SuccessionEvent::Started);
         self.run_actions();
+        // What the actions queued (accepts on members that listen only now, the unlink).
+        if let Err(e) = self.ring.submit() {
+            if !ring::retry_next_turn(&e) {
+                tracing::warn!(error = %e, "submitting after the start");
+            }
+        }
         tracing::info!(
             pid = std::process::id(),
             listeners = self.accepts.len(),
@@ -593,7 +599,9 @@ impl Driver {
     }
 
     fn feed(&mut self, event: Event) {
-        if matches!(event, Event::ShutdownRequested) && self.machine.phase() == Phase::HandingOver {
+        if matches!(event, Event::ShutdownRequested | Event::PredecessorGaveUp)
+            && self.machine.phase() == Phase::HandingOver
+        {
             // A READY already on the channel is a READY: the successor then keeps serving
             // while this process drains, instead of being stopped with what it took.
             self.take_successor_messages();

@@ -135,6 +135,8 @@ impl Driver {
                 let ours = self.predecessor.as_ref().map(|link| link.upgrade);
                 if let Ok(Message::Released(id)) = Message::decode(&buf[..n as usize]) {
                     if Some(id) == ours {
+                        // Its SIGTERM from now on is anyone's (its pid may even be reused).
+                        self.predecessor_pid = None;
                         self.feed_succession(SuccessionEvent::Released);
                     }
                 }
@@ -147,6 +149,7 @@ impl Driver {
                 if let Some(link) = &self.predecessor {
                     tracing::info!(predecessor = link.parent_pid, "previous process exited");
                 }
+                self.predecessor_pid = None;
                 self.feed_succession(SuccessionEvent::PredecessorGone);
             }
         }
@@ -284,6 +287,12 @@ impl Driver {
             A::SendReady => self.send_ready(),
             A::AnnounceReady => {
                 systemd::notify(self.config.notify_socket.as_deref(), "READY=1");
+            }
+            A::AnnounceMain => {
+                systemd::notify(
+                    self.config.notify_socket.as_deref(),
+                    &format!("MAINPID={}\nREADY=1", std::process::id()),
+                );
             }
             A::AnnounceStopping => {
                 systemd::notify(self.config.notify_socket.as_deref(), "STOPPING=1");

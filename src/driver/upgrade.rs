@@ -93,11 +93,8 @@ impl Driver {
             Action::ResumeAccepting => {
                 tracing::warn!("the new process died during the drain; serving again");
                 self.reclaim_pid_file();
-                systemd::notify(
-                    self.config.notify_socket.as_deref(),
-                    &format!("MAINPID={}\nREADY=1", std::process::id()),
-                );
-                // The main process again; a RETIRING told to our own predecessor is withdrawn.
+                // The main process again (MAINPID=, unless the predecessor gave up on this
+                // one); a RETIRING told to our own predecessor is withdrawn.
                 self.feed_succession(SuccessionEvent::Resumed);
                 self.resume_accepting();
             }

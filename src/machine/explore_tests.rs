@@ -250,6 +250,7 @@ impl World {
                     SA::TellPredecessor(_) | SA::SendReady => {
                         return Err(format!("P has no predecessor: {action:?}"))
                     }
+                    SA::AnnounceMain => self.systemd_main = P_PID,
                     _ => {}
                 }
                 continue;
@@ -272,8 +273,6 @@ impl World {
                     p.stop_pending = true;
                 }
                 Action::ResumeAccepting => {
-                    // MAINPID=<P>, READY=1; SERVING goes to a predecessor (none here).
-                    self.systemd_main = P_PID;
                     let p = self.p();
                     p.accepting = true;
                     p.stop_pending = false;
@@ -386,7 +385,7 @@ impl World {
                     SA::AnnounceStopping if self.systemd_main != pid => {
                         return Err(format!("STOPPING=1 from N ({pid}), not the main process"))
                     }
-                    SA::AnnounceReady => self.systemd_main = pid,
+                    SA::AnnounceReady | SA::AnnounceMain => self.systemd_main = pid,
                     SA::TellPredecessor(notice) if self.channel_open => {
                         self.to_p.push_back(match notice {
                             Notice::Retiring => Msg::Retiring,

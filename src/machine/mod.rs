@@ -229,6 +229,8 @@ struct Drain {
     shutdown_requested: bool,
     /// The drain is over and the successor's life is being checked (`CheckSuccessor`).
     checking: bool,
+    /// The predecessor gave up on this process (`PredecessorGaveUp`) and serves again itself.
+    abandoned: bool,
 }
 
 /// The restart state machine. See the module docs.
@@ -307,6 +309,7 @@ impl Machine {
         match self.state {
             State::Forking { deadline, .. } => Some(deadline),
             State::HandingOver { ready_deadline, .. } => Some(ready_deadline),
+            // Also while checking the successor: the driver answers within the same turn.
             State::Draining(Drain { deadline, .. }) => Some(deadline),
             _ => None,
         }
@@ -491,7 +494,7 @@ impl Machine {
                 self.update_drain(|d| d.successor_retired = false)
             }
             (State::Draining(d), E::ChildExited { pid, .. }) if d.successor() == Some(pid) => {
-                if !d.successor_retired && !d.shutdown_requested {
+                if !d.never_resume() {
                     // The successor died unplanned while this process still holds the
                     // listeners: take the service back (rollback after handover).
                     self.resume();
@@ -503,13 +506,15 @@ impl Machine {
             (State::Draining(d), E::SuccessorChecked { pid, alive })
                 if d.checking && d.successor() == Some(pid) =>
             {
-                if alive || d.successor_retired || d.shutdown_requested {
+                if alive || d.never_resume() {
                     self.exit(d.cause);
                 } else {
                     self.resume();
                 }
             }
-            (State::Draining(_), E::PredecessorGaveUp) => {}
+            // Already draining (after its own upgrade): its predecessor rolled back and serves
+            // again, so this process must never take the service back.
+            (State::Draining(_), E::PredecessorGaveUp) => self.update_drain(|d| d.abandoned = true),
             (_, E::PredecessorGaveUp) => {
                 self.handle(E::ShutdownRequested, now);
                 if let State::Draining(drain) = &mut self.state {
@@ -568,6 +573,7 @@ impl Machine {
             successor_retired: false,
             shutdown_requested: cause == DrainCause::Shutdown,
             checking: false,
+            abandoned: false,
         }));
         self.accepting = false;
         self.push(Action::StopAccepting);
@@ -593,9 +599,7 @@ impl Machine {
             return;
         };
         match drain.cause {
-            DrainCause::Upgraded { child, .. }
-                if !drain.successor_retired && !drain.shutdown_requested =>
-            {
+            DrainCause::Upgraded { child, .. } if !drain.never_resume() => {
                 if !drain.checking {
                     drain.checking = true;
                     self.push(Action::CheckSuccessor(child));
@@ -633,6 +637,11 @@ impl Drain {
     }
     fn has_successor(&self) -> bool {
         self.successor().is_some()
+    }
+    /// Whether this drain must end in an exit whatever the successor does: its exit was
+    /// announced, the operator asked for a shutdown, or the predecessor serves again.
+    fn never_resume(&self) -> bool {
+        self.successor_retired || self.shutdown_requested || self.abandoned
     }
 }
 

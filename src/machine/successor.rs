@@ -95,6 +95,8 @@ pub(crate) enum SuccessionAction {
     SendReady,
     /// Tell systemd `READY=1`: this process serves as the service's main process.
     AnnounceReady,
+    /// Tell systemd `MAINPID=<this process>` and `READY=1`: it took the service back.
+    AnnounceMain,
     /// Tell systemd `STOPPING=1`.
     AnnounceStopping,
     /// Say this to the predecessor (it may still be draining).
@@ -303,7 +305,10 @@ impl Succession {
             (_, E::Resumed) => {
                 // Abandoned, this process is not the service's, whatever it does before the
                 // predecessor's SIGTERM lands.
-                self.main |= self.stage != Stage::Abandoned;
+                if self.stage != Stage::Abandoned {
+                    self.main = true;
+                    self.push(A::AnnounceMain);
+                }
                 self.let_go = false;
                 if self.linked {
                     // Withdraw the RETIRING: our exit would again be a crash to recover from.

@@ -172,11 +172,13 @@ fn expected(
             (stage, main, linked, let_go, actions)
         }
         (_, E::Resumed) => {
-            let actions = if linked {
-                vec![A::TellPredecessor(Notice::Serving)]
-            } else {
-                vec![]
-            };
+            let mut actions = vec![];
+            if stage != Stage::Abandoned {
+                actions.push(A::AnnounceMain);
+            }
+            if linked {
+                actions.push(A::TellPredecessor(Notice::Serving));
+            }
             (
                 stage,
                 main || stage != Stage::Abandoned,
@@ -276,7 +278,10 @@ fn a_normal_handover_seen_from_the_new_process() {
     assert!(!s.is_main());
     // That successor dies: serving again, SERVING withdraws the RETIRING.
     s.handle(E::Resumed, now);
-    assert_eq!(drain(&mut s), [A::TellPredecessor(Notice::Serving)]);
+    assert_eq!(
+        drain(&mut s),
+        [A::AnnounceMain, A::TellPredecessor(Notice::Serving)]
+    );
     assert!(s.is_main());
     s.handle(E::PredecessorGone, now);
     assert_eq!(drain(&mut s), [A::ForgetPredecessor]);

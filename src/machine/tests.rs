@@ -563,7 +563,7 @@ fn table() -> Vec<Row> {
         row!(DrainingUpgradeChecking, Deadline      => Draining, false, []),
         row!(DrainingUpgradeChecking, CheckedAlive  => Exited,   false, [pc(P::Exited), exit_upgraded(CHILD)]),
         row!(DrainingUpgradeChecking, CheckedDead   => Serving,  true,  [pc(P::Serving), StopDrain, ResumeAccepting]),
-        row!(DrainingUpgradeChecking, GaveUp        => Draining, false, []),
+        row!(DrainingUpgradeChecking, GaveUp        => Exited,   false, [pc(P::Exited), exit_upgraded(CHILD)]),
 
         // ---- Draining after a shutdown: no successor, so child events are all stale.
         row!(DrainingShutdown, UpSignal      => Draining, false, [busy(Requester::Signal, B_SHUTTING)]),
