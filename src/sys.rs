@@ -322,6 +322,16 @@ pub(crate) fn recv_nonblocking(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result
     Ok(n as usize)
 }
 
+/// Whether `signal` is pending for the calling thread or the process (`sigpending`): for a
+/// blocked signal, sent but not read yet.
+pub(crate) fn signal_pending(signal: libc::c_int) -> bool {
+    // SAFETY: sigset_t is plain data; sigpending fills it, sigismember reads it.
+    unsafe {
+        let mut set: libc::sigset_t = mem::zeroed();
+        libc::sigpending(&mut set) == 0 && libc::sigismember(&set, signal) == 1
+    }
+}
+
 /// Whether the peer of a connected socket has closed its end with nothing left to read
 /// (a non-blocking `MSG_PEEK` reads EOF).
 pub(crate) fn peer_closed(fd: BorrowedFd<'_>) -> bool {

@@ -240,8 +240,12 @@ impl Driver {
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0);
         let mut driver = Driver::base(ring, listeners, shared, config, waiting)?;
-        driver.machine = Machine::new(driver.config.timeouts, id_seed)
+        let machine = Machine::new(driver.config.timeouts, id_seed)
             .with_generation_limit(driver.config.max_draining);
+        driver.machine = match parent {
+            Some(_) => machine.with_predecessor(),
+            None => machine,
+        };
         driver.signalfd = Some(signalfd);
         driver.predecessor_pid = parent.as_ref().map(|link| link.parent_pid);
         if parent.is_some() {

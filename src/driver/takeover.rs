@@ -10,7 +10,7 @@ use io_uring::{opcode, types};
 
 use crate::handoff::Message;
 use crate::machine::successor::{Notice, SuccessionAction, SuccessionEvent, TAKEOVER_AFTER};
-use crate::machine::ExitReason;
+use crate::machine::{Event, ExitReason};
 use crate::workers::{Coordinator, WorkerGone, WorkerSet};
 use crate::{sys, systemd};
 
@@ -22,17 +22,24 @@ const IORING_ACCEPT_DONTWAIT: u16 = 1 << 1;
 
 impl Driver {
     /// Whether the predecessor abandoned this process: it closed the handoff channel while it
-    /// is still alive (its pidfd, the first of the elders the HELLO carried, not readable).
-    /// It then also sent SIGTERM (`Stop::Terminate`), which is pending here.
+    /// is still alive (its pidfd, the first of the elders the HELLO carried, not readable), or
+    /// a SIGTERM is pending here. An abandoning predecessor sends SIGTERM (`Stop::Terminate`)
+    /// before it closes the channel, so the signal is pending even if it has exited since;
+    /// without that second test, a successor abandoned by a predecessor that then exited took
+    /// itself for the survivor and announced itself as the main process (found by the
+    /// explorer, `machine/explore_tests.rs`). An operator's SIGTERM at that moment stops it
+    /// too, as it asked.
     pub(super) fn predecessor_gave_up(&self) -> bool {
         let Some(link) = &self.predecessor else {
             return false;
         };
-        sys::peer_closed(link.channel.as_fd())
-            && self
-                .elders
+        let parent_alive = || {
+            self.elders
                 .first()
                 .is_some_and(|parent| !sys::poll_readable(parent.as_fd()))
+        };
+        sys::peer_closed(link.channel.as_fd())
+            && (parent_alive() || sys::signal_pending(libc::SIGTERM))
     }
 
     /// Makes this driver's new members listen, and accept if it accepts. Called once the
@@ -346,6 +353,8 @@ impl Driver {
                     // ahead of our successor's in the queue, so it sweeps too.
                     self.send_released();
                 }
+                // A drain waiting to forward this may end now (its actions run after this).
+                self.feed(Event::PredecessorLetGo);
             }
         }
     }

@@ -126,6 +126,8 @@ pub(crate) enum Event {
     EldersDraining(u32),
     /// Every accept reached its terminal completion; every fd it produced was served.
     AcceptStopped,
+    /// The predecessor let go of the accept queues (its RELEASED, or its exit).
+    PredecessorLetGo,
     /// The answer to `CheckSuccessor`: whether that process still runs.
     SuccessorChecked {
         pid: u32,
@@ -247,6 +249,9 @@ pub(crate) struct Machine {
     elders_draining: u32,
     /// An upgrade is refused while this many older generations still drain (at least 1).
     max_draining: u32,
+    /// This process has a predecessor that has not let go of the accept queues yet (see
+    /// `Event::PredecessorLetGo`).
+    predecessor_holds: bool,
 }
 
 impl Machine {
@@ -260,11 +265,19 @@ impl Machine {
             actions: VecDeque::new(),
             elders_draining: 0,
             max_draining: u32::MAX,
+            predecessor_holds: false,
         }
     }
 
     /// At most `max` generations draining at once: an upgrade (which makes this process one
     /// more) is refused while `max` older ones still drain. `max` is at least 1.
+    /// A process handed the listeners by a predecessor, which still holds the accept queues
+    /// until it lets go (`Event::PredecessorLetGo`).
+    pub(crate) fn with_predecessor(mut self) -> Machine {
+        self.predecessor_holds = true;
+        self
+    }
+
     pub(crate) fn with_generation_limit(mut self, max: u32) -> Machine {
         self.max_draining = max;
         self
@@ -353,6 +366,10 @@ impl Machine {
                 self.reply(by, Outcome::Busy("this process has exited"))
             }
             (State::Exited(_), _) => {}
+            (_, E::PredecessorLetGo) => {
+                self.predecessor_holds = false;
+                self.update_drain(|_| {});
+            }
             (_, E::EldersDraining(n)) => self.elders_draining = n,
 
             // ---- Serving
@@ -583,7 +600,13 @@ impl Machine {
     fn update_drain(&mut self, update: impl FnOnce(&mut Drain)) {
         if let State::Draining(drain) = &mut self.state {
             update(drain);
-            if drain.accept_stopped && drain.drained {
+            // After an upgrade, also wait for the predecessor's let-go, if it is still to come:
+            // this process forwards it to its successor (the older process's accepts were
+            // ahead of the successor's in the queue, and their cancel may strand a connection
+            // only a sweep finds). Exiting first would break that chain. The drain deadline
+            // still ends the wait.
+            let forwarding = self.predecessor_holds && drain.has_successor();
+            if drain.accept_stopped && drain.drained && !forwarding {
                 self.finish_drain();
             }
         }

@@ -93,7 +93,8 @@ pub(crate) enum SuccessionEvent {
 pub(crate) enum SuccessionAction {
     /// Send READY to the predecessor; answer with `ReadySent` or `ReadyUnsent`.
     SendReady,
-    /// Tell systemd `READY=1`: this process serves as the service's main process.
+    /// Tell systemd `READY=1`: the service's first process serves (systemd started it, so it
+    /// is the main process already).
     AnnounceReady,
     /// Tell systemd `MAINPID=<this process>` and `READY=1`: it took the service back.
     AnnounceMain,
@@ -137,6 +138,8 @@ pub(crate) struct Succession {
     linked: bool,
     main: bool,
     let_go: bool,
+    /// This process drains (for its own successor, or a shutdown) and has not resumed.
+    draining: bool,
     actions: VecDeque<SuccessionAction>,
 }
 
@@ -148,6 +151,7 @@ impl Succession {
             linked: false,
             main: true,
             let_go: false,
+            draining: false,
             actions: VecDeque::new(),
         }
     }
@@ -160,6 +164,7 @@ impl Succession {
             linked: true,
             main: false,
             let_go: false,
+            draining: false,
             actions: VecDeque::new(),
         }
     }
@@ -254,17 +259,19 @@ impl Succession {
                     self.main = false;
                     self.push(A::RestorePidFile);
                 } else {
-                    // It is gone: serve alone what is taken and what comes.
+                    // It is gone: serve alone what is taken and what comes, as the main
+                    // process (systemd still names the predecessor: MAINPID=<this one>).
                     self.stage = Stage::Alone;
                     self.main = true;
                     self.push(A::QueuesFree { forward: false });
                     self.push(A::DiscardOldPidFile);
-                    self.push(A::AnnounceReady);
+                    self.push(A::AnnounceMain);
                 }
             }
             (Stage::Holding { .. } | Stage::TakingOver | Stage::Sharing, E::Released) => {
-                // Sent after its MAINPID=<this process>.
-                self.main = true;
+                // Sent after its MAINPID=<this process> (unless this process has handed over
+                // to its own successor since, which is the main one then).
+                self.main |= !self.draining;
                 self.queues_free();
             }
             (Stage::Alone, E::Released) if self.linked => {
@@ -281,6 +288,13 @@ impl Succession {
                     self.stage,
                     Stage::Holding { .. } | Stage::TakingOver | Stage::Sharing
                 ) {
+                    // Gone without letting go (killed, crashed): whether it told systemd
+                    // MAINPID=<this process> is unknown, and this process serves alone now —
+                    // unless it is on its way out itself.
+                    if !self.draining {
+                        self.main = true;
+                        self.push(A::AnnounceMain);
+                    }
                     self.queues_free();
                 }
             }
@@ -290,6 +304,7 @@ impl Succession {
                 self.push(A::EndTakeover);
             }
             (_, E::Draining(cause)) => {
+                self.draining = true;
                 match cause {
                     DrainCause::Shutdown if self.main => self.push(A::AnnounceStopping),
                     // The successor is the main process now (announced with MAINPID= on its
@@ -310,6 +325,7 @@ impl Succession {
                     self.push(A::AnnounceMain);
                 }
                 self.let_go = false;
+                self.draining = false;
                 if self.linked {
                     // Withdraw the RETIRING: our exit would again be a crash to recover from.
                     self.push(A::TellPredecessor(Notice::Serving));

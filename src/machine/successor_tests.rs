@@ -25,6 +25,8 @@ fn at(stage: Stage, main: bool, linked: bool, let_go: bool) -> Succession {
         linked,
         main,
         let_go,
+        // A process that let go drains; one that did not is taken as serving.
+        draining: let_go,
         actions: VecDeque::new(),
     }
 }
@@ -138,10 +140,10 @@ fn expected(
             forgot(vec![
                 A::QueuesFree { forward: false },
                 A::DiscardOldPidFile,
-                A::AnnounceReady,
+                A::AnnounceMain,
             ]),
         ),
-        (_, E::Released) if waiting => free(true),
+        (_, E::Released) if waiting => free(!let_go),
         (Stage::Alone, E::Released) if linked => (
             stage,
             main,
@@ -150,7 +152,15 @@ fn expected(
             vec![A::QueuesFree { forward: let_go }],
         ),
         (_, E::PredecessorGone) => {
-            let (stage, main, _, let_go, mut actions) = if waiting { free(false) } else { same };
+            let (stage, main, _, let_go, mut actions) = if waiting && !let_go {
+                let (stage, _, linked, let_go, mut actions) = free(true);
+                actions.insert(0, A::AnnounceMain);
+                (stage, true, linked, let_go, actions)
+            } else if waiting {
+                free(false)
+            } else {
+                same
+            };
             if linked {
                 actions.insert(0, A::ForgetPredecessor);
             }

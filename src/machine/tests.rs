@@ -1881,3 +1881,44 @@ fn a_successor_that_serves_again_after_retiring_is_a_crash_when_it_exits() {
     assert_eq!(h.ev(exited(CHILD)), vec![]);
     assert_eq!(h.phase(), P::Draining);
 }
+
+#[test]
+fn an_upgraded_process_waits_for_its_predecessors_let_go_before_it_exits() {
+    // Upgraded before its own predecessor let go: it must stay to forward that let-go (a
+    // RELEASED) to its successor, whose sweep finds a connection the older process's cancelled
+    // accept may have stranded. Found by the explorer (`explore_tests.rs`).
+    let mut h = H {
+        m: Machine::new(TIMEOUTS, SEED).with_predecessor(),
+        now: Instant::now(),
+    };
+    h.ev(upgrade(REQ));
+    h.ev(spawned(CHILD));
+    h.ev(Event::ListenersSent);
+    h.ev(ready(ID1));
+    assert_eq!(h.ev(Event::AcceptStopped), vec![]);
+    assert_eq!(
+        h.ev(Event::ConnectionsDrained),
+        vec![],
+        "the let-go is still to come"
+    );
+    assert_eq!(h.phase(), P::Draining);
+    assert_eq!(h.ev(Event::PredecessorLetGo), vec![CheckSuccessor(CHILD)]);
+    assert_eq!(
+        h.ev(alive(CHILD)),
+        vec![pc(P::Exited), exit_upgraded(CHILD)]
+    );
+}
+
+#[test]
+fn the_drain_deadline_ends_the_wait_for_the_predecessors_let_go() {
+    let mut h = H {
+        m: Machine::new(TIMEOUTS, SEED).with_predecessor(),
+        now: Instant::now(),
+    };
+    h.ev(upgrade(REQ));
+    h.ev(spawned(CHILD));
+    h.ev(ready(ID1));
+    h.ev(Event::AcceptStopped);
+    h.ev(Event::ConnectionsDrained);
+    assert_eq!(h.expire(), vec![CheckSuccessor(CHILD)]);
+}
