@@ -3,8 +3,9 @@
 //! it worked.
 //!
 //! Protocol: one line in, one line out, then the server closes.
-//! - `upgrade` → `ok <new pid>` once the new process is READY, or `failed: <reason>` /
-//!   `busy: <reason>` (this process keeps serving);
+//! - `upgrade` → `ok <new pid>` once the new process is READY, or `failed: <code>: <reason>`
+//!   / `busy: <code>: <reason>` (this process keeps serving; the codes are
+//!   `UpgradeFailure::code` and `Refusal::code`);
 //! - `status` → `phase=<Phase> pid=<pid> generation=<n> live=<connections>`;
 //! - anything else → `error: unknown command`.
 //!
@@ -98,8 +99,8 @@ fn answer(stream: UnixStream, handle: &Handle) -> std::io::Result<()> {
             );
             match handle.upgrade() {
                 Ok(pid) => format!("ok {pid}"),
-                Err(UpgradeError::Busy(why)) => format!("busy: {why}"),
-                Err(UpgradeError::Failed(why)) => format!("failed: {why}"),
+                Err(UpgradeError::Busy(why)) => format!("busy: {}: {why}", why.code()),
+                Err(UpgradeError::Failed(why)) => format!("failed: {}: {why}", why.code()),
                 Err(e) => format!("failed: {e}"),
             }
         }

@@ -48,6 +48,114 @@ pub enum Error {
     },
 }
 
+/// Why an upgrade failed. This process never stopped accepting and still serves; the new
+/// process, if it ran, was stopped and reaped. [`UpgradeFailure::code`] names the case in a
+/// word that scripts can match (the control socket answers `failed: <code>: <reason>`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpgradeFailure {
+    /// The new binary could not be started (missing, not executable, `posix_spawn` failed).
+    #[error("could not start the new binary: {0}")]
+    Spawn(String),
+    /// Starting the new binary took longer than the ready timeout.
+    #[error("the new binary did not start within {timeout_ms} ms")]
+    StartTimeout {
+        /// The ready timeout.
+        timeout_ms: u64,
+    },
+    /// The listeners could not be sent to the new process.
+    #[error("could not hand the listeners over: {0}")]
+    Handoff(String),
+    /// The new process was not READY within the ready timeout.
+    #[error("new process {pid} was not ready within {timeout_ms} ms")]
+    ReadyTimeout {
+        /// The new process.
+        pid: u32,
+        /// The ready timeout.
+        timeout_ms: u64,
+    },
+    /// The new process answered READY for another upgrade (another generation's binary, or
+    /// a confused one).
+    #[error("new process answered READY for upgrade {got}, expected {expected}")]
+    WrongUpgrade {
+        /// The upgrade id it sent, in hex.
+        got: String,
+        /// The upgrade id of this upgrade, in hex.
+        expected: String,
+    },
+    /// The new process sent something that is not a valid message, or closed the channel.
+    #[error("new process {pid}: {why}")]
+    InvalidMessage {
+        /// The new process.
+        pid: u32,
+        /// What was wrong.
+        why: String,
+    },
+    /// The new process exited before READY.
+    #[error("new process {pid} exited before READY: {status}")]
+    ExitedBeforeReady {
+        /// The new process.
+        pid: u32,
+        /// How it ended (`exit status 1`, `signal 9`, …).
+        status: String,
+    },
+    /// A shutdown was requested while the upgrade was in flight.
+    #[error("shutdown requested")]
+    Shutdown,
+}
+
+impl UpgradeFailure {
+    /// A stable word for the case: `spawn`, `start-timeout`, `handoff`, `ready-timeout`,
+    /// `wrong-upgrade`, `invalid-message`, `exited`, `shutdown`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            UpgradeFailure::Spawn(_) => "spawn",
+            UpgradeFailure::StartTimeout { .. } => "start-timeout",
+            UpgradeFailure::Handoff(_) => "handoff",
+            UpgradeFailure::ReadyTimeout { .. } => "ready-timeout",
+            UpgradeFailure::WrongUpgrade { .. } => "wrong-upgrade",
+            UpgradeFailure::InvalidMessage { .. } => "invalid-message",
+            UpgradeFailure::ExitedBeforeReady { .. } => "exited",
+            UpgradeFailure::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Why an upgrade request was refused; nothing was started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// Another upgrade is in flight.
+    #[error("an upgrade is already in flight")]
+    InFlight,
+    /// As many older generations as `Builder::max_draining_generations` allows still drain.
+    #[error("too many older generations are still draining")]
+    TooManyDraining,
+    /// This process was upgraded already and drains: ask the new one.
+    #[error("this process was upgraded and is draining")]
+    Upgraded,
+    /// This process is shutting down.
+    #[error("this process is shutting down")]
+    ShuttingDown,
+    /// This process's server has exited.
+    #[error("this process has exited")]
+    Exited,
+}
+
+impl Refusal {
+    /// A stable word for the case: `in-flight`, `too-many-draining`, `upgraded`,
+    /// `shutting-down`, `exited`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::InFlight => "in-flight",
+            Refusal::TooManyDraining => "too-many-draining",
+            Refusal::Upgraded => "upgraded",
+            Refusal::ShuttingDown => "shutting-down",
+            Refusal::Exited => "exited",
+        }
+    }
+}
+
 impl Error {
     pub(crate) fn io(context: &'static str) -> impl FnOnce(io::Error) -> Error {
         move |source| Error::Io { context, source }
@@ -61,10 +169,10 @@ pub enum UpgradeError {
     /// The new process did not start, failed, or was not ready in time. This process still
     /// serves.
     #[error("upgrade failed: {0}")]
-    Failed(String),
+    Failed(UpgradeFailure),
     /// Another upgrade is in flight, or this process is no longer the one serving.
     #[error("upgrade refused: {0}")]
-    Busy(String),
+    Busy(Refusal),
     /// The server stopped before answering.
     #[error("the server is not running")]
     NotRunning,

@@ -88,7 +88,7 @@ mod wake_set;
 mod workers;
 
 pub use connection::{Connection, DrainGuard};
-pub use error::{Error, UpgradeError};
+pub use error::{Error, Refusal, UpgradeError, UpgradeFailure};
 pub use handle::{Handle, PhaseWatch};
 pub use handoff::{MAX_LISTENERS, MAX_STATE_LEN};
 pub use machine::{ExitReason, Phase};

@@ -26,6 +26,14 @@ pub(crate) fn notify_target() -> Option<std::ffi::OsString> {
     std::env::var_os("NOTIFY_SOCKET")
 }
 
+/// `text` as one `STATUS=` value: a newline in it (a child's error, a path) would start a
+/// field of its own in the notification (`MAINPID=…`), so control characters become spaces.
+pub(crate) fn status_text(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 /// Sends one notification to `target` (the service manager's `NOTIFY_SOCKET`), if any;
 /// failures are logged, never fatal.
 pub(crate) fn notify(target: Option<&std::ffi::OsStr>, message: &str) {
@@ -110,4 +118,14 @@ pub(crate) fn take_listen_fds() -> Result<Vec<ActivatedFd>, Error> {
         fds.push(ActivatedFd { name, fd });
     }
     Ok(fds)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_status_text_cannot_add_a_field() {
+        let text = super::status_text("upgrade failed: new process 7: bad\nMAINPID=1\r\n");
+        assert_eq!(text, "upgrade failed: new process 7: bad MAINPID=1  ");
+        assert!(!text.contains('\n'));
+    }
 }

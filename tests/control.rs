@@ -81,7 +81,7 @@ fn control_socket_answers_upgrade_and_status() {
     assert!(!out.status.success());
     let reply = stdout(&out);
     assert!(
-        reply.starts_with("failed: could not start the new binary"),
+        reply.starts_with("failed: spawn: could not start the new binary"),
         "{reply:?}"
     );
     assert_eq!(server.pid(), new);

@@ -317,7 +317,10 @@ impl Driver {
                     tracing::warn!(reason = %why, "upgrade failed; still serving");
                     systemd::notify(
                         self.config.notify_socket.as_deref(),
-                        &format!("READY=1\nSTATUS=upgrade failed: {why}"),
+                        &format!(
+                            "READY=1\nSTATUS={}",
+                            systemd::status_text(&format!("upgrade failed: {why}"))
+                        ),
                     );
                 } else {
                     // A shutdown cut the upgrade short; this process is stopping.
@@ -331,7 +334,7 @@ impl Driver {
                 let _ = tx.send(match outcome {
                     Outcome::Upgraded { pid } => Ok(pid),
                     Outcome::Failed(why) => Err(UpgradeError::Failed(why)),
-                    Outcome::Busy(why) => Err(UpgradeError::Busy(why.into())),
+                    Outcome::Busy(why) => Err(UpgradeError::Busy(why)),
                 });
             }
         }

@@ -19,6 +19,8 @@ pub(crate) mod successor;
 
 use std::collections::VecDeque;
 use std::fmt;
+
+use crate::error::{Refusal, UpgradeFailure};
 use std::time::{Duration, Instant};
 
 /// The phase of a serving process in its upgrade lifecycle.
@@ -69,9 +71,9 @@ pub(crate) enum Outcome {
     /// The new process is READY and serves; this one drains.
     Upgraded { pid: u32 },
     /// The upgrade failed; this process keeps serving.
-    Failed(String),
+    Failed(UpgradeFailure),
     /// Refused: another upgrade is in flight, or this process is no longer the one serving.
-    Busy(&'static str),
+    Busy(Refusal),
 }
 
 /// Why the process is draining.
@@ -332,11 +334,11 @@ impl Machine {
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
         match self.state {
             State::Forking { deadline, by, .. } if now >= deadline => {
-                let ms = self.timeouts.ready.as_millis();
+                let ms = self.timeouts.ready.as_millis() as u64;
                 self.set(State::Serving);
                 self.reply(
                     by,
-                    Outcome::Failed(format!("the new binary did not start within {ms} ms")),
+                    Outcome::Failed(UpgradeFailure::StartTimeout { timeout_ms: ms }),
                 );
             }
             State::HandingOver {
@@ -345,12 +347,15 @@ impl Machine {
                 by,
                 ..
             } if now >= ready_deadline => {
-                let ms = self.timeouts.ready.as_millis();
+                let ms = self.timeouts.ready.as_millis() as u64;
                 self.rollback(
                     by,
                     child,
                     Stop::Terminate,
-                    format!("new process {child} was not ready within {ms} ms"),
+                    UpgradeFailure::ReadyTimeout {
+                        pid: child,
+                        timeout_ms: ms,
+                    },
                 );
             }
             State::Draining(Drain { deadline, .. }) if now >= deadline => self.finish_drain(),
@@ -363,7 +368,7 @@ impl Machine {
         use Event as E;
         match (self.state.clone(), event) {
             (State::Exited(_), E::UpgradeRequested(by)) => {
-                self.reply(by, Outcome::Busy("this process has exited"))
+                self.reply(by, Outcome::Busy(Refusal::Exited))
             }
             (State::Exited(_), _) => {}
             (_, E::PredecessorLetGo) => {
@@ -376,10 +381,7 @@ impl Machine {
             (State::Serving, E::UpgradeRequested(by))
                 if self.elders_draining >= self.max_draining =>
             {
-                self.reply(
-                    by,
-                    Outcome::Busy("too many older generations are still draining"),
-                )
+                self.reply(by, Outcome::Busy(Refusal::TooManyDraining))
             }
             (State::Serving, E::UpgradeRequested(by)) => {
                 self.next_id += 1;
@@ -395,16 +397,16 @@ impl Machine {
 
             // ---- Forking
             (State::Forking { .. }, E::UpgradeRequested(by)) => {
-                self.reply(by, Outcome::Busy("an upgrade is already in flight"))
+                self.reply(by, Outcome::Busy(Refusal::InFlight))
             }
             (State::Forking { by, deadline, .. }, E::ChildSpawned { pid }) if now >= deadline => {
                 // Started, but too late to hand over: never send it the listeners.
-                let ms = self.timeouts.ready.as_millis();
+                let ms = self.timeouts.ready.as_millis() as u64;
                 self.rollback(
                     by,
                     pid,
                     Stop::Kill,
-                    format!("the new binary did not start within {ms} ms"),
+                    UpgradeFailure::StartTimeout { timeout_ms: ms },
                 );
             }
             (
@@ -426,28 +428,22 @@ impl Machine {
             }
             (State::Forking { by, .. }, E::SpawnFailed(why)) => {
                 self.set(State::Serving);
-                self.reply(
-                    by,
-                    Outcome::Failed(format!("could not start the new binary: {why}")),
-                );
+                self.reply(by, Outcome::Failed(UpgradeFailure::Spawn(why)));
             }
             (State::Forking { by, .. }, E::ShutdownRequested) => {
                 // The driver kills the child if its spawn completes after this.
-                self.reply(by, Outcome::Failed("shutdown requested".into()));
+                self.reply(by, Outcome::Failed(UpgradeFailure::Shutdown));
                 self.start_drain(DrainCause::Shutdown, now);
             }
 
             // ---- HandingOver
             (State::HandingOver { .. }, E::UpgradeRequested(by)) => {
-                self.reply(by, Outcome::Busy("an upgrade is already in flight"))
+                self.reply(by, Outcome::Busy(Refusal::InFlight))
             }
             (State::HandingOver { .. }, E::ListenersSent) => {}
-            (State::HandingOver { by, child, .. }, E::HandoffFailed(why)) => self.rollback(
-                by,
-                child,
-                Stop::Kill,
-                format!("could not hand the listeners over: {why}"),
-            ),
+            (State::HandingOver { by, child, .. }, E::HandoffFailed(why)) => {
+                self.rollback(by, child, Stop::Kill, UpgradeFailure::Handoff(why))
+            }
             (
                 State::HandingOver {
                     upgrade, by, child, ..
@@ -462,7 +458,10 @@ impl Machine {
                         by,
                         child,
                         Stop::Terminate,
-                        format!("new process answered READY for upgrade {id}, expected {upgrade}"),
+                        UpgradeFailure::WrongUpgrade {
+                            got: id.to_string(),
+                            expected: upgrade.to_string(),
+                        },
                     );
                 }
             }
@@ -470,7 +469,7 @@ impl Machine {
                 by,
                 child,
                 Stop::Terminate,
-                format!("new process {child}: {why}"),
+                UpgradeFailure::InvalidMessage { pid: child, why },
             ),
             (State::HandingOver { by, child, .. }, E::ChildExited { pid, status })
                 if pid == child =>
@@ -479,7 +478,7 @@ impl Machine {
                     by,
                     child,
                     Stop::Terminate,
-                    format!("new process {pid} exited before READY: {status}"),
+                    UpgradeFailure::ExitedBeforeReady { pid, status },
                 )
             }
             (State::HandingOver { by, child, .. }, E::ShutdownRequested) => {
@@ -488,7 +487,7 @@ impl Machine {
                     pid: child,
                     stop: Stop::Terminate,
                 });
-                self.reply(by, Outcome::Failed("shutdown requested".into()));
+                self.reply(by, Outcome::Failed(UpgradeFailure::Shutdown));
                 self.start_drain(DrainCause::Shutdown, now);
             }
 
@@ -496,8 +495,8 @@ impl Machine {
             (State::Draining(d), E::UpgradeRequested(by)) => self.reply(
                 by,
                 Outcome::Busy(match d.cause {
-                    DrainCause::Upgraded { .. } => "this process was upgraded and is draining",
-                    DrainCause::Shutdown => "this process is shutting down",
+                    DrainCause::Upgraded { .. } => Refusal::Upgraded,
+                    DrainCause::Shutdown => Refusal::ShuttingDown,
                 }),
             ),
             (State::Draining(_), E::AcceptStopped) => {
@@ -575,7 +574,7 @@ impl Machine {
     }
 
     /// Give up on the child: stop it, tell the requester, keep serving. Accepting never stopped.
-    fn rollback(&mut self, by: Requester, child: u32, stop: Stop, why: String) {
+    fn rollback(&mut self, by: Requester, child: u32, stop: Stop, why: UpgradeFailure) {
         self.push(Action::AbandonChild { pid: child, stop });
         self.set(State::Serving);
         self.reply(by, Outcome::Failed(why));

@@ -139,10 +139,10 @@ fn kill(pid: u32) -> Action {
         stop: Stop::Kill,
     }
 }
-fn failed(by: Requester, why: &str) -> Action {
-    Action::Reply(by, Outcome::Failed(why.into()))
+fn failed(by: Requester, why: UpgradeFailure) -> Action {
+    Action::Reply(by, Outcome::Failed(why))
 }
-fn busy(by: Requester, why: &'static str) -> Action {
+fn busy(by: Requester, why: Refusal) -> Action {
     Action::Reply(by, Outcome::Busy(why))
 }
 fn upgraded(by: Requester, pid: u32) -> Action {
@@ -170,21 +170,91 @@ fn drain_upgraded() -> Action {
     })
 }
 
-// The exact failure and refusal texts (they reach API callers).
-const F_SPAWN: &str = "could not start the new binary: no such file";
-const F_START: &str = "the new binary did not start within 5000 ms";
-const F_HANDOFF: &str = "could not hand the listeners over: broken pipe";
-const F_INVALID: &str = "new process 4242: garbage";
-const F_EXIT: &str = "new process 4242 exited before READY: signal 9";
-const F_DEADLINE: &str = "new process 4242 was not ready within 5000 ms";
-const F_SHUTDOWN: &str = "shutdown requested";
-fn f_wrong_id() -> String {
-    format!("new process answered READY for upgrade {BOGUS}, expected {ID1}")
+// The failures and refusals of the table (their texts reach API callers: checked below).
+fn f_spawn() -> UpgradeFailure {
+    UpgradeFailure::Spawn("no such file".into())
 }
-const B_IN_FLIGHT: &str = "an upgrade is already in flight";
-const B_UPGRADED: &str = "this process was upgraded and is draining";
-const B_SHUTTING: &str = "this process is shutting down";
-const B_EXITED: &str = "this process has exited";
+fn f_start() -> UpgradeFailure {
+    UpgradeFailure::StartTimeout { timeout_ms: 5000 }
+}
+fn f_handoff() -> UpgradeFailure {
+    UpgradeFailure::Handoff("broken pipe".into())
+}
+fn f_invalid() -> UpgradeFailure {
+    UpgradeFailure::InvalidMessage {
+        pid: CHILD,
+        why: "garbage".into(),
+    }
+}
+fn f_exit() -> UpgradeFailure {
+    UpgradeFailure::ExitedBeforeReady {
+        pid: CHILD,
+        status: "signal 9".into(),
+    }
+}
+fn f_deadline() -> UpgradeFailure {
+    UpgradeFailure::ReadyTimeout {
+        pid: CHILD,
+        timeout_ms: 5000,
+    }
+}
+fn f_shutdown() -> UpgradeFailure {
+    UpgradeFailure::Shutdown
+}
+fn f_wrong_id() -> UpgradeFailure {
+    UpgradeFailure::WrongUpgrade {
+        got: BOGUS.to_string(),
+        expected: ID1.to_string(),
+    }
+}
+const B_IN_FLIGHT: Refusal = Refusal::InFlight;
+const B_UPGRADED: Refusal = Refusal::Upgraded;
+const B_SHUTTING: Refusal = Refusal::ShuttingDown;
+const B_EXITED: Refusal = Refusal::Exited;
+
+#[test]
+fn failure_and_refusal_texts_are_what_callers_read() {
+    let texts = [
+        (
+            f_spawn().to_string(),
+            "could not start the new binary: no such file",
+        ),
+        (
+            f_start().to_string(),
+            "the new binary did not start within 5000 ms",
+        ),
+        (
+            f_handoff().to_string(),
+            "could not hand the listeners over: broken pipe",
+        ),
+        (f_invalid().to_string(), "new process 4242: garbage"),
+        (
+            f_exit().to_string(),
+            "new process 4242 exited before READY: signal 9",
+        ),
+        (
+            f_deadline().to_string(),
+            "new process 4242 was not ready within 5000 ms",
+        ),
+        (f_shutdown().to_string(), "shutdown requested"),
+        (B_IN_FLIGHT.to_string(), "an upgrade is already in flight"),
+        (
+            B_UPGRADED.to_string(),
+            "this process was upgraded and is draining",
+        ),
+        (B_SHUTTING.to_string(), "this process is shutting down"),
+        (B_EXITED.to_string(), "this process has exited"),
+    ];
+    for (got, want) in texts {
+        assert_eq!(got, want);
+    }
+    assert_eq!(
+        f_wrong_id().to_string(),
+        format!("new process answered READY for upgrade {BOGUS}, expected {ID1}")
+    );
+    assert_eq!(f_deadline().code(), "ready-timeout");
+    assert_eq!(Refusal::TooManyDraining.code(), "too-many-draining");
+}
 
 // ------------------------------------------------------------------------------------------
 // Building a machine in each phase through the public-in-crate API
@@ -436,7 +506,7 @@ fn table() -> Vec<Row> {
         row!(Forking, UpSignal      => Forking,     true,  [busy(Requester::Signal, B_IN_FLIGHT)]),
         row!(Forking, UpApi         => Forking,     true,  [busy(LATE, B_IN_FLIGHT)]),
         row!(Forking, Spawned       => HandingOver, true,  [pc(P::HandingOver), SendListeners(ID1)]),
-        row!(Forking, SpawnFailed   => Serving,     true,  [pc(P::Serving), failed(REQ, F_SPAWN)]),
+        row!(Forking, SpawnFailed   => Serving,     true,  [pc(P::Serving), failed(REQ, f_spawn())]),
         row!(Forking, ListenersSent => Forking,     true,  []),
         row!(Forking, HandoffFailed => Forking,     true,  []),
         row!(Forking, ReadyRight    => Forking,     true,  []),
@@ -448,11 +518,11 @@ fn table() -> Vec<Row> {
         row!(Forking, ExitedOther   => Forking,     true,  []),
         row!(Forking, AcceptStopped => Forking,     true,  []),
         row!(Forking, Drained       => Forking,     true,  []),
-        row!(Forking, Shutdown      => Draining,    false, [failed(REQ, F_SHUTDOWN), pc(P::Draining), StopAccepting, drain_shutdown()]),
-        row!(Forking, Deadline      => Serving,     true,  [pc(P::Serving), failed(REQ, F_START)]),
+        row!(Forking, Shutdown      => Draining,    false, [failed(REQ, f_shutdown()), pc(P::Draining), StopAccepting, drain_shutdown()]),
+        row!(Forking, Deadline      => Serving,     true,  [pc(P::Serving), failed(REQ, f_start())]),
         row!(Forking, CheckedAlive  => Forking, true, []),
         row!(Forking, CheckedDead   => Forking, true, []),
-        row!(Forking, GaveUp        => Draining,    false, [failed(REQ, F_SHUTDOWN), pc(P::Draining), StopAccepting, drain_shutdown()]),
+        row!(Forking, GaveUp        => Draining,    false, [failed(REQ, f_shutdown()), pc(P::Draining), StopAccepting, drain_shutdown()]),
 
         // ---- HandingOver (child CHILD for ID1, still accepting).
         row!(HandingOver, UpSignal      => HandingOver, true,  [busy(Requester::Signal, B_IN_FLIGHT)]),
@@ -460,21 +530,21 @@ fn table() -> Vec<Row> {
         row!(HandingOver, Spawned       => HandingOver, true,  []),
         row!(HandingOver, SpawnFailed   => HandingOver, true,  []),
         row!(HandingOver, ListenersSent => HandingOver, true,  []),
-        row!(HandingOver, HandoffFailed => Serving,     true,  [kill(CHILD), pc(P::Serving), failed(REQ, F_HANDOFF)]),
+        row!(HandingOver, HandoffFailed => Serving,     true,  [kill(CHILD), pc(P::Serving), failed(REQ, f_handoff())]),
         row!(HandingOver, ReadyRight    => Draining,    false, [upgraded(REQ, CHILD), pc(P::Draining), StopAccepting, drain_upgraded()]),
-        row!(HandingOver, ReadyWrong    => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, &f_wrong_id())]),
-        row!(HandingOver, Invalid       => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, F_INVALID)]),
+        row!(HandingOver, ReadyWrong    => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, f_wrong_id())]),
+        row!(HandingOver, Invalid       => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, f_invalid())]),
         row!(HandingOver, Retired       => HandingOver, true,  []),
         row!(HandingOver, Resumed       => HandingOver, true,  []),
-        row!(HandingOver, ExitedChild   => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, F_EXIT)]),
+        row!(HandingOver, ExitedChild   => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, f_exit())]),
         row!(HandingOver, ExitedOther   => HandingOver, true,  []),
         row!(HandingOver, AcceptStopped => HandingOver, true,  []),
         row!(HandingOver, Drained       => HandingOver, true,  []),
-        row!(HandingOver, Shutdown      => Draining,    false, [abandon(CHILD), failed(REQ, F_SHUTDOWN), pc(P::Draining), StopAccepting, drain_shutdown()]),
-        row!(HandingOver, Deadline      => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, F_DEADLINE)]),
+        row!(HandingOver, Shutdown      => Draining,    false, [abandon(CHILD), failed(REQ, f_shutdown()), pc(P::Draining), StopAccepting, drain_shutdown()]),
+        row!(HandingOver, Deadline      => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, f_deadline())]),
         row!(HandingOver, CheckedAlive  => HandingOver, true, []),
         row!(HandingOver, CheckedDead   => HandingOver, true, []),
-        row!(HandingOver, GaveUp        => Draining,    false, [abandon(CHILD), failed(REQ, F_SHUTDOWN), pc(P::Draining), StopAccepting, drain_shutdown()]),
+        row!(HandingOver, GaveUp        => Draining,    false, [abandon(CHILD), failed(REQ, f_shutdown()), pc(P::Draining), StopAccepting, drain_shutdown()]),
 
         // ---- Draining after the upgrade to CHILD.
         row!(DrainingUpgrade, UpSignal      => Draining, false, [busy(Requester::Signal, B_UPGRADED)]),
@@ -749,7 +819,7 @@ fn rollback_on_spawn_failure() {
     let mut h = build(S::Forking);
     assert_eq!(
         h.ev(spawn_failed()),
-        vec![pc(P::Serving), failed(REQ, F_SPAWN)]
+        vec![pc(P::Serving), failed(REQ, f_spawn())]
     );
     assert_rolled_back(&mut h);
 }
@@ -759,7 +829,7 @@ fn rollback_on_child_exit_before_ready() {
     let mut h = handing_over();
     assert_eq!(
         h.ev(exited(CHILD)),
-        vec![abandon(CHILD), pc(P::Serving), failed(REQ, F_EXIT)]
+        vec![abandon(CHILD), pc(P::Serving), failed(REQ, f_exit())]
     );
     assert_rolled_back(&mut h);
 }
@@ -777,7 +847,7 @@ fn rollback_on_ready_deadline() {
     h.now = deadline;
     assert_eq!(
         h.tick(),
-        vec![abandon(CHILD), pc(P::Serving), failed(REQ, F_DEADLINE)],
+        vec![abandon(CHILD), pc(P::Serving), failed(REQ, f_deadline())],
         "fires at the deadline itself"
     );
     assert_rolled_back(&mut h);
@@ -816,7 +886,7 @@ fn rollback_on_bad_message() {
     let mut h = handing_over();
     assert_eq!(
         h.ev(invalid()),
-        vec![abandon(CHILD), pc(P::Serving), failed(REQ, F_INVALID)]
+        vec![abandon(CHILD), pc(P::Serving), failed(REQ, f_invalid())]
     );
     assert_rolled_back(&mut h);
 }
@@ -826,7 +896,7 @@ fn rollback_on_wrong_upgrade_id() {
     let mut h = handing_over();
     assert_eq!(
         h.ev(ready(BOGUS)),
-        vec![abandon(CHILD), pc(P::Serving), failed(REQ, &f_wrong_id())]
+        vec![abandon(CHILD), pc(P::Serving), failed(REQ, f_wrong_id())]
     );
     assert_rolled_back(&mut h);
 }
@@ -836,7 +906,7 @@ fn rollback_on_handoff_failed() {
     let mut h = handing_over();
     assert_eq!(
         h.ev(handoff_failed()),
-        vec![kill(CHILD), pc(P::Serving), failed(REQ, F_HANDOFF)]
+        vec![kill(CHILD), pc(P::Serving), failed(REQ, f_handoff())]
     );
     assert_rolled_back(&mut h);
 }
@@ -851,7 +921,7 @@ fn rollback_replies_to_a_signal_requester_too() {
         vec![
             abandon(CHILD),
             pc(P::Serving),
-            failed(Requester::Signal, F_INVALID)
+            failed(Requester::Signal, f_invalid())
         ]
     );
 }
@@ -1055,7 +1125,7 @@ fn shutdown_during_handing_over_abandons_the_child_and_drains() {
         h.ev(Event::ShutdownRequested),
         vec![
             abandon(CHILD),
-            failed(REQ, F_SHUTDOWN),
+            failed(REQ, f_shutdown()),
             pc(P::Draining),
             StopAccepting,
             drain_shutdown(),
@@ -1079,7 +1149,7 @@ fn shutdown_during_handing_over_abandons_the_child_and_drains() {
 fn shutdown_during_forking_replies_failed_and_drains() {
     let mut h = build(S::Forking);
     let actions = h.ev(Event::ShutdownRequested);
-    assert!(actions.contains(&failed(REQ, F_SHUTDOWN)));
+    assert!(actions.contains(&failed(REQ, f_shutdown())));
     assert!(!actions
         .iter()
         .any(|a| matches!(a, Action::AbandonChild { .. })));
@@ -1102,7 +1172,7 @@ fn a_spawn_that_never_completes_is_given_up_at_the_deadline() {
     h.wait(TIMEOUTS.ready - 2 * MS);
     assert_eq!(h.tick(), vec![], "not yet");
     h.wait(MS);
-    assert_eq!(h.tick(), vec![pc(P::Serving), failed(REQ, F_START)]);
+    assert_eq!(h.tick(), vec![pc(P::Serving), failed(REQ, f_start())]);
     assert!(h.m.accepting());
     assert_eq!(h.m.current_upgrade(), None);
     // The late child's spawn is stale (the driver kills it); a new upgrade starts afresh.
@@ -1117,7 +1187,7 @@ fn a_spawn_completing_past_the_deadline_is_abandoned_not_handed_over() {
     h.wait(TIMEOUTS.ready);
     assert_eq!(
         h.ev(spawned(CHILD)),
-        vec![kill(CHILD), pc(P::Serving), failed(REQ, F_START)]
+        vec![kill(CHILD), pc(P::Serving), failed(REQ, f_start())]
     );
     assert!(h.m.accepting());
     assert_eq!(h.m.poll_timeout(), None);
@@ -1824,10 +1894,7 @@ fn upgrade_is_refused_while_too_many_elders_drain() {
     assert_eq!(h.phase(), Phase::Serving);
     assert_eq!(
         h.ev(Event::UpgradeRequested(REQ)),
-        vec![Action::Reply(
-            REQ,
-            Outcome::Busy("too many older generations are still draining")
-        )]
+        vec![Action::Reply(REQ, Outcome::Busy(Refusal::TooManyDraining))]
     );
     assert_eq!(h.phase(), Phase::Serving);
     assert!(h.m.accepting());
@@ -1851,10 +1918,7 @@ fn a_limit_of_one_means_upgrade_only_once_every_elder_is_gone() {
     h.ev(Event::EldersDraining(1));
     assert_eq!(
         h.ev(Event::UpgradeRequested(REQ)),
-        vec![Action::Reply(
-            REQ,
-            Outcome::Busy("too many older generations are still draining")
-        )]
+        vec![Action::Reply(REQ, Outcome::Busy(Refusal::TooManyDraining))]
     );
     h.ev(Event::EldersDraining(0));
     assert_eq!(
