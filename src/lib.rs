@@ -75,6 +75,7 @@ mod error;
 mod handle;
 mod handoff;
 mod inherit;
+mod launch;
 mod listener;
 mod machine;
 mod pidfile;

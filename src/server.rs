@@ -22,11 +22,14 @@ use crate::error::Error;
 use crate::handle::Handle;
 use crate::handoff::MAX_LISTENERS;
 use crate::inherit::ParentLink;
+use crate::launch::EnvOverrides;
 use crate::listener::{self, Endpoint, ListenSpec, Listener, UdpSocketEntry};
 use crate::machine::{ExitReason, Timeouts};
 use crate::shared::{Config, PhaseCell, RequestsOpen, Shared};
 use crate::workers::{Coordinator, WorkerGone, WorkerSet};
 use crate::{boot, control, signals, sys, systemd};
+
+mod deploy;
 
 /// Configures and starts a [`Server`].
 #[derive(Debug, Clone)]
@@ -36,6 +39,9 @@ pub struct Builder {
     drain_timeout: Duration,
     pid_file: Option<PathBuf>,
     binary: Option<PathBuf>,
+    /// The new process's arguments after `argv[0]` (default: this process's).
+    args: Option<Vec<OsString>>,
+    env: EnvOverrides,
     max_draining: u32,
     control: Option<PathBuf>,
     udp: Vec<(String, SocketAddr)>,
@@ -50,6 +56,8 @@ impl Default for Builder {
             drain_timeout: Duration::from_secs(60),
             pid_file: None,
             binary: None,
+            args: None,
+            env: EnvOverrides::default(),
             max_draining: 4,
             control: None,
             udp: Vec::new(),
@@ -164,13 +172,6 @@ impl Builder {
         self
     }
 
-    /// The binary an upgrade starts (default: the path this process was started from, read
-    /// again at each upgrade, so a binary replaced on disk is what starts).
-    pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
-        self.binary = Some(path.into());
-        self
-    }
-
     /// Sets the process up: blocks SIGHUP, SIGTERM and SIGINT in the calling thread (they are
     /// read from a signalfd; threads started later inherit the mask; one started earlier that
     /// is handed one of them forwards it to the server's thread instead of dying of it), then
@@ -257,11 +258,7 @@ impl Builder {
         signals::install(&signals).map_err(Error::io("installing the signal forwarding"))?;
         let signal_reader = signals::Reader::claim();
 
-        let exe = match &self.binary {
-            Some(path) => path.clone(),
-            None => std::env::current_exe().map_err(Error::io("finding this binary"))?,
-        };
-        let args: Vec<OsString> = std::env::args_os().collect();
+        let (exe, args) = self.successor_command(std::env::args_os().collect());
         let boot::Sockets {
             listeners,
             parent,
@@ -305,6 +302,7 @@ impl Builder {
                 workers: self.workers,
                 exe,
                 args,
+                env: self.env,
                 signals,
                 notify_socket: systemd::notify_target(),
             },

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use nix::sys::signal::SigSet;
 
 use crate::error::UpgradeError;
+use crate::launch::EnvOverrides;
 use crate::machine::{Phase, Timeouts};
 use crate::sys;
 
@@ -23,6 +24,8 @@ pub(crate) struct Config {
     pub pid_file: Option<PathBuf>,
     pub exe: PathBuf,
     pub args: Vec<OsString>,
+    /// How the new process's environment differs from this one's.
+    pub env: EnvOverrides,
     pub signals: SigSet,
     /// Where systemd notifications go (`NOTIFY_SOCKET` at `build`), if anywhere.
     pub notify_socket: Option<OsString>,

@@ -42,6 +42,11 @@ struct Args {
     /// HandingOver, so this process notices its successor's READY late.
     stall_on_handover: Option<Duration>,
     workers: usize,
+    /// `--successor-env KEY=VALUE`: set in the next generation's environment.
+    successor_env: Vec<(String, String)>,
+    /// `--successor-env-file PATH`: `KEY=VALUE` lines read at each upgrade into the next
+    /// generation's environment (`Builder::env_refresh`).
+    successor_env_file: Option<PathBuf>,
 }
 
 fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Args, String> {
@@ -60,6 +65,8 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
         ballast_mib: 0,
         stall_on_handover: None,
         workers: 1,
+        successor_env: Vec::new(),
+        successor_env_file: None,
     };
     let mut it = argv;
     while let Some(flag) = it.next() {
@@ -83,6 +90,14 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
                 args.udp
                     .push(v.parse().map_err(|e| format!("--udp {v}: {e}"))?);
             }
+            "--successor-env" => {
+                let v = value()?;
+                let (k, v) = v
+                    .split_once('=')
+                    .ok_or_else(|| format!("--successor-env {v}: KEY=VALUE"))?;
+                args.successor_env.push((k.into(), v.into()));
+            }
+            "--successor-env-file" => args.successor_env_file = Some(value()?.into()),
             "--pass-file" => args.pass_file = Some(value()?.into()),
             "--workers" => {
                 let v = value()?;
@@ -164,6 +179,19 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
     }
     if let Some(path) = args.pid_file {
         builder = builder.pid_file(path);
+    }
+    for (k, v) in &args.successor_env {
+        builder = builder.env(k, v);
+    }
+    if let Some(path) = args.successor_env_file {
+        builder = builder.env_refresh(move |env| {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            for line in text.lines() {
+                if let Some((k, v)) = line.split_once('=') {
+                    env.insert(k.into(), v.into());
+                }
+            }
+        });
     }
     for (i, listen) in args.listen.iter().enumerate() {
         let name = format!("echo{i}");

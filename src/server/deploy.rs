@@ -1,0 +1,146 @@
+//! The [`Builder`] options of how a service is deployed: what an upgrade starts (binary,
+//! arguments, environment).
+
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::launch;
+
+use super::Builder;
+
+impl Builder {
+    /// The binary an upgrade starts.
+    ///
+    /// By default, the path this process was started with, as its `argv[0]` gave it:
+    /// absolute as given; relative with a slash (`./current/app`), joined to the working
+    /// directory at [`build`](Builder::build) (call `build` before any `chdir`); a bare name
+    /// (`app`), found in `PATH` as the shell found it. It is never resolved through symlinks
+    /// (nor `/proc/self/exe`): each upgrade execs that path anew, so a symlink deploy works —
+    /// start the service as `/srv/app/current/app` with `current -> releases/v1`, point
+    /// `current` at `releases/v2`, send SIGHUP, and v2 starts. (Only when `argv[0]` names
+    /// nothing that can be found is `std::env::current_exe()` used, with a warning.)
+    ///
+    /// **Pitfall:** the path is read at each upgrade, not kept open. Deploy a new binary as a
+    /// new file (a new release directory, or a write beside it then `rename` over the old
+    /// name). Writing into the running binary's file fails (`ETXTBSY`) or, through a tool that
+    /// truncates and rewrites, can leave a half-written file that the next upgrade starts; a
+    /// deleted binary (or release directory cleaned up too early) makes the upgrade fail
+    /// (`ENOENT`) — the running process keeps serving, nothing falls back to the old binary.
+    pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.binary = Some(path.into());
+        self
+    }
+
+    /// The new process's arguments after `argv[0]` (default: this process's own). `argv[0]`
+    /// stays the one described in [`Builder::binary`].
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args = Some(args.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Sets `key` to `value` in the new process's environment.
+    ///
+    /// By default the new process gets this process's environment *as it is at the upgrade*
+    /// (what `std::env::set_var` changed included), not that of whoever sent the SIGHUP: a
+    /// deploy that changes an `EnvironmentFile` or a shell's exports reaches the new binary
+    /// only through this, [`Builder::env_remove`] or [`Builder::env_refresh`].
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.changes.push((key.into(), Some(value.into())));
+        self
+    }
+
+    /// Removes `key` from the new process's environment.
+    pub fn env_remove(mut self, key: impl AsRef<OsStr>) -> Self {
+        self.env.changes.push((key.as_ref().to_os_string(), None));
+        self
+    }
+
+    /// Refreshes the new process's environment at each upgrade: `hook` gets the environment
+    /// it would have (this process's, with [`Builder::env`] and [`Builder::env_remove`]
+    /// applied) and may change it, e.g. re-read an env file the deploy rewrote. It runs on the
+    /// thread that starts the new binary; if it panics, the upgrade fails and this process
+    /// keeps serving. ringflip's own variables (`RINGFLIP_*`) and socket activation's
+    /// (`LISTEN_*`) are set or removed after it, whatever it does.
+    ///
+    /// ```no_run
+    /// let builder = ringflip::Server::builder()
+    ///     .listen_tcp("web", "0.0.0.0:8080".parse().unwrap())
+    ///     .env_refresh(|env| {
+    ///         // KEY=VALUE lines a deploy script rewrites before `kill -HUP`.
+    ///         let text = std::fs::read_to_string("/srv/app/env").unwrap_or_default();
+    ///         for line in text.lines() {
+    ///             if let Some((k, v)) = line.split_once('=') {
+    ///                 env.insert(k.into(), v.into());
+    ///             }
+    ///         }
+    ///     });
+    /// ```
+    pub fn env_refresh(
+        mut self,
+        hook: impl Fn(&mut BTreeMap<OsString, OsString>) + Send + Sync + 'static,
+    ) -> Self {
+        self.env.hook = Some(Arc::new(hook));
+        self
+    }
+
+    /// What an upgrade starts: the binary, and the arguments (`argv[0]` included), from this
+    /// process's `argv`.
+    pub(super) fn successor_command(&self, argv: Vec<OsString>) -> (PathBuf, Vec<OsString>) {
+        let given0 = argv.first().cloned().unwrap_or_default();
+        let (exe, argv0) = match &self.binary {
+            Some(path) => (path.clone(), given0),
+            None => {
+                let cwd = std::env::current_dir().ok();
+                let path_var = std::env::var_os("PATH");
+                match launch::default_binary(&given0, cwd.as_deref(), path_var.as_deref()) {
+                    Some(found) => found,
+                    None => {
+                        let exe = std::env::current_exe().unwrap_or_default();
+                        tracing::warn!(
+                            argv0 = ?given0,
+                            binary = %exe.display(),
+                            "argv[0] names no binary that can be found; upgrades will start \
+                             this process's resolved executable (set Builder::binary)"
+                        );
+                        (exe, given0)
+                    }
+                }
+            }
+        };
+        let rest = match &self.args {
+            Some(args) => args.clone(),
+            None => argv.into_iter().skip(1).collect(),
+        };
+        (exe, std::iter::once(argv0).chain(rest).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn the_successor_command_comes_from_argv_unless_overridden() {
+        let argv = os(&["/srv/app/current/app", "--port", "80"]);
+        let (exe, args) = Builder::default().successor_command(argv.clone());
+        assert_eq!(exe, PathBuf::from("/srv/app/current/app"));
+        assert_eq!(args, argv);
+
+        let (exe, args) = Builder::default()
+            .binary("/opt/app/bin/app")
+            .args(["--port", "81"])
+            .successor_command(argv);
+        assert_eq!(exe, PathBuf::from("/opt/app/bin/app"));
+        assert_eq!(args, os(&["/srv/app/current/app", "--port", "81"]));
+    }
+}
