@@ -94,6 +94,8 @@ pub use handle::{Handle, PhaseWatch};
 pub use handoff::{MAX_LISTENERS, MAX_STATE_LEN};
 pub use machine::{ExitReason, Phase};
 pub use server::{Builder, Server, Worker};
+/// The socket crate of [`Builder::listen_tcp_with`], re-exported so the versions match.
+pub use socket2;
 
 /// Entry points for the fuzz targets in `fuzz/`; not part of the API.
 #[doc(hidden)]

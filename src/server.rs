@@ -42,6 +42,7 @@ pub struct Builder {
     /// The new process's arguments after `argv[0]` (default: this process's).
     args: Option<Vec<OsString>>,
     env: EnvOverrides,
+    backlog: Option<u32>,
     max_draining: u32,
     control: Option<PathBuf>,
     udp: Vec<(String, SocketAddr)>,
@@ -58,6 +59,7 @@ impl Default for Builder {
             binary: None,
             args: None,
             env: EnvOverrides::default(),
+            backlog: None,
             max_draining: 4,
             control: None,
             udp: Vec::new(),
@@ -101,6 +103,8 @@ impl Builder {
             endpoint,
             mode,
             reuseport: false,
+            setup: None,
+            backlog: None,
         });
         self
     }
@@ -230,6 +234,10 @@ impl Builder {
         // do not share: the first armed takes everything).
         let mut specs = Vec::new();
         for spec in &self.listeners {
+            let spec = &ListenSpec {
+                backlog: self.backlog,
+                ..spec.clone()
+            };
             if self.workers > 1 && matches!(spec.endpoint, Endpoint::Tcp(_)) {
                 for i in 0..self.workers {
                     specs.push(ListenSpec {
@@ -248,6 +256,8 @@ impl Builder {
                 endpoint: Endpoint::Unix(path.clone()),
                 mode: Some(0o600),
                 reuseport: false,
+                setup: None,
+                backlog: None,
             });
         }
         let signals = signals::handled();

@@ -5,6 +5,8 @@ mod common;
 
 use common::*;
 use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::thread;
 use std::time::Duration;
@@ -90,5 +92,104 @@ fn the_successors_environment_is_set_and_refreshed() {
         .collect();
     assert_eq!(ids.len(), 1, "{env:?}");
     assert_ne!(ids[0], "RINGFLIP_UPGRADE_ID=forged");
+    server.stop();
+}
+
+/// An int socket option of `fd`.
+fn int_opt(fd: &OwnedFd, level: libc::c_int, name: libc::c_int) -> libc::c_int {
+    try_int_opt(fd, level, name).unwrap_or_else(|e| panic!("getsockopt({level}, {name}): {e}"))
+}
+
+fn try_int_opt(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> std::io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into an int of the size passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+/// A duplicate (pidfd_getfd) of the listening socket of process `pid` bound to `addr`.
+fn listener_of(pid: i32, addr: SocketAddr) -> OwnedFd {
+    // SAFETY: a plain syscall.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new fd, owned by nothing else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    for (fd, _) in fds_of(pid) {
+        // SAFETY: a plain syscall.
+        let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+        if got < 0 {
+            continue;
+        }
+        // SAFETY: a new fd, owned by nothing else.
+        let dup = unsafe { OwnedFd::from_raw_fd(got as i32) };
+        let listening =
+            try_int_opt(&dup, libc::SOL_SOCKET, libc::SO_ACCEPTCONN).is_ok_and(|v| v == 1);
+        let socket = socket2::SockRef::from(&dup);
+        if listening && socket.local_addr().ok().and_then(|a| a.as_socket()) == Some(addr) {
+            return dup;
+        }
+    }
+    panic!("process {pid} has no socket listening on {addr}");
+}
+
+/// `Builder::listen_tcp_with`: IPV6_V6ONLY and TCP_DEFER_ACCEPT set before the bind of
+/// `[::1]:PORT`, read back in the first process and, unchanged, in the process an upgrade
+/// started (it inherits the socket; its setup does not run again).
+#[test]
+fn socket_options_set_at_bind_time_survive_the_upgrade() {
+    let v6 = {
+        let l = TcpListener::bind("[::1]:0").expect("bind [::1]:0");
+        l.local_addr().unwrap()
+    };
+    let server = EchoServer::start(EchoOpts {
+        extra_args: vec![
+            "--listen".into(),
+            v6.to_string(),
+            "--v6only".into(),
+            "--tcp-defer-accept".into(),
+            "5".into(),
+        ],
+        ..Default::default()
+    });
+    let read = |pid: i32| {
+        let fd = listener_of(pid, v6);
+        (
+            int_opt(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
+            int_opt(&fd, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT),
+        )
+    };
+    let first = read(server.pid());
+    // The kernel sets IPV6_V6ONLY itself on a socket bound to a specific IPv6 address (::1),
+    // so it is 1 with or without the setup; TCP_DEFER_ACCEPT is what shows the setup ran.
+    assert_eq!(first.0, 1, "IPV6_V6ONLY not set");
+    assert!(first.1 > 0, "TCP_DEFER_ACCEPT not set: {first:?}");
+    // A client that speaks first is served (defer-accept holds it until its data).
+    drop(server.open_conn(v6, "v6\n"));
+    // The v4 listener was left alone (IPV6_V6ONLY does not apply to it).
+    drop(server.open_conn(server.addr(), "v4\n"));
+
+    let new = server.upgrade();
+    assert_eq!(read(new), first, "{}", server.log_tail());
+    drop(server.open_conn(v6, "v6 again\n"));
     server.stop();
 }

@@ -47,6 +47,10 @@ struct Args {
     /// `--successor-env-file PATH`: `KEY=VALUE` lines read at each upgrade into the next
     /// generation's environment (`Builder::env_refresh`).
     successor_env_file: Option<PathBuf>,
+    /// `--v6only`: IPV6_V6ONLY on the IPv6 TCP listeners (`Builder::listen_tcp_with`).
+    v6only: bool,
+    /// `--tcp-defer-accept SECS`: TCP_DEFER_ACCEPT on the TCP listeners.
+    defer_accept: Option<i32>,
 }
 
 fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Args, String> {
@@ -67,6 +71,8 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
         workers: 1,
         successor_env: Vec::new(),
         successor_env_file: None,
+        v6only: false,
+        defer_accept: None,
     };
     let mut it = argv;
     while let Some(flag) = it.next() {
@@ -98,6 +104,14 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
                 args.successor_env.push((k.into(), v.into()));
             }
             "--successor-env-file" => args.successor_env_file = Some(value()?.into()),
+            "--v6only" => args.v6only = true,
+            "--tcp-defer-accept" => {
+                let v = value()?;
+                args.defer_accept = Some(
+                    v.parse()
+                        .map_err(|e| format!("--tcp-defer-accept {v}: {e}"))?,
+                );
+            }
             "--pass-file" => args.pass_file = Some(value()?.into()),
             "--workers" => {
                 let v = value()?;
@@ -136,6 +150,25 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
         return Err("at least one --listen ADDR is needed".into());
     }
     Ok(args)
+}
+
+/// TCP_DEFER_ACCEPT, which socket2 has no setter for.
+fn set_defer_accept(socket: &ringflip::socket2::Socket, secs: i32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket, and a pointer to an int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Parses a `--…-ms` option value.
@@ -196,6 +229,18 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
     for (i, listen) in args.listen.iter().enumerate() {
         let name = format!("echo{i}");
         builder = match listen {
+            Listen::Tcp(addr) if args.v6only || args.defer_accept.is_some() => {
+                let (v6only, defer) = (args.v6only && addr.is_ipv6(), args.defer_accept);
+                builder.listen_tcp_with(name, *addr, move |socket| {
+                    if v6only {
+                        socket.set_only_v6(true)?;
+                    }
+                    if let Some(secs) = defer {
+                        set_defer_accept(socket, secs)?;
+                    }
+                    Ok(())
+                })
+            }
             Listen::Tcp(addr) => builder.listen_tcp(name, *addr),
             Listen::Unix(path) => match path.strip_prefix('@') {
                 Some(abstract_name) => builder.listen_unix_abstract(name, abstract_name),

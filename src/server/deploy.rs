@@ -1,16 +1,81 @@
 //! The [`Builder`] options of how a service is deployed: what an upgrade starts (binary,
-//! arguments, environment).
+//! arguments, environment), and how its sockets are made on first start (socket options,
+//! backlog).
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::launch;
+use crate::listener::{Endpoint, SocketSetup};
 
 use super::Builder;
 
 impl Builder {
+    /// Like [`Builder::listen_tcp`], with `setup` run on the new socket between `socket()` and
+    /// `bind()` (after SO_REUSEADDR, and SO_REUSEPORT for [`Builder::workers`]' members, are
+    /// set; `listen()` comes later, with [`Builder::listen_backlog`]): for IPV6_V6ONLY,
+    /// TCP_FASTOPEN, TCP_DEFER_ACCEPT, SO_BINDTODEVICE, IP_FREEBIND, buffer sizes…
+    ///
+    /// `setup` runs only where this process makes the socket (first start; with workers, once
+    /// per member of the group). **A socket inherited at an upgrade keeps the options it was
+    /// made with: `setup` does not run again in the new process,** nor on a socket passed by
+    /// systemd (set those in the `.socket` unit). Changing them needs a restart (or a new
+    /// listener name). An error from `setup` fails [`Builder::build`] as a bind error.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), ringflip::Error> {
+    /// use std::os::fd::AsRawFd;
+    /// let server = ringflip::Server::builder()
+    ///     .listen_tcp_with("web", "[::]:8080".parse().unwrap(), |socket| {
+    ///         socket.set_only_v6(true)?; // IPV6_V6ONLY
+    ///         socket.set_freebind_v6(true)?; // IP_FREEBIND: bind before the address is up
+    ///         // Options socket2 has no setter for: setsockopt on the raw fd.
+    ///         let secs: libc::c_int = 5;
+    ///         // SAFETY: a valid socket, and a pointer to an int of the size passed.
+    ///         let rc = unsafe {
+    ///             libc::setsockopt(
+    ///                 socket.as_raw_fd(),
+    ///                 libc::IPPROTO_TCP,
+    ///                 libc::TCP_DEFER_ACCEPT,
+    ///                 (&secs as *const libc::c_int).cast(),
+    ///                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+    ///             )
+    ///         };
+    ///         if rc != 0 {
+    ///             return Err(std::io::Error::last_os_error());
+    ///         }
+    ///         Ok(())
+    ///     })
+    ///     .listen_backlog(1024)
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn listen_tcp_with(
+        self,
+        name: impl Into<String>,
+        addr: SocketAddr,
+        setup: impl Fn(&socket2::Socket) -> std::io::Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        let mut builder = self.listen(name, Endpoint::Tcp(addr), None);
+        if let Some(spec) = builder.listeners.last_mut() {
+            spec.setup = Some(SocketSetup(Arc::new(setup)));
+        }
+        builder
+    }
+
+    /// The backlog this process's listeners are made with (`listen(2)`; default
+    /// `net.core.somaxconn`, which also caps it). Like the socket options of
+    /// [`Builder::listen_tcp_with`], it is set where the socket is made: an inherited socket
+    /// keeps the backlog it has (and a member added to a per-worker group by an upgrade to
+    /// more workers gets `somaxconn`).
+    pub fn listen_backlog(mut self, backlog: u32) -> Self {
+        self.backlog = Some(backlog);
+        self
+    }
+
     /// The binary an upgrade starts.
     ///
     /// By default, the path this process was started with, as its `argv[0]` gave it:
