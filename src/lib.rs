@@ -67,6 +67,7 @@
 // Inside the crate, `pub` means the public API: everything else is `pub(crate)` or narrower.
 #![warn(unreachable_pub)]
 
+mod access;
 mod boot;
 mod connection;
 mod control;

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::access::ControlAccess;
 use crate::connection::Connection;
 #[cfg(feature = "tokio")]
 use crate::driver::runtime::serve_async;
@@ -43,6 +44,7 @@ pub struct Builder {
     args: Option<Vec<OsString>>,
     env: EnvOverrides,
     backlog: Option<u32>,
+    control_access: ControlAccess,
     max_draining: u32,
     control: Option<PathBuf>,
     udp: Vec<(String, SocketAddr)>,
@@ -60,6 +62,7 @@ impl Default for Builder {
             args: None,
             env: EnvOverrides::default(),
             backlog: None,
+            control_access: ControlAccess::default(),
             max_draining: 4,
             control: None,
             udp: Vec::new(),
@@ -160,7 +163,9 @@ impl Builder {
     /// A control socket at `path` (Unix stream, mode 0600, handed over across upgrades like
     /// the listeners): `upgrade` answers `ok <new pid>` or `failed: <reason>` once the outcome
     /// is known, `status` answers the phase, pid, generation and live connections. Only peers
-    /// with this process's uid are served (`SO_PEERCRED`).
+    /// with this process's uid, root, and those allowed with
+    /// [`Builder::control_socket_allow_uid`] and [`Builder::control_socket_allow_gid`] are
+    /// served (`SO_PEERCRED`, `SO_PEERGROUPS`).
     pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Self {
         self.control = Some(path.into());
         self
@@ -254,7 +259,7 @@ impl Builder {
             specs.push(ListenSpec {
                 name: control::CONTROL_LISTENER.into(),
                 endpoint: Endpoint::Unix(path.clone()),
-                mode: Some(0o600),
+                mode: Some(self.control_access.file_mode()),
                 reuseport: false,
                 setup: None,
                 backlog: None,
@@ -278,6 +283,9 @@ impl Builder {
             udp,
             inherited_fds,
         } = boot::acquire(&specs, &self.udp)?;
+        if let Some(path) = &self.control {
+            deploy::set_control_file_access(path, &self.control_access)?;
+        }
         let wake = sys::eventfd().map_err(Error::io("eventfd"))?;
         let shared = Arc::new(Shared {
             wake,
@@ -289,6 +297,7 @@ impl Builder {
             handoff_state: Mutex::new(Bytes::new()),
             handoff_fds: Mutex::new(Vec::new()),
             generation,
+            control_access: self.control_access,
         });
         Ok(Server {
             listeners,

@@ -11,6 +11,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use bytes::Bytes;
 use nix::sys::signal::SigSet;
 
+use crate::access::ControlAccess;
 use crate::error::UpgradeError;
 use crate::launch::EnvOverrides;
 use crate::machine::{Phase, Timeouts};
@@ -50,6 +51,8 @@ pub(crate) struct Shared {
     pub generation: u32,
     /// Named fds the next HELLO hands over as they are.
     pub handoff_fds: Mutex<Vec<(String, OwnedFd)>>,
+    /// Who the control socket serves besides the service's uid and root.
+    pub control_access: ControlAccess,
 }
 
 impl Shared {

@@ -51,6 +51,9 @@ struct Args {
     v6only: bool,
     /// `--tcp-defer-accept SECS`: TCP_DEFER_ACCEPT on the TCP listeners.
     defer_accept: Option<i32>,
+    /// `--control-allow-uid N`, `--control-allow-gid N` (repeatable).
+    control_uids: Vec<u32>,
+    control_gids: Vec<u32>,
 }
 
 fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Args, String> {
@@ -73,6 +76,8 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
         successor_env_file: None,
         v6only: false,
         defer_accept: None,
+        control_uids: Vec::new(),
+        control_gids: Vec::new(),
     };
     let mut it = argv;
     while let Some(flag) = it.next() {
@@ -104,6 +109,15 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
                 args.successor_env.push((k.into(), v.into()));
             }
             "--successor-env-file" => args.successor_env_file = Some(value()?.into()),
+            "--control-allow-uid" | "--control-allow-gid" => {
+                let v = value()?;
+                let id: u32 = v.parse().map_err(|e| format!("{flag} {v}: {e}"))?;
+                if flag == "--control-allow-uid" {
+                    args.control_uids.push(id);
+                } else {
+                    args.control_gids.push(id);
+                }
+            }
             "--v6only" => args.v6only = true,
             "--tcp-defer-accept" => {
                 let v = value()?;
@@ -200,6 +214,12 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
         .drain_timeout(args.drain_timeout);
     if let Some(path) = args.control {
         builder = builder.control_socket(path);
+    }
+    for uid in &args.control_uids {
+        builder = builder.control_socket_allow_uid(*uid);
+    }
+    for gid in &args.control_gids {
+        builder = builder.control_socket_allow_gid(*gid);
     }
     for (i, addr) in args.udp.iter().enumerate() {
         builder = builder.bind_udp(format!("udp{i}"), *addr);

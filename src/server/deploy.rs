@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::access::ControlAccess;
+use crate::error::Error;
 use crate::launch;
 use crate::listener::{Endpoint, SocketSetup};
 
@@ -154,6 +156,35 @@ impl Builder {
         self
     }
 
+    /// Also serve the control socket ([`Builder::control_socket`]) to peers of uid `uid`
+    /// (repeatable). The socket file then has mode 0666: anyone can connect, and the peer's
+    /// credentials (`SO_PEERCRED`, taken by the kernel at `connect`) decide; a peer refused
+    /// gets `refused: …` and nothing happens. Root and the service's own uid are always
+    /// served.
+    pub fn control_socket_allow_uid(mut self, uid: u32) -> Self {
+        self.control_access.uids.push(uid);
+        self
+    }
+
+    /// Also serve the control socket to peers whose group or one of whose supplementary
+    /// groups is `gid` (repeatable; `SO_PEERGROUPS`). Without an allowed uid, the socket file
+    /// has mode 0660 and belongs to the first allowed gid (the service must be able to
+    /// `chown` it to that group: be a member, or have CAP_CHOWN), so only the owner and that
+    /// group can connect.
+    ///
+    /// ```no_run
+    /// let server = ringflip::Server::builder()
+    ///     .listen_tcp("web", "0.0.0.0:8080".parse().unwrap())
+    ///     .control_socket("/run/app/control.sock")
+    ///     .control_socket_allow_gid(998) // the `deploy` group
+    ///     .build()?;
+    /// # Ok::<(), ringflip::Error>(())
+    /// ```
+    pub fn control_socket_allow_gid(mut self, gid: u32) -> Self {
+        self.control_access.gids.push(gid);
+        self
+    }
+
     /// What an upgrade starts: the binary, and the arguments (`argv[0]` included), from this
     /// process's `argv`.
     pub(super) fn successor_command(&self, argv: Vec<OsString>) -> (PathBuf, Vec<OsString>) {
@@ -184,6 +215,28 @@ impl Builder {
         };
         (exe, std::iter::once(argv0).chain(rest).collect())
     }
+}
+
+/// Gives the control socket file at `path` the mode and group `access` asks for, whether this
+/// process bound it or inherited it (a new binary may allow others than the old one did).
+pub(super) fn set_control_file_access(
+    path: &std::path::Path,
+    access: &ControlAccess,
+) -> Result<(), Error> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let meta = std::fs::symlink_metadata(path).map_err(Error::io("the control socket file"))?;
+    if !meta.file_type().is_socket() {
+        return Err(Error::Config(format!(
+            "{} is not the control socket",
+            path.display()
+        )));
+    }
+    if let Some(gid) = access.file_group() {
+        std::os::unix::fs::lchown(path, None, Some(gid))
+            .map_err(Error::io("giving the control socket file its group"))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.file_mode()))
+        .map_err(Error::io("setting the control socket file's mode"))
 }
 
 #[cfg(test)]
