@@ -37,6 +37,9 @@
 //! # Kernel
 //! Linux 6.1 or later: multishot accept (5.19) and a `SINGLE_ISSUER | DEFER_TASKRUN` ring (6.1),
 //! with which connections the process has not reaped yet stay in the kernel backlog if it dies.
+//! Where io_uring is refused (a container's default seccomp profile, the sysctl
+//! `kernel.io_uring_disabled`, an older kernel), [`Builder::build`] fails with
+//! [`Error::Unsupported`] naming the likely cause; nothing is bound.
 //!
 //! # Example
 //! ```no_run
@@ -64,8 +67,16 @@
 //! }
 //! ```
 #![deny(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 // Inside the crate, `pub` means the public API: everything else is `pub(crate)` or narrower.
 #![warn(unreachable_pub)]
+
+// Everything here is Linux's: io_uring, pidfd, signalfd, SO_PEERCRED, abstract Unix sockets.
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "ringflip supports Linux only (kernel 6.1 or later): it hands sockets over with io_uring, \
+     pidfd and signalfd, which other systems do not have"
+);
 
 mod access;
 mod boot;
@@ -76,6 +87,7 @@ mod error;
 mod handle;
 mod handoff;
 mod inherit;
+mod kernel;
 mod launch;
 mod listener;
 mod machine;

@@ -28,7 +28,7 @@ use crate::listener::{self, Endpoint, ListenSpec, Listener, UdpSocketEntry};
 use crate::machine::{ExitReason, Timeouts};
 use crate::shared::{Config, PhaseCell, RequestsOpen, Shared};
 use crate::workers::{Coordinator, WorkerGone, WorkerSet};
-use crate::{boot, control, signals, sys, systemd};
+use crate::{boot, control, kernel, signals, sys, systemd};
 
 mod deploy;
 
@@ -265,6 +265,8 @@ impl Builder {
                 backlog: None,
             });
         }
+        // No io_uring (a seccomp profile, the sysctl, an old kernel): say so now, with the cause.
+        kernel::check_io_uring()?;
         let signals = signals::handled();
         signals
             .thread_block()
@@ -577,6 +579,7 @@ impl Server {
     /// `on_connection` on this same thread, with no thread hop. Must be awaited on one thread
     /// (a `LocalSet`, a current-thread runtime, or tokio-uring).
     #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn run_async(
         self,
         on_connection: impl FnMut(Connection),
@@ -638,6 +641,7 @@ impl Worker {
     /// Like [`Worker::run`], as a task of the current thread's tokio (or tokio-uring) runtime,
     /// as [`Server::run_async`] does.
     #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn run_async(self, on_connection: impl FnMut(Connection)) -> Result<(), Error> {
         serve_async(self.into_driver(Waiting::InRuntime)?, on_connection)
             .await

@@ -193,3 +193,86 @@ fn socket_options_set_at_bind_time_survive_the_upgrade() {
     drop(server.open_conn(v6, "v6 again\n"));
     server.stop();
 }
+
+/// Where io_uring is refused (a container runtime's default seccomp profile), `build` fails
+/// with an error that names the cause, and the example exits 1 saying so. The filter is
+/// installed in the child before exec: `io_uring_setup` answers EPERM, as under Docker.
+/// (The log also shows that the examples write no colour codes into a file.)
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn without_io_uring_build_names_the_cause() {
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    const NR_IO_URING_SETUP: u32 = 425;
+    let stmt = |code: u16, k: u32| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: 0x15, // BPF_JMP | BPF_JEQ | BPF_K
+        jt,
+        jf,
+        k,
+    };
+    // BPF_LD | BPF_W | BPF_ABS = 0x20, BPF_RET | BPF_K = 0x06; seccomp_data: nr at 0, arch at 4.
+    let program = [
+        stmt(0x20, 4),
+        jeq(AUDIT_ARCH_X86_64, 0, 3),
+        stmt(0x20, 0),
+        jeq(NR_IO_URING_SETUP, 0, 1),
+        stmt(0x06, 0x0005_0000 | libc::EPERM as u32), // SECCOMP_RET_ERRNO | EPERM
+        stmt(0x06, 0x7fff_0000),                      // SECCOMP_RET_ALLOW
+    ];
+    let mut cmd = clean_command(&echo_binary());
+    cmd.arg("--listen")
+        .arg(free_port().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: two prctl calls on memory the closure owns; async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let prog = libc::sock_fprog {
+                len: program.len() as u16,
+                filter: program.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &prog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = spawn(&mut cmd).expect("spawn echo under seccomp");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "echo kept running without io_uring\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("unsupported kernel: io_uring_setup is refused, most likely by a seccomp"),
+        "{log}"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a log file: {log:?}"
+    );
+}

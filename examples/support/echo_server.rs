@@ -201,6 +201,8 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // No colour codes in a log file or a journal: only on a terminal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = match parse_args(argv, runtime) {
         Ok(a) => a,
