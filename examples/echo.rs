@@ -22,7 +22,13 @@
 //! (a UDP echo socket, handed over at each upgrade), `--pass-file PATH` (an open file handed
 //! over as a raw fd; each generation appends a line to it through the inherited fd),
 //! `--stall-on-handover-ms N` (fault injection: block the serving thread N ms when an upgrade
-//! reaches HandingOver, tokio-uring runtime only).
+//! reaches HandingOver, tokio-uring runtime only), `--successor-env KEY=VALUE` (repeatable:
+//! set in the next generation's environment, `Builder::env`), `--successor-env-file PATH`
+//! (`KEY=VALUE` lines read at each upgrade into the next generation's environment,
+//! `Builder::env_refresh`), `--v6only` (IPV6_V6ONLY on IPv6 TCP listeners) and
+//! `--tcp-defer-accept SECS` (TCP_DEFER_ACCEPT), both set with `Builder::listen_tcp_with` on
+//! first start and inherited as they are, `--control-allow-uid N` and `--control-allow-gid N`
+//! (repeatable: who else the control socket serves).
 //!
 //! `echo ctl PATH upgrade` asks the server on control socket PATH to upgrade, prints
 //! `ok <new pid>` or `failed: <reason>`, and exits non-zero on failure (for `ExecReload=` and

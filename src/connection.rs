@@ -98,6 +98,7 @@ impl Connection {
     /// As a tokio TCP stream (switched to non-blocking mode) and its drain guard. Must be called
     /// inside a tokio runtime.
     #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub fn into_tokio(self) -> std::io::Result<(tokio::net::TcpStream, DrainGuard)> {
         let std = TcpStream::from(self.fd);
         std.set_nonblocking(true)?;

@@ -9,7 +9,8 @@
 //! - `status` → `phase=<Phase> pid=<pid> generation=<n> live=<connections>`;
 //! - anything else → `error: unknown command`.
 //!
-//! Peers are checked with `SO_PEERCRED`: only the service's own uid is served, anyone else gets
+//! Peers are checked with `SO_PEERCRED` (and `SO_PEERGROUPS`): the service's own uid, root and
+//! the uids and gids the application allows are served (`access.rs`), anyone else gets
 //! `refused: …` (after what it sent is read, so the answer always reaches it). Each connection
 //! is served on a short-lived thread of its own: an upgrade answer waits for READY, which must
 //! not block the ring.
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
+use crate::access::{ControlAccess, Peer};
 use crate::connection::DrainGuard;
 use crate::error::UpgradeError;
 use crate::handle::Handle;
@@ -73,9 +75,21 @@ fn answer(stream: UnixStream, handle: &Handle) -> std::io::Result<()> {
     let mut out = stream.try_clone()?;
     let cred = getsockopt(&stream.as_fd(), PeerCredentials)?;
     let own = crate::sys::euid();
-    if cred.uid() != own {
+    let access = &handle.shared().control_access;
+    let peer = Peer {
+        uid: cred.uid(),
+        gid: cred.gid(),
+    };
+    let admitted = access.admits(own, &peer, || {
+        crate::sys::peer_groups(stream.as_fd()).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "SO_PEERGROUPS of a control peer");
+            Vec::new()
+        })
+    });
+    if !admitted {
         tracing::warn!(
             peer.uid = cred.uid(),
+            peer.gid = cred.gid(),
             peer.pid = cred.pid(),
             "control peer refused"
         );
@@ -84,10 +98,19 @@ fn answer(stream: UnixStream, handle: &Handle) -> std::io::Result<()> {
         // a client that gives up on it never reads the refusal (seen: `echo ctl` printed
         // nothing, 14 times in 60 beside two CPU hogs).
         let _ = read_line_within(&stream, Duration::from_secs(1));
+        if *access == ControlAccess::default() {
+            return writeln!(
+                out,
+                "refused: uid {} is not the service's uid {own}",
+                cred.uid()
+            );
+        }
         return writeln!(
             out,
-            "refused: uid {} is not the service's uid {own}",
-            cred.uid()
+            "refused: uid {} (gid {}) is not the service's uid {own}, root, nor an allowed \
+             uid or gid",
+            cred.uid(),
+            cred.gid()
         );
     }
     let line = read_line_within(&stream, Duration::from_secs(10));

@@ -106,6 +106,7 @@ impl Handle {
 
     /// The phase as a `tokio::sync::watch` receiver, for async code.
     #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub fn phase_receiver(&self) -> tokio::sync::watch::Receiver<Phase> {
         self.shared.phase.sender.subscribe()
     }

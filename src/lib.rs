@@ -37,6 +37,9 @@
 //! # Kernel
 //! Linux 6.1 or later: multishot accept (5.19) and a `SINGLE_ISSUER | DEFER_TASKRUN` ring (6.1),
 //! with which connections the process has not reaped yet stay in the kernel backlog if it dies.
+//! Where io_uring is refused (a container's default seccomp profile, the sysctl
+//! `kernel.io_uring_disabled`, an older kernel), [`Builder::build`] fails with
+//! [`Error::Unsupported`] naming the likely cause; nothing is bound.
 //!
 //! # Example
 //! ```no_run
@@ -64,9 +67,18 @@
 //! }
 //! ```
 #![deny(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 // Inside the crate, `pub` means the public API: everything else is `pub(crate)` or narrower.
 #![warn(unreachable_pub)]
 
+// Everything here is Linux's: io_uring, pidfd, signalfd, SO_PEERCRED, abstract Unix sockets.
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "ringflip supports Linux only (kernel 6.1 or later): it hands sockets over with io_uring, \
+     pidfd and signalfd, which other systems do not have"
+);
+
+mod access;
 mod boot;
 mod connection;
 mod control;
@@ -75,6 +87,8 @@ mod error;
 mod handle;
 mod handoff;
 mod inherit;
+mod kernel;
+mod launch;
 mod listener;
 mod machine;
 mod pidfile;
@@ -93,6 +107,8 @@ pub use handle::{Handle, PhaseWatch};
 pub use handoff::{MAX_LISTENERS, MAX_STATE_LEN};
 pub use machine::{ExitReason, Phase};
 pub use server::{Builder, Server, Worker};
+/// The socket crate of [`Builder::listen_tcp_with`], re-exported so the versions match.
+pub use socket2;
 
 /// Entry points for the fuzz targets in `fuzz/`; not part of the API.
 #[doc(hidden)]

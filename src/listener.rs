@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::FileTypeExt;
@@ -65,6 +65,19 @@ pub(crate) struct Listener {
     pub endpoint: Endpoint,
 }
 
+/// Sets options on a new TCP socket between `socket()` and `bind()` (see
+/// `Builder::listen_tcp_with`).
+#[derive(Clone)]
+pub(crate) struct SocketSetup(pub Arc<SetupFn>);
+
+type SetupFn = dyn Fn(&socket2::Socket) -> io::Result<()> + Send + Sync;
+
+impl fmt::Debug for SocketSetup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SocketSetup(Fn)")
+    }
+}
+
 /// What the application asked for.
 #[derive(Clone, Debug)]
 pub(crate) struct ListenSpec {
@@ -74,6 +87,11 @@ pub(crate) struct ListenSpec {
     pub mode: Option<u32>,
     /// Bind with SO_REUSEPORT: one member of a per-worker group (see `Builder::workers`).
     pub reuseport: bool,
+    /// Run on a TCP socket before its bind (first start only: an inherited or activated
+    /// socket keeps the options it has).
+    pub setup: Option<SocketSetup>,
+    /// The listen backlog (default: `net.core.somaxconn`).
+    pub backlog: Option<u32>,
 }
 
 impl Listener {
@@ -91,8 +109,9 @@ impl Listener {
         // which a burst overflows (clients then wait for SYN retransmits, 1 s and more).
         // listen() again on a listening socket only raises the backlog.
         let fd = match &spec.endpoint {
-            Endpoint::Tcp(addr) if spec.reuseport => bind_reuseport(*addr).map_err(bind_err)?,
-            Endpoint::Tcp(addr) => OwnedFd::from(TcpListener::bind(addr).map_err(bind_err)?),
+            Endpoint::Tcp(addr) => {
+                bind_tcp(*addr, spec.reuseport, spec.setup.as_ref()).map_err(bind_err)?
+            }
             Endpoint::Unix(path) => {
                 remove_stale_socket(path).map_err(bind_err)?;
                 bind_unix(path, spec.mode).map_err(bind_err)?
@@ -104,7 +123,10 @@ impl Listener {
             }
         };
         if listen {
-            sys::listen(fd.as_fd(), sys::somaxconn()).map_err(bind_err)?;
+            let backlog = spec
+                .backlog
+                .map_or_else(sys::somaxconn, |b| i32::try_from(b).unwrap_or(i32::MAX));
+            sys::listen(fd.as_fd(), backlog).map_err(bind_err)?;
         }
         let endpoint = local_endpoint(fd.as_fd(), spec.endpoint.kind()).map_err(bind_err)?;
         Ok(Listener {
@@ -190,18 +212,26 @@ impl Listener {
     }
 }
 
-/// A TCP socket with SO_REUSEADDR and SO_REUSEPORT, bound (CLOEXEC; the caller listens).
-fn bind_reuseport(addr: SocketAddr) -> io::Result<OwnedFd> {
-    use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
-    let family = match addr {
-        SocketAddr::V4(_) => AddressFamily::Inet,
-        SocketAddr::V6(_) => AddressFamily::Inet6,
-    };
-    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-    socket::setsockopt(&fd, sockopt::ReusePort, &true)?;
-    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
-    Ok(fd)
+/// A TCP socket with SO_REUSEADDR (as std binds), SO_REUSEPORT if `reuseport`, then the
+/// application's `setup`, bound (CLOEXEC; the caller listens).
+fn bind_tcp(addr: SocketAddr, reuseport: bool, setup: Option<&SocketSetup>) -> io::Result<OwnedFd> {
+    use socket2::{Domain, Socket, Type};
+    // socket2 makes it close-on-exec.
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if reuseport {
+        socket.set_reuse_port(true)?;
+    }
+    if let Some(setup) = setup {
+        (setup.0)(&socket).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("the socket setup of listen_tcp_with: {e}"),
+            )
+        })?;
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// The worker a listener belongs to: member `i` of a per-worker group is named `name#i`
@@ -423,6 +453,8 @@ mod tests {
             endpoint: Endpoint::Unix(path.clone()),
             mode: Some(0o600),
             reuseport: false,
+            setup: None,
+            backlog: None,
         };
         let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
         let listener = Listener::bind_with(&spec, true);

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::access::ControlAccess;
 use crate::connection::Connection;
 #[cfg(feature = "tokio")]
 use crate::driver::runtime::serve_async;
@@ -22,11 +23,14 @@ use crate::error::Error;
 use crate::handle::Handle;
 use crate::handoff::MAX_LISTENERS;
 use crate::inherit::ParentLink;
+use crate::launch::EnvOverrides;
 use crate::listener::{self, Endpoint, ListenSpec, Listener, UdpSocketEntry};
 use crate::machine::{ExitReason, Timeouts};
 use crate::shared::{Config, PhaseCell, RequestsOpen, Shared};
 use crate::workers::{Coordinator, WorkerGone, WorkerSet};
-use crate::{boot, control, signals, sys, systemd};
+use crate::{boot, control, kernel, signals, sys, systemd};
+
+mod deploy;
 
 /// Configures and starts a [`Server`].
 #[derive(Debug, Clone)]
@@ -36,6 +40,11 @@ pub struct Builder {
     drain_timeout: Duration,
     pid_file: Option<PathBuf>,
     binary: Option<PathBuf>,
+    /// The new process's arguments after `argv[0]` (default: this process's).
+    args: Option<Vec<OsString>>,
+    env: EnvOverrides,
+    backlog: Option<u32>,
+    control_access: ControlAccess,
     max_draining: u32,
     control: Option<PathBuf>,
     udp: Vec<(String, SocketAddr)>,
@@ -50,6 +59,10 @@ impl Default for Builder {
             drain_timeout: Duration::from_secs(60),
             pid_file: None,
             binary: None,
+            args: None,
+            env: EnvOverrides::default(),
+            backlog: None,
+            control_access: ControlAccess::default(),
             max_draining: 4,
             control: None,
             udp: Vec::new(),
@@ -93,6 +106,8 @@ impl Builder {
             endpoint,
             mode,
             reuseport: false,
+            setup: None,
+            backlog: None,
         });
         self
     }
@@ -148,7 +163,9 @@ impl Builder {
     /// A control socket at `path` (Unix stream, mode 0600, handed over across upgrades like
     /// the listeners): `upgrade` answers `ok <new pid>` or `failed: <reason>` once the outcome
     /// is known, `status` answers the phase, pid, generation and live connections. Only peers
-    /// with this process's uid are served (`SO_PEERCRED`).
+    /// with this process's uid, root, and those allowed with
+    /// [`Builder::control_socket_allow_uid`] and [`Builder::control_socket_allow_gid`] are
+    /// served (`SO_PEERCRED`, `SO_PEERGROUPS`).
     pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Self {
         self.control = Some(path.into());
         self
@@ -161,13 +178,6 @@ impl Builder {
     /// A process killed at that moment can leave one `PATH.<pid>.<n>.tmp` behind.
     pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.pid_file = Some(path.into());
-        self
-    }
-
-    /// The binary an upgrade starts (default: the path this process was started from, read
-    /// again at each upgrade, so a binary replaced on disk is what starts).
-    pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
-        self.binary = Some(path.into());
         self
     }
 
@@ -229,6 +239,10 @@ impl Builder {
         // do not share: the first armed takes everything).
         let mut specs = Vec::new();
         for spec in &self.listeners {
+            let spec = &ListenSpec {
+                backlog: self.backlog,
+                ..spec.clone()
+            };
             if self.workers > 1 && matches!(spec.endpoint, Endpoint::Tcp(_)) {
                 for i in 0..self.workers {
                     specs.push(ListenSpec {
@@ -245,10 +259,14 @@ impl Builder {
             specs.push(ListenSpec {
                 name: control::CONTROL_LISTENER.into(),
                 endpoint: Endpoint::Unix(path.clone()),
-                mode: Some(0o600),
+                mode: Some(self.control_access.file_mode()),
                 reuseport: false,
+                setup: None,
+                backlog: None,
             });
         }
+        // No io_uring (a seccomp profile, the sysctl, an old kernel): say so now, with the cause.
+        kernel::check_io_uring()?;
         let signals = signals::handled();
         signals
             .thread_block()
@@ -257,11 +275,7 @@ impl Builder {
         signals::install(&signals).map_err(Error::io("installing the signal forwarding"))?;
         let signal_reader = signals::Reader::claim();
 
-        let exe = match &self.binary {
-            Some(path) => path.clone(),
-            None => std::env::current_exe().map_err(Error::io("finding this binary"))?,
-        };
-        let args: Vec<OsString> = std::env::args_os().collect();
+        let (exe, args) = self.successor_command(std::env::args_os().collect());
         let boot::Sockets {
             listeners,
             parent,
@@ -271,6 +285,9 @@ impl Builder {
             udp,
             inherited_fds,
         } = boot::acquire(&specs, &self.udp)?;
+        if let Some(path) = &self.control {
+            deploy::set_control_file_access(path, &self.control_access)?;
+        }
         let wake = sys::eventfd().map_err(Error::io("eventfd"))?;
         let shared = Arc::new(Shared {
             wake,
@@ -282,6 +299,7 @@ impl Builder {
             handoff_state: Mutex::new(Bytes::new()),
             handoff_fds: Mutex::new(Vec::new()),
             generation,
+            control_access: self.control_access,
         });
         Ok(Server {
             listeners,
@@ -305,6 +323,7 @@ impl Builder {
                 workers: self.workers,
                 exe,
                 args,
+                env: self.env,
                 signals,
                 notify_socket: systemd::notify_target(),
             },
@@ -560,6 +579,7 @@ impl Server {
     /// `on_connection` on this same thread, with no thread hop. Must be awaited on one thread
     /// (a `LocalSet`, a current-thread runtime, or tokio-uring).
     #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn run_async(
         self,
         on_connection: impl FnMut(Connection),
@@ -621,6 +641,7 @@ impl Worker {
     /// Like [`Worker::run`], as a task of the current thread's tokio (or tokio-uring) runtime,
     /// as [`Server::run_async`] does.
     #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn run_async(self, on_connection: impl FnMut(Connection)) -> Result<(), Error> {
         serve_async(self.into_driver(Waiting::InRuntime)?, on_connection)
             .await

@@ -11,7 +11,9 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use bytes::Bytes;
 use nix::sys::signal::SigSet;
 
+use crate::access::ControlAccess;
 use crate::error::UpgradeError;
+use crate::launch::EnvOverrides;
 use crate::machine::{Phase, Timeouts};
 use crate::sys;
 
@@ -23,6 +25,8 @@ pub(crate) struct Config {
     pub pid_file: Option<PathBuf>,
     pub exe: PathBuf,
     pub args: Vec<OsString>,
+    /// How the new process's environment differs from this one's.
+    pub env: EnvOverrides,
     pub signals: SigSet,
     /// Where systemd notifications go (`NOTIFY_SOCKET` at `build`), if anywhere.
     pub notify_socket: Option<OsString>,
@@ -47,6 +51,8 @@ pub(crate) struct Shared {
     pub generation: u32,
     /// Named fds the next HELLO hands over as they are.
     pub handoff_fds: Mutex<Vec<(String, OwnedFd)>>,
+    /// Who the control socket serves besides the service's uid and root.
+    pub control_access: ControlAccess,
 }
 
 impl Shared {

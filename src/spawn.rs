@@ -22,6 +22,7 @@ use nix::sys::signal::SigSet;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
 use crate::handoff::{CHILD_FD, ENV_FD, ENV_UPGRADE_ID};
+use crate::launch::EnvOverrides;
 use crate::machine::UpgradeId;
 use crate::sys;
 
@@ -59,10 +60,12 @@ pub(crate) fn handoff_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((ours, theirs))
 }
 
-/// Starts `exe` with `args` (argv[0] included) and the handoff socket at fd 3.
+/// Starts `exe` with `args` (argv[0] included), this process's environment as `env` changes
+/// it, and the handoff socket at fd 3.
 pub(crate) fn spawn(
     exe: &Path,
     args: &[OsString],
+    env: &EnvOverrides,
     upgrade: UpgradeId,
     handled_signals: &SigSet,
 ) -> io::Result<Spawned> {
@@ -85,13 +88,8 @@ pub(crate) fn spawn(
         .map(|a| cstring(a.as_bytes()))
         .collect::<io::Result<Vec<_>>>()?;
     let mut envp = Vec::new();
-    for (key, value) in std::env::vars_os() {
-        // Our own variables are set below; socket activation's are for the first boot only.
-        if key.as_bytes().starts_with(b"RINGFLIP_")
-            || crate::systemd::LISTEN_VARS.iter().any(|v| key == *v)
-        {
-            continue;
-        }
+    // Our own variables are set below; the overrides keep any out of what they give.
+    for (key, value) in env.apply(std::env::vars_os())? {
         let mut kv = key.as_bytes().to_vec();
         kv.push(b'=');
         kv.extend_from_slice(value.as_bytes());

@@ -145,3 +145,80 @@ fn control_socket_refuses_other_uids() {
     server.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `control_socket_allow_uid` / `_gid`: an allowed uid is served (the file is 0666, the peer
+/// check decides), another uid is refused; an allowed gid is served through a 0660 file of
+/// that group, which a peer of another group cannot even connect to. Needs root (setuid in the
+/// child).
+#[test]
+fn control_socket_admits_allowed_uids_and_gids() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: running as other uids needs root");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ringflip-control-allow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_user = |socket: &Path, uid: u32, gid: u32| {
+        common::output(
+            Command::new(echo_binary())
+                .arg("ctl")
+                .arg(socket)
+                .arg("status")
+                .uid(uid)
+                .gid(gid),
+        )
+        .expect("running echo ctl as another user")
+    };
+
+    let by_uid = dir.join("by-uid.sock");
+    let server = EchoServer::start(EchoOpts {
+        extra_args: vec![
+            "--control".into(),
+            by_uid.display().to_string(),
+            "--control-allow-uid".into(),
+            "65534".into(),
+        ],
+        ..EchoOpts::default()
+    });
+    let out = as_user(&by_uid, 65534, 65534);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).starts_with("phase=Serving pid="), "{out:?}");
+    let out = as_user(&by_uid, 65533, 65533);
+    assert!(!out.status.success());
+    assert_eq!(
+        stdout(&out),
+        "refused: uid 65533 (gid 65533) is not the service's uid 0, root, nor an allowed uid \
+         or gid"
+    );
+    // The successor, with the same configuration, serves the allowed uid too.
+    server.upgrade();
+    let out = as_user(&by_uid, 65534, 65534);
+    assert!(out.status.success(), "{out:?}\n{}", server.log_tail());
+    server.stop();
+
+    let by_gid = dir.join("by-gid.sock");
+    let server = EchoServer::start(EchoOpts {
+        extra_args: vec![
+            "--control".into(),
+            by_gid.display().to_string(),
+            "--control-allow-gid".into(),
+            "65534".into(),
+        ],
+        ..EchoOpts::default()
+    });
+    let meta = std::fs::metadata(&by_gid).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 65534);
+    let out = as_user(&by_gid, 65533, 65534);
+    assert!(out.status.success(), "{out:?}");
+    let out = as_user(&by_gid, 65533, 65533);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{out:?}"
+    );
+    server.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

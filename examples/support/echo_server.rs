@@ -42,6 +42,18 @@ struct Args {
     /// HandingOver, so this process notices its successor's READY late.
     stall_on_handover: Option<Duration>,
     workers: usize,
+    /// `--successor-env KEY=VALUE`: set in the next generation's environment.
+    successor_env: Vec<(String, String)>,
+    /// `--successor-env-file PATH`: `KEY=VALUE` lines read at each upgrade into the next
+    /// generation's environment (`Builder::env_refresh`).
+    successor_env_file: Option<PathBuf>,
+    /// `--v6only`: IPV6_V6ONLY on the IPv6 TCP listeners (`Builder::listen_tcp_with`).
+    v6only: bool,
+    /// `--tcp-defer-accept SECS`: TCP_DEFER_ACCEPT on the TCP listeners.
+    defer_accept: Option<i32>,
+    /// `--control-allow-uid N`, `--control-allow-gid N` (repeatable).
+    control_uids: Vec<u32>,
+    control_gids: Vec<u32>,
 }
 
 fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Args, String> {
@@ -60,6 +72,12 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
         ballast_mib: 0,
         stall_on_handover: None,
         workers: 1,
+        successor_env: Vec::new(),
+        successor_env_file: None,
+        v6only: false,
+        defer_accept: None,
+        control_uids: Vec::new(),
+        control_gids: Vec::new(),
     };
     let mut it = argv;
     while let Some(flag) = it.next() {
@@ -82,6 +100,31 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
                 let v = value()?;
                 args.udp
                     .push(v.parse().map_err(|e| format!("--udp {v}: {e}"))?);
+            }
+            "--successor-env" => {
+                let v = value()?;
+                let (k, v) = v
+                    .split_once('=')
+                    .ok_or_else(|| format!("--successor-env {v}: KEY=VALUE"))?;
+                args.successor_env.push((k.into(), v.into()));
+            }
+            "--successor-env-file" => args.successor_env_file = Some(value()?.into()),
+            "--control-allow-uid" | "--control-allow-gid" => {
+                let v = value()?;
+                let id: u32 = v.parse().map_err(|e| format!("{flag} {v}: {e}"))?;
+                if flag == "--control-allow-uid" {
+                    args.control_uids.push(id);
+                } else {
+                    args.control_gids.push(id);
+                }
+            }
+            "--v6only" => args.v6only = true,
+            "--tcp-defer-accept" => {
+                let v = value()?;
+                args.defer_accept = Some(
+                    v.parse()
+                        .map_err(|e| format!("--tcp-defer-accept {v}: {e}"))?,
+                );
             }
             "--pass-file" => args.pass_file = Some(value()?.into()),
             "--workers" => {
@@ -123,6 +166,25 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
     Ok(args)
 }
 
+/// TCP_DEFER_ACCEPT, which socket2 has no setter for.
+fn set_defer_accept(socket: &ringflip::socket2::Socket, secs: i32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket, and a pointer to an int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Parses a `--…-ms` option value.
 pub fn millis(flag: &str, v: &str) -> Result<Duration, String> {
     v.parse()
@@ -139,6 +201,8 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // No colour codes in a log file or a journal: only on a terminal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = match parse_args(argv, runtime) {
         Ok(a) => a,
@@ -153,6 +217,12 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
     if let Some(path) = args.control {
         builder = builder.control_socket(path);
     }
+    for uid in &args.control_uids {
+        builder = builder.control_socket_allow_uid(*uid);
+    }
+    for gid in &args.control_gids {
+        builder = builder.control_socket_allow_gid(*gid);
+    }
     for (i, addr) in args.udp.iter().enumerate() {
         builder = builder.bind_udp(format!("udp{i}"), *addr);
     }
@@ -165,9 +235,34 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
     if let Some(path) = args.pid_file {
         builder = builder.pid_file(path);
     }
+    for (k, v) in &args.successor_env {
+        builder = builder.env(k, v);
+    }
+    if let Some(path) = args.successor_env_file {
+        builder = builder.env_refresh(move |env| {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            for line in text.lines() {
+                if let Some((k, v)) = line.split_once('=') {
+                    env.insert(k.into(), v.into());
+                }
+            }
+        });
+    }
     for (i, listen) in args.listen.iter().enumerate() {
         let name = format!("echo{i}");
         builder = match listen {
+            Listen::Tcp(addr) if args.v6only || args.defer_accept.is_some() => {
+                let (v6only, defer) = (args.v6only && addr.is_ipv6(), args.defer_accept);
+                builder.listen_tcp_with(name, *addr, move |socket| {
+                    if v6only {
+                        socket.set_only_v6(true)?;
+                    }
+                    if let Some(secs) = defer {
+                        set_defer_accept(socket, secs)?;
+                    }
+                    Ok(())
+                })
+            }
             Listen::Tcp(addr) => builder.listen_tcp(name, *addr),
             Listen::Unix(path) => match path.strip_prefix('@') {
                 Some(abstract_name) => builder.listen_unix_abstract(name, abstract_name),

@@ -23,3 +23,75 @@ fn workers_asked_for_port_0_share_one_port() {
         assert_eq!(addr.port(), port, "worker {}", w.index());
     }
 }
+
+/// `listen_tcp_with`: the setup runs before the bind (SO_RCVBUF read back), and an error from
+/// it fails `build` as a bind error naming the listener.
+#[test]
+fn listen_tcp_with_runs_the_setup_before_the_bind() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let ran_unbound = Arc::new(AtomicBool::new(false));
+    let seen = ran_unbound.clone();
+    let server = Server::builder()
+        .listen_tcp_with("web", "127.0.0.1:0".parse().unwrap(), move |socket| {
+            // Not bound yet: the local address is still the wildcard, port 0.
+            let local = socket.local_addr()?.as_socket().unwrap();
+            seen.store(local.port() == 0, Ordering::SeqCst);
+            socket.set_recv_buffer_size(65536)
+        })
+        .build()
+        .unwrap();
+    assert!(
+        ran_unbound.load(Ordering::SeqCst),
+        "setup ran after the bind"
+    );
+    let fd = server.listeners[0].fd.as_fd();
+    // The kernel doubles what was asked for.
+    assert_eq!(
+        socket2::SockRef::from(&fd).recv_buffer_size().unwrap(),
+        131072
+    );
+
+    let err = Server::builder()
+        .listen_tcp_with("web", "127.0.0.1:0".parse().unwrap(), |_| {
+            Err(std::io::Error::other("no such device"))
+        })
+        .build()
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, crate::error::Error::Bind { .. }) && text.contains("no such device"),
+        "{text}"
+    );
+}
+
+/// `listen_backlog(1)`: the accept queue holds two connections, a third waits for a SYN
+/// retransmit (connect times out); with the default backlog the third is accepted.
+#[test]
+fn listen_backlog_sets_the_accept_queue() {
+    use std::net::TcpStream;
+    use std::time::Duration;
+    let connects = |server: &Server| {
+        let addr = server.local_addr("web").unwrap();
+        let mut ok = 0;
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            if let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                ok += 1;
+                held.push(s);
+            }
+        }
+        ok
+    };
+    let small = Server::builder()
+        .listen_tcp("web", "127.0.0.1:0".parse().unwrap())
+        .listen_backlog(1)
+        .build()
+        .unwrap();
+    assert_eq!(connects(&small), 2);
+    let default = Server::builder()
+        .listen_tcp("web", "127.0.0.1:0".parse().unwrap())
+        .build()
+        .unwrap();
+    assert_eq!(connects(&default), 4);
+}

@@ -37,6 +37,7 @@ pub(super) struct Terminating {
 struct SpawnJob {
     exe: std::path::PathBuf,
     args: Vec<std::ffi::OsString>,
+    env: crate::launch::EnvOverrides,
     signals: nix::sys::signal::SigSet,
     upgrade: UpgradeId,
 }
@@ -51,7 +52,13 @@ pub(super) struct SpawnResult {
 impl SpawnJob {
     fn run(self) -> SpawnResult {
         let started = Instant::now();
-        let result = spawn::spawn(&self.exe, &self.args, self.upgrade, &self.signals);
+        let result = spawn::spawn(
+            &self.exe,
+            &self.args,
+            &self.env,
+            self.upgrade,
+            &self.signals,
+        );
         SpawnResult {
             upgrade: self.upgrade,
             result,
@@ -93,6 +100,7 @@ impl Driver {
         SpawnJob {
             exe: self.config.exe.clone(),
             args: self.config.args.clone(),
+            env: self.config.env.clone(),
             signals: self.config.signals,
             upgrade,
         }

@@ -434,11 +434,7 @@ pub(super) fn new_ring() -> Result<IoUring, Error> {
         .setup_cqsize(CQ_ENTRIES)
         .dontfork()
         .build(SQ_ENTRIES)
-        .map_err(|e| {
-            Error::Unsupported(format!(
-                "io_uring with SINGLE_ISSUER|DEFER_TASKRUN (Linux 6.1+): {e}"
-            ))
-        })?;
+        .map_err(|e| crate::kernel::ring_setup_error(&e))?;
     probe(&ring)?;
     Ok(ring)
 }

@@ -610,6 +610,11 @@ pub struct EchoOpts {
     /// `RLIMIT_NOFILE` (soft and hard) for generation 0, set in the child before exec (its
     /// successors inherit it). `None`: inherit the test process's limit.
     pub nofile: Option<u64>,
+    /// Deploy by symlink: two copies of the echo binary, `releases/v1/echo` and
+    /// `releases/v2/echo`, and `current -> releases/v1`; the server is started as
+    /// `./current/echo` (relative `argv[0]`, working directory the temp dir). Flip with
+    /// [`EchoServer::flip_current`].
+    pub symlink_deploy: bool,
 }
 
 impl Default for EchoOpts {
@@ -621,6 +626,7 @@ impl Default for EchoOpts {
             extra_args: Vec::new(),
             env: Vec::new(),
             nofile: None,
+            symlink_deploy: false,
         }
     }
 }
@@ -649,18 +655,38 @@ impl EchoServer {
         ensure_subreaper();
         let original = echo_binary();
         let dir = TempDir::new("echo");
-        let bin = dir.path().join("echo");
+        let bin = if opts.symlink_deploy {
+            for release in ["v1", "v2"] {
+                fs::create_dir_all(dir.path().join("releases").join(release)).unwrap();
+            }
+            std::os::unix::fs::symlink("releases/v1", dir.path().join("current")).unwrap();
+            dir.path().join("releases/v1/echo")
+        } else {
+            dir.path().join("echo")
+        };
         {
             let _no_fork = writing_executable();
-            fs::copy(&original, &bin).unwrap_or_else(|e| {
-                panic!("copy {} -> {}: {e}", original.display(), bin.display())
-            });
+            let mut copies = vec![bin.clone()];
+            if opts.symlink_deploy {
+                copies.push(dir.path().join("releases/v2/echo"));
+            }
+            for copy in copies {
+                fs::copy(&original, &copy).unwrap_or_else(|e| {
+                    panic!("copy {} -> {}: {e}", original.display(), copy.display())
+                });
+            }
         }
         let pid_file = dir.path().join("echo.pid");
         let log = dir.path().join("server.log");
         let addrs: Vec<SocketAddr> = (0..opts.listeners.max(1)).map(|_| free_port()).collect();
 
-        let mut cmd = clean_command(&bin);
+        let mut cmd = if opts.symlink_deploy {
+            let mut cmd = clean_command(&dir.path().join("current/echo"));
+            cmd.arg0("./current/echo");
+            cmd
+        } else {
+            clean_command(&bin)
+        };
         for a in &addrs {
             cmd.arg("--listen").arg(a.to_string());
         }
@@ -1011,6 +1037,15 @@ impl EchoServer {
         let data = fs::read(&self.original)
             .unwrap_or_else(|e| panic!("read {}: {e}", self.original.display()));
         replace_file(&self.bin, &data, 0o755);
+    }
+
+    /// Symlink deploy ([`EchoOpts::symlink_deploy`]): points `current` at `releases/<release>`
+    /// (a new symlink renamed over the old one, as deploy tools do).
+    pub fn flip_current(&self, release: &str) {
+        let tmp = self.dir().join("current.new");
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(format!("releases/{release}"), &tmp).unwrap();
+        fs::rename(&tmp, self.dir().join("current")).unwrap();
     }
 
     /// Removes the binary the server re-executes.
