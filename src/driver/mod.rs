@@ -155,8 +155,6 @@ pub(crate) struct Driver {
     /// Listeners the workers accept on, handed over by the coordinator.
     worker_listeners: Vec<(ListenerRecord, OwnedFd)>,
     timer: Option<(Instant, Token)>,
-    drain_active: bool,
-    drained_reported: bool,
     replies: HashMap<u64, mpsc::Sender<Result<u32, UpgradeError>>>,
     /// The coordinator's (or a lone ring's): requests are taken while this driver lives.
     requests_open: Option<RequestsOpen>,
@@ -370,8 +368,6 @@ impl Driver {
             udp: Vec::new(),
             worker_listeners: Vec::new(),
             timer: None,
-            drain_active: false,
-            drained_reported: false,
             replies: HashMap::new(),
             requests_open: None,
             signal_reader: None,
@@ -592,12 +588,10 @@ impl Driver {
     /// Reports the drain as complete once accepting has fully stopped (every fd accepted on
     /// the way is counted) and no connection is live.
     fn check_drained(&mut self) {
-        if self.drain_active
-            && !self.drained_reported
+        if self.machine.awaits_drained()
             && self.all_accepts_stopped()
             && self.shared.live.load(SeqCst) == 0
         {
-            self.drained_reported = true;
             self.feed(Event::ConnectionsDrained);
         }
     }

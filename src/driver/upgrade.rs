@@ -99,18 +99,13 @@ impl Driver {
                 self.resume_accepting();
             }
             Action::StartDrain(cause) => {
-                self.drain_active = true;
-                self.drained_reported = false;
                 self.shared.draining.store(true, SeqCst);
                 // STOPPING=1 if this is the main process and it shuts down (the cause travels
                 // in the action: READY and the successor's exit can come in one batch); RETIRING
                 // to our own predecessor if it still drains.
                 self.feed_succession(SuccessionEvent::Draining(cause));
             }
-            Action::StopDrain => {
-                self.drain_active = false;
-                self.shared.draining.store(false, SeqCst);
-            }
+            Action::StopDrain => self.shared.draining.store(false, SeqCst),
             Action::AbandonChild { pid, stop } => {
                 if let Some(child) = self.successor.take() {
                     debug_assert_eq!(child.pid, pid);

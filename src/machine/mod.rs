@@ -295,6 +295,12 @@ impl Machine {
         }
     }
 
+    /// Whether the machine waits for `ConnectionsDrained`: it drains and has not been told
+    /// yet that the last connection closed.
+    pub(crate) fn awaits_drained(&self) -> bool {
+        matches!(&self.state, State::Draining(d) if !d.drained)
+    }
+
     /// Whether the driver should have its accepts armed (as the machine last told it).
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn accepting(&self) -> bool {

@@ -1986,3 +1986,15 @@ fn the_drain_deadline_ends_the_wait_for_the_predecessors_let_go() {
     h.ev(Event::ConnectionsDrained);
     assert_eq!(h.expire(), vec![CheckSuccessor(CHILD)]);
 }
+
+#[test]
+fn awaits_drained_only_while_draining_and_until_told() {
+    for s in STARTS {
+        let h = build(s);
+        let want = h.phase() == P::Draining && s != S::DrainingUpgradeChecking;
+        assert_eq!(h.m.awaits_drained(), want, "{s:?}");
+    }
+    let mut h = build(S::DrainingShutdown);
+    h.ev(Event::ConnectionsDrained);
+    assert!(!h.m.awaits_drained());
+}
