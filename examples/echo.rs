@@ -31,7 +31,7 @@
 //! (repeatable: who else the control socket serves).
 //!
 //! `echo ctl PATH upgrade` asks the server on control socket PATH to upgrade, prints
-//! `ok <new pid>` or `failed: <reason>`, and exits non-zero on failure (for `ExecReload=` and
+//! `ok <new pid>` or `failed: <code>: <reason>`, and exits non-zero on failure (for `ExecReload=` and
 //! deploy scripts); `echo ctl PATH status` prints phase, pid, generation and live connections.
 //! Logs go to stderr; `RUST_LOG` filters them (default `info`).
 
