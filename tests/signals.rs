@@ -10,6 +10,24 @@ use ringflip::{ExitReason, Server};
 
 const T: Duration = Duration::from_secs(10);
 
+/// A server built and run on a thread of its own (started after the caller's threads); back
+/// once it serves.
+fn serve_on_a_thread() -> std::thread::JoinHandle<ExitReason> {
+    let (handle_tx, handle_rx) = mpsc::channel();
+    let server = std::thread::spawn(move || {
+        let server = Server::builder()
+            .listen_tcp("s", "127.0.0.1:0".parse().unwrap())
+            .drain_timeout(Duration::from_secs(5))
+            .build()
+            .expect("build");
+        handle_tx.send(server.handle()).unwrap();
+        server.run(|_conn| {}).expect("run")
+    });
+    let _handle = handle_rx.recv_timeout(T).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    server
+}
+
 /// Signal routing is process-wide (one forwarding target): one test at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -26,18 +44,7 @@ fn a_signal_delivered_to_a_thread_started_before_build_reaches_the_server() {
     });
     let bystander_id = rx.recv_timeout(T).unwrap();
 
-    let (handle_tx, handle_rx) = mpsc::channel();
-    let server = std::thread::spawn(move || {
-        let server = Server::builder()
-            .listen_tcp("s", "127.0.0.1:0".parse().unwrap())
-            .drain_timeout(Duration::from_secs(5))
-            .build()
-            .expect("build");
-        handle_tx.send(server.handle()).unwrap();
-        server.run(|_conn| {}).expect("run")
-    });
-    let _handle = handle_rx.recv_timeout(T).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    let server = serve_on_a_thread();
 
     // SAFETY: the bystander thread is alive (it waits on stop_rx); SIGTERM to it alone.
     let rc = unsafe { libc::pthread_kill(bystander_id, libc::SIGTERM) };
@@ -92,18 +99,7 @@ fn a_forwarded_signal_keeps_its_senders_pid() {
         let _ = stop_rx.recv_timeout(T);
     });
     let bystander_tid = tid_rx.recv_timeout(T).unwrap();
-    let (handle_tx, handle_rx) = mpsc::channel();
-    let server = std::thread::spawn(move || {
-        let server = Server::builder()
-            .listen_tcp("s", "127.0.0.1:0".parse().unwrap())
-            .drain_timeout(Duration::from_secs(5))
-            .build()
-            .expect("build");
-        handle_tx.send(server.handle()).unwrap();
-        server.run(|_conn| {}).expect("run")
-    });
-    let _handle = handle_rx.recv_timeout(T).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    let server = serve_on_a_thread();
 
     // Another process sends SIGTERM to the bystander thread.
     let me = std::process::id() as libc::pid_t;
