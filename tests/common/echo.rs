@@ -11,7 +11,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::client::{connect, exchange, free_port};
-use super::fds::fds_of;
 use super::fs::{echo_binary, file_tail, replace_file, TempDir};
 use super::proc::{
     all_procs, children_of, cmdline, ensure_subreaper, reap_zombies, signal, status_str,
@@ -219,10 +218,6 @@ impl EchoServer {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
-    }
-
-    pub fn bin_path(&self) -> &Path {
-        &self.bin
     }
 
     pub fn guard(&self) -> &ProcGuard {
@@ -490,11 +485,6 @@ impl EchoServer {
                     self.log_tail()
                 )
             })
-    }
-
-    /// `(fd, flags)` for every fd of `pid`, from `/proc/PID/fdinfo/FD` (`flags:` is octal).
-    pub fn fds_of(&self, pid: i32) -> Vec<(i32, u32)> {
-        fds_of(pid)
     }
 
     /// SIGTERMs the current generation; waits (bounded) for every tracked process to be gone;

@@ -1,6 +1,5 @@
 //! A process's fd table, from `/proc/PID/fdinfo` and `/proc/PID/fd`.
 
-use std::collections::BTreeSet;
 use std::fs;
 
 /// `(fd, flags)` for every fd of `pid`, from `/proc/PID/fdinfo/FD`, sorted by fd.
@@ -31,9 +30,4 @@ pub fn fd_target(pid: i32, fd: i32) -> String {
     fs::read_link(format!("/proc/{pid}/fd/{fd}"))
         .map(|p| p.display().to_string())
         .unwrap_or_else(|e| format!("<{e}>"))
-}
-
-/// Distinct fds as a set, for messages and comparisons.
-pub fn fd_set(fds: &[(i32, u32)]) -> BTreeSet<i32> {
-    fds.iter().map(|&(fd, _)| fd).collect()
 }

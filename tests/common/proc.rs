@@ -184,11 +184,6 @@ impl Proc {
         self.stat().is_some_and(|st| !matches!(st.state, 'Z' | 'X'))
     }
 
-    /// Exists only as a zombie.
-    pub fn zombie(&self) -> bool {
-        self.stat().is_some_and(|st| matches!(st.state, 'Z' | 'X'))
-    }
-
     /// Fully gone (reaped by someone).
     pub fn gone(&self) -> bool {
         self.stat().is_none()
