@@ -1,11 +1,16 @@
-//! Shared helpers for the process-level upgrade tests (`tests/upgrade.rs`).
+//! Shared helpers for the process-level integration tests, one module per job:
 //!
-//! * process hygiene: the test process becomes a child subreaper, every pid it learns is tracked
-//!   (with its start time, so a recycled pid is never signalled), and a guard SIGKILLs and reaps
-//!   whatever is still alive when a server handle is dropped;
-//! * [`EchoServer`]: runs a private copy of `target/debug/examples/echo` in a temp dir and drives
-//!   upgrades, rollbacks and shutdown;
-//! * [`Load`] and [`Burst`]: client load that counts every failure by kind.
+//! * [`proc`]: process hygiene: the test process becomes a child subreaper, every pid it learns
+//!   is tracked (with its start time, so a recycled pid is never signalled), and a guard
+//!   SIGKILLs and reaps whatever is still alive when a server handle is dropped;
+//! * [`spawn`]: children started with only fds 0-2, never while an executable is being written;
+//! * [`fs`]: temp dirs, the example binaries, replacing a binary, a log's tail;
+//! * [`fds`]: a process's fd table from /proc;
+//! * [`echo`]: [`EchoServer`] runs a private copy of `target/debug/examples/echo` in a temp dir
+//!   and drives upgrades, rollbacks and shutdown;
+//! * [`client`]: one connection: connect, echo a line, classify a failure ([`FailKind`]);
+//! * [`load`]: [`Load`], the one client load generator (closed loop, long-lived pingers, bursts,
+//!   recorded samples), every failure counted by kind.
 //!
 //! Only std + libc. Environment knobs:
 //! * `RINGFLIP_ECHO_BIN=/path` overrides the echo binary (used to check the harness itself);
