@@ -16,7 +16,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 fn ms(n: u64) -> Duration {
@@ -351,57 +351,23 @@ fn cpu_ticks(pid: i32) -> u64 {
 // A probe that records when each short connection started and how it ended
 // ------------------------------------------------------------------------------------------------
 
-/// A probe connection: when it started, when it ended, how it went.
-type Sample = (Instant, Instant, Result<(), Failure>);
-
-struct Probe {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<Vec<Sample>>>,
-}
-
-impl Probe {
-    fn start(addr: SocketAddr, threads: usize) -> Probe {
-        let stop = Arc::new(AtomicBool::new(false));
-        let started = Instant::now();
-        let threads = (0..threads)
-            .map(|t| {
-                let stop = stop.clone();
-                thread::spawn(move || {
-                    let mut out = Vec::new();
-                    let mut seq = 0;
-                    while !stop.load(Ordering::Relaxed) && started.elapsed() < LOAD_HARD_CAP {
-                        seq += 1;
-                        let t0 = Instant::now();
-                        let r = echo_once(addr, &format!("P{t}-{seq}\n"), secs(3), secs(3));
-                        out.push((t0, Instant::now(), r));
-                        if out.last().is_some_and(|s| s.2.is_err()) {
-                            thread::sleep(ms(5));
-                        }
-                        thread::sleep(ms(3));
-                    }
-                    out
-                })
-            })
-            .collect();
-        Probe { stop, threads }
-    }
-
-    fn stop(mut self) -> Vec<Sample> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.threads
-            .drain(..)
-            .flat_map(|t| t.join().expect("probe thread panicked"))
-            .collect()
-    }
-}
-
-impl Drop for Probe {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
+/// Short connections, each recorded with its start, end and result (the report's `samples`):
+/// `threads` closed-loop threads, 3 s timeouts, 3 ms between connections (5 ms more after a
+/// failure).
+fn start_probe(addr: SocketAddr, threads: usize) -> Load {
+    Load::start_with(
+        addr,
+        LoadOpts {
+            closed_loop_threads: threads,
+            long_lived: 0,
+            connect_timeout: secs(3),
+            io_timeout: secs(3),
+            pause: ms(3),
+            pause_after_failure: ms(5),
+            record_samples: true,
+            ..LoadOpts::default()
+        },
+    )
 }
 
 /// (ok, failed, first errors) among the samples `pick` (given start and end) selects.
@@ -603,7 +569,7 @@ fn ready_then_die_old_resumes() {
         ..Default::default()
     });
     let load = light_load(server.addr(), 4, 8);
-    let probe = Probe::start(server.addr(), 2);
+    let probe = start_probe(server.addr(), 2);
     thread::sleep(ms(200));
     let old = server.current();
 
@@ -643,7 +609,7 @@ fn ready_then_die_old_resumes() {
     server.restore_binary();
     let new = upgrade_from(&server, old);
     thread::sleep(ms(200));
-    let samples = probe.stop();
+    let samples = probe.stop().samples;
     let report = load.stop();
     let (ok, failed, errs) = tally(&samples, |_, _| true);
     eprintln!(
@@ -672,7 +638,7 @@ fn successor_killed_during_drain_old_resumes() {
     });
     // Long-lived only: they stay on the old process and keep it draining.
     let keep = light_load(server.addr(), 0, 8);
-    let probe = Probe::start(server.addr(), 3);
+    let probe = start_probe(server.addr(), 3);
     thread::sleep(ms(200));
     let old = server.current();
     let new = server.upgrade();
@@ -705,7 +671,7 @@ fn successor_killed_during_drain_old_resumes() {
     // one).
     let newer = upgrade_from(&server, old);
     thread::sleep(ms(300));
-    let samples = probe.stop();
+    let samples = probe.stop().samples;
     let report = keep.stop();
     let cutoff = t_kill + ms(200);
     // Before: done before the kill. The window: in flight at the kill or started within

@@ -174,13 +174,13 @@ fn burst_during_upgrade_loses_nothing() {
     // SIGHUP at, or a little after, the moment ~400 clients connect at once, to hit both the
     // "child starting" and the "old one stops accepting" phases.
     for (round, delay) in [0u64, 0, 5, 20, 50].into_iter().enumerate() {
-        let mut b = Burst::prepare(server.addr(), 400);
+        let mut b = Load::start_with(server.addr(), LoadOpts::burst(400));
         b.release();
         if delay > 0 {
             thread::sleep(ms(delay));
         }
         let new = server.upgrade();
-        let r = b.join();
+        let r = b.wait();
         eprintln!(
             "round {round} (SIGHUP +{delay} ms): {} -> {new}: {r}",
             pids.last().unwrap()
@@ -190,7 +190,7 @@ fn burst_during_upgrade_loses_nothing() {
             "round {round}: {r}\n--- server log ---\n{}",
             server.log_tail()
         );
-        assert_eq!(r.ok, 400);
+        assert_eq!(r.connections_ok, 400);
         pids.push(new);
         thread::sleep(ms(100));
     }
