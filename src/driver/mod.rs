@@ -69,7 +69,7 @@ use crate::handoff::ListenerRecord;
 use crate::inherit::ParentLink;
 use crate::listener::{Listener, UdpSocketEntry};
 use crate::machine::successor::{Succession, SuccessionEvent};
-use crate::machine::{Event, ExitReason, Machine, Phase, Requester};
+use crate::machine::{Event, ExitReason, Machine, Requester};
 use crate::pidfile::write_pid_file;
 use crate::shared::{Config, Request, RequestsOpen, Shared};
 use crate::wake_set::WakeSet;
@@ -565,12 +565,8 @@ impl Driver {
     }
 
     fn on_time(&mut self, now: Instant) {
-        if self.machine.phase() == Phase::HandingOver
-            && self.machine.poll_timeout().is_some_and(|t| t <= now)
-        {
-            // The ready deadline passed: a READY already on the channel is a READY in time.
-            self.take_successor_messages();
-        }
+        // At the ready deadline the machine first asks for what the successor sent
+        // (`ReadSuccessor`): a READY already on the channel is a READY in time.
         self.machine.handle_timeout(now);
         self.escalate(now);
         self.succession
@@ -597,13 +593,6 @@ impl Driver {
     }
 
     fn feed(&mut self, event: Event) {
-        if matches!(event, Event::ShutdownRequested | Event::PredecessorGaveUp)
-            && self.machine.phase() == Phase::HandingOver
-        {
-            // A READY already on the channel is a READY: the successor then keeps serving
-            // while this process drains, instead of being stopped with what it took.
-            self.take_successor_messages();
-        }
         let now = Instant::now();
         let t = &mut self.timeline;
         match &event {

@@ -143,6 +143,10 @@ impl Driver {
                     tracing::info!(child.pid = pid, upgrade.id = %child.upgrade, "child abandoned");
                 }
             }
+            Action::ReadSuccessor => {
+                self.take_successor_messages();
+                self.feed(Event::SuccessorRead);
+            }
             Action::CheckSuccessor(pid) => {
                 // First what it said and this driver has not read (after READY, a RETIRING is
                 // read only at its exit): a planned exit must not pass for a crash.

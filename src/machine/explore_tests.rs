@@ -57,6 +57,8 @@ enum Bug {
     StoppingFromAnyone,
     /// A RELEASED forwarded to a process already alone is dropped.
     DropForwardedRelease,
+    /// `ReadSuccessor` is answered without reading the channel.
+    ReadNothing,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -365,6 +367,14 @@ impl World {
             }
             Action::StopDrain => self.proc(g).drain_active = false,
             Action::AbandonChild { pid: child, stop } => self.abandon(g, child, stop)?,
+            Action::ReadSuccessor => {
+                if self.bug != Bug::ReadNothing {
+                    self.take_successor_messages(g)?;
+                }
+                if self.running(g) {
+                    self.event(g, Event::SuccessorRead)?;
+                }
+            }
             Action::CheckSuccessor(child) => {
                 if self.bug != Bug::CheckBeforeMessages {
                     self.take_successor_messages(g)?;
@@ -539,15 +549,6 @@ impl World {
         self.event(g, event)
     }
 
-    /// `Driver::feed` before a shutdown, `on_time` before the ready deadline: a READY
-    /// already on the channel counts.
-    fn take_if_handing_over(&mut self, g: usize) -> Step {
-        if self.proc(g).m.phase() == Phase::HandingOver {
-            self.take_successor_messages(g)?;
-        }
-        Ok(())
-    }
-
     /// Generation `c` reads its HELLO and starts (`build`, `Driver::prepare`, `start`).
     fn start(&mut self, c: usize, fail: bool) -> Step {
         let link = self.link(c);
@@ -681,7 +682,6 @@ impl World {
             step(format!("{me}: SIGTERM"), true, &|w| {
                 w.shutdowns_left -= 1;
                 w.shut = true;
-                w.take_if_handing_over(g)?;
                 w.event(g, Event::ShutdownRequested)
             });
         }
@@ -780,7 +780,6 @@ impl World {
             {
                 step(format!("{me}: {:?} deadline", p.m.phase()), false, &|w| {
                     w.now = w.now.max(deadline);
-                    w.take_if_handing_over(g)?;
                     let now = w.now;
                     w.proc(g).m.handle_timeout(now);
                     w.actions(g)
@@ -832,7 +831,6 @@ impl World {
         if p.sigterm_from_pred {
             step(format!("{me}: SIGTERM from its predecessor"), false, &|w| {
                 w.proc(g).sigterm_from_pred = false;
-                w.take_if_handing_over(g)?;
                 w.event(g, Event::PredecessorGaveUp)
             });
         }
@@ -996,6 +994,7 @@ fn the_explorer_catches_each_planted_bug() {
         Bug::CheckBeforeMessages,
         Bug::StoppingFromAnyone,
         Bug::DropForwardedRelease,
+        Bug::ReadNothing,
     ] {
         let found = explore(bug);
         assert!(found.is_err(), "{bug:?} went unnoticed");

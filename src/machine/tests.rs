@@ -11,6 +11,7 @@
 use super::*;
 use proptest::prelude::*;
 use std::collections::HashMap;
+use std::time::Duration;
 
 use Phase as P;
 
@@ -56,7 +57,7 @@ impl H {
     }
 
     fn drain(&mut self) -> Vec<Action> {
-        std::iter::from_fn(|| self.m.poll_action()).collect()
+        answering(&mut self.m, self.now)
     }
 
     /// Feeds `event` at the current virtual time and returns the actions it produced.
@@ -90,6 +91,19 @@ impl H {
     fn phase(&self) -> Phase {
         self.m.phase()
     }
+}
+
+/// The machine's actions, with `ReadSuccessor` answered as a driver does when nothing is
+/// waiting on the channel (`SuccessorRead` at once).
+fn answering(m: &mut Machine, now: Instant) -> Vec<Action> {
+    let mut actions = Vec::new();
+    while let Some(action) = m.poll_action() {
+        if action == Action::ReadSuccessor {
+            m.handle(Event::SuccessorRead, now);
+        }
+        actions.push(action);
+    }
+    actions
 }
 
 // Event shorthands.
@@ -155,7 +169,8 @@ fn exit_shutdown() -> Action {
     Action::Exit(ExitReason::Shutdown)
 }
 use Action::{
-    CheckSuccessor, ResumeAccepting, SendListeners, SpawnChild, StopAccepting, StopDrain,
+    CheckSuccessor, ReadSuccessor, ResumeAccepting, SendListeners, SpawnChild, StopAccepting,
+    StopDrain,
 };
 
 /// `StartDrain` for a shutdown.
@@ -540,11 +555,11 @@ fn table() -> Vec<Row> {
         row!(HandingOver, ExitedOther   => HandingOver, true,  []),
         row!(HandingOver, AcceptStopped => HandingOver, true,  []),
         row!(HandingOver, Drained       => HandingOver, true,  []),
-        row!(HandingOver, Shutdown      => Draining,    false, [abandon(CHILD), failed(REQ, f_shutdown()), pc(P::Draining), StopAccepting, drain_shutdown()]),
-        row!(HandingOver, Deadline      => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, f_deadline())]),
+        row!(HandingOver, Shutdown      => Draining,    false, [ReadSuccessor, abandon(CHILD), failed(REQ, f_shutdown()), pc(P::Draining), StopAccepting, drain_shutdown()]),
+        row!(HandingOver, Deadline      => Serving,     true,  [ReadSuccessor, abandon(CHILD), pc(P::Serving), failed(REQ, f_deadline())]),
         row!(HandingOver, CheckedAlive  => HandingOver, true, []),
         row!(HandingOver, CheckedDead   => HandingOver, true, []),
-        row!(HandingOver, GaveUp        => Draining,    false, [abandon(CHILD), failed(REQ, f_shutdown()), pc(P::Draining), StopAccepting, drain_shutdown()]),
+        row!(HandingOver, GaveUp        => Draining,    false, [ReadSuccessor, abandon(CHILD), failed(REQ, f_shutdown()), pc(P::Draining), StopAccepting, drain_shutdown()]),
 
         // ---- Draining after the upgrade to CHILD.
         row!(DrainingUpgrade, UpSignal      => Draining, false, [busy(Requester::Signal, B_UPGRADED)]),
@@ -847,8 +862,13 @@ fn rollback_on_ready_deadline() {
     h.now = deadline;
     assert_eq!(
         h.tick(),
-        vec![abandon(CHILD), pc(P::Serving), failed(REQ, f_deadline())],
-        "fires at the deadline itself"
+        vec![
+            ReadSuccessor,
+            abandon(CHILD),
+            pc(P::Serving),
+            failed(REQ, f_deadline())
+        ],
+        "fires at the deadline itself, once what the child sent is read"
     );
     assert_rolled_back(&mut h);
 }
@@ -864,13 +884,17 @@ fn an_abandoned_child_that_may_have_the_listeners_is_terminated_not_killed() {
     h.ev(upgrade(REQ));
     h.ev(spawned(CHILD));
     h.now += TIMEOUTS.ready;
-    assert_eq!(h.tick()[0], abandon(CHILD), "the ready deadline");
+    assert_eq!(
+        h.tick()[..2],
+        [ReadSuccessor, abandon(CHILD)],
+        "the ready deadline"
+    );
 
     let mut h = H::new();
     h.ev(upgrade(REQ));
     h.ev(spawned(CHILD));
     assert_eq!(
-        h.ev(Event::ShutdownRequested)[0],
+        h.ev(Event::ShutdownRequested)[1],
         abandon(CHILD),
         "a shutdown"
     );
@@ -1124,6 +1148,7 @@ fn shutdown_during_handing_over_abandons_the_child_and_drains() {
     assert_eq!(
         h.ev(Event::ShutdownRequested),
         vec![
+            ReadSuccessor,
             abandon(CHILD),
             failed(REQ, f_shutdown()),
             pc(P::Draining),
@@ -1499,7 +1524,7 @@ fn run(steps: &[Step], seed: u64, t0: Instant) -> Vec<Record> {
             Input::Event(e) => m.handle(e.clone(), now),
             Input::Timeout(t) => m.handle_timeout(*t),
         }
-        let actions: Vec<Action> = std::iter::from_fn(|| m.poll_action()).collect();
+        let actions = answering(&mut m, now);
         for a in &actions {
             if let SpawnChild(id) = a {
                 issued.push(*id);
@@ -1997,4 +2022,31 @@ fn awaits_drained_only_while_draining_and_until_told() {
     let mut h = build(S::DrainingShutdown);
     h.ev(Event::ConnectionsDrained);
     assert!(!h.m.awaits_drained());
+}
+
+#[test]
+fn a_ready_read_before_a_shutdown_in_handing_over_counts() {
+    // The driver answers ReadSuccessor with what is on the channel: here READY.
+    let mut h = handing_over();
+    h.m.handle(Event::ShutdownRequested, h.now);
+    assert_eq!(h.m.poll_action(), Some(ReadSuccessor));
+    assert_eq!(h.m.poll_action(), None, "nothing decided before the read");
+    h.m.handle(ready(ID1), h.now);
+    h.m.handle(Event::SuccessorRead, h.now);
+    let actions: Vec<Action> = std::iter::from_fn(|| h.m.poll_action()).collect();
+    assert_eq!(
+        actions,
+        vec![
+            upgraded(REQ, CHILD),
+            pc(P::Draining),
+            StopAccepting,
+            drain_upgraded()
+        ],
+        "the upgrade succeeded; the shutdown then finishes its drain without resuming"
+    );
+    assert_eq!(
+        h.ev(exited(CHILD)),
+        vec![],
+        "never resumes after the shutdown"
+    );
 }
