@@ -30,9 +30,10 @@
 //! first start and inherited as they are, `--control-allow-uid N` and `--control-allow-gid N`
 //! (repeatable: who else the control socket serves).
 //!
-//! `echo ctl PATH upgrade` asks the server on control socket PATH to upgrade, prints
-//! `ok <new pid>` or `failed: <code>: <reason>`, and exits non-zero on failure (for `ExecReload=` and
-//! deploy scripts); `echo ctl PATH status` prints phase, pid, generation and live connections.
+//! `echo ctl PATH upgrade` asks the server on control socket PATH to upgrade with the client of
+//! `ringflip-ctl` (`ringflip::control_client`): prints `ok <new pid>`, or the reason on stderr
+//! and exits 1 (failed), 2 (busy, refused) or 3 (could not ask); `echo ctl PATH status` prints
+//! phase, pid, generation and live connections.
 //! Logs go to stderr; `RUST_LOG` filters them (default `info`).
 
 use std::process::ExitCode;

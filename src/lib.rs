@@ -82,6 +82,7 @@ mod access;
 mod boot;
 mod connection;
 mod control;
+pub mod control_client;
 mod driver;
 mod error;
 mod handle;

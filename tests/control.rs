@@ -25,6 +25,21 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).trim_end().to_string()
 }
 
+/// One line to the control socket and its whole answer, without any client.
+fn raw_exchange(socket: &Path, line: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read the answer");
+    answer
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).trim_end().to_string()
+}
+
 #[test]
 fn control_socket_answers_upgrade_and_status() {
     let dir = std::env::temp_dir().join(format!("ringflip-control-{}", std::process::id()));
@@ -78,16 +93,19 @@ fn control_socket_answers_upgrade_and_status() {
     // A failing upgrade says why and exits non-zero; the service keeps serving.
     server.remove_binary();
     let out = ctl(&socket, "upgrade");
-    assert!(!out.status.success());
-    let reply = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let reply = stderr(&out);
     assert!(
-        reply.starts_with("failed: spawn: could not start the new binary"),
+        reply.contains(": failed: spawn: could not start the new binary"),
         "{reply:?}"
     );
     assert_eq!(server.pid(), new);
     server.restore_binary();
 
-    assert_eq!(stdout(&ctl(&socket, "bogus")), "error: unknown command");
+    // The client only sends commands it knows; the server answers others with an error.
+    let out = ctl(&socket, "bogus");
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert_eq!(raw_exchange(&socket, "bogus"), "error: unknown command\n");
     load.stop().assert_clean();
     server.stop();
     let _ = std::fs::remove_dir_all(&dir);
@@ -131,10 +149,10 @@ fn control_socket_refuses_other_uids() {
     let before = server.pid();
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
     let out = as_nobody();
-    assert!(!out.status.success());
-    assert_eq!(
-        stdout(&out),
-        "refused: uid 65534 is not the service's uid 0"
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        stderr(&out).ends_with(": refused: uid 65534 is not the service's uid 0"),
+        "{out:?}"
     );
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
@@ -186,11 +204,13 @@ fn control_socket_admits_allowed_uids_and_gids() {
     assert!(out.status.success(), "{out:?}");
     assert!(stdout(&out).starts_with("phase=Serving pid="), "{out:?}");
     let out = as_user(&by_uid, 65533, 65533);
-    assert!(!out.status.success());
-    assert_eq!(
-        stdout(&out),
-        "refused: uid 65533 (gid 65533) is not the service's uid 0, root, nor an allowed uid \
-         or gid"
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        stderr(&out).ends_with(
+            ": refused: uid 65533 (gid 65533) is not the service's uid 0, root, nor an \
+             allowed uid or gid"
+        ),
+        "{out:?}"
     );
     // The successor, with the same configuration, serves the allowed uid too.
     server.upgrade();

@@ -628,38 +628,18 @@ fn echo_blocking(conn: Connection) {
     }
 }
 
-/// `ctl SOCKET COMMAND`: sends one control command (`upgrade`, `status`) and prints the answer.
-/// Exits 0 only for `ok …` (upgrade) or a status line, so `systemctl reload` and deploy
-/// scripts learn whether the upgrade worked.
+/// `ctl SOCKET COMMAND`: sends one control command (`upgrade`, `status`) with the same client
+/// as the `ringflip-ctl` binary (`ringflip::control_client`), with the same output and exit
+/// statuses: 0 for `ok <pid>` or a status line, 1 failed, 2 busy or refused, 3 could not ask.
 pub fn ctl(mut argv: impl Iterator<Item = String>) -> ExitCode {
-    use std::io::{BufRead, BufReader, Write};
-    let (Some(socket), Some(command)) = (argv.next(), argv.next()) else {
+    use ringflip::control_client::{run, Command, DEFAULT_TIMEOUT, EXIT_USAGE};
+    let (Some(socket), Some(command)) =
+        (argv.next(), argv.next().as_deref().and_then(Command::parse))
+    else {
         eprintln!("usage: echo ctl SOCKET upgrade|status");
-        return ExitCode::from(2);
+        return ExitCode::from(EXIT_USAGE);
     };
-    let result = std::os::unix::net::UnixStream::connect(&socket).and_then(|mut s| {
-        s.set_read_timeout(Some(Duration::from_secs(120)))?;
-        // One write: a line in pieces could meet a server that answered after the first.
-        s.write_all(format!("{command}\n").as_bytes())?;
-        let mut reply = String::new();
-        BufReader::new(s).read_line(&mut reply)?;
-        Ok(reply)
-    });
-    match result {
-        Ok(reply) => {
-            let reply = reply.trim_end();
-            println!("{reply}");
-            if reply.starts_with("ok ") || reply.starts_with("phase=") {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-        Err(e) => {
-            eprintln!("echo ctl: {socket}: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    run("echo ctl", socket.as_ref(), command, DEFAULT_TIMEOUT)
 }
 
 /// Blocks this (runtime) thread for `stall` each time the phase becomes HandingOver.
