@@ -261,13 +261,11 @@ impl Driver {
                     self.arm_successor_recv();
                 }
             }
-            0 => {
-                if self.machine.phase() == Phase::HandingOver {
-                    self.feed(Event::ChildMessageInvalid(
-                        "closed the handoff channel before READY".into(),
-                    ));
-                }
-            }
+            // The machine judges it only before READY (HandingOver); later it is the exit
+            // that matters, seen through the pidfd.
+            0 => self.feed(Event::ChildMessageInvalid(
+                "closed the handoff channel before READY".into(),
+            )),
             e if e == -libc::ECANCELED => {}
             e => self.feed(Event::ChildMessageInvalid(format!(
                 "handoff channel: {}",

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use io_uring::{opcode, types};
 
-use crate::error::UpgradeError;
+use crate::error::{UpgradeError, UpgradeFailure};
 use crate::handoff::{ListenerRecord, Message, SocketKind, MAX_LISTENERS};
 use crate::machine::successor::SuccessionEvent;
 use crate::machine::{Action, Event, ExitReason, Outcome, Phase, Requester, Stop, UpgradeId};
@@ -312,7 +312,8 @@ impl Driver {
             Outcome::Failed(why) => {
                 // The child may have written the pid file before it failed.
                 self.reclaim_pid_file();
-                if self.machine.phase() == Phase::Serving {
+                // Every failure but a shutdown's is a rollback: this process serves on.
+                if why != &UpgradeFailure::Shutdown {
                     tracing::warn!(reason = %why, "upgrade failed; still serving");
                     systemd::notify(
                         self.config.notify_socket.as_deref(),
