@@ -295,7 +295,6 @@ impl Driver {
                 self.arm_accept(i);
             }
         }
-        self.arm_signal_read();
         self.arm_wake_read();
         // Accepts are armed in the kernel once submitted. Only then tell the predecessor we are
         // ready: it stops accepting on READY, and from that moment our accepts take the queue.
@@ -319,7 +318,11 @@ impl Driver {
         // The successor's side decides the rest: READY, the pid file, systemd.
         self.feed_succession(SuccessionEvent::Started);
         self.run_actions();
-        // What the actions queued (accepts on members that listen only now, the unlink).
+        // The signal read only now: READY's outcome depends on whether the predecessor's
+        // SIGTERM is pending (`predecessor_gave_up`), and an armed read could take it first.
+        self.arm_signal_read();
+        // What the actions queued (accepts on members that listen only now, the unlink, the
+        // signal read).
         if let Err(e) = self.ring.submit() {
             if !ring::retry_next_turn(&e) {
                 tracing::warn!(error = %e, "submitting after the start");

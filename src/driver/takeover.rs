@@ -330,7 +330,19 @@ impl Driver {
                     let _ = self.ring.submit();
                 }
             }
-            A::RestorePidFile => self.restore_pid_file(),
+            A::RestorePidFile => {
+                // Only for a predecessor that still runs: one gone since (its SIGTERM came
+                // before it crashed or exited) must not be named again.
+                let predecessor_alive = self
+                    .elders
+                    .first()
+                    .is_some_and(|parent| !sys::poll_readable(parent.as_fd()));
+                if predecessor_alive {
+                    self.restore_pid_file();
+                } else if let Some(leftover) = self.pid_file_leftover.take() {
+                    self.unlink_later(leftover);
+                }
+            }
             A::ListenDeferred => self.listen_deferred(),
             A::StartTakeover => {
                 tracing::info!(

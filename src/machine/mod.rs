@@ -84,8 +84,9 @@ pub(crate) struct Machine {
     /// This process has a predecessor that has not let go of the accept queues yet (see
     /// `Event::PredecessorLetGo`).
     predecessor_holds: bool,
-    /// A decision waiting for `SuccessorRead` (see `Action::ReadSuccessor`).
-    waiting_read: Option<AfterRead>,
+    /// Decisions waiting for `SuccessorRead` (see `Action::ReadSuccessor`), in the order they
+    /// came: a shutdown and the ready deadline can both land in one driver turn.
+    waiting_read: Vec<AfterRead>,
     /// `SuccessorRead` is being handled: the decision is taken now, not asked again.
     read_done: bool,
 }
@@ -109,7 +110,7 @@ impl Machine {
             elders_draining: 0,
             max_draining: u32::MAX,
             predecessor_holds: false,
-            waiting_read: None,
+            waiting_read: Vec::new(),
             read_done: false,
         }
     }
@@ -226,14 +227,14 @@ impl Machine {
             }
             (State::Exited(_), _) => {}
             (_, E::SuccessorRead) => {
-                if let Some(after) = self.waiting_read.take() {
-                    self.read_done = true;
+                self.read_done = true;
+                for after in std::mem::take(&mut self.waiting_read) {
                     match after {
                         AfterRead::Event(event) => self.handle(event, now),
                         AfterRead::Deadline => self.handle_timeout(now),
                     }
-                    self.read_done = false;
                 }
+                self.read_done = false;
             }
             (State::HandingOver { .. }, e @ (E::ShutdownRequested | E::PredecessorGaveUp))
                 if !self.read_done =>
@@ -502,10 +503,12 @@ impl Machine {
 
     /// Holds `after` back until the successor's unread messages are fed (`ReadSuccessor`).
     fn read_first(&mut self, after: AfterRead) {
-        if self.waiting_read.is_none() {
+        if self.waiting_read.is_empty() {
             self.push(Action::ReadSuccessor);
         }
-        self.waiting_read = Some(after);
+        if !self.waiting_read.contains(&after) || after != AfterRead::Deadline {
+            self.waiting_read.push(after);
+        }
     }
 
     /// The successor died during the drain without having announced it: take the service

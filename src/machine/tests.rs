@@ -2050,3 +2050,35 @@ fn a_ready_read_before_a_shutdown_in_handing_over_counts() {
         "never resumes after the shutdown"
     );
 }
+
+#[test]
+fn a_shutdown_and_the_ready_deadline_in_one_turn_both_count() {
+    // The driver handles every completion of a turn (here a SIGTERM), then the deadlines, and
+    // only then carries out the actions: the deadline must not replace the held shutdown.
+    let mut h = handing_over();
+    h.m.handle(Event::ShutdownRequested, h.now);
+    h.now += TIMEOUTS.ready;
+    h.m.handle_timeout(h.now);
+    assert_eq!(h.m.poll_action(), Some(ReadSuccessor));
+    assert_eq!(h.m.poll_action(), None);
+    h.m.handle(Event::SuccessorRead, h.now);
+    let actions: Vec<Action> = std::iter::from_fn(|| h.m.poll_action()).collect();
+    assert_eq!(
+        actions,
+        vec![
+            abandon(CHILD),
+            failed(REQ, f_shutdown()),
+            pc(P::Draining),
+            StopAccepting,
+            drain_shutdown()
+        ],
+        "the shutdown, not a rollback to Serving"
+    );
+    // Two stops in one turn: the second still cuts the drain short.
+    let mut h = handing_over();
+    h.m.handle(Event::ShutdownRequested, h.now);
+    h.m.handle(Event::ShutdownRequested, h.now);
+    assert_eq!(h.m.poll_action(), Some(ReadSuccessor));
+    h.m.handle(Event::SuccessorRead, h.now);
+    assert_eq!(h.drain().last(), Some(&exit_shutdown()));
+}
