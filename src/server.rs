@@ -22,9 +22,8 @@ use crate::driver::{Driver, ServerParts, Waiting};
 use crate::error::Error;
 use crate::handle::Handle;
 use crate::handoff::MAX_LISTENERS;
-use crate::inherit::ParentLink;
 use crate::launch::EnvOverrides;
-use crate::listener::{self, Endpoint, ListenSpec, Listener, UdpSocketEntry};
+use crate::listener::{self, Endpoint, ListenSpec, Listener};
 use crate::machine::{ExitReason, Timeouts};
 use crate::shared::{Config, PhaseCell, RequestsOpen, Shared};
 use crate::workers::{Coordinator, WorkerGone, WorkerSet};
@@ -302,30 +301,32 @@ impl Builder {
             control_access: self.control_access,
         });
         Ok(Server {
-            listeners,
-            parent,
-            requests_open: RequestsOpen(shared.clone()),
-            signal_reader,
-            shared,
             inherited_state,
-            elders,
-            udp,
             inherited_fds,
-            worker_listeners: Vec::new(),
             workers: None,
-            config: Config {
-                timeouts: Timeouts {
-                    ready: self.ready_timeout,
-                    drain: self.drain_timeout,
+            parts: ServerParts {
+                listeners,
+                parent,
+                requests_open: RequestsOpen(shared.clone()),
+                signal_reader,
+                shared,
+                elders,
+                udp,
+                worker_listeners: Vec::new(),
+                config: Config {
+                    timeouts: Timeouts {
+                        ready: self.ready_timeout,
+                        drain: self.drain_timeout,
+                    },
+                    pid_file: self.pid_file,
+                    max_draining: self.max_draining,
+                    workers: self.workers,
+                    exe,
+                    args,
+                    env: self.env,
+                    signals,
+                    notify_socket: systemd::notify_target(),
                 },
-                pid_file: self.pid_file,
-                max_draining: self.max_draining,
-                workers: self.workers,
-                exe,
-                args,
-                env: self.env,
-                signals,
-                notify_socket: systemd::notify_target(),
             },
         })
     }
@@ -336,31 +337,23 @@ impl Builder {
 /// Made by [`Builder::build`]; driven by [`Server::run`] (or `run_async`). See the crate docs
 /// for the lifecycle.
 pub struct Server {
-    pub(crate) listeners: Vec<Listener>,
-    pub(crate) parent: Option<ParentLink>,
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) config: Config,
+    /// What its driver is made from (see `Server::into_driver`).
+    pub(crate) parts: ServerParts,
     inherited_state: Option<Bytes>,
-    pub(crate) elders: Vec<OwnedFd>,
-    pub(crate) udp: Vec<UdpSocketEntry>,
     inherited_fds: Vec<(String, OwnedFd)>,
-    /// Thread-per-core: the workers' listeners (duplicates), for the handoff.
-    pub(crate) worker_listeners: Vec<(crate::handoff::ListenerRecord, OwnedFd)>,
     /// Thread-per-core, once [`Server::take_workers`] has split the workers off: what this
     /// (coordinating) server shares with them. Dropped unrun, it tells them to quit.
     workers: Option<Coordinator>,
-    /// Requests are taken while this lives: in the server, then in its driver.
-    pub(crate) requests_open: RequestsOpen,
-    /// Signals delivered to other threads are forwarded to the one that called `build` (see
-    /// `signals.rs`) until the driver claims them for its own thread.
-    pub(crate) signal_reader: signals::Reader,
 }
 
 impl fmt::Debug for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Server")
-            .field("listeners", &self.listeners)
-            .field("successor_of", &self.parent.as_ref().map(|p| p.parent_pid))
+            .field("listeners", &self.parts.listeners)
+            .field(
+                "successor_of",
+                &self.parts.parent.as_ref().map(|p| p.parent_pid),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -373,12 +366,18 @@ impl Server {
 
     /// A handle to trigger upgrades and shutdown from any thread.
     pub fn handle(&self) -> Handle {
-        Handle::from_shared(self.shared.clone())
+        Handle::from_shared(self.parts.shared.clone())
     }
 
     /// The local address of the TCP listener named `name`.
     pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
-        match self.listeners.iter().find(|l| &*l.name == name)?.endpoint {
+        match self
+            .parts
+            .listeners
+            .iter()
+            .find(|l| &*l.name == name)?
+            .endpoint
+        {
             Endpoint::Tcp(addr) => Some(addr),
             _ => None,
         }
@@ -386,12 +385,13 @@ impl Server {
 
     /// The pid of the process this one took over from, if it was started by an upgrade.
     pub fn predecessor(&self) -> Option<u32> {
-        self.parent.as_ref().map(|p| p.parent_pid)
+        self.parts.parent.as_ref().map(|p| p.parent_pid)
     }
 
     /// A clone of the UDP socket named `name` (see [`Builder::bind_udp`]).
     pub fn udp_socket(&self, name: &str) -> Option<std::io::Result<std::net::UdpSocket>> {
-        self.udp
+        self.parts
+            .udp
             .iter()
             .find(|u| u.name == name)
             .map(|u| u.socket.try_clone())
@@ -429,47 +429,21 @@ impl Server {
     /// issuer), leading the workers if [`Server::take_workers`] split them off; prepared, not
     /// started (see `Driver::start`).
     pub(crate) fn into_driver(mut self, what: &str, waiting: Waiting) -> Result<Driver, Error> {
-        if self.config.workers > 1 && self.workers.is_none() {
+        if self.parts.config.workers > 1 && self.workers.is_none() {
             return Err(Error::Config(format!(
                 "{what} serves one ring; with workers({}) call take_workers first, or use \
                  run_workers",
-                self.config.workers
+                self.parts.config.workers
             )));
         }
         let workers = self.workers.take();
         // On an error here `workers` is dropped, which tells the workers to quit.
-        let driver = Driver::prepare(self.into_parts(), waiting)?;
+        // What the application did not take (inherited state and fds) is dropped here.
+        let driver = Driver::prepare(self.parts, waiting)?;
         Ok(match workers {
             Some(coordinator) => driver.with_workers(coordinator),
             None => driver,
         })
-    }
-
-    /// What its driver is made from; the rest (what the application did not take) is dropped.
-    pub(crate) fn into_parts(self) -> ServerParts {
-        let Server {
-            listeners,
-            parent,
-            elders,
-            udp,
-            worker_listeners,
-            shared,
-            config,
-            requests_open,
-            signal_reader,
-            ..
-        } = self;
-        ServerParts {
-            listeners,
-            parent,
-            elders,
-            udp,
-            worker_listeners,
-            shared,
-            config,
-            requests_open,
-            signal_reader,
-        }
     }
 
     /// Thread-per-core ([`Builder::workers`]): splits off the `n - 1` worker rings, to be run
@@ -484,7 +458,7 @@ impl Server {
     /// SO_REUSEPORT members wait there for the next process (logged as an error). Empty
     /// without `workers(n)`; an error if called twice.
     pub fn take_workers(&mut self) -> Result<Vec<Worker>, Error> {
-        let n = self.config.workers.max(1);
+        let n = self.parts.config.workers.max(1);
         if n == 1 {
             return Ok(Vec::new());
         }
@@ -492,10 +466,10 @@ impl Server {
             return Err(Error::Config("the workers were already taken".into()));
         }
         // Everything that can fail comes first, so that a failure leaves this server as it was.
-        let set = Arc::new(WorkerSet::new(n - 1, self.parent.is_some())?);
+        let set = Arc::new(WorkerSet::new(n - 1, self.parts.parent.is_some())?);
         let mut per_worker: Vec<Vec<Listener>> = (0..n).map(|_| Vec::new()).collect();
         let mut mine = Vec::new();
-        for l in std::mem::take(&mut self.listeners) {
+        for l in std::mem::take(&mut self.parts.listeners) {
             match listener::worker_of(&l.name, n) {
                 0 => mine.push(l),
                 i => per_worker[i].push(l),
@@ -517,12 +491,12 @@ impl Server {
             Ok(dups) => dups,
             Err(e) => {
                 mine.extend(per_worker.into_iter().flatten());
-                self.listeners = mine;
+                self.parts.listeners = mine;
                 return Err(e);
             }
         };
-        self.listeners = mine;
-        self.worker_listeners.extend(dups);
+        self.parts.listeners = mine;
+        self.parts.worker_listeners.extend(dups);
         self.workers = Some(Coordinator(set.clone()));
         Ok(per_worker
             .into_iter()
@@ -530,11 +504,11 @@ impl Server {
             .skip(1)
             .map(|(index, listeners)| Worker {
                 listeners,
-                config: self.config.clone(),
+                config: self.parts.config.clone(),
                 gone: WorkerGone {
                     index,
                     set: set.clone(),
-                    shared: self.shared.clone(),
+                    shared: self.parts.shared.clone(),
                 },
             })
             .collect())

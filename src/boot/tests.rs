@@ -45,7 +45,7 @@ fn listen_tcp_with_runs_the_setup_before_the_bind() {
         ran_unbound.load(Ordering::SeqCst),
         "setup ran after the bind"
     );
-    let fd = server.listeners[0].fd.as_fd();
+    let fd = server.parts.listeners[0].fd.as_fd();
     // The kernel doubles what was asked for.
     assert_eq!(
         socket2::SockRef::from(&fd).recv_buffer_size().unwrap(),

@@ -25,7 +25,7 @@ use super::{Driver, Waiting};
 impl Driver {
     /// A started driver: [`Driver::prepare`], then [`Driver::start`].
     fn new(server: Server, waiting: Waiting) -> Result<Driver, Error> {
-        let mut driver = Driver::prepare(server.into_parts(), waiting)?;
+        let mut driver = Driver::prepare(server.parts, waiting)?;
         driver.start()?;
         Ok(driver)
     }
@@ -63,7 +63,7 @@ impl Predecessor {
             SockFlag::SOCK_CLOEXEC,
         )
         .unwrap();
-        server.parent = Some(ParentLink {
+        server.parts.parent = Some(ParentLink {
             channel: theirs,
             upgrade: UPGRADE,
             parent_pid: std::process::id(),
@@ -174,7 +174,7 @@ fn without_takeover(mut driver: Driver) -> Driver {
 fn a_connection_whose_wake_up_the_predecessor_spent_is_served_after_release() {
     let mut server = tcp_server(1);
     let addr = server.local_addr("t").unwrap();
-    let listener = server.listeners[0].fd.as_raw_fd();
+    let listener = server.parts.listeners[0].fd.as_raw_fd();
     let mut old = Predecessor::adopt(&mut server, &[listener]);
     let mut driver = without_takeover(Driver::new(server, super::Waiting::InRing).unwrap());
     old.expect_ready();
@@ -216,7 +216,12 @@ fn successor_with_a_worker(waiting: super::Waiting, hold: Duration) {
     const CONNS: usize = 16;
     let mut server = tcp_server(2);
     let addr = server.local_addr("t").unwrap();
-    let members: Vec<RawFd> = server.listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
+    let members: Vec<RawFd> = server
+        .parts
+        .listeners
+        .iter()
+        .map(|l| l.fd.as_raw_fd())
+        .collect();
     assert_eq!(members.len(), 2, "one listener per worker");
     let mut old = Predecessor::adopt(&mut server, &members);
     let worker = server.take_workers().unwrap().pop().unwrap();
@@ -295,7 +300,7 @@ fn recv_message(channel: &OwnedFd) -> Message {
 #[test]
 fn an_elders_release_is_forwarded_to_the_successor() {
     let mut server = tcp_server(1);
-    let listener = server.listeners[0].fd.as_raw_fd();
+    let listener = server.parts.listeners[0].fd.as_raw_fd();
     let mut elder = Predecessor::adopt(&mut server, &[listener]);
     upgrade_to_a_stand_in(&mut server);
     let mut driver = without_takeover(Driver::new(server, super::Waiting::InRing).unwrap());
@@ -342,8 +347,8 @@ fn an_elders_release_is_forwarded_to_the_successor() {
 /// Makes `/bin/sleep 30` the binary `server` upgrades to: a real process (so that its exit
 /// watch and pid are real) that only holds its end of the channel, which the test answers on.
 fn upgrade_to_a_stand_in(server: &mut Server) {
-    server.config.exe = "/bin/sleep".into();
-    server.config.args = vec!["sleep".into(), "30".into()];
+    server.parts.config.exe = "/bin/sleep".into();
+    server.parts.config.args = vec!["sleep".into(), "30".into()];
 }
 
 /// Counts one live connection, which keeps the driver draining (alive) after it lets go,
@@ -581,7 +586,7 @@ fn in_a_runtime_every_source_wakes_the_wake_set_and_one_turn_handles_it() {
 fn in_a_runtime_a_deadline_wakes_the_wake_set() {
     let mut server = tcp_server(1);
     upgrade_to_a_stand_in(&mut server);
-    server.config.timeouts.ready = Duration::from_millis(200);
+    server.parts.config.timeouts.ready = Duration::from_millis(200);
     let mut driver = Driver::new(server, super::Waiting::InRuntime).unwrap();
     let fd = driver.readiness_fd().expect("a wake set");
     let (pid, _channel, _upgrade) = start_successor(&mut driver);
@@ -611,7 +616,7 @@ fn in_a_runtime_a_deadline_wakes_the_wake_set() {
 fn in_a_runtime_a_listener_that_woke_but_delivered_nothing_is_swept() {
     let mut server = tcp_server(1);
     let addr = server.local_addr("t").unwrap();
-    let listener = server.listeners[0].fd.as_raw_fd();
+    let listener = server.parts.listeners[0].fd.as_raw_fd();
     let old = Predecessor::adopt(&mut server, &[listener]);
     let mut driver = without_takeover(Driver::new(server, super::Waiting::InRuntime).unwrap());
     old.expect_ready();
@@ -730,12 +735,12 @@ fn finishing_rearms_nothing_when_two_signals_land_at_the_end_of_the_drain() {
 fn a_successor_that_fails_to_start_takes_no_connection() {
     let mut server = tcp_server(1);
     let addr = server.local_addr("t").unwrap();
-    let listener = server.listeners[0].fd.as_raw_fd();
+    let listener = server.parts.listeners[0].fd.as_raw_fd();
     let backlog = std::net::TcpListener::from(
-        crate::sys::dup_cloexec_at_least(server.listeners[0].fd.as_fd(), 3).unwrap(),
+        crate::sys::dup_cloexec_at_least(server.parts.listeners[0].fd.as_fd(), 3).unwrap(),
     );
     let old = Predecessor::adopt(&mut server, &[listener]);
-    server.config.pid_file = Some(
+    server.parts.config.pid_file = Some(
         std::env::temp_dir()
             .join(format!("ringflip-missing-{}", std::process::id()))
             .join("x.pid"),
@@ -767,8 +772,8 @@ fn a_successor_that_fails_to_start_takes_no_connection() {
 /// test can tell a SIGTERM (the mark) from a SIGKILL (none). Once its trap is set it writes
 /// "up" to `mark` + ".up" (see `wait_until_up`).
 fn upgrade_to_a_terminable_stand_in(server: &mut Server, mark: &std::path::Path) {
-    server.config.exe = "/bin/sh".into();
-    server.config.args = vec![
+    server.parts.config.exe = "/bin/sh".into();
+    server.parts.config.args = vec![
         "sh".into(),
         "-c".into(),
         format!(
@@ -862,8 +867,8 @@ fn a_rollback_right_after_ready_is_not_a_shutdown_and_withdraws_retiring() {
     let (notify_path, notify) = notify_socket(&dir);
     let mut server = tcp_server(1);
     // This driver's target only (the environment is the whole test process's).
-    server.config.notify_socket = Some(notify_path.clone().into());
-    let listener = server.listeners[0].fd.as_raw_fd();
+    server.parts.config.notify_socket = Some(notify_path.clone().into());
+    let listener = server.parts.listeners[0].fd.as_raw_fd();
     let mut elder = Predecessor::adopt(&mut server, &[listener]);
     upgrade_to_a_stand_in(&mut server);
     let mut driver = without_takeover(Driver::new(server, super::Waiting::InRing).unwrap());
@@ -997,8 +1002,8 @@ fn a_successor_stopped_before_it_is_the_main_process_says_nothing_to_systemd() {
     let dir = fresh_dir("notify2");
     let (notify_path, notify) = notify_socket(&dir);
     let mut server = tcp_server(1);
-    server.config.notify_socket = Some(notify_path.clone().into());
-    let listener = server.listeners[0].fd.as_raw_fd();
+    server.parts.config.notify_socket = Some(notify_path.clone().into());
+    let listener = server.parts.listeners[0].fd.as_raw_fd();
     let elder = Predecessor::adopt(&mut server, &[listener]);
     let mut driver = without_takeover(Driver::new(server, super::Waiting::InRing).unwrap());
     elder.expect_ready();
@@ -1023,11 +1028,11 @@ fn a_successor_abandoned_while_starting_leaves_the_pid_file_alone() {
     let pid_file = dir.join("x.pid");
     std::fs::write(&pid_file, "4242\n").unwrap();
     let mut server = tcp_server(1);
-    let listener = server.listeners[0].fd.as_raw_fd();
+    let listener = server.parts.listeners[0].fd.as_raw_fd();
     let old = Predecessor::adopt(&mut server, &[listener]);
     // The predecessor stand-in is this (live) process.
-    server.elders = vec![crate::sys::pidfd_open(std::process::id()).unwrap()];
-    server.config.pid_file = Some(pid_file.clone());
+    server.parts.elders = vec![crate::sys::pidfd_open(std::process::id()).unwrap()];
+    server.parts.config.pid_file = Some(pid_file.clone());
     drop(old); // gives up: closes its end of the channel
     let started = Driver::new(server, super::Waiting::InRing);
     let content = std::fs::read_to_string(&pid_file).unwrap();
