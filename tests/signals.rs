@@ -28,6 +28,16 @@ fn serve_on_a_thread() -> std::thread::JoinHandle<ExitReason> {
     server
 }
 
+/// Waits (bounded) for the server's thread to return, and checks it shut down.
+fn assert_shut_down(server: std::thread::JoinHandle<ExitReason>) {
+    let started = Instant::now();
+    while !server.is_finished() && started.elapsed() < T {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(server.is_finished(), "the server did not stop within {T:?}");
+    assert_eq!(server.join().unwrap(), ExitReason::Shutdown);
+}
+
 /// Signal routing is process-wide (one forwarding target): one test at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -49,12 +59,7 @@ fn a_signal_delivered_to_a_thread_started_before_build_reaches_the_server() {
     // SAFETY: the bystander thread is alive (it waits on stop_rx); SIGTERM to it alone.
     let rc = unsafe { libc::pthread_kill(bystander_id, libc::SIGTERM) };
     assert_eq!(rc, 0);
-    let started = Instant::now();
-    while !server.is_finished() && started.elapsed() < T {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(server.is_finished(), "the server did not stop within {T:?}");
-    assert_eq!(server.join().unwrap(), ExitReason::Shutdown);
+    assert_shut_down(server);
     stop_tx.send(()).unwrap();
     bystander.join().unwrap();
 }
@@ -118,12 +123,7 @@ fn a_forwarded_signal_keeps_its_senders_pid() {
     // SAFETY: waiting for our own child.
     assert_eq!(unsafe { libc::waitpid(sender, &mut status, 0) }, sender);
     assert_eq!(status, 0, "tgkill from the child failed");
-    let started = Instant::now();
-    while !server.is_finished() && started.elapsed() < T {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(server.is_finished(), "the server did not stop within {T:?}");
-    assert_eq!(server.join().unwrap(), ExitReason::Shutdown);
+    assert_shut_down(server);
     stop_tx.send(()).unwrap();
     bystander.join().unwrap();
     let log = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();

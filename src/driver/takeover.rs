@@ -33,13 +33,16 @@ impl Driver {
         let Some(link) = &self.predecessor else {
             return false;
         };
-        let parent_alive = || {
-            self.elders
-                .first()
-                .is_some_and(|parent| !sys::poll_readable(parent.as_fd()))
-        };
         sys::peer_closed(link.channel.as_fd())
-            && (parent_alive() || sys::signal_pending(libc::SIGTERM))
+            && (self.predecessor_alive() || sys::signal_pending(libc::SIGTERM))
+    }
+
+    /// Whether the predecessor still runs: its pidfd (the first of the elders the HELLO
+    /// carried) is not readable.
+    fn predecessor_alive(&self) -> bool {
+        self.elders
+            .first()
+            .is_some_and(|parent| !sys::poll_readable(parent.as_fd()))
     }
 
     /// Makes this driver's new members listen, and accept if it accepts. Called once the
@@ -333,11 +336,7 @@ impl Driver {
             A::RestorePidFile => {
                 // Only for a predecessor that still runs: one gone since (its SIGTERM came
                 // before it crashed or exited) must not be named again.
-                let predecessor_alive = self
-                    .elders
-                    .first()
-                    .is_some_and(|parent| !sys::poll_readable(parent.as_fd()));
-                if predecessor_alive {
+                if self.predecessor_alive() {
                     self.restore_pid_file();
                 } else if let Some(leftover) = self.pid_file_leftover.take() {
                     self.unlink_later(leftover);
