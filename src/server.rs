@@ -438,7 +438,7 @@ impl Server {
         }
         let workers = self.workers.take();
         // On an error here `workers` is dropped, which tells the workers to quit.
-        // What the application did not take (inherited state and fds) is dropped here.
+        // What the application did not take (inherited state and fds) is dropped on return.
         let driver = Driver::prepare(self.parts, waiting)?;
         Ok(match workers {
             Some(coordinator) => driver.with_workers(coordinator),

@@ -146,13 +146,11 @@ impl Machine {
     }
 
     /// Whether the driver should have its accepts armed (as the machine last told it).
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn accepting(&self) -> bool {
         self.accepting
     }
 
     /// The upgrade in flight, if any.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn current_upgrade(&self) -> Option<UpgradeId> {
         match self.state {
             State::Forking { upgrade, .. } | State::HandingOver { upgrade, .. } => Some(upgrade),
