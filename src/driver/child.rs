@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types};
 
 use crate::handoff::Message;
-use crate::machine::{Event, Phase, UpgradeId};
+use crate::machine::{Event, UpgradeId};
 use crate::{spawn, sys};
 
 use super::ring::{errno, Op, Token, CHANNEL_BUF, FINAL_REAP};
@@ -111,8 +111,7 @@ impl Driver {
     /// and reaped by its exit watch.
     pub(super) fn collect_spawns(&mut self) {
         while let Ok(done) = self.spawn_results.1.try_recv() {
-            let current = self.machine.phase() == Phase::Forking
-                && self.machine.current_upgrade() == Some(done.upgrade);
+            let current = self.machine.awaits_spawn(done.upgrade);
             let upgrade = done.upgrade;
             match done.result {
                 Ok(child) if current => {
@@ -257,7 +256,7 @@ impl Driver {
                 // at most RETIRING, which matters only at its exit, and is read
                 // then (`take_successor_messages`): no `Recv` is ever left queued
                 // on a channel that the exit closes.
-                if self.successor.is_some() && self.machine.phase() == Phase::HandingOver {
+                if self.successor.is_some() && self.machine.awaits_ready() {
                     self.arm_successor_recv();
                 }
             }

@@ -180,10 +180,6 @@ pub(crate) struct Driver {
     pid_file_leftover: Option<std::path::PathBuf>,
     /// Children abandoned with SIGTERM, until they exit or are SIGKILLed (see `escalate`).
     terminating: Vec<Terminating>,
-    /// systemd knows this process as the service's main one: it started it (no predecessor),
-    /// or the predecessor announced it (`MAINPID=`, before its RELEASED), or it took the
-    /// service back (`ResumeAccepting`). Only the main process says `STOPPING=1`: a successor
-    /// abandoned before that, stopping, must not stop the whole unit (`NotifyAccess=all`).
     /// Spawns in flight on their own threads (see `start_spawn`), and where they report.
     spawning: Vec<std::thread::JoinHandle<()>>,
     spawn_results: (mpsc::Sender<SpawnResult>, mpsc::Receiver<SpawnResult>),

@@ -693,9 +693,7 @@ impl World {
             if spawner == g {
                 step(format!("{me}: spawn done"), false, &|w| {
                     w.spawning = None;
-                    let forking = w.proc(g).m.phase() == Phase::Forking
-                        && w.proc(g).m.current_upgrade() == Some(upgrade);
-                    if !forking {
+                    if !w.proc(g).m.awaits_spawn(upgrade) {
                         return Ok(()); // `collect_spawns` kills a child nobody waits for
                     }
                     let c = w.gens.len();
@@ -738,7 +736,7 @@ impl World {
                 });
             }
             // The ring reads the channel only until READY (`on_successor_recv`).
-            if p.m.phase() == Phase::HandingOver && link.open && !link.to_pred.is_empty() {
+            if p.m.awaits_ready() && link.open && !link.to_pred.is_empty() {
                 step(
                     format!("{me}: reads its successor's message"),
                     false,

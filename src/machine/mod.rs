@@ -150,6 +150,22 @@ impl Machine {
         self.accepting
     }
 
+    /// Whether a child started for `upgrade` is still wanted: that upgrade is in flight and
+    /// waits for its new binary (`Forking`). A child that comes later (the upgrade was given
+    /// up: a shutdown, the start deadline) must be killed; it never got the listeners.
+    pub(crate) fn awaits_spawn(&self, upgrade: UpgradeId) -> bool {
+        matches!(self.state, State::Forking { upgrade: u, .. } if u == upgrade)
+    }
+
+    /// Whether a message from the successor can still change the upgrade's course: it was
+    /// handed the listeners and its READY has not come (`HandingOver`). After READY the
+    /// successor sends at most RETIRING/SERVING, which matter only at its exit and are read
+    /// then (`Action::CheckSuccessor`, the exit), so the driver reads its channel only while
+    /// this holds.
+    pub(crate) fn awaits_ready(&self) -> bool {
+        matches!(self.state, State::HandingOver { .. })
+    }
+
     /// The upgrade in flight, if any.
     pub(crate) fn current_upgrade(&self) -> Option<UpgradeId> {
         match self.state {

@@ -765,6 +765,32 @@ fn current_upgrade_per_phase() {
     }
 }
 
+#[test]
+fn awaits_spawn_and_ready_per_phase() {
+    let want = [
+        (S::Serving, false, false),
+        (S::Forking, true, false),
+        (S::HandingOver, false, true),
+        (S::DrainingUpgrade, false, false),
+        (S::DrainingUpgradeRetired, false, false),
+        (S::DrainingUpgradeShutdown, false, false),
+        (S::DrainingUpgradeChecking, false, false),
+        (S::DrainingShutdown, false, false),
+        (S::Exited, false, false),
+    ];
+    for (s, spawn, ready) in want {
+        let h = build(s);
+        assert_eq!(h.m.awaits_spawn(ID1), spawn, "{s:?}");
+        assert!(!h.m.awaits_spawn(UpgradeId(ID1.0 + 1)), "{s:?}");
+        assert_eq!(h.m.awaits_ready(), ready, "{s:?}");
+    }
+    // Given up before the spawn came back: a late child is not wanted.
+    let mut h = build(S::Forking);
+    h.expire();
+    assert_eq!(h.phase(), P::Serving);
+    assert!(!h.m.awaits_spawn(ID1));
+}
+
 // ------------------------------------------------------------------------------------------
 // 2. Scenarios
 
