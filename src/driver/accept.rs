@@ -53,8 +53,74 @@ pub(super) struct AcceptSlot {
     seen_listening: std::cell::Cell<bool>,
 }
 
+/// Every accept of this driver: a slot per listener, and what it was last told to do.
+///
+/// Nothing here is a decision. Whether to accept is ordered from outside: by the upgrade
+/// machine (`StopAccepting`/`ResumeAccepting`), for a worker by its coordinator
+/// (`WorkerSet`), and ended by `finish`. `wanted` records the last order, so that an accept
+/// ending on its own (a full CQ, a backoff) is re-armed only while accepting is wanted; the
+/// rest is bookkeeping of carrying the order out.
+pub(super) struct Accepts {
+    slots: Vec<AcceptSlot>,
+    /// The last order was to accept.
+    pub(super) wanted: bool,
+    /// The end of the last stop was reported (to the machine, or by a worker to the
+    /// coordinator): once per stop, so the timeline keeps the first moment.
+    pub(super) stop_reported: bool,
+    /// The kernel refused `IORING_ACCEPT_DONTWAIT` (see `sweep`): a fact about the kernel,
+    /// learnt once.
+    pub(super) no_dontwait: bool,
+    /// Connections accepted (logged at exit).
+    pub(super) accepted: u64,
+}
+
+impl Accepts {
+    pub(super) fn new(listeners: Vec<Listener>, wanted: bool) -> Accepts {
+        Accepts {
+            slots: listeners.into_iter().map(AcceptSlot::new).collect(),
+            wanted,
+            stop_reported: false,
+            no_dontwait: false,
+            accepted: 0,
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub(super) fn iter(&self) -> std::slice::Iter<'_, AcceptSlot> {
+        self.slots.iter()
+    }
+
+    pub(super) fn get_mut(&mut self, i: usize) -> Option<&mut AcceptSlot> {
+        self.slots.get_mut(i)
+    }
+}
+
+impl std::ops::Index<usize> for Accepts {
+    type Output = AcceptSlot;
+    fn index(&self, i: usize) -> &AcceptSlot {
+        &self.slots[i]
+    }
+}
+
+impl std::ops::IndexMut<usize> for Accepts {
+    fn index_mut(&mut self, i: usize) -> &mut AcceptSlot {
+        &mut self.slots[i]
+    }
+}
+
+impl<'a> IntoIterator for &'a Accepts {
+    type Item = &'a AcceptSlot;
+    type IntoIter = std::slice::Iter<'a, AcceptSlot>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.slots.iter()
+    }
+}
+
 impl AcceptSlot {
-    pub(super) fn new(listener: Listener) -> AcceptSlot {
+    fn new(listener: Listener) -> AcceptSlot {
         AcceptSlot {
             control: &*listener.name == control::CONTROL_LISTENER,
             listener,
@@ -142,7 +208,7 @@ impl Driver {
             self.deliver(i, fd, sink);
             // More may be queued: take them until EAGAIN.
             self.sweep(i);
-        } else if res == -libc::EINVAL && !self.no_dontwait {
+        } else if res == -libc::EINVAL && !self.accepts.no_dontwait {
             // This kernel has no IORING_ACCEPT_DONTWAIT (Linux < 6.10): no takeover
             // (the predecessor's accept stop ends the overlap as before), and sweeps
             // re-arm the multishot accept instead (see `sweep`), starting with this one.
@@ -150,7 +216,7 @@ impl Driver {
                 "no IORING_ACCEPT_DONTWAIT on this kernel: no takeover; the previous \
                  process keeps the accept queue until it lets go"
             );
-            self.no_dontwait = true;
+            self.accepts.no_dontwait = true;
             self.feed_succession(SuccessionEvent::NoDontwait);
             self.sweep(i);
         }
@@ -168,7 +234,7 @@ impl Driver {
             slot.backoff = BACKOFF_MIN;
             self.update_paused_flag();
         }
-        self.accepted += 1;
+        self.accepts.accepted += 1;
         self.accepts[i].delivered += 1;
         let guard = DrainGuard::new(&self.shared);
         let slot = &self.accepts[i];
@@ -189,7 +255,7 @@ impl Driver {
         let slot = &mut self.accepts[i];
         slot.op = None;
         slot.cancel_sent = false;
-        if !self.accepting {
+        if !self.accepts.wanted {
             self.report_if_stopped();
             return;
         }
@@ -230,7 +296,7 @@ impl Driver {
     /// Cancels every accept (the terminal completions arrive later; see `report_if_stopped`).
     /// The coordinator also tells its workers.
     pub(super) fn stop_accepting(&mut self) {
-        self.accepting = false;
+        self.accepts.wanted = false;
         self.tell_workers(WorkerSet::begin_stop);
         for i in 0..self.accepts.len() {
             let slot = &mut self.accepts[i];
@@ -249,8 +315,8 @@ impl Driver {
     /// Re-arms every accept that is not armed (one whose cancel is still in flight re-arms
     /// itself at its terminal completion). The coordinator also tells its workers.
     pub(super) fn resume_accepting(&mut self) {
-        self.accepting = true;
-        self.stop_reported = false;
+        self.accepts.wanted = true;
+        self.accepts.stop_reported = false;
         self.tell_workers(|set| set.accepting.store(true, SeqCst));
         self.watch_listeners();
         for i in 0..self.accepts.len() {
@@ -269,7 +335,10 @@ impl Driver {
     /// Once no accept of this driver is armed any more: a worker tells the coordinator; the
     /// coordinator tells its machine when every worker has stopped too.
     pub(super) fn report_if_stopped(&mut self) {
-        if self.accepting || self.stop_reported || self.accepts.iter().any(AcceptSlot::armed) {
+        if self.accepts.wanted
+            || self.accepts.stop_reported
+            || self.accepts.iter().any(AcceptSlot::armed)
+        {
             return;
         }
         match &self.role {
@@ -280,7 +349,7 @@ impl Driver {
             Role::Coordinator(c) if !c.0.all_stopped() => return,
             _ => {
                 tracing::info!(
-                    accepted = self.accepted,
+                    accepted = self.accepts.accepted,
                     "every accept stopped; connections not accepted yet wait for the successor"
                 );
                 self.feed(Event::AcceptStopped);
@@ -289,7 +358,7 @@ impl Driver {
                 self.feed_succession(SuccessionEvent::LetGo);
             }
         }
-        self.stop_reported = true;
+        self.accepts.stop_reported = true;
     }
 
     /// Every accept of this process (all workers) has reached its terminal completion.

@@ -76,7 +76,7 @@ use crate::wake_set::WakeSet;
 use crate::workers::{Coordinator, WorkerGone, WorkerSet};
 use crate::{signals, sys};
 
-use self::accept::AcceptSlot;
+use self::accept::Accepts;
 use self::child::{SpawnResult, Successor, Terminating};
 use self::ring::{errno, new_ring, retry_next_turn, Op, Ops, Token};
 use self::upgrade::Timeline;
@@ -128,8 +128,7 @@ pub(crate) struct Driver {
     /// With `Waiting::InRuntime`: the fds that wake the runtime (see `wake_set.rs`).
     wake_set: Option<WakeSet>,
     ops: Ops,
-    accepts: Vec<AcceptSlot>,
-    accepting: bool,
+    accepts: Accepts,
     machine: Machine,
     shared: Arc<Shared>,
     config: Config,
@@ -137,11 +136,6 @@ pub(crate) struct Driver {
     signalfd: Option<OwnedFd>,
     /// Thread-per-core: this driver's place among the process's rings (see `workers.rs`).
     role: Role,
-    /// Connections this driver accepted (logged at exit).
-    accepted: u64,
-    /// Stopping was reported (to the machine, or by a worker to the coordinator) since the
-    /// last stop: once per stop, so the timeline keeps the first moment.
-    stop_reported: bool,
     successor: Option<Successor>,
     predecessor: Option<ParentLink>,
     /// The predecessor's pid, kept after its link is gone: a SIGTERM from it means it gave up
@@ -172,10 +166,6 @@ pub(crate) struct Driver {
     sweeps_seen: u64,
     /// A worker: the coordinator's stop (`WorkerSet::current_stop`) it is stopping for.
     stop_seen: u64,
-    /// The kernel refused `IORING_ACCEPT_DONTWAIT` (see `sweep`).
-    no_dontwait: bool,
-    /// Set by `finish`: from then on nothing is armed (see `arm`).
-    finishing: bool,
     /// The pid file's previous content, moved aside by `prepare`, removed once started.
     pid_file_leftover: Option<std::path::PathBuf>,
     /// Children abandoned with SIGTERM, until they exit or are SIGKILLed (see `escalate`).
@@ -286,7 +276,7 @@ impl Driver {
             // No predecessor (or a worker started after it let go): nothing to wait for.
             self.listen_deferred();
         }
-        if self.accepting {
+        if self.accepts.wanted {
             for i in 0..self.accepts.len() {
                 self.arm_accept(i);
             }
@@ -302,7 +292,7 @@ impl Driver {
             tracing::debug!(
                 worker = w.index,
                 listeners = self.accepts.len(),
-                accepting = self.accepting,
+                accepting = self.accepts.wanted,
                 "worker started"
             );
             // Started after the coordinator stopped accepting: nothing to stop, and nothing
@@ -351,15 +341,12 @@ impl Driver {
             ring,
             wake_set,
             ops: Ops::default(),
-            accepts: listeners.into_iter().map(AcceptSlot::new).collect(),
-            accepting: true,
+            accepts: Accepts::new(listeners, true),
             machine: Machine::new(config.timeouts, 0),
             shared,
             config,
             signalfd: None,
             role: Role::Alone,
-            accepted: 0,
-            stop_reported: false,
             successor: None,
             predecessor: None,
             predecessor_pid: None,
@@ -377,8 +364,6 @@ impl Driver {
             succession: Succession::alone(),
             sweeps_seen: 0,
             stop_seen: 0,
-            no_dontwait: false,
-            finishing: false,
             pid_file_leftover: None,
             terminating: Vec::new(),
             spawning: Vec::new(),
@@ -406,7 +391,7 @@ impl Driver {
         let ring = new_ring()?;
         let mut driver = Driver::base(ring, listeners, shared, config, waiting)?;
         driver.role = Role::Worker(gone);
-        driver.accepting = set.wants_accepting();
+        driver.accepts.wanted = set.wants_accepting();
         driver.watch_initial()?;
         // Accepts armed from here on take what is queued anyway (see `sweep_queues`).
         driver.sweeps_seen = set.sweeps.load(SeqCst);
@@ -554,7 +539,7 @@ impl Driver {
             }
         }
         // A connection closed: fds may be free again, retry paused accepts now.
-        if self.accepting {
+        if self.accepts.wanted {
             for i in 0..self.accepts.len() {
                 if self.accepts[i].retry_at.take().is_some() {
                     self.arm_accept(i);
@@ -570,7 +555,7 @@ impl Driver {
         self.escalate(now);
         self.succession
             .handle_timeout(now, self.machine.accepting());
-        if self.accepting {
+        if self.accepts.wanted {
             for i in 0..self.accepts.len() {
                 if self.accepts[i].retry_at.is_some_and(|t| t <= now) {
                     self.accepts[i].retry_at = None;

@@ -71,16 +71,21 @@ pub(super) enum Op {
 }
 
 /// The op table: a slab whose keys carry a generation, so a stale token never matches a reused
-/// slot.
+/// slot. Closed by `finish`, after its final cancel: from then on it takes no op, so none can
+/// be armed that the cancel does not cover.
 #[derive(Default)]
 pub(super) struct Ops {
     slots: Vec<(u32, Option<Op>)>,
     free: Vec<u32>,
     pub(super) live: usize,
+    closed: bool,
 }
 
 impl Ops {
-    fn insert(&mut self, op: Op) -> Token {
+    fn insert(&mut self, op: Op) -> Option<Token> {
+        if self.closed {
+            return None;
+        }
         let index = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -92,7 +97,7 @@ impl Ops {
         slot.0 = slot.0.wrapping_add(1);
         slot.1 = Some(op);
         self.live += 1;
-        Token(((slot.0 as u64) << 32) | index as u64)
+        Some(Token(((slot.0 as u64) << 32) | index as u64))
     }
 
     pub(super) fn get(&self, token: Token) -> Option<&Op> {
@@ -290,23 +295,18 @@ impl Driver {
         }
     }
 
-    /// Puts `op` in the table and queues `entry` for it (with the op's token): every op but a
-    /// cancel starts here. Nothing once `finish` has begun: an op armed after the final cancel
-    /// would not be covered by it. `entry` may point into `op`'s boxed memory, which does not
-    /// move when `op` does.
+    /// Puts `op` in the table and queues `entry` for it (with the op's token): every op starts
+    /// here. Nothing once `finish` has closed the table (`None`). `entry` may point into
+    /// `op`'s boxed memory, which does not move when `op` does.
     pub(super) fn arm(&mut self, op: Op, entry: squeue::Entry) -> Option<Token> {
-        if self.finishing {
-            return None;
-        }
-        let token = self.ops.insert(op);
+        let token = self.ops.insert(op)?;
         self.push(entry.user_data(token.0));
         Some(token)
     }
 
     /// Queues a cancel of the ops `what` matches; its own completion is an `Op::Cancel`.
     pub(super) fn cancel(&mut self, what: types::CancelBuilder) {
-        let token = self.ops.insert(Op::Cancel);
-        self.push(opcode::AsyncCancel2::new(what).build().user_data(token.0));
+        self.arm(Op::Cancel, opcode::AsyncCancel2::new(what).build());
     }
 
     /// Queues an SQE, submitting first if the queue is full.
@@ -341,18 +341,18 @@ impl Driver {
         }
         tracing::info!(
             worker = self.role.index(),
-            accepted = self.accepted,
+            accepted = self.accepts.accepted,
             "accept loop done"
         );
         // Whatever ends now must not re-arm (an accept's terminal completion would otherwise
         // re-arm it if this driver exits while still accepting, e.g. a worker told to quit
         // after the coordinator failed).
-        self.accepting = false;
-        // Nothing is armed from here on (see `arm`): an op whose completion comes after the
-        // cancel below (a signal read that found a signal pending as it was submitted) would
-        // otherwise re-arm, and no cancel would cover it.
-        self.finishing = true;
+        self.accepts.wanted = false;
         self.cancel(types::CancelBuilder::any());
+        // Nothing is armed from here on (see `Ops`): an op whose completion comes after the
+        // cancel (a signal read that found a signal pending as it was submitted) would
+        // otherwise re-arm, and no cancel would cover it.
+        self.ops.closed = true;
         let deadline = Instant::now() + FINAL_REAP;
         let mut late = 0usize;
         while self.ops.live > 0 {

@@ -37,7 +37,7 @@ impl Driver {
         if let Some(link) = &self.predecessor {
             watch(link.channel.as_fd(), Source::Other)?;
         }
-        if self.accepting {
+        if self.accepts.wanted {
             self.watch_listeners();
         }
         Ok(())

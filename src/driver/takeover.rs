@@ -69,7 +69,7 @@ impl Driver {
         }
         // Every listener not armed yet: those just made to listen, and one a handoff made
         // listen before the release (`send_hello`), which no accept was armed on then.
-        if self.accepting {
+        if self.accepts.wanted {
             self.watch_listeners();
             for i in 0..self.accepts.len() {
                 if self.accepts[i].retry_at.is_none() {
@@ -90,15 +90,15 @@ impl Driver {
             return;
         }
         let want = set.wants_accepting();
-        if want && !self.accepting {
+        if want && !self.accepts.wanted {
             set.withdraw_stop(index);
             self.resume_accepting();
-        } else if !want && (self.accepting || self.stop_seen != set.current_stop()) {
+        } else if !want && (self.accepts.wanted || self.stop_seen != set.current_stop()) {
             // A new stop (also one that came while this worker had not followed the resume
             // before it): acknowledge that one, once every accept has ended.
             self.stop_seen = set.current_stop();
-            self.stop_reported = false;
-            if self.accepting {
+            self.accepts.stop_reported = false;
+            if self.accepts.wanted {
                 self.stop_accepting();
             } else {
                 self.report_if_stopped();
@@ -184,7 +184,7 @@ impl Driver {
     /// multishot accept alone is cheaper; if that comes within `TAKEOVER_AFTER`, it never
     /// starts.
     pub(super) fn start_takeover(&mut self) {
-        if !self.accepting {
+        if !self.accepts.wanted {
             return; // armed when accepting resumes (`resume_accepting`)
         }
         for i in 0..self.accepts.len() {
@@ -219,7 +219,7 @@ impl Driver {
         if !more {
             // A cancel comes from end_takeover or stop_accepting, which cleared one of
             // the two flags; with both still set it was a stop then a resume.
-            if self.succession.taking_over() && self.accepting {
+            if self.succession.taking_over() && self.accepts.wanted {
                 self.arm_takeover(i);
             }
             self.report_if_stopped();
@@ -233,10 +233,10 @@ impl Driver {
     /// instead, which re-arms itself at its terminal completion and, as any fresh accept,
     /// takes what is queued before it waits (one driver turn later than a sweep would).
     pub(super) fn sweep(&mut self, i: usize) {
-        if !self.accepting || self.accepts[i].sweep_accept.is_some() || !self.listening(i) {
+        if !self.accepts.wanted || self.accepts[i].sweep_accept.is_some() || !self.listening(i) {
             return;
         }
-        if self.no_dontwait {
+        if self.accepts.no_dontwait {
             let slot = &mut self.accepts[i];
             if let (Some(op), false) = (slot.op, slot.cancel_sent) {
                 slot.cancel_sent = true;
@@ -427,7 +427,7 @@ impl Driver {
     /// whole tick (measured: the first 50 ms after a trigger with a 512-burst went from
     /// 14–26 to 36–190 ms p99.9).
     fn sweep_queues(&mut self) {
-        if !self.accepting {
+        if !self.accepts.wanted {
             return;
         }
         self.tell_workers(|set| {

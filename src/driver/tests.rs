@@ -314,12 +314,12 @@ fn an_elders_release_is_forwarded_to_the_successor() {
 
     // The driver's own let-go.
     let deadline = Instant::now() + BOUND;
-    while !driver.stop_reported && Instant::now() < deadline {
+    while !driver.accepts.stop_reported && Instant::now() < deadline {
         driver.turn(false, &mut |_| {}).unwrap();
         std::thread::sleep(Duration::from_millis(1));
     }
     assert!(
-        driver.stop_reported,
+        driver.accepts.stop_reported,
         "the driver did not let go after READY"
     );
     assert_eq!(recv_message(&channel), Message::Released(upgrade));

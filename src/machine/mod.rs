@@ -167,6 +167,7 @@ impl Machine {
     }
 
     /// The upgrade in flight, if any.
+    #[cfg(test)]
     pub(crate) fn current_upgrade(&self) -> Option<UpgradeId> {
         match self.state {
             State::Forking { upgrade, .. } | State::HandingOver { upgrade, .. } => Some(upgrade),
