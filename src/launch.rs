@@ -114,7 +114,9 @@ impl EnvOverrides {
             )?;
         }
         env.retain(|key, _| {
-            !key.as_bytes().starts_with(b"RINGFLIP_")
+            // ringflip's own variables describe this process's handoff, not the next one's;
+            // an injected fault (debug builds) is meant for every generation.
+            (!key.as_bytes().starts_with(b"RINGFLIP_") || key == crate::fault::ENV)
                 && !crate::systemd::LISTEN_VARS.iter().any(|v| key == *v)
         });
         Ok(env)

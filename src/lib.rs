@@ -85,6 +85,7 @@ mod control;
 pub mod control_client;
 mod driver;
 mod error;
+mod fault;
 mod handle;
 mod handoff;
 mod inherit;

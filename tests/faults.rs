@@ -555,6 +555,111 @@ fn deadline_after_an_earlier_rollback_still_fires() {
     server.stop();
 }
 
+/// Hole 7, with real processes: a successor that took connections but is not READY in time
+/// (faults `slow-start,never-ready`: it sleeps 300 ms, arms its accepts, serves, and never
+/// sends READY). The old process is stopped (SIGSTOP) while the successor sleeps, so the
+/// connections opened meanwhile wait in the backlog, and the successor's first accept takes
+/// them all. At the ready deadline the old process must stop it with SIGTERM, not SIGKILL: it
+/// drains what it took (every such connection still answers) and exits 0, while the old
+/// process serves on. A SIGKILL resets them.
+#[test]
+fn a_successor_never_ready_drains_what_it_took() {
+    const HELD: usize = 24;
+    let server = EchoServer::start(EchoOpts {
+        ready_timeout_ms: Some(2_000),
+        drain_timeout_ms: Some(30_000),
+        env: vec![("RINGFLIP_FAULT".into(), "slow-start,never-ready".into())],
+        ..Default::default()
+    });
+    let load = light_load(server.addr(), 4, 8);
+    thread::sleep(ms(200));
+    let old = server.current();
+    signal(old, libc::SIGHUP);
+    assert!(
+        wait_log(&server, "fault injected: a slow start", 1, secs(5)),
+        "the successor did not start\n{}",
+        server.log_tail()
+    );
+    let child: i32 = last_log_value(&server, "new process started", "child.pid=")
+        .and_then(|v| v.parse().ok())
+        .expect("child pid in the log");
+    assert!(signal(old, libc::SIGSTOP));
+    let t = Duration::from_secs(5);
+    let mut held: Vec<TcpStream> = (0..HELD)
+        .map(|i| {
+            let mut conn = connect(server.addr(), t, t).expect("connect while the old one stops");
+            conn.write_all(format!("held-{i}\n").as_bytes()).unwrap();
+            conn
+        })
+        .collect();
+    let armed = wait_log(&server, "READY withheld", 1, secs(5));
+    assert!(signal(old, libc::SIGCONT));
+    assert!(
+        armed,
+        "the successor never armed its accepts\n{}",
+        server.log_tail()
+    );
+    for (i, conn) in held.iter_mut().enumerate() {
+        let line = format!("held-{i}\n");
+        let mut reply = vec![0u8; line.len()];
+        conn.read_exact(&mut reply).expect("first answer");
+        assert_eq!(reply, line.as_bytes());
+    }
+    let on_successor = {
+        let conns = accepted_conn_inodes(server.addr().port());
+        fds_of(child)
+            .iter()
+            .filter(|&&(fd, _)| socket_inode_of(child, fd).is_some_and(|i| conns.contains(&i)))
+            .count()
+    };
+    expect_rollbacks(
+        &server,
+        1,
+        secs(5),
+        "never-ready: no rollback at the deadline",
+    );
+    let reason = last_log_line(&server, ROLLED_BACK);
+    assert!(reason.contains("was not ready within 2000 ms"), "{reason}");
+    // Every held connection still answers: the successor drains, it was not killed.
+    let mut answered = 0;
+    for (i, conn) in held.iter_mut().enumerate() {
+        let line = format!("again-{i}\n");
+        let mut reply = vec![0u8; line.len()];
+        if conn.write_all(line.as_bytes()).is_ok() && conn.read_exact(&mut reply).is_ok() {
+            answered += (reply == line.as_bytes()) as usize;
+        }
+    }
+    drop(held);
+    let pattern = format!("child reaped child={child}");
+    assert!(
+        wait_log(&server, &pattern, 1, secs(10)),
+        "the successor did not exit once its connections closed\n{}",
+        server.log_tail()
+    );
+    let reaped = last_log_line(&server, &pattern);
+    assert_eq!(server.pid(), old.pid);
+    assert!(old.alive());
+    let report = load.stop();
+    eprintln!(
+        "RESULT never-ready successor: {on_successor} of {HELD} held connections on it; \
+         {answered} of {HELD} answered after the deadline; {reaped}; load: {report}"
+    );
+    assert!(
+        on_successor > 0,
+        "no held connection reached the successor: the test proves nothing\n{}",
+        server.log_tail()
+    );
+    assert_eq!(
+        answered,
+        HELD,
+        "held connections reset or unanswered\n{}",
+        server.log_tail()
+    );
+    assert!(reaped.contains("exit status 0"), "{reaped}");
+    report.assert_clean();
+    server.stop();
+}
+
 // ------------------------------------------------------------------------------------------------
 // The successor dies while the old process drains: the old one serves again
 // ------------------------------------------------------------------------------------------------

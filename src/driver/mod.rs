@@ -276,6 +276,10 @@ impl Driver {
             // No predecessor (or a worker started after it let go): nothing to wait for.
             self.listen_deferred();
         }
+        if self.predecessor.is_some() && crate::fault::injected("slow-start") {
+            tracing::warn!("fault injected: a slow start (300 ms before the first accept)");
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
         if self.accepts.wanted {
             for i in 0..self.accepts.len() {
                 self.arm_accept(i);

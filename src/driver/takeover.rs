@@ -12,7 +12,7 @@ use crate::handoff::Message;
 use crate::machine::successor::{Notice, SuccessionAction, SuccessionEvent, TAKEOVER_AFTER};
 use crate::machine::{Event, ExitReason};
 use crate::workers::{Coordinator, WorkerGone, WorkerSet};
-use crate::{sys, systemd};
+use crate::{fault, sys, systemd};
 
 use super::ring::{with_ioprio, Op, Token, CHANNEL_BUF};
 use super::{Driver, Role};
@@ -377,6 +377,11 @@ impl Driver {
                 predecessor_gave_up: false,
             });
         };
+        if fault::injected("never-ready") {
+            // Serves without a word: the predecessor's ready deadline decides.
+            tracing::warn!("fault injected: READY withheld");
+            return;
+        }
         let ready = Message::Ready(link.upgrade).encode().expect("READY fits");
         // Read before the send: on a shared core the predecessor may run (and act on the
         // READY) before this thread gets the CPU back.
