@@ -300,9 +300,13 @@ impl Driver {
     /// Invariants relied on:
     /// - a dead process's messages stay queued on our end of the SEQPACKET pair, in order,
     ///   until read;
-    /// - from READY on, no `Recv` is armed on the channel (see `Op::RecvSuccessor`), so
-    ///   nothing else takes a message, and none is queued to run on the fd that clearing
-    ///   the successor closes;
+    /// - from READY on, the ring does not re-arm its `Recv` on the channel (see
+    ///   `on_successor_recv`). The one exception: a READY read here (the `ReadSuccessor`
+    ///   case) leaves the `Recv` armed beside it. That `Recv` takes at most the next message,
+    ///   fed in order like any (its CQE comes before the exit's, as below), or ends with the
+    ///   channel (EOF, ignored once the successor is cleared). It was submitted turns ago,
+    ///   so the kernel holds the file: closing our fd when the successor is cleared cannot
+    ///   point it at another file;
     /// - before READY, the one armed `Recv` was submitted in the turn that started the child,
     ///   before the child could send anything. A message it took has its CQE ahead of the
     ///   exit's: both are task work on this ring, run in the order queued, and the message
