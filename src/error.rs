@@ -76,12 +76,12 @@ pub enum UpgradeFailure {
     },
     /// The new process answered READY for another upgrade (another generation's binary, or
     /// a confused one).
-    #[error("new process answered READY for upgrade {got}, expected {expected}")]
+    #[error("new process answered READY for upgrade {got:016x}, expected {expected:016x}")]
     WrongUpgrade {
-        /// The upgrade id it sent, in hex.
-        got: String,
-        /// The upgrade id of this upgrade, in hex.
-        expected: String,
+        /// The upgrade id it sent (the logs print ids in hex).
+        got: u64,
+        /// The upgrade id of this upgrade.
+        expected: u64,
     },
     /// The new process sent something that is not a valid message, or closed the channel.
     #[error("new process {pid}: {why}")]

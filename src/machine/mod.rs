@@ -344,8 +344,8 @@ impl Machine {
                         child,
                         Stop::Terminate,
                         UpgradeFailure::WrongUpgrade {
-                            got: id.to_string(),
-                            expected: upgrade.to_string(),
+                            got: id.0,
+                            expected: upgrade.0,
                         },
                     );
                 }

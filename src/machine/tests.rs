@@ -218,8 +218,8 @@ fn f_shutdown() -> UpgradeFailure {
 }
 fn f_wrong_id() -> UpgradeFailure {
     UpgradeFailure::WrongUpgrade {
-        got: BOGUS.to_string(),
-        expected: ID1.to_string(),
+        got: BOGUS.0,
+        expected: ID1.0,
     }
 }
 const B_IN_FLIGHT: Refusal = Refusal::InFlight;
