@@ -66,6 +66,10 @@
 //!     Ok(())
 //! }
 //! ```
+// `unsafe` is opted back in per file, only where the kernel's interface needs it: the ring
+// (`driver/ring.rs`: SQEs and CQEs), fds that come from outside (`inherit.rs`: SCM_RIGHTS;
+// `systemd.rs`: LISTEN_FDS), plain syscalls (`sys.rs`), the signal handler (`signals.rs`), the
+// runtime's registration of a borrowed fd (`driver/runtime.rs`), and tests.
 #![deny(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 // Inside the crate, `pub` means the public API: everything else is `pub(crate)` or narrower.

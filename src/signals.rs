@@ -35,8 +35,7 @@ static READER: AtomicI32 = AtomicI32::new(0);
 
 /// The calling thread's id.
 pub(crate) fn gettid() -> i32 {
-    // SAFETY: plain syscall, always succeeds.
-    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+    nix::unistd::gettid().as_raw()
 }
 
 /// The thread the signals are forwarded to, while this lives: the one that called `build`,

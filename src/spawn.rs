@@ -9,7 +9,6 @@
 //!   `FD_CLOEXEC`; every other fd this crate makes is close-on-exec;
 //! - the child's fd table is grown to this process's size before exec (see
 //!   [`presize_slot`]).
-#![allow(unsafe_code)]
 
 use std::ffi::{CString, OsString};
 use std::io;
@@ -118,8 +117,8 @@ pub(crate) fn spawn(
         Ok(fd) => fd,
         Err(e) => {
             let _ = sys::kill(pid, libc::SIGKILL);
-            // SAFETY: reaping the child we just started, blocking only until SIGKILL lands.
-            unsafe { libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0) };
+            // Reaping the child we just started, blocking only until SIGKILL lands.
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
             return Err(e);
         }
     };
@@ -175,12 +174,7 @@ fn presize_slot() -> Option<RawFd> {
         return None; // the limit leaves no room to grow
     }
     let slot = RawFd::try_from(slot).ok()?;
-    // SAFETY: F_GETFD only reads the flags of whatever is (or is not) at `slot`.
-    let flags = unsafe { libc::fcntl(slot, libc::F_GETFD) };
-    let free_or_cloexec = (flags < 0
-        && io::Error::last_os_error().raw_os_error() == Some(libc::EBADF))
-        || (flags >= 0 && flags & libc::FD_CLOEXEC != 0);
-    free_or_cloexec.then_some(slot)
+    sys::slot_free_or_cloexec(slot).then_some(slot)
 }
 
 /// The `FDSize:` line of a `/proc/PID/status`: how many slots the fd table has.

@@ -124,6 +124,15 @@ pub(crate) fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(flags & libc::FD_CLOEXEC != 0)
 }
 
+/// Whether fd number `slot` is free or close-on-exec in this process, asked without taking
+/// it: a slot the spawn may dup2 over in the child (see `spawn::presize_slot`).
+pub(crate) fn slot_free_or_cloexec(slot: RawFd) -> bool {
+    // SAFETY: F_GETFD only reads the flags of whatever is (or is not) at `slot`.
+    let flags = unsafe { libc::fcntl(slot, libc::F_GETFD) };
+    (flags < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EBADF))
+        || (flags >= 0 && flags & libc::FD_CLOEXEC != 0)
+}
+
 fn getsockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<i32> {
     let mut value: libc::c_int = 0;
     let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;

@@ -57,13 +57,9 @@ pub(crate) fn notify(target: Option<&std::ffi::OsStr>, message: &str) {
 
 /// `MONOTONIC_USEC` for `RELOADING=1`.
 pub(crate) fn monotonic_usec() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a live timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always there");
+    ts.tv_sec() as u64 * 1_000_000 + ts.tv_nsec() as u64 / 1_000
 }
 
 /// An fd handed over by socket activation, with its `LISTEN_FDNAMES` name if any.

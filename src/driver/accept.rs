@@ -2,10 +2,9 @@
 //! the application (or the control socket), re-arming with a backoff after a resource error,
 //! and stopping and resuming (the coordinator's workers follow), reported once every accept
 //! has ended.
-#![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
@@ -177,13 +176,12 @@ impl Driver {
         &mut self,
         token: Token,
         i: usize,
+        conn: Option<OwnedFd>,
         res: i32,
         more: bool,
         sink: &mut dyn FnMut(Connection),
     ) {
-        if res >= 0 {
-            // SAFETY: a non-negative accept result is a new fd installed for us.
-            let fd = unsafe { OwnedFd::from_raw_fd(res) };
+        if let Some(fd) = conn {
             self.deliver(i, fd, sink);
         }
         if !more {
@@ -197,14 +195,13 @@ impl Driver {
         &mut self,
         token: Token,
         i: usize,
+        conn: Option<OwnedFd>,
         res: i32,
         sink: &mut dyn FnMut(Connection),
     ) {
         self.ops.remove(token);
         self.accepts[i].sweep_accept = None;
-        if res >= 0 {
-            // SAFETY: a non-negative accept result is a new fd installed for us.
-            let fd = unsafe { OwnedFd::from_raw_fd(res) };
+        if let Some(fd) = conn {
             self.deliver(i, fd, sink);
             // More may be queued: take them until EAGAIN.
             self.sweep(i);

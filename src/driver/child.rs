@@ -170,7 +170,6 @@ impl Driver {
     /// left behind unreaped. A spawn stuck in exec (the case the start deadline exists for) is not waited for beyond
     /// `FINAL_REAP`: its thread is left behind, and a child it still starts gets EOF on its
     /// channel (this end closes with the process) and exits.
-    #[allow(unsafe_code)]
     pub(super) fn abandon_spawns(&mut self) {
         let deadline = Instant::now() + FINAL_REAP;
         while self.spawning.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
@@ -190,8 +189,8 @@ impl Driver {
                     "killing a new process started during the exit"
                 );
                 let _ = sys::kill(child.pid, libc::SIGKILL);
-                // SAFETY: reaping our own child, which SIGKILL ends promptly.
-                unsafe { libc::waitpid(child.pid as libc::pid_t, std::ptr::null_mut(), 0) };
+                // Reaping our own child, which SIGKILL ends promptly.
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child.pid as i32), None);
             }
         }
     }

@@ -61,7 +61,7 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
-use io_uring::{cqueue, IoUring};
+use io_uring::IoUring;
 
 use crate::connection::Connection;
 use crate::error::{Error, UpgradeError};
@@ -449,82 +449,29 @@ impl Driver {
         Ok(None)
     }
 
-    fn complete(&mut self, token: Token, res: i32, flags: u32, sink: &mut dyn FnMut(Connection)) {
-        let more = cqueue::more(flags);
-        let Some(op) = self.ops.get(token) else {
-            return;
+    /// The signalfd's read completed: SIGHUP upgrades; SIGTERM/SIGINT stop, unless the
+    /// predecessor sent it (it gave up on this process).
+    fn on_signal(&mut self, token: Token, res: i32) {
+        let Some(Op::ReadSignal(info)) = self.ops.remove(token) else {
+            unreachable!()
         };
-        match op {
-            Op::Accept(i) => {
-                let i = *i;
-                self.on_accept(token, i, res, more, sink);
-            }
-            Op::TakeoverPoll(i) => {
-                let i = *i;
-                self.on_takeover_poll(token, i, res, more);
-            }
-            Op::SweepAccept(i) => {
-                let i = *i;
-                self.on_sweep_accept(token, i, res, sink);
-            }
-            Op::ReadSignal(_) => {
-                let Some(Op::ReadSignal(info)) = self.ops.remove(token) else {
-                    unreachable!()
-                };
-                if res == std::mem::size_of::<libc::signalfd_siginfo>() as i32 {
-                    match info.ssi_signo as i32 {
-                        libc::SIGHUP => self.request_upgrade(Requester::Signal),
-                        _ if self.predecessor_pid.is_some_and(|pid| pid == info.ssi_pid) => {
-                            tracing::info!("the previous process gave up on this one; stopping");
-                            self.feed(Event::PredecessorGaveUp);
-                        }
-                        signo => {
-                            tracing::info!(
-                                signal = signo,
-                                sender = info.ssi_pid,
-                                "shutdown requested"
-                            );
-                            self.feed(Event::ShutdownRequested);
-                        }
-                    }
-                } else if res < 0 && res != -libc::ECANCELED {
-                    tracing::error!(error = %errno(res), "reading the signalfd failed");
+        if res == std::mem::size_of::<libc::signalfd_siginfo>() as i32 {
+            match info.ssi_signo as i32 {
+                libc::SIGHUP => self.request_upgrade(Requester::Signal),
+                _ if self.predecessor_pid.is_some_and(|pid| pid == info.ssi_pid) => {
+                    tracing::info!("the previous process gave up on this one; stopping");
+                    self.feed(Event::PredecessorGaveUp);
                 }
-                if res != -libc::ECANCELED {
-                    self.arm_signal_read();
+                signo => {
+                    tracing::info!(signal = signo, sender = info.ssi_pid, "shutdown requested");
+                    self.feed(Event::ShutdownRequested);
                 }
             }
-            Op::PollWake => {
-                if !more {
-                    self.ops.remove(token);
-                }
-                if res == -libc::ECANCELED {
-                    return;
-                }
-                sys::eventfd_drain(self.wake_fd());
-                if matches!(self.role, Role::Worker(_)) {
-                    self.follow();
-                } else {
-                    self.on_wake();
-                }
-                if !more {
-                    self.arm_wake_read();
-                }
-            }
-            Op::Timer(_) => {
-                self.ops.remove(token);
-                if self.timer.is_some_and(|(_, t)| t == token) {
-                    self.timer = None;
-                }
-            }
-            Op::SendHello(_) => self.on_hello_sent(token, res),
-            Op::RecvSuccessor { .. } => self.on_successor_recv(token, res),
-            Op::RecvPredecessor(_) => self.on_predecessor_recv(token, res),
-            Op::SuccessorExit { .. } => self.on_successor_exit(token, res),
-            Op::Unlink(_) => self.on_unlinked(token, res),
-            Op::Cancel => {
-                self.ops.remove(token);
-            }
+        } else if res < 0 && res != -libc::ECANCELED {
+            tracing::error!(error = %errno(res), "reading the signalfd failed");
+        }
+        if res != -libc::ECANCELED {
+            self.arm_signal_read();
         }
     }
 

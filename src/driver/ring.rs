@@ -4,10 +4,10 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::connection::Connection;
 use crate::error::Error;
@@ -239,6 +239,67 @@ impl Driver {
         self.cqes = cqes;
     }
 
+    /// Hands a CQE to the handler of its op. An accept's result becomes the connection's
+    /// `OwnedFd` here, so the handlers need no `unsafe`.
+    pub(super) fn complete(
+        &mut self,
+        token: Token,
+        res: i32,
+        flags: u32,
+        sink: &mut dyn FnMut(Connection),
+    ) {
+        let more = cqueue::more(flags);
+        let Some(op) = self.ops.get(token) else {
+            return;
+        };
+        match op {
+            Op::Accept(i) => {
+                let i = *i;
+                self.on_accept(token, i, accepted(res), res, more, sink);
+            }
+            Op::TakeoverPoll(i) => {
+                let i = *i;
+                self.on_takeover_poll(token, i, res, more);
+            }
+            Op::SweepAccept(i) => {
+                let i = *i;
+                self.on_sweep_accept(token, i, accepted(res), res, sink);
+            }
+            Op::ReadSignal(_) => self.on_signal(token, res),
+            Op::PollWake => {
+                if !more {
+                    self.ops.remove(token);
+                }
+                if res == -libc::ECANCELED {
+                    return;
+                }
+                sys::eventfd_drain(self.wake_fd());
+                if matches!(self.role, Role::Worker(_)) {
+                    self.follow();
+                } else {
+                    self.on_wake();
+                }
+                if !more {
+                    self.arm_wake_read();
+                }
+            }
+            Op::Timer(_) => {
+                self.ops.remove(token);
+                if self.timer.is_some_and(|(_, t)| t == token) {
+                    self.timer = None;
+                }
+            }
+            Op::SendHello(_) => self.on_hello_sent(token, res),
+            Op::RecvSuccessor { .. } => self.on_successor_recv(token, res),
+            Op::RecvPredecessor(_) => self.on_predecessor_recv(token, res),
+            Op::SuccessorExit { .. } => self.on_successor_exit(token, res),
+            Op::Unlink(_) => self.on_unlinked(token, res),
+            Op::Cancel => {
+                self.ops.remove(token);
+            }
+        }
+    }
+
     pub(super) fn arm_signal_read(&mut self) {
         // SAFETY: signalfd_siginfo is plain data; all-zero is valid.
         let mut info: Box<libc::signalfd_siginfo> = Box::new(unsafe { std::mem::zeroed() });
@@ -460,4 +521,12 @@ fn probe(ring: &IoUring) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// The connection an accept's CQE carries: a non-negative result is a new fd, installed in
+/// this process's table for it alone (`IORING_OP_ACCEPT`, not a fixed file).
+fn accepted(res: i32) -> Option<OwnedFd> {
+    // SAFETY: only called with the result of an accept op of this ring; the fd is new and
+    // nothing else owns it.
+    (res >= 0).then(|| unsafe { OwnedFd::from_raw_fd(res) })
 }
