@@ -28,7 +28,9 @@
 //! `Builder::env_refresh`), `--v6only` (IPV6_V6ONLY on IPv6 TCP listeners) and
 //! `--tcp-defer-accept SECS` (TCP_DEFER_ACCEPT), both set with `Builder::listen_tcp_with` on
 //! first start and inherited as they are, `--control-allow-uid N` and `--control-allow-gid N`
-//! (repeatable: who else the control socket serves).
+//! (repeatable: who else the control socket serves), `--upgrade-signal hup|usr1|usr2` (which
+//! signal upgrades; with `usr1`/`usr2` SIGHUP is ignored, where a service would reload its
+//! configuration).
 //!
 //! `echo ctl PATH upgrade` asks the server on control socket PATH to upgrade with the client of
 //! `ringflip-ctl` (`ringflip::control_client`): prints `ok <new pid>`, or the reason on stderr

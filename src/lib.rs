@@ -113,6 +113,7 @@ pub use handle::{Handle, PhaseWatch};
 pub use handoff::{MAX_LISTENERS, MAX_STATE_LEN};
 pub use machine::{ExitReason, Phase};
 pub use server::{Builder, Server, Worker};
+pub use signals::{StopSignal, UpgradeSignal};
 /// The socket crate of [`Builder::listen_tcp_with`], re-exported so the versions match.
 pub use socket2;
 

@@ -26,10 +26,12 @@ use crate::launch::EnvOverrides;
 use crate::listener::{self, Endpoint, ListenSpec, Listener};
 use crate::machine::{ExitReason, Timeouts};
 use crate::shared::{Config, PhaseCell, RequestsOpen, Shared};
+use crate::signals::{StopHook, UpgradeSignal};
 use crate::workers::{Coordinator, WorkerGone, WorkerSet};
 use crate::{boot, control, kernel, signals, sys, systemd};
 
 mod deploy;
+mod triggers;
 
 /// Configures and starts a [`Server`].
 #[derive(Debug, Clone)]
@@ -48,6 +50,8 @@ pub struct Builder {
     control: Option<PathBuf>,
     udp: Vec<(String, SocketAddr)>,
     workers: usize,
+    upgrade_signal: UpgradeSignal,
+    on_stop_signal: Option<StopHook>,
 }
 
 impl Default for Builder {
@@ -66,6 +70,8 @@ impl Default for Builder {
             control: None,
             udp: Vec::new(),
             workers: 1,
+            upgrade_signal: UpgradeSignal::default(),
+            on_stop_signal: None,
         }
     }
 }
@@ -266,7 +272,7 @@ impl Builder {
         }
         // No io_uring (a seccomp profile, the sysctl, an old kernel): say so now, with the cause.
         kernel::check_io_uring()?;
-        let signals = signals::handled();
+        let signals = signals::handled(self.upgrade_signal);
         signals
             .thread_block()
             .map_err(|e| Error::io("blocking signals")(e.into()))?;
@@ -325,6 +331,8 @@ impl Builder {
                     args,
                     env: self.env,
                     signals,
+                    upgrade_signal: self.upgrade_signal,
+                    on_stop_signal: self.on_stop_signal,
                     notify_socket: systemd::notify_target(),
                 },
             },

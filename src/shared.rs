@@ -15,6 +15,7 @@ use crate::access::ControlAccess;
 use crate::error::UpgradeError;
 use crate::launch::EnvOverrides;
 use crate::machine::{Phase, Timeouts};
+use crate::signals::{StopHook, UpgradeSignal};
 use crate::sys;
 
 #[derive(Debug, Clone)]
@@ -28,6 +29,10 @@ pub(crate) struct Config {
     /// How the new process's environment differs from this one's.
     pub env: EnvOverrides,
     pub signals: SigSet,
+    /// The signal in `signals` that upgrades; the others stop.
+    pub upgrade_signal: UpgradeSignal,
+    /// Told of a stop signal before the drain (`Builder::on_stop_signal`).
+    pub on_stop_signal: Option<StopHook>,
     /// Where systemd notifications go (`NOTIFY_SOCKET` at `build`), if anywhere.
     pub notify_socket: Option<OsString>,
 }

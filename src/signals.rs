@@ -1,4 +1,5 @@
-//! SIGHUP, SIGTERM and SIGINT reach the driver whatever thread the kernel delivers them to.
+//! The upgrade signal (SIGHUP by default), SIGTERM and SIGINT reach the driver whatever thread
+//! the kernel delivers them to.
 //!
 //! The driver reads them from a signalfd, which sees only signals blocked in the thread that
 //! reads it: `Builder::build` blocks them in its calling thread, and threads started after it
@@ -115,10 +116,84 @@ pub(crate) fn install(signals: &SigSet) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The signals ringflip reads: SIGHUP upgrades, SIGTERM and SIGINT stop.
-pub(crate) fn handled() -> SigSet {
+/// The signal that asks for an upgrade ([`Builder::upgrade_signal`]).
+///
+/// [`Builder::upgrade_signal`]: crate::Builder::upgrade_signal
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum UpgradeSignal {
+    /// `SIGHUP`, the default (`systemctl reload` with `ExecReload=kill -HUP $MAINPID`).
+    #[default]
+    Hup,
+    /// `SIGUSR1`.
+    Usr1,
+    /// `SIGUSR2`, as nginx uses it: for services whose `SIGHUP` reloads their configuration.
+    Usr2,
+}
+
+impl UpgradeSignal {
+    pub(crate) fn signal(self) -> Signal {
+        match self {
+            UpgradeSignal::Hup => Signal::SIGHUP,
+            UpgradeSignal::Usr1 => Signal::SIGUSR1,
+            UpgradeSignal::Usr2 => Signal::SIGUSR2,
+        }
+    }
+}
+
+/// A signal that stopped the server: it stops accepting, drains and returns from `run`
+/// (see [`Builder::on_stop_signal`]).
+///
+/// [`Builder::on_stop_signal`]: crate::Builder::on_stop_signal
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StopSignal {
+    /// `SIGTERM` (`systemctl stop`, `kill`).
+    Term,
+    /// `SIGINT` (Ctrl-C).
+    Int,
+}
+
+impl StopSignal {
+    pub(crate) fn from_raw(signo: i32) -> Option<StopSignal> {
+        match signo {
+            libc::SIGTERM => Some(StopSignal::Term),
+            libc::SIGINT => Some(StopSignal::Int),
+            _ => None,
+        }
+    }
+}
+
+/// What [`Builder::on_stop_signal`] runs.
+///
+/// [`Builder::on_stop_signal`]: crate::Builder::on_stop_signal
+#[derive(Clone)]
+pub(crate) struct StopHook(pub std::sync::Arc<dyn Fn(StopSignal) + Send + Sync>);
+
+impl StopHook {
+    /// Runs the hook; a panic in it is logged, not passed on to the driver.
+    pub(crate) fn call(&self, signal: StopSignal) {
+        let hook = &self.0;
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(signal))).is_err() {
+            tracing::error!(
+                ?signal,
+                "the stop-signal hook (Builder::on_stop_signal) panicked"
+            );
+        }
+    }
+}
+
+impl std::fmt::Debug for StopHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StopHook(Fn)")
+    }
+}
+
+/// The signals ringflip reads: the upgrade signal, SIGTERM and SIGINT. The others keep their
+/// disposition: the application's to handle.
+pub(crate) fn handled(upgrade: UpgradeSignal) -> SigSet {
     let mut set = SigSet::empty();
-    set.add(Signal::SIGHUP);
+    set.add(upgrade.signal());
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
     set

@@ -54,6 +54,9 @@ struct Args {
     /// `--control-allow-uid N`, `--control-allow-gid N` (repeatable).
     control_uids: Vec<u32>,
     control_gids: Vec<u32>,
+    /// `--upgrade-signal hup|usr1|usr2` (`Builder::upgrade_signal`); with another than `hup`,
+    /// SIGHUP is this application's, and it ignores it (a service would reload its config).
+    upgrade_signal: ringflip::UpgradeSignal,
 }
 
 fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Args, String> {
@@ -78,6 +81,7 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
         defer_accept: None,
         control_uids: Vec::new(),
         control_gids: Vec::new(),
+        upgrade_signal: ringflip::UpgradeSignal::Hup,
     };
     let mut it = argv;
     while let Some(flag) = it.next() {
@@ -152,6 +156,14 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
                     }
                 }
             }
+            "--upgrade-signal" => {
+                args.upgrade_signal = match value()?.as_str() {
+                    "hup" => ringflip::UpgradeSignal::Hup,
+                    "usr1" => ringflip::UpgradeSignal::Usr1,
+                    "usr2" => ringflip::UpgradeSignal::Usr2,
+                    other => return Err(format!("--upgrade-signal {other}: hup, usr1 or usr2")),
+                }
+            }
             "--max-draining" => {
                 let v = value()?;
                 args.max_draining =
@@ -213,7 +225,19 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
     };
     let mut builder = Server::builder()
         .ready_timeout(args.ready_timeout)
-        .drain_timeout(args.drain_timeout);
+        .drain_timeout(args.drain_timeout)
+        .upgrade_signal(args.upgrade_signal)
+        .on_stop_signal(|signal| tracing::info!(?signal, "the application heard a stop signal"));
+    if args.upgrade_signal != ringflip::UpgradeSignal::Hup {
+        // SIGHUP is ours now: a real service would reload its configuration on it.
+        // SAFETY: SIG_IGN installs no handler code.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGHUP,
+                nix::sys::signal::SigHandler::SigIgn,
+            )
+        };
+    }
     if let Some(path) = args.control {
         builder = builder.control_socket(path);
     }

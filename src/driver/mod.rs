@@ -72,6 +72,7 @@ use crate::machine::successor::{Succession, SuccessionEvent};
 use crate::machine::{Event, ExitReason, Machine, Requester};
 use crate::pidfile::write_pid_file;
 use crate::shared::{Config, Request, RequestsOpen, Shared};
+use crate::signals::StopSignal;
 use crate::wake_set::WakeSet;
 use crate::workers::{Coordinator, WorkerGone, WorkerSet};
 use crate::{signals, sys};
@@ -449,20 +450,25 @@ impl Driver {
         Ok(None)
     }
 
-    /// The signalfd's read completed: SIGHUP upgrades; SIGTERM/SIGINT stop, unless the
-    /// predecessor sent it (it gave up on this process).
+    /// The signalfd's read completed: the upgrade signal upgrades; SIGTERM/SIGINT stop (the
+    /// application's hook hears it first), the predecessor's SIGTERM as `PredecessorGaveUp`
+    /// (it gave up on this process).
     fn on_signal(&mut self, token: Token, res: i32) {
         let Some(Op::ReadSignal(info)) = self.ops.remove(token) else {
             unreachable!()
         };
         if res == std::mem::size_of::<libc::signalfd_siginfo>() as i32 {
-            match info.ssi_signo as i32 {
-                libc::SIGHUP => self.request_upgrade(Requester::Signal),
-                _ if self.predecessor_pid.is_some_and(|pid| pid == info.ssi_pid) => {
+            let signo = info.ssi_signo as i32;
+            if signo == self.config.upgrade_signal.signal() as i32 {
+                self.request_upgrade(Requester::Signal);
+            } else if let Some(stop) = StopSignal::from_raw(signo) {
+                if let Some(hook) = &self.config.on_stop_signal {
+                    hook.call(stop);
+                }
+                if self.predecessor_pid == Some(info.ssi_pid) {
                     tracing::info!("the previous process gave up on this one; stopping");
                     self.feed(Event::PredecessorGaveUp);
-                }
-                signo => {
+                } else {
                     tracing::info!(signal = signo, sender = info.ssi_pid, "shutdown requested");
                     self.feed(Event::ShutdownRequested);
                 }

@@ -257,6 +257,11 @@ impl EchoServer {
     /// SIGHUPs the current generation; waits (bounded) for the pid file to name a different,
     /// live pid; tracks and returns it.
     pub fn upgrade(&self) -> i32 {
+        self.upgrade_with(libc::SIGHUP)
+    }
+
+    /// As [`EchoServer::upgrade`], triggered by `sig` (the server's `--upgrade-signal`).
+    pub fn upgrade_with(&self, sig: libc::c_int) -> i32 {
         let old = self.current();
         assert!(
             old.alive(),
@@ -265,7 +270,7 @@ impl EchoServer {
             self.log_tail()
         );
         let t0 = Instant::now();
-        signal(old, libc::SIGHUP);
+        signal(old, sig);
         let deadline = t0 + READY_BOUND;
         loop {
             reap_zombies();
