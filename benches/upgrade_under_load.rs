@@ -12,7 +12,7 @@
 //! ```
 //!
 //! `--json PATH` writes the run (every row's summary figures and its latency around the
-//! upgrades in 1 ms buckets; `examples/support/json.rs` has the shape) for
+//! upgrades in buckets of 1 and 10 ms; `examples/support/json.rs` has the shape) for
 //! `benches/analysis/table.py` (BENCHMARKS.md's table rows) and `benches/analysis/plot.py` (its
 //! plots).
 //!

@@ -1,6 +1,7 @@
 //! The JSON record of upgrade-under-load runs (`--json PATH` of the upgrade bench and the demo):
 //! what the machine and the build were, and per server the summary figures of BENCHMARKS.md's
-//! table plus the latency around the upgrades, in 1 ms buckets of the offset from each trigger.
+//! table plus the latency around the upgrades, in buckets of the offset from each trigger (1 ms
+//! through the handover, 10 ms elsewhere).
 //! `benches/analysis/table.py` prints the table's rows from it, `benches/analysis/plot.py` draws
 //! the plots.
 //!
@@ -17,7 +18,8 @@
 //!                  timeline_median_us{spawned, …}, server_cpu_s, wall_s, cpu_share,
 //!                  cpu_us_per_conn, client_lag{p50, p99, max}, steal_ms{cpu0, cpu1},
 //!                  per_upgrade[{handover, count, failed, p999, max}],
-//!                  series{from_ms, to_ms, bucket_ms, columns, rows[[…]]} } ],
+//!                  series{from_ms, to_ms, columns, rows[[start_ms, width_ms, count, failed,
+//!                         p50, p99, max]]} } ],
 //!   "overload": null | {lag_bound_ms, sweep[…], saturation_rate, saturated, rates[…]} }
 //! ```
 
@@ -96,22 +98,47 @@ pub fn meta(command: &[String]) -> Value {
     })
 }
 
-/// Per-ms buckets of every connection scheduled from [`SERIES_BEFORE`] before a trigger to
-/// [`SERIES_AFTER`] after it, over all the upgrades of a row: `[offset_ms, count, failed, p50,
-/// p99, max]` (latencies in ms of the successful ones; a bucket with only failures has 0s).
-/// Empty buckets are left out. A connection between two triggers counts after the earlier one
-/// while within [`SERIES_AFTER`] of it, else before the later one.
+/// The buckets of [`series`]: `(start, width)` in ms from the trigger. 1 ms through the
+/// handover and the burst (the first [`FINE_UNTIL`] ms, and [`FINE_FROM`] before), 10 ms
+/// elsewhere, so each bucket holds enough connections for a p99.
+fn buckets() -> Vec<(i64, i64)> {
+    let (before, after) = (
+        SERIES_BEFORE.as_millis() as i64,
+        SERIES_AFTER.as_millis() as i64,
+    );
+    let mut v = Vec::new();
+    let mut t = -before;
+    while t < after {
+        let w = if (FINE_FROM..FINE_UNTIL).contains(&t) {
+            1
+        } else {
+            10
+        };
+        v.push((t, w));
+        t += w;
+    }
+    v
+}
+
+/// Where [`series`] uses 1 ms buckets: from this many ms before the trigger...
+pub const FINE_FROM: i64 = -10;
+/// ...to this many after it.
+pub const FINE_UNTIL: i64 = 50;
+
+/// Every connection scheduled from [`SERIES_BEFORE`] before a trigger to [`SERIES_AFTER`] after
+/// it, over all the upgrades of a row, in the buckets of [`buckets`]: `[start_ms, width_ms,
+/// count, failed, p50, p99, max]` (latencies in ms of the successful ones; a bucket with only
+/// failures has 0s). Empty buckets are left out. A connection between two triggers counts after
+/// the earlier one while within [`SERIES_AFTER`] of it, else before the later one.
 fn series(o: &Outcome) -> Value {
-    let before = SERIES_BEFORE.as_millis() as i64;
-    let after = SERIES_AFTER.as_millis() as i64;
-    let n = (before + after) as usize;
-    let mut lat: Vec<Vec<Duration>> = vec![Vec::new(); n];
-    let mut failed = vec![0u64; n];
+    let buckets = buckets();
+    let mut lat: Vec<Vec<Duration>> = vec![Vec::new(); buckets.len()];
+    let mut failed = vec![0u64; buckets.len()];
     for s in &o.report.samples {
         let Some(offset) = offset_ms(o, s.scheduled) else {
             continue;
         };
-        let i = (offset + before) as usize;
+        let i = buckets.partition_point(|b| b.0 <= offset).saturating_sub(1);
         match s.result {
             Ok(l) => lat[i].push(l),
             Err(_) => failed[i] += 1,
@@ -120,16 +147,17 @@ fn series(o: &Outcome) -> Value {
     let rows: Vec<Value> = lat
         .iter_mut()
         .zip(&failed)
-        .enumerate()
-        .filter(|(_, (l, f))| !l.is_empty() || **f > 0)
-        .map(|(i, (l, f))| {
+        .zip(&buckets)
+        .filter(|((l, f), _)| !l.is_empty() || **f > 0)
+        .map(|((l, f), (start, width))| {
             l.sort_unstable();
             let q = |p: f64| {
                 l.get(((l.len() as f64 * p).ceil() as usize).clamp(1, l.len().max(1)) - 1)
                     .map_or(0.0, |x| d(*x))
             };
             json!([
-                i as i64 - before,
+                start,
+                width,
                 l.len() + *f as usize,
                 f,
                 q(0.5),
@@ -139,13 +167,15 @@ fn series(o: &Outcome) -> Value {
         })
         .collect();
     json!({
-        "from_ms": -before, "to_ms": after, "bucket_ms": 1,
-        "columns": ["offset_ms", "count", "failed", "p50", "p99", "max"],
+        "from_ms": -(SERIES_BEFORE.as_millis() as i64),
+        "to_ms": SERIES_AFTER.as_millis() as u64,
+        "columns": ["start_ms", "width_ms", "count", "failed", "p50", "p99", "max"],
         "rows": rows,
     })
 }
 
-/// Whole ms from the trigger a connection scheduled at `t` belongs to (see [`series`]).
+/// Whole ms from the trigger a connection scheduled at `t` belongs to (see [`series`]); `None`
+/// outside every trigger's span.
 fn offset_ms(o: &Outcome, t: Instant) -> Option<i64> {
     let i = o.rows.partition_point(|r| r.at <= t);
     if let Some(prev) = i.checked_sub(1).map(|k| &o.rows[k]) {
