@@ -5,6 +5,9 @@
     python3 benches/analysis/plot.py target/uul.json --out docs/plots --name upgrade
 
 writes:
+- `<name>-summary.svg`: per server, the in-window and steady p99.9 as bars, with its failed
+  connections and pings and its upgrades done (a JSON of quoted figures with only these fields,
+  such as docs/plots/data/quoted-2026-12-01-68a8cb9.json, gives only this plot);
 - `<name>-latency.svg`: latency around an upgrade, one panel per server (ringflip and each peer
   of the run), on one log scale: per bucket of offset from the trigger (1 ms from 10 ms before
   it to 50 ms after, 10 ms elsewhere; the x axis is zoomed on the first 50 ms), over all the
@@ -112,7 +115,7 @@ XTICKS = (-100, -10, 0, 10, 20, 30, 40, 50, 200, 350, 500)
 
 
 def latency_panels(d, path):
-    servers = [s for s in d["servers"] if s["series"]["rows"]]
+    servers = [s for s in d["servers"] if (s.get("series") or {}).get("rows")]
     if not servers:
         return
     cols = 2 if len(servers) > 1 else 1
@@ -203,6 +206,63 @@ def latency_panels(d, path):
     svg.save(path)
 
 
+def summary_plot(d, path):
+    """One row per server: in-window and steady p99.9 as bars on a log scale, failures and
+    upgrades done written beside them."""
+    servers = [s for s in d["servers"] if (s.get("window") or {}).get("p999")]
+    if not servers:
+        return
+    row_h, top, ml, bar_w = 26, 80, 160, 360
+    W = ml + bar_w + 250
+    H = top + row_h * len(servers) + 44
+    svg = Svg(W, H)
+    svg.text(8, 18, "Upgrade under load: p99.9 in the 500 ms after each trigger, and steady",
+             size=14, weight="bold")
+    svg.text(8, 36, provenance(d), size=10, fill="#555")
+    if d["meta"].get("source"):
+        svg.text(8, 50, d["meta"]["source"], size=10, fill="#555")
+    vals = [s["window"]["p999"] for s in servers] + [s["steady"]["p999"] for s in servers]
+    lo = 10 ** math.floor(math.log10(min(vals)))
+    hi = 10 ** math.ceil(math.log10(max(vals)))
+
+    def X(v):
+        return ml + (math.log10(v) - math.log10(lo)) / (math.log10(hi) - math.log10(lo)) * bar_w
+
+    for v in log_ticks(lo, hi):
+        svg.line(X(v), top - 4, X(v), top + row_h * len(servers), stroke="#e6e6e6")
+        svg.text(X(v), top + row_h * len(servers) + 12, label_ms(v), size=9, anchor="middle",
+                 fill="#666")
+    svg.text(ml + bar_w / 2, top + row_h * len(servers) + 26, "ms (log scale)", size=9,
+             anchor="middle", fill="#666")
+    svg.text(ml + bar_w + 10, top - 8, "failed conns / pings, upgrades done", size=9,
+             fill="#666")
+    for i, s in enumerate(servers):
+        y = top + i * row_h
+        bad = s.get("failed") or s.get("pings_failed")
+        svg.text(ml - 8, y + 14, s["name"], size=11, anchor="end",
+                 weight="bold" if s["name"].startswith("ringflip") else "normal")
+        svg.rect(ml, y + 3, X(s["window"]["p999"]) - ml, 9, C99)
+        svg.rect(ml, y + 13, X(s["steady"]["p999"]) - ml, 6, C50)
+        svg.text(X(s["window"]["p999"]) + 4, y + 12, f"{s['window']['p999']:g}", size=9,
+                 fill=C99)
+        failed = f"{s.get('failed', 0):,} / {s.get('pings_failed', 0):,}"
+        svg.text(ml + bar_w + 10, y + 14, failed, size=11, fill=CFAIL if bad else "#222",
+                 weight="bold" if bad else "normal")
+        if s.get("upgrades_done") is not None:
+            short = s["upgrades_done"] < s["upgrades_requested"]
+            svg.text(ml + bar_w + 10 + 7 * len(failed) + 14, y + 14,
+                     f"{s['upgrades_done']} of {s['upgrades_requested']}", size=11,
+                     fill=CMAX if short else "#222", weight="bold" if short else "normal")
+    ly = H - 6
+    x = 8
+    for colour, name in ((C99, "in-window p99.9"), (C50, "steady p99.9"),
+                         (CFAIL, "failures")):
+        svg.rect(x, ly - 8, 10, 8, colour)
+        svg.text(x + 14, ly, name, size=10)
+        x += 14 + 7 * len(name) + 16
+    svg.save(path)
+
+
 def sweep_plot(d, path):
     o = d.get("overload")
     if not o or not o["sweep"]:
@@ -274,6 +334,7 @@ def main():
     with open(a.json, encoding="utf-8") as fh:
         d = json.load(fh)
     os.makedirs(a.out, exist_ok=True)
+    summary_plot(d, os.path.join(a.out, f"{a.name}-summary.svg"))
     latency_panels(d, os.path.join(a.out, f"{a.name}-latency.svg"))
     sweep_plot(d, os.path.join(a.out, f"{a.name}-sweep.svg"))
 
