@@ -152,7 +152,11 @@ fn main() -> ExitCode {
     println!(
         "upgrade under load: {} conn/s open loop + {} long-lived pinging every 100 ms; {} upgrades \
          every {} ms, each with a burst of {} connects; server {}",
-        o.rate,
+        if o.overload {
+            "the sweep's".to_owned()
+        } else {
+            o.rate.to_string()
+        },
         o.long_lived,
         o.upgrades,
         o.interval.as_millis(),

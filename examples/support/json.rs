@@ -283,10 +283,12 @@ pub fn server(name: &str, rate: u32, upgrades_requested: usize, o: &Outcome) -> 
     })
 }
 
-/// Writes `value` to `path` (compact: a 20-upgrade run of every server is ~1 MB); says where
-/// on stdout.
+/// Writes `value` to `path` (compact; its directory made if need be); says where on stdout.
 pub fn write(path: &std::path::Path, value: &Value) -> Result<(), String> {
     let text = serde_json::to_string(value).map_err(|e| e.to_string())?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
     std::fs::write(path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))?;
     println!("JSON written to {}", path.display());
     Ok(())
