@@ -524,6 +524,19 @@ fn overload(o: &Opts, rows: &mut Vec<Row>, all_ok: &mut bool) -> Value {
         .collect();
     // The short form's rows: one upgrade each.
     let upgrades = if o.quick { 1 } else { o.upgrades };
+    // Past saturation a server's connections pile up in the client, up to the rate times the
+    // 3 s timeout: the client must not run out of fds first (that would count as the servers'
+    // failures). Raise the soft limit to the hard one and say if even that is short.
+    let fd_limit = raise_fd_limit();
+    let needed = rates.iter().max().copied().unwrap_or(0) as u64 * 3 + 1000;
+    if fd_limit < needed {
+        println!(
+            "  note: the fd limit is {fd_limit}, and at {} conn/s a stalled server can leave up to \
+             {needed} connections open in the client; past it the client's connects fail \
+             ('other'). Raise it (ulimit -Hn / -n) before measuring.",
+            rates.iter().max().copied().unwrap_or(0)
+        );
+    }
     println!();
     print_header();
     for &rate in &rates {
@@ -544,7 +557,21 @@ fn overload(o: &Opts, rows: &mut Vec<Row>, all_ok: &mut bool) -> Value {
         "saturated": saturation.is_some(),
         "rates": rates,
         "upgrades_per_row": upgrades,
+        "fd_limit": fd_limit,
     })
+}
+
+/// Raises this process's soft RLIMIT_NOFILE to its hard limit (the servers it starts inherit
+/// it); returns the soft limit it has then.
+fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
+    };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
+    }
+    soft
 }
 
 /// How late the load generator started its connections in a sweep step (`connect()` after the
