@@ -7,7 +7,24 @@
 //! cargo bench --bench upgrade_under_load -- --only ringflip,ecdysis
 //! cargo bench --bench upgrade_under_load -- --test             # CI: 2 upgrades each, quick
 //! cargo bench --bench upgrade_under_load -- --unpinned-server  # servers not pinned to CPU 0
+//! cargo bench --bench upgrade_under_load -- --json target/uul.json   # also write the run as JSON
+//! cargo bench --bench upgrade_under_load -- --overload         # at the saturation rate and 1.5×
 //! ```
+//!
+//! `--json PATH` writes the run (every row's summary figures and its latency around the
+//! upgrades in buckets of 1 and 10 ms; `examples/support/json.rs` has the shape) for
+//! `benches/analysis/table.py` (BENCHMARKS.md's table rows) and `benches/analysis/plot.py` (its
+//! plots).
+//!
+//! `--overload` (issue 16 §3) first finds the rate where this machine saturates: a bounded sweep
+//! of ringflip's echo server with no upgrade, from 2,000 conn/s up by 1.5× a step (at most 8
+//! steps of 2 s), stopping at the first rate where the load generator's own lag (each
+//! connection's `connect()` after its scheduled start; `Sample::client_lag`) reaches 1 ms at its
+//! p90, or grows by 1 ms over the step (`ClientLag`), or the server takes 95 % of its core. Then
+//! it runs the upgrade scenario at that rate and at 1.5× it for ringflip, ecdysis and
+//! shellflip (`--only` picks others), all in this one run. `--test` runs a short form of it too
+//! (2 sweep steps of 250 ms at 500 and 800 conn/s (rates are rounded to 100), ringflip only, 1 upgrade per rate), so CI
+//! keeps it working; `--test --overload` runs only that.
 //!
 //! Servers (each this same binary re-executed as `--serve KIND`, all echo servers):
 //! - `burst-only`: ringflip's echo server with the same bursts and no upgrade at all: the
@@ -47,6 +64,7 @@
 //! the host, or the client late to start them (`Outcome::window_worst`). Server on CPU 0
 //! (unless `--unpinned-server`), load generator on CPU 1.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -54,7 +72,8 @@ mod peers;
 #[path = "../examples/support/mod.rs"]
 mod support;
 
-use support::scenario::{self, ms, Scenario, Strategy};
+use serde_json::{json, Value};
+use support::scenario::{self, ms, Outcome, Scenario, Strategy};
 
 const ALL: [&str; 11] = [
     "burst-only",
@@ -73,10 +92,27 @@ const ALL: [&str; 11] = [
 /// Rows run only when `--only` names them.
 const EXTRA: [&str; 1] = ["ecdysis-burst-only"];
 
+/// The rows of `--overload` unless `--only` names others.
+const OVERLOAD: [&str; 3] = ["ringflip", "ecdysis", "shellflip"];
+
 /// Accept rings of the `ringflip-workers` row (`Builder::workers`, thread-per-core).
 const WORKERS: usize = 2;
 /// The issue's bound on a window's slowest connection; windows at or above it are attributed.
 const SLOW: Duration = Duration::from_millis(10);
+
+/// The overload sweep: its first rate, the factor between steps, its most steps, each step's
+/// load, and the client lag that marks saturation (at the p90, or as the growth of the lag over
+/// the step; see [`ClientLag`]). The same 1 ms as "client late" in the attribution of slow
+/// windows.
+const SWEEP_FROM: u32 = 2000;
+const SWEEP_FACTOR: f64 = 1.5;
+const SWEEP_STEPS: usize = 8;
+const SWEEP_STEP: Duration = Duration::from_secs(2);
+const LAG_BOUND: Duration = Duration::from_millis(1);
+/// Server CPU (share of its one core) that also marks saturation: the server saturates first.
+const CPU_BOUND: f64 = 0.95;
+/// The rates of the upgrade rows, as multiples of the saturation rate.
+const OVERLOAD_FACTORS: [f64; 2] = [1.0, 1.5];
 
 struct Opts {
     upgrades: usize,
@@ -84,8 +120,21 @@ struct Opts {
     interval: Duration,
     long_lived: usize,
     burst: usize,
-    only: Vec<String>,
+    only: Option<Vec<String>>,
     pin_server: bool,
+    quick: bool,
+    overload: bool,
+    json: Option<PathBuf>,
+}
+
+/// One row of the run: what it is called in the output, and what happened.
+struct Row {
+    label: String,
+    kind: &'static str,
+    rate: u32,
+    /// Upgrades asked for (0 for a no-upgrade baseline).
+    upgrades: usize,
+    out: Outcome,
 }
 
 fn main() -> ExitCode {
@@ -93,22 +142,109 @@ fn main() -> ExitCode {
     if let Some(exit) = peers::serve_if_asked(&argv) {
         return exit;
     }
+    let o = match parse(&argv) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!(
+        "upgrade under load: {} conn/s open loop + {} long-lived pinging every 100 ms; {} upgrades \
+         every {} ms, each with a burst of {} connects; server {}",
+        if o.overload {
+            "the sweep's".to_owned()
+        } else {
+            o.rate.to_string()
+        },
+        o.long_lived,
+        o.upgrades,
+        o.interval.as_millis(),
+        o.burst,
+        if o.pin_server {
+            "pinned to CPU 0"
+        } else {
+            "not pinned"
+        }
+    );
+    let mut all_ok = true;
+    let mut rows = Vec::new();
+    let mut overload_json = Value::Null;
+    // `--test` alone runs the rows and the short overload; `--overload` runs only the overload.
+    if !o.overload {
+        print_header();
+        let only = o
+            .only
+            .clone()
+            .unwrap_or_else(|| ALL.iter().map(|s| s.to_string()).collect());
+        for kind in ALL
+            .iter()
+            .chain(EXTRA.iter())
+            .filter(|k| only.iter().any(|x| x == *k))
+        {
+            all_ok &= run_row(kind, kind, o.rate, o.upgrades, &o, &mut rows);
+        }
+    }
+    if o.overload || o.quick {
+        overload_json = overload(&o, &mut rows, &mut all_ok);
+    }
+    summaries(&rows);
+    if let Some(path) = &o.json {
+        let servers: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                let mut v = support::json::server(&r.label, r.rate, r.upgrades, &r.out);
+                v["kind"] = json!(r.kind);
+                v
+            })
+            .collect();
+        let record = json!({
+            "format": 1,
+            "bench": "upgrade_under_load",
+            "meta": support::json::meta(&argv),
+            "config": {
+                "rate": o.rate, "upgrades": o.upgrades, "interval_ms": o.interval.as_millis() as u64,
+                "long_lived": o.long_lived, "burst": o.burst, "pinned_server": o.pin_server,
+                "quick": o.quick, "window_ms": scenario::WINDOW.as_millis() as u64,
+            },
+            "servers": servers,
+            "overload": overload_json,
+        });
+        if let Err(e) = support::json::write(path, &record) {
+            eprintln!("{e}");
+            all_ok = false;
+        }
+    }
+    // Only ringflip is held to "nothing fails": the peers' failures are the measurement.
+    if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn parse(argv: &[String]) -> Result<Opts, String> {
     let mut o = Opts {
         upgrades: 20,
         rate: 5000,
         interval: Duration::from_millis(1000),
         long_lived: 16,
         burst: 512,
-        only: ALL.iter().map(|s| s.to_string()).collect(),
+        only: None,
         pin_server: true,
+        quick: false,
+        overload: false,
+        json: None,
     };
-    let mut it = argv.into_iter();
+    let mut it = argv.iter();
     while let Some(flag) = it.next() {
         match flag.as_str() {
             // `cargo bench` passes --bench; `cargo test --benches` and CI's quick run pass --test.
             "--bench" => {}
             "--unpinned-server" => o.pin_server = false,
+            "--overload" => o.overload = true,
             "--test" => {
+                o.quick = true;
                 o.upgrades = 2;
                 o.rate = 1000;
                 o.interval = Duration::from_millis(500);
@@ -116,21 +252,21 @@ fn main() -> ExitCode {
                 o.long_lived = 4;
             }
             "--only" => {
-                o.only = it
-                    .next()
-                    .unwrap_or_default()
-                    .split(',')
-                    .map(str::to_owned)
-                    .collect()
+                o.only = Some(
+                    it.next()
+                        .cloned()
+                        .unwrap_or_default()
+                        .split(',')
+                        .map(str::to_owned)
+                        .collect(),
+                )
             }
+            "--json" => o.json = Some(it.next().ok_or("--json needs a path")?.into()),
             "--upgrades" | "--rate" | "--interval-ms" | "--long-lived" | "--burst" => {
-                let v: u64 = match it.next().and_then(|v| v.parse().ok()) {
-                    Some(v) => v,
-                    None => {
-                        eprintln!("{flag} needs a number");
-                        return ExitCode::from(2);
-                    }
-                };
+                let v: u64 = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or(format!("{flag} needs a number"))?;
                 match flag.as_str() {
                     "--upgrades" => o.upgrades = v as usize,
                     "--rate" => o.rate = v as u32,
@@ -142,153 +278,381 @@ fn main() -> ExitCode {
             _ => {} // criterion-style filters and flags: ignored
         }
     }
-    println!(
-        "upgrade under load: {} conn/s open loop + {} long-lived pinging every 100 ms; {} upgrades \
-         every {} ms, each with a burst of {} connects; server {}",
-        o.rate,
-        o.long_lived,
-        o.upgrades,
-        o.interval.as_millis(),
-        o.burst,
-        if o.pin_server {
-            "pinned to CPU 0"
-        } else {
-            "not pinned"
-        }
-    );
+    Ok(o)
+}
+
+fn print_header() {
     println!(
         "{:<16} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>6} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7}",
         "server", "conns", "failed", "refused", "reset", "eof", "tmout", "wrong", "other", "pings✗",
         "handover", "p50", "p99", "p99.9", "win p99", "win p99.9", "win max", "cpu%", "steal0", "steal1"
     );
-    let mut all_ok = true;
-    let mut timelines = Vec::new();
-    let mut handover_windows = Vec::new();
-    for kind in ALL
-        .iter()
-        .chain(EXTRA.iter())
-        .filter(|k| o.only.iter().any(|x| x == *k))
-    {
-        if let Err(why) = peers::prepare(kind) {
-            println!("{kind:<16} skipped: {why}");
-            continue;
+}
+
+/// What `kind` runs (`--serve` argument) and how it is upgraded.
+fn server_of(kind: &str) -> (&'static str, Strategy) {
+    match kind {
+        "burst-only" => ("ringflip", Strategy::BurstOnly),
+        "ecdysis-burst-only" => ("ecdysis", Strategy::BurstOnly),
+        "ringflip" => ("ringflip", Strategy::Signal),
+        "ringflip-tokio" => ("ringflip-tokio", Strategy::Signal),
+        "ringflip-workers" => ("ringflip", Strategy::Signal),
+        "ecdysis" => ("ecdysis", Strategy::Signal),
+        "shellflip" => ("shellflip", Strategy::Signal),
+        "reuseport" => ("plain", Strategy::ReusePort),
+        "nginx" => ("nginx", Strategy::NginxUsr2),
+        "haproxy" => ("haproxy", Strategy::HaproxyReload),
+        "tableflip" => ("tableflip", Strategy::Signal),
+        _ => ("plain", Strategy::Naive),
+    }
+}
+
+/// Runs server `kind` at `rate` under the upgrade schedule, prints its row as `label` and keeps
+/// it in `rows`. False if it is one of ringflip's rows (or the baseline) and it failed.
+fn run_row(
+    kind: &'static str,
+    label: &str,
+    rate: u32,
+    upgrades: usize,
+    o: &Opts,
+    rows: &mut Vec<Row>,
+) -> bool {
+    if let Err(why) = peers::prepare(kind) {
+        println!("{label:<16} skipped: {why}");
+        return true;
+    }
+    let ours = kind.starts_with("ringflip") || kind == "burst-only";
+    let (serve, strategy) = server_of(kind);
+    let s = Scenario {
+        serve_args: vec!["--serve".into(), serve.into()],
+        strategy,
+        upgrades,
+        rate,
+        interval: o.interval,
+        long_lived: o.long_lived,
+        burst: o.burst,
+        server_args: if kind == "ringflip-workers" {
+            vec!["--workers".into(), WORKERS.to_string()]
+        } else {
+            Vec::new()
+        },
+        warmup: Duration::ZERO,
+        pin_server: o.pin_server,
+        // The restart strategies without a handoff cannot keep long-lived connections;
+        // give them a short drain so each restart completes within the interval.
+        drain_timeout: match strategy {
+            // Longer than the run, so the long-lived connections are never cut.
+            Strategy::Signal | Strategy::BurstOnly => {
+                o.interval * (upgrades as u32 + 10) + Duration::from_secs(60)
+            }
+            _ => Duration::from_millis(300),
+        },
+    };
+    let out = match scenario::run(&s) {
+        Ok(out) => out,
+        Err(e) => {
+            println!("{label:<16} could not run: {e}");
+            // Only ringflip's own rows fail the bench; a peer that cannot run is reported.
+            return !ours;
         }
-        let (serve, strategy) = match *kind {
-            "burst-only" => ("ringflip", Strategy::BurstOnly),
-            "ecdysis-burst-only" => ("ecdysis", Strategy::BurstOnly),
-            "ringflip" => ("ringflip", Strategy::Signal),
-            "ringflip-tokio" => ("ringflip-tokio", Strategy::Signal),
-            "ringflip-workers" => ("ringflip", Strategy::Signal),
-            "ecdysis" => ("ecdysis", Strategy::Signal),
-            "shellflip" => ("shellflip", Strategy::Signal),
-            "reuseport" => ("plain", Strategy::ReusePort),
-            "nginx" => ("nginx", Strategy::NginxUsr2),
-            "haproxy" => ("haproxy", Strategy::HaproxyReload),
-            "tableflip" => ("tableflip", Strategy::Signal),
-            _ => ("plain", Strategy::Naive),
-        };
+    };
+    print_row(label, &out);
+    let ok = !ours || out.ok();
+    if out.ok() {
+        let _ = std::fs::remove_dir_all(&out.dir);
+    }
+    rows.push(Row {
+        label: label.to_owned(),
+        kind,
+        rate,
+        upgrades: if strategy == Strategy::BurstOnly {
+            0
+        } else {
+            upgrades
+        },
+        out,
+    });
+    ok
+}
+
+fn print_row(label: &str, out: &Outcome) {
+    let r = &out.report;
+    let f = &r.failures;
+    let (st, w) = (out.steady(), out.window());
+    println!(
+        "{:<16} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6.2}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>6.1}% {:>5}ms {:>5}ms",
+        label,
+        r.ok() + f.total() as usize,
+        f.total(),
+        f.refused,
+        f.reset,
+        f.eof,
+        f.timeout,
+        f.wrong_reply,
+        f.other,
+        r.pings_failed,
+        ms(out.median_handover()),
+        ms(st.p50),
+        ms(st.p99),
+        ms(st.p999),
+        ms(w.p99),
+        ms(w.p999),
+        ms(w.max),
+        100.0 * out.server_cpu.as_secs_f64() / out.wall.as_secs_f64(),
+        out.steal_cpu0.as_millis(),
+        out.steal_cpu1.as_millis()
+    );
+    if out.failed_upgrades > 0 || !out.all_gone {
+        println!(
+            "           {} upgrades did not complete; processes left over: {}; log {}",
+            out.failed_upgrades,
+            !out.all_gone,
+            out.log.display()
+        );
+    }
+}
+
+/// `--overload`: the sweep for the saturation rate, then the upgrade rows at it and at 1.5× it.
+/// Returns the sweep's record for the JSON.
+fn overload(o: &Opts, rows: &mut Vec<Row>, all_ok: &mut bool) -> Value {
+    let (from, steps, step) = if o.quick {
+        (500, 2, Duration::from_millis(250))
+    } else {
+        (SWEEP_FROM, SWEEP_STEPS, SWEEP_STEP)
+    };
+    println!();
+    println!(
+        "overload: sweep of ringflip's echo server, no upgrade, {} ms per step from {from} conn/s \
+         up by {SWEEP_FACTOR}× (at most {steps} steps) until the client's lag p90 or its growth over \
+         the step reaches {} ms, or the server's CPU {:.0}%:",
+        step.as_millis(),
+        ms(LAG_BOUND),
+        100.0 * CPU_BOUND
+    );
+    let mut sweep = Vec::new();
+    let mut saturation = None;
+    let mut rate = from as f64;
+    let mut last = from;
+    for _ in 0..steps {
+        let r = (rate / 100.0).round() as u32 * 100;
+        last = r;
         let s = Scenario {
-            serve_args: vec!["--serve".into(), serve.into()],
-            strategy,
-            upgrades: o.upgrades,
-            rate: o.rate,
-            interval: o.interval,
-            long_lived: o.long_lived,
-            burst: o.burst,
-            server_args: if *kind == "ringflip-workers" {
-                vec!["--workers".into(), WORKERS.to_string()]
-            } else {
-                Vec::new()
-            },
+            serve_args: vec!["--serve".into(), "ringflip".into()],
+            strategy: Strategy::BurstOnly,
+            upgrades: 0,
+            rate: r,
+            interval: step,
+            long_lived: 0,
+            burst: 0,
+            server_args: Vec::new(),
             warmup: Duration::ZERO,
             pin_server: o.pin_server,
-            // The restart strategies without a handoff cannot keep long-lived connections;
-            // give them a short drain so each restart completes within the interval.
-            drain_timeout: match strategy {
-                // Longer than the run, so the long-lived connections are never cut.
-                Strategy::Signal | Strategy::BurstOnly => {
-                    o.interval * (o.upgrades as u32 + 10) + Duration::from_secs(60)
-                }
-                _ => Duration::from_millis(300),
-            },
+            drain_timeout: Duration::from_secs(1),
         };
         let out = match scenario::run(&s) {
             Ok(out) => out,
             Err(e) => {
-                println!("{kind:<16} could not run: {e}");
-                // Only ringflip's own rows fail the bench; a peer that cannot run is reported.
-                if kind.starts_with("ringflip") || *kind == "burst-only" {
-                    all_ok = false;
-                }
-                continue;
+                println!("  {r:>7} conn/s  could not run: {e}");
+                *all_ok = false;
+                break;
             }
         };
-        let r = &out.report;
-        let f = &r.failures;
-        let (st, w) = (out.steady(), out.window());
+        let lag = ClientLag::of(&out);
+        let conns = out.report.samples.len();
+        let cpu = out.server_cpu.as_secs_f64();
+        let share = cpu / out.wall.as_secs_f64();
+        let st = out.steady();
+        let reason = if lag.p90 >= LAG_BOUND {
+            Some("client lag p90")
+        } else if lag.growth >= LAG_BOUND {
+            Some("client lag growing")
+        } else if share >= CPU_BOUND {
+            Some("server CPU")
+        } else {
+            None
+        };
         println!(
-            "{:<16} {:>8} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6.2}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>7.3}ms {:>6.1}% {:>5}ms {:>5}ms",
-            kind,
-            r.ok() + f.total() as usize,
-            f.total(),
-            f.refused,
-            f.reset,
-            f.eof,
-            f.timeout,
-            f.wrong_reply,
-            f.other,
-            r.pings_failed,
-            ms(out.median_handover()),
-            ms(st.p50),
+            "  {r:>7} conn/s  client lag p50 {:>7.3}ms p90 {:>7.3}ms p99 {:>7.3}ms growth \
+             {:>7.3}ms  latency p99 {:>7.3}ms  failed {:>5}  server CPU {:>5.1}% ({:.1} µs/conn){}",
+            ms(lag.p50),
+            ms(lag.p90),
+            ms(lag.p99),
+            ms(lag.growth),
             ms(st.p99),
-            ms(st.p999),
-            ms(w.p99),
-            ms(w.p999),
-            ms(w.max),
-            100.0 * out.server_cpu.as_secs_f64() / out.wall.as_secs_f64(),
-            out.steal_cpu0.as_millis(),
-            out.steal_cpu1.as_millis()
+            out.report.failures.total(),
+            100.0 * share,
+            cpu * 1e6 / conns.max(1) as f64,
+            reason
+                .map(|r| format!("  saturated: {r}"))
+                .unwrap_or_default(),
         );
-        if out.failed_upgrades > 0 || !out.all_gone {
-            println!(
-                "           {} upgrades did not complete; processes left over: {}; log {}",
-                out.failed_upgrades,
-                !out.all_gone,
-                out.log.display()
-            );
-        }
-        if *kind == "burst-only" {
-            all_ok &= out.ok();
-        }
-        if kind.starts_with("ringflip") {
-            all_ok &= out.ok();
-        }
-        if !out.timelines.is_empty() {
-            timelines.push((*kind, out.timelines.clone()));
-        }
-        let worst = out.window_worst();
-        let mut maxima: Vec<Duration> = worst.iter().map(|w| w.latency).collect();
-        maxima.sort_unstable();
-        handover_windows.push((
-            *kind,
-            out.handover_window(),
-            maxima,
-            out.steal_in_and_out_of_windows(),
-            worst,
-        ));
+        sweep.push(json!({
+            "rate": r, "connections": conns, "failed": out.report.failures.total(),
+            "client_lag": {"p50": ms(lag.p50), "p90": ms(lag.p90), "p99": ms(lag.p99),
+                           "max": ms(lag.max), "growth": ms(lag.growth)},
+            "latency": support::json::stats(&st),
+            "cpu_share": share,
+            "cpu_us_per_conn": cpu * 1e6 / conns.max(1) as f64,
+            "saturated": reason,
+        }));
         if out.ok() {
             let _ = std::fs::remove_dir_all(&out.dir);
         }
+        if reason.is_some() {
+            saturation = Some(r);
+            break;
+        }
+        rate *= SWEEP_FACTOR;
     }
+    let sat = saturation.unwrap_or(last);
+    println!(
+        "  saturation: {sat} conn/s{}",
+        if saturation.is_some() {
+            ""
+        } else {
+            " (not reached within the sweep: its last rate)"
+        }
+    );
+    let only: Vec<String> = match &o.only {
+        Some(only) => only.clone(),
+        None if o.quick => vec!["ringflip".into()],
+        None => OVERLOAD.iter().map(|s| s.to_string()).collect(),
+    };
+    let rates: Vec<u32> = OVERLOAD_FACTORS
+        .iter()
+        .map(|f| ((sat as f64 * f) / 100.0).round() as u32 * 100)
+        .collect();
+    // The short form's rows: one upgrade each.
+    let upgrades = if o.quick { 1 } else { o.upgrades };
+    // Past saturation a server's connections pile up in the client, up to the rate times the
+    // 3 s timeout: the client must not run out of fds first (that would count as the servers'
+    // failures). Raise the soft limit to the hard one and say if even that is short.
+    let fd_limit = raise_fd_limit();
+    let needed = rates.iter().max().copied().unwrap_or(0) as u64 * 3 + 1000;
+    if fd_limit < needed {
+        println!(
+            "  note: the fd limit is {fd_limit}, and at {} conn/s a stalled server can leave up to \
+             {needed} connections open in the client; past it the client's connects fail \
+             ('other'). Raise it (ulimit -Hn / -n) before measuring.",
+            rates.iter().max().copied().unwrap_or(0)
+        );
+    }
+    println!();
+    print_header();
+    for &rate in &rates {
+        for kind in ALL
+            .iter()
+            .chain(EXTRA.iter())
+            .filter(|k| only.iter().any(|x| x == *k))
+        {
+            *all_ok &= run_row(kind, &format!("{kind}@{rate}"), rate, upgrades, o, rows);
+        }
+    }
+    json!({
+        "lag_bound_ms": ms(LAG_BOUND),
+        "cpu_bound": CPU_BOUND,
+        "step_ms": step.as_millis() as u64,
+        "sweep": sweep,
+        "saturation_rate": sat,
+        "saturated": saturation.is_some(),
+        "rates": rates,
+        "upgrades_per_row": upgrades,
+        "fd_limit": fd_limit,
+    })
+}
+
+/// Raises this process's soft RLIMIT_NOFILE to its hard limit (the servers it starts inherit
+/// it); returns the soft limit it has then.
+fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
+    };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
+    }
+    soft
+}
+
+/// How late the load generator started its connections in a sweep step (`connect()` after the
+/// scheduled start): percentiles, and `growth`, the median lag of the step's last quarter of
+/// connections (by schedule) less that of its first quarter. A client that cannot keep up falls
+/// further behind its schedule as the step goes on; a stall of the host's moves the p99 but not
+/// the growth. The p90, not the p99, so that one 10 ms stall in a step does not count as
+/// saturation.
+struct ClientLag {
+    p50: Duration,
+    p90: Duration,
+    p99: Duration,
+    max: Duration,
+    growth: Duration,
+}
+
+impl ClientLag {
+    fn of(out: &Outcome) -> ClientLag {
+        let mut by_schedule: Vec<_> = out.report.samples.iter().collect();
+        by_schedule.sort_unstable_by_key(|s| s.scheduled);
+        let median = |part: &[&support::load::Sample]| {
+            let mut v: Vec<Duration> = part.iter().map(|s| s.client_lag()).collect();
+            v.sort_unstable();
+            v.get(v.len() / 2).copied().unwrap_or_default()
+        };
+        let q = by_schedule.len() / 4;
+        let growth =
+            median(&by_schedule[by_schedule.len() - q..]).saturating_sub(median(&by_schedule[..q]));
+        let mut lags: Vec<Duration> = by_schedule.iter().map(|s| s.client_lag()).collect();
+        lags.sort_unstable();
+        let at = |p: f64| {
+            lags.get(((lags.len() as f64 * p).ceil() as usize).clamp(1, lags.len().max(1)) - 1)
+                .copied()
+                .unwrap_or_default()
+        };
+        ClientLag {
+            p50: at(0.5),
+            p90: at(0.9),
+            p99: at(0.99),
+            max: at(1.0),
+            growth,
+        }
+    }
+}
+
+/// The sections after the rows: the first 50 ms, each window's slowest connection and what the
+/// VM did to it, and ringflip's upgrade timelines.
+fn summaries(rows: &[Row]) {
+    struct Derived<'a> {
+        label: &'a str,
+        first: support::load::Stats,
+        maxima: Vec<Duration>,
+        steal: (Duration, Duration),
+        worst: Vec<scenario::WorstConn>,
+    }
+    let derived: Vec<Derived> = rows
+        .iter()
+        .map(|r| {
+            let worst = r.out.window_worst();
+            let mut maxima: Vec<Duration> = worst.iter().map(|w| w.latency).collect();
+            maxima.sort_unstable();
+            Derived {
+                label: &r.label,
+                first: r.out.handover_window(),
+                maxima,
+                steal: r.out.steal_in_and_out_of_windows(),
+                worst,
+            }
+        })
+        .collect();
     println!();
     println!(
         "first {} ms after each trigger (the handover and the burst; later in the window this \
          VM's own stalls dominate):",
         scenario::HANDOVER_WINDOW.as_millis()
     );
-    for (kind, st, _, _, _) in &handover_windows {
+    for d in &derived {
+        let st = &d.first;
         println!(
-            "  {kind:<16} p99 {:>7.3}ms  p99.9 {:>7.3}ms  max {:>7.3}ms  ({} conns)",
+            "  {:<16} p99 {:>7.3}ms  p99.9 {:>7.3}ms  max {:>7.3}ms  ({} conns)",
+            d.label,
             ms(st.p99),
             ms(st.p999),
             ms(st.max),
@@ -301,12 +665,15 @@ fn main() -> ExitCode {
          this VM's host moves a row's p99.9, not the median):",
         scenario::WINDOW.as_millis()
     );
-    for (kind, _, maxima, (steal_in, steal_out), _) in &handover_windows {
+    for d in &derived {
+        let maxima = &d.maxima;
+        let (steal_in, steal_out) = d.steal;
         let at = |i: usize| maxima.get(i).copied().unwrap_or_default();
         let n = maxima.len();
         println!(
-            "  {kind:<16} median {:>7.3}ms  fastest {:>7.3}ms  second slowest {:>7.3}ms  slowest \
+            "  {:<16} median {:>7.3}ms  fastest {:>7.3}ms  second slowest {:>7.3}ms  slowest \
              {:>7.3}ms  CPU 0 stolen in windows {:>5}ms, outside {:>5}ms",
+            d.label,
             ms(at(n / 2)),
             ms(at(0)),
             ms(at(n.saturating_sub(2))),
@@ -324,7 +691,8 @@ fn main() -> ExitCode {
          client's delays after connect() are not seen). The windows under the bound, with a \
          CPU 0 tick too, say how often a tick lands by chance:"
     );
-    for (kind, _, _, _, worst) in &handover_windows {
+    for d in &derived {
+        let worst = &d.worst;
         let slow: Vec<_> = worst.iter().filter(|w| w.latency >= SLOW).collect();
         let by = |f: &dyn Fn(&scenario::WorstConn) -> bool| slow.iter().filter(|w| f(w)).count();
         let cpu0 = by(&|w| !w.stolen[0].is_zero());
@@ -344,9 +712,10 @@ fn main() -> ExitCode {
             .map(|w| format!("{:.1}", ms(w.latency)))
             .collect();
         println!(
-            "  {kind:<16} ≥ {} ms: {} of {} (CPU 0 tick {cpu0}, only CPU 1 {cpu1}, only client \
+            "  {:<16} ≥ {} ms: {} of {} (CPU 0 tick {cpu0}, only CPU 1 {cpu1}, only client \
              late {late}, undisturbed {}{}); under it, with a CPU 0 tick: {fast_cpu0} of {}; \
              undisturbed windows {}: median {:.3}ms, slowest {:.3}ms",
+            d.label,
             SLOW.as_millis(),
             slow.len(),
             worst.len(),
@@ -362,10 +731,12 @@ fn main() -> ExitCode {
             ms(quiet.last().copied().unwrap_or_default()),
         );
     }
-    for (kind, timelines) in &timelines {
+    for r in rows.iter().filter(|r| !r.out.timelines.is_empty()) {
+        let timelines = &r.out.timelines;
         println!();
         println!(
-            "{kind} upgrade timeline, median µs from the trigger over {} upgrades:",
+            "{} upgrade timeline, median µs from the trigger over {} upgrades:",
+            r.label,
             timelines.len()
         );
         for (i, phase) in scenario::PHASES.iter().enumerate() {
@@ -386,11 +757,5 @@ fn main() -> ExitCode {
                  median {m} µs, max {max} µs"
             );
         }
-    }
-    // Only ringflip is held to "nothing fails": the peers' failures are the measurement.
-    if all_ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
     }
 }

@@ -4,6 +4,7 @@
 //! cargo run --release --example demo
 //! cargo run --release --example demo -- --upgrades 100 --rate 5000 --interval-ms 1000
 //! cargo run --release --example demo -- --ballast-mib 2048 --long-lived 0 --upgrades 10
+//! cargo run --release --example demo -- --upgrades 100 --json target/demo.json
 //! ```
 //!
 //! It starts this same binary as the server (`demo --serve …`, the echo server of
@@ -14,6 +15,8 @@
 //! time (SIGHUP sent → the new process's pid file appears, written right after its READY), the
 //! failed connections in the 500 ms after the trigger, and in-window p99 against steady p99;
 //! then totals, failures by kind and server CPU. Exits non-zero if any connection failed.
+//! `--json PATH` also writes the run in the upgrade bench's JSON shape (one server,
+//! `ringflip (demo)`; see examples/support/json.rs).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -28,6 +31,7 @@ struct Opts {
     long_lived: usize,
     burst: usize,
     ballast_mib: u64,
+    json: Option<std::path::PathBuf>,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -38,10 +42,15 @@ fn parse() -> Result<Opts, String> {
         long_lived: 16,
         burst: 512,
         ballast_mib: 0,
+        json: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        if flag == "--json" {
+            o.json = Some(v.into());
+            continue;
+        }
         let n: u64 = v.parse().map_err(|e| format!("{flag} {v}: {e}"))?;
         match flag.as_str() {
             "--upgrades" => o.upgrades = n as usize,
@@ -112,6 +121,22 @@ fn run(opts: &Opts) -> Result<bool, String> {
             0
         }),
     })?;
+    if let Some(path) = &opts.json {
+        let record = serde_json::json!({
+            "format": 1,
+            "bench": "demo",
+            "meta": support::json::meta(&std::env::args().skip(1).collect::<Vec<_>>()),
+            "config": {
+                "rate": opts.rate, "upgrades": opts.upgrades,
+                "interval_ms": opts.interval.as_millis() as u64, "long_lived": opts.long_lived,
+                "burst": opts.burst, "pinned_server": true, "quick": false,
+                "ballast_mib": opts.ballast_mib, "window_ms": WINDOW.as_millis() as u64,
+            },
+            "servers": [support::json::server("ringflip (demo)", opts.rate, opts.upgrades, &out)],
+            "overload": null,
+        });
+        support::json::write(path, &record)?;
+    }
     let report = &out.report;
     let steady = out.steady();
     println!();

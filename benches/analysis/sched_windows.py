@@ -11,7 +11,7 @@ A slow connection during which the server never waited long, and CPU 0 was often
 not slowed by anything the guest's scheduler did on the server's CPU. Time the host takes
 from a vCPU is invisible to the guest: it shows as "running" or "idle".
 
-Usage (nothing else running; see BENCHMARKS.md §1, "a scheduler trace"):
+Usage (nothing else running; see docs/BENCHMARKS-LAB.md §1, "a scheduler trace"):
 
     RINGFLIP_DUMP_SAMPLES=/tmp/s_ cargo bench --bench upgrade_under_load -- --burst 0 --only ringflip &
     taskset -c 1 perf record -e sched:sched_waking,sched:sched_switch -a -k CLOCK_MONOTONIC \\

@@ -2,5 +2,6 @@
 #![allow(dead_code)]
 
 pub mod echo_server;
+pub mod json;
 pub mod load;
 pub mod scenario;
