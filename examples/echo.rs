@@ -30,7 +30,7 @@
 //! first start and inherited as they are, `--control-allow-uid N` and `--control-allow-gid N`
 //! (repeatable: who else the control socket serves), `--upgrade-signal hup|usr1|usr2` (which
 //! signal upgrades; with `usr1`/`usr2` SIGHUP is ignored, where a service would reload its
-//! configuration).
+//! configuration), `--listen-backlog N` (`listen()`'s backlog for the sockets it makes).
 //!
 //! `echo ctl PATH upgrade` asks the server on control socket PATH to upgrade with the client of
 //! `ringflip-ctl` (`ringflip::control_client`): prints `ok <new pid>`, or the reason on stderr

@@ -331,6 +331,7 @@ impl Builder {
                     args,
                     env: self.env,
                     signals,
+                    listen_backlog: self.backlog,
                     upgrade_signal: self.upgrade_signal,
                     on_stop_signal: self.on_stop_signal,
                     notify_socket: systemd::notify_target(),

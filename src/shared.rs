@@ -29,6 +29,9 @@ pub(crate) struct Config {
     /// How the new process's environment differs from this one's.
     pub env: EnvOverrides,
     pub signals: SigSet,
+    /// `listen()`'s backlog for the sockets this process makes (`Builder::listen_backlog`);
+    /// `None`: `net.core.somaxconn`.
+    pub listen_backlog: Option<u32>,
     /// The signal in `signals` that upgrades; the others stop.
     pub upgrade_signal: UpgradeSignal,
     /// Told of a stop signal before the drain (`Builder::on_stop_signal`).
@@ -58,6 +61,15 @@ pub(crate) struct Shared {
     pub handoff_fds: Mutex<Vec<(String, OwnedFd)>>,
     /// Who the control socket serves besides the service's uid and root.
     pub control_access: ControlAccess,
+}
+
+impl Config {
+    /// The backlog a socket this process makes listens with: also a member bound in `build`
+    /// whose listen was deferred (`Driver::listen_deferred`).
+    pub(crate) fn backlog(&self) -> i32 {
+        self.listen_backlog
+            .map_or_else(sys::somaxconn, |b| i32::try_from(b).unwrap_or(i32::MAX))
+    }
 }
 
 impl Shared {

@@ -194,3 +194,49 @@ fn a_failing_successor_with_more_workers_resets_nothing() {
     );
     server.stop();
 }
+
+/// The `listen()` backlog of every listening socket on `port`, as `ss` shows it (`Send-Q` of a
+/// listening socket is its backlog).
+fn listen_backlogs(port: u16) -> Vec<u32> {
+    let out = std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .expect("ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .collect()
+}
+
+/// A member a successor adds (2 → 3 workers) listens with the application's backlog
+/// (`Builder::listen_backlog`), like the sockets made on first start, not `somaxconn`.
+#[test]
+fn a_member_added_at_an_upgrade_listens_with_the_configured_backlog() {
+    let server = EchoServer::start(EchoOpts {
+        extra_args: vec![
+            "--workers".into(),
+            "2".into(),
+            "--listen-backlog".into(),
+            "17".into(),
+        ],
+        ..EchoOpts::default()
+    });
+    let port = server.addr().port();
+    assert_eq!(listen_backlogs(port), vec![17, 17]);
+    server.replace_binary_with_script(&format!(
+        "#!/bin/sh\nexec {} \"$@\" --workers 3\n",
+        common::echo_binary().display()
+    ));
+    let old = server.pid();
+    server.upgrade();
+    server.wait_for_log(
+        "new member of the group listening",
+        Duration::from_secs(10),
+        "the new member never listened",
+    );
+    server.assert_gone(&[old], Duration::from_secs(10));
+    let backlogs = listen_backlogs(port);
+    eprintln!("RESULT member backlog: {backlogs:?}");
+    assert_eq!(backlogs, vec![17, 17, 17], "{}", server.log_tail());
+    server.stop();
+}

@@ -57,6 +57,8 @@ struct Args {
     /// `--upgrade-signal hup|usr1|usr2` (`Builder::upgrade_signal`); with another than `hup`,
     /// SIGHUP is this application's, and it ignores it (a service would reload its config).
     upgrade_signal: ringflip::UpgradeSignal,
+    /// `--listen-backlog N` (`Builder::listen_backlog`).
+    listen_backlog: Option<u32>,
 }
 
 fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Args, String> {
@@ -82,6 +84,7 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
         control_uids: Vec::new(),
         control_gids: Vec::new(),
         upgrade_signal: ringflip::UpgradeSignal::Hup,
+        listen_backlog: None,
     };
     let mut it = argv;
     while let Some(flag) = it.next() {
@@ -163,6 +166,13 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
                     "usr2" => ringflip::UpgradeSignal::Usr2,
                     other => return Err(format!("--upgrade-signal {other}: hup, usr1 or usr2")),
                 }
+            }
+            "--listen-backlog" => {
+                let v = value()?;
+                args.listen_backlog = Some(
+                    v.parse()
+                        .map_err(|e| format!("--listen-backlog {v}: {e}"))?,
+                );
             }
             "--max-draining" => {
                 let v = value()?;
@@ -252,6 +262,9 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
     }
     if args.workers > 1 {
         builder = builder.workers(args.workers);
+    }
+    if let Some(n) = args.listen_backlog {
+        builder = builder.listen_backlog(n);
     }
     if let Some(max) = args.max_draining {
         builder = builder.max_draining_generations(max);

@@ -61,7 +61,7 @@ impl Driver {
                 continue;
             }
             let slot = &self.accepts[i];
-            if let Err(e) = sys::listen(slot.listener.fd.as_fd(), sys::somaxconn()) {
+            if let Err(e) = sys::listen(slot.listener.fd.as_fd(), self.config.backlog()) {
                 tracing::error!(listener = %slot.listener.name, error = %e, "listen on a new member");
                 continue;
             }

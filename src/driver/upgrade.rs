@@ -192,6 +192,7 @@ impl Driver {
         // A member whose listen was deferred (its predecessor has not let go yet, see
         // `listen_deferred`) listens now: the successor adopts only listening sockets. Its
         // worker arms its accepts at the release, as before.
+        let backlog = self.config.backlog();
         for fd in self
             .accepts
             .iter()
@@ -199,7 +200,7 @@ impl Driver {
             .chain(self.worker_listeners.iter().map(|(_, fd)| fd.as_fd()))
         {
             if !sys::is_listening(fd).unwrap_or(true) {
-                if let Err(e) = sys::listen(fd, sys::somaxconn()) {
+                if let Err(e) = sys::listen(fd, backlog) {
                     return self.feed(Event::HandoffFailed(format!("listen on a new member: {e}")));
                 }
             }
