@@ -140,6 +140,7 @@ fn activate_or_bind(
     let mut udp = Vec::new();
     let mut activated = systemd::take_listen_fds()?;
     let mut listeners = Vec::with_capacity(specs.len());
+    let mut from_systemd: Vec<String> = Vec::new();
     for spec in specs {
         let found = activated
             .iter()
@@ -152,10 +153,26 @@ fn activate_or_bind(
         listeners.push(match found {
             Some(i) => {
                 let listener = Listener::adopt_activated(spec, activated.remove(i).fd)?;
+                from_systemd.push(spec.name.clone());
                 tracing::info!(listener = %spec.name, address = %listener.endpoint, "adopted the socket from systemd");
                 listener
             }
-            None => bind_member(spec, &listeners, true)?,
+            None => {
+                if let Some((base, _)) = spec.name.split_once('#') {
+                    if from_systemd.iter().any(|n| n == base) {
+                        // Bound here, it would need SO_REUSEPORT on systemd's socket too, and
+                        // would not be systemd's to keep across restarts: one socket per worker.
+                        return Err(Error::Config(format!(
+                            "socket activation with workers: systemd passed {base:?} but not \
+                             {:?}; give each worker a socket of its own (a .socket unit per \
+                             worker, each with ReusePort=yes and FileDescriptorName={base}, \
+                             {base}#1, …)",
+                            spec.name
+                        )));
+                    }
+                }
+                bind_member(spec, &listeners, true)?
+            }
         });
     }
     for (name, addr) in udp_specs {

@@ -190,6 +190,14 @@ impl Listener {
                 spec.endpoint
             )));
         }
+        // A worker's member of a SO_REUSEPORT group: the others (made by systemd too, or bound
+        // later by a successor with more workers) can join the port only if it has the option.
+        if spec.reuseport && !socket2::SockRef::from(&fd).reuse_port().unwrap_or(false) {
+            return Err(invalid(
+                "one member per worker needs SO_REUSEPORT: set ReusePort=yes in the .socket unit"
+                    .into(),
+            ));
+        }
         Ok(Listener {
             name: spec.name.as_str().into(),
             fd,

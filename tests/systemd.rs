@@ -196,3 +196,186 @@ fn socket_activation_adopts_the_systemd_socket() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Starts the echo server as systemd would with socket activation: `sockets` at fds 3, 4, …
+/// (named in `LISTEN_FDNAMES`), `LISTEN_PID` its own pid (a shell sets it, then `exec`s the
+/// server, which keeps the pid). Returns its pid.
+// Reaped by `reap_zombies` (this process is a child subreaper), not by `Child`.
+#[allow(clippy::zombie_processes)]
+fn start_activated(
+    sockets: &[(&str, &socket2::Socket)],
+    args: &[String],
+    log: &std::path::Path,
+) -> i32 {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let names: Vec<&str> = sockets.iter().map(|(n, _)| *n).collect();
+    // Far above 3 + n, so that no dup2 below overwrites a source still to be moved.
+    let sources: Vec<std::os::fd::OwnedFd> = sockets
+        .iter()
+        .map(|(_, s)| {
+            let fd = nix::fcntl::fcntl(s, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100)).unwrap();
+            // SAFETY: F_DUPFD_CLOEXEC made this fd, which nothing else owns.
+            unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
+        })
+        .collect();
+    let raw: Vec<i32> = sources.iter().map(|f| f.as_raw_fd()).collect();
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+        .arg(echo_binary())
+        .args(args)
+        .env("LISTEN_FDS", sockets.len().to_string())
+        .env("LISTEN_FDNAMES", names.join(":"))
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    // SAFETY: only async-signal-safe syscalls (close_range, dup2) on fds this process owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::syscall(
+                libc::SYS_close_range,
+                3 as libc::c_uint,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            for (i, fd) in raw.iter().enumerate() {
+                // dup2 leaves the new fd without FD_CLOEXEC: it survives the exec.
+                if libc::dup2(*fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let forking = common::forking();
+    let child = cmd.spawn().unwrap();
+    drop(forking);
+    drop(sources);
+    child.id() as i32
+}
+
+fn reuseport_listener(addr: std::net::SocketAddr, reuseport: bool) -> socket2::Socket {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.set_reuse_port(reuseport).unwrap();
+    s.bind(&addr.into()).unwrap();
+    s.listen(128).unwrap();
+    s
+}
+
+/// Thread-per-core under socket activation: systemd passes one SO_REUSEPORT socket per worker
+/// (one `.socket` unit each, `ReusePort=yes`, `FileDescriptorName=echo0`, `echo0#1`); each
+/// worker adopts its own, both serve, and an upgrade hands them over.
+#[test]
+fn thread_per_core_adopts_one_socket_per_worker_from_systemd() {
+    ensure_subreaper();
+    let dir = std::env::temp_dir().join(format!("ringflip-activate-w-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (pid_file, log) = (dir.join("pid"), dir.join("server.log"));
+    let addr = free_port();
+    let a = reuseport_listener(addr, true);
+    let b = reuseport_listener(addr, true);
+    let guard = common::ProcGuard::default();
+    let args: Vec<String> = vec![
+        "--listen".into(),
+        addr.to_string(),
+        "--workers".into(),
+        "2".into(),
+        "--pid-file".into(),
+        pid_file.display().to_string(),
+    ];
+    let first = start_activated(&[("echo0", &a), ("echo0#1", &b)], &args, &log);
+    guard.track(first);
+    drop((a, b)); // systemd would keep its copies; the sockets live on in the server
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let read_pid =
+        || -> Option<i32> { std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok() };
+    let wait_pid = |not: Option<i32>| -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(p) = read_pid().filter(|p| Some(*p) != not) {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no (new) pid file; log:\n{}",
+                log_text()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    assert_eq!(wait_pid(None), first);
+    assert_eq!(
+        log_text()
+            .matches("adopted the socket from systemd")
+            .count(),
+        2,
+        "{}",
+        log_text()
+    );
+    let load = common::Load::start(addr, 4, 4);
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: plain syscall on a pid this test started.
+    unsafe { libc::kill(first, libc::SIGHUP) };
+    let second = wait_pid(Some(first));
+    guard.track(second);
+    std::thread::sleep(Duration::from_millis(300));
+    let report = load.stop();
+    eprintln!("RESULT activated workers: {report}");
+    report.assert_clean();
+    // SAFETY: as above.
+    unsafe { libc::kill(second, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while common::pid_alive(first) || common::pid_alive(second) {
+        reap_zombies();
+        assert!(Instant::now() < deadline, "server processes did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Workers with what one socket unit gives (one socket, with or without `ReusePort=yes`):
+/// `build()` fails at once and says which `.socket` settings it needs.
+#[test]
+fn workers_with_one_activated_socket_fail_with_what_the_units_need() {
+    ensure_subreaper();
+    let dir = std::env::temp_dir().join(format!("ringflip-activate-w1-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("server.log");
+    let guard = common::ProcGuard::default();
+    for (reuseport, want) in [
+        (
+            false,
+            "one member per worker needs SO_REUSEPORT: set ReusePort=yes",
+        ),
+        (true, "give each worker a socket of its own"),
+    ] {
+        let addr = free_port();
+        let only = reuseport_listener(addr, reuseport);
+        let args: Vec<String> = vec![
+            "--listen".into(),
+            addr.to_string(),
+            "--workers".into(),
+            "2".into(),
+        ];
+        let pid = start_activated(&[("echo0", &only)], &args, &log);
+        let p = guard.track(pid);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while common::pid_alive(pid) {
+            reap_zombies();
+            assert!(Instant::now() < deadline, "the server did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(text.contains(want), "ReusePort {reuseport}: {text}");
+        if let Some(status) = p.and_then(|p| p.exit_status()) {
+            assert!(
+                !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0),
+                "exit 0"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
