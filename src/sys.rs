@@ -1,12 +1,47 @@
-//! Thin, documented wrappers over the few syscalls the crate needs beyond `io-uring` and `nix`.
-//! Every fd made here is `O_CLOEXEC`: the only fd that crosses exec is the handoff socket the
-//! spawner places at fd 3 on purpose.
+//! Thin, documented wrappers over the few syscalls the crate needs beyond `io-uring`. Every fd
+//! made here is `O_CLOEXEC`: the only fd that crosses exec is the handoff socket the spawner
+//! places at fd 3 on purpose.
+//!
+//! Each wrapper calls `nix` (or `socket2`, already a dependency for `Builder::listen_tcp_with`)
+//! where that crate has a safe call with the same semantics; what no kept crate offers stays
+//! by hand, with its `// SAFETY:` comment (issue 15 §3):
+//!
+//! | function | by | why |
+//! |---|---|---|
+//! | `eventfd`, `eventfd_signal`, `eventfd_drain` | nix | `EventFd::from_flags`, `unistd::write`/`read` on a `BorrowedFd` |
+//! | `signalfd` | nix | `SignalFd::with_flags`, into an `OwnedFd` |
+//! | `pidfd_open`, `pidfd_signal` | hand | nix 0.32 has neither (nor does std on stable) |
+//! | `poll_readable`, `readable_within` | nix | `poll::poll` with a `PollFd` on a `BorrowedFd` |
+//! | `dup_cloexec_at_least` | nix + hand | nix's `fcntl(F_DUPFD_CLOEXEC(min))` returns a raw int: adopting it as `OwnedFd` stays unsafe |
+//! | `set_cloexec`, `is_cloexec` | nix | `fcntl(F_SETFD)`, `fcntl(F_GETFD)` |
+//! | `slot_free_or_cloexec` | hand | asks about an fd *number* that may be closed; a `BorrowedFd` (all nix takes) must be open |
+//! | `socket_type`, `socket_domain` | socket2 | nix has no `SO_DOMAIN`, and its `SO_TYPE` is an enum that turns a type it does not name into `EINVAL` |
+//! | `is_listening` | nix | `getsockopt(sockopt::AcceptConn)` |
+//! | `local_inet_addr` | nix | `getsockname::<SockaddrStorage>` and its `SocketAddrV4`/`V6` conversions |
+//! | `listen` | socket2 | nix's `Backlog` refuses more than `SOMAXCONN` (4096), but `net.core.somaxconn` may be higher and the kernel clamps any backlog itself |
+//! | `kill` | nix | `signal::kill`; 0 is `None` |
+//! | `try_reap_pidfd` | hand | nix's `waitid(Id::PIDFd)` turns a death by a real-time signal into `EINVAL` after the child was reaped, losing its status for good |
+//! | `send_nonblocking`, `recv_nonblocking`, `peer_closed` | nix | `socket::send`/`recv` with `MsgFlags` |
+//! | `signal_pending` | hand | nix 0.32 has no `sigpending` |
+//! | `set_recv_timeout` | nix | `setsockopt(sockopt::ReceiveTimeout)` |
+//! | `parent_pid`, `euid` | nix | `unistd::getppid`, `unistd::geteuid` |
+//! | `peer_groups` | hand | neither nix nor socket2 has `SO_PEERGROUPS` (a variable-length option) |
+//! | `process_cpu_time` | nix | `resource::getrusage(RUSAGE_SELF)` |
+//! | `monotonic_us` | nix | `time::clock_gettime(CLOCK_MONOTONIC)` |
+//!
+//! The wire format (`handoff`) and the ring (`io-uring`) are the crate's own; no crate offers them.
 #![allow(unsafe_code)]
 
 use std::io;
 use std::mem;
-use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{self, sockopt, MsgFlags, SockaddrLike, SockaddrStorage};
+use socket2::SockRef;
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
@@ -18,34 +53,26 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
 
 /// `eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)`.
 pub(crate) fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall; on success the fd is new and owned by nobody else.
-    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
-    // SAFETY: `fd` was just returned by the kernel and is owned by us alone.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    let fd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
+    Ok(fd.into())
 }
 
 /// Adds 1 to an eventfd. Never blocks (the counter would have to reach 2^64-1).
 pub(crate) fn eventfd_signal(fd: BorrowedFd<'_>) {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live u64 to an fd we borrow.
-    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    let _ = nix::unistd::write(fd, &1u64.to_ne_bytes());
 }
 
 /// Reads (and so resets) a non-blocking eventfd's counter; nothing to read is fine.
 pub(crate) fn eventfd_drain(fd: BorrowedFd<'_>) {
-    let mut value: u64 = 0;
-    // SAFETY: reads 8 bytes into a live u64.
-    unsafe { libc::read(fd.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
+    let _ = nix::unistd::read(fd, &mut [0u8; 8]);
 }
 
 /// A signalfd for `signals`, `CLOEXEC | NONBLOCK`. The caller blocks the signals.
 pub(crate) fn signalfd(signals: &nix::sys::signal::SigSet) -> io::Result<OwnedFd> {
-    // SAFETY: `signals` is a valid sigset; -1 asks for a new fd.
-    let fd = cvt(unsafe {
-        libc::signalfd(-1, signals.as_ref(), libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
-    })?;
-    // SAFETY: `fd` is new and ours.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    let fd = SignalFd::with_flags(signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
+    Ok(fd.into())
 }
 
 /// `pidfd_open(pid, 0)`: the fd is always close-on-exec.
@@ -90,38 +117,36 @@ pub(crate) fn poll_readable(fd: BorrowedFd<'_>) -> bool {
     readable_within(fd, 0)
 }
 
-/// Whether `fd` polls readable within `timeout_ms` milliseconds (`poll`).
+/// Whether `fd` polls readable within `timeout_ms` milliseconds (`poll`; negative: no limit).
 pub(crate) fn readable_within(fd: BorrowedFd<'_>, timeout_ms: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one live pollfd.
-    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-    n > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    let timeout = PollTimeout::try_from(timeout_ms).unwrap_or(PollTimeout::NONE);
+    // The kernel reports only the events asked for plus ERR/HUP/NVAL, all of which nix names.
+    matches!(nix::poll::poll(&mut fds, timeout), Ok(n) if n > 0)
+        && fds[0].revents().is_some_and(|r| {
+            r.intersects(
+                PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL,
+            )
+        })
 }
 
 /// `fcntl(F_DUPFD_CLOEXEC, min)`.
 pub(crate) fn dup_cloexec_at_least(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: duplicating an fd we borrow; the new fd is ours.
-    let new = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) })?;
-    // SAFETY: `new` is new and ours.
+    let new = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(min))?;
+    // SAFETY: `new` was just returned by F_DUPFD_CLOEXEC: a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
 /// Sets `FD_CLOEXEC` on an fd that was inherited without it.
 pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: fcntl on a borrowed fd.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) })?;
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
     Ok(())
 }
 
 /// Whether `fd` has `FD_CLOEXEC`.
 pub(crate) fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    // SAFETY: fcntl on a borrowed fd.
-    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) })?;
-    Ok(flags & libc::FD_CLOEXEC != 0)
+    let flags = fcntl(fd, FcntlArg::F_GETFD)?;
+    Ok(FdFlag::from_bits_truncate(flags).contains(FdFlag::FD_CLOEXEC))
 }
 
 /// Whether fd number `slot` is free or close-on-exec in this process, asked without taking
@@ -133,83 +158,40 @@ pub(crate) fn slot_free_or_cloexec(slot: RawFd) -> bool {
         || (flags >= 0 && flags & libc::FD_CLOEXEC != 0)
 }
 
-fn getsockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<i32> {
-    let mut value: libc::c_int = 0;
-    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `value` and `len` are live and sized for an int option.
-    cvt(unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    })?;
-    Ok(value)
-}
-
 /// `SO_TYPE`; fails with `ENOTSOCK` for a non-socket.
 pub(crate) fn socket_type(fd: BorrowedFd<'_>) -> io::Result<i32> {
-    getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)
+    SockRef::from(&fd).r#type().map(i32::from)
 }
 
 /// `SO_ACCEPTCONN`: whether the socket is listening.
 pub(crate) fn is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    Ok(getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 0)
+    Ok(socket::getsockopt(&fd, sockopt::AcceptConn)?)
 }
 
 /// `SO_DOMAIN`.
 pub(crate) fn socket_domain(fd: BorrowedFd<'_>) -> io::Result<i32> {
-    getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)
+    SockRef::from(&fd).domain().map(i32::from)
 }
 
 /// The local address of an IPv4 or IPv6 socket.
 pub(crate) fn local_inet_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
-    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
-    let mut storage: libc::sockaddr_storage = unsafe { mem::zeroed() };
-    let mut len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: `storage` is large enough for any address; `len` says how large.
-    cvt(unsafe {
-        libc::getsockname(
-            fd.as_raw_fd(),
-            (&mut storage as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    })?;
-    match storage.ss_family as i32 {
-        libc::AF_INET => {
-            // SAFETY: the kernel said the storage holds a sockaddr_in.
-            let a: libc::sockaddr_in =
-                unsafe { *(&storage as *const _ as *const libc::sockaddr_in) };
-            Ok(SocketAddr::V4(SocketAddrV4::new(
-                u32::from_be(a.sin_addr.s_addr).into(),
-                u16::from_be(a.sin_port),
-            )))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the kernel said the storage holds a sockaddr_in6.
-            let a: libc::sockaddr_in6 =
-                unsafe { *(&storage as *const _ as *const libc::sockaddr_in6) };
-            Ok(SocketAddr::V6(SocketAddrV6::new(
-                a.sin6_addr.s6_addr.into(),
-                u16::from_be(a.sin6_port),
-                a.sin6_flowinfo,
-                a.sin6_scope_id,
-            )))
-        }
-        family => Err(io::Error::new(
+    let addr: SockaddrStorage = socket::getsockname(fd.as_raw_fd())?;
+    if let Some(v4) = addr.as_sockaddr_in() {
+        Ok(SocketAddr::V4((*v4).into()))
+    } else if let Some(v6) = addr.as_sockaddr_in6() {
+        Ok(SocketAddr::V6((*v6).into()))
+    } else {
+        let family = addr.family().map_or(-1, |f| f as i32);
+        Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("address family {family} is not IPv4 or IPv6"),
-        )),
+        ))
     }
 }
 
 /// `listen(fd, backlog)`. Calling it again on a listening socket only changes the backlog.
 pub(crate) fn listen(fd: BorrowedFd<'_>, backlog: i32) -> io::Result<()> {
-    // SAFETY: listen on a borrowed fd.
-    cvt(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
-    Ok(())
+    SockRef::from(&fd).listen(backlog)
 }
 
 /// The kernel's cap on listen backlogs (`net.core.somaxconn`), 4096 if unreadable.
@@ -257,14 +239,15 @@ pub(crate) fn grow_fd_table(probe: BorrowedFd<'_>) {
 
 /// `kill(pid, sig)`; `ESRCH` (already gone) is not an error.
 pub(crate) fn kill(pid: u32, sig: libc::c_int) -> io::Result<()> {
-    // SAFETY: plain syscall.
-    if unsafe { libc::kill(pid as libc::pid_t, sig) } < 0 {
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::ESRCH) {
-            return Err(err);
-        }
+    let signal = match sig {
+        0 => None,
+        sig => Some(nix::sys::signal::Signal::try_from(sig)?),
+    };
+    let pid = nix::unistd::Pid::from_raw(pid as libc::pid_t);
+    match nix::sys::signal::kill(pid, signal) {
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e.into()),
     }
-    Ok(())
 }
 
 /// `waitid(P_PIDFD, fd, WEXITED | WNOHANG)`: `Some(description)` ("exit status 1", "killed by
@@ -275,17 +258,14 @@ pub(crate) fn try_reap_pidfd(fd: BorrowedFd<'_>) -> io::Result<Option<String>> {
     // SAFETY: siginfo_t is plain data that waitid fills; all-zero is valid.
     let mut info: libc::siginfo_t = unsafe { mem::zeroed() };
     // SAFETY: a live siginfo_t; the pidfd is borrowed.
-    let ret = unsafe {
+    cvt(unsafe {
         libc::waitid(
             libc::P_PIDFD,
             fd.as_raw_fd() as libc::id_t,
             &mut info,
             libc::WEXITED | libc::WNOHANG,
         )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    })?;
     // SAFETY: waitid filled `info` for a child (or left si_pid 0: nothing to report yet).
     let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
     if pid == 0 {
@@ -299,36 +279,14 @@ pub(crate) fn try_reap_pidfd(fd: BorrowedFd<'_>) -> io::Result<Option<String>> {
 
 /// A non-blocking `send` of one whole datagram.
 pub(crate) fn send_nonblocking(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<()> {
-    // SAFETY: sends from a live slice.
-    let n = unsafe {
-        libc::send(
-            fd.as_raw_fd(),
-            bytes.as_ptr().cast(),
-            bytes.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    socket::send(fd.as_raw_fd(), bytes, flags)?;
     Ok(())
 }
 
 /// A non-blocking `recv` of one datagram into `buf`: its length, 0 at EOF.
 pub(crate) fn recv_nonblocking(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: receives into a live, writable slice of the given length.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
+    Ok(socket::recv(fd.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT)?)
 }
 
 /// Whether `signal` is pending for the calling thread or the process (`sigpending`): for a
@@ -344,48 +302,27 @@ pub(crate) fn signal_pending(signal: libc::c_int) -> bool {
 /// Whether the peer of a connected socket has closed its end with nothing left to read
 /// (a non-blocking `MSG_PEEK` reads EOF).
 pub(crate) fn peer_closed(fd: BorrowedFd<'_>) -> bool {
-    let mut byte = 0u8;
-    // SAFETY: peeks at most one byte into a live u8.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n == 0
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    matches!(socket::recv(fd.as_raw_fd(), &mut [0u8; 1], flags), Ok(0))
 }
 
 /// Sets `SO_RCVTIMEO` on a socket.
 pub(crate) fn set_recv_timeout(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: `tv` is a live timeval and the length matches.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    })?;
-    Ok(())
+    let tv = nix::sys::time::TimeVal::new(
+        timeout.as_secs() as libc::time_t,
+        timeout.subsec_micros() as libc::suseconds_t,
+    );
+    Ok(socket::setsockopt(&fd, sockopt::ReceiveTimeout, &tv)?)
 }
 
 /// `getppid()`.
 pub(crate) fn parent_pid() -> u32 {
-    // SAFETY: always succeeds.
-    unsafe { libc::getppid() as u32 }
+    nix::unistd::getppid().as_raw() as u32
 }
 
 /// `geteuid()`.
 pub(crate) fn euid() -> u32 {
-    // SAFETY: always succeeds.
-    unsafe { libc::geteuid() }
+    nix::unistd::geteuid().as_raw()
 }
 
 /// The supplementary groups of a Unix socket's peer, as they were at its `connect`
@@ -420,27 +357,113 @@ pub(crate) fn peer_groups(fd: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
 
 /// User + system CPU time this process has used so far (all threads).
 pub(crate) fn process_cpu_time() -> std::time::Duration {
-    // SAFETY: rusage is plain data that getrusage fills; RUSAGE_SELF cannot fail.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
-        ru
+    use nix::sys::resource::{getrusage, UsageWho};
+    // RUSAGE_SELF cannot fail.
+    let Ok(usage) = getrusage(UsageWho::RUSAGE_SELF) else {
+        return std::time::Duration::ZERO;
     };
-    let tv = |t: libc::timeval| {
-        std::time::Duration::from_secs(t.tv_sec as u64)
-            + std::time::Duration::from_micros(t.tv_usec as u64)
+    let tv = |t: nix::sys::time::TimeVal| {
+        std::time::Duration::from_secs(t.tv_sec() as u64)
+            + std::time::Duration::from_micros(t.tv_usec() as u64)
     };
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+    tv(usage.user_time()) + tv(usage.system_time())
 }
 
 /// CLOCK_MONOTONIC in microseconds: the same clock in every process of the machine, so an
 /// upgrade's timeline can relate the old process's events to the new one's.
 pub(crate) fn monotonic_us() -> u64 {
-    // SAFETY: clock_gettime fills the timespec; CLOCK_MONOTONIC always exists on Linux.
-    let ts = unsafe {
-        let mut ts: libc::timespec = std::mem::zeroed();
-        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
-        ts
-    };
-    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+    use nix::time::{clock_gettime, ClockId};
+    // CLOCK_MONOTONIC always exists on Linux.
+    clock_gettime(ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
+        ts.tv_sec() as u64 * 1_000_000 + ts.tv_nsec() as u64 / 1_000
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, UdpSocket};
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn an_eventfd_polls_readable_until_drained() {
+        let fd = super::eventfd().unwrap();
+        assert!(super::is_cloexec(fd.as_fd()).unwrap());
+        assert!(!super::poll_readable(fd.as_fd()));
+        super::eventfd_signal(fd.as_fd());
+        super::eventfd_signal(fd.as_fd());
+        assert!(super::readable_within(fd.as_fd(), 1_000));
+        super::eventfd_drain(fd.as_fd());
+        assert!(!super::poll_readable(fd.as_fd()));
+    }
+
+    #[test]
+    fn cloexec_is_read_and_set() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let plain = nix::unistd::dup(listener.as_fd()).unwrap();
+        assert!(!super::is_cloexec(plain.as_fd()).unwrap());
+        super::set_cloexec(plain.as_fd()).unwrap();
+        assert!(super::is_cloexec(plain.as_fd()).unwrap());
+        let high = super::dup_cloexec_at_least(plain.as_fd(), 100).unwrap();
+        assert!(std::os::fd::AsRawFd::as_raw_fd(&high) >= 100);
+        assert!(super::is_cloexec(high.as_fd()).unwrap());
+    }
+
+    #[test]
+    fn socket_queries_match_the_socket() {
+        let tcp = TcpListener::bind("[::1]:0").unwrap();
+        let fd = tcp.as_fd();
+        assert_eq!(super::socket_type(fd).unwrap(), libc::SOCK_STREAM);
+        assert_eq!(super::socket_domain(fd).unwrap(), libc::AF_INET6);
+        assert!(super::is_listening(fd).unwrap());
+        assert_eq!(
+            super::local_inet_addr(fd).unwrap(),
+            tcp.local_addr().unwrap()
+        );
+        // Above SOMAXCONN (4096), where nix's `Backlog` would refuse: the kernel clamps it.
+        super::listen(fd, 65_535).unwrap();
+
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(super::socket_type(udp.as_fd()).unwrap(), libc::SOCK_DGRAM);
+        assert!(!super::is_listening(udp.as_fd()).unwrap());
+        assert_eq!(
+            super::local_inet_addr(udp.as_fd()).unwrap(),
+            udp.local_addr().unwrap()
+        );
+
+        let (unix, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let err = super::local_inet_addr(unix.as_fd()).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        let err = super::socket_type(file.as_fd()).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTSOCK));
+    }
+
+    #[test]
+    fn datagrams_go_through_without_blocking() {
+        let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let mut buf = [0u8; 16];
+        let err = super::recv_nonblocking(b.as_fd(), &mut buf).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
+        super::send_nonblocking(a.as_fd(), b"hello").unwrap();
+        assert_eq!(super::recv_nonblocking(b.as_fd(), &mut buf).unwrap(), 5);
+        assert_eq!(&buf[..5], b"hello");
+
+        let (c, d) = std::os::unix::net::UnixStream::pair().unwrap();
+        super::set_recv_timeout(d.as_fd(), std::time::Duration::from_millis(1500)).unwrap();
+        assert_eq!(
+            d.read_timeout().unwrap(),
+            Some(std::time::Duration::from_millis(1500))
+        );
+        assert!(!super::peer_closed(d.as_fd()));
+        drop(c);
+        assert!(super::peer_closed(d.as_fd()));
+    }
+
+    #[test]
+    fn process_queries_answer() {
+        assert_eq!(super::parent_pid(), std::os::unix::process::parent_id());
+        super::kill(std::process::id(), 0).unwrap();
+        assert!(super::monotonic_us() > 0);
+        assert!(super::process_cpu_time() > std::time::Duration::ZERO);
+    }
 }

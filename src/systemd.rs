@@ -5,6 +5,29 @@
 //! the new process is READY, `MAINPID=<new pid>` and `READY=1` (so `Type=notify` and
 //! `Type=notify-reload` units follow the main process); a failed upgrade ends the reload with
 //! `READY=1` and a `STATUS=` line; a shutdown sends `STOPPING=1`.
+//!
+//! # Why not the `sd-notify` crate
+//!
+//! Weighed against sd-notify (0.4.5's source; 0.5's docs show the same `notify` signature) in
+//! issue 15 §3 and kept by hand, because adopting it would lose properties the crate relies on
+//! and save only the few lines that remain here:
+//! - `sd_notify::notify(unset_env, states)` takes no target: it reads `NOTIFY_SOCKET` at every
+//!   send. Ours sends to the target `Builder::build` captured (`Config::notify_socket`), so
+//!   servers in one process (the tests) each have their own, and nothing reads the environment
+//!   while another thread may write it; a process-wide variable read at send time was a real
+//!   source of flaky tests.
+//! - 0.4.5 hands the value to `UnixDatagram::connect` as a file name, so an abstract
+//!   `NOTIFY_SOCKET=@name` (containers, `systemd-nspawn`) is not reached; ours sends to the
+//!   abstract name.
+//! - `NotifyState::Status` writes the text verbatim: a newline in it starts a field of its own.
+//!   We would still need `status_text`.
+//! - `listen_fds_with_names` yields `RawFd`s: adopting them as `OwnedFd` stays `unsafe` here,
+//!   and it checks neither that each fd is a socket nor a sane count, so the validation below
+//!   would stay too; it also refuses a `LISTEN_FDNAMES` whose count differs instead of leaving
+//!   the extra fds unnamed. It would replace the parsing of two integers and one `fcntl`.
+//!
+//! The fd checks themselves (`is_cloexec`, `socket_type`, `set_cloexec`) go through `nix` and
+//! `socket2` in `sys`; what stays by hand here is the adoption of fds 3.. as systemd's.
 #![allow(unsafe_code)]
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
