@@ -112,6 +112,9 @@ pub use error::{Error, Refusal, UpgradeError, UpgradeFailure};
 pub use handle::{Handle, PhaseWatch};
 pub use handoff::{MAX_LISTENERS, MAX_STATE_LEN};
 pub use machine::{ExitReason, Phase};
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+pub use server::Ring;
 pub use server::{Builder, Server, Worker};
 pub use signals::{StopSignal, UpgradeSignal};
 /// The socket crate of [`Builder::listen_tcp_with`], re-exported so the versions match.

@@ -31,7 +31,12 @@ use crate::workers::{Coordinator, WorkerGone, WorkerSet};
 use crate::{boot, control, kernel, signals, sys, systemd};
 
 mod deploy;
+#[cfg(feature = "tokio")]
+mod per_core;
 mod triggers;
+
+#[cfg(feature = "tokio")]
+pub use per_core::Ring;
 
 /// Configures and starts a [`Server`].
 #[derive(Debug, Clone)]

@@ -428,32 +428,11 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
         }
         // Thread-per-core with a runtime per ring: every worker thread runs its own tokio-uring
         // runtime, which serves the connections its ring accepts, with no thread hop.
-        _ if args.workers > 1 => match server.take_workers() {
-            Ok(workers) => {
-                let threads: Vec<_> = workers
-                    .into_iter()
-                    .map(|worker| {
-                        std::thread::spawn(move || {
-                            start_uring(worker.run_async(|conn| {
-                                tokio_uring::spawn(echo(conn));
-                            }))
-                        })
-                    })
-                    .collect();
-                let result = start_uring(server.run_async(|conn| {
-                    tokio_uring::spawn(echo(conn));
-                }));
-                for thread in threads {
-                    match thread.join() {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => tracing::error!(error = %e, "worker failed"),
-                        Err(_) => tracing::error!("worker panicked"),
-                    }
-                }
-                result
-            }
-            Err(e) => Err(e),
-        },
+        _ if args.workers > 1 => server.run_workers_async(|ring| {
+            start_uring(ring.run_async(|conn| {
+                tokio_uring::spawn(echo(conn));
+            }))
+        }),
         // The upgrade ring runs as a task of the runtime's own thread: no thread hop.
         Runtime::TokioUring => {
             let phases = server.handle().phase_receiver();
