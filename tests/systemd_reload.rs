@@ -26,7 +26,8 @@
 //! - `TimeoutStartSec=` bounds the `ExecReload=` process (killed at the timeout,
 //!   `ReloadResult=timeout`), but not `systemctl reload` itself: the unit stays "reloading" (the
 //!   service said `RELOADING=1`) until the service's `READY=1`, which ringflip sends when the new
-//!   process is ready or the upgrade failed (its ready timeout); the reload then fails, even when the upgrade succeeded.
+//!   process is ready or the upgrade failed (its ready timeout); the reload then fails, even
+//!   when the upgrade succeeded.
 //!
 //! Skipped (with a message) without root or without the tools (systemd, systemctl, unshare,
 //! nsenter, a cgroup2 mount); under `CI` that is a failure instead. `RINGFLIP_CTL_BIN=/path`
