@@ -157,6 +157,20 @@ fn activate_or_bind(
                 tracing::info!(listener = %spec.name, address = %listener.endpoint, "adopted the socket from systemd");
                 listener
             }
+            None if !spec.name.contains('#')
+                && activated.iter().any(|a| {
+                    a.name
+                        .as_deref()
+                        .and_then(|n| n.rsplit_once('#'))
+                        .is_some_and(|(base, _)| base == spec.name)
+                }) =>
+            {
+                return Err(Error::Config(format!(
+                    "socket activation with workers: systemd passed members of {:?} but not \
+                     {:?} itself; name the first worker's socket {:?} (FileDescriptorName=)",
+                    spec.name, spec.name, spec.name
+                )));
+            }
             None => {
                 if let Some((base, _)) = spec.name.split_once('#') {
                     if from_systemd.iter().any(|n| n == base) {
@@ -177,6 +191,34 @@ fn activate_or_bind(
     }
     for (name, addr) in udp_specs {
         udp.push(UdpSocketEntry::bind(name, *addr)?);
+    }
+    // Members of a per-worker group beyond this binary's worker count (more `.socket` units
+    // than workers): accept on them too. systemd keeps its own copy of each, so one closed
+    // here would stay in the group, and the kernel would queue a share of the connections on
+    // it for no one.
+    for a in std::mem::take(&mut activated) {
+        let base = a
+            .name
+            .as_deref()
+            .and_then(|n| n.rsplit_once('#'))
+            .and_then(|(base, _)| {
+                specs
+                    .iter()
+                    .find(|s| s.name == base && matches!(s.endpoint, Endpoint::Tcp(_)))
+            });
+        match base {
+            Some(base) => {
+                let spec = ListenSpec {
+                    name: a.name.clone().expect("named above"),
+                    reuseport: true,
+                    ..base.clone()
+                };
+                let listener = Listener::adopt_activated(&spec, a.fd)?;
+                tracing::info!(listener = %spec.name, "adopted an extra member from systemd");
+                listeners.push(listener);
+            }
+            None => activated.push(a),
+        }
     }
     for a in activated {
         tracing::warn!(name = ?a.name, "systemd passed a socket no listener asks for; closing it");

@@ -1,7 +1,9 @@
 //! Faults the process tests inject into a real ringflip process, in debug builds only.
 //!
-//! `RINGFLIP_FAULT` holds a comma-separated list of fault names; a release build ignores it
-//! (the check compiles to `false`). The tests run the examples' debug builds, set it for the
+//! `RINGFLIP_FAULT` holds a comma-separated list of fault names. A build without debug
+//! assertions (the default release profile) ignores it: the check compiles to `false`, and
+//! the variable is not passed on. A build with them (a dev build, or a release profile with
+//! `debug-assertions = true`) honours it, and logs a warning each time a fault acts. The tests run the examples' debug builds, set it for the
 //! first generation, and so get it in every successor (ringflip passes this variable on, unlike its others).
 //!
 //! Faults:

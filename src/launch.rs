@@ -116,7 +116,8 @@ impl EnvOverrides {
         env.retain(|key, _| {
             // ringflip's own variables describe this process's handoff, not the next one's;
             // an injected fault (debug builds) is meant for every generation.
-            (!key.as_bytes().starts_with(b"RINGFLIP_") || key == crate::fault::ENV)
+            (!key.as_bytes().starts_with(b"RINGFLIP_")
+                || (cfg!(debug_assertions) && key == crate::fault::ENV))
                 && !crate::systemd::LISTEN_VARS.iter().any(|v| key == *v)
         });
         Ok(env)

@@ -1,9 +1,10 @@
 //! Zero-downtime binary upgrades for Linux network services, on io_uring.
 //!
 //! A service names its listeners and serves the connections ringflip accepts. On SIGHUP (or
-//! [`Handle::upgrade`]) the running process starts its new binary, hands it the listening
-//! sockets, keeps accepting until the new process says it is READY, then stops accepting, drains
-//! its live connections and returns from [`Server::run`], so the service can exit.
+//! the signal [`Builder::upgrade_signal`] names, or [`Handle::upgrade`]) the running process
+//! starts its new binary, hands it the listening sockets, keeps accepting until the new
+//! process says it is READY, then stops accepting, drains its live connections and returns
+//! from [`Server::run`], so the service can exit.
 //!
 //! # Guarantees
 //! - **No connection is refused, reset or lost by an upgrade.** Both processes accept on the

@@ -191,7 +191,8 @@ impl Builder {
         self
     }
 
-    /// Sets the process up: blocks SIGHUP, SIGTERM and SIGINT in the calling thread (they are
+    /// Sets the process up: blocks the upgrade signal (SIGHUP by default), SIGTERM and SIGINT
+    /// in the calling thread (they are
     /// read from a signalfd; threads started later inherit the mask; one started earlier that
     /// is handed one of them forwards it to the server's thread instead of dying of it), then
     /// either receives the listeners from the previous process (when started as a successor)

@@ -3,7 +3,7 @@
 //! `posix_spawn` (glibc: `clone(CLONE_VM | CLONE_VFORK)`), never `fork`: copying the page tables
 //! of a 2 GiB process took 40 ms here, posix_spawn 0.2 ms. No `pre_exec` either, since that
 //! forces std into a real fork. What the child needs is set through spawn attributes:
-//! - the signal mask is emptied (this process blocks SIGHUP/SIGTERM/SIGINT for its signalfd and
+//! - the signal mask is emptied (this process blocks the upgrade signal, SIGTERM and SIGINT for its signalfd and
 //!   exec keeps the mask), and those signals get their default disposition;
 //! - the child's end of the handoff socketpair is dup2'ed to fd 3, the one fd without
 //!   `FD_CLOEXEC`; every other fd this crate makes is close-on-exec;

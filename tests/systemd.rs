@@ -267,16 +267,43 @@ fn reuseport_listener(addr: std::net::SocketAddr, reuseport: bool) -> socket2::S
 
 /// Thread-per-core under socket activation: systemd passes one SO_REUSEPORT socket per worker
 /// (one `.socket` unit each, `ReusePort=yes`, `FileDescriptorName=echo0`, `echo0#1`); each
-/// worker adopts its own, both serve, and an upgrade hands them over.
+/// worker adopts its own, both serve, and an upgrade hands them over. With more sockets than
+/// workers (a unit left from a larger setup), the extra member is served too: systemd keeps
+/// its copy open, so one closed here would stay in the group with no one accepting on it. The
+/// test keeps its copies open for the same reason, as systemd does.
 #[test]
 fn thread_per_core_adopts_one_socket_per_worker_from_systemd() {
+    for sockets in [2, 3] {
+        activated_workers(sockets);
+    }
+}
+
+fn activated_workers(sockets: usize) {
     ensure_subreaper();
-    let dir = std::env::temp_dir().join(format!("ringflip-activate-w-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "ringflip-activate-w{sockets}-{}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let (pid_file, log) = (dir.join("pid"), dir.join("server.log"));
     let addr = free_port();
-    let a = reuseport_listener(addr, true);
-    let b = reuseport_listener(addr, true);
+    let members: Vec<socket2::Socket> = (0..sockets)
+        .map(|_| reuseport_listener(addr, true))
+        .collect();
+    let names: Vec<String> = (0..sockets)
+        .map(|i| {
+            if i == 0 {
+                "echo0".to_string()
+            } else {
+                format!("echo0#{i}")
+            }
+        })
+        .collect();
+    let passed: Vec<(&str, &socket2::Socket)> = names
+        .iter()
+        .map(String::as_str)
+        .zip(members.iter())
+        .collect();
     let guard = common::ProcGuard::default();
     let args: Vec<String> = vec![
         "--listen".into(),
@@ -286,9 +313,8 @@ fn thread_per_core_adopts_one_socket_per_worker_from_systemd() {
         "--pid-file".into(),
         pid_file.display().to_string(),
     ];
-    let first = start_activated(&[("echo0", &a), ("echo0#1", &b)], &args, &log);
+    let first = start_activated(&passed, &args, &log);
     guard.track(first);
-    drop((a, b)); // systemd would keep its copies; the sockets live on in the server
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     let read_pid =
         || -> Option<i32> { std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok() };
@@ -307,14 +333,13 @@ fn thread_per_core_adopts_one_socket_per_worker_from_systemd() {
         }
     };
     assert_eq!(wait_pid(None), first);
-    assert_eq!(
-        log_text()
-            .matches("adopted the socket from systemd")
-            .count(),
-        2,
-        "{}",
-        log_text()
-    );
+    let adopted = log_text()
+        .matches("adopted the socket from systemd")
+        .count()
+        + log_text()
+            .matches("adopted an extra member from systemd")
+            .count();
+    assert_eq!(adopted, sockets, "{}", log_text());
     let load = common::Load::start(addr, 4, 4);
     std::thread::sleep(Duration::from_millis(300));
     // SAFETY: plain syscall on a pid this test started.
@@ -323,7 +348,7 @@ fn thread_per_core_adopts_one_socket_per_worker_from_systemd() {
     guard.track(second);
     std::thread::sleep(Duration::from_millis(300));
     let report = load.stop();
-    eprintln!("RESULT activated workers: {report}");
+    eprintln!("RESULT activated workers, {sockets} sockets: {report}");
     report.assert_clean();
     // SAFETY: as above.
     unsafe { libc::kill(second, libc::SIGTERM) };
@@ -333,6 +358,7 @@ fn thread_per_core_adopts_one_socket_per_worker_from_systemd() {
         assert!(Instant::now() < deadline, "server processes did not exit");
         std::thread::sleep(Duration::from_millis(10));
     }
+    drop(members); // systemd's copies, held to the end
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -14,7 +14,8 @@ fn log_text(server: &EchoServer) -> String {
 }
 
 /// With `--upgrade-signal usr2`, SIGUSR2 upgrades and SIGHUP does not: ringflip leaves SIGHUP to
-/// the application (the example ignores it, where a service would reload its configuration).
+/// the application, whose handler runs (the example logs where a service would reload its
+/// configuration), in the first generation and in its successors.
 #[test]
 fn another_upgrade_signal_upgrades_and_leaves_sighup_to_the_application() {
     let server = EchoServer::start(EchoOpts {
@@ -23,8 +24,14 @@ fn another_upgrade_signal_upgrades_and_leaves_sighup_to_the_application() {
     });
     let old = server.current();
     let load = Load::start(server.addr(), 2, 4);
+    const RELOAD: &str = "SIGHUP: the application reloads its configuration";
     assert!(signal(old, libc::SIGHUP));
-    thread::sleep(Duration::from_millis(300));
+    server.wait_for_log(
+        RELOAD,
+        Duration::from_secs(5),
+        "the application's SIGHUP handler",
+    );
+    thread::sleep(Duration::from_millis(100));
     assert!(
         old.alive(),
         "SIGHUP ended the process\n{}",
@@ -41,6 +48,19 @@ fn another_upgrade_signal_upgrades_and_leaves_sighup_to_the_application() {
     let new = server.upgrade_with(libc::SIGUSR2);
     assert_ne!(new, old.pid);
     drop(server.open_conn(server.addr(), "after SIGUSR2\n"));
+    // The successor handles SIGHUP as its predecessor did, and stays.
+    assert!(signal(server.current(), libc::SIGHUP));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while log_text(&server).matches(RELOAD).count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            server.log_tail()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(server.pid(), new);
+    drop(server.open_conn(server.addr(), "after SIGHUP to the successor\n"));
     // The new generation reads SIGUSR2 too (the option is passed on with the arguments).
     let newer = server.upgrade_with(libc::SIGUSR2);
     assert_ne!(newer, new);

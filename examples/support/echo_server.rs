@@ -239,12 +239,18 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
         .upgrade_signal(args.upgrade_signal)
         .on_stop_signal(|signal| tracing::info!(?signal, "the application heard a stop signal"));
     if args.upgrade_signal != ringflip::UpgradeSignal::Hup {
-        // SIGHUP is ours now: a real service would reload its configuration on it.
-        // SAFETY: SIG_IGN installs no handler code.
+        // SIGHUP is the application's now, handled before `build()` (its default action would
+        // end the process): a real service would reload its configuration here.
+        extern "C" fn on_sighup(_: libc::c_int) {
+            const MSG: &[u8] = b"echo: SIGHUP: the application reloads its configuration\n";
+            // SAFETY: write(2) is async-signal-safe; MSG is a static buffer.
+            unsafe { libc::write(2, MSG.as_ptr().cast(), MSG.len()) };
+        }
+        // SAFETY: the handler only calls write(2), which is async-signal-safe.
         let _ = unsafe {
             nix::sys::signal::signal(
                 nix::sys::signal::Signal::SIGHUP,
-                nix::sys::signal::SigHandler::SigIgn,
+                nix::sys::signal::SigHandler::Handler(on_sighup),
             )
         };
     }

@@ -73,7 +73,7 @@ impl Driver {
     /// with the core busy serving (measured here); on the ring thread that would stall accepting
     /// and serving for as long. The thread reports through `spawn_results` and the wake
     /// eventfd; `collect_spawns` turns the report into the machine's event. The thread inherits
-    /// this thread's signal mask (SIGHUP/SIGTERM/SIGINT blocked), so no signal meant for the
+    /// this thread's signal mask (the upgrade signal, SIGTERM and SIGINT blocked), so no signal meant for the
     /// signalfd is delivered to it.
     pub(super) fn start_spawn(&mut self, upgrade: UpgradeId) {
         let job = self.spawn_job(upgrade);

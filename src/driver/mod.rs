@@ -1,8 +1,8 @@
 //! The driver: the one owner of the ring. It turns completions into [`Event`]s for the
 //! [`Machine`] and the machine's [`Action`](crate::machine::Action)s into ring operations.
 //!
-//! In the ring, at once: a multishot accept per listener, a signalfd read (SIGHUP, SIGTERM,
-//! SIGINT), a multishot poll on the wake eventfd (API requests, the last connection closing,
+//! In the ring, at once: a multishot accept per listener, a signalfd read (the upgrade signal,
+//! SIGTERM, SIGINT), a multishot poll on the wake eventfd (API requests, the last connection closing,
 //! fds freed, a worker's report), the HELLO SendMsg and the successor's messages (Recv), the
 //! successor's exit (PollAdd on a pidfd), the predecessor's messages (Recv, EOF when it exits)
 //! and one Timeout for the earliest deadline. Nothing in an upgrade blocks the accept loop: the

@@ -454,6 +454,7 @@ impl Driver {
             );
             // Keep their buffers alive for as long as the ring might write into them.
             std::mem::forget(std::mem::take(&mut self.ops));
+            self.ops.closed = true; // the fresh table takes nothing either
         }
     }
 }

@@ -71,8 +71,8 @@ impl Builder {
     /// The backlog this process's listeners are made with (`listen(2)`; default
     /// `net.core.somaxconn`, which also caps it). Like the socket options of
     /// [`Builder::listen_tcp_with`], it is set where the socket is made: an inherited socket
-    /// keeps the backlog it has (and a member added to a per-worker group by an upgrade to
-    /// more workers gets `somaxconn`).
+    /// keeps the backlog it has; a member added to a per-worker group by an upgrade to more
+    /// workers listens with this process's `listen_backlog`.
     pub fn listen_backlog(mut self, backlog: u32) -> Self {
         self.backlog = Some(backlog);
         self
