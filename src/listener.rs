@@ -191,7 +191,9 @@ impl Listener {
             )));
         }
         // A worker's member of a SO_REUSEPORT group: the others (made by systemd too, or bound
-        // later by a successor with more workers) can join the port only if it has the option.
+        // later by a successor with more workers) can join the port only if it has the option,
+        // and, for TCP, only with the same uid as its owner (systemd: root; so a service with
+        // `User=` cannot add members at an upgrade: its worker count is the units').
         if spec.reuseport && !socket2::SockRef::from(&fd).reuse_port().unwrap_or(false) {
             return Err(invalid(
                 "one member per worker needs SO_REUSEPORT: set ReusePort=yes in the .socket unit"
