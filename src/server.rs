@@ -25,7 +25,7 @@ use crate::handoff::MAX_LISTENERS;
 use crate::launch::EnvOverrides;
 use crate::listener::{self, Endpoint, ListenSpec, Listener};
 use crate::machine::{ExitReason, Timeouts};
-use crate::shared::{Config, PhaseCell, RequestsOpen, Shared};
+use crate::shared::{Config, PhaseCell, RequestsOpen, RingThreads, Shared};
 use crate::workers::{Coordinator, WorkerGone, WorkerSet};
 use crate::{boot, control, kernel, signals, sys, systemd};
 
@@ -299,6 +299,7 @@ impl Builder {
             handoff_fds: Mutex::new(Vec::new()),
             generation,
             control_access: self.control_access,
+            ring_threads: RingThreads::default(),
         });
         Ok(Server {
             inherited_state,
@@ -416,6 +417,7 @@ impl Server {
     ///
     /// Returns once the process has finished draining; the caller should then exit.
     pub fn run(self, mut on_connection: impl FnMut(Connection)) -> Result<ExitReason, Error> {
+        let _on_ring = RingThreads::enter(&self.parts.shared);
         let mut driver = self.into_driver("run", Waiting::InRing)?;
         driver.start()?;
         loop {
@@ -558,6 +560,8 @@ impl Server {
         self,
         on_connection: impl FnMut(Connection),
     ) -> Result<ExitReason, Error> {
+        // Awaited on one thread (see above): the thread of the first poll is the ring's.
+        let _on_ring = RingThreads::enter(&self.parts.shared);
         serve_async(
             self.into_driver("run_async", Waiting::InRuntime)?,
             on_connection,
@@ -606,6 +610,7 @@ impl Worker {
     /// Accepts on the calling thread, each connection to `on_connection` (which should hand
     /// it off quickly), until the coordinator has finished.
     pub fn run(self, mut on_connection: impl FnMut(Connection)) -> Result<(), Error> {
+        let _on_ring = RingThreads::enter(&self.gone.shared);
         let mut driver = self.into_driver(Waiting::InRing)?;
         driver.start()?;
         while driver.turn(true, &mut on_connection)?.is_none() {}
@@ -617,6 +622,7 @@ impl Worker {
     #[cfg(feature = "tokio")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn run_async(self, on_connection: impl FnMut(Connection)) -> Result<(), Error> {
+        let _on_ring = RingThreads::enter(&self.gone.shared);
         serve_async(self.into_driver(Waiting::InRuntime)?, on_connection)
             .await
             .map(drop)

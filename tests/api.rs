@@ -55,7 +55,7 @@ fn shutdown_waits_for_the_last_connection_and_the_watch_sees_each_phase() {
     );
     // Still draining while the connection lives; the connection still works.
     assert_eq!(watch.changed(Duration::from_millis(200)), None);
-    let (mut stream, guard) = conn.into_tcp();
+    let (mut stream, guard) = conn.into_std().into_parts();
     client.write_all(b"x").unwrap();
     let mut b = [0u8; 1];
     stream.read_exact(&mut b).unwrap();
@@ -94,7 +94,7 @@ fn runs_as_a_task_of_a_tokio_runtime() {
                 .run_async(|conn| {
                     tokio::task::spawn_local(async move {
                         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                        let (mut stream, _guard) = conn.into_tokio().unwrap();
+                        let mut stream = conn.into_tokio().unwrap(); // owns the drain guard
                         let mut buf = [0u8; 64];
                         while let Ok(n) = stream.read(&mut buf).await {
                             if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
