@@ -15,7 +15,8 @@
 //! Options, as for `examples/echo.rs`: `--listen ADDR` (repeatable; `IP:PORT`, `[IPv6]:PORT`,
 //! `unix:PATH`, `unix:@NAME`), `--pid-file PATH`, `--ready-timeout-ms N` (default 30000),
 //! `--drain-timeout-ms N` (default 60000); and `--idle-grace-ms N` (how long an idle HTTP/1.1
-//! connection is kept once draining; default 250). Routes: `GET /` (`hello from <pid>`),
+//! connection is kept once draining; default 250), `--axum-serve` (serve with `axum::serve`
+//! itself, on `ringflip::http::Incoming`, instead of `ringflip::http::serve`). Routes: `GET /` (`hello from <pid>`),
 //! `POST /echo` (the body back), `POST /upgrade` (upgrades from inside the runtime with
 //! `Handle::upgrade_async`: `ok <new pid>`, or the reason with status 503).
 //! Logs go to stderr; `RUST_LOG` filters them (default `info`).
@@ -34,6 +35,7 @@ struct Args {
     ready_timeout: Duration,
     drain_timeout: Duration,
     idle_grace: Duration,
+    axum_serve: bool,
 }
 
 fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -43,8 +45,13 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         ready_timeout: Duration::from_secs(30),
         drain_timeout: Duration::from_secs(60),
         idle_grace: ringflip::http::DEFAULT_IDLE_GRACE,
+        axum_serve: false,
     };
     while let Some(flag) = argv.next() {
+        if flag == "--axum-serve" {
+            args.axum_serve = true;
+            continue;
+        }
         let value = argv.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let millis = || {
             value
@@ -138,8 +145,20 @@ fn main() -> ExitCode {
         }
     };
     // The upgrade ring on this thread, the connections on the runtime's workers.
-    let idle_grace = args.idle_grace;
-    match runtime.block_on(ringflip::http::serve_with(server, app, idle_grace)) {
+    let result = if args.axum_serve {
+        let (incoming, ring) = ringflip::http::Incoming::new(server);
+        let incoming = incoming.idle_grace(args.idle_grace);
+        let app = app.layer(incoming.close_on_drain());
+        let shutdown = incoming.shutdown_signal();
+        runtime.block_on(async move {
+            let serve = axum::serve(incoming, app).with_graceful_shutdown(shutdown);
+            tokio::spawn(async move { serve.await });
+            ring.await
+        })
+    } else {
+        runtime.block_on(ringflip::http::serve_with(server, app, args.idle_grace))
+    };
+    match result {
         Ok(exit) => {
             tracing::info!(?exit, "exiting");
             ExitCode::SUCCESS

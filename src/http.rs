@@ -4,7 +4,8 @@
 //!
 //! [`serve`] runs a whole server: the upgrade ring on the thread that awaits it, every
 //! connection a task of the runtime's pool, served with any tower service (an axum `Router`
-//! is one). [`serve_connection`] serves one connection, for a loop of your own.
+//! is one). [`serve_connection`] serves one connection, for a loop of your own. With the
+//! feature `axum`, [`Incoming`] is an `axum::serve::Listener`, for `axum::serve` itself.
 //!
 //! # The drain
 //! When the phase becomes [`Phase::Draining`] (the successor is READY, or a SIGTERM):
@@ -60,6 +61,12 @@ use crate::handle::Handle;
 use crate::machine::{ExitReason, Phase};
 use crate::server::Server;
 use crate::stream::TokioStream;
+
+#[cfg(feature = "axum")]
+mod incoming;
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub use incoming::{CloseOnDrain, CloseOnDrainLayer, Incoming};
 
 /// How long an HTTP/1.1 connection may stay idle once the process drains before it is closed
 /// (see the module doc): 250 ms.
@@ -184,7 +191,7 @@ where
     B::Error: Into<BoxError>,
 {
     let http2 = Arc::new(AtomicBool::new(false));
-    let service = CloseOnDrain {
+    let service = ConnectionService {
         inner: service,
         drain: drain.clone(),
         http2: http2.clone(),
@@ -210,14 +217,14 @@ where
 
 /// The application's service, with `Connection: close` on HTTP/1 responses once draining.
 #[derive(Clone)]
-struct CloseOnDrain<S> {
+struct ConnectionService<S> {
     inner: S,
     drain: Drain,
     /// Set at the connection's first HTTP/2 request.
     http2: Arc<AtomicBool>,
 }
 
-impl<S, B> hyper::service::Service<Request<IncomingBody>> for CloseOnDrain<S>
+impl<S, B> hyper::service::Service<Request<IncomingBody>> for ConnectionService<S>
 where
     S: tower_service::Service<Request<IncomingBody>, Response = Response<B>>
         + Clone

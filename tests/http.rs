@@ -126,10 +126,11 @@ async fn client(i: usize, addr: SocketAddr, http2: bool, stop: Arc<AtomicBool>, 
     }
 }
 
-fn start_server() -> EchoServer {
+fn start_server(extra_args: &[&str]) -> EchoServer {
     EchoServer::start(EchoOpts {
         binary: Some(example_binary("http")),
         drain_timeout_ms: Some(DRAIN_TIMEOUT_MS),
+        extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         ..EchoOpts::default()
     })
 }
@@ -152,7 +153,17 @@ fn wait_for_progress(tally: &Tally, from: u64, more: u64, server: &EchoServer) {
 
 #[test]
 fn keep_alive_clients_see_no_failure_and_old_processes_exit_once_answered() {
-    let server = start_server();
+    upgrades_under_keep_alive_load(&[]);
+}
+
+/// The same through `axum::serve` on `ringflip::http::Incoming`, with its layer and signal.
+#[test]
+fn the_same_through_axum_serve() {
+    upgrades_under_keep_alive_load(&["--axum-serve"]);
+}
+
+fn upgrades_under_keep_alive_load(server_args: &[&str]) {
+    let server = start_server(server_args);
     let addr = server.addr();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -235,7 +246,7 @@ fn keep_alive_clients_see_no_failure_and_old_processes_exit_once_answered() {
 /// server it upgrades (`POST /upgrade`): the answer names the new process, which then serves.
 #[test]
 fn a_handler_upgrades_its_own_server_with_upgrade_async() {
-    let server = start_server();
+    let server = start_server(&[]);
     let addr = server.addr();
     let old = server.current();
     let runtime = tokio::runtime::Builder::new_current_thread()
