@@ -17,7 +17,8 @@
 //! `--drain-timeout-ms N` (default 60000); and `--idle-grace-ms N` (how long an idle HTTP/1.1
 //! connection is kept once draining; default 250), `--axum-serve` (serve with `axum::serve`
 //! itself, on `ringflip::http::Incoming`, instead of `ringflip::http::serve`). Routes: `GET /` (`hello from <pid>`),
-//! `POST /echo` (the body back), `POST /upgrade` (upgrades from inside the runtime with
+//! `POST /echo` (the body back), `GET /sleep/{ms}` (answers after that long, at most 60 s),
+//! `POST /upgrade` (upgrades from inside the runtime with
 //! `Handle::upgrade_async`: `ok <new pid>`, or the reason with status 503).
 //! Logs go to stderr; `RUST_LOG` filters them (default `info`).
 
@@ -25,6 +26,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
@@ -128,6 +130,13 @@ fn main() -> ExitCode {
             get(|| async { format!("hello from {}\n", std::process::id()) }),
         )
         .route("/echo", post(|body: Bytes| async move { body }))
+        .route(
+            "/sleep/{ms}",
+            get(|Path(ms): Path<u64>| async move {
+                tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+                format!("slept {ms} ms in {}\n", std::process::id())
+            }),
+        )
         .route(
             "/upgrade",
             post(move || async move {

@@ -286,3 +286,84 @@ fn a_handler_upgrades_its_own_server_with_upgrade_async() {
     assert_eq!(server.pid(), new);
     server.stop();
 }
+
+/// `GET path` with `client`: the status, the `Connection` header and the body.
+async fn get(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    addr: SocketAddr,
+    path: &str,
+) -> (StatusCode, Option<String>, String) {
+    let request = Request::builder()
+        .uri(format!("http://{addr}{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = tokio::time::timeout(REQUEST_BOUND, client.request(request))
+        .await
+        .unwrap_or_else(|_| panic!("GET {path}: no answer within {REQUEST_BOUND:?}"))
+        .unwrap_or_else(|e| panic!("GET {path}: {e:?}"));
+    let status = response.status();
+    let connection = response
+        .headers()
+        .get(hyper::header::CONNECTION)
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        connection,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+/// Once the successor is READY: idle keep-alive connections (HTTP/1.1 and HTTP/2) are closed
+/// (their clients' next requests go to the new process), while a request in flight keeps the
+/// old process until it is answered (with `Connection: close`); then it exits at once.
+#[test]
+fn idle_connections_close_and_an_in_flight_request_is_answered_before_the_exit() {
+    let server = start_server(&[]);
+    let addr = server.addr();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let http1 = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let http2 = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let old = server.current();
+    let hello = format!("hello from {}\n", old.pid);
+    for client in [&http1, &http2] {
+        let (status, _, body) = runtime.block_on(get(client, addr, "/"));
+        assert_eq!((status, body.as_str()), (StatusCode::OK, hello.as_str()));
+    }
+    // Both connections are idle now. A slow request in flight on a third one:
+    let slow_client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let slow = runtime.spawn(async move { get(&slow_client, addr, "/sleep/1500").await });
+    std::thread::sleep(Duration::from_millis(300));
+
+    let new = server.upgrade();
+    // Well past the idle grace, well before the slow answer: the old process still serves it.
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(
+        old.alive(),
+        "the old process left with a request in flight\n{}",
+        server.log_tail()
+    );
+    let (status, connection, body) = runtime.block_on(slow).unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, format!("slept 1500 ms in {}\n", old.pid));
+    assert_eq!(
+        connection.as_deref(),
+        Some("close"),
+        "drained: Connection: close"
+    );
+    server.assert_gone(&[old.pid], GONE_BOUND);
+
+    // The idle connections were closed: each client's next request reaches the new process.
+    let hello = format!("hello from {new}\n");
+    for client in [&http1, &http2] {
+        let (status, _, body) = runtime.block_on(get(client, addr, "/"));
+        assert_eq!((status, body.as_str()), (StatusCode::OK, hello.as_str()));
+    }
+    server.stop();
+}
