@@ -82,7 +82,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Await it with the runtime's `block_on` (or as `#[tokio::main]`'s body): the upgrade ring is
 /// polled by that thread, which never moves (the ring is single-issuer), while each connection
 /// is a task spawned onto the runtime, so a multi-thread runtime serves on all its workers.
-/// Do not `tokio::spawn` it.
+/// The future is not `Send`: it cannot be `tokio::spawn`ed by mistake.
 pub async fn serve<S, B>(server: Server, service: S) -> Result<ExitReason, Error>
 where
     S: tower_service::Service<Request<IncomingBody>, Response = Response<B>>

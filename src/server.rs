@@ -553,7 +553,9 @@ impl Server {
     /// runtime's reactor polls one fd of the driver's (an epoll of the fds its ring waits on;
     /// see `docs/WAKEUPS.md`), and each accepted connection goes to
     /// `on_connection` on this same thread, with no thread hop. Must be awaited on one thread
-    /// (a `LocalSet`, a current-thread runtime, or tokio-uring).
+    /// (a `LocalSet`, a current-thread runtime, tokio-uring, or a multi-thread runtime's
+    /// `block_on`, where `on_connection` can `tokio::spawn` each connection onto the workers:
+    /// see `ringflip::http`); the future is not `Send`, so it cannot be spawned.
     #[cfg(feature = "tokio")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn run_async(
