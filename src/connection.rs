@@ -126,7 +126,8 @@ pub struct Guarded<S> {
 
 impl<S> Guarded<S> {
     /// The same guard around another stream made from this one, e.g. a runtime's stream from
-    /// the std socket: `conn.into_std().map(|s| MyRuntimeStream::from(OwnedFd::from(s)))`.
+    /// the std socket: `conn.into_std().map(|s| MyRuntimeStream::from(OwnedFd::from(s)))`
+    /// (or a `match` on the [`Socket`]'s kind).
     pub fn map<T>(self, f: impl FnOnce(S) -> T) -> Guarded<T> {
         Guarded {
             stream: f(self.stream),

@@ -536,12 +536,22 @@ macro_rules! echo_loop {
     }};
 }
 
+/// A tokio-uring stream of either kind.
+enum UringStream {
+    Tcp(tokio_uring::net::TcpStream),
+    Unix(tokio_uring::net::UnixStream),
+}
+
 async fn echo(conn: Connection) {
-    // A runtime ringflip has no stream type for: the std socket, typed by its listener, to
-    // the runtime's, with the drain guard bound for the whole arm.
-    match conn.into_std().into_parts() {
-        (Socket::Unix(s), _guard) => echo_loop!(tokio_uring::net::UnixStream::from_std(s)),
-        (Socket::Tcp(s), _guard) => echo_loop!(tokio_uring::net::TcpStream::from_std(s)),
+    // A runtime ringflip has no stream type for: the std socket, typed by its listener, mapped
+    // to the runtime's inside the `Guarded`, which keeps the drain guard until the loop ends.
+    let stream = conn.into_std().map(|socket| match socket {
+        Socket::Tcp(s) => UringStream::Tcp(tokio_uring::net::TcpStream::from_std(s)),
+        Socket::Unix(s) => UringStream::Unix(tokio_uring::net::UnixStream::from_std(s)),
+    });
+    match &*stream {
+        UringStream::Tcp(s) => echo_loop!(s),
+        UringStream::Unix(s) => echo_loop!(s),
     }
 }
 
