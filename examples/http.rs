@@ -165,7 +165,8 @@ fn main() -> ExitCode {
             ring.await
         })
     } else {
-        runtime.block_on(ringflip::http::serve_with(server, app, args.idle_grace))
+        let http = ringflip::http::Http::new().idle_grace(args.idle_grace);
+        runtime.block_on(http.serve(server, app))
     };
     match result {
         Ok(exit) => {

@@ -75,9 +75,13 @@ pub const DEFAULT_IDLE_GRACE: Duration = Duration::from_millis(250);
 /// The error a connection ends with (hyper's, or the service's).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Serves HTTP/1.1 and HTTP/2 (by the client's choice, prior knowledge for HTTP/2) with
-/// `service` until this process is replaced or stopped and every connection has drained (see
-/// the module doc); returns what [`Server::run_async`] returns.
+/// hyper-util's connection builder, as [`Http`] and [`serve_connection`] use it: HTTP/1.1 and
+/// HTTP/2 (by the client's choice; HTTP/2 by prior knowledge), tasks on the tokio runtime.
+pub type ConnectionBuilder = auto::Builder<TokioExecutor>;
+
+/// Serves HTTP/1.1 and HTTP/2 with `service` until this process is replaced or stopped and
+/// every connection has drained (see the module doc); returns what [`Server::run_async`]
+/// returns. [`Http`] sets hyper's options and the idle grace.
 ///
 /// Await it with the runtime's `block_on` (or as `#[tokio::main]`'s body): the upgrade ring is
 /// polled by that thread, which never moves (the ring is single-issuer), while each connection
@@ -95,44 +99,78 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    serve_with(server, service, DEFAULT_IDLE_GRACE).await
+    Http::new().serve(server, service).await
 }
 
-/// [`serve`] with another idle grace for HTTP/1.1 connections (see the module doc).
-pub async fn serve_with<S, B>(
-    server: Server,
-    service: S,
+/// [`serve`] with settings: hyper-util's connection builder (HTTP/1 and HTTP/2 options,
+/// timeouts) and the idle grace of HTTP/1.1 connections once draining.
+#[derive(Clone, Debug)]
+pub struct Http {
+    builder: ConnectionBuilder,
     idle_grace: Duration,
-) -> Result<ExitReason, Error>
-where
-    S: tower_service::Service<Request<IncomingBody>, Response = Response<B>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    let drain = Drain::new(&server.handle()).idle_grace(idle_grace);
-    server
-        .run_async(move |conn| {
-            let (service, drain) = (service.clone(), drain.clone());
-            tokio::spawn(async move {
-                let stream = match conn.into_tokio() {
-                    Ok(stream) => stream,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "registering a connection with the runtime");
-                        return;
+}
+
+impl Default for Http {
+    fn default() -> Http {
+        Http {
+            builder: auto::Builder::new(TokioExecutor::new()),
+            idle_grace: DEFAULT_IDLE_GRACE,
+        }
+    }
+}
+
+impl Http {
+    /// hyper-util's defaults, and [`DEFAULT_IDLE_GRACE`].
+    pub fn new() -> Http {
+        Http::default()
+    }
+
+    /// The connection builder, to set hyper's options: `http.connection_builder().http2()
+    /// .max_concurrent_streams(100)`.
+    pub fn connection_builder(&mut self) -> &mut ConnectionBuilder {
+        &mut self.builder
+    }
+
+    /// How long an idle HTTP/1.1 connection is kept once draining (see the module doc).
+    pub fn idle_grace(mut self, grace: Duration) -> Http {
+        self.idle_grace = grace;
+        self
+    }
+
+    /// [`serve`] with these settings.
+    pub async fn serve<S, B>(self, server: Server, service: S) -> Result<ExitReason, Error>
+    where
+        S: tower_service::Service<Request<IncomingBody>, Response = Response<B>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let drain = Drain::new(&server.handle()).idle_grace(self.idle_grace);
+        let builder = Arc::new(self.builder);
+        server
+            .run_async(move |conn| {
+                let (builder, service, drain) = (builder.clone(), service.clone(), drain.clone());
+                // Everything but the spawn on the runtime's workers, off the ring's thread.
+                tokio::spawn(async move {
+                    let stream = match conn.into_tokio() {
+                        Ok(stream) => stream,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "registering a connection with the runtime");
+                            return;
+                        }
+                    };
+                    if let Err(e) = serve_connection(&builder, stream, service, drain).await {
+                        tracing::debug!(error = %e, "HTTP connection ended with an error");
                     }
-                };
-                if let Err(e) = serve_connection(stream, service, drain).await {
-                    tracing::debug!(error = %e, "HTTP connection ended with an error");
-                }
-            });
-        })
-        .await
+                });
+            })
+            .await
+    }
 }
 
 /// When a connection drains: made from the server's [`Handle`], cloned into each connection.
@@ -171,14 +209,27 @@ fn is_draining(phase: Phase) -> bool {
     matches!(phase, Phase::Draining | Phase::Exited)
 }
 
-/// Serves one connection with hyper-util's connection builder (HTTP/1.1 with upgrades, or
-/// HTTP/2), draining it as the module doc says. The stream's drain guard is dropped when the
-/// connection (or the protocol it was upgraded to) ends.
-pub async fn serve_connection<S, B>(
+/// Serves one connection with hyper-util's connection `builder` (HTTP/1.1 with upgrades, or
+/// HTTP/2), draining it as the module doc says; spawn the returned future. The stream's drain
+/// guard is dropped when the connection (or the protocol it was upgraded to) ends.
+///
+/// ```no_run
+/// # async fn accept() -> ringflip::Connection { unimplemented!() }
+/// # async fn example(handle: ringflip::Handle) {
+/// let builder = ringflip::http::ConnectionBuilder::new(hyper_util::rt::TokioExecutor::new());
+/// let drain = ringflip::http::Drain::new(&handle);
+/// let service = axum::Router::new().route("/", axum::routing::get(|| async { "hello\n" }));
+/// let conn = accept().await; // from Server::run_async's callback
+/// let stream = conn.into_tokio().unwrap();
+/// tokio::spawn(ringflip::http::serve_connection(&builder, stream, service, drain.clone()));
+/// # }
+/// ```
+pub fn serve_connection<S, B>(
+    builder: &ConnectionBuilder,
     stream: Guarded<TokioStream>,
     service: S,
     mut drain: Drain,
-) -> Result<(), BoxError>
+) -> impl Future<Output = Result<(), BoxError>> + Send + 'static
 where
     S: tower_service::Service<Request<IncomingBody>, Response = Response<B>>
         + Clone
@@ -196,23 +247,26 @@ where
         drain: drain.clone(),
         http2: http2.clone(),
     };
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    tokio::select! {
-        done = conn.as_mut() => return done,
-        () = drain.started() => {}
-    }
-    // HTTP/2 (known from its first request): GOAWAY now. HTTP/1.1, or no request yet: the
-    // responses say `Connection: close`; what is still open after the grace is idle.
-    if !http2.load(Relaxed) {
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .into_owned();
+    async move {
+        tokio::pin!(conn);
         tokio::select! {
             done = conn.as_mut() => return done,
-            () = tokio::time::sleep(drain.idle_grace) => {}
+            () = drain.started() => {}
         }
+        // HTTP/2 (known from its first request): GOAWAY now. HTTP/1.1, or no request yet: the
+        // responses say `Connection: close`; what is still open after the grace is idle.
+        if !http2.load(Relaxed) {
+            tokio::select! {
+                done = conn.as_mut() => return done,
+                () = tokio::time::sleep(drain.idle_grace) => {}
+            }
+        }
+        conn.as_mut().graceful_shutdown();
+        conn.await
     }
-    conn.as_mut().graceful_shutdown();
-    conn.await
 }
 
 /// The application's service, with `Connection: close` on HTTP/1 responses once draining.
