@@ -367,3 +367,72 @@ fn idle_connections_close_and_an_in_flight_request_is_answered_before_the_exit()
     }
     server.stop();
 }
+
+/// `GET /` over the Unix socket at `path` on a fresh connection (hyper's HTTP/1.1 client
+/// connection): the status and the body.
+async fn get_unix(path: &std::path::Path) -> (StatusCode, String) {
+    let stream = tokio::net::UnixStream::connect(path).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = Request::builder()
+        .uri("/")
+        .header(hyper::header::HOST, "localhost")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = tokio::time::timeout(REQUEST_BOUND, sender.send_request(request))
+        .await
+        .expect("no answer over the Unix socket")
+        .unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The same drain on a Unix listener: an idle keep-alive connection is closed once the
+/// successor is READY, the old process exits within 1 s, and the new one answers.
+#[test]
+fn a_unix_listener_drains_the_same() {
+    let dir = common::TempDir::new("http-unix");
+    let path = dir.path().join("http.sock");
+    let listen = format!("unix:{}", path.display());
+    let server = start_server(&["--listen", &listen]);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let old = server.current();
+    let idle = runtime.block_on(async {
+        let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        let request = Request::builder()
+            .uri("/")
+            .header(hyper::header::HOST, "localhost")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, format!("hello from {}\n", old.pid).as_bytes());
+        (sender, conn) // kept open, idle
+    });
+    let new = server.upgrade();
+    server.assert_gone(&[old.pid], GONE_BOUND);
+    // The idle connection was closed by the old process, between requests.
+    let (_sender, conn) = idle;
+    runtime
+        .block_on(async { tokio::time::timeout(REQUEST_BOUND, conn).await })
+        .expect("the idle Unix connection was not closed")
+        .expect("the connection task panicked")
+        .expect("the idle Unix connection ended with an error");
+    let (status, body) = runtime.block_on(get_unix(&path));
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, format!("hello from {new}\n"));
+    server.stop();
+}
