@@ -4,8 +4,9 @@
 //!
 //! [`serve`] runs a whole server: the upgrade ring on the thread that awaits it, every
 //! connection a task of the runtime's pool, served with any tower service (an axum `Router`
-//! is one). [`serve_connection`] serves one connection, for a loop of your own. With the
-//! feature `axum`, [`Incoming`] is an `axum::serve::Listener`, for `axum::serve` itself.
+//! is one); [`Http`] sets hyper's options. [`serve_connection`] serves one connection, for a
+//! loop of your own. With the feature `axum`, `Incoming` is an `axum::serve::Listener`, for
+//! `axum::serve` itself.
 //!
 //! # The drain
 //! When the phase becomes [`Phase::Draining`] (the successor is READY, or a SIGTERM):
@@ -19,7 +20,8 @@
 //!
 //! The grace is there because closing an idle HTTP/1.1 connection at once races with the
 //! request its client may be sending at that moment: the request would meet a closed socket,
-//! and clients do not resend a request they have written. A client sending requests back to
+//! and clients do not resend a request they have written (hyper's client sending back to back
+//! failed requests with `IncompleteMessage` at the first upgrades of `tests/http.rs` that way). A client sending requests back to
 //! back sends one within the grace and gets its `Connection: close`. One idle for longer meets
 //! the close that every HTTP/1.1 server's idle timeout has.
 //!
