@@ -4,7 +4,7 @@
 //! connections get a GOAWAY, and the old process exits as soon as its last response is out.
 //!
 //! ```text
-//! cargo build --release --features http --example http
+//! cargo build --release --features axum --example http
 //! target/release/examples/http --listen 127.0.0.1:8080 --pid-file /tmp/http.pid &
 //! curl localhost:8080/                      # hello from <pid>
 //! curl --data 'hi' localhost:8080/echo      # hi

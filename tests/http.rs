@@ -5,7 +5,8 @@
 //! ends when its last response is out (`Connection: close`, GOAWAY), not at the drain
 //! deadline (20 s here, so a drain that waits for the clients to hang up fails the test).
 //!
-//! Needs the `http` feature and the example built: `cargo build --all-features --examples`.
+//! Needs the `axum` feature (and so `http`) and the example built: `cargo build --all-features
+//! --examples` (the whole `cargo test --all-features` builds it).
 
 mod common;
 
