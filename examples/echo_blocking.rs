@@ -1,5 +1,5 @@
 //! The echo server without a runtime: `Server::run` drives the upgrade ring on the main thread
-//! and hands each connection (a std `TcpStream`) to a thread of its own. Same options and
+//! and hands each connection (a std socket that owns its drain guard) to a thread of its own. Same options and
 //! signals as `examples/echo.rs`.
 //!
 //! ```text
@@ -12,8 +12,8 @@
 //! let server = ringflip::Server::builder().listen_tcp("echo", addr).build()?;
 //! server.run(|conn| {
 //!     std::thread::spawn(move || {
-//!         let (stream, _guard) = conn.into_tcp();
-//!         // serve `stream`; the drain waits until `_guard` is dropped
+//!         let stream = conn.into_std(); // a `Guarded<Socket>`: it owns the drain guard
+//!         // serve `stream` (Read + Write); the drain waits until it is dropped
 //!     });
 //! })?;
 //! ```

@@ -1,6 +1,6 @@
 //! The echo server on a plain tokio runtime: `Server::run_async` runs the upgrade ring as a task
 //! of a current-thread runtime (on a `LocalSet`), and each connection becomes a
-//! `tokio::net::TcpStream` on the same thread. Same options and signals as `examples/echo.rs`.
+//! `ringflip::TokioStream` (owning its drain guard) on the same thread. Same options and signals as `examples/echo.rs`.
 //!
 //! ```text
 //! cargo run --release --example echo_tokio -- --listen 127.0.0.1:7000 --pid-file /tmp/echo.pid
@@ -13,8 +13,8 @@
 //! let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
 //! tokio::task::LocalSet::new().block_on(&rt, server.run_async(|conn| {
 //!     tokio::task::spawn_local(async move {
-//!         let (stream, _guard) = conn.into_tokio().unwrap();
-//!         // serve `stream`; the drain waits until `_guard` is dropped
+//!         let stream = conn.into_tokio().unwrap(); // owns the drain guard
+//!         // serve `stream` (AsyncRead + AsyncWrite); the drain waits until it is dropped
 //!     });
 //! }))?;
 //! ```

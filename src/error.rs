@@ -176,4 +176,12 @@ pub enum UpgradeError {
     /// The server stopped before answering.
     #[error("the server is not running")]
     NotRunning,
+    /// The blocking [`Handle::upgrade`](crate::Handle::upgrade) was called on a thread that
+    /// runs one of this server's rings (the thread of `run`, or of the runtime that awaits
+    /// `run_async`): it would wait for an answer that only this thread can give. Nothing was
+    /// requested; from inside the runtime, use `Handle::upgrade_async`.
+    #[error(
+        "upgrade() called on the server's own thread, which it would deadlock; use upgrade_async"
+    )]
+    OnServerThread,
 }

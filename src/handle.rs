@@ -10,7 +10,7 @@ use bytes::Bytes;
 use crate::error::{Error, UpgradeError};
 use crate::handoff::MAX_STATE_LEN;
 use crate::machine::Phase;
-use crate::shared::{Request, Shared};
+use crate::shared::{Request, Shared, UpgradeReply};
 
 /// Triggers upgrades and shutdown of a running [`Server`] from any thread.
 ///
@@ -24,11 +24,33 @@ impl Handle {
     /// Upgrades to the new binary and waits for the outcome: the new process's pid once it is
     /// READY, or why it failed (this process then keeps serving).
     ///
-    /// Blocks; do not call it on the thread that runs the server.
+    /// Blocks the calling thread. On a thread that runs one of the server's rings (the thread
+    /// in [`Server::run`], or the runtime thread that awaits `run_async`), which would wait
+    /// for itself, it requests nothing and returns [`UpgradeError::OnServerThread`]: inside an
+    /// async runtime, use [`Handle::upgrade_async`].
+    ///
+    /// [`Server::run`]: crate::Server::run
     pub fn upgrade(&self) -> Result<u32, UpgradeError> {
+        if self.shared.ring_threads.current_is_one() {
+            return Err(UpgradeError::OnServerThread);
+        }
         let (tx, rx) = mpsc::channel();
-        self.shared.request(Request::Upgrade(tx));
+        self.shared
+            .request(Request::Upgrade(UpgradeReply::Blocking(tx)));
         rx.recv().unwrap_or(Err(UpgradeError::NotRunning))
+    }
+
+    /// [`Handle::upgrade`] for async code: the same request, its outcome awaited without
+    /// blocking a thread, so it can be awaited anywhere in the runtime, the server's own
+    /// thread included (a request handler of the server it upgrades, a task beside
+    /// `run_async`). Dropping the future does not cancel the upgrade.
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    pub async fn upgrade_async(&self) -> Result<u32, UpgradeError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.shared
+            .request(Request::Upgrade(UpgradeReply::Async(tx)));
+        rx.await.unwrap_or(Err(UpgradeError::NotRunning))
     }
 
     /// Sets the blob that the next upgrade hands to the new process with the listeners

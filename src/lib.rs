@@ -53,7 +53,7 @@
 //!         .build()?; // inherits the socket after an upgrade, binds it on first start
 //!     let exit = server.run(|conn| {
 //!         std::thread::spawn(move || {
-//!             let (stream, _guard) = conn.into_tcp(); // the guard keeps the drain waiting
+//!             let stream = conn.into_std(); // owns the guard that keeps the drain waiting
 //!             let mut reader = BufReader::new(stream.try_clone().unwrap());
 //!             let mut writer = stream;
 //!             let mut line = String::new();
@@ -93,6 +93,9 @@ mod error;
 mod fault;
 mod handle;
 mod handoff;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod http;
 mod inherit;
 mod kernel;
 mod launch;
@@ -103,12 +106,13 @@ mod server;
 mod shared;
 mod signals;
 mod spawn;
+mod stream;
 mod sys;
 mod systemd;
 mod wake_set;
 mod workers;
 
-pub use connection::{Connection, DrainGuard};
+pub use connection::{Connection, DrainGuard, Guarded};
 pub use error::{Error, Refusal, UpgradeError, UpgradeFailure};
 pub use handle::{Handle, PhaseWatch};
 pub use handoff::{MAX_LISTENERS, MAX_STATE_LEN};
@@ -120,6 +124,10 @@ pub use server::{Builder, Server, Worker};
 pub use signals::{StopSignal, UpgradeSignal};
 /// The socket crate of [`Builder::listen_tcp_with`], re-exported so the versions match.
 pub use socket2;
+pub use stream::Socket;
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+pub use stream::TokioStream;
 
 /// Entry points for the fuzz targets in `fuzz/`; not part of the API.
 #[doc(hidden)]

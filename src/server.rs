@@ -25,7 +25,7 @@ use crate::handoff::MAX_LISTENERS;
 use crate::launch::EnvOverrides;
 use crate::listener::{self, Endpoint, ListenSpec, Listener};
 use crate::machine::{ExitReason, Timeouts};
-use crate::shared::{Config, PhaseCell, RequestsOpen, Shared};
+use crate::shared::{Config, PhaseCell, RequestsOpen, RingThreads, Shared};
 use crate::signals::{StopHook, UpgradeSignal};
 use crate::workers::{Coordinator, WorkerGone, WorkerSet};
 use crate::{boot, control, kernel, signals, sys, systemd};
@@ -311,6 +311,7 @@ impl Builder {
             handoff_fds: Mutex::new(Vec::new()),
             generation,
             control_access: self.control_access,
+            ring_threads: RingThreads::default(),
         });
         Ok(Server {
             inherited_state,
@@ -431,6 +432,7 @@ impl Server {
     ///
     /// Returns once the process has finished draining; the caller should then exit.
     pub fn run(self, mut on_connection: impl FnMut(Connection)) -> Result<ExitReason, Error> {
+        let _on_ring = RingThreads::enter(&self.parts.shared);
         let mut driver = self.into_driver("run", Waiting::InRing)?;
         driver.start()?;
         loop {
@@ -566,13 +568,17 @@ impl Server {
     /// runtime's reactor polls one fd of the driver's (an epoll of the fds its ring waits on;
     /// see `docs/WAKEUPS.md`), and each accepted connection goes to
     /// `on_connection` on this same thread, with no thread hop. Must be awaited on one thread
-    /// (a `LocalSet`, a current-thread runtime, or tokio-uring).
+    /// (a `LocalSet`, a current-thread runtime, tokio-uring, or a multi-thread runtime's
+    /// `block_on`, where `on_connection` can `tokio::spawn` each connection onto the workers:
+    /// see `ringflip::http`); the future is not `Send`, so it cannot be spawned.
     #[cfg(feature = "tokio")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn run_async(
         self,
         on_connection: impl FnMut(Connection),
     ) -> Result<ExitReason, Error> {
+        // Awaited on one thread (see above): the thread of the first poll is the ring's.
+        let _on_ring = RingThreads::enter(&self.parts.shared);
         serve_async(
             self.into_driver("run_async", Waiting::InRuntime)?,
             on_connection,
@@ -621,6 +627,7 @@ impl Worker {
     /// Accepts on the calling thread, each connection to `on_connection` (which should hand
     /// it off quickly), until the coordinator has finished.
     pub fn run(self, mut on_connection: impl FnMut(Connection)) -> Result<(), Error> {
+        let _on_ring = RingThreads::enter(&self.gone.shared);
         let mut driver = self.into_driver(Waiting::InRing)?;
         driver.start()?;
         while driver.turn(true, &mut on_connection)?.is_none() {}
@@ -632,6 +639,7 @@ impl Worker {
     #[cfg(feature = "tokio")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn run_async(self, on_connection: impl FnMut(Connection)) -> Result<(), Error> {
+        let _on_ring = RingThreads::enter(&self.gone.shared);
         serve_async(self.into_driver(Waiting::InRuntime)?, on_connection)
             .await
             .map(drop)

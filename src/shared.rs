@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     pub handoff_fds: Mutex<Vec<(String, OwnedFd)>>,
     /// Who the control socket serves besides the service's uid and root.
     pub control_access: ControlAccess,
+    /// The threads running a ring now, where a blocking upgrade would deadlock.
+    pub ring_threads: RingThreads,
 }
 
 impl Config {
@@ -121,8 +123,80 @@ impl Drop for RequestsOpen {
 
 #[derive(Debug)]
 pub(crate) enum Request {
-    Upgrade(mpsc::Sender<Result<u32, UpgradeError>>),
+    Upgrade(UpgradeReply),
     Shutdown,
+}
+
+/// Where the outcome of an upgrade requested through a [`Handle`](crate::Handle) goes: a
+/// thread blocked in `upgrade`, or a task awaiting `upgrade_async`.
+#[derive(Debug)]
+pub(crate) enum UpgradeReply {
+    Blocking(mpsc::Sender<Result<u32, UpgradeError>>),
+    #[cfg(feature = "tokio")]
+    Async(tokio::sync::oneshot::Sender<Result<u32, UpgradeError>>),
+}
+
+impl UpgradeReply {
+    /// Sends the outcome; `Err` if the caller has stopped waiting.
+    pub(crate) fn send(self, outcome: Result<u32, UpgradeError>) -> Result<(), ()> {
+        match self {
+            UpgradeReply::Blocking(tx) => tx.send(outcome).map_err(drop),
+            #[cfg(feature = "tokio")]
+            UpgradeReply::Async(tx) => tx.send(outcome).map_err(drop),
+        }
+    }
+}
+
+/// The threads that run one of this process's rings now (a `run`, or the runtime thread that
+/// polls a `run_async`): a blocking `Handle::upgrade` there would wait on itself.
+#[derive(Debug, Default)]
+pub(crate) struct RingThreads(Mutex<Vec<std::thread::ThreadId>>);
+
+impl RingThreads {
+    /// Registers the calling thread until the returned value is dropped.
+    pub(crate) fn enter(shared: &Arc<Shared>) -> OnRingThread {
+        let id = std::thread::current().id();
+        shared
+            .ring_threads
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(id);
+        OnRingThread {
+            shared: shared.clone(),
+            id,
+        }
+    }
+
+    /// Whether the calling thread runs one of the rings.
+    pub(crate) fn current_is_one(&self) -> bool {
+        let id = std::thread::current().id();
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&id)
+    }
+}
+
+/// A ring thread's registration in [`RingThreads`]; removed on drop.
+#[derive(Debug)]
+pub(crate) struct OnRingThread {
+    shared: Arc<Shared>,
+    id: std::thread::ThreadId,
+}
+
+impl Drop for OnRingThread {
+    fn drop(&mut self) {
+        let mut ids = self
+            .shared
+            .ring_threads
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = ids.iter().position(|id| *id == self.id) {
+            ids.swap_remove(i);
+        }
+    }
 }
 
 /// The phase and a change counter, with a condvar for blocking watchers and a tokio watch

@@ -55,7 +55,7 @@ fn shutdown_waits_for_the_last_connection_and_the_watch_sees_each_phase() {
     );
     // Still draining while the connection lives; the connection still works.
     assert_eq!(watch.changed(Duration::from_millis(200)), None);
-    let (mut stream, guard) = conn.into_tcp();
+    let (mut stream, guard) = conn.into_std().into_parts();
     client.write_all(b"x").unwrap();
     let mut b = [0u8; 1];
     stream.read_exact(&mut b).unwrap();
@@ -94,7 +94,7 @@ fn runs_as_a_task_of_a_tokio_runtime() {
                 .run_async(|conn| {
                     tokio::task::spawn_local(async move {
                         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                        let (mut stream, _guard) = conn.into_tokio().unwrap();
+                        let mut stream = conn.into_tokio().unwrap(); // owns the drain guard
                         let mut buf = [0u8; 64];
                         while let Ok(n) = stream.read(&mut buf).await {
                             if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
@@ -204,4 +204,101 @@ fn upgrade_without_a_running_server_is_not_running() {
         ),
         "upgrade on a server dropped unrun"
     );
+}
+
+/// The blocking `Handle::upgrade` on the server's own thread would wait for an answer only
+/// that thread can give: it is `OnServerThread` at once, in `run` (from the connection
+/// callback) and in `run_async` (from a task of the same current-thread runtime). On another
+/// thread it is still a normal upgrade request.
+#[test]
+fn blocking_upgrade_on_the_servers_own_thread_is_an_error_not_a_deadlock() {
+    // `run`: the callback runs on the ring's thread.
+    let (answers_tx, answers) = mpsc::channel();
+    let handle_slot = std::sync::Arc::new(std::sync::OnceLock::<Handle>::new());
+    let slot = handle_slot.clone();
+    let (handle, addr, thread) = start(move |_conn| {
+        if let Some(handle) = slot.get() {
+            let _ = answers_tx.send(handle.upgrade());
+        }
+    });
+    handle_slot.set(handle.clone()).unwrap();
+    let _client = TcpStream::connect(addr).unwrap();
+    let answer = answers
+        .recv_timeout(T)
+        .expect("upgrade() on the ring thread did not return (deadlock)");
+    assert_eq!(answer, Err(ringflip::UpgradeError::OnServerThread));
+    handle.shutdown();
+    assert_eq!(thread.join().unwrap(), ExitReason::Shutdown);
+
+    // `run_async` on a current-thread runtime: a task beside the ring, on its thread.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let server = Server::builder()
+            .listen_tcp("api", "127.0.0.1:0".parse().unwrap())
+            .build()
+            .expect("build");
+        let handle = server.handle();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
+            let h = handle.clone();
+            tokio::task::spawn_local(async move {
+                let _ = tx.send(h.upgrade());
+                h.shutdown();
+            });
+            server.run_async(|_conn| {}).await.expect("run_async")
+        })
+    });
+    let answer = rx
+        .recv_timeout(T)
+        .expect("upgrade() on the runtime's thread did not return (deadlock)");
+    assert_eq!(answer, Err(ringflip::UpgradeError::OnServerThread));
+}
+
+/// `Handle::upgrade_async` awaited on the ring's own thread (a task of the current-thread
+/// runtime that runs `run_async`) gets its answer: here the upgrade fails at once (the binary
+/// does not exist), and the server serves on.
+#[test]
+fn upgrade_async_on_the_servers_own_thread_gets_its_answer() {
+    let (tx, rx) = mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let server = Server::builder()
+            .listen_tcp("api", "127.0.0.1:0".parse().unwrap())
+            .binary("/nonexistent/ringflip-test-binary")
+            .build()
+            .expect("build");
+        let handle = server.handle();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
+            let h = handle.clone();
+            tokio::task::spawn_local(async move {
+                let answer = h.upgrade_async().await;
+                let phase = h.phase();
+                let _ = tx.send((answer, phase));
+                h.shutdown();
+            });
+            server.run_async(|_conn| {}).await.expect("run_async")
+        })
+    });
+    let (answer, phase) = rx
+        .recv_timeout(T)
+        .expect("upgrade_async() on the runtime's thread got no answer");
+    assert!(
+        matches!(
+            answer,
+            Err(ringflip::UpgradeError::Failed(
+                ringflip::UpgradeFailure::Spawn(_)
+            ))
+        ),
+        "{answer:?}"
+    );
+    assert_eq!(phase, Phase::Serving, "a failed upgrade leaves it serving");
+    assert_eq!(thread.join().unwrap(), ExitReason::Shutdown);
 }

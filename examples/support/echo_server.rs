@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ringflip::{Connection, Server};
+use ringflip::{Connection, Server, Socket};
 use tokio_uring::buf::BoundedBuf;
 
 enum Listen {
@@ -558,23 +558,28 @@ macro_rules! echo_loop {
     }};
 }
 
+/// A tokio-uring stream of either kind.
+enum UringStream {
+    Tcp(tokio_uring::net::TcpStream),
+    Unix(tokio_uring::net::UnixStream),
+}
+
 async fn echo(conn: Connection) {
-    let unix = conn.is_unix();
-    let (fd, _guard) = conn.into_parts();
-    if unix {
-        echo_loop!(tokio_uring::net::UnixStream::from_std(
-            std::os::unix::net::UnixStream::from(fd)
-        ));
-    } else {
-        echo_loop!(tokio_uring::net::TcpStream::from_std(
-            std::net::TcpStream::from(fd)
-        ));
+    // A runtime ringflip has no stream type for: the std socket, typed by its listener, mapped
+    // to the runtime's inside the `Guarded`, which keeps the drain guard until the loop ends.
+    let stream = conn.into_std().map(|socket| match socket {
+        Socket::Tcp(s) => UringStream::Tcp(tokio_uring::net::TcpStream::from_std(s)),
+        Socket::Unix(s) => UringStream::Unix(tokio_uring::net::UnixStream::from_std(s)),
+    });
+    match &*stream {
+        UringStream::Tcp(s) => echo_loop!(s),
+        UringStream::Unix(s) => echo_loop!(s),
     }
 }
 
 async fn echo_tokio(conn: Connection) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok((mut stream, _guard)) = conn.into_tokio() else {
+    let Ok(mut stream) = conn.into_tokio() else {
         return;
     };
     let mut buf = vec![0u8; 4096];
@@ -641,7 +646,7 @@ impl ThreadCache {
 
 fn echo_blocking(conn: Connection) {
     use std::io::{Read, Write};
-    let (mut stream, _guard) = conn.into_tcp();
+    let mut stream = conn.into_std();
     let mut buf = vec![0u8; 4096];
     while let Ok(n) = stream.read(&mut buf) {
         if n == 0 || stream.write_all(&buf[..n]).is_err() {

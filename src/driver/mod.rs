@@ -64,14 +64,14 @@ use std::time::Instant;
 use io_uring::IoUring;
 
 use crate::connection::Connection;
-use crate::error::{Error, UpgradeError};
+use crate::error::Error;
 use crate::handoff::ListenerRecord;
 use crate::inherit::ParentLink;
 use crate::listener::{Listener, UdpSocketEntry};
 use crate::machine::successor::{Succession, SuccessionEvent};
 use crate::machine::{Event, ExitReason, Machine, Requester};
 use crate::pidfile::write_pid_file;
-use crate::shared::{Config, Request, RequestsOpen, Shared};
+use crate::shared::{Config, Request, RequestsOpen, Shared, UpgradeReply};
 use crate::signals::StopSignal;
 use crate::wake_set::WakeSet;
 use crate::workers::{Coordinator, WorkerGone, WorkerSet};
@@ -150,7 +150,7 @@ pub(crate) struct Driver {
     /// Listeners the workers accept on, handed over by the coordinator.
     worker_listeners: Vec<(ListenerRecord, OwnedFd)>,
     timer: Option<(Instant, Token)>,
-    replies: HashMap<u64, mpsc::Sender<Result<u32, UpgradeError>>>,
+    replies: HashMap<u64, UpgradeReply>,
     /// The coordinator's (or a lone ring's): requests are taken while this driver lives.
     requests_open: Option<RequestsOpen>,
     /// The coordinator's (or a lone ring's): signals other threads get come to this thread.

@@ -40,6 +40,10 @@ pub struct EchoOpts {
     /// `./current/echo` (relative `argv[0]`, working directory the temp dir). Flip with
     /// [`EchoServer::flip_current`].
     pub symlink_deploy: bool,
+    /// Another server binary with the echo example's command-line contract (`--listen`,
+    /// `--pid-file`, `--ready-timeout-ms`, `--drain-timeout-ms`, SIGHUP, SIGTERM), e.g.
+    /// `example_binary("http")`; `None`: the echo example.
+    pub binary: Option<PathBuf>,
 }
 
 impl Default for EchoOpts {
@@ -52,6 +56,7 @@ impl Default for EchoOpts {
             env: Vec::new(),
             nofile: None,
             symlink_deploy: false,
+            binary: None,
         }
     }
 }
@@ -78,7 +83,7 @@ pub struct EchoServer {
 impl EchoServer {
     pub fn start(opts: EchoOpts) -> EchoServer {
         ensure_subreaper();
-        let original = echo_binary();
+        let original = opts.binary.clone().unwrap_or_else(echo_binary);
         let dir = TempDir::new("echo");
         let bin = if opts.symlink_deploy {
             for release in ["v1", "v2"] {

@@ -6,8 +6,9 @@
 //! * [`spawn`]: children started with only fds 0-2, never while an executable is being written;
 //! * [`fs`]: temp dirs, the example binaries, replacing a binary, a log's tail;
 //! * [`fds`]: a process's fd table from /proc;
-//! * [`echo`]: [`EchoServer`] runs a private copy of `target/debug/examples/echo` in a temp dir
-//!   and drives upgrades, rollbacks and shutdown;
+//! * [`echo`]: [`EchoServer`] runs a private copy of `target/debug/examples/echo` (or of another
+//!   example with its command-line contract, `EchoOpts::binary`: `examples/http.rs`) in a temp
+//!   dir and drives upgrades, rollbacks and shutdown;
 //! * [`client`]: one connection: connect, echo a line, classify a failure ([`FailKind`]);
 //! * [`load`]: [`Load`], the one client load generator (closed loop, long-lived pingers, bursts,
 //!   recorded samples), every failure counted by kind.
