@@ -48,6 +48,19 @@ pub enum Error {
     },
 }
 
+/// For `main` functions and callers that speak `std::io::Error` (`fn main() ->
+/// std::io::Result<()>` with `?` on `build()` and `run()`): the kind of an I/O error is kept,
+/// the rest is `Other`, with this error as the source.
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        let kind = match &e {
+            Error::Io { source, .. } | Error::Bind { source, .. } => source.kind(),
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
 /// Why an upgrade failed. This process never stopped accepting and still serves; the new
 /// process, if it ran, was stopped and reaped. [`UpgradeFailure::code`] names the case in a
 /// word that scripts can match (the control socket answers `failed: <code>: <reason>`).

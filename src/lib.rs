@@ -129,6 +129,11 @@ pub use stream::Socket;
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub use stream::TokioStream;
 
+// The snippets of docs/ADOPTING.md compile (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../docs/ADOPTING.md")]
+struct AdoptingDoctests;
+
 /// Entry points for the fuzz targets in `fuzz/`; not part of the API.
 #[doc(hidden)]
 pub mod __fuzz {
