@@ -93,6 +93,7 @@ mod launch;
 mod listener;
 mod machine;
 mod pidfile;
+mod protocol;
 mod server;
 mod shared;
 mod signals;
@@ -106,7 +107,9 @@ pub use connection::{Connection, DrainGuard};
 pub use error::{Error, Refusal, UpgradeError, UpgradeFailure};
 pub use handle::{Handle, PhaseWatch};
 pub use handoff::{MAX_LISTENERS, MAX_STATE_LEN};
+pub use inherit::StateReader;
 pub use machine::{ExitReason, Phase};
+pub use protocol::ProtocolVersions;
 pub use server::{Builder, Server, Worker};
 /// The socket crate of [`Builder::listen_tcp_with`], re-exported so the versions match.
 pub use socket2;

@@ -261,7 +261,7 @@ pub(crate) fn check_listening_socket(fd: BorrowedFd<'_>, kind: SocketKind) -> Re
     let ok = match kind {
         SocketKind::Tcp => domain == libc::AF_INET || domain == libc::AF_INET6,
         SocketKind::Unix => domain == libc::AF_UNIX,
-        SocketKind::Udp | SocketKind::Raw => false,
+        SocketKind::Udp | SocketKind::Raw | SocketKind::Elder => false,
     };
     if !ok {
         return Err(format!(
@@ -283,7 +283,7 @@ fn listening_endpoint(fd: BorrowedFd<'_>, kind: SocketKind) -> Result<Endpoint, 
 fn local_endpoint(fd: BorrowedFd<'_>, kind: SocketKind) -> io::Result<Endpoint> {
     match kind {
         SocketKind::Tcp => sys::local_inet_addr(fd).map(Endpoint::Tcp),
-        SocketKind::Udp | SocketKind::Raw => Err(io::Error::new(
+        SocketKind::Udp | SocketKind::Raw | SocketKind::Elder => Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "not a listener kind",
         )),

@@ -380,9 +380,43 @@ fn start_successor(driver: &mut Driver) -> (u32, OwnedFd, UpgradeId) {
     let pid = driver.successor.as_ref().expect("no successor started").pid;
     let channel = successor_channel(pid);
     match recv_message(&channel) {
-        Message::Hello { upgrade, .. } => (pid, channel, upgrade),
-        other => panic!("expected HELLO, got {other:?}"),
+        Message::Offer { .. } => {}
+        other => panic!("expected OFFER, got {other:?}"),
     }
+    let accept = Message::Accept(crate::protocol::SUPPORTED.max);
+    crate::sys::send_nonblocking(channel.as_fd(), &accept.encode().unwrap()).unwrap();
+    // The driver reads the ACCEPT in a turn and sends HELLO.
+    // Then every fd and the state: the whole handoff is taken off the channel.
+    let mut buf = vec![0u8; crate::handoff::MAX_MESSAGE_LEN];
+    let (mut hello, mut fds, mut state) = (None, 0, 0);
+    while Instant::now() < deadline {
+        driver.turn(false, &mut |_| {}).unwrap();
+        match crate::sys::recv_nonblocking(channel.as_fd(), &mut buf) {
+            Ok(n) => {
+                match Message::decode(&buf[..n]).unwrap() {
+                    Message::Hello {
+                        upgrade,
+                        fds: f,
+                        state_len,
+                        ..
+                    } => hello = Some((upgrade, f as usize, state_len)),
+                    Message::Fds { records, .. } => fds += records.len(),
+                    Message::State { chunk, .. } => state += chunk.len() as u64,
+                    other => panic!("expected the handoff, got {other:?}"),
+                }
+                if let Some((upgrade, f, s)) = hello {
+                    if fds == f && state == s {
+                        return (pid, channel, upgrade);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("no whole handoff within {BOUND:?}");
 }
 
 /// A successor told to stop right after its READY sends RETIRING and exits before this

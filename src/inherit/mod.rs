@@ -1,0 +1,310 @@
+//! The successor's side of the handoff: find and validate the inherited channel, agree on a
+//! protocol version (OFFER, then ACCEPT or REFUSE), receive HELLO and every fd (all of them
+//! before anything is adopted). The state that follows is read by [`state`].
+#![allow(unsafe_code)]
+
+pub(crate) mod state;
+
+use std::io::IoSliceMut;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+
+use crate::error::Error;
+use crate::handoff::{
+    ListenerRecord, Message, SocketKind, ENV_FD, ENV_UPGRADE_ID, MAX_FDS_PER_MESSAGE,
+    MAX_MESSAGE_LEN, MAX_STATE_LEN,
+};
+use crate::machine::UpgradeId;
+use crate::protocol::{self, ProtocolVersions};
+use crate::sys;
+
+pub use state::StateReader;
+use state::StateStream;
+
+/// The link to the previous generation, as the successor holds it.
+#[derive(Debug)]
+pub(crate) struct ParentLink {
+    pub channel: OwnedFd,
+    pub upgrade: UpgradeId,
+    pub parent_pid: u32,
+}
+
+/// What the parent handed over.
+#[derive(Debug)]
+pub(crate) struct Inherited {
+    pub link: ParentLink,
+    /// This process's generation (the parent's plus one).
+    pub generation: u32,
+    pub listeners: Vec<(ListenerRecord, OwnedFd)>,
+    /// Pidfds of the older generations still alive (the parent first).
+    pub elders: Vec<OwnedFd>,
+    /// The application's state: read whole when it is at most `MAX_STATE_LEN` bytes, else
+    /// still on the channel, read by the application.
+    pub state: StateStream,
+    /// The protocol version agreed with the parent.
+    pub version: u8,
+}
+
+/// How long a successor waits for HELLO before giving up (the parent sends it right after
+/// spawning, so this only guards against a parent that died in between).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `Ok(None)` when this process was not started by ringflip as a successor.
+pub(crate) fn from_environment() -> Result<Option<Inherited>, Error> {
+    // Every process settles its versions at start, before it could spawn a child.
+    let ours = protocol::this_process();
+    let Some(fd_var) = std::env::var_os(ENV_FD) else {
+        return Ok(None);
+    };
+    let bad_env = |why: String| Error::Handoff(format!("{ENV_FD}: {why}"));
+    let fd: RawFd = fd_var
+        .to_str()
+        .and_then(|s| s.parse().ok())
+        .filter(|fd| *fd > 2)
+        .ok_or_else(|| bad_env(format!("{fd_var:?} is not an fd number above 2")))?;
+    let upgrade = std::env::var(ENV_UPGRADE_ID)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(UpgradeId)
+        .ok_or_else(|| Error::Handoff(format!("{ENV_UPGRADE_ID} is missing or not a number")))?;
+    // Variables are consumed: a process this one starts must not mistake itself for a successor.
+    std::env::remove_var(ENV_FD);
+    std::env::remove_var(ENV_UPGRADE_ID);
+
+    // Validate before taking ownership: the variable might name an fd that is something else.
+    // SAFETY: borrowed only for the duration of these checks; `fcntl` fails cleanly with
+    // EBADF if `fd` is not open.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    if let Err(e) = sys::is_cloexec(borrowed) {
+        return Err(bad_env(format!("fd {fd} is not open: {e}")));
+    }
+    match sys::socket_type(borrowed) {
+        Ok(t) if t == libc::SOCK_SEQPACKET => {}
+        Ok(t) => {
+            return Err(bad_env(format!(
+                "fd {fd} is a socket of type {t}, not SEQPACKET"
+            )))
+        }
+        Err(e) => return Err(bad_env(format!("fd {fd} is not a socket: {e}"))),
+    }
+    if sys::socket_domain(borrowed).ok() != Some(libc::AF_UNIX) {
+        return Err(bad_env(format!("fd {fd} is not a Unix socket")));
+    }
+    // SAFETY: the fd is open, is the socket the parent placed there, and nothing else in this
+    // process owns it (it was inherited, and the variables naming it are now removed).
+    let channel = unsafe { OwnedFd::from_raw_fd(fd) };
+    sys::set_cloexec(channel.as_fd()).map_err(|e| Error::Handoff(format!("FD_CLOEXEC: {e}")))?;
+
+    let parent = sys::parent_pid();
+    if parent == 1 {
+        return Err(Error::Handoff(
+            "started as a successor, but the parent process is already gone".into(),
+        ));
+    }
+    // Kept until the state is read (`StateStream::finish`): the parent sends without pause,
+    // so a wait this long means it is stuck.
+    sys::set_recv_timeout(channel.as_fd(), HELLO_TIMEOUT)
+        .map_err(|e| Error::Handoff(e.to_string()))?;
+    let mut buf = vec![0u8; MAX_MESSAGE_LEN];
+    let version = negotiate(channel.as_fd(), &mut buf, ours)?;
+    let (message, fds) = receive(channel.as_fd(), &mut buf, "HELLO")?;
+    let Message::Hello {
+        version: hello_version,
+        upgrade: hello_upgrade,
+        parent_pid,
+        generation,
+        fds: fd_count,
+        state_len,
+        extensions: _, // none known yet: skipped
+    } = message
+    else {
+        return Err(Error::Handoff(format!("expected HELLO, got {message:?}")));
+    };
+    if hello_version != version || !fds.is_empty() {
+        return Err(Error::Handoff(format!(
+            "HELLO in version {hello_version} with {} fds; version {version} was agreed, \
+             and HELLO carries no fds",
+            fds.len()
+        )));
+    }
+    if hello_upgrade != upgrade {
+        return Err(Error::Handoff(format!(
+            "HELLO is for upgrade {hello_upgrade}, this process was started for {upgrade}"
+        )));
+    }
+    if parent_pid != parent {
+        return Err(Error::Handoff(format!(
+            "HELLO comes from pid {parent_pid}, but the parent is {parent}"
+        )));
+    }
+    make_room_for(fd_count as usize)?;
+    // All or nothing: every fd is owned here until all have arrived; an error drops (closes)
+    // them, and nothing was adopted.
+    let mut records = Vec::with_capacity(fd_count as usize);
+    let mut owned = Vec::with_capacity(fd_count as usize);
+    while owned.len() < fd_count as usize {
+        let (message, fds) = receive(channel.as_fd(), &mut buf, "the handed-over fds")?;
+        let Message::Fds {
+            version: v,
+            records: batch,
+        } = message
+        else {
+            return Err(Error::Handoff(format!(
+                "expected fds ({} of {fd_count} received), got {message:?}",
+                owned.len()
+            )));
+        };
+        if v != version || fds.len() != batch.len() || owned.len() + fds.len() > fd_count as usize {
+            return Err(Error::Handoff(format!(
+                "an fd message (version {v}) describes {} fds and carried {}, with {} of \
+                 {fd_count} received",
+                batch.len(),
+                fds.len(),
+                owned.len()
+            )));
+        }
+        records.extend(batch);
+        owned.extend(fds);
+    }
+    let mut listeners = Vec::new();
+    let mut elders = Vec::new();
+    for (record, fd) in records.into_iter().zip(owned) {
+        if record.kind == SocketKind::Elder {
+            if let Err(e) = sys::pidfd_signal(fd.as_fd(), 0) {
+                return Err(Error::Handoff(format!("an elder fd is not a pidfd: {e}")));
+            }
+            elders.push(fd);
+        } else {
+            listeners.push((record, fd));
+        }
+    }
+    let mut state = StateStream::new(version, state_len);
+    if state_len <= MAX_STATE_LEN as u64 {
+        state.read_whole(channel.as_fd())?;
+    }
+    tracing::debug!(
+        protocol.version = version,
+        fds = fd_count,
+        state_len,
+        "handoff received"
+    );
+    Ok(Some(Inherited {
+        link: ParentLink {
+            channel,
+            upgrade,
+            parent_pid,
+        },
+        generation,
+        listeners,
+        elders,
+        state,
+        version,
+    }))
+}
+
+/// OFFER in, ACCEPT (or REFUSE) out: the version both speak, the highest.
+fn negotiate(channel: BorrowedFd<'_>, buf: &mut [u8], ours: ProtocolVersions) -> Result<u8, Error> {
+    let (message, fds) = receive(channel, buf, "HELLO (its OFFER)")?;
+    let Message::Offer {
+        versions: theirs,
+        extensions: _, // none known yet: skipped
+    } = message
+    else {
+        return Err(Error::Handoff(format!(
+            "expected the parent's OFFER, got {message:?}"
+        )));
+    };
+    drop(fds);
+    let answer = match ours.highest_common(theirs) {
+        Some(v) => Message::Accept(v),
+        None => Message::Refuse(ours),
+    };
+    let bytes = answer.encode().map_err(|e| Error::Handoff(e.to_string()))?;
+    // The channel is empty in this direction: a short message fits its buffer at once.
+    sys::send_nonblocking(channel, &bytes)
+        .map_err(|e| Error::Handoff(format!("answering OFFER: {e}")))?;
+    match answer {
+        Message::Accept(v) => Ok(v),
+        _ => Err(Error::IncompatibleProtocol { ours, theirs }),
+    }
+}
+
+/// Makes sure this process may hold `count` more fds: raises the soft `RLIMIT_NOFILE` up to
+/// the hard one if needed (the parent's limits are inherited, and it held them all). Fds
+/// received over the limit would be lost: the kernel's `scm_detach_fds` stops at the first
+/// `EMFILE` and sets `MSG_CTRUNC`.
+fn make_room_for(count: usize) -> Result<(), Error> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let spare = 64; // stdio, the channel, the ring, the signalfd, the eventfds…
+    let open = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let need = (open + count + spare) as u64;
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)
+        .map_err(|e| Error::Handoff(format!("getrlimit: {e}")))?;
+    if need <= soft {
+        return Ok(());
+    }
+    if need <= hard && setrlimit(Resource::RLIMIT_NOFILE, need, hard).is_ok() {
+        return Ok(());
+    }
+    Err(Error::Handoff(format!(
+        "the previous process hands over {count} fds; with {open} open, this process may \
+         hold {soft} (RLIMIT_NOFILE, hard limit {hard})"
+    )))
+}
+
+/// Receives one message and its fds (`what` names it in errors). Every received fd is owned
+/// at once, so any error closes it.
+fn receive(
+    channel: BorrowedFd<'_>,
+    buf: &mut [u8],
+    what: &str,
+) -> Result<(Message, Vec<OwnedFd>), Error> {
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<UnixAddr>(
+        channel.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| Error::Handoff(format!("receiving {what}: {e}")))?;
+    let mut fds = Vec::new();
+    // nix refuses to iterate a truncated control buffer; the fds that did arrive then stay
+    // unowned, and this process exits on the error anyway.
+    let cmsgs = msg.cmsgs().map_err(|_| {
+        Error::Handoff(format!(
+            "{what}: fds did not fit (MSG_CTRUNC); the kernel dropped some"
+        ))
+    })?;
+    for c in cmsgs {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: SCM_RIGHTS installed these fds in this process just now; nobody else
+            // owns them.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(Error::Handoff(format!(
+            "{what}: fds did not fit (MSG_CTRUNC); the kernel dropped some"
+        )));
+    }
+    if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+        return Err(Error::Handoff(format!("{what} was truncated")));
+    }
+    let len = msg.bytes;
+    if len == 0 {
+        return Err(Error::Handoff(format!(
+            "the parent closed the channel before {what}"
+        )));
+    }
+    let message =
+        Message::decode(&buf[..len]).map_err(|e| Error::Handoff(format!("{what}: {e}")))?;
+    Ok((message, fds))
+}
