@@ -223,6 +223,12 @@ impl Driver {
             Ok(p) => p,
             Err(e) => return self.feed(Event::HandoffFailed(e.to_string())),
         };
+        // In a runtime, room in a full channel must wake this driver (see `watch_writable`).
+        if let (Some(set), Some(child)) = (&self.wake_set, &self.successor) {
+            if let Err(e) = set.watch_writable(child.channel.as_fd()) {
+                return self.feed(Event::HandoffFailed(format!("watching the channel: {e}")));
+            }
+        }
         self.send_handoff(SendMsgBufs::new(
             upgrade,
             payload,

@@ -222,6 +222,12 @@ fn negotiate(channel: BorrowedFd<'_>, buf: &mut [u8], ours: ProtocolVersions) ->
         None => Message::Refuse(ours),
     };
     let bytes = answer.encode().map_err(|e| Error::Handoff(e.to_string()))?;
+    if let Message::Refuse(_) = answer {
+        let e = Error::IncompatibleProtocol { ours, theirs };
+        // Logged before the answer: the parent, told by REFUSE, may SIGKILL this process (it
+        // holds nothing of the service's) before the application could log the error.
+        tracing::error!(error = %e, "refusing the handoff");
+    }
     // The channel is empty in this direction: a short message fits its buffer at once.
     sys::send_nonblocking(channel, &bytes)
         .map_err(|e| Error::Handoff(format!("answering OFFER: {e}")))?;
@@ -265,12 +271,19 @@ fn receive(
 ) -> Result<(Message, Vec<OwnedFd>), Error> {
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
     let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<UnixAddr>(
-        channel.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
+    let msg = loop {
+        // A signal handled in this process (the forwarding handler `build` installs) ends a
+        // blocking recvmsg with EINTR before anything is received: try again.
+        match recvmsg::<UnixAddr>(
+            channel.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other,
+        }
+    }
     .map_err(|e| Error::Handoff(format!("receiving {what}: {e}")))?;
     let mut fds = Vec::new();
     // nix refuses to iterate a truncated control buffer; the fds that did arrive then stay
