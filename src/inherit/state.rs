@@ -196,3 +196,113 @@ impl Read for StateReader<'_> {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsFd, OwnedFd};
+
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+    use super::*;
+    use crate::handoff::state_header;
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        sys::set_recv_timeout(b.as_fd(), Duration::from_secs(5)).unwrap();
+        (a, b)
+    }
+
+    fn send_chunk(to: &OwnedFd, bytes: &[u8]) {
+        let mut m = state_header(1).to_vec();
+        m.extend_from_slice(bytes);
+        sys::send_nonblocking(to.as_fd(), &m).unwrap();
+    }
+
+    #[test]
+    fn the_state_is_read_in_order_across_chunks() {
+        let (parent, child) = pair();
+        send_chunk(&parent, b"hello ");
+        send_chunk(&parent, b"state");
+        let mut stream = StateStream::new(1, 11);
+        let mut got = Vec::new();
+        let mut reader = StateReader::new(&mut stream, child.as_fd());
+        assert_eq!(reader.len(), 11);
+        reader.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"hello state");
+        stream.finish(child.as_fd()).unwrap();
+    }
+
+    /// What the application did not read would be lost: `run` fails (the upgrade rolls back).
+    #[test]
+    fn a_state_read_in_part_fails_the_upgrade() {
+        let (parent, child) = pair();
+        send_chunk(&parent, &[7; 100]);
+        let mut stream = StateStream::new(1, 100);
+        let mut four = [0; 4];
+        StateReader::new(&mut stream, child.as_fd())
+            .read_exact(&mut four)
+            .unwrap();
+        match stream.finish(child.as_fd()) {
+            Err(Error::StateNotRead { read: 4, len: 100 }) => {}
+            other => panic!("{other:?}"),
+        }
+        // Not read at all: the same.
+        let mut untouched = StateStream::new(1, 100);
+        assert!(matches!(
+            untouched.finish(child.as_fd()),
+            Err(Error::StateNotRead { read: 0, len: 100 })
+        ));
+    }
+
+    #[test]
+    fn a_state_cut_short_is_an_error_not_an_end() {
+        let (parent, child) = pair();
+        send_chunk(&parent, &[1; 50]);
+        drop(parent);
+        let mut stream = StateStream::new(1, 100);
+        let mut got = Vec::new();
+        let e = StateReader::new(&mut stream, child.as_fd())
+            .read_to_end(&mut got)
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+        assert!(e.to_string().contains("after 50 of 100"), "{e}");
+    }
+
+    #[test]
+    fn more_than_announced_or_another_version_is_refused() {
+        let (parent, child) = pair();
+        send_chunk(&parent, &[1; 10]);
+        let mut stream = StateStream::new(1, 5);
+        let e = StateReader::new(&mut stream, child.as_fd())
+            .read(&mut [0; 64])
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        send_chunk(&parent, &[1; 10]);
+        let mut stream = StateStream::new(2, 10);
+        let e = StateReader::new(&mut stream, child.as_fd())
+            .read(&mut [0; 64])
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+    }
+
+    #[test]
+    fn a_small_state_is_read_whole_and_served_from_memory() {
+        let (parent, child) = pair();
+        send_chunk(&parent, b"keys");
+        let mut stream = StateStream::new(1, 4);
+        stream.read_whole(child.as_fd()).unwrap();
+        assert_eq!(stream.whole().unwrap().as_ref(), b"keys");
+        let mut got = String::new();
+        StateReader::new(&mut stream, child.as_fd())
+            .read_to_string(&mut got)
+            .unwrap();
+        assert_eq!(got, "keys");
+        stream.finish(child.as_fd()).unwrap();
+    }
+}
