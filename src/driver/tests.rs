@@ -1077,3 +1077,72 @@ fn a_successor_abandoned_while_starting_leaves_the_pid_file_alone() {
         "the abandoned successor took the pid file"
     );
 }
+
+/// In a runtime, a handoff send that found the channel full is retried by the ring when the
+/// channel has room again, as deferred work that runs only when the driver turns: room in the
+/// channel must wake the wake set (its `EPOLLOUT`, see `WakeSet::watch_writable`). 4 MiB of
+/// state is 64 chunks, several times what the channel holds. Without the watch the handoff
+/// stalled after the first ten chunks (as `handoff_limits` saw: the successor gave up).
+#[test]
+fn in_a_runtime_room_in_the_channel_wakes_the_wake_set() {
+    let mut server = tcp_server(1);
+    upgrade_to_a_stand_in(&mut server);
+    let len = 4 << 20;
+    *server
+        .parts
+        .shared
+        .handoff_state
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = bytes::Bytes::from(vec![5u8; len]);
+    let mut driver = Driver::new(server, super::Waiting::InRuntime).unwrap();
+    let fd = driver.readiness_fd().expect("a wake set");
+    driver.request_upgrade(crate::machine::Requester::Signal);
+    let deadline = Instant::now() + BOUND;
+    while driver.successor.is_none() && Instant::now() < deadline {
+        turn_as_a_runtime(&mut driver);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let pid = driver.successor.as_ref().expect("no successor started").pid;
+    let _successor = KillOnDrop::new(pid);
+    let channel = successor_channel(pid);
+    assert!(matches!(recv_message(&channel), Message::Offer { .. }));
+    let accept = Message::Accept(crate::protocol::SUPPORTED.max);
+    crate::sys::send_nonblocking(channel.as_fd(), &accept.encode().unwrap()).unwrap();
+    let mut buf = vec![0u8; crate::handoff::MAX_MESSAGE_LEN];
+    let mut state = 0;
+    // From here, turn only when the wake set says so, as a runtime would.
+    while state < len && Instant::now() < deadline {
+        if readable_within(fd, 100) {
+            turn_as_a_runtime(&mut driver);
+        }
+        // The successor's side: take whatever is queued.
+        while let Ok(n) = crate::sys::recv_nonblocking(channel.as_fd(), &mut buf) {
+            if let Message::State { chunk, .. } = Message::decode(&buf[..n]).unwrap() {
+                state += chunk.len();
+            }
+        }
+    }
+    assert_eq!(
+        state, len,
+        "the handoff stalled: room in the channel did not wake the runtime"
+    );
+}
+
+/// One handoff per upgrade: a successor that answers ACCEPT twice would have a second handoff
+/// sent beside the first; it is an invalid message instead, and the upgrade rolls back.
+#[test]
+fn a_second_accept_rolls_the_upgrade_back() {
+    let mut server = tcp_server(1);
+    upgrade_to_a_stand_in(&mut server);
+    let mut driver = Driver::new(server, super::Waiting::InRing).unwrap();
+    let (pid, channel, _upgrade) = start_successor(&mut driver);
+    let _successor = KillOnDrop::new(pid);
+    let accept = Message::Accept(crate::protocol::SUPPORTED.max);
+    crate::sys::send_nonblocking(channel.as_fd(), &accept.encode().unwrap()).unwrap();
+    let deadline = Instant::now() + BOUND;
+    while driver.machine.phase() != crate::machine::Phase::Serving && Instant::now() < deadline {
+        driver.turn(false, &mut |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(driver.machine.phase(), crate::machine::Phase::Serving);
+}

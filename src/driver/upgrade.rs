@@ -64,6 +64,9 @@ pub(super) struct Timeline {
     upgrade: Option<UpgradeId>,
     trigger: Option<Instant>,
     pub(super) spawned: Option<Instant>,
+    /// The successor's ACCEPT: the protocol version agreed (at most once per upgrade).
+    agreed: Option<Instant>,
+    /// The whole handoff sent (HELLO, every fd, the state).
     pub(super) hello_sent: Option<Instant>,
     pub(super) ready: Option<Instant>,
     pub(super) accept_stopped: Option<Instant>,
@@ -85,6 +88,7 @@ impl Timeline {
             // Also in the span, but spans may be filtered out.
             upgrade.id = %upgrade,
             spawned_us = us(self.spawned),
+            agreed_us = us(self.agreed),
             hello_sent_us = us(self.hello_sent),
             ready_us = us(self.ready),
             accept_stopped_us = us(self.accept_stopped),
@@ -240,6 +244,9 @@ impl Driver {
 
     /// The successor refused every version this process offered.
     pub(super) fn on_version_refused(&mut self, theirs: ProtocolVersions) {
+        if self.timeline.agreed.is_some() {
+            return self.feed(Event::ChildMessageInvalid("REFUSE after its ACCEPT".into()));
+        }
         self.feed(Event::HandoffRefused {
             ours: protocol::this_process(),
             theirs,
@@ -253,6 +260,10 @@ impl Driver {
             return;
         };
         let upgrade = child.upgrade;
+        // One handoff per upgrade: a second ACCEPT would start a second one beside it.
+        if self.timeline.agreed.replace(Instant::now()).is_some() {
+            return self.feed(Event::ChildMessageInvalid("a second ACCEPT".into()));
+        }
         if !protocol::this_process().contains(version) {
             return self.feed(Event::HandoffFailed(format!(
                 "the new process picked protocol version {version}, which was not offered"

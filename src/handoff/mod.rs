@@ -215,7 +215,9 @@ impl fmt::Display for WireError {
         match self {
             WireError::Truncated => write!(f, "truncated message"),
             WireError::BadMagic => write!(f, "not a ringflip message (bad magic)"),
-            WireError::Version(v) => write!(f, "version byte {v} is not valid for this message"),
+            WireError::Version(v) => {
+                write!(f, "protocol version {v} is not valid for this message kind")
+            }
             WireError::Kind(k) => write!(f, "unknown message kind {k}"),
             WireError::TooLarge(what) => write!(f, "{what} exceeds the protocol limit"),
             WireError::NotUtf8 => write!(f, "listener name or address is not UTF-8"),

@@ -47,8 +47,9 @@ pub(crate) struct Inherited {
     pub version: u8,
 }
 
-/// How long a successor waits for HELLO before giving up (the parent sends it right after
-/// spawning, so this only guards against a parent that died in between).
+/// How long a successor waits for any message of the handoff before giving up (the parent
+/// sends OFFER right after spawning and the rest without pause, so this only guards against a
+/// parent that is stuck).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `Ok(None)` when this process was not started by ringflip as a successor.
@@ -156,7 +157,11 @@ pub(crate) fn from_environment() -> Result<Option<Inherited>, Error> {
                 owned.len()
             )));
         };
-        if v != version || fds.len() != batch.len() || owned.len() + fds.len() > fd_count as usize {
+        if v != version
+            || batch.is_empty()
+            || fds.len() != batch.len()
+            || owned.len() + fds.len() > fd_count as usize
+        {
             return Err(Error::Handoff(format!(
                 "an fd message (version {v}) describes {} fds and carried {}, with {} of \
                  {fd_count} received",
@@ -243,11 +248,14 @@ fn negotiate(channel: BorrowedFd<'_>, buf: &mut [u8], ours: ProtocolVersions) ->
 /// `EMFILE` and sets `MSG_CTRUNC`.
 fn make_room_for(count: usize) -> Result<(), Error> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let spare = 64; // stdio, the channel, the ring, the signalfd, the eventfds…
+    // What the receive itself needs: the fds take the lowest free numbers, each below the
+    // limit (`alloc_fd` refuses a number at or above `RLIMIT_NOFILE`). What the process opens
+    // next (its ring, its eventfds) is its own business, as in any process. (`read_dir`'s own
+    // fd is counted: one to spare.)
     let open = std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count())
         .unwrap_or(0);
-    let need = (open + count + spare) as u64;
+    let need = (open + count) as u64;
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)
         .map_err(|e| Error::Handoff(format!("getrlimit: {e}")))?;
     if need <= soft {
