@@ -20,6 +20,15 @@ pub enum Error {
     /// process must exit: the parent sees that and keeps serving.
     #[error("handoff from the previous process failed: {0}")]
     Handoff(String),
+    /// Started as a successor, but the previous process gave up on this upgrade before it had
+    /// handed everything over (it was told to stop, or its ready timeout passed: it closed
+    /// the channel and asked this process to stop). Nothing was adopted; the previous process
+    /// serves on or is stopping. This process should exit; this is not a fault of its own.
+    #[error(
+        "the previous process gave up on this upgrade before the handoff was complete, and \
+         asked this process to stop"
+    )]
+    Abandoned,
     /// Started as a successor of a process that speaks no handoff protocol version this one
     /// speaks: this process refused the handoff (the parent was told, and keeps serving) and
     /// must exit.

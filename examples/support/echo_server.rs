@@ -296,6 +296,11 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
     // inherit the mask.
     let mut server = match builder.build() {
         Ok(s) => s,
+        // Started by an upgrade its predecessor gave up on: nothing to do but leave.
+        Err(e @ ringflip::Error::Abandoned) => {
+            tracing::info!(error = %e, "not starting");
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
             return ExitCode::from(1);

@@ -270,6 +270,17 @@ fn make_room_for(count: usize) -> Result<(), Error> {
     )))
 }
 
+/// The parent closed the channel before `what`: [`Error::Abandoned`] when this process was
+/// also told to stop (the parent gives a successor up with SIGTERM, then closes the channel;
+/// the signal is blocked here, so it is pending), else a broken handoff. A close with our
+/// ACCEPT unread on the parent's side reads as `ECONNRESET`, a plain close as EOF.
+fn parent_gone(what: &str) -> Error {
+    if sys::stop_signal_pending() {
+        return Error::Abandoned;
+    }
+    Error::Handoff(format!("the parent closed the channel before {what}"))
+}
+
 /// Receives one message and its fds (`what` names it in errors). Every received fd is owned
 /// at once, so any error closes it.
 fn receive(
@@ -289,6 +300,7 @@ fn receive(
             MsgFlags::MSG_CMSG_CLOEXEC,
         ) {
             Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::ECONNRESET) => return Err(parent_gone(what)),
             other => break other,
         }
     }
@@ -321,9 +333,7 @@ fn receive(
     }
     let len = msg.bytes;
     if len == 0 {
-        return Err(Error::Handoff(format!(
-            "the parent closed the channel before {what}"
-        )));
+        return Err(parent_gone(what));
     }
     let message =
         Message::decode(&buf[..len]).map_err(|e| Error::Handoff(format!("{what}: {e}")))?;
