@@ -3,7 +3,7 @@
 //! Started by a serving ringflip process as its "new binary" (through a one-line shell script
 //! that `exec`s it, so fd 3 and `RINGFLIP_HANDOFF_FD` / `RINGFLIP_UPGRADE_ID` are in place), it
 //! speaks the handoff protocol by hand (`docs/PROTOCOL.md`: magic `RFLP`; the preamble OFFER,
-//! answered with ACCEPT of version 1; then HELLO=1 and its FDS=6 messages; READY=2
+//! carrying HELLO=1, answered with ACCEPT of version 1; then the FDS=6 messages; READY=2
 //! RETIRING=3, little-endian fields) and misbehaves in the way its first argument names
 //! ("receive HELLO" is the whole exchange up to the last fd):
 //!
@@ -94,10 +94,10 @@ fn receive_hello(expected: u64) -> Result<(u64, u32, usize), String> {
         ));
     }
     let mut buf = vec![0u8; 512 * 1024];
-    // OFFER (any range holding 1), answered with ACCEPT(1).
-    let (len, _) = receive(&mut buf)?;
+    // OFFER of a range whose newest version is 1, carrying HELLO; answered with ACCEPT(1).
+    let (len, mut fds) = receive(&mut buf)?;
     let b = &buf[..len];
-    if len < 8 || &b[..4] != MAGIC || b[4] != PREAMBLE || b[5] != KIND_OFFER || b[6] > VERSION {
+    if len < 8 || &b[..4] != MAGIC || b[4] != PREAMBLE || b[5] != KIND_OFFER || b[7] != VERSION {
         return Err(format!(
             "not an OFFER of version 1: {len} bytes {:02x?}",
             &b[..len.min(16)]
@@ -106,13 +106,12 @@ fn receive_hello(expected: u64) -> Result<(u64, u32, usize), String> {
     let mut accept = MAGIC.to_vec();
     accept.extend_from_slice(&[PREAMBLE, KIND_ACCEPT, VERSION]);
     send_msg(&accept)?;
-    let (len, _) = receive(&mut buf)?;
-    let b = &buf[..len];
-    if len < 34 || &b[..4] != MAGIC || b[4] != VERSION || b[5] != KIND_HELLO {
+    let b = &buf[8..len];
+    if b.len() < 34 || &b[..4] != MAGIC || b[4] != VERSION || b[5] != KIND_HELLO {
         return Err(format!(
             "not a HELLO: {} bytes {:02x?}",
-            len,
-            &b[..len.min(16)]
+            b.len(),
+            &b[..b.len().min(16)]
         ));
     }
     let id = u64::from_le_bytes(b[6..14].try_into().expect("8 bytes"));
@@ -124,7 +123,6 @@ fn receive_hello(expected: u64) -> Result<(u64, u32, usize), String> {
         ));
     }
     // The FDS messages, until HELLO's count (the state, if any, is left on the channel).
-    let mut fds = 0;
     while fds < count {
         let (len, n) = receive(&mut buf)?;
         if len < 8 || buf[5] != KIND_FDS {

@@ -64,13 +64,20 @@ fn upgrade_to_a_newer_version_and_roll_back() {
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert!(lines[1].contains("protocol.version=2"), "{lines:?}");
 
-    // New → old (the rollback of a bad release): version 1 again.
+    // New → old (the rollback of a bad release): version 1 again. The OFFER carried a
+    // version 2 handoff, which the old build drops; the new process sends it again in 1.
+    assert!(!log(&server).contains("handoff sent again"));
     next_speaks(&server, None);
     server.upgrade();
     assert_echoes(&server);
     let lines = agreed(&server);
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert!(lines[2].contains("protocol.version=1"), "{lines:?}");
+    assert!(
+        log(&server).contains("handoff sent again in the version agreed"),
+        "{}",
+        log(&server)
+    );
     server.stop();
 }
 

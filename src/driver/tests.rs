@@ -286,7 +286,7 @@ impl Drop for KillOnDrop {
 /// Receives one message on `channel` (bounded), dropping any fds it carries.
 fn recv_message(channel: &OwnedFd) -> Message {
     crate::sys::set_recv_timeout(channel.as_fd(), Duration::from_secs(5)).unwrap();
-    let mut buf = [0u8; 4096];
+    let mut buf = vec![0u8; crate::handoff::MAX_MESSAGE_LEN];
     let n = nix::sys::socket::recv(channel.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
     Message::decode(&buf[..n]).unwrap()
 }
@@ -379,27 +379,22 @@ fn start_successor(driver: &mut Driver) -> (u32, OwnedFd, UpgradeId) {
     }
     let pid = driver.successor.as_ref().expect("no successor started").pid;
     let channel = successor_channel(pid);
-    match recv_message(&channel) {
-        Message::Offer { .. } => {}
-        other => panic!("expected OFFER, got {other:?}"),
-    }
+    // OFFER, carrying HELLO in this build's version: accepted.
+    let (upgrade, total_fds, total_state, mut fds, mut state) = take_offer(&channel);
     let accept = Message::Accept(crate::protocol::SUPPORTED.max);
     crate::sys::send_nonblocking(channel.as_fd(), &accept.encode().unwrap()).unwrap();
-    // The driver reads the ACCEPT in a turn and sends HELLO.
     // Then every fd and the state: the whole handoff is taken off the channel.
     let mut buf = vec![0u8; crate::handoff::MAX_MESSAGE_LEN];
-    let (mut hello, mut fds, mut state) = (None, 0, 0);
+    let mut hello = Some((upgrade, total_fds, total_state));
+    if fds == total_fds && state == total_state {
+        return (pid, channel, upgrade);
+    }
     while Instant::now() < deadline {
         driver.turn(false, &mut |_| {}).unwrap();
         match crate::sys::recv_nonblocking(channel.as_fd(), &mut buf) {
             Ok(n) => {
                 match Message::decode(&buf[..n]).unwrap() {
-                    Message::Hello {
-                        upgrade,
-                        fds: f,
-                        state_len,
-                        ..
-                    } => hello = Some((upgrade, f as usize, state_len)),
+                    Message::Hello { .. } => hello = None,
                     Message::Fds { records, .. } => fds += records.len(),
                     Message::State { chunk, .. } => state += chunk.len() as u64,
                     other => panic!("expected the handoff, got {other:?}"),
@@ -417,6 +412,31 @@ fn start_successor(driver: &mut Driver) -> (u32, OwnedFd, UpgradeId) {
         }
     }
     panic!("no whole handoff within {BOUND:?}");
+}
+
+/// Receives the OFFER and the HELLO it carries: the upgrade id, the handoff's fd count and
+/// state length, and how much of each the HELLO had.
+fn take_offer(channel: &OwnedFd) -> (UpgradeId, usize, u64, usize, u64) {
+    match recv_message(channel) {
+        Message::Offer { hello, .. } => match Message::decode(&hello).unwrap() {
+            Message::Hello {
+                upgrade,
+                fds,
+                state_len,
+                records,
+                state,
+                ..
+            } => (
+                upgrade,
+                fds as usize,
+                state_len,
+                records.len(),
+                state.len() as u64,
+            ),
+            other => panic!("expected HELLO in the OFFER, got {other:?}"),
+        },
+        other => panic!("expected OFFER, got {other:?}"),
+    }
 }
 
 /// A successor told to stop right after its READY sends RETIRING and exits before this
@@ -1105,11 +1125,11 @@ fn in_a_runtime_room_in_the_channel_wakes_the_wake_set() {
     let pid = driver.successor.as_ref().expect("no successor started").pid;
     let _successor = KillOnDrop::new(pid);
     let channel = successor_channel(pid);
-    assert!(matches!(recv_message(&channel), Message::Offer { .. }));
+    let (_, _, _, _, first) = take_offer(&channel);
     let accept = Message::Accept(crate::protocol::SUPPORTED.max);
     crate::sys::send_nonblocking(channel.as_fd(), &accept.encode().unwrap()).unwrap();
     let mut buf = vec![0u8; crate::handoff::MAX_MESSAGE_LEN];
-    let mut state = 0;
+    let mut state = first as usize;
     // From here, turn only when the wake set says so, as a runtime would.
     while state < len && Instant::now() < deadline {
         if readable_within(fd, 100) {

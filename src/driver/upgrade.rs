@@ -57,6 +57,17 @@ pub(super) struct Transfer {
     sent_state: usize,
 }
 
+/// Where the sending of the upgrade in flight stands (reset with its [`Timeline`]).
+#[derive(Clone, Copy, Default)]
+struct HandoffProgress {
+    /// The version the successor accepted.
+    agreed: Option<u8>,
+    /// The version of the transfer whose messages are in flight (one op at a time).
+    sending: Option<u8>,
+    /// The version of the transfer sent whole, if one was.
+    sent: Option<u8>,
+}
+
 /// When each step of the current upgrade happened, for the log (target `ringflip::timeline`)
 /// and the benchmarks.
 #[derive(Clone, Copy, Default)]
@@ -66,6 +77,8 @@ pub(super) struct Timeline {
     pub(super) spawned: Option<Instant>,
     /// The successor's ACCEPT: the protocol version agreed (at most once per upgrade).
     agreed: Option<Instant>,
+    /// Where the handoff's sending stands.
+    handoff: HandoffProgress,
     /// The whole handoff sent (HELLO, every fd, the state).
     pub(super) hello_sent: Option<Instant>,
     pub(super) ready: Option<Instant>,
@@ -216,30 +229,60 @@ impl Driver {
         }
     }
 
-    /// The handoff's first step: OFFER, the versions this process speaks. The successor
-    /// answers ACCEPT (see `on_version_accepted`) or REFUSE; nothing else is sent before.
+    /// The handoff: OFFER, the versions this process speaks, carrying the HELLO in the newest
+    /// of them, then the rest of that handoff without waiting for the answer (see
+    /// `on_version_accepted` for an answer of another version).
     fn send_offer(&mut self, upgrade: UpgradeId) {
-        let offer = Message::Offer {
-            versions: protocol::this_process(),
-            extensions: Vec::new(),
-        };
-        let payload = match offer.encode() {
-            Ok(p) => p,
-            Err(e) => return self.feed(Event::HandoffFailed(e.to_string())),
-        };
         // In a runtime, room in a full channel must wake this driver (see `watch_writable`).
         if let (Some(set), Some(child)) = (&self.wake_set, &self.successor) {
             if let Err(e) = set.watch_writable(child.channel.as_fd()) {
                 return self.feed(Event::HandoffFailed(format!("watching the channel: {e}")));
             }
         }
-        self.send_handoff(SendMsgBufs::new(
+        let versions = protocol::this_process();
+        self.start_transfer(upgrade, versions.max, Some(versions));
+    }
+
+    /// A whole handoff in `version`: its HELLO, inside an OFFER of `offer` if given, then the
+    /// rest, one message at a time (see `send_next`).
+    fn start_transfer(&mut self, upgrade: UpgradeId, version: u8, offer: Option<ProtocolVersions>) {
+        let mut transfer = match self.plan_transfer(version) {
+            Ok(t) => t,
+            Err(why) => return self.feed(Event::HandoffFailed(why)),
+        };
+        let first = transfer.records.len().min(MAX_FDS_PER_MESSAGE);
+        let dups = match self.dup_batch(&transfer, 0..first) {
+            Ok(d) => d,
+            Err(why) => return self.feed(Event::HandoffFailed(why)),
+        };
+        // The first chunk of the state rides in HELLO (copied: at most 64 KiB).
+        let chunk = transfer.state.len().min(STATE_CHUNK);
+        let hello = Message::Hello {
+            version,
             upgrade,
-            payload,
-            Bytes::new(),
-            &[],
-            Vec::new(),
-        ));
+            parent_pid: std::process::id(),
+            generation: self.shared.generation.wrapping_add(1),
+            fds: transfer.records.len() as u32,
+            state_len: transfer.state.len() as u64,
+            records: transfer.records[..first].to_vec(),
+            state: transfer.state[..chunk].to_vec(),
+            extensions: Vec::new(),
+        };
+        let encoded = hello.encode().and_then(|hello| match offer {
+            Some(versions) => Message::Offer { versions, hello }.encode(),
+            None => Ok(hello),
+        });
+        let payload = match encoded {
+            Ok(p) => p,
+            Err(e) => return self.feed(Event::HandoffFailed(e.to_string())),
+        };
+        transfer.sent_fds = first;
+        transfer.sent_state = chunk;
+        let raw: Vec<RawFd> = dups.iter().map(|d| d.as_raw_fd()).collect();
+        let mut bufs = SendMsgBufs::new(upgrade, payload, Bytes::new(), &raw, dups);
+        bufs.transfer = Some(transfer);
+        self.timeline.handoff.sending = Some(version);
+        self.send_handoff(bufs);
     }
 
     /// The successor refused every version this process offered.
@@ -253,14 +296,15 @@ impl Driver {
         });
     }
 
-    /// The successor picked `version`: HELLO, then every fd (`FDS` messages), then the state
-    /// (`STATE` messages), one message at a time (see `Transfer`).
+    /// The successor picked `version`. The OFFER's own handoff (in this process's newest
+    /// version) goes on if that is the one; else it stops at its next message and the
+    /// handoff starts again in `version` (the successor drops what came in another version).
     pub(super) fn on_version_accepted(&mut self, version: u8) {
         let Some(child) = &self.successor else {
             return;
         };
         let upgrade = child.upgrade;
-        // One handoff per upgrade: a second ACCEPT would start a second one beside it.
+        // One answer per upgrade: a second ACCEPT would start a second handoff beside it.
         if self.timeline.agreed.replace(Instant::now()).is_some() {
             return self.feed(Event::ChildMessageInvalid("a second ACCEPT".into()));
         }
@@ -273,26 +317,21 @@ impl Driver {
             protocol.version = version,
             "handoff protocol version agreed"
         );
-        let transfer = match self.plan_transfer(version) {
-            Ok(t) => t,
-            Err(why) => return self.feed(Event::HandoffFailed(why)),
-        };
-        let hello = Message::Hello {
-            version,
-            upgrade,
-            parent_pid: std::process::id(),
-            generation: self.shared.generation.wrapping_add(1),
-            fds: transfer.records.len() as u32,
-            state_len: transfer.state.len() as u64,
-            extensions: Vec::new(),
-        };
-        let payload = match hello.encode() {
-            Ok(p) => p,
-            Err(e) => return self.feed(Event::HandoffFailed(e.to_string())),
-        };
-        let mut bufs = SendMsgBufs::new(upgrade, payload, Bytes::new(), &[], Vec::new());
-        bufs.transfer = Some(transfer);
-        self.send_handoff(bufs);
+        let progress = &mut self.timeline.handoff;
+        progress.agreed = Some(version);
+        match (progress.sending, progress.sent) {
+            // In flight: `send_next` goes on, or starts again in `version`.
+            (Some(_), _) => {}
+            (None, Some(sent)) if sent == version => self.feed(Event::ListenersSent),
+            (None, sent) => {
+                tracing::info!(
+                    from = sent,
+                    to = version,
+                    "handoff sent again in the version agreed"
+                );
+                self.start_transfer(upgrade, version, None)
+            }
+        }
     }
 
     /// What the successor gets: every fd with its record, and the application's state.
@@ -387,36 +426,54 @@ impl Driver {
         })
     }
 
-    /// The next message of `transfer`, or `ListenersSent` when all of it is out.
+    /// Duplicates of the fds of `transfer`'s records in `range`, held until their message's
+    /// send completes (a ring op may run after this turn, when an original could be gone).
+    fn dup_batch(
+        &self,
+        transfer: &Transfer,
+        range: std::ops::Range<usize>,
+    ) -> Result<Vec<std::os::fd::OwnedFd>, String> {
+        let mut dups = Vec::with_capacity(range.len());
+        for i in range {
+            let fd = match transfer.sources[i] {
+                Source::Accept(j) => self.accepts.get(j).map(|s| s.listener.fd.as_fd()),
+                Source::Worker(j) => self.worker_listeners.get(j).map(|(_, fd)| fd.as_fd()),
+                Source::Udp(j) => self.udp.get(j).map(|u| u.socket.as_fd()),
+                Source::App(j) => transfer.app.get(j).map(|(_, fd)| fd.as_fd()),
+                Source::Elder(j) => transfer.elders.get(j).map(|fd| fd.as_fd()),
+            };
+            let fd = fd.ok_or("a socket went away during the handoff")?;
+            dups.push(sys::dup_cloexec_at_least(fd, 3).map_err(|e| {
+                format!(
+                    "duplicating fd {i} of {} to send: {e}",
+                    transfer.records.len()
+                )
+            })?);
+        }
+        Ok(dups)
+    }
+
+    /// The next message of `transfer`; when all of it is out, `ListenersSent` if the successor
+    /// accepted its version (else that waits for the ACCEPT). A transfer in another version
+    /// than the one accepted stops here, and one in that version starts.
     fn send_next(&mut self, upgrade: UpgradeId, mut transfer: Transfer) {
         let version = transfer.version;
+        let agreed = self.timeline.handoff.agreed;
+        if let Some(v) = agreed.filter(|v| *v != version) {
+            tracing::info!(
+                from = version,
+                to = v,
+                "handoff sent again in the version agreed"
+            );
+            return self.start_transfer(upgrade, v, None);
+        }
         let bufs = if transfer.sent_fds < transfer.records.len() {
             let range = transfer.sent_fds
                 ..(transfer.sent_fds + MAX_FDS_PER_MESSAGE).min(transfer.records.len());
-            let mut dups = Vec::with_capacity(range.len());
-            for i in range.clone() {
-                let fd = match transfer.sources[i] {
-                    Source::Accept(j) => self.accepts.get(j).map(|s| s.listener.fd.as_fd()),
-                    Source::Worker(j) => self.worker_listeners.get(j).map(|(_, fd)| fd.as_fd()),
-                    Source::Udp(j) => self.udp.get(j).map(|u| u.socket.as_fd()),
-                    Source::App(j) => transfer.app.get(j).map(|(_, fd)| fd.as_fd()),
-                    Source::Elder(j) => transfer.elders.get(j).map(|fd| fd.as_fd()),
-                };
-                let Some(fd) = fd else {
-                    return self.feed(Event::HandoffFailed(
-                        "a socket went away during the handoff".into(),
-                    ));
-                };
-                match sys::dup_cloexec_at_least(fd, 3) {
-                    Ok(dup) => dups.push(dup),
-                    Err(e) => {
-                        return self.feed(Event::HandoffFailed(format!(
-                            "duplicating fd {i} of {} to send: {e}",
-                            transfer.records.len()
-                        )))
-                    }
-                }
-            }
+            let dups = match self.dup_batch(&transfer, range.clone()) {
+                Ok(d) => d,
+                Err(why) => return self.feed(Event::HandoffFailed(why)),
+            };
             let message = Message::Fds {
                 version,
                 records: transfer.records[range.clone()].to_vec(),
@@ -441,7 +498,13 @@ impl Driver {
                 Vec::new(),
             )
         } else {
-            return self.feed(Event::ListenersSent);
+            let progress = &mut self.timeline.handoff;
+            progress.sending = None;
+            progress.sent = Some(version);
+            if agreed == Some(version) {
+                self.feed(Event::ListenersSent);
+            }
+            return;
         };
         let mut bufs = bufs;
         bufs.transfer = Some(transfer);

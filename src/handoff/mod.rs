@@ -6,21 +6,30 @@
 //! Every message starts with the magic `RFLP`, a version byte and a kind byte.
 //!
 //! **Version negotiation (the preamble, version byte 0, a layout that never changes):**
-//! - parent → child: `OFFER(min, max)`, the range of protocol versions the parent speaks;
+//! - parent → child: `OFFER(min, max)`, the range of protocol versions the parent speaks,
+//!   followed in the same message by its HELLO in version `max` (a whole message, its first
+//!   fds in the OFFER's `SCM_RIGHTS`): the parent does not wait for the answer;
 //! - child → parent: `ACCEPT(v)`, the highest version both speak, or `REFUSE(min, max)`, the
 //!   child's own range when there is none (the child then exits with
 //!   [`Error::IncompatibleProtocol`](crate::Error); the parent rolls back with
 //!   [`UpgradeFailure::IncompatibleProtocol`](crate::UpgradeFailure)).
 //!
-//! **The handoff, in the version picked (its number in each message's version byte):**
-//! - parent → child: `HELLO` (upgrade id, parent pid, generation, how many fds follow, how
-//!   many state bytes follow, extensions);
-//! - parent → child: `FDS` messages, each with at most [`MAX_FDS_PER_MESSAGE`] records
-//!   (listeners, UDP sockets, the application's fds, then the pidfds of the parent and its
-//!   older generations still draining) and their fds in one `SCM_RIGHTS` control message, in
-//!   record order, until HELLO's count is reached;
-//! - parent → child: `STATE` messages, chunks of the application's state, at most
-//!   [`STATE_CHUNK`] bytes each, until HELLO's length is reached.
+//! When `v` is the parent's `max` (the same release, or a later one that still speaks it), the
+//! child takes the HELLO the OFFER carried and what follows it: no round trip. Otherwise it
+//! drops that HELLO and every message not in version `v` (closing their fds) until the parent,
+//! once it has read the ACCEPT, starts the handoff again in version `v`. A handoff that fits
+//! one message (≤ 253 fds, ≤ 64 KiB of state) thus reaches a child of the same version even
+//! if the parent's thread stalls right after sending it (see `tests/takeover.rs`).
+//!
+//! **The handoff, in one version (its number in each message's version byte):**
+//! - `HELLO` (upgrade id, parent pid, generation, how many fds and state bytes the handoff
+//!   has in all, the first records, with their fds, the first chunk of state, extensions);
+//! - `FDS` messages, each with at most [`MAX_FDS_PER_MESSAGE`] records (listeners, UDP
+//!   sockets, the application's fds, then the pidfds of the parent and its older generations
+//!   still draining) and their fds in one `SCM_RIGHTS` control message, in record order,
+//!   until HELLO's count is reached;
+//! - `STATE` messages, chunks of the application's state, at most [`STATE_CHUNK`] bytes
+//!   each, until HELLO's length is reached.
 //!
 //! The child adopts nothing before every fd has arrived (all or nothing), and sends READY
 //! only after the whole state was received.
@@ -38,8 +47,8 @@
 //!   at the channel's EOF instead;
 //! - EOF either way when a side exits.
 //!
-//! Extensions (OFFER and HELLO end with them): `kind u8, length u16, value`; a receiver skips
-//! the kinds it does not know, so a later release can add fields without a new version.
+//! Extensions (HELLO ends with them): `kind u8, length u16, value`; a receiver skips the kinds
+//! it does not know, so a later release can add fields without a new version.
 //!
 //! The decoder is total: any byte string decodes to a message or a [`WireError`], and every
 //! length is checked against the input and against a fixed bound before it is used.
@@ -87,11 +96,10 @@ pub const MAX_STATE_LEN: usize = 64 * 1024;
 pub(crate) const STATE_CHUNK: usize = 64 * 1024;
 /// Header of a `STATE` message (magic, version, kind).
 pub(crate) const STATE_HEADER: usize = 6;
-/// Largest message on the wire: an `FDS` message with every record at its largest (header,
-/// count, records). A HELLO or an OFFER is refused by the encoder if its extensions make it
-/// longer.
+/// Largest message on the wire: an OFFER carrying a HELLO with every record at its largest
+/// and a whole state chunk (~390 KB), with room for extensions. The encoder refuses longer.
 pub(crate) const MAX_MESSAGE_LEN: usize =
-    8 + MAX_FDS_PER_MESSAGE * (5 + MAX_NAME_LEN + MAX_ADDR_LEN);
+    8 + 64 + MAX_FDS_PER_MESSAGE * (5 + MAX_NAME_LEN + MAX_ADDR_LEN) + STATE_CHUNK + 1024;
 
 const KIND_HELLO: u8 = 1;
 const KIND_READY: u8 = 2;
@@ -153,10 +161,11 @@ pub(crate) struct Extension {
 /// A protocol message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Message {
-    /// Preamble, parent → child: the versions the parent speaks.
+    /// Preamble, parent → child: the versions the parent speaks, and its HELLO in version
+    /// `versions.max`, encoded (empty if none).
     Offer {
         versions: ProtocolVersions,
-        extensions: Vec<Extension>,
+        hello: Vec<u8>,
     },
     /// Preamble, child → parent: the version picked.
     Accept(u8),
@@ -169,10 +178,16 @@ pub(crate) enum Message {
         parent_pid: u32,
         /// The child's generation: 0 is the first process started by hand.
         generation: u32,
-        /// How many fds the `FDS` messages that follow carry in all.
+        /// How many fds the handoff has in all (this message's and the `FDS` messages').
         fds: u32,
-        /// How many state bytes the `STATE` messages that follow carry in all.
+        /// How many state bytes the handoff has in all (this message's first chunk and the
+        /// `STATE` messages').
         state_len: u64,
+        /// The first records (at most [`MAX_FDS_PER_MESSAGE`]); their fds travel with this
+        /// message.
+        records: Vec<ListenerRecord>,
+        /// The first chunk of the state (at most [`STATE_CHUNK`] bytes).
+        state: Vec<u8>,
         extensions: Vec<Extension>,
     },
     Fds {
@@ -267,12 +282,9 @@ impl Message {
         }
         out.push(version);
         match self {
-            Message::Offer {
-                versions,
-                extensions,
-            } => {
+            Message::Offer { versions, hello } => {
                 out.extend_from_slice(&[KIND_OFFER, versions.min, versions.max]);
-                put_extensions(&mut out, extensions)?;
+                out.extend_from_slice(hello);
             }
             Message::Accept(v) => out.extend_from_slice(&[KIND_ACCEPT, *v]),
             Message::Refuse(r) => out.extend_from_slice(&[KIND_REFUSE, r.min, r.max]),
@@ -283,6 +295,8 @@ impl Message {
                 generation,
                 fds,
                 state_len,
+                records,
+                state,
                 extensions,
             } => {
                 out.push(KIND_HELLO);
@@ -294,6 +308,12 @@ impl Message {
                 }
                 out.extend_from_slice(&fds.to_le_bytes());
                 out.extend_from_slice(&state_len.to_le_bytes());
+                put_records(&mut out, records)?;
+                if state.len() > STATE_CHUNK {
+                    return Err(WireError::TooLarge("state chunk"));
+                }
+                out.extend_from_slice(&(state.len() as u32).to_le_bytes());
+                out.extend_from_slice(state);
                 put_extensions(&mut out, extensions)?;
             }
             Message::Fds {
@@ -301,15 +321,7 @@ impl Message {
                 records,
             } => {
                 out.push(KIND_FDS);
-                if records.len() > MAX_FDS_PER_MESSAGE {
-                    return Err(WireError::TooLarge("fds in one message"));
-                }
-                out.extend_from_slice(&(records.len() as u16).to_le_bytes());
-                for l in records {
-                    put_str(&mut out, &l.name, MAX_NAME_LEN, "listener name")?;
-                    out.push(l.kind as u8);
-                    put_str(&mut out, &l.address, MAX_ADDR_LEN, "listener address")?;
-                }
+                put_records(&mut out, records)?;
             }
             Message::State { version: _, chunk } => {
                 out.push(KIND_STATE);
@@ -348,7 +360,7 @@ impl Message {
                 };
                 Message::Offer {
                     versions,
-                    extensions: r.extensions()?,
+                    hello: r.take(r.0.len())?.to_vec(),
                 }
             }
             (PREAMBLE, KIND_ACCEPT) => Message::Accept(r.u8()?),
@@ -366,6 +378,12 @@ impl Message {
                     return Err(WireError::TooLarge("fd count"));
                 }
                 let state_len = r.u64()?;
+                let records = r.records()?;
+                let chunk = r.u32()? as usize;
+                if chunk > STATE_CHUNK {
+                    return Err(WireError::TooLarge("state chunk"));
+                }
+                let state = r.take(chunk)?.to_vec();
                 Message::Hello {
                     version,
                     upgrade,
@@ -373,28 +391,15 @@ impl Message {
                     generation,
                     fds,
                     state_len,
+                    records,
+                    state,
                     extensions: r.extensions()?,
                 }
             }
-            (_, KIND_FDS) => {
-                let count = r.u16()? as usize;
-                if count > MAX_FDS_PER_MESSAGE {
-                    return Err(WireError::TooLarge("fds in one message"));
-                }
-                let mut records = Vec::with_capacity(count);
-                for _ in 0..count {
-                    let name = r.str(MAX_NAME_LEN, "listener name")?;
-                    let kind = r.u8()?;
-                    let kind = SocketKind::from_u8(kind).ok_or(WireError::SocketKind(kind))?;
-                    let address = r.str(MAX_ADDR_LEN, "listener address")?;
-                    records.push(ListenerRecord {
-                        name,
-                        kind,
-                        address,
-                    });
-                }
-                Message::Fds { version, records }
-            }
+            (_, KIND_FDS) => Message::Fds {
+                version,
+                records: r.records()?,
+            },
             (_, KIND_STATE) => {
                 if r.0.len() > STATE_CHUNK {
                     return Err(WireError::TooLarge("state chunk"));
@@ -423,6 +428,19 @@ impl Message {
 fn put_id(out: &mut Vec<u8>, kind: u8, id: UpgradeId) {
     out.push(kind);
     out.extend_from_slice(&id.0.to_le_bytes());
+}
+
+fn put_records(out: &mut Vec<u8>, records: &[ListenerRecord]) -> Result<(), WireError> {
+    if records.len() > MAX_FDS_PER_MESSAGE {
+        return Err(WireError::TooLarge("fds in one message"));
+    }
+    out.extend_from_slice(&(records.len() as u16).to_le_bytes());
+    for l in records {
+        put_str(out, &l.name, MAX_NAME_LEN, "listener name")?;
+        out.push(l.kind as u8);
+        put_str(out, &l.address, MAX_ADDR_LEN, "listener address")?;
+    }
+    Ok(())
 }
 
 fn put_extensions(out: &mut Vec<u8>, extensions: &[Extension]) -> Result<(), WireError> {
@@ -479,6 +497,26 @@ impl<'a> Reader<'a> {
         }
         let bytes = self.take(len)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| WireError::NotUtf8)
+    }
+    /// A record count, then the records.
+    fn records(&mut self) -> Result<Vec<ListenerRecord>, WireError> {
+        let count = self.u16()? as usize;
+        if count > MAX_FDS_PER_MESSAGE {
+            return Err(WireError::TooLarge("fds in one message"));
+        }
+        let mut records = Vec::with_capacity(count);
+        for _ in 0..count {
+            let name = self.str(MAX_NAME_LEN, "listener name")?;
+            let kind = self.u8()?;
+            let kind = SocketKind::from_u8(kind).ok_or(WireError::SocketKind(kind))?;
+            let address = self.str(MAX_ADDR_LEN, "listener address")?;
+            records.push(ListenerRecord {
+                name,
+                kind,
+                address,
+            });
+        }
+        Ok(records)
     }
     /// Extensions up to the end of the message.
     fn extensions(&mut self) -> Result<Vec<Extension>, WireError> {

@@ -9,6 +9,12 @@ fn hello() -> Message {
         generation: 7,
         fds: 3,
         state_len: 11,
+        records: vec![ListenerRecord {
+            name: "main".into(),
+            kind: SocketKind::Tcp,
+            address: "127.0.0.1:8080".into(),
+        }],
+        state: b"ticket".to_vec(),
         extensions: vec![],
     }
 }
@@ -36,25 +42,41 @@ fn fds() -> Message {
     }
 }
 
-/// The largest `FDS` message the bounds allow: every record at its longest.
-pub(crate) fn largest_fds() -> Message {
-    Message::Fds {
-        version: 1,
-        records: vec![
-            ListenerRecord {
-                name: "n".repeat(MAX_NAME_LEN),
-                kind: SocketKind::Tcp,
-                address: "a".repeat(MAX_ADDR_LEN),
-            };
-            MAX_FDS_PER_MESSAGE
-        ],
+/// The largest message the bounds allow: an OFFER carrying a HELLO with every record at its
+/// longest and a whole state chunk.
+pub(crate) fn largest_message() -> Message {
+    let hello = Message::Hello {
+        version: u8::MAX,
+        upgrade: UpgradeId(1),
+        parent_pid: 1,
+        generation: u32::MAX,
+        fds: MAX_LISTENERS as u32,
+        state_len: u64::MAX,
+        records: largest_records(),
+        state: vec![1; STATE_CHUNK],
+        extensions: vec![],
+    };
+    Message::Offer {
+        versions: ProtocolVersions { min: 1, max: 255 },
+        hello: hello.encode().unwrap(),
     }
+}
+
+fn largest_records() -> Vec<ListenerRecord> {
+    vec![
+        ListenerRecord {
+            name: "n".repeat(MAX_NAME_LEN),
+            kind: SocketKind::Tcp,
+            address: "a".repeat(MAX_ADDR_LEN),
+        };
+        MAX_FDS_PER_MESSAGE
+    ]
 }
 
 fn offer(min: u8, max: u8) -> Message {
     Message::Offer {
         versions: ProtocolVersions { min, max },
-        extensions: vec![],
+        hello: vec![],
     }
 }
 
@@ -62,6 +84,10 @@ fn offer(min: u8, max: u8) -> Message {
 fn every_message_round_trips() {
     for m in [
         offer(1, 3),
+        Message::Offer {
+            versions: ProtocolVersions { min: 1, max: 1 },
+            hello: hello().encode().unwrap(),
+        },
         Message::Accept(2),
         Message::Refuse(ProtocolVersions { min: 4, max: 9 }),
         hello(),
@@ -80,9 +106,10 @@ fn every_message_round_trips() {
 }
 
 /// The preamble's layout is fixed for every future version: `RFLP`, 0, kind, then the range.
-/// A later release may append extensions to an OFFER; this one must still read the range.
+/// What follows an OFFER's range is its HELLO in the newest version, opaque to a receiver that
+/// does not speak it.
 #[test]
-fn the_preamble_is_fixed_and_its_extensions_are_skipped() {
+fn the_preamble_is_fixed_and_an_offers_hello_is_opaque() {
     assert_eq!(offer(1, 2).encode().unwrap(), b"RFLP\x00\x01\x01\x02");
     assert_eq!(Message::Accept(2).encode().unwrap(), b"RFLP\x00\x02\x02");
     assert_eq!(
@@ -92,16 +119,12 @@ fn the_preamble_is_fixed_and_its_extensions_are_skipped() {
         b"RFLP\x00\x03\x03\x03"
     );
     let mut from_the_future = b"RFLP\x00\x01\x02\x07".to_vec();
-    from_the_future.extend_from_slice(&[200, 3, 0, b'x', b'y', b'z']);
-    let Message::Offer {
-        versions,
-        extensions,
-    } = Message::decode(&from_the_future).unwrap()
-    else {
+    from_the_future.extend_from_slice(b"RFLP\x07 a HELLO of version 7");
+    let Message::Offer { versions, hello } = Message::decode(&from_the_future).unwrap() else {
         panic!("not an OFFER")
     };
     assert_eq!(versions, ProtocolVersions { min: 2, max: 7 });
-    assert_eq!(extensions[0].kind, 200);
+    assert!(Message::decode(&hello).is_err(), "version 7 is not ours");
 }
 
 #[test]
@@ -113,6 +136,8 @@ fn a_hello_with_unknown_extensions_decodes() {
         generation,
         fds,
         state_len,
+        records,
+        state,
         ..
     } = hello()
     else {
@@ -125,6 +150,8 @@ fn a_hello_with_unknown_extensions_decodes() {
         generation,
         fds,
         state_len,
+        records,
+        state,
         extensions: vec![
             Extension {
                 kind: 250,
@@ -180,9 +207,7 @@ fn bounds_are_enforced_on_both_sides() {
         chunk: vec![0; STATE_CHUNK + 1],
     };
     assert_eq!(m.encode(), Err(WireError::TooLarge("state chunk")));
-    let Message::Fds { records, .. } = largest_fds() else {
-        unreachable!()
-    };
+    let records = largest_records();
     let mut more = records.clone();
     more.push(records[0].clone());
     assert_eq!(
@@ -200,8 +225,8 @@ fn bounds_are_enforced_on_both_sides() {
         Message::decode(&bytes),
         Err(WireError::TooLarge("fds in one message"))
     );
-    // The largest FDS message the bounds allow fits the receive buffer.
-    assert!(largest_fds().encode().unwrap().len() <= MAX_MESSAGE_LEN);
+    // The largest message the bounds allow fits the receive buffer.
+    assert!(largest_message().encode().unwrap().len() <= MAX_MESSAGE_LEN);
 }
 
 #[test]
@@ -235,6 +260,8 @@ fn message() -> impl Strategy<Value = Message> {
                 generation: pid.rotate_left(7),
                 fds: pid % 20_000,
                 state_len: len,
+                records: vec![],
+                state: vec![v; v as usize * 3],
                 extensions: vec![Extension {
                     kind: v,
                     value: vec![v; v as usize],
@@ -248,6 +275,15 @@ fn message() -> impl Strategy<Value = Message> {
         proptest::collection::vec(any::<u8>(), 0..256)
             .prop_map(|chunk| Message::State { version: 2, chunk }),
         (1u8..9, 1u8..9).prop_map(|(a, b)| offer(a.min(b), a.max(b))),
+        proptest::collection::vec(record(), 0..4).prop_map(|records| Message::Offer {
+            versions: ProtocolVersions { min: 1, max: 1 },
+            hello: Message::Fds {
+                version: 1,
+                records
+            }
+            .encode()
+            .unwrap(),
+        }),
         any::<u8>().prop_map(Message::Accept),
         any::<u64>().prop_map(|id| Message::Ready(UpgradeId(id))),
         any::<u64>().prop_map(|id| Message::Retiring(UpgradeId(id))),

@@ -109,24 +109,25 @@ pub(crate) fn from_environment() -> Result<Option<Inherited>, Error> {
     sys::set_recv_timeout(channel.as_fd(), HELLO_TIMEOUT)
         .map_err(|e| Error::Handoff(e.to_string()))?;
     let mut buf = vec![0u8; MAX_MESSAGE_LEN];
-    let version = negotiate(channel.as_fd(), &mut buf, ours)?;
-    let (message, fds) = receive(channel.as_fd(), &mut buf, "HELLO")?;
+    let (version, message, fds) = negotiate(channel.as_fd(), &mut buf, ours)?;
     let Message::Hello {
-        version: hello_version,
+        version: _, // checked by `negotiate`
         upgrade: hello_upgrade,
         parent_pid,
         generation,
         fds: fd_count,
         state_len,
+        records: first_records,
+        state: first_chunk,
         extensions: _, // none known yet: skipped
     } = message
     else {
         return Err(Error::Handoff(format!("expected HELLO, got {message:?}")));
     };
-    if hello_version != version || !fds.is_empty() {
+    if fds.len() != first_records.len() || fds.len() > fd_count as usize {
         return Err(Error::Handoff(format!(
-            "HELLO in version {hello_version} with {} fds; version {version} was agreed, \
-             and HELLO carries no fds",
+            "HELLO describes {} of {fd_count} fds and carried {}",
+            first_records.len(),
             fds.len()
         )));
     }
@@ -145,6 +146,8 @@ pub(crate) fn from_environment() -> Result<Option<Inherited>, Error> {
     // them, and nothing was adopted.
     let mut records = Vec::with_capacity(fd_count as usize);
     let mut owned = Vec::with_capacity(fd_count as usize);
+    records.extend(first_records);
+    owned.extend(fds);
     while owned.len() < fd_count as usize {
         let (message, fds) = receive(channel.as_fd(), &mut buf, "the handed-over fds")?;
         let Message::Fds {
@@ -185,7 +188,8 @@ pub(crate) fn from_environment() -> Result<Option<Inherited>, Error> {
             listeners.push((record, fd));
         }
     }
-    let mut state = StateStream::new(version, state_len);
+    let mut state = StateStream::new(version, state_len, first_chunk)
+        .map_err(|e| Error::Handoff(e.to_string()))?;
     if state_len <= MAX_STATE_LEN as u64 {
         state.read_whole(channel.as_fd())?;
     }
@@ -209,19 +213,25 @@ pub(crate) fn from_environment() -> Result<Option<Inherited>, Error> {
     }))
 }
 
-/// OFFER in, ACCEPT (or REFUSE) out: the version both speak, the highest.
-fn negotiate(channel: BorrowedFd<'_>, buf: &mut [u8], ours: ProtocolVersions) -> Result<u8, Error> {
+/// OFFER in, ACCEPT (or REFUSE) out: the version both speak, the highest; then the HELLO of
+/// that version, with its fds. The OFFER carries the parent's HELLO in its newest version:
+/// taken when that is the version agreed; else dropped, with every message of another
+/// version after it (their fds closed), until the parent's HELLO in the version agreed.
+fn negotiate(
+    channel: BorrowedFd<'_>,
+    buf: &mut [u8],
+    ours: ProtocolVersions,
+) -> Result<(u8, Message, Vec<OwnedFd>), Error> {
     let (message, fds) = receive(channel, buf, "HELLO (its OFFER)")?;
     let Message::Offer {
         versions: theirs,
-        extensions: _, // none known yet: skipped
+        hello,
     } = message
     else {
         return Err(Error::Handoff(format!(
             "expected the parent's OFFER, got {message:?}"
         )));
     };
-    drop(fds);
     let answer = match ours.highest_common(theirs) {
         Some(v) => Message::Accept(v),
         None => Message::Refuse(ours),
@@ -236,9 +246,29 @@ fn negotiate(channel: BorrowedFd<'_>, buf: &mut [u8], ours: ProtocolVersions) ->
     // The channel is empty in this direction: a short message fits its buffer at once.
     sys::send_nonblocking(channel, &bytes)
         .map_err(|e| Error::Handoff(format!("answering OFFER: {e}")))?;
-    match answer {
-        Message::Accept(v) => Ok(v),
-        _ => Err(Error::IncompatibleProtocol { ours, theirs }),
+    let Message::Accept(version) = answer else {
+        return Err(Error::IncompatibleProtocol { ours, theirs });
+    };
+    if version == theirs.max && !hello.is_empty() {
+        let message = Message::decode(&hello).map_err(|e| Error::Handoff(format!("HELLO: {e}")))?;
+        if message.version() != version {
+            return Err(Error::Handoff(format!(
+                "the OFFER of {theirs} carried a HELLO in version {}",
+                message.version()
+            )));
+        }
+        return Ok((version, message, fds));
+    }
+    drop(fds);
+    loop {
+        let (len, fds) = receive_bytes(channel, buf, "HELLO")?;
+        // Magic, then the version byte: fixed in every version.
+        if len < 6 || buf[4] != version {
+            continue; // sent before the parent read our ACCEPT: `fds` are closed here
+        }
+        let message =
+            Message::decode(&buf[..len]).map_err(|e| Error::Handoff(format!("HELLO: {e}")))?;
+        return Ok((version, message, fds));
     }
 }
 
@@ -281,13 +311,25 @@ fn parent_gone(what: &str) -> Error {
     Error::Handoff(format!("the parent closed the channel before {what}"))
 }
 
-/// Receives one message and its fds (`what` names it in errors). Every received fd is owned
-/// at once, so any error closes it.
+/// Receives one message and its fds (`what` names it in errors), decoded.
 fn receive(
     channel: BorrowedFd<'_>,
     buf: &mut [u8],
     what: &str,
 ) -> Result<(Message, Vec<OwnedFd>), Error> {
+    let (len, fds) = receive_bytes(channel, buf, what)?;
+    let message =
+        Message::decode(&buf[..len]).map_err(|e| Error::Handoff(format!("{what}: {e}")))?;
+    Ok((message, fds))
+}
+
+/// Receives one message into `buf` and its fds: its length and the fds. Every received fd is
+/// owned at once, so any error closes it.
+fn receive_bytes(
+    channel: BorrowedFd<'_>,
+    buf: &mut [u8],
+    what: &str,
+) -> Result<(usize, Vec<OwnedFd>), Error> {
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = loop {
@@ -335,7 +377,5 @@ fn receive(
     if len == 0 {
         return Err(parent_gone(what));
     }
-    let message =
-        Message::decode(&buf[..len]).map_err(|e| Error::Handoff(format!("{what}: {e}")))?;
-    Ok((message, fds))
+    Ok((len, fds))
 }

@@ -30,16 +30,23 @@ pub(crate) struct StateStream {
 }
 
 impl StateStream {
-    pub(crate) fn new(version: u8, len: u64) -> StateStream {
-        StateStream {
+    /// The stream of `len` bytes in `version`, whose first chunk came with HELLO.
+    pub(crate) fn new(version: u8, len: u64, first: Vec<u8>) -> io::Result<StateStream> {
+        if first.len() as u64 > len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a first state chunk of {} bytes, of {len}", first.len()),
+            ));
+        }
+        Ok(StateStream {
             version,
             len,
-            received: 0,
-            chunk: Vec::new(),
+            received: first.len() as u64,
+            chunk: first,
             at: 0,
             whole: None,
             whole_at: 0,
-        }
+        })
     }
 
     /// The whole state, if it was read at `build` (at most [`MAX_STATE_LEN`] bytes).
@@ -59,6 +66,7 @@ impl StateStream {
     pub(crate) fn read_whole(&mut self, channel: BorrowedFd<'_>) -> Result<(), Error> {
         debug_assert!(self.len <= MAX_STATE_LEN as u64);
         let mut all = Vec::with_capacity(self.len as usize);
+        all.extend_from_slice(&self.chunk[self.at..]);
         while self.received < self.len {
             self.next_chunk(channel)
                 .map_err(|e| Error::Handoff(format!("receiving the state: {e}")))?;
@@ -229,7 +237,7 @@ mod tests {
         let (parent, child) = pair();
         send_chunk(&parent, b"hello ");
         send_chunk(&parent, b"state");
-        let mut stream = StateStream::new(1, 11);
+        let mut stream = StateStream::new(1, 11, Vec::new()).unwrap();
         let mut got = Vec::new();
         let mut reader = StateReader::new(&mut stream, child.as_fd());
         assert_eq!(reader.len(), 11);
@@ -243,7 +251,7 @@ mod tests {
     fn a_state_read_in_part_fails_the_upgrade() {
         let (parent, child) = pair();
         send_chunk(&parent, &[7; 100]);
-        let mut stream = StateStream::new(1, 100);
+        let mut stream = StateStream::new(1, 100, Vec::new()).unwrap();
         let mut four = [0; 4];
         StateReader::new(&mut stream, child.as_fd())
             .read_exact(&mut four)
@@ -253,7 +261,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Not read at all: the same.
-        let mut untouched = StateStream::new(1, 100);
+        let mut untouched = StateStream::new(1, 100, Vec::new()).unwrap();
         assert!(matches!(
             untouched.finish(child.as_fd()),
             Err(Error::StateNotRead { read: 0, len: 100 })
@@ -265,7 +273,7 @@ mod tests {
         let (parent, child) = pair();
         send_chunk(&parent, &[1; 50]);
         drop(parent);
-        let mut stream = StateStream::new(1, 100);
+        let mut stream = StateStream::new(1, 100, Vec::new()).unwrap();
         let mut got = Vec::new();
         let e = StateReader::new(&mut stream, child.as_fd())
             .read_to_end(&mut got)
@@ -278,13 +286,13 @@ mod tests {
     fn more_than_announced_or_another_version_is_refused() {
         let (parent, child) = pair();
         send_chunk(&parent, &[1; 10]);
-        let mut stream = StateStream::new(1, 5);
+        let mut stream = StateStream::new(1, 5, Vec::new()).unwrap();
         let e = StateReader::new(&mut stream, child.as_fd())
             .read(&mut [0; 64])
             .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
         send_chunk(&parent, &[1; 10]);
-        let mut stream = StateStream::new(2, 10);
+        let mut stream = StateStream::new(2, 10, Vec::new()).unwrap();
         let e = StateReader::new(&mut stream, child.as_fd())
             .read(&mut [0; 64])
             .unwrap_err();
@@ -292,10 +300,24 @@ mod tests {
     }
 
     #[test]
+    fn the_first_chunk_comes_with_hello() {
+        let (parent, child) = pair();
+        send_chunk(&parent, b" you");
+        let mut stream = StateStream::new(1, 9, b"hello".to_vec()).unwrap();
+        let mut got = String::new();
+        StateReader::new(&mut stream, child.as_fd())
+            .read_to_string(&mut got)
+            .unwrap();
+        assert_eq!(got, "hello you");
+        stream.finish(child.as_fd()).unwrap();
+        assert!(StateStream::new(1, 2, b"abc".to_vec()).is_err());
+    }
+
+    #[test]
     fn a_small_state_is_read_whole_and_served_from_memory() {
         let (parent, child) = pair();
         send_chunk(&parent, b"keys");
-        let mut stream = StateStream::new(1, 4);
+        let mut stream = StateStream::new(1, 4, Vec::new()).unwrap();
         stream.read_whole(child.as_fd()).unwrap();
         assert_eq!(stream.whole().unwrap().as_ref(), b"keys");
         let mut got = String::new();
