@@ -53,7 +53,7 @@ fn ten_thousand_fds_and_64_mib_of_state_cross_two_upgrades() {
     hand_over(10_000, 64 << 20, 2);
 }
 
-/// 1 GiB of state: 8 s for the upgrade here (the successor checks every byte as it reads),
+/// 1 GiB of state: 5–8 s for the upgrade here (the successor checks every byte as it reads),
 /// too close to the upgrade helper's 10 s bound on a loaded machine, hence ignored in CI.
 #[test]
 #[ignore = "1 GiB of state: run by hand (cargo test --test handoff_limits -- --ignored)"]
