@@ -116,26 +116,40 @@ const KIND_REFUSE: u8 = 3;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum SocketKind {
     /// A TCP listening socket (IPv4 or IPv6).
-    Tcp = 1,
+    Tcp,
     /// A Unix stream listening socket (path or abstract name).
-    Unix = 2,
+    Unix,
     /// A UDP socket: handed over, never accepted on.
-    Udp = 3,
+    Udp,
     /// Any fd the application hands over (a memfd, a pipe, a device…), passed as it is.
-    Raw = 4,
+    Raw,
     /// A pidfd of the parent or of an older generation still draining (the parent first).
-    Elder = 5,
+    Elder,
+    /// A kind a later release added: its fd is received (it travels in the same message as
+    /// the others) and closed, with a warning, like a listener this binary does not use.
+    Unknown(u8),
 }
 
 impl SocketKind {
-    fn from_u8(v: u8) -> Option<SocketKind> {
+    fn from_u8(v: u8) -> SocketKind {
         match v {
-            1 => Some(SocketKind::Tcp),
-            2 => Some(SocketKind::Unix),
-            3 => Some(SocketKind::Udp),
-            4 => Some(SocketKind::Raw),
-            5 => Some(SocketKind::Elder),
-            _ => None,
+            1 => SocketKind::Tcp,
+            2 => SocketKind::Unix,
+            3 => SocketKind::Udp,
+            4 => SocketKind::Raw,
+            5 => SocketKind::Elder,
+            other => SocketKind::Unknown(other),
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            SocketKind::Tcp => 1,
+            SocketKind::Unix => 2,
+            SocketKind::Udp => 3,
+            SocketKind::Raw => 4,
+            SocketKind::Elder => 5,
+            SocketKind::Unknown(v) => v,
         }
     }
 }
@@ -219,8 +233,6 @@ pub(crate) enum WireError {
     TooLarge(&'static str),
     /// A listener name or address is not UTF-8.
     NotUtf8,
-    /// An unknown socket kind in a listener record.
-    SocketKind(u8),
     /// Bytes left over after the message.
     Trailing(usize),
 }
@@ -236,7 +248,6 @@ impl fmt::Display for WireError {
             WireError::Kind(k) => write!(f, "unknown message kind {k}"),
             WireError::TooLarge(what) => write!(f, "{what} exceeds the protocol limit"),
             WireError::NotUtf8 => write!(f, "listener name or address is not UTF-8"),
-            WireError::SocketKind(k) => write!(f, "unknown socket kind {k}"),
             WireError::Trailing(n) => write!(f, "{n} unexpected bytes after the message"),
         }
     }
@@ -437,7 +448,7 @@ fn put_records(out: &mut Vec<u8>, records: &[ListenerRecord]) -> Result<(), Wire
     out.extend_from_slice(&(records.len() as u16).to_le_bytes());
     for l in records {
         put_str(out, &l.name, MAX_NAME_LEN, "listener name")?;
-        out.push(l.kind as u8);
+        out.push(l.kind.to_u8());
         put_str(out, &l.address, MAX_ADDR_LEN, "listener address")?;
     }
     Ok(())
@@ -508,7 +519,7 @@ impl<'a> Reader<'a> {
         for _ in 0..count {
             let name = self.str(MAX_NAME_LEN, "listener name")?;
             let kind = self.u8()?;
-            let kind = SocketKind::from_u8(kind).ok_or(WireError::SocketKind(kind))?;
+            let kind = SocketKind::from_u8(kind);
             let address = self.str(MAX_ADDR_LEN, "listener address")?;
             records.push(ListenerRecord {
                 name,

@@ -329,3 +329,19 @@ proptest! {
         prop_assert_eq!(Message::decode(&m.encode().unwrap()).unwrap(), m);
     }
 }
+
+/// A record of a kind a later release added decodes (its fd is then closed by `boot`, like a
+/// listener this binary does not use), and encodes back to the same bytes.
+#[test]
+fn a_record_of_an_unknown_kind_is_kept_not_refused() {
+    let m = Message::Fds {
+        version: 1,
+        records: vec![ListenerRecord {
+            name: "from-the-future".into(),
+            kind: SocketKind::Unknown(200),
+            address: "sctp://x".into(),
+        }],
+    };
+    let bytes = m.encode().unwrap();
+    assert_eq!(Message::decode(&bytes).unwrap(), m);
+}
