@@ -25,7 +25,8 @@ const CQ_ENTRIES: u32 = 16 * 1024;
 /// How long the exit path waits for cancelled ops to complete.
 pub(super) const FINAL_REAP: Duration = Duration::from_secs(2);
 
-/// READY and RETIRING are 14 bytes; a larger message is garbage and fails to decode.
+/// READY and RETIRING are 14 bytes, ACCEPT 7 and REFUSE 8; a larger message is garbage and
+/// fails to decode.
 pub(super) const CHANNEL_BUF: usize = 64;
 
 /// `IORING_ENTER_GETEVENTS`: with DEFER_TASKRUN, deferred completions are only run (and become
@@ -55,6 +56,8 @@ pub(super) enum Op {
     ReadSignal(Box<libc::signalfd_siginfo>),
     PollWake,
     Timer(Box<types::Timespec>),
+    /// A message of the handoff (the OFFER with its HELLO, an FDS or a STATE message: see
+    /// `Transfer`); the name is from when HELLO was the only one.
     SendHello(Box<SendMsgBufs>),
     RecvSuccessor {
         pid: u32,
