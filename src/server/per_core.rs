@@ -17,7 +17,7 @@ use super::{Server, Worker};
 pub enum Ring {
     /// Ring 0, the coordinator: it also reads the signals, runs the upgrades and answers the
     /// control socket. Run on the thread that called `run_workers_async`.
-    Coordinator(Server),
+    Coordinator(Box<Server>),
     /// Ring `i` (1..n), on a thread of its own.
     Worker(Worker),
 }
@@ -87,7 +87,7 @@ impl Server {
                 .map_err(Error::io("starting a worker thread"))?;
             threads.push(thread);
         }
-        let result = start(Ring::Coordinator(self));
+        let result = start(Ring::Coordinator(Box::new(self)));
         for t in threads {
             match t.join() {
                 Ok(Ok(_)) => {}
