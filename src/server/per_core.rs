@@ -13,11 +13,13 @@ use super::{Server, Worker};
 /// [`Server::run_workers_async`] hands it to the thread that runs it.
 ///
 /// [`Builder::workers`]: crate::Builder::workers
+// Made once per thread and moved into its closure: its size costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Ring {
     /// Ring 0, the coordinator: it also reads the signals, runs the upgrades and answers the
     /// control socket. Run on the thread that called `run_workers_async`.
-    Coordinator(Box<Server>),
+    Coordinator(Server),
     /// Ring `i` (1..n), on a thread of its own.
     Worker(Worker),
 }
@@ -87,7 +89,7 @@ impl Server {
                 .map_err(Error::io("starting a worker thread"))?;
             threads.push(thread);
         }
-        let result = start(Ring::Coordinator(Box::new(self)));
+        let result = start(Ring::Coordinator(self));
         for t in threads {
             match t.join() {
                 Ok(Ok(_)) => {}
