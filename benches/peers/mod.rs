@@ -16,6 +16,11 @@
 //! The upgrading peers re-execute `argv[0]` with the same arguments, so start them with an
 //! absolute program path (as `Command::new(current_exe())` does).
 //!
+//! The HTTP bench (`benches/http_upgrade.rs`) has HTTP servers here too, with the same options
+//! but answering `GET /` instead of echoing: `axum-reuseport` (axum, SO_REUSEPORT restart with
+//! graceful shutdown), `nginx-http` and `haproxy-http` (nginx and HAProxy answering by
+//! themselves, no backend).
+//!
 //! Listeners are bound with SO_REUSEADDR and a backlog of [`BACKLOG`] (the default
 //! `net.core.somaxconn`, which is what ringflip asks for), so a connection burst measures the
 //! upgrade mechanism, not a 128-entry default backlog.
