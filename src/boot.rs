@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use crate::error::Error;
 use crate::handoff::SocketKind;
 use crate::inherit::state::StateStream;
-use crate::inherit::{self, Inherited, ParentLink};
+use crate::inherit::{self, Inherited, PredecessorLink};
 use crate::listener::{Endpoint, ListenSpec, Listener, UdpSocketEntry};
 use crate::{sys, systemd};
 
@@ -16,7 +16,7 @@ use crate::{sys, systemd};
 /// start).
 pub(crate) struct Sockets {
     pub listeners: Vec<Listener>,
-    pub parent: Option<ParentLink>,
+    pub parent: Option<PredecessorLink>,
     pub inherited_state: Option<StateStream>,
     pub elders: Vec<OwnedFd>,
     pub generation: u32,
@@ -50,7 +50,7 @@ fn adopt(
     let upgrade = inherited.link.upgrade;
     tracing::info!(
         upgrade.id = %upgrade,
-        parent = inherited.link.parent_pid,
+        parent = inherited.link.predecessor_pid,
         protocol.version = inherited.version,
         "started as a successor; adopting listeners"
     );

@@ -370,7 +370,7 @@ impl fmt::Debug for Server {
             .field("listeners", &self.parts.listeners)
             .field(
                 "successor_of",
-                &self.parts.parent.as_ref().map(|p| p.parent_pid),
+                &self.parts.parent.as_ref().map(|p| p.predecessor_pid),
             )
             .finish_non_exhaustive()
     }
@@ -403,7 +403,7 @@ impl Server {
 
     /// The pid of the process this one took over from, if it was started by an upgrade.
     pub fn predecessor(&self) -> Option<u32> {
-        self.parts.parent.as_ref().map(|p| p.parent_pid)
+        self.parts.parent.as_ref().map(|p| p.predecessor_pid)
     }
 
     /// A clone of the UDP socket named `name` (see [`Builder::bind_udp`]).

@@ -144,7 +144,7 @@ impl Driver {
                     });
                     self.arm_successor_exit(pid, child.pidfd);
                     self.arm_successor_recv();
-                    self.feed(Event::ChildSpawned { pid });
+                    self.feed(Event::SuccessorSpawned { pid });
                 }
                 Ok(child) => {
                     tracing::warn!(
@@ -226,7 +226,7 @@ impl Driver {
             self.take_successor_messages();
             self.successor = None;
         }
-        self.feed(Event::ChildExited { pid, status });
+        self.feed(Event::SuccessorExited { pid, status });
     }
 
     fn arm_successor_recv(&mut self) {
@@ -261,11 +261,11 @@ impl Driver {
             }
             // The machine judges it only before READY (HandingOver); later it is the exit
             // that matters, seen through the pidfd.
-            0 => self.feed(Event::ChildMessageInvalid(
+            0 => self.feed(Event::SuccessorMessageInvalid(
                 "closed the handoff channel before READY".into(),
             )),
             e if e == -libc::ECANCELED => {}
-            e => self.feed(Event::ChildMessageInvalid(format!(
+            e => self.feed(Event::SuccessorMessageInvalid(format!(
                 "handoff channel: {}",
                 errno(e)
             ))),
@@ -275,15 +275,15 @@ impl Driver {
     /// One message from the successor, as the machine's event.
     fn on_successor_message(&mut self, bytes: &[u8]) {
         match Message::decode(bytes) {
-            Ok(Message::Ready(id)) => self.feed(Event::ChildReady(id)),
-            Ok(Message::Retiring(_)) => self.feed(Event::ChildRetired),
-            Ok(Message::Serving(_)) => self.feed(Event::ChildResumed),
+            Ok(Message::Ready(id)) => self.feed(Event::SuccessorReady(id)),
+            Ok(Message::Retiring(_)) => self.feed(Event::SuccessorRetired),
+            Ok(Message::Serving(_)) => self.feed(Event::SuccessorResumed),
             Ok(Message::Accept(version)) => self.on_version_accepted(version),
             Ok(Message::Refuse(theirs)) => self.on_version_refused(theirs),
-            Ok(other) => self.feed(Event::ChildMessageInvalid(format!(
+            Ok(other) => self.feed(Event::SuccessorMessageInvalid(format!(
                 "unexpected message {other:?}"
             ))),
-            Err(e) => self.feed(Event::ChildMessageInvalid(e.to_string())),
+            Err(e) => self.feed(Event::SuccessorMessageInvalid(e.to_string())),
         }
     }
 

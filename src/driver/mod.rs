@@ -66,7 +66,7 @@ use io_uring::IoUring;
 use crate::connection::Connection;
 use crate::error::Error;
 use crate::handoff::ListenerRecord;
-use crate::inherit::ParentLink;
+use crate::inherit::PredecessorLink;
 use crate::listener::{Listener, UdpSocketEntry};
 use crate::machine::successor::{Succession, SuccessionEvent};
 use crate::machine::{Event, ExitReason, Machine, Requester};
@@ -138,7 +138,7 @@ pub(crate) struct Driver {
     /// Thread-per-core: this driver's place among the process's rings (see `workers.rs`).
     role: Role,
     successor: Option<Successor>,
-    predecessor: Option<ParentLink>,
+    predecessor: Option<PredecessorLink>,
     /// The predecessor's pid, kept after its link is gone: a SIGTERM from it means it gave up
     /// on this process (`Event::PredecessorGaveUp`), not an operator's stop.
     predecessor_pid: Option<u32>,
@@ -183,7 +183,7 @@ pub(crate) struct Driver {
 /// configuration, taken apart by `Server::into_driver`.
 pub(crate) struct ServerParts {
     pub listeners: Vec<Listener>,
-    pub parent: Option<ParentLink>,
+    pub parent: Option<PredecessorLink>,
     pub elders: Vec<OwnedFd>,
     pub udp: Vec<UdpSocketEntry>,
     pub worker_listeners: Vec<(ListenerRecord, OwnedFd)>,
@@ -232,7 +232,7 @@ impl Driver {
             None => machine,
         };
         driver.signalfd = Some(signalfd);
-        driver.predecessor_pid = parent.as_ref().map(|link| link.parent_pid);
+        driver.predecessor_pid = parent.as_ref().map(|link| link.predecessor_pid);
         if parent.is_some() {
             driver.succession = Succession::handed_over();
         }
@@ -537,9 +537,9 @@ impl Driver {
         let now = Instant::now();
         let t = &mut self.timeline;
         match &event {
-            Event::ChildSpawned { .. } => t.spawned = Some(now),
+            Event::SuccessorSpawned { .. } => t.spawned = Some(now),
             Event::ListenersSent => t.hello_sent = Some(now),
-            Event::ChildReady(_) => t.ready = Some(now),
+            Event::SuccessorReady(_) => t.ready = Some(now),
             Event::AcceptStopped => {
                 t.accept_stopped = Some(now);
                 if let Some(ready) = t.ready {

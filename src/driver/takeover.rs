@@ -157,7 +157,10 @@ impl Driver {
             // the previous process is gone.
             _ => {
                 if let Some(link) = &self.predecessor {
-                    tracing::info!(predecessor = link.parent_pid, "previous process exited");
+                    tracing::info!(
+                        predecessor = link.predecessor_pid,
+                        "previous process exited"
+                    );
                 }
                 self.predecessor_pid = None;
                 self.feed_succession(SuccessionEvent::PredecessorGone);
@@ -320,7 +323,7 @@ impl Driver {
             A::ForgetPredecessor => {
                 if let Some(link) = self.predecessor.take() {
                     tracing::debug!(
-                        predecessor = link.parent_pid,
+                        predecessor = link.predecessor_pid,
                         "forgetting the previous process"
                     );
                 }
@@ -392,7 +395,7 @@ impl Driver {
                 // from this moment to the old process's "accepting stopped".
                 tracing::info!(
                     target: "ringflip::timeline",
-                    predecessor = link.parent_pid,
+                    predecessor = link.predecessor_pid,
                     upgrade.id = %link.upgrade,
                     sent_mono_us,
                     "READY sent"
@@ -405,7 +408,7 @@ impl Driver {
                 // the accepts took). Otherwise it is gone, and this process serves alone.
                 let predecessor_gave_up = self.predecessor_gave_up();
                 tracing::warn!(
-                    predecessor = link.parent_pid,
+                    predecessor = link.predecessor_pid,
                     error = %e,
                     predecessor_gave_up,
                     "READY could not be sent"

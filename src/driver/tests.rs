@@ -16,7 +16,7 @@ use nix::sys::socket::{socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 use crate::connection::{Connection, DrainGuard};
 use crate::error::Error;
 use crate::handoff::Message;
-use crate::inherit::ParentLink;
+use crate::inherit::PredecessorLink;
 use crate::machine::UpgradeId;
 use crate::server::{Server, Worker};
 
@@ -63,10 +63,10 @@ impl Predecessor {
             SockFlag::SOCK_CLOEXEC,
         )
         .unwrap();
-        server.parts.parent = Some(ParentLink {
+        server.parts.parent = Some(PredecessorLink {
             channel: theirs,
             upgrade: UPGRADE,
-            parent_pid: std::process::id(),
+            predecessor_pid: std::process::id(),
         });
         let mut ring = super::ring::new_ring().unwrap();
         for (i, fd) in listeners.iter().enumerate() {

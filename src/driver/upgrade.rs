@@ -122,7 +122,7 @@ impl Driver {
 
     pub(super) fn act(&mut self, action: Action) {
         match action {
-            Action::SpawnChild(upgrade) => {
+            Action::SpawnSuccessor(upgrade) => {
                 self.span = tracing::info_span!(
                     "upgrade",
                     upgrade.id = %upgrade,
@@ -159,7 +159,7 @@ impl Driver {
                 self.feed_succession(SuccessionEvent::Draining(cause));
             }
             Action::StopDrain => self.shared.draining.store(false, SeqCst),
-            Action::AbandonChild { pid, stop } => {
+            Action::AbandonSuccessor { pid, stop } => {
                 if let Some(child) = self.successor.take() {
                     debug_assert_eq!(child.pid, pid);
                     // The exit watch stays armed and reaps it; its Recv ends with the channel.
@@ -260,7 +260,7 @@ impl Driver {
         let hello = Message::Hello {
             version,
             upgrade,
-            parent_pid: std::process::id(),
+            predecessor_pid: std::process::id(),
             generation: self.shared.generation.wrapping_add(1),
             fds: transfer.records.len() as u32,
             state_len: transfer.state.len() as u64,
@@ -288,7 +288,9 @@ impl Driver {
     /// The successor refused every version this process offered.
     pub(super) fn on_version_refused(&mut self, theirs: ProtocolVersions) {
         if self.timeline.agreed.is_some() {
-            return self.feed(Event::ChildMessageInvalid("REFUSE after its ACCEPT".into()));
+            return self.feed(Event::SuccessorMessageInvalid(
+                "REFUSE after its ACCEPT".into(),
+            ));
         }
         self.feed(Event::HandoffRefused {
             ours: protocol::this_process(),
@@ -306,7 +308,7 @@ impl Driver {
         let upgrade = child.upgrade;
         // One answer per upgrade: a second ACCEPT would start a second handoff beside it.
         if self.timeline.agreed.replace(Instant::now()).is_some() {
-            return self.feed(Event::ChildMessageInvalid("a second ACCEPT".into()));
+            return self.feed(Event::SuccessorMessageInvalid("a second ACCEPT".into()));
         }
         if !protocol::this_process().contains(version) {
             return self.feed(Event::HandoffFailed(format!(

@@ -189,7 +189,7 @@ pub(crate) enum Message {
         /// The negotiated version.
         version: u8,
         upgrade: UpgradeId,
-        parent_pid: u32,
+        predecessor_pid: u32,
         /// The child's generation: 0 is the first process started by hand.
         generation: u32,
         /// How many fds the handoff has in all (this message's and the `FDS` messages').
@@ -302,7 +302,7 @@ impl Message {
             Message::Hello {
                 version: _,
                 upgrade,
-                parent_pid,
+                predecessor_pid,
                 generation,
                 fds,
                 state_len,
@@ -312,7 +312,7 @@ impl Message {
             } => {
                 out.push(KIND_HELLO);
                 out.extend_from_slice(&upgrade.0.to_le_bytes());
-                out.extend_from_slice(&parent_pid.to_le_bytes());
+                out.extend_from_slice(&predecessor_pid.to_le_bytes());
                 out.extend_from_slice(&generation.to_le_bytes());
                 if *fds as usize > MAX_LISTENERS {
                     return Err(WireError::TooLarge("fd count"));
@@ -382,7 +382,7 @@ impl Message {
             (PREAMBLE, _) => return Err(WireError::Kind(kind)),
             (_, KIND_HELLO) => {
                 let upgrade = UpgradeId(r.u64()?);
-                let parent_pid = r.u32()?;
+                let predecessor_pid = r.u32()?;
                 let generation = r.u32()?;
                 let fds = r.u32()?;
                 if fds as usize > MAX_LISTENERS {
@@ -398,7 +398,7 @@ impl Message {
                 Message::Hello {
                     version,
                     upgrade,
-                    parent_pid,
+                    predecessor_pid,
                     generation,
                     fds,
                     state_len,

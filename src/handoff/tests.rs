@@ -5,7 +5,7 @@ fn hello() -> Message {
     Message::Hello {
         version: 1,
         upgrade: UpgradeId(0xdead_beef_0000_0001),
-        parent_pid: 4242,
+        predecessor_pid: 4242,
         generation: 7,
         fds: 3,
         state_len: 11,
@@ -48,7 +48,7 @@ pub(crate) fn largest_message() -> Message {
     let hello = Message::Hello {
         version: u8::MAX,
         upgrade: UpgradeId(1),
-        parent_pid: 1,
+        predecessor_pid: 1,
         generation: u32::MAX,
         fds: MAX_LISTENERS as u32,
         state_len: u64::MAX,
@@ -132,7 +132,7 @@ fn a_hello_with_unknown_extensions_decodes() {
     let Message::Hello {
         version,
         upgrade,
-        parent_pid,
+        predecessor_pid,
         generation,
         fds,
         state_len,
@@ -146,7 +146,7 @@ fn a_hello_with_unknown_extensions_decodes() {
     let m = Message::Hello {
         version,
         upgrade,
-        parent_pid,
+        predecessor_pid,
         generation,
         fds,
         state_len,
@@ -256,7 +256,7 @@ fn message() -> impl Strategy<Value = Message> {
             Message::Hello {
                 version: v,
                 upgrade: UpgradeId(id),
-                parent_pid: pid,
+                predecessor_pid: pid,
                 generation: pid.rotate_left(7),
                 fds: pid % 20_000,
                 state_len: len,

@@ -25,16 +25,16 @@ use state::StateStream;
 
 /// The link to the previous generation, as the successor holds it.
 #[derive(Debug)]
-pub(crate) struct ParentLink {
+pub(crate) struct PredecessorLink {
     pub channel: OwnedFd,
     pub upgrade: UpgradeId,
-    pub parent_pid: u32,
+    pub predecessor_pid: u32,
 }
 
 /// What the parent handed over.
 #[derive(Debug)]
 pub(crate) struct Inherited {
-    pub link: ParentLink,
+    pub link: PredecessorLink,
     /// This process's generation (the parent's plus one).
     pub generation: u32,
     pub listeners: Vec<(ListenerRecord, OwnedFd)>,
@@ -113,7 +113,7 @@ pub(crate) fn from_environment() -> Result<Option<Inherited>, Error> {
     let Message::Hello {
         version: _, // checked by `negotiate`
         upgrade: hello_upgrade,
-        parent_pid,
+        predecessor_pid,
         generation,
         fds: fd_count,
         state_len,
@@ -136,9 +136,9 @@ pub(crate) fn from_environment() -> Result<Option<Inherited>, Error> {
             "HELLO is for upgrade {hello_upgrade}, this process was started for {upgrade}"
         )));
     }
-    if parent_pid != parent {
+    if predecessor_pid != parent {
         return Err(Error::Handoff(format!(
-            "HELLO comes from pid {parent_pid}, but the parent is {parent}"
+            "HELLO comes from pid {predecessor_pid}, but the parent is {parent}"
         )));
     }
     make_room_for(fd_count as usize)?;
@@ -200,10 +200,10 @@ pub(crate) fn from_environment() -> Result<Option<Inherited>, Error> {
         "handoff received"
     );
     Ok(Some(Inherited {
-        link: ParentLink {
+        link: PredecessorLink {
             channel,
             upgrade,
-            parent_pid,
+            predecessor_pid,
         },
         generation,
         listeners,

@@ -325,7 +325,7 @@ impl World {
     /// `Driver::act` (`driver/upgrade.rs`).
     fn act(&mut self, g: usize, action: Action) -> Step {
         match action {
-            Action::SpawnChild(upgrade) => self.spawning = Some((g, upgrade)),
+            Action::SpawnSuccessor(upgrade) => self.spawning = Some((g, upgrade)),
             Action::SendListeners(upgrade) => {
                 let child = self.proc(g).successor.expect("a child");
                 let link = self.link(child);
@@ -366,7 +366,7 @@ impl World {
                 self.succession(g, SE::Draining(cause))?;
             }
             Action::StopDrain => self.proc(g).drain_active = false,
-            Action::AbandonChild { pid: child, stop } => self.abandon(g, child, stop)?,
+            Action::AbandonSuccessor { pid: child, stop } => self.abandon(g, child, stop)?,
             Action::ReadSuccessor => {
                 if self.bug != Bug::ReadNothing {
                     self.take_successor_messages(g)?;
@@ -482,7 +482,7 @@ impl World {
         }
     }
 
-    /// `Action::AbandonChild`.
+    /// `Action::AbandonSuccessor`.
     fn abandon(&mut self, g: usize, child: u32, stop: Stop) -> Step {
         let stop = if self.bug == Bug::AlwaysKill {
             Stop::Kill
@@ -541,10 +541,10 @@ impl World {
 
     fn read(&mut self, g: usize, msg: Msg) -> Step {
         let event = match msg {
-            Msg::Ready(id) => Event::ChildReady(id),
-            Msg::Retiring => Event::ChildRetired,
-            Msg::Serving => Event::ChildResumed,
-            other => Event::ChildMessageInvalid(format!("{other:?}")),
+            Msg::Ready(id) => Event::SuccessorReady(id),
+            Msg::Retiring => Event::SuccessorRetired,
+            Msg::Serving => Event::SuccessorResumed,
+            other => Event::SuccessorMessageInvalid(format!("{other:?}")),
         };
         self.event(g, event)
     }
@@ -638,7 +638,7 @@ impl World {
                                 }
                                 w.event(
                                     pred,
-                                    Event::ChildExited {
+                                    Event::SuccessorExited {
                                         pid: me,
                                         status: "exited".into(),
                                     },
@@ -711,7 +711,7 @@ impl World {
                         }),
                     });
                     w.proc(g).successor = Some(c);
-                    w.event(g, Event::ChildSpawned { pid: pid(c) })
+                    w.event(g, Event::SuccessorSpawned { pid: pid(c) })
                 });
                 step(format!("{me}: spawn failed"), false, &|w| {
                     w.spawning = None;

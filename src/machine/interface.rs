@@ -88,7 +88,7 @@ pub(crate) enum Event {
     /// The new binary of the upgrade in flight runs. The driver spawns on another thread and
     /// feeds this (or `SpawnFailed`) only if that upgrade is still the one in flight (in
     /// `Forking`); a child started for an upgrade given up meanwhile is killed by the driver.
-    ChildSpawned {
+    SuccessorSpawned {
         pid: u32,
     },
     SpawnFailed(String),
@@ -100,15 +100,15 @@ pub(crate) enum Event {
         ours: crate::protocol::ProtocolVersions,
         theirs: crate::protocol::ProtocolVersions,
     },
-    ChildReady(UpgradeId),
+    SuccessorReady(UpgradeId),
     /// The child said something that is not a valid message, or closed the channel early.
-    ChildMessageInvalid(String),
+    SuccessorMessageInvalid(String),
     /// The successor is handing over to its own successor or shutting down: its exit is planned.
-    ChildRetired,
+    SuccessorRetired,
     /// The successor serves again after its own successor died (`SERVING`): it withdraws its
     /// RETIRING, so its exit would again be a crash.
-    ChildResumed,
-    ChildExited {
+    SuccessorResumed,
+    SuccessorExited {
         pid: u32,
         status: String,
     },
@@ -138,8 +138,8 @@ pub(crate) enum Event {
 /// What the driver must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Action {
-    /// Start the new binary for this upgrade; answer with `ChildSpawned` or `SpawnFailed`.
-    SpawnChild(UpgradeId),
+    /// Start the new binary for this upgrade; answer with `SuccessorSpawned` or `SpawnFailed`.
+    SpawnSuccessor(UpgradeId),
     /// Hand everything over to the child (the version negotiation, HELLO, every fd, the
     /// state); answer with `ListenersSent` once all of it is sent, or `HandoffFailed` or
     /// `HandoffRefused`.
@@ -156,7 +156,7 @@ pub(crate) enum Action {
     StopDrain,
     /// Stop the child (if it still runs) as `stop` says, close its channel; the driver reaps
     /// it.
-    AbandonChild { pid: u32, stop: Stop },
+    AbandonSuccessor { pid: u32, stop: Stop },
     /// Look whether the successor still runs (its pidfd); answer with `SuccessorChecked`.
     CheckSuccessor(u32),
     /// Feed what the successor sent and was not read yet, then answer `SuccessorRead`. Asked

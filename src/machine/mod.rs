@@ -276,7 +276,7 @@ impl Machine {
                     by,
                     deadline: now + self.timeouts.ready,
                 });
-                self.push(Action::SpawnChild(upgrade));
+                self.push(Action::SpawnSuccessor(upgrade));
             }
             (State::Serving, E::ShutdownRequested) => self.start_drain(DrainCause::Shutdown, now),
 
@@ -284,7 +284,9 @@ impl Machine {
             (State::Forking { .. }, E::UpgradeRequested(by)) => {
                 self.reply(by, Outcome::Busy(Refusal::InFlight))
             }
-            (State::Forking { by, deadline, .. }, E::ChildSpawned { pid }) if now >= deadline => {
+            (State::Forking { by, deadline, .. }, E::SuccessorSpawned { pid })
+                if now >= deadline =>
+            {
                 // Started, but too late to hand over: never send it the listeners.
                 let ms = self.timeouts.ready.as_millis() as u64;
                 self.rollback(
@@ -300,7 +302,7 @@ impl Machine {
                     by,
                     deadline,
                 },
-                E::ChildSpawned { pid },
+                E::SuccessorSpawned { pid },
             ) => {
                 // One deadline from the request to READY: the time the spawn took counts.
                 self.set(State::HandingOver {
@@ -340,7 +342,7 @@ impl Machine {
                 State::HandingOver {
                     upgrade, by, child, ..
                 },
-                E::ChildReady(id),
+                E::SuccessorReady(id),
             ) => {
                 if id == upgrade {
                     self.reply(by, Outcome::Upgraded { pid: child });
@@ -357,13 +359,14 @@ impl Machine {
                     );
                 }
             }
-            (State::HandingOver { by, child, .. }, E::ChildMessageInvalid(why)) => self.rollback(
-                by,
-                child,
-                Stop::Terminate,
-                UpgradeFailure::InvalidMessage { pid: child, why },
-            ),
-            (State::HandingOver { by, child, .. }, E::ChildExited { pid, status })
+            (State::HandingOver { by, child, .. }, E::SuccessorMessageInvalid(why)) => self
+                .rollback(
+                    by,
+                    child,
+                    Stop::Terminate,
+                    UpgradeFailure::InvalidMessage { pid: child, why },
+                ),
+            (State::HandingOver { by, child, .. }, E::SuccessorExited { pid, status })
                 if pid == child =>
             {
                 self.rollback(
@@ -375,7 +378,7 @@ impl Machine {
             }
             (State::HandingOver { by, child, .. }, E::ShutdownRequested) => {
                 // Straight to Draining: no transient Serving phase for observers.
-                self.push(Action::AbandonChild {
+                self.push(Action::AbandonSuccessor {
                     pid: child,
                     stop: Stop::Terminate,
                 });
@@ -395,13 +398,13 @@ impl Machine {
                 self.update_drain(|d| d.accept_stopped = true)
             }
             (State::Draining(_), E::ConnectionsDrained) => self.update_drain(|d| d.drained = true),
-            (State::Draining(d), E::ChildRetired) if d.has_successor() => {
+            (State::Draining(d), E::SuccessorRetired) if d.has_successor() => {
                 self.update_drain(|d| d.successor_retired = true)
             }
-            (State::Draining(d), E::ChildResumed) if d.has_successor() => {
+            (State::Draining(d), E::SuccessorResumed) if d.has_successor() => {
                 self.update_drain(|d| d.successor_retired = false)
             }
-            (State::Draining(d), E::ChildExited { pid, .. }) if d.successor() == Some(pid) => {
+            (State::Draining(d), E::SuccessorExited { pid, .. }) if d.successor() == Some(pid) => {
                 if !d.never_resume() {
                     // The successor died unplanned while this process still holds the
                     // listeners: take the service back (rollback after handover).
@@ -467,7 +470,7 @@ impl Machine {
 
     /// Give up on the child: stop it, tell the requester, keep serving. Accepting never stopped.
     fn rollback(&mut self, by: Requester, child: u32, stop: Stop, why: UpgradeFailure) {
-        self.push(Action::AbandonChild { pid: child, stop });
+        self.push(Action::AbandonSuccessor { pid: child, stop });
         self.set(State::Serving);
         self.reply(by, Outcome::Failed(why));
     }

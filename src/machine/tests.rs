@@ -111,7 +111,7 @@ fn upgrade(by: Requester) -> Event {
     Event::UpgradeRequested(by)
 }
 fn spawned(pid: u32) -> Event {
-    Event::ChildSpawned { pid }
+    Event::SuccessorSpawned { pid }
 }
 fn spawn_failed() -> Event {
     Event::SpawnFailed("no such file".into())
@@ -120,13 +120,13 @@ fn handoff_failed() -> Event {
     Event::HandoffFailed("broken pipe".into())
 }
 fn ready(id: UpgradeId) -> Event {
-    Event::ChildReady(id)
+    Event::SuccessorReady(id)
 }
 fn invalid() -> Event {
-    Event::ChildMessageInvalid("garbage".into())
+    Event::SuccessorMessageInvalid("garbage".into())
 }
 fn exited(pid: u32) -> Event {
-    Event::ChildExited {
+    Event::SuccessorExited {
         pid,
         status: "signal 9".into(),
     }
@@ -141,14 +141,14 @@ fn pc(p: Phase) -> Action {
 }
 /// A child that has the listeners (HELLO sent), abandoned: SIGTERM, so it drains.
 fn abandon(pid: u32) -> Action {
-    Action::AbandonChild {
+    Action::AbandonSuccessor {
         pid,
         stop: Stop::Terminate,
     }
 }
 /// A child that never got the listeners, abandoned: SIGKILL.
 fn kill(pid: u32) -> Action {
-    Action::AbandonChild {
+    Action::AbandonSuccessor {
         pid,
         stop: Stop::Kill,
     }
@@ -169,7 +169,7 @@ fn exit_shutdown() -> Action {
     Action::Exit(ExitReason::Shutdown)
 }
 use Action::{
-    CheckSuccessor, ReadSuccessor, ResumeAccepting, SendListeners, SpawnChild, StopAccepting,
+    CheckSuccessor, ReadSuccessor, ResumeAccepting, SendListeners, SpawnSuccessor, StopAccepting,
     StopDrain,
 };
 
@@ -284,7 +284,7 @@ enum S {
     HandingOver,
     /// `CHILD` answered READY(`ID1`): draining after an upgrade.
     DrainingUpgrade,
-    /// As `DrainingUpgrade`, then the successor announced its retirement (`ChildRetired`).
+    /// As `DrainingUpgrade`, then the successor announced its retirement (`SuccessorRetired`).
     DrainingUpgradeRetired,
     /// As `DrainingUpgrade`, then a shutdown was requested (finish the drain, never resume).
     DrainingUpgradeShutdown,
@@ -316,7 +316,10 @@ fn build(start: S) -> H {
     match start {
         S::Serving => {}
         S::Forking => {
-            assert_eq!(h.ev(upgrade(REQ)), vec![pc(P::Forking), SpawnChild(ID1)]);
+            assert_eq!(
+                h.ev(upgrade(REQ)),
+                vec![pc(P::Forking), SpawnSuccessor(ID1)]
+            );
         }
         S::HandingOver => {
             h = build(S::Forking);
@@ -344,7 +347,7 @@ fn build(start: S) -> H {
         S::DrainingUpgradeRetired => {
             h = build(S::DrainingUpgrade);
             h.wait(MS);
-            assert_eq!(h.ev(Event::ChildRetired), vec![]);
+            assert_eq!(h.ev(Event::SuccessorRetired), vec![]);
         }
         S::DrainingUpgradeShutdown => {
             h = build(S::DrainingUpgrade);
@@ -386,22 +389,22 @@ enum Ev {
     UpSignal,
     /// `UpgradeRequested(Api(7))`
     UpApi,
-    /// `ChildSpawned { pid: CHILD }`
+    /// `SuccessorSpawned { pid: CHILD }`
     Spawned,
     SpawnFailed,
     ListenersSent,
     HandoffFailed,
-    /// `ChildReady(ID1)`: the id of the (first) upgrade
+    /// `SuccessorReady(ID1)`: the id of the (first) upgrade
     ReadyRight,
-    /// `ChildReady(BOGUS)`
+    /// `SuccessorReady(BOGUS)`
     ReadyWrong,
     Invalid,
     Retired,
-    /// `ChildResumed` (the successor's SERVING)
+    /// `SuccessorResumed` (the successor's SERVING)
     Resumed,
-    /// `ChildExited { pid: CHILD }`
-    ExitedChild,
-    /// `ChildExited { pid: OTHER }`
+    /// `SuccessorExited { pid: CHILD }`
+    SuccessorExited,
+    /// `SuccessorExited { pid: OTHER }`
     ExitedOther,
     AcceptStopped,
     Drained,
@@ -429,7 +432,7 @@ const EVS: [Ev; 20] = [
     Ev::Invalid,
     Ev::Retired,
     Ev::Resumed,
-    Ev::ExitedChild,
+    Ev::SuccessorExited,
     Ev::ExitedOther,
     Ev::AcceptStopped,
     Ev::Drained,
@@ -451,9 +454,9 @@ fn apply(h: &mut H, ev: Ev) -> Vec<Action> {
         Ev::ReadyRight => h.ev(ready(ID1)),
         Ev::ReadyWrong => h.ev(ready(BOGUS)),
         Ev::Invalid => h.ev(invalid()),
-        Ev::Retired => h.ev(Event::ChildRetired),
-        Ev::Resumed => h.ev(Event::ChildResumed),
-        Ev::ExitedChild => h.ev(exited(CHILD)),
+        Ev::Retired => h.ev(Event::SuccessorRetired),
+        Ev::Resumed => h.ev(Event::SuccessorResumed),
+        Ev::SuccessorExited => h.ev(exited(CHILD)),
         Ev::ExitedOther => h.ev(exited(OTHER)),
         Ev::AcceptStopped => h.ev(Event::AcceptStopped),
         Ev::Drained => h.ev(Event::ConnectionsDrained),
@@ -496,8 +499,8 @@ macro_rules! row {
 fn table() -> Vec<Row> {
     vec![
         // ---- Serving: only an upgrade request or a shutdown does anything.
-        row!(Serving, UpSignal      => Forking,     true,  [pc(P::Forking), SpawnChild(ID1)]),
-        row!(Serving, UpApi         => Forking,     true,  [pc(P::Forking), SpawnChild(ID1)]),
+        row!(Serving, UpSignal      => Forking,     true,  [pc(P::Forking), SpawnSuccessor(ID1)]),
+        row!(Serving, UpApi         => Forking,     true,  [pc(P::Forking), SpawnSuccessor(ID1)]),
         row!(Serving, Spawned       => Serving,     true,  []),
         row!(Serving, SpawnFailed   => Serving,     true,  []),
         row!(Serving, ListenersSent => Serving,     true,  []),
@@ -507,7 +510,7 @@ fn table() -> Vec<Row> {
         row!(Serving, Invalid       => Serving,     true,  []),
         row!(Serving, Retired       => Serving,     true,  []),
         row!(Serving, Resumed       => Serving,     true,  []),
-        row!(Serving, ExitedChild   => Serving,     true,  []),
+        row!(Serving, SuccessorExited   => Serving,     true,  []),
         row!(Serving, ExitedOther   => Serving,     true,  []),
         row!(Serving, AcceptStopped => Serving,     true,  []),
         row!(Serving, Drained       => Serving,     true,  []),
@@ -529,7 +532,7 @@ fn table() -> Vec<Row> {
         row!(Forking, Invalid       => Forking,     true,  []),
         row!(Forking, Retired       => Forking,     true,  []),
         row!(Forking, Resumed       => Forking,     true,  []),
-        row!(Forking, ExitedChild   => Forking,     true,  []),
+        row!(Forking, SuccessorExited   => Forking,     true,  []),
         row!(Forking, ExitedOther   => Forking,     true,  []),
         row!(Forking, AcceptStopped => Forking,     true,  []),
         row!(Forking, Drained       => Forking,     true,  []),
@@ -551,7 +554,7 @@ fn table() -> Vec<Row> {
         row!(HandingOver, Invalid       => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, f_invalid())]),
         row!(HandingOver, Retired       => HandingOver, true,  []),
         row!(HandingOver, Resumed       => HandingOver, true,  []),
-        row!(HandingOver, ExitedChild   => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, f_exit())]),
+        row!(HandingOver, SuccessorExited   => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, f_exit())]),
         row!(HandingOver, ExitedOther   => HandingOver, true,  []),
         row!(HandingOver, AcceptStopped => HandingOver, true,  []),
         row!(HandingOver, Drained       => HandingOver, true,  []),
@@ -573,7 +576,7 @@ fn table() -> Vec<Row> {
         row!(DrainingUpgrade, Invalid       => Draining, false, []),
         row!(DrainingUpgrade, Retired       => Draining, false, []),
         row!(DrainingUpgrade, Resumed       => Draining, false, []),
-        row!(DrainingUpgrade, ExitedChild   => Serving,  true,  [pc(P::Serving), StopDrain, ResumeAccepting]),
+        row!(DrainingUpgrade, SuccessorExited   => Serving,  true,  [pc(P::Serving), StopDrain, ResumeAccepting]),
         row!(DrainingUpgrade, ExitedOther   => Draining, false, []),
         row!(DrainingUpgrade, AcceptStopped => Draining, false, []),
         row!(DrainingUpgrade, Drained       => Draining, false, []),
@@ -595,7 +598,7 @@ fn table() -> Vec<Row> {
         row!(DrainingUpgradeRetired, Invalid       => Draining, false, []),
         row!(DrainingUpgradeRetired, Retired       => Draining, false, []),
         row!(DrainingUpgradeRetired, Resumed       => Draining, false, []),
-        row!(DrainingUpgradeRetired, ExitedChild   => Draining, false, []),
+        row!(DrainingUpgradeRetired, SuccessorExited   => Draining, false, []),
         row!(DrainingUpgradeRetired, ExitedOther   => Draining, false, []),
         row!(DrainingUpgradeRetired, AcceptStopped => Draining, false, []),
         row!(DrainingUpgradeRetired, Drained       => Draining, false, []),
@@ -618,7 +621,7 @@ fn table() -> Vec<Row> {
         row!(DrainingUpgradeShutdown, Invalid       => Draining, false, []),
         row!(DrainingUpgradeShutdown, Retired       => Draining, false, []),
         row!(DrainingUpgradeShutdown, Resumed       => Draining, false, []),
-        row!(DrainingUpgradeShutdown, ExitedChild   => Draining, false, []),
+        row!(DrainingUpgradeShutdown, SuccessorExited   => Draining, false, []),
         row!(DrainingUpgradeShutdown, ExitedOther   => Draining, false, []),
         row!(DrainingUpgradeShutdown, AcceptStopped => Draining, false, []),
         row!(DrainingUpgradeShutdown, Drained       => Draining, false, []),
@@ -640,7 +643,7 @@ fn table() -> Vec<Row> {
         row!(DrainingUpgradeChecking, Invalid       => Draining, false, []),
         row!(DrainingUpgradeChecking, Retired       => Exited,   false, [pc(P::Exited), exit_upgraded(CHILD)]),
         row!(DrainingUpgradeChecking, Resumed       => Draining, false, []),
-        row!(DrainingUpgradeChecking, ExitedChild   => Serving,  true,  [pc(P::Serving), StopDrain, ResumeAccepting]),
+        row!(DrainingUpgradeChecking, SuccessorExited   => Serving,  true,  [pc(P::Serving), StopDrain, ResumeAccepting]),
         row!(DrainingUpgradeChecking, ExitedOther   => Draining, false, []),
         row!(DrainingUpgradeChecking, AcceptStopped => Draining, false, []),
         row!(DrainingUpgradeChecking, Drained       => Draining, false, []),
@@ -662,7 +665,7 @@ fn table() -> Vec<Row> {
         row!(DrainingShutdown, Invalid       => Draining, false, []),
         row!(DrainingShutdown, Retired       => Draining, false, []),
         row!(DrainingShutdown, Resumed       => Draining, false, []),
-        row!(DrainingShutdown, ExitedChild   => Draining, false, []),
+        row!(DrainingShutdown, SuccessorExited   => Draining, false, []),
         row!(DrainingShutdown, ExitedOther   => Draining, false, []),
         row!(DrainingShutdown, AcceptStopped => Draining, false, []),
         row!(DrainingShutdown, Drained       => Draining, false, []),
@@ -684,7 +687,7 @@ fn table() -> Vec<Row> {
         row!(Exited, Invalid       => Exited, false, []),
         row!(Exited, Retired       => Exited, false, []),
         row!(Exited, Resumed       => Exited, false, []),
-        row!(Exited, ExitedChild   => Exited, false, []),
+        row!(Exited, SuccessorExited   => Exited, false, []),
         row!(Exited, ExitedOther   => Exited, false, []),
         row!(Exited, AcceptStopped => Exited, false, []),
         row!(Exited, Drained       => Exited, false, []),
@@ -798,7 +801,10 @@ fn awaits_spawn_and_ready_per_phase() {
 fn full_successful_upgrade() {
     let mut h = H::new();
     let t0 = h.now;
-    assert_eq!(h.ev(upgrade(REQ)), vec![pc(P::Forking), SpawnChild(ID1)]);
+    assert_eq!(
+        h.ev(upgrade(REQ)),
+        vec![pc(P::Forking), SpawnSuccessor(ID1)]
+    );
     assert_eq!(h.m.current_upgrade(), Some(ID1));
     h.wait(3 * MS);
     assert_eq!(
@@ -851,7 +857,7 @@ fn assert_rolled_back(h: &mut H) {
     assert_eq!(h.m.poll_timeout(), None);
     assert_eq!(
         h.ev(upgrade(Requester::Api(2))),
-        vec![pc(P::Forking), SpawnChild(ID2)]
+        vec![pc(P::Forking), SpawnSuccessor(ID2)]
     );
 }
 
@@ -981,7 +987,7 @@ fn second_upgrade_request_while_in_flight_is_busy() {
     let mut h = H::new();
     assert_eq!(
         h.ev(upgrade(Requester::Api(1))),
-        vec![pc(P::Forking), SpawnChild(ID1)]
+        vec![pc(P::Forking), SpawnSuccessor(ID1)]
     );
     assert_eq!(
         h.ev(upgrade(Requester::Api(2))),
@@ -1150,14 +1156,14 @@ fn successor_dying_during_the_drain_resumes_serving() {
     // And the next upgrade gets a fresh id.
     assert_eq!(
         h.ev(upgrade(Requester::Api(2))),
-        vec![pc(P::Forking), SpawnChild(ID2)]
+        vec![pc(P::Forking), SpawnSuccessor(ID2)]
     );
 }
 
 #[test]
 fn successor_retired_then_dying_keeps_draining_and_exits_normally() {
     let mut h = build(S::DrainingUpgrade);
-    assert_eq!(h.ev(Event::ChildRetired), vec![]);
+    assert_eq!(h.ev(Event::SuccessorRetired), vec![]);
     assert_eq!(h.ev(exited(CHILD)), vec![]);
     assert_eq!(h.phase(), P::Draining);
     assert!(!h.m.accepting());
@@ -1203,13 +1209,13 @@ fn shutdown_during_forking_replies_failed_and_drains() {
     assert!(actions.contains(&failed(REQ, f_shutdown())));
     assert!(!actions
         .iter()
-        .any(|a| matches!(a, Action::AbandonChild { .. })));
+        .any(|a| matches!(a, Action::AbandonSuccessor { .. })));
     assert_eq!(
         actions[actions.len() - 3..],
         [pc(P::Draining), StopAccepting, drain_shutdown()]
     );
     assert_eq!(h.phase(), P::Draining);
-    // A ChildSpawned that raced the shutdown is stale.
+    // A SuccessorSpawned that raced the shutdown is stale.
     assert_eq!(h.ev(spawned(CHILD)), vec![]);
     assert_eq!(h.phase(), P::Draining);
 }
@@ -1228,7 +1234,10 @@ fn a_spawn_that_never_completes_is_given_up_at_the_deadline() {
     assert_eq!(h.m.current_upgrade(), None);
     // The late child's spawn is stale (the driver kills it); a new upgrade starts afresh.
     assert_eq!(h.ev(spawned(CHILD)), vec![]);
-    assert_eq!(h.ev(upgrade(LATE)), vec![pc(P::Forking), SpawnChild(ID2)]);
+    assert_eq!(
+        h.ev(upgrade(LATE)),
+        vec![pc(P::Forking), SpawnSuccessor(ID2)]
+    );
 }
 
 #[test]
@@ -1288,8 +1297,8 @@ fn upgrade_ids_differ_across_successive_upgrades() {
     // Failed, successful-then-resumed, failed, failed: each attempt gets its own id.
     for round in 0..6 {
         let actions = h.ev(upgrade(Requester::Api(round)));
-        let Some(&SpawnChild(id)) = actions.last() else {
-            panic!("no SpawnChild: {actions:?}")
+        let Some(&SpawnSuccessor(id)) = actions.last() else {
+            panic!("no SpawnSuccessor: {actions:?}")
         };
         assert_eq!(h.m.current_upgrade(), Some(id));
         ids.push(id);
@@ -1319,7 +1328,7 @@ fn upgrade_ids_differ_across_successive_upgrades() {
 
     // The seed makes ids differ across generations.
     let mut other = H::with_seed(SEED ^ 0xffff_0000);
-    let Some(SpawnChild(id)) = other.ev(upgrade(REQ)).pop() else {
+    let Some(SpawnSuccessor(id)) = other.ev(upgrade(REQ)).pop() else {
         panic!()
     };
     assert_ne!(id, ID1);
@@ -1328,7 +1337,7 @@ fn upgrade_ids_differ_across_successive_upgrades() {
 #[test]
 fn upgrade_ids_wrap_instead_of_overflowing() {
     let mut h = H::with_seed(u64::MAX);
-    assert_eq!(h.ev(upgrade(REQ)).pop(), Some(SpawnChild(UpgradeId(0))));
+    assert_eq!(h.ev(upgrade(REQ)).pop(), Some(SpawnSuccessor(UpgradeId(0))));
 }
 
 #[test]
@@ -1417,7 +1426,7 @@ fn shutdown_during_upgrade_reports_no_transient_serving_phase() {
 // ------------------------------------------------------------------------------------------
 // 3. Properties over random event sequences
 
-/// Pids the random events use; the real child is whichever of them `ChildSpawned` carried.
+/// Pids the random events use; the real child is whichever of them `SuccessorSpawned` carried.
 const PIDS: [u32; 3] = [101, 102, 103];
 
 #[derive(Clone, Copy, Debug)]
@@ -1529,8 +1538,8 @@ fn run(steps: &[Step], seed: u64, t0: Instant) -> Vec<Record> {
                 Input::Event(ready(id))
             }
             Step::Invalid => Input::Event(invalid()),
-            Step::Retired => Input::Event(Event::ChildRetired),
-            Step::Resumed => Input::Event(Event::ChildResumed),
+            Step::Retired => Input::Event(Event::SuccessorRetired),
+            Step::Resumed => Input::Event(Event::SuccessorResumed),
             Step::Exited(pid) => Input::Event(exited(pid)),
             Step::AcceptStopped => Input::Event(Event::AcceptStopped),
             Step::Drained => Input::Event(Event::ConnectionsDrained),
@@ -1552,7 +1561,7 @@ fn run(steps: &[Step], seed: u64, t0: Instant) -> Vec<Record> {
         }
         let actions = answering(&mut m, now);
         for a in &actions {
-            if let SpawnChild(id) = a {
+            if let SpawnSuccessor(id) = a {
                 issued.push(*id);
             }
         }
@@ -1611,35 +1620,38 @@ fn check(records: &[Record]) -> Result<(), String> {
             )?;
         }
 
-        // (a) at most one upgrade in flight; SpawnChild only from Serving.
+        // (a) at most one upgrade in flight; SpawnSuccessor only from Serving.
         let spawns: Vec<UpgradeId> = r
             .actions
             .iter()
             .filter_map(|a| match a {
-                SpawnChild(id) => Some(*id),
+                SpawnSuccessor(id) => Some(*id),
                 _ => None,
             })
             .collect();
-        ensure(spawns.len() <= 1, "(a) two SpawnChild in one step")?;
+        ensure(spawns.len() <= 1, "(a) two SpawnSuccessor in one step")?;
         if let Some(&id) = spawns.first() {
-            ensure(r.before == P::Serving, "(a) SpawnChild not from Serving")?;
+            ensure(
+                r.before == P::Serving,
+                "(a) SpawnSuccessor not from Serving",
+            )?;
             ensure(
                 open_upgrade.is_none(),
-                "(a) SpawnChild while an upgrade is in flight",
+                "(a) SpawnSuccessor while an upgrade is in flight",
             )?;
-            ensure(r.after == P::Forking, "(a) SpawnChild without Forking")?;
+            ensure(r.after == P::Forking, "(a) SpawnSuccessor without Forking")?;
             ensure(
                 r.upgrade == Some(id),
-                "(a) SpawnChild id is not the current upgrade",
+                "(a) SpawnSuccessor id is not the current upgrade",
             )?;
             let Input::Event(Event::UpgradeRequested(by)) = r.input else {
-                return Err(format!("(a) SpawnChild without a request — {}", ctx()));
+                return Err(format!("(a) SpawnSuccessor without a request — {}", ctx()));
             };
             open_upgrade = Some(id);
             pending = Some(by);
             child = None;
         }
-        if let Input::Event(Event::ChildSpawned { pid }) = r.input {
+        if let Input::Event(Event::SuccessorSpawned { pid }) = r.input {
             if r.before == P::Forking {
                 child = Some(pid);
             }
@@ -1653,7 +1665,8 @@ fn check(records: &[Record]) -> Result<(), String> {
                 "(b) Draining-by-upgrade not from HandingOver",
             )?;
             ensure(
-                open_upgrade.map(|id| Input::Event(Event::ChildReady(id))) == Some(r.input.clone()),
+                open_upgrade.map(|id| Input::Event(Event::SuccessorReady(id)))
+                    == Some(r.input.clone()),
                 "(b) Draining-by-upgrade without the right READY",
             )?;
             ensure(
@@ -1685,7 +1698,7 @@ fn check(records: &[Record]) -> Result<(), String> {
             .actions
             .iter()
             .filter_map(|a| match a {
-                Action::AbandonChild { pid, .. } => Some(*pid),
+                Action::AbandonSuccessor { pid, .. } => Some(*pid),
                 _ => None,
             })
             .collect();
@@ -1704,12 +1717,12 @@ fn check(records: &[Record]) -> Result<(), String> {
         if !abandons.is_empty() {
             ensure(
                 r.before == P::HandingOver,
-                "(c) AbandonChild outside HandingOver",
+                "(c) AbandonSuccessor outside HandingOver",
             )?;
             ensure(Some(abandons[0]) == child, "(c) abandoned the wrong pid")?;
             ensure(
                 failed_replies.len() == 1,
-                "(c) AbandonChild without a Failed reply",
+                "(c) AbandonSuccessor without a Failed reply",
             )?;
         }
         if !failed_replies.is_empty() {
@@ -1723,7 +1736,7 @@ fn check(records: &[Record]) -> Result<(), String> {
             )?;
             ensure(
                 (r.before == P::HandingOver) != abandons.is_empty(),
-                "(c) rollback after the spawn without AbandonChild",
+                "(c) rollback after the spawn without AbandonSuccessor",
             )?;
             if is_shutdown(&r.input) {
                 ensure(
@@ -1861,7 +1874,7 @@ fn random_sequences_reach_every_phase() {
             for a in &r.actions {
                 match a {
                     Action::Reply(_, Outcome::Upgraded { .. }) => upgrades += 1,
-                    Action::AbandonChild { .. } => rollbacks += 1,
+                    Action::AbandonSuccessor { .. } => rollbacks += 1,
                     ResumeAccepting => resumes += 1,
                     _ => {}
                 }
@@ -1900,11 +1913,11 @@ fn property_checker_rejects_corrupted_runs() {
 
     type Fault = fn(&mut Vec<Record>);
     let faults: [(&str, Fault); 8] = [
-        ("(a) second SpawnChild", |rs| {
-            rs[1].actions.push(SpawnChild(ID2))
+        ("(a) second SpawnSuccessor", |rs| {
+            rs[1].actions.push(SpawnSuccessor(ID2))
         }),
         ("(b) Draining without READY", |rs| {
-            rs[4].input = Input::Event(Event::ChildReady(BOGUS))
+            rs[4].input = Input::Event(Event::SuccessorReady(BOGUS))
         }),
         ("(c) rollback left not accepting", |rs| {
             rs[2].accepting = false
@@ -1955,7 +1968,7 @@ fn upgrade_is_refused_while_too_many_elders_drain() {
         h.ev(Event::UpgradeRequested(REQ)),
         vec![
             Action::PhaseChanged(Phase::Forking),
-            Action::SpawnChild(ID1)
+            Action::SpawnSuccessor(ID1)
         ]
     );
 }
@@ -1976,7 +1989,7 @@ fn a_limit_of_one_means_upgrade_only_once_every_elder_is_gone() {
         h.ev(Event::UpgradeRequested(REQ)),
         vec![
             Action::PhaseChanged(Phase::Forking),
-            Action::SpawnChild(ID1)
+            Action::SpawnSuccessor(ID1)
         ]
     );
 }
@@ -1987,7 +2000,7 @@ fn a_limit_of_one_means_upgrade_only_once_every_elder_is_gone() {
 #[test]
 fn a_successor_that_serves_again_after_retiring_is_a_crash_when_it_exits() {
     let mut h = build(S::DrainingUpgradeRetired);
-    assert_eq!(h.ev(Event::ChildResumed), vec![]);
+    assert_eq!(h.ev(Event::SuccessorResumed), vec![]);
     assert_eq!(
         h.ev(exited(CHILD)),
         vec![pc(P::Serving), StopDrain, ResumeAccepting]
