@@ -21,7 +21,8 @@
 //! ones still drain; default 4), `--control PATH` (a control socket, mode 0600), `--udp ADDR`
 //! (a UDP echo socket, handed over at each upgrade), `--pass-file PATH` (an open file handed
 //! over as a raw fd; each generation appends a line to it through the inherited fd),
-//! `--stall-on-handover-ms N` (fault injection: block the serving thread N ms when an upgrade
+//! `--ballast-mib N` (N MiB resident, faulted in 1 s after start) and `--ballast-once` (only in
+//! generation 0, not in its successors), `--stall-on-handover-ms N` (fault injection: block the serving thread N ms when an upgrade
 //! reaches HandingOver, tokio-uring runtime only), `--successor-env KEY=VALUE` (repeatable:
 //! set in the next generation's environment, `Builder::env`), `--successor-env-file PATH`
 //! (`KEY=VALUE` lines read at each upgrade into the next generation's environment,

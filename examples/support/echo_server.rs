@@ -38,6 +38,9 @@ struct Args {
     udp: Vec<SocketAddr>,
     pass_file: Option<PathBuf>,
     ballast_mib: usize,
+    /// `--ballast-once`: only generation 0 faults its ballast in; its successors (started with
+    /// the same arguments) stay small.
+    ballast_once: bool,
     /// Fault injection: block the serving thread this long when an upgrade reaches
     /// HandingOver, so this process notices its successor's READY late.
     stall_on_handover: Option<Duration>,
@@ -75,6 +78,7 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
         udp: Vec::new(),
         pass_file: None,
         ballast_mib: 0,
+        ballast_once: false,
         stall_on_handover: None,
         workers: 1,
         successor_env: Vec::new(),
@@ -149,6 +153,7 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
                 let v = value()?;
                 args.ballast_mib = v.parse().map_err(|e| format!("--ballast-mib {v}: {e}"))?;
             }
+            "--ballast-once" => args.ballast_once = true,
             "--runtime" => {
                 args.runtime = match value()?.as_str() {
                     "tokio-uring" => Runtime::TokioUring,
@@ -330,7 +335,9 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
     // of the whole ballast held the memory-map lock for seconds, and the serving thread's own
     // allocations waited behind it (26,396 timed-out connections). The demo's interval must
     // leave time for it.
-    if args.ballast_mib > 0 {
+    // --ballast-once: a bench measuring one upgrade of a big process (handover_scale) must not
+    // have the successor grow as big beside it.
+    if args.ballast_mib > 0 && !(args.ballast_once && server.handle().generation() > 0) {
         let bytes = args.ballast_mib << 20;
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(1000));
