@@ -2,8 +2,10 @@
 //!
 //! Started by a serving ringflip process as its "new binary" (through a one-line shell script
 //! that `exec`s it, so fd 3 and `RINGFLIP_HANDOFF_FD` / `RINGFLIP_UPGRADE_ID` are in place), it
-//! speaks the handoff protocol by hand (magic `RFLP`, version 1, kinds HELLO=1 READY=2
-//! RETIRING=3, little-endian fields) and misbehaves in the way its first argument names:
+//! speaks the handoff protocol by hand (`docs/PROTOCOL.md`: magic `RFLP`; the preamble OFFER,
+//! carrying HELLO=1, answered with ACCEPT of version 1; then the FDS=6 messages; READY=2
+//! RETIRING=3, little-endian fields) and misbehaves in the way its first argument names
+//! ("receive HELLO" is the whole exchange up to the last fd):
 //!
 //! - `garbage`: receive HELLO, send bytes that are not a protocol message, sleep 30 s;
 //! - `bad-version`: receive HELLO, send a READY with protocol version 9, sleep 30 s;
@@ -27,6 +29,11 @@ const MAGIC: &[u8; 4] = b"RFLP";
 const VERSION: u8 = 1;
 const KIND_HELLO: u8 = 1;
 const KIND_READY: u8 = 2;
+const KIND_FDS: u8 = 6;
+/// The preamble's version byte, and its kinds.
+const PREAMBLE: u8 = 0;
+const KIND_OFFER: u8 = 1;
+const KIND_ACCEPT: u8 = 2;
 const CHANNEL_FD: RawFd = 3;
 
 fn log(msg: &str) {
@@ -87,35 +94,61 @@ fn receive_hello(expected: u64) -> Result<(u64, u32, usize), String> {
         ));
     }
     let mut buf = vec![0u8; 512 * 1024];
-    let mut cmsg = nix::cmsg_space!([RawFd; 253]);
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let msg = recvmsg::<UnixAddr>(CHANNEL_FD, &mut iov, Some(&mut cmsg), MsgFlags::empty())
-        .map_err(|e| format!("recvmsg on fd 3: {e}"))?;
-    let len = msg.bytes;
-    let mut fds = 0;
-    if let Ok(cmsgs) = msg.cmsgs() {
-        for c in cmsgs {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                fds += raw.len(); // deliberately left open (leaked until exit)
-            }
-        }
-    }
+    // OFFER of a range whose newest version is 1, carrying HELLO; answered with ACCEPT(1).
+    let (len, mut fds) = receive(&mut buf)?;
     let b = &buf[..len];
-    if len < 20 || &b[..4] != MAGIC || b[4] != VERSION || b[5] != KIND_HELLO {
+    if len < 8 || &b[..4] != MAGIC || b[4] != PREAMBLE || b[5] != KIND_OFFER || b[7] != VERSION {
+        return Err(format!(
+            "not an OFFER of version 1: {len} bytes {:02x?}",
+            &b[..len.min(16)]
+        ));
+    }
+    let mut accept = MAGIC.to_vec();
+    accept.extend_from_slice(&[PREAMBLE, KIND_ACCEPT, VERSION]);
+    send_msg(&accept)?;
+    let b = &buf[8..len];
+    if b.len() < 34 || &b[..4] != MAGIC || b[4] != VERSION || b[5] != KIND_HELLO {
         return Err(format!(
             "not a HELLO: {} bytes {:02x?}",
-            len,
-            &b[..len.min(16)]
+            b.len(),
+            &b[..b.len().min(16)]
         ));
     }
     let id = u64::from_le_bytes(b[6..14].try_into().expect("8 bytes"));
     let parent = u32::from_le_bytes(b[14..18].try_into().expect("4 bytes"));
+    let count = u32::from_le_bytes(b[22..26].try_into().expect("4 bytes")) as usize;
     if id != expected {
         return Err(format!(
             "HELLO for upgrade {id}, RINGFLIP_UPGRADE_ID says {expected}"
         ));
     }
+    // The FDS messages, until HELLO's count (the state, if any, is left on the channel).
+    while fds < count {
+        let (len, n) = receive(&mut buf)?;
+        if len < 8 || buf[5] != KIND_FDS {
+            return Err(format!("not an FDS message: {len} bytes"));
+        }
+        fds += n;
+    }
     Ok((id, parent, fds))
+}
+
+/// One message into `buf`: its length and how many fds came with it (deliberately left open,
+/// leaked until exit).
+fn receive(buf: &mut [u8]) -> Result<(usize, usize), String> {
+    let mut cmsg = nix::cmsg_space!([RawFd; 253]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<UnixAddr>(CHANNEL_FD, &mut iov, Some(&mut cmsg), MsgFlags::empty())
+        .map_err(|e| format!("recvmsg on fd 3: {e}"))?;
+    let mut fds = 0;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                fds += raw.len();
+            }
+        }
+    }
+    Ok((msg.bytes, fds))
 }
 
 fn send_msg(bytes: &[u8]) -> Result<(), String> {

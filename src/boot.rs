@@ -5,10 +5,9 @@
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 
-use bytes::Bytes;
-
 use crate::error::Error;
 use crate::handoff::SocketKind;
+use crate::inherit::state::StateStream;
 use crate::inherit::{self, Inherited, ParentLink};
 use crate::listener::{Endpoint, ListenSpec, Listener, UdpSocketEntry};
 use crate::{sys, systemd};
@@ -18,7 +17,7 @@ use crate::{sys, systemd};
 pub(crate) struct Sockets {
     pub listeners: Vec<Listener>,
     pub parent: Option<ParentLink>,
-    pub inherited_state: Option<Bytes>,
+    pub inherited_state: Option<StateStream>,
     pub elders: Vec<OwnedFd>,
     pub generation: u32,
     pub udp: Vec<UdpSocketEntry>,
@@ -45,13 +44,14 @@ fn adopt(
 ) -> Result<Sockets, Error> {
     let mut udp = Vec::new();
     let mut inherited_fds = Vec::new();
-    let inherited_state = Some(Bytes::from(inherited.state));
+    let inherited_state = Some(inherited.state);
     let elders = inherited.elders;
     let generation = inherited.generation;
     let upgrade = inherited.link.upgrade;
     tracing::info!(
         upgrade.id = %upgrade,
         parent = inherited.link.parent_pid,
+        protocol.version = inherited.version,
         "started as a successor; adopting listeners"
     );
     let mut by_name: Vec<_> = inherited.listeners.into_iter().map(Some).collect();

@@ -92,6 +92,31 @@ impl Connection {
         }
     }
 
+    /// The socket as a std `TcpStream` with the drain guard inside, if a TCP listener accepted
+    /// it; otherwise the connection back, untouched. For a service whose listeners are all
+    /// TCP: `conn.into_tcp().unwrap().map(tokio_uring::net::TcpStream::from_std)`.
+    pub fn into_tcp(self) -> Result<Guarded<std::net::TcpStream>, Connection> {
+        if self.unix {
+            return Err(self);
+        }
+        Ok(Guarded {
+            stream: std::net::TcpStream::from(self.fd),
+            guard: self.guard,
+        })
+    }
+
+    /// The socket as a std `UnixStream` with the drain guard inside, if a Unix listener
+    /// accepted it; otherwise the connection back, untouched.
+    pub fn into_unix(self) -> Result<Guarded<std::os::unix::net::UnixStream>, Connection> {
+        if !self.unix {
+            return Err(self);
+        }
+        Ok(Guarded {
+            stream: std::os::unix::net::UnixStream::from(self.fd),
+            guard: self.guard,
+        })
+    }
+
     /// The socket as a tokio stream (switched to non-blocking mode, registered with the
     /// current runtime: call it inside one), typed by its listener's kind, with the drain
     /// guard inside: the drain waits until the returned value is dropped.

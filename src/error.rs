@@ -1,5 +1,7 @@
 use std::io;
 
+use crate::protocol::ProtocolVersions;
+
 /// Errors from setting up or running a [`Server`](crate::Server).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -18,6 +20,41 @@ pub enum Error {
     /// process must exit: the parent sees that and keeps serving.
     #[error("handoff from the previous process failed: {0}")]
     Handoff(String),
+    /// Started as a successor, but the previous process gave up on this upgrade before it had
+    /// handed everything over (it was told to stop, or its ready timeout passed: it closed
+    /// the channel and asked this process to stop). Nothing was adopted; the previous process
+    /// serves on or is stopping. This process should exit; this is not a fault of its own.
+    #[error(
+        "the previous process gave up on this upgrade before the handoff was complete, and \
+         asked this process to stop"
+    )]
+    Abandoned,
+    /// Started as a successor of a process that speaks no handoff protocol version this one
+    /// speaks: this process refused the handoff (the parent was told, and keeps serving) and
+    /// must exit.
+    #[error(
+        "the previous process speaks handoff protocol versions {theirs}, this build speaks \
+         {ours}: no common version"
+    )]
+    IncompatibleProtocol {
+        /// The versions this process speaks.
+        ours: ProtocolVersions,
+        /// The versions the previous process speaks.
+        theirs: ProtocolVersions,
+    },
+    /// The previous process handed over `len` bytes of state and the application read only
+    /// `read` of them before [`Server::run`](crate::Server::run): what it did not read would be
+    /// lost, so the upgrade fails (this process must exit, the previous one keeps serving).
+    #[error(
+        "the previous process handed over {len} bytes of state; {read} were read before run \
+         (read all of it with Server::inherited_state_reader)"
+    )]
+    StateNotRead {
+        /// Bytes the application read.
+        read: u64,
+        /// Bytes the previous process sent.
+        len: u64,
+    },
     /// A listener expected from the parent is missing (never silently re-bound).
     #[error("listener {name:?} was not handed over by the previous process")]
     MissingListener {
@@ -48,6 +85,19 @@ pub enum Error {
     },
 }
 
+/// For `main` functions and callers that speak `std::io::Error` (`fn main() ->
+/// std::io::Result<()>` with `?` on `build()` and `run()`): the kind of an I/O error is kept,
+/// the rest is `Other`, with this error as the source.
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        let kind = match &e {
+            Error::Io { source, .. } | Error::Bind { source, .. } => source.kind(),
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
 /// Why an upgrade failed. This process never stopped accepting and still serves; the new
 /// process, if it ran, was stopped and reaped. [`UpgradeFailure::code`] names the case in a
 /// word that scripts can match (the control socket answers `failed: <code>: <reason>`).
@@ -66,6 +116,18 @@ pub enum UpgradeFailure {
     /// The listeners could not be sent to the new process.
     #[error("could not hand the listeners over: {0}")]
     Handoff(String),
+    /// The new binary speaks no handoff protocol version this process speaks (it refused the
+    /// handoff and exits).
+    #[error(
+        "the new binary speaks handoff protocol versions {theirs}, this process speaks {ours}: \
+         no common version"
+    )]
+    IncompatibleProtocol {
+        /// The versions this process speaks.
+        ours: ProtocolVersions,
+        /// The versions the new binary speaks.
+        theirs: ProtocolVersions,
+    },
     /// The new process was not READY within the ready timeout.
     #[error("new process {pid} was not ready within {timeout_ms} ms")]
     ReadyTimeout {
@@ -112,6 +174,7 @@ impl UpgradeFailure {
             UpgradeFailure::Spawn(_) => "spawn",
             UpgradeFailure::StartTimeout { .. } => "start-timeout",
             UpgradeFailure::Handoff(_) => "handoff",
+            UpgradeFailure::IncompatibleProtocol { .. } => "incompatible-protocol",
             UpgradeFailure::ReadyTimeout { .. } => "ready-timeout",
             UpgradeFailure::WrongUpgrade { .. } => "wrong-upgrade",
             UpgradeFailure::InvalidMessage { .. } => "invalid-message",

@@ -8,7 +8,6 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::error::{Error, UpgradeError};
-use crate::handoff::MAX_STATE_LEN;
 use crate::machine::Phase;
 use crate::shared::{Request, Shared, UpgradeReply};
 
@@ -55,17 +54,16 @@ impl Handle {
 
     /// Sets the blob that the next upgrade hands to the new process with the listeners
     /// (session-ticket keys, a warm cache index, …), read there with
-    /// [`Server::inherited_state`]. At most [`MAX_STATE_LEN`] bytes.
+    /// [`Server::inherited_state`] (at most [`MAX_STATE_LEN`](crate::MAX_STATE_LEN) bytes) or, of any size, with
+    /// [`Server::inherited_state_reader`]. The state is sent in chunks straight from `state`
+    /// (held here by reference, never copied whole) while this process keeps serving.
+    /// Put your own format version in it: the two processes may be different releases of your
+    /// service. The new process's ready timeout covers the transfer (64 MiB took 0.3 s
+    /// here). Never fails today; the `Result` is kept for compatibility.
     ///
     /// [`Server::inherited_state`]: crate::Server::inherited_state
+    /// [`Server::inherited_state_reader`]: crate::Server::inherited_state_reader
     pub fn set_handoff_state(&self, state: Bytes) -> Result<(), Error> {
-        if state.len() > MAX_STATE_LEN {
-            return Err(Error::Config(format!(
-                "handoff state of {} bytes exceeds the {}-byte limit",
-                state.len(),
-                MAX_STATE_LEN
-            )));
-        }
         *self
             .shared
             .handoff_state
@@ -89,7 +87,9 @@ impl Handle {
 
     /// Sets named fds (a memfd, a pipe, a device…) that the next upgrade hands to the new
     /// process as they are, read there with [`Server::take_inherited_fds`]. This process keeps
-    /// them open (the handoff sends duplicates).
+    /// them open (the handoff sends duplicates). Any number: they travel 253 to a message
+    /// (the kernel's `SCM_MAX_FD`); the new process must be allowed to hold them all
+    /// (`RLIMIT_NOFILE`, inherited from this one).
     ///
     /// [`Server::take_inherited_fds`]: crate::Server::take_inherited_fds
     pub fn set_handoff_fds(&self, fds: Vec<(String, OwnedFd)>) -> Result<(), Error> {
@@ -103,7 +103,7 @@ impl Handle {
             .shared
             .handoff_fds
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = fds;
+            .unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(fds);
         Ok(())
     }
 

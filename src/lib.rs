@@ -102,6 +102,7 @@ mod launch;
 mod listener;
 mod machine;
 mod pidfile;
+mod protocol;
 mod server;
 mod shared;
 mod signals;
@@ -116,10 +117,12 @@ pub use connection::{Connection, DrainGuard, Guarded};
 pub use error::{Error, Refusal, UpgradeError, UpgradeFailure};
 pub use handle::{Handle, PhaseWatch};
 pub use handoff::{MAX_LISTENERS, MAX_STATE_LEN};
+pub use inherit::StateReader;
 pub use machine::{ExitReason, Phase};
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub use server::Ring;
+pub use protocol::ProtocolVersions;
 pub use server::{Builder, Server, Worker};
 pub use signals::{StopSignal, UpgradeSignal};
 /// The socket crate of [`Builder::listen_tcp_with`], re-exported so the versions match.
@@ -128,6 +131,11 @@ pub use stream::Socket;
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub use stream::TokioStream;
+
+// The snippets of docs/ADOPTING.md compile (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../docs/ADOPTING.md")]
+struct AdoptingDoctests;
 
 /// Entry points for the fuzz targets in `fuzz/`; not part of the API.
 #[doc(hidden)]

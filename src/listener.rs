@@ -271,7 +271,7 @@ pub(crate) fn check_listening_socket(fd: BorrowedFd<'_>, kind: SocketKind) -> Re
     let ok = match kind {
         SocketKind::Tcp => domain == libc::AF_INET || domain == libc::AF_INET6,
         SocketKind::Unix => domain == libc::AF_UNIX,
-        SocketKind::Udp | SocketKind::Raw => false,
+        SocketKind::Udp | SocketKind::Raw | SocketKind::Elder | SocketKind::Unknown(_) => false,
     };
     if !ok {
         return Err(format!(
@@ -293,10 +293,9 @@ fn listening_endpoint(fd: BorrowedFd<'_>, kind: SocketKind) -> Result<Endpoint, 
 fn local_endpoint(fd: BorrowedFd<'_>, kind: SocketKind) -> io::Result<Endpoint> {
     match kind {
         SocketKind::Tcp => sys::local_inet_addr(fd).map(Endpoint::Tcp),
-        SocketKind::Udp | SocketKind::Raw => Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a listener kind",
-        )),
+        SocketKind::Udp | SocketKind::Raw | SocketKind::Elder | SocketKind::Unknown(_) => Err(
+            io::Error::new(io::ErrorKind::InvalidInput, "not a listener kind"),
+        ),
         SocketKind::Unix => {
             let addr: UnixAddr = getsockname(fd.as_raw_fd())?;
             if let Some(path) = addr.path() {

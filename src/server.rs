@@ -22,6 +22,8 @@ use crate::driver::{Driver, ServerParts, Waiting};
 use crate::error::Error;
 use crate::handle::Handle;
 use crate::handoff::MAX_LISTENERS;
+use crate::inherit::state::StateStream;
+use crate::inherit::StateReader;
 use crate::launch::EnvOverrides;
 use crate::listener::{self, Endpoint, ListenSpec, Listener};
 use crate::machine::{ExitReason, Timeouts};
@@ -308,7 +310,7 @@ impl Builder {
             phase: PhaseCell::new(),
             requests: Mutex::new(Some(Vec::new())),
             handoff_state: Mutex::new(Bytes::new()),
-            handoff_fds: Mutex::new(Vec::new()),
+            handoff_fds: Mutex::new(Arc::new(Vec::new())),
             generation,
             control_access: self.control_access,
             ring_threads: RingThreads::default(),
@@ -355,7 +357,7 @@ impl Builder {
 pub struct Server {
     /// What its driver is made from (see `Server::into_driver`).
     pub(crate) parts: ServerParts,
-    inherited_state: Option<Bytes>,
+    inherited_state: Option<StateStream>,
     inherited_fds: Vec<(String, OwnedFd)>,
     /// Thread-per-core, once [`Server::take_workers`] has split the workers off: what this
     /// (coordinating) server shares with them. Dropped unrun, it tells them to quit.
@@ -419,11 +421,36 @@ impl Server {
         std::mem::take(&mut self.inherited_fds)
     }
 
-    /// The state blob the previous process set with [`Handle::set_handoff_state`] (empty if it
-    /// set none); `None` on a first start. Read it before [`Server::run`]: the previous process
-    /// keeps serving until this one runs.
+    /// The state the previous process set with [`Handle::set_handoff_state`] (empty if it
+    /// set none), when it is at most [`MAX_STATE_LEN`](crate::MAX_STATE_LEN) bytes: received
+    /// whole by [`Builder::build`]. `None` on a first start, and for a larger state, which is
+    /// read with [`Server::inherited_state_reader`]. Read it before [`Server::run`]: the
+    /// previous process keeps serving until this one runs.
     pub fn inherited_state(&self) -> Option<&Bytes> {
-        self.inherited_state.as_ref()
+        self.inherited_state.as_ref()?.whole()
+    }
+
+    /// The state the previous process set with [`Handle::set_handoff_state`], of any size, as
+    /// a stream ([`std::io::Read`]) taken off the handoff channel chunk by chunk as the
+    /// previous process sends it, so that neither process holds a copy of it whole. `None`
+    /// on a first start. Read it to its end before [`Server::run`]: a state of more than
+    /// [`MAX_STATE_LEN`](crate::MAX_STATE_LEN) bytes not read to its end makes `run` fail
+    /// with [`Error::StateNotRead`] (the upgrade fails; the previous process keeps serving).
+    /// A smaller one was received whole at `build` and is served from memory here too.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let mut server = ringflip::Server::builder().listen_tcp("main", "127.0.0.1:0".parse()?).build()?;
+    /// if let Some(mut state) = server.inherited_state_reader() {
+    ///     let mut cache = std::fs::File::create("/var/cache/app/warm")?;
+    ///     std::io::copy(&mut state, &mut cache)?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn inherited_state_reader(&mut self) -> Option<StateReader<'_>> {
+        let stream = self.inherited_state.as_mut()?;
+        let channel = self.parts.parent.as_ref()?.channel.as_fd();
+        Some(StateReader::new(stream, channel))
     }
 
     /// Serves until this process is replaced or stopped, on the calling thread (the thread
@@ -452,6 +479,10 @@ impl Server {
                  run_workers",
                 self.parts.config.workers
             )));
+        }
+        // READY follows: the whole state must have been taken off the channel.
+        if let (Some(state), Some(parent)) = (&mut self.inherited_state, &self.parts.parent) {
+            state.finish(parent.channel.as_fd())?;
         }
         let workers = self.workers.take();
         // On an error here `workers` is dropped, which tells the workers to quit.

@@ -58,7 +58,7 @@ pub(crate) struct Shared {
     /// 0 for a process started by hand, its parent's plus one after an upgrade.
     pub generation: u32,
     /// Named fds the next HELLO hands over as they are.
-    pub handoff_fds: Mutex<Vec<(String, OwnedFd)>>,
+    pub handoff_fds: Mutex<Arc<Vec<(String, OwnedFd)>>>,
     /// Who the control socket serves besides the service's uid and root.
     pub control_access: ControlAccess,
     /// The threads running a ring now, where a blocking upgrade would deadlock.

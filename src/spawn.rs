@@ -39,8 +39,8 @@ pub(crate) struct Spawned {
 ///
 /// A `SOCK_SEQPACKET` message must fit the sender's send buffer whole (`EMSGSIZE` otherwise:
 /// the kernel refuses a unix datagram longer than `sk_sndbuf - 32`). The largest HELLO the
-/// protocol allows (`MAX_MESSAGE_LEN`, ~390 KB: 253 listener records at their longest and a
-/// 64 KiB state blob) is larger than the default buffer (`net.core.wmem_default`, 208 KiB on
+/// protocol allows (`MAX_MESSAGE_LEN`, ~390 KB: an OFFER carrying a HELLO with 253 records at
+/// their longest and a 64 KiB state chunk) is larger than the default buffer (`net.core.wmem_default`, 208 KiB on
 /// most systems), so both ends ask for room for it; the kernel grants up to twice
 /// `net.core.wmem_max` (so at least 416 KiB with the usual 208 KiB maximum, enough). The child
 /// sends only short messages, but its end gets the same size: one rule for the channel.
@@ -198,13 +198,13 @@ fn cstring(bytes: &[u8]) -> io::Result<CString> {
 mod tests {
     use super::*;
 
-    /// The largest HELLO the protocol allows goes through the handoff channel whole (before
-    /// the channel was sized for it, the send failed with EMSGSIZE and the upgrade rolled
-    /// back).
+    /// The largest message the protocol allows (an OFFER carrying a HELLO with every record at
+    /// its longest and a 64 KiB state chunk) goes through the handoff channel whole (before the channel was sized for it,
+    /// the send failed with EMSGSIZE and the upgrade rolled back).
     #[test]
-    fn the_largest_hello_fits_the_channel() {
-        use crate::handoff::{largest_hello, MAX_MESSAGE_LEN};
-        let big = largest_hello().encode().unwrap();
+    fn the_largest_message_fits_the_channel() {
+        use crate::handoff::{tests::largest_message, MAX_MESSAGE_LEN};
+        let big = largest_message().encode().unwrap();
         assert!(big.len() > 300_000, "{}", big.len());
         let (ours, theirs) = handoff_pair().unwrap();
         sys::send_nonblocking(ours.as_fd(), &big).expect("the largest HELLO does not fit");

@@ -315,6 +315,19 @@ pub(crate) fn set_recv_timeout(fd: BorrowedFd<'_>, timeout: std::time::Duration)
     Ok(socket::setsockopt(&fd, sockopt::ReceiveTimeout, &tv)?)
 }
 
+/// Whether SIGTERM or SIGINT is pending for the calling thread (directed at it or at the
+/// process: `sigpending` returns the union): a stop was asked for while those are blocked.
+pub(crate) fn stop_signal_pending() -> bool {
+    // SAFETY: sigpending fills the set it is given; sigismember reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigpending(&mut set) == 0
+            && (libc::sigismember(&set, libc::SIGTERM) == 1
+                || libc::sigismember(&set, libc::SIGINT) == 1)
+    }
+}
+
 /// `getppid()`.
 pub(crate) fn parent_pid() -> u32 {
     nix::unistd::getppid().as_raw() as u32

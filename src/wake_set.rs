@@ -25,8 +25,11 @@
 //! - a timerfd set to the earliest deadline (instead of a ring `Timeout`: the driver checks
 //!   every deadline against the clock on each turn, so the wake-up is all it needs).
 //!
+//! The successor's channel is also watched for writability while the handoff is sent (see
+//! [`WakeSet::watch_writable`]): a send that finds it full waits for room.
+//!
 //! Ops that complete inline during the submit (a non-waiting accept, a cancel and the
-//! terminal completion it causes, a HELLO on an empty channel) need no wake-up: the driver
+//! terminal completion it causes, a handoff message with room in the channel) need no wake-up: the driver
 //! turns again while the ring's fd polls readable (`Driver::has_pending_work`). An `UNLINKAT`
 //! completes on io-wq and wakes nothing; it is reaped at the next turn, whatever wakes it.
 //!
@@ -124,6 +127,21 @@ impl WakeSet {
             Err(nix::errno::Errno::EEXIST) => Ok(()),
             other => other.map_err(io::Error::from),
         }
+    }
+
+    /// Watches `fd`, added with [`WakeSet::add`] already, for writability too: for the
+    /// successor's channel while the handoff's messages go out. A SendMsg that finds the
+    /// channel full is retried by the ring when the socket's wait queue reports `EPOLLOUT`
+    /// (for a unix socket, `unix_write_space` when the reader has freed enough of the
+    /// sender's buffer); that retry is deferred work, which this wake-up makes the driver
+    /// run. `EPOLL_CTL_MOD` keeps the entry's place in the wait queue (only its events
+    /// change), so the ring's waiter stays ahead of it.
+    pub(crate) fn watch_writable(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let mut event = EpollEvent::new(
+            EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT | EpollFlags::EPOLLET,
+            Source::Other.data(),
+        );
+        self.epoll.modify(fd, &mut event).map_err(io::Error::from)
     }
 
     /// Stops watching `fd` (a listener this driver no longer accepts on). Not needed before

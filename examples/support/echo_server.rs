@@ -62,6 +62,14 @@ struct Args {
     upgrade_signal: ringflip::UpgradeSignal,
     /// `--listen-backlog N` (`Builder::listen_backlog`).
     listen_backlog: Option<u32>,
+    /// `--handoff-fds N`: hand N fds (duplicates of /dev/null) to the next generation, or
+    /// on the ones inherited.
+    handoff_fds: usize,
+    /// `--handoff-state-bytes N`: hand an N-byte state (byte i is `i % 251`) to the next
+    /// generation; the inherited one is read as a stream and checked.
+    state_bytes: u64,
+    /// `--handoff-report PATH`: where each generation writes what it inherited.
+    handoff_report: Option<PathBuf>,
 }
 
 fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Args, String> {
@@ -89,6 +97,9 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
         control_gids: Vec::new(),
         upgrade_signal: ringflip::UpgradeSignal::Hup,
         listen_backlog: None,
+        handoff_fds: 0,
+        state_bytes: 0,
+        handoff_report: None,
     };
     let mut it = argv;
     while let Some(flag) = it.next() {
@@ -138,6 +149,17 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
                 );
             }
             "--pass-file" => args.pass_file = Some(value()?.into()),
+            "--handoff-fds" => {
+                let v = value()?;
+                args.handoff_fds = v.parse().map_err(|e| format!("--handoff-fds {v}: {e}"))?;
+            }
+            "--handoff-state-bytes" => {
+                let v = value()?;
+                args.state_bytes = v
+                    .parse()
+                    .map_err(|e| format!("--handoff-state-bytes {v}: {e}"))?;
+            }
+            "--handoff-report" => args.handoff_report = Some(value()?.into()),
             "--workers" => {
                 let v = value()?;
                 args.workers = v.parse().map_err(|e| format!("--workers {v}: {e}"))?;
@@ -322,6 +344,11 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
     // inherit the mask.
     let mut server = match builder.build() {
         Ok(s) => s,
+        // Started by an upgrade its predecessor gave up on: nothing to do but leave.
+        Err(e @ ringflip::Error::Abandoned) => {
+            tracing::info!(error = %e, "not starting");
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
             return ExitCode::from(1);
@@ -413,6 +440,17 @@ pub fn main(argv: impl Iterator<Item = String>, runtime: Runtime) -> ExitCode {
             .set_handoff_fds(vec![("file".into(), handoff)])
         {
             tracing::error!(error = %e, "handing the file over");
+            return ExitCode::from(1);
+        }
+    }
+    if args.handoff_fds > 0 || args.state_bytes > 0 {
+        if let Err(e) = bulk_handoff(
+            &mut server,
+            args.handoff_fds,
+            args.state_bytes,
+            args.handoff_report.as_deref(),
+        ) {
+            tracing::error!(error = %e, "bulk handoff");
             return ExitCode::from(1);
         }
     }
@@ -691,4 +729,71 @@ async fn stall_on_handover(
             std::thread::sleep(stall);
         }
     }
+}
+
+/// `--handoff-fds` and `--handoff-state-bytes`: checks what the previous generation handed
+/// over (writing `fds=N state=M ok` to `--handoff-report`) and sets what the next one gets.
+fn bulk_handoff(
+    server: &mut Server,
+    handoff_fds: usize,
+    state_bytes: u64,
+    report: Option<&std::path::Path>,
+) -> Result<(), String> {
+    use std::io::Read;
+    let inherited: Vec<_> = server
+        .take_inherited_fds()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("bulk"))
+        .collect();
+    let mut state_len = 0u64;
+    let mut state_ok = true;
+    if let Some(mut reader) = server.inherited_state_reader() {
+        // Bounded memory: 1 MiB at a time, checked as it comes.
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = reader
+                .read(&mut buf)
+                .map_err(|e| format!("reading the state: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            for (i, b) in buf[..n].iter().enumerate() {
+                if *b != ((state_len + i as u64) % 251) as u8 {
+                    state_ok = false;
+                }
+            }
+            state_len += n as u64;
+        }
+    }
+    if let Some(path) = report {
+        let report = format!("fds={} state={state_len} ok={state_ok}\n", inherited.len());
+        std::fs::write(path, report).map_err(|e| format!("--handoff-report: {e}"))?;
+    }
+    if handoff_fds > 0 {
+        let fds = if inherited.len() == handoff_fds {
+            inherited
+        } else {
+            let null = std::fs::File::open("/dev/null").map_err(|e| e.to_string())?;
+            (0..handoff_fds)
+                .map(|i| {
+                    std::os::fd::AsFd::as_fd(&null)
+                        .try_clone_to_owned()
+                        .map(|fd| (format!("bulk{i}"), fd))
+                })
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("making the fds to hand over: {e}"))?
+        };
+        server
+            .handle()
+            .set_handoff_fds(fds)
+            .map_err(|e| e.to_string())?;
+    }
+    if state_bytes > 0 {
+        let state: Vec<u8> = (0..state_bytes).map(|i| (i % 251) as u8).collect();
+        server
+            .handle()
+            .set_handoff_state(state.into())
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }

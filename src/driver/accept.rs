@@ -92,6 +92,10 @@ impl Accepts {
         self.slots.iter()
     }
 
+    pub(super) fn get(&self, i: usize) -> Option<&AcceptSlot> {
+        self.slots.get(i)
+    }
+
     pub(super) fn get_mut(&mut self, i: usize) -> Option<&mut AcceptSlot> {
         self.slots.get_mut(i)
     }

@@ -278,6 +278,8 @@ impl Driver {
             Ok(Message::Ready(id)) => self.feed(Event::ChildReady(id)),
             Ok(Message::Retiring(_)) => self.feed(Event::ChildRetired),
             Ok(Message::Serving(_)) => self.feed(Event::ChildResumed),
+            Ok(Message::Accept(version)) => self.on_version_accepted(version),
+            Ok(Message::Refuse(theirs)) => self.on_version_refused(theirs),
             Ok(other) => self.feed(Event::ChildMessageInvalid(format!(
                 "unexpected message {other:?}"
             ))),

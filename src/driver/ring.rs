@@ -25,7 +25,8 @@ const CQ_ENTRIES: u32 = 16 * 1024;
 /// How long the exit path waits for cancelled ops to complete.
 pub(super) const FINAL_REAP: Duration = Duration::from_secs(2);
 
-/// READY and RETIRING are 14 bytes; a larger message is garbage and fails to decode.
+/// READY and RETIRING are 14 bytes, ACCEPT 7 and REFUSE 8; a larger message is garbage and
+/// fails to decode.
 pub(super) const CHANNEL_BUF: usize = 64;
 
 /// `IORING_ENTER_GETEVENTS`: with DEFER_TASKRUN, deferred completions are only run (and become
@@ -55,6 +56,8 @@ pub(super) enum Op {
     ReadSignal(Box<libc::signalfd_siginfo>),
     PollWake,
     Timer(Box<types::Timespec>),
+    /// A message of the handoff (the OFFER with its HELLO, an FDS or a STATE message: see
+    /// `Transfer`); the name is from when HELLO was the only one.
     SendHello(Box<SendMsgBufs>),
     RecvSuccessor {
         pid: u32,
@@ -121,37 +124,60 @@ impl Ops {
     }
 }
 
-/// The HELLO message in flight: msghdr, iovec, payload and control buffer stay put until the
-/// SendMsg completes (the box never moves; the Vecs' heap buffers never move).
+/// A handoff message in flight (see `Transfer`): msghdr, iovecs, payload and control buffer
+/// stay put until the SendMsg completes (the box never moves; the Vecs' heap buffers never
+/// move, nor does the memory of `tail`, a `Bytes` held here).
 pub(super) struct SendMsgBufs {
     pub(super) msg: libc::msghdr,
-    iov: libc::iovec,
-    pub(super) payload: Vec<u8>,
+    iov: [libc::iovec; 2],
+    payload: Vec<u8>,
+    /// Sent after `payload` without a copy: a chunk of the application's state.
+    tail: bytes::Bytes,
     control: Vec<u64>,
-    /// Fds sent that nothing else keeps open (this process's own pidfd).
+    /// Fds sent that nothing else keeps open (this process's own pidfd, duplicates).
     _keep: Vec<OwnedFd>,
+    /// The upgrade this message belongs to.
+    pub(super) upgrade: crate::machine::UpgradeId,
+    /// What is left to send after this message; `None` after the OFFER, whose answer the
+    /// successor gives.
+    pub(super) transfer: Option<super::upgrade::Transfer>,
 }
 
 impl SendMsgBufs {
-    pub(super) fn new(payload: Vec<u8>, fds: &[RawFd], keep: Vec<OwnedFd>) -> Box<SendMsgBufs> {
+    /// `payload` then `tail` as one message, with `fds` (at most `SCM_MAX_FD`) in one
+    /// `SCM_RIGHTS` control message.
+    pub(super) fn new(
+        upgrade: crate::machine::UpgradeId,
+        payload: Vec<u8>,
+        tail: bytes::Bytes,
+        fds: &[RawFd],
+        keep: Vec<OwnedFd>,
+    ) -> Box<SendMsgBufs> {
         let fd_bytes = std::mem::size_of_val(fds) as u32;
         // SAFETY: CMSG_SPACE is a pure size computation.
         let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
         let mut bufs = Box::new(SendMsgBufs {
             // SAFETY: msghdr is plain data; all-zero is valid.
             msg: unsafe { std::mem::zeroed() },
-            iov: libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            },
+            iov: [empty, empty],
             payload,
+            tail,
             control: vec![0u64; space.div_ceil(8)],
             _keep: keep,
+            upgrade,
+            transfer: None,
         });
-        bufs.iov.iov_base = bufs.payload.as_mut_ptr().cast();
-        bufs.iov.iov_len = bufs.payload.len();
-        bufs.msg.msg_iov = &mut bufs.iov;
-        bufs.msg.msg_iovlen = 1;
+        bufs.iov[0].iov_base = bufs.payload.as_mut_ptr().cast();
+        bufs.iov[0].iov_len = bufs.payload.len();
+        // The kernel only reads from the iovecs of a send.
+        bufs.iov[1].iov_base = bufs.tail.as_ptr().cast_mut().cast();
+        bufs.iov[1].iov_len = bufs.tail.len();
+        bufs.msg.msg_iov = bufs.iov.as_mut_ptr();
+        bufs.msg.msg_iovlen = if bufs.tail.is_empty() { 1 } else { 2 };
         if !fds.is_empty() {
             bufs.msg.msg_control = bufs.control.as_mut_ptr().cast();
             bufs.msg.msg_controllen = space;
@@ -170,6 +196,11 @@ impl SendMsgBufs {
             }
         }
         bufs
+    }
+
+    /// The message's length in bytes.
+    pub(super) fn len(&self) -> usize {
+        self.payload.len() + self.tail.len()
     }
 }
 

@@ -286,7 +286,7 @@ impl Drop for KillOnDrop {
 /// Receives one message on `channel` (bounded), dropping any fds it carries.
 fn recv_message(channel: &OwnedFd) -> Message {
     crate::sys::set_recv_timeout(channel.as_fd(), Duration::from_secs(5)).unwrap();
-    let mut buf = [0u8; 4096];
+    let mut buf = vec![0u8; crate::handoff::MAX_MESSAGE_LEN];
     let n = nix::sys::socket::recv(channel.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
     Message::decode(&buf[..n]).unwrap()
 }
@@ -379,9 +379,63 @@ fn start_successor(driver: &mut Driver) -> (u32, OwnedFd, UpgradeId) {
     }
     let pid = driver.successor.as_ref().expect("no successor started").pid;
     let channel = successor_channel(pid);
-    match recv_message(&channel) {
-        Message::Hello { upgrade, .. } => (pid, channel, upgrade),
-        other => panic!("expected HELLO, got {other:?}"),
+    // OFFER, carrying HELLO in this build's version: accepted.
+    let (upgrade, total_fds, total_state, mut fds, mut state) = take_offer(&channel);
+    let accept = Message::Accept(crate::protocol::SUPPORTED.max);
+    crate::sys::send_nonblocking(channel.as_fd(), &accept.encode().unwrap()).unwrap();
+    // Then every fd and the state: the whole handoff is taken off the channel.
+    let mut buf = vec![0u8; crate::handoff::MAX_MESSAGE_LEN];
+    let mut hello = Some((upgrade, total_fds, total_state));
+    if fds == total_fds && state == total_state {
+        return (pid, channel, upgrade);
+    }
+    while Instant::now() < deadline {
+        driver.turn(false, &mut |_| {}).unwrap();
+        match crate::sys::recv_nonblocking(channel.as_fd(), &mut buf) {
+            Ok(n) => {
+                match Message::decode(&buf[..n]).unwrap() {
+                    Message::Hello { .. } => hello = None,
+                    Message::Fds { records, .. } => fds += records.len(),
+                    Message::State { chunk, .. } => state += chunk.len() as u64,
+                    other => panic!("expected the handoff, got {other:?}"),
+                }
+                if let Some((upgrade, f, s)) = hello {
+                    if fds == f && state == s {
+                        return (pid, channel, upgrade);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("no whole handoff within {BOUND:?}");
+}
+
+/// Receives the OFFER and the HELLO it carries: the upgrade id, the handoff's fd count and
+/// state length, and how much of each the HELLO had.
+fn take_offer(channel: &OwnedFd) -> (UpgradeId, usize, u64, usize, u64) {
+    match recv_message(channel) {
+        Message::Offer { hello, .. } => match Message::decode(&hello).unwrap() {
+            Message::Hello {
+                upgrade,
+                fds,
+                state_len,
+                records,
+                state,
+                ..
+            } => (
+                upgrade,
+                fds as usize,
+                state_len,
+                records.len(),
+                state.len() as u64,
+            ),
+            other => panic!("expected HELLO in the OFFER, got {other:?}"),
+        },
+        other => panic!("expected OFFER, got {other:?}"),
     }
 }
 
@@ -1042,4 +1096,73 @@ fn a_successor_abandoned_while_starting_leaves_the_pid_file_alone() {
         content, "4242\n",
         "the abandoned successor took the pid file"
     );
+}
+
+/// In a runtime, a handoff send that found the channel full is retried by the ring when the
+/// channel has room again, as deferred work that runs only when the driver turns: room in the
+/// channel must wake the wake set (its `EPOLLOUT`, see `WakeSet::watch_writable`). 4 MiB of
+/// state is 64 chunks, several times what the channel holds. Without the watch the handoff
+/// stalled after the first ten chunks (as `handoff_limits` saw: the successor gave up).
+#[test]
+fn in_a_runtime_room_in_the_channel_wakes_the_wake_set() {
+    let mut server = tcp_server(1);
+    upgrade_to_a_stand_in(&mut server);
+    let len = 4 << 20;
+    *server
+        .parts
+        .shared
+        .handoff_state
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = bytes::Bytes::from(vec![5u8; len]);
+    let mut driver = Driver::new(server, super::Waiting::InRuntime).unwrap();
+    let fd = driver.readiness_fd().expect("a wake set");
+    driver.request_upgrade(crate::machine::Requester::Signal);
+    let deadline = Instant::now() + BOUND;
+    while driver.successor.is_none() && Instant::now() < deadline {
+        turn_as_a_runtime(&mut driver);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let pid = driver.successor.as_ref().expect("no successor started").pid;
+    let _successor = KillOnDrop::new(pid);
+    let channel = successor_channel(pid);
+    let (_, _, _, _, first) = take_offer(&channel);
+    let accept = Message::Accept(crate::protocol::SUPPORTED.max);
+    crate::sys::send_nonblocking(channel.as_fd(), &accept.encode().unwrap()).unwrap();
+    let mut buf = vec![0u8; crate::handoff::MAX_MESSAGE_LEN];
+    let mut state = first as usize;
+    // From here, turn only when the wake set says so, as a runtime would.
+    while state < len && Instant::now() < deadline {
+        if readable_within(fd, 100) {
+            turn_as_a_runtime(&mut driver);
+        }
+        // The successor's side: take whatever is queued.
+        while let Ok(n) = crate::sys::recv_nonblocking(channel.as_fd(), &mut buf) {
+            if let Message::State { chunk, .. } = Message::decode(&buf[..n]).unwrap() {
+                state += chunk.len();
+            }
+        }
+    }
+    assert_eq!(
+        state, len,
+        "the handoff stalled: room in the channel did not wake the runtime"
+    );
+}
+
+/// One handoff per upgrade: a successor that answers ACCEPT twice would have a second handoff
+/// sent beside the first; it is an invalid message instead, and the upgrade rolls back.
+#[test]
+fn a_second_accept_rolls_the_upgrade_back() {
+    let mut server = tcp_server(1);
+    upgrade_to_a_stand_in(&mut server);
+    let mut driver = Driver::new(server, super::Waiting::InRing).unwrap();
+    let (pid, channel, _upgrade) = start_successor(&mut driver);
+    let _successor = KillOnDrop::new(pid);
+    let accept = Message::Accept(crate::protocol::SUPPORTED.max);
+    crate::sys::send_nonblocking(channel.as_fd(), &accept.encode().unwrap()).unwrap();
+    let deadline = Instant::now() + BOUND;
+    while driver.machine.phase() != crate::machine::Phase::Serving && Instant::now() < deadline {
+        driver.turn(false, &mut |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(driver.machine.phase(), crate::machine::Phase::Serving);
 }

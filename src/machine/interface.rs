@@ -95,6 +95,11 @@ pub(crate) enum Event {
     ListenersSent,
     /// The handoff message could not be sent (the child closed the channel, …).
     HandoffFailed(String),
+    /// The child refused the handoff: it speaks no protocol version this process speaks.
+    HandoffRefused {
+        ours: crate::protocol::ProtocolVersions,
+        theirs: crate::protocol::ProtocolVersions,
+    },
     ChildReady(UpgradeId),
     /// The child said something that is not a valid message, or closed the channel early.
     ChildMessageInvalid(String),
@@ -135,7 +140,9 @@ pub(crate) enum Event {
 pub(crate) enum Action {
     /// Start the new binary for this upgrade; answer with `ChildSpawned` or `SpawnFailed`.
     SpawnChild(UpgradeId),
-    /// Send HELLO and the listener fds to the child; answer with `ListenersSent` or `HandoffFailed`.
+    /// Hand everything over to the child (the version negotiation, HELLO, every fd, the
+    /// state); answer with `ListenersSent` once all of it is sent, or `HandoffFailed` or
+    /// `HandoffRefused`.
     SendListeners(UpgradeId),
     /// Cancel every accept and reap until their terminal completions; answer with `AcceptStopped`.
     StopAccepting,

@@ -329,6 +329,13 @@ impl Machine {
             (State::HandingOver { by, child, .. }, E::HandoffFailed(why)) => {
                 self.rollback(by, child, Stop::Kill, UpgradeFailure::Handoff(why))
             }
+            (State::HandingOver { by, child, .. }, E::HandoffRefused { ours, theirs }) => self
+                .rollback(
+                    by,
+                    child,
+                    Stop::Kill,
+                    UpgradeFailure::IncompatibleProtocol { ours, theirs },
+                ),
             (
                 State::HandingOver {
                     upgrade, by, child, ..
