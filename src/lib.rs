@@ -119,10 +119,10 @@ pub use handle::{Handle, PhaseWatch};
 pub use handoff::{MAX_LISTENERS, MAX_STATE_LEN};
 pub use inherit::StateReader;
 pub use machine::{ExitReason, Phase};
+pub use protocol::ProtocolVersions;
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub use server::Ring;
-pub use protocol::ProtocolVersions;
 pub use server::{Builder, Server, Worker};
 pub use signals::{StopSignal, UpgradeSignal};
 /// The socket crate of [`Builder::listen_tcp_with`], re-exported so the versions match.

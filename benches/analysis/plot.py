@@ -113,10 +113,13 @@ def label_ms(v):
 def provenance(d):
     m, c = d["meta"], d["config"]
     quick = " · quick mode: not a measurement" if c.get("quick") else ""
+    load = f"{c['rate']:,} conn/s, burst {c['burst']}, {c['long_lived']} long-lived"
+    if d.get("bench") == "http_upgrade":
+        load = (f"{c['rate']:,} req/s, {c['http1_clients']} HTTP/1.1 + {c['http2_clients']} "
+                "HTTP/2 keep-alive clients")
     return (
         f"{m.get('date')} · {m.get('commit')} · {(m.get('machine') or {}).get('cpus')} × "
-        f"{(m.get('machine') or {}).get('cpu')} · {c['rate']:,} conn/s, burst {c['burst']}, "
-        f"{c['long_lived']} long-lived{quick}"
+        f"{(m.get('machine') or {}).get('cpu')} · {load}{quick}"
     )
 
 

@@ -5,6 +5,11 @@
     python3 benches/analysis/table.py target/uul.json            # the table, Markdown
     python3 benches/analysis/table.py target/uul.json --check BENCHMARKS.md
 
+The HTTP bench's JSON (`cargo bench --bench http_upgrade -- --json target/http.json`) gives its
+own table: failed requests by kind, in-window p99.9 (steady, ratio), how long the old processes
+lived after each trigger (median, max, and how many were still alive when the load stopped),
+handover, server CPU per request, upgrades done.
+
 Each JSON file gives a line saying when, where and how it was measured, then one table row per
 server (for an `--overload` run, one per server and rate, after the sweep). `--check FILE` prints
 nothing but the rows that are not in FILE verbatim, and exits 1 if there are any: a way to see
@@ -78,6 +83,62 @@ HEADER = (
 )
 
 
+HTTP_HEADER = (
+    "| server | failed requests | in-window p99.9 (steady, ratio) "
+    "| old process lives after the trigger, median (max) | handover, median "
+    "| server CPU per request (share of a core) | upgrades done |\n"
+    "|---|---|---|---|---|---|---|"
+)
+
+HTTP_LABELS = {
+    "ringflip": "**ringflip** (examples/http.rs, SIGHUP)",
+    "nginx": "nginx binary upgrade (USR2, QUIT)",
+    "haproxy": "HAProxy seamless reload",
+    "axum-reuseport": "axum, SO_REUSEPORT restart + graceful shutdown",
+}
+
+
+def http_row(s):
+    """A row of the HTTP bench (benches/http_upgrade.rs)."""
+    name = HTTP_LABELS.get(s["name"], s["name"])
+    kinds = [(k, v) for k, v in s["failures"].items() if v]
+    failed_text = f"{s['failed']:,} of {s['requests']:,}"
+    if kinds:
+        failed_text += " (" + ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in kinds) + ")"
+    w, st = s["window"]["p999"], s["steady"]["p999"]
+    ratio = s.get("window_p999_over_steady")
+    window = f"{f(w)} ms ({f(st)} ms" + (f", {ratio:.2f}×)" if ratio is not None else ")")
+    lived = s.get("old_lived_ms") or {}
+    old = "-"
+    if lived.get("median") is not None:
+        old = f"{f(lived['median'])} ms ({f(lived['max'])} ms)"
+    if lived.get("alive_when_load_stopped"):
+        old += f", {lived['alive_when_load_stopped']} still alive at the end"
+    handover = f"{f(s['handover_median'])} ms" if s.get("handover_median") else "-"
+    cpu = "-"
+    if s.get("cpu_us_per_conn") is not None:
+        cpu = f"{s['cpu_us_per_conn']:.1f} µs ({100 * s['cpu_share']:.1f} %)"
+    done = f"{s['upgrades_done']} of {s['upgrades_requested']}"
+    return f"| {name} | {failed_text} | {window} | {old} | {handover} | {cpu} | {done} |"
+
+
+def http_provenance(d):
+    m, c = d["meta"], d["config"]
+    mach = m.get("machine") or {}
+    args = " ".join(a for a in m.get("command") or [] if a != "--bench")
+    cmd = f"`cargo bench --bench http_upgrade{' -- ' + args if args else ''}`"
+    return (
+        f"Measured {m.get('date')} at {m.get('commit')} on {mach.get('cpus')} × "
+        f"{mach.get('cpu')}, {mach.get('mem_gib')} GiB, Linux {mach.get('kernel')}, "
+        f"{m.get('rustc')}: {cmd}. {c['rate']:,} requests/s open loop over "
+        f"{c['http1_clients']} keep-alive HTTP/1.1 and {c['http2_clients']} HTTP/2 clients, an "
+        f"upgrade every {c['interval_ms']} ms, {c['upgrades']} upgrades per server"
+        + ("" if c.get("pinned_server", True) else ", servers not pinned")
+        + (" (quick mode: not a measurement)" if c.get("quick") else "")
+        + "."
+    )
+
+
 def provenance(d):
     m, c = d["meta"], d["config"]
     mach = m.get("machine") or {}
@@ -121,6 +182,8 @@ def sweep(d):
 
 
 def lines(d):
+    if d.get("bench") == "http_upgrade":
+        return [http_provenance(d), "", HTTP_HEADER] + [http_row(s) for s in d["servers"]]
     out = [provenance(d), ""]
     servers = d["servers"]
     if d.get("overload"):

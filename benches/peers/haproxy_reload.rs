@@ -65,3 +65,59 @@ pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
             .arg(&pid_file),
     )
 }
+
+/// `--serve haproxy-http`: HAProxy in `mode http` answering `GET /` itself (`http-request
+/// return`, HAProxy ≥ 2.2; no backend, so no proxy hop), for benches/http_upgrade.rs; reloaded
+/// the same way (SIGUSR2 to the master, the listeners passed to the new worker; the old worker
+/// closes its idle keep-alive connections, answers what is in flight and exits, bounded by
+/// `--drain-timeout-ms` as `hard-stop-after`). The first `--listen` serves HTTP/1.1 (and
+/// HTTP/2 with prior knowledge, which HAProxy detects), the second (if given) HTTP/2 only
+/// (`proto h2`).
+pub fn main_http(argv: impl Iterator<Item = String>) -> ExitCode {
+    let super::HttpSetup {
+        listen,
+        listen_h2,
+        pid_file,
+        dir,
+        drain_timeout,
+    } = match super::http_setup(argv, "haproxy") {
+        Ok(setup) => setup,
+        Err(code) => return code,
+    };
+    let conf = dir.join("haproxy.cfg");
+    let backlog = super::BACKLOG;
+    let h2 = listen_h2
+        .map(|a| format!("    bind {a} backlog {backlog} proto h2\n"))
+        .unwrap_or_default();
+    let text = format!(
+        "global\n\
+         \x20   master-worker\n\
+         \x20   nbthread 1\n\
+         \x20   maxconn 9000\n\
+         \x20   hard-stop-after {drain}ms\n\
+         \x20   stats socket {dir}/haproxy.sock mode 600 level admin expose-fd listeners\n\
+         defaults\n\
+         \x20   mode http\n\
+         \x20   timeout connect 5s\n\
+         \x20   timeout client 120s\n\
+         \x20   timeout server 120s\n\
+         \x20   timeout http-keep-alive 120s\n\
+         frontend hello\n\
+         \x20   bind {listen} backlog {backlog}\n\
+         {h2}\
+         \x20   http-request return status 200 content-type text/plain string \"hello from haproxy\"\n",
+        drain = drain_timeout.as_millis(),
+        dir = dir.display(),
+    );
+    super::exec_with_config(
+        "haproxy",
+        &conf,
+        &text,
+        Command::new(HAPROXY)
+            .arg("-W")
+            .arg("-f")
+            .arg(&conf)
+            .arg("-p")
+            .arg(&pid_file),
+    )
+}

@@ -16,11 +16,17 @@
 //! The upgrading peers re-execute `argv[0]` with the same arguments, so start them with an
 //! absolute program path (as `Command::new(current_exe())` does).
 //!
+//! The HTTP bench (`benches/http_upgrade.rs`) has HTTP servers here too, with the same options
+//! but answering `GET /` instead of echoing: `axum-reuseport` (axum, SO_REUSEPORT restart with
+//! graceful shutdown), `nginx-http` and `haproxy-http` (nginx and HAProxy answering by
+//! themselves, no backend).
+//!
 //! Listeners are bound with SO_REUSEADDR and a backlog of [`BACKLOG`] (the default
 //! `net.core.somaxconn`, which is what ringflip asks for), so a connection burst measures the
 //! upgrade mechanism, not a 128-entry default backlog.
 #![allow(dead_code)]
 
+pub mod axum_reuseport;
 pub mod ecdysis_echo;
 pub mod haproxy_reload;
 pub mod nginx_usr2;
@@ -50,6 +56,10 @@ pub fn dispatch(kind: &str, argv: impl Iterator<Item = String>) -> Option<ExitCo
         "nginx" => Some(nginx_usr2::main(argv)),
         "haproxy" => Some(haproxy_reload::main(argv)),
         "tableflip" => Some(tableflip_echo::main(argv)),
+        // The HTTP servers of benches/http_upgrade.rs.
+        "axum-reuseport" => Some(axum_reuseport::main(argv)),
+        "nginx-http" => Some(nginx_usr2::main_http(argv)),
+        "haproxy-http" => Some(haproxy_reload::main_http(argv)),
         _ => None,
     }
 }
@@ -374,6 +384,47 @@ pub(crate) fn proxy_setup(
         pid_file,
         dir,
         backend,
+    })
+}
+
+/// What an HTTP peer that serves by itself (nginx's `return`, HAProxy's `http-request return`)
+/// needs before it writes its configuration: no backend.
+pub(crate) struct HttpSetup {
+    /// Plain HTTP/1.1 (and HTTP/2 with prior knowledge where the server tells them apart).
+    pub listen: SocketAddr,
+    /// A second address for HTTP/2 with prior knowledge (nginx 1.22 serves `listen … http2` as
+    /// HTTP/2 only), if given (`--listen` a second time).
+    pub listen_h2: Option<SocketAddr>,
+    pub pid_file: PathBuf,
+    /// The pid file's directory: the configuration and logs go there.
+    pub dir: PathBuf,
+    pub drain_timeout: Duration,
+}
+
+/// Parses an HTTP peer's arguments; on failure, prints why (prefixed with `name`) and returns
+/// the exit code.
+pub(crate) fn http_setup(
+    argv: impl Iterator<Item = String>,
+    name: &str,
+) -> Result<HttpSetup, ExitCode> {
+    let args = parse_args(argv, false).map_err(|e| {
+        eprintln!("{name} peer: {e}");
+        ExitCode::from(2)
+    })?;
+    let (Some(&listen), Some(pid_file)) = (args.listen.first(), args.pid_file) else {
+        eprintln!("{name} peer: --listen and --pid-file are needed");
+        return Err(ExitCode::from(2));
+    };
+    let dir = pid_file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    Ok(HttpSetup {
+        listen,
+        listen_h2: args.listen.get(1).copied(),
+        pid_file,
+        dir,
+        drain_timeout: args.drain_timeout,
     })
 }
 

@@ -67,3 +67,70 @@ pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
             .arg(dir.join("nginx-error.log")),
     )
 }
+
+/// `--serve nginx-http`: nginx serving HTTP itself (`return 200` on `GET /`, no backend), for
+/// benches/http_upgrade.rs; upgraded the same way (SIGUSR2, then SIGQUIT to the old master,
+/// whose workers close their idle keep-alive connections, finish the requests in flight and
+/// exit). The first `--listen` serves HTTP/1.1, the second (if given) HTTP/2 with prior
+/// knowledge (`listen … http2`: nginx 1.22 serves such a port as HTTP/2 only). No keep-alive
+/// limit gets in the way (`keepalive_requests`, `keepalive_timeout`), and the old workers are
+/// bounded by `--drain-timeout-ms` (`worker_shutdown_timeout`).
+pub fn main_http(argv: impl Iterator<Item = String>) -> ExitCode {
+    let super::HttpSetup {
+        listen,
+        listen_h2,
+        pid_file,
+        dir,
+        drain_timeout,
+    } = match super::http_setup(argv, "nginx") {
+        Ok(setup) => setup,
+        Err(code) => return code,
+    };
+    let conf = dir.join("nginx.conf");
+    let backlog = super::BACKLOG;
+    let h2 = listen_h2
+        .map(|a| format!("        listen {a} backlog={backlog} http2;\n"))
+        .unwrap_or_default();
+    let text = format!(
+        "daemon on;\n\
+         master_process on;\n\
+         worker_processes 1;\n\
+         worker_shutdown_timeout {drain}ms;\n\
+         pid {pid};\n\
+         error_log {dir}/nginx-error.log warn;\n\
+         events {{ worker_connections 20000; }}\n\
+         http {{\n\
+         \x20   access_log off;\n\
+         \x20   keepalive_timeout 120s;\n\
+         \x20   keepalive_requests 1000000;\n\
+         \x20   client_body_temp_path {dir}/body;\n\
+         \x20   proxy_temp_path {dir}/proxy;\n\
+         \x20   fastcgi_temp_path {dir}/fastcgi;\n\
+         \x20   uwsgi_temp_path {dir}/uwsgi;\n\
+         \x20   scgi_temp_path {dir}/scgi;\n\
+         \x20   server {{\n\
+         \x20       listen {listen} backlog={backlog};\n\
+         {h2}\
+         \x20       location = / {{ default_type text/plain; return 200 \"hello from nginx\\n\"; }}\n\
+         \x20   }}\n\
+         }}\n",
+        drain = drain_timeout.as_millis(),
+        pid = pid_file.display(),
+        dir = dir.display(),
+    );
+    super::exec_with_config(
+        "nginx",
+        &conf,
+        &text,
+        Command::new(NGINX)
+            .arg("-c")
+            .arg(&conf)
+            .arg("-e")
+            .arg(dir.join("nginx-error.log")),
+    )
+}
+
+/// Whether this machine can run the HTTP nginx peer (no module needed).
+pub fn available_http() -> bool {
+    Path::new(NGINX).exists()
+}

@@ -490,7 +490,7 @@ pub fn wait_for_pid(path: &Path, old: Option<u32>, timeout: Duration) -> Option<
 }
 
 /// Polls until `pid` has a child process not in `before`.
-fn wait_for_new_child(pid: u32, before: &[u32], timeout: Duration) -> bool {
+pub fn wait_for_new_child(pid: u32, before: &[u32], timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if children_of(pid).iter().any(|p| !before.contains(p)) {
@@ -526,7 +526,7 @@ pub fn alive(pid: u32) -> bool {
 
 /// SIGTERMs the helper process a server started, if it named one in `<pid file>.extra` (a
 /// proxy peer's backend), and adds it to the pids to wait for.
-fn stop_helper(pid_file: &Path, pids: &mut Vec<u32>) {
+pub fn stop_helper(pid_file: &Path, pids: &mut Vec<u32>) {
     let mut extra = pid_file.as_os_str().to_owned();
     extra.push(".extra");
     if let Some(helper) = read_pid(Path::new(&extra)) {
@@ -536,7 +536,7 @@ fn stop_helper(pid_file: &Path, pids: &mut Vec<u32>) {
 }
 
 /// The child processes of `pid` (its main thread's children, from /proc).
-fn children_of(pid: u32) -> Vec<u32> {
+pub fn children_of(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .unwrap_or_default()
         .split_whitespace()
@@ -544,13 +544,13 @@ fn children_of(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-fn reap() {
+pub fn reap() {
     // SAFETY: reaping any exited child (we are their subreaper), never blocking.
     while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
 }
 
 /// Waits for every pid to exit (reaping as we go); SIGKILLs stragglers at the deadline.
-fn wait_all_gone(pids: &[u32], timeout: Duration) -> bool {
+pub fn wait_all_gone(pids: &[u32], timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         reap();
@@ -613,13 +613,13 @@ fn steal_of_cpus() -> Option<[Duration; 2]> {
 
 /// Samples [`steal_of_cpus`] every 10 ms on a thread of its own (on `cpu`, the load generator's,
 /// so it does not run beside the server) until stopped.
-struct StealSampler {
+pub struct StealSampler {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<Vec<StealSample>>>,
 }
 
 impl StealSampler {
-    fn start(cpu: Option<usize>) -> StealSampler {
+    pub fn start(cpu: Option<usize>) -> StealSampler {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
@@ -646,7 +646,7 @@ impl StealSampler {
         }
     }
 
-    fn stop(mut self) -> Vec<StealSample> {
+    pub fn stop(mut self) -> Vec<StealSample> {
         self.halt()
     }
 
@@ -668,7 +668,7 @@ impl Drop for StealSampler {
 }
 
 /// CPU time (user + system) of every reaped descendant.
-fn children_cpu() -> Duration {
+pub fn children_cpu() -> Duration {
     // SAFETY: rusage is plain data, filled by the kernel.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: `ru` is live.
@@ -678,10 +678,10 @@ fn children_cpu() -> Duration {
 }
 
 /// This thread's CPU affinity as it was when saved, set again when dropped.
-struct AffinityRestore(libc::cpu_set_t);
+pub struct AffinityRestore(libc::cpu_set_t);
 
 impl AffinityRestore {
-    fn save() -> AffinityRestore {
+    pub fn save() -> AffinityRestore {
         // SAFETY: cpu_set_t is plain data, filled by the kernel.
         unsafe {
             let mut set: libc::cpu_set_t = std::mem::zeroed();

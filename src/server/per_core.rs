@@ -13,6 +13,8 @@ use super::{Server, Worker};
 /// [`Server::run_workers_async`] hands it to the thread that runs it.
 ///
 /// [`Builder::workers`]: crate::Builder::workers
+// Made once per thread and moved into its closure: its size costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Ring {
     /// Ring 0, the coordinator: it also reads the signals, runs the upgrades and answers the
