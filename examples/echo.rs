@@ -15,6 +15,10 @@
 //! `--pid-file PATH` (written atomically once the process serves), `--ready-timeout-ms N`
 //! (default 30000), `--drain-timeout-ms N` (default 60000), `--handoff-state TEXT` (hand
 //! "TEXT from PID" to the next generation), `--state-out PATH` (write the inherited state there),
+//! `--handoff-state-bytes N` and `--handoff-fds N` (hand an N-byte state, N fds of /dev/null to
+//! the next generation; with `--handoff-report PATH` each generation checks what it inherited
+//! and writes `fds=N state=M ok=…` there), `--handoff-state-once` (only generation 0 sets that
+//! state: its successors read theirs and hand nothing on),
 //! `--workers N` (thread-per-core: N accept rings on SO_REUSEPORT groups, each with its own
 //! tokio-uring runtime serving what it accepts, also for `--runtime tokio`; with
 //! `--runtime blocking`, a thread per connection), `--max-draining N` (at most N generations draining at once: refuse an upgrade while N older
