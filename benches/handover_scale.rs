@@ -3,7 +3,7 @@
 //! same binary re-executed as `--serve ringflip`: real processes, SIGHUP).
 //!
 //! ```text
-//! cargo bench --bench handover_scale                         # every curve (~3 min here)
+//! cargo bench --bench handover_scale                         # every curve (a few min)
 //! cargo bench --bench handover_scale -- --curve listeners    # one curve (repeatable, or a,b)
 //! cargo bench --bench handover_scale -- --big-rss            # also 4 and 16 GiB resident
 //! cargo bench --bench handover_scale -- --json target/bench/scale.json
@@ -11,25 +11,27 @@
 //! ```
 //!
 //! Curves (`--curve NAME`):
-//! - `listeners`: 1, 10, 100, 1,000 and 10,000 listeners (TCP, 127.0.0.1), capped at what one
-//!   HELLO carries in this commit (`MAX_LISTENERS` − 1: the HELLO's own channel fd is one of
-//!   the fds); the output says so;
+//! - `listeners`: 1, 10, 100, 1,000 and 10,000 listeners (TCP, 127.0.0.1; the bench raises its
+//!   fd limit, and so its servers', to what 10,000 need);
 //! - `connections`: 0, 1k, 10k, 100k idle connections held by the old process during the
 //!   upgrade (each checked with an echo before the trigger), and the old process's RSS per held
 //!   connection (its VmRSS before and after the client opened them). Once: the same RSS per
 //!   connection at the largest point for ringflip's echo server on tokio (`--runtime tokio`)
 //!   and for a plain tokio echo server without ringflip (`benches/peers/plain_echo.rs`), the
 //!   baseline for "no more than the connections themselves". The bench raises its fd limit
-//!   (and so its servers') to what the point needs; it connects from 127.0.0.2 to .51 in turn
-//!   so that no source address runs out of ports;
+//!   (and so its servers') to what the point needs, past the hard limit only with
+//!   CAP_SYS_RESOURCE: a point it cannot reach is skipped, and said. It connects from
+//!   127.0.0.2 to .51 in turn so that no source address runs out of ports;
 //! - `rss`: the old process 5 MiB (no ballast), 1 GiB resident (`--ballast-mib`, only in the
 //!   first generation: `--ballast-once`), and with `--big-rss` 4 and 16 GiB; against the time
 //!   of a plain `fork()` (the parent's side: until `fork` returns) of this bench process grown
 //!   to the same size, measured right after each point's upgrades (not both at once: 16 GiB
 //!   twice does not fit in 24). A point that does not fit in `MemAvailable` is skipped, said;
-//! - `state`: 0 and 64 KiB handed over (`--handoff-state`; 64 KiB is `MAX_STATE_LEN` in this
-//!   commit), as MB/s: the state's bytes over trigger → READY (all of it, spawn included), and
-//!   over the growth of trigger → READY from the 0 point (the marginal rate);
+//! - `state`: 0, 64 KiB, 1 MiB, 100 MiB and 1 GiB handed over (`--handoff-state-bytes N
+//!   --handoff-state-once`: generation 0 sets it, its successor reads it whole before its
+//!   READY, a stream above 64 KiB, and sets none), as MB/s: the state's bytes over trigger →
+//!   READY (all of it, spawn included), and over the growth of trigger → READY from the 0
+//!   point (the marginal rate);
 //! - `interval`: back-to-back upgrades every 250, 100, 50 ms through the control socket, with
 //!   `--max-draining` (default 2) bounding the generations draining at once, while an
 //!   open-loop load (`--rate`, default 500 conn/s) runs; before each upgrade the bench opens
@@ -46,15 +48,15 @@
 //! CPU (user + system, every thread) from its process CPU clock at the trigger and at that
 //! first close, and from `wait4`'s rusage once it exited: the handover's share and the drain's.
 //! (Not /proc/PID/stat's utime + stime: its 10 ms ticks are coarser than what is measured.)
-//! Medians over `--rounds` upgrades (default 5; 3 for `connections` and `rss`), each of a fresh
-//! server.
+//! Medians over `--rounds` upgrades (default 5; 3 for `connections`, `rss` and states of
+//! 100 MiB and more), each of a fresh server.
 //!
 //! Each curve prints a table and whether its target holds, computed from the figures ("met" or
 //! "not met", with the reason). `--json PATH` writes them (`examples/support/json.rs`'s
 //! conventions: `format`, `meta`, `config`, times in ms unless the key says otherwise) for
 //! `benches/analysis/plot.py`, which draws `curve-<name>.svg` per curve.
 //!
-//! `--test` (CI): listeners 1 and 100, 1,000 held connections, 5 MiB and 64 MiB resident, 64 KiB
+//! `--test` (CI): listeners 1 and 100, 1,000 held connections, 5 MiB and 64 MiB resident, 1 MiB
 //! of state, 4 upgrades 250 ms apart; one upgrade a point (three for listeners). It fails on an
 //! upgrade that does not complete, on a failure of the interval curve (in any mode), and if the
 //! 100-listener trigger → READY is above 10× the 1-listener one: generous ratios only, no times.
@@ -74,13 +76,6 @@ use serde_json::{json, Value};
 use support::scenario::{alive, rss_mib, signal, wait_for_pid};
 
 const CURVES: [&str; 5] = ["listeners", "connections", "rss", "state", "interval"];
-
-/// Listeners the handoff carries in this commit: one HELLO's fds, less the channel's own.
-const MAX_LISTENERS: usize = ringflip::MAX_LISTENERS - 1;
-/// State bytes the handoff carries in this commit.
-const MAX_STATE: usize = ringflip::MAX_STATE_LEN;
-/// Said where an axis stops short of the issue's points.
-const CAP_WHY: &str = "the branch `wire` (issue 16 §1) lifts this limit; merged, the axis goes on";
 
 /// Idle connections held on each generation by the interval curve.
 const HOLD_CONNS: usize = 4;
@@ -168,7 +163,6 @@ fn main() -> ExitCode {
                 "quick": o.quick, "rounds": o.rounds, "big_rss": o.big_rss,
                 "max_draining": o.max_draining, "hold_ms": o.hold.as_millis() as u64,
                 "rate": o.rate, "upgrades": o.upgrades,
-                "max_listeners": MAX_LISTENERS, "max_state_bytes": MAX_STATE,
             },
             "curves": curves,
         });
@@ -476,8 +470,9 @@ fn hold(addr: SocketAddr, n: usize) -> Result<Vec<TcpStream>, String> {
     Ok(held)
 }
 
-/// Raises this process's fd limit (its servers inherit it) to at least `need` if it can (root
-/// can raise the hard limit up to fs.nr_open); returns the soft limit it has then.
+/// Raises this process's fd limit (its servers inherit it) to at least `need` if it can (past
+/// the hard limit only with CAP_SYS_RESOURCE, up to fs.nr_open; else to the hard limit);
+/// returns the soft limit it has then.
 fn raise_nofile(need: u64) -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
@@ -892,20 +887,9 @@ fn listeners(o: &Opts, dir: &Path) -> Result<Curve, String> {
             .into(),
         ("listeners", "count"),
     );
-    let mut xs: Vec<usize> = wanted.iter().map(|&n| n.min(MAX_LISTENERS)).collect();
-    xs.dedup();
-    if wanted.iter().any(|&n| n > MAX_LISTENERS) {
-        c.capped = Some(format!(
-            "at {MAX_LISTENERS} listeners (one HELLO's fds in this commit), not {}; {CAP_WHY}",
-            wanted
-                .iter()
-                .filter(|&&n| n > MAX_LISTENERS)
-                .map(|n| n.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-    }
-    raise_nofile(*xs.last().unwrap_or(&1) as u64 * 2 + 1024);
+    let xs = wanted.to_vec();
+    // Per process: the old one's listeners, and the new one's (less what it closes).
+    raise_nofile(*xs.last().unwrap_or(&1) as u64 + 1024);
     for &n in &xs {
         let rounds = rounds_of(
             dir,
@@ -933,14 +917,9 @@ fn listeners(o: &Opts, dir: &Path) -> Result<Curve, String> {
             met: per_1000 < 1.0,
             reason: format!(
                 "{per_1000:.3} ms per 1,000 listeners (least squares of the medians, {} to {} \
-                 listeners{})",
+                 listeners)",
                 xs[0],
                 xs[xs.len() - 1],
-                if c.capped.is_some() {
-                    ": extrapolated past the cap"
-                } else {
-                    ""
-                }
             ),
         });
     }
@@ -993,8 +972,9 @@ fn connections(o: &Opts, dir: &Path) -> Result<Curve, String> {
         .collect();
     if reachable.len() < wanted.len() {
         c.capped = Some(format!(
-            "the fd limit is {limit} (not root, or fs.nr_open): points above {} connections \
-             skipped",
+            "the fd limit is {limit} and could not be raised (the hard limit needs \
+             CAP_SYS_RESOURCE; the old process itself holds every connection): points above {} \
+             connections skipped",
             limit.saturating_sub(2048)
         ));
     }
@@ -1247,30 +1227,26 @@ fn rss(o: &Opts, dir: &Path) -> Result<Curve, String> {
 
 fn state(o: &Opts, dir: &Path) -> Result<Curve, String> {
     let wanted: &[usize] = if o.quick {
-        &[64 << 10]
+        &[1 << 20]
     } else {
         &[0, 64 << 10, 1 << 20, 100 << 20, 1 << 30]
     };
     let mut c = Curve::new(
         "state",
-        "against the state handed over (--handoff-state), 1 listener, no connections".into(),
+        "against the state handed over (--handoff-state-bytes, read by the successor before \
+         its READY), 1 listener, no connections"
+            .into(),
         ("state", "bytes"),
     );
-    let mut xs: Vec<usize> = wanted.iter().map(|&n| n.min(MAX_STATE)).collect();
-    xs.dedup();
-    if wanted.iter().any(|&n| n > MAX_STATE) {
-        c.capped = Some(format!(
-            "at {} KiB (MAX_STATE_LEN in this commit), not 1 MiB, 100 MiB, 1 GiB; {CAP_WHY}",
-            MAX_STATE >> 10
-        ));
-    }
     let mut base = None;
-    for &bytes in &xs {
-        // The blob is "TEXT from PID": TEXT leaves room for " from " and a pid.
+    for &bytes in wanted {
+        // Set by generation 0 only: its successor reads it (as a stream above 64 KiB) before
+        // its READY, and builds none for the next generation.
         let extra: Vec<String> = if bytes > 0 {
             vec![
-                "--handoff-state".into(),
-                "x".repeat(bytes.saturating_sub(16)),
+                "--handoff-state-bytes".into(),
+                bytes.to_string(),
+                "--handoff-state-once".into(),
             ]
         } else {
             Vec::new()
@@ -1278,7 +1254,8 @@ fn state(o: &Opts, dir: &Path) -> Result<Curve, String> {
         let rounds = rounds_of(
             dir,
             &format!("state-{bytes}"),
-            o.rounds(5),
+            // 1 GiB takes seconds a handoff (and to build in generation 0).
+            o.rounds(if bytes >= 100 << 20 { 3 } else { 5 }),
             1,
             0,
             &extra,
