@@ -22,6 +22,9 @@
 //!   (and so its servers') to what the point needs, past the hard limit only with
 //!   CAP_SYS_RESOURCE: a point it cannot reach is skipped, and said. It connects from
 //!   127.0.0.2 to .51 in turn so that no source address runs out of ports;
+//! - `active`: the same, 0, 1k and 10k connections, each pinged in turn (a line, its echo) by a
+//!   thread of the bench's from the trigger until the client closes them: a ping that fails
+//!   fails the bench; reports the pings answered meanwhile (no baseline run);
 //! - `rss`: the old process 5 MiB (no ballast), 1 GiB resident (`--ballast-mib`, only in the
 //!   first generation: `--ballast-once`), and with `--big-rss` 4 and 16 GiB; against the time
 //!   of a plain `fork()` (the parent's side: until `fork` returns) of this bench process grown
@@ -75,7 +78,14 @@ mod support;
 use serde_json::{json, Value};
 use support::scenario::{alive, rss_mib, signal, wait_for_pid};
 
-const CURVES: [&str; 5] = ["listeners", "connections", "rss", "state", "interval"];
+const CURVES: [&str; 6] = [
+    "listeners",
+    "connections",
+    "active",
+    "rss",
+    "state",
+    "interval",
+];
 
 /// Idle connections held on each generation by the interval curve.
 const HOLD_CONNS: usize = 4;
@@ -137,7 +147,8 @@ fn main() -> ExitCode {
     for name in &o.curves {
         let r = match name.as_str() {
             "listeners" => listeners(&o, &dir),
-            "connections" => connections(&o, &dir),
+            "connections" => connections(&o, &dir, false),
+            "active" => connections(&o, &dir, true),
             "rss" => rss(&o, &dir),
             "state" => state(&o, &dir),
             _ => interval(&o, &dir),
@@ -512,6 +523,8 @@ struct Round {
     rss_per_conn: Option<f64>,
     /// Trigger → the new pid file, as this bench saw it.
     pid_file: f64,
+    /// Pings answered from the trigger to the first close ([`Held::active`]).
+    pings: Option<u64>,
 }
 
 /// The fields of a log line (`key=value`, span fields too).
@@ -524,11 +537,67 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 
 /// Upgrades `srv` once (SIGHUP) with `conns` idle connections held by it, stops both
 /// generations, and returns what the upgrade took.
-fn one_upgrade(srv: &Server, conns: usize) -> Result<Round, String> {
+/// The connections the old process holds during an upgrade.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    conns: usize,
+    /// Each pinged in turn (a line written, its echo read) from the trigger to the client's
+    /// first close, on a thread of the bench's; idle otherwise.
+    active: bool,
+}
+
+impl Held {
+    fn idle(conns: usize) -> Held {
+        Held {
+            conns,
+            active: false,
+        }
+    }
+}
+
+/// Pings held connections in turn on a thread until stopped: [`Held::active`].
+struct Pinger {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(Vec<TcpStream>, u64, Result<(), String>)>,
+}
+
+impl Pinger {
+    fn start(mut held: Vec<TcpStream>) -> Pinger {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut pings = 0u64;
+            while !flag.load(Relaxed) && !held.is_empty() {
+                for chunk in held.chunks_mut(BATCH) {
+                    if flag.load(Relaxed) {
+                        break;
+                    }
+                    if let Err(e) = ping_all(chunk) {
+                        return (held, pings, Err(e));
+                    }
+                    pings += chunk.len() as u64;
+                }
+            }
+            (held, pings, Ok(()))
+        });
+        Pinger { stop, thread }
+    }
+
+    /// Stops it: the connections, the pings answered, the first failure.
+    fn stop(self) -> (Vec<TcpStream>, u64, Result<(), String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .join()
+            .unwrap_or_else(|_| (Vec::new(), 0, Err("the pinger panicked".into())))
+    }
+}
+
+fn one_upgrade(srv: &Server, held: Held) -> Result<Round, String> {
     let old = srv.pid;
     let before = rss_kib(old);
-    let held = hold(srv.addrs[0], conns);
-    let result = held.and_then(|held| upgrade_holding(srv, held, before, conns));
+    let conns = hold(srv.addrs[0], held.conns);
+    let result = conns.and_then(|conns| upgrade_holding(srv, conns, before, held));
     if alive(old) {
         stop_all(old, &[]);
     }
@@ -537,13 +606,18 @@ fn one_upgrade(srv: &Server, conns: usize) -> Result<Round, String> {
 
 fn upgrade_holding(
     srv: &Server,
-    held: Vec<TcpStream>,
+    conns: Vec<TcpStream>,
     rss_before_conns: u64,
-    conns: usize,
+    held: Held,
 ) -> Result<Round, String> {
     let old = srv.pid;
     let rss = rss_kib(old);
     let cpu0 = process_cpu(old).ok_or("reading the old process's CPU clock")?;
+    let (mut idle, pinger) = if held.active {
+        (Vec::new(), Some(Pinger::start(conns)))
+    } else {
+        (conns, None)
+    };
     let t0 = Instant::now();
     signal(old, libc::SIGHUP);
     let new = wait_for_pid(&srv.pid_file, Some(old), Duration::from_secs(90))
@@ -553,11 +627,19 @@ fn upgrade_holding(
     // None if it cannot be read (it can for a zombie not yet reaped): then all of the old
     // process's CPU counts as the handover's.
     let cpu1 = process_cpu(old);
+    let mut pings = None;
+    let mut ping_failure = Ok(());
+    if let Some(p) = pinger {
+        let (conns, n, r) = p.stop();
+        (idle, pings, ping_failure) = (conns, Some(n), r);
+    }
     let close_mono = mono_us();
-    drop(held);
+    drop(idle);
     let cpu = reap(old, Duration::from_secs(180));
     stop_all(new, &[]);
     let cpu = cpu?;
+    ping_failure.map_err(|e| format!("an active connection failed during the upgrade: {e}"))?;
+    let conns = held.conns;
     let log = std::fs::read_to_string(&srv.log).map_err(|e| e.to_string())?;
     let line = log
         .lines()
@@ -598,6 +680,7 @@ fn upgrade_holding(
         rss_per_conn: (conns > 0)
             .then(|| rss.saturating_sub(rss_before_conns) as f64 * 1024.0 / conns as f64),
         pid_file: ms(pid_file),
+        pings,
     })
 }
 
@@ -612,14 +695,14 @@ fn rounds_of(
     tag: &str,
     rounds: usize,
     listeners: usize,
-    conns: usize,
+    held: Held,
     extra: &[String],
     prepare: &dyn Fn(&Server) -> Result<(), String>,
 ) -> Result<Vec<Round>, String> {
     (0..rounds)
         .map(|i| {
             let srv = start_server(dir, &format!("{tag}-{i}"), "ringflip", listeners, extra)?;
-            let r = prepare(&srv).and_then(|()| one_upgrade(&srv, conns));
+            let r = prepare(&srv).and_then(|()| one_upgrade(&srv, held));
             if alive(srv.pid) {
                 stop_all(srv.pid, &[]);
             }
@@ -897,7 +980,7 @@ fn listeners(o: &Opts, dir: &Path) -> Result<Curve, String> {
             // Three in the quick mode too: its check compares two medians.
             o.rounds_or(5, 3),
             n,
-            0,
+            Held::idle(0),
             &[],
             &|_| Ok(()),
         )?;
@@ -951,17 +1034,25 @@ fn rss_per_conn_of(dir: &Path, kind: &str, n: usize) -> Result<f64, String> {
     r
 }
 
-fn connections(o: &Opts, dir: &Path) -> Result<Curve, String> {
-    let wanted: &[usize] = if o.quick {
-        &[1000]
-    } else {
-        &[0, 1000, 10_000, 100_000]
+/// The connections curve, idle or `active` (each connection pinged in turn through the upgrade).
+fn connections(o: &Opts, dir: &Path, active: bool) -> Result<Curve, String> {
+    let wanted: &[usize] = match (o.quick, active) {
+        (true, false) => &[1000],
+        (true, true) => &[100],
+        (false, false) => &[0, 1000, 10_000, 100_000],
+        (false, true) => &[0, 1000, 10_000],
     };
     let mut c = Curve::new(
-        "connections",
-        "against the idle connections the old process holds (closed by the client after READY: \
-         the drain), 1 listener"
-            .into(),
+        if active { "active" } else { "connections" },
+        if active {
+            "against the connections the old process holds, each pinged in turn by the client \
+             from the trigger until it closes them after READY (the drain), 1 listener; the old \
+             process's CPU includes the echoes"
+        } else {
+            "against the idle connections the old process holds (closed by the client after \
+             READY: the drain), 1 listener"
+        }
+        .into(),
         ("connections", "count"),
     );
     let limit = raise_nofile(*wanted.last().unwrap_or(&0) as u64 + 4096);
@@ -979,9 +1070,9 @@ fn connections(o: &Opts, dir: &Path) -> Result<Curve, String> {
         ));
     }
     for &n in &reachable {
-        let rounds = rounds_of(dir, &format!("conns-{n}"), o.rounds(3), 1, n, &[], &|_| {
-            Ok(())
-        })?;
+        let tag = format!("{}-{n}", c.name);
+        let held = Held { conns: n, active };
+        let rounds = rounds_of(dir, &tag, o.rounds(3), 1, held, &[], &|_| Ok(()))?;
         let mut p = Point {
             x: n as f64,
             label: n.to_string(),
@@ -1003,7 +1094,26 @@ fn connections(o: &Opts, dir: &Path) -> Result<Curve, String> {
             "drain CPU/conn",
             cpu_per_conn.map_or("–".into(), |v| format!("{v:.2} µs")),
         ));
-        p.extra = json!({"old_cpu_drain_us_per_conn": cpu_per_conn.map(r3)});
+        let pings = median(
+            p.rounds
+                .iter()
+                .filter_map(|r| r.pings.map(|n| n as f64))
+                .collect(),
+        );
+        if active {
+            p.cols.push((
+                "pings answered",
+                if pings.is_finite() {
+                    format!("{pings:.0}")
+                } else {
+                    "–".into()
+                },
+            ));
+        }
+        p.extra = json!({
+            "old_cpu_drain_us_per_conn": cpu_per_conn.map(r3),
+            "pings_during_upgrade": active.then(|| r3(pings)),
+        });
         c.points.push(p);
     }
     if let Some(t) = flat_target(
@@ -1013,8 +1123,8 @@ fn connections(o: &Opts, dir: &Path) -> Result<Curve, String> {
         c.targets.push(t);
     }
     // The baseline: the same connections on ringflip's server on tokio and on a plain tokio
-    // server without ringflip.
-    if let Some(&n) = reachable.iter().rfind(|&&n| n > 0) {
+    // server without ringflip (once: the idle curve's).
+    if let Some(&n) = reachable.iter().rfind(|&&n| n > 0).filter(|_| !active) {
         let ours = rss_per_conn_of(dir, "ringflip-tokio", n)?;
         let plain = rss_per_conn_of(dir, "plain", n)?;
         c.notes.push(format!(
@@ -1181,7 +1291,15 @@ fn rss(o: &Opts, dir: &Path) -> Result<Curve, String> {
                 std::thread::sleep(Duration::from_millis(20));
             }
         };
-        let ups = rounds_of(dir, &format!("rss-{mib}"), rounds, 1, 0, &extra, &wait)?;
+        let ups = rounds_of(
+            dir,
+            &format!("rss-{mib}"),
+            rounds,
+            1,
+            Held::idle(0),
+            &extra,
+            &wait,
+        )?;
         let (fork_ms, fork_rss) = forks(mib, rounds.max(3))?;
         let mut p = Point {
             x: mib as f64,
@@ -1257,7 +1375,7 @@ fn state(o: &Opts, dir: &Path) -> Result<Curve, String> {
             // 1 GiB takes seconds a handoff (and to build in generation 0).
             o.rounds(if bytes >= 100 << 20 { 3 } else { 5 }),
             1,
-            0,
+            Held::idle(0),
             &extra,
             &|_| Ok(()),
         )?;
