@@ -15,13 +15,18 @@
 //! `--pid-file PATH` (written atomically once the process serves), `--ready-timeout-ms N`
 //! (default 30000), `--drain-timeout-ms N` (default 60000), `--handoff-state TEXT` (hand
 //! "TEXT from PID" to the next generation), `--state-out PATH` (write the inherited state there),
+//! `--handoff-state-bytes N` and `--handoff-fds N` (hand an N-byte state, N fds of /dev/null to
+//! the next generation; with `--handoff-report PATH` each generation checks what it inherited
+//! and writes `fds=N state=M ok=…` there), `--handoff-state-once` (only generation 0 sets that
+//! state: its successors read theirs and hand nothing on),
 //! `--workers N` (thread-per-core: N accept rings on SO_REUSEPORT groups, each with its own
 //! tokio-uring runtime serving what it accepts, also for `--runtime tokio`; with
 //! `--runtime blocking`, a thread per connection), `--max-draining N` (at most N generations draining at once: refuse an upgrade while N older
 //! ones still drain; default 4), `--control PATH` (a control socket, mode 0600), `--udp ADDR`
 //! (a UDP echo socket, handed over at each upgrade), `--pass-file PATH` (an open file handed
 //! over as a raw fd; each generation appends a line to it through the inherited fd),
-//! `--stall-on-handover-ms N` (fault injection: block the serving thread N ms when an upgrade
+//! `--ballast-mib N` (N MiB resident, faulted in 1 s after start) and `--ballast-once` (only in
+//! generation 0, not in its successors), `--stall-on-handover-ms N` (fault injection: block the serving thread N ms when an upgrade
 //! reaches HandingOver, tokio-uring runtime only), `--successor-env KEY=VALUE` (repeatable:
 //! set in the next generation's environment, `Builder::env`), `--successor-env-file PATH`
 //! (`KEY=VALUE` lines read at each upgrade into the next generation's environment,

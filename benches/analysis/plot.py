@@ -17,6 +17,18 @@ writes:
 - `<name>-sweep.svg` for an `--overload` run: the load generator's lag (p50, p90, p99) and the
   server's CPU per connection against the offered rate, the saturation rate marked.
 
+From the scaling bench's JSON (`cargo bench --bench handover_scale -- --json PATH`, issue 16 §2)
+it draws instead one `curve-<curve>.svg` per curve (`--name` is not used):
+
+    python3 benches/analysis/plot.py target/bench/scale.json --out docs/plots
+
+each with, against the curve's axis (its points evenly spaced), on one log scale in ms: trigger
+-> READY (median line, max dots), READY -> the old process stopped accepting, the drain, and the
+old process's CPU for the drain; the rss curve adds a plain fork of a process as big; the interval
+curve shows upgrades done, refused (busy) and failed per interval, and the control request's
+time to `ok`. The curve's targets, "met" or "not met" as the bench computed them, and any cap
+of its axis are written under the title.
+
 Files from a quick run (`-- --test`) are marked "quick mode: not a measurement" in the title.
 """
 
@@ -328,6 +340,108 @@ def sweep_plot(d, path):
     svg.save(path)
 
 
+# The scaling curves (handover_scale): series drawn per point, (JSON key, label, colour).
+CURVE_SERIES = (
+    ("trigger_to_ready", "trigger -> READY", C99),
+    ("ready_to_stopped_accepting", "READY -> old stopped accepting", C50),
+    ("drain", "drain", "#2ca02c"),
+    ("old_cpu_drain", "old process CPU, drain", "#9467bd"),
+    ("fork", "plain fork() as big", CFAIL),
+    ("request_to_ok", "control request -> ok", C99),
+)
+
+
+def scale_provenance(d):
+    m, c = d["meta"], d["config"]
+    quick = " · quick mode: not a measurement" if c.get("quick") else ""
+    return (
+        f"{m.get('date')} · {m.get('commit')} · {(m.get('machine') or {}).get('cpus')} × "
+        f"{(m.get('machine') or {}).get('cpu')} · handover_scale{quick}"
+    )
+
+
+def curve_plot(d, curve, path):
+    pts = curve["points"]
+    if not pts:
+        return
+    W, ml, mr, mb = 780, 64, 30, 46
+    notes = [f"capped: {curve['capped']}"] if curve.get("capped") else []
+    notes += [
+        f"target: {t['what']}: {'met' if t['met'] else 'NOT MET'} ({t['reason']})"
+        for t in curve.get("targets", [])
+    ]
+    # Wrapped at ~125 characters a line.
+    lines = []
+    for n in notes:
+        words, cur, bad = n.split(" "), "", "NOT MET" in n
+        for wd in words:
+            if len(cur) + len(wd) + 1 > 125 and cur:
+                lines.append((cur, bad))
+                cur = "    " + wd
+            else:
+                cur = f"{cur} {wd}" if cur else wd
+        lines.append((cur, bad))
+    notes = lines
+    mt = 56 + 14 * len(notes)
+    H = mt + 260 + mb + 44
+    w, h = W - ml - mr, 260
+    svg = Svg(W, H)
+    svg.text(8, 18, f"How the cost grows: {curve['name']}", size=14, weight="bold")
+    svg.text(8, 34, scale_provenance(d), size=10, fill="#555")
+    for i, (n, bad) in enumerate(notes):
+        svg.text(8, 50 + 14 * i, n, size=10, fill=CFAIL if bad else "#333")
+    series = [s for s in CURVE_SERIES if any(isinstance(p.get(s[0]), dict) for p in pts)]
+    vals = [p[k][f] for k, _, _ in series for p in pts for f in ("median", "max")
+            if isinstance(p.get(k), dict) and (p[k].get(f) or 0) > 0]
+    lo = 10 ** math.floor(math.log10(min(vals))) if vals else 0.01
+    hi = 10 ** math.ceil(math.log10(max(vals))) if vals else 10
+    if hi <= lo:
+        hi = lo * 10
+
+    def X(i):
+        return ml + (i + 0.5) / len(pts) * w
+
+    def Y(v):
+        v = min(max(v, lo), hi)
+        return mt + h - (math.log10(v) - math.log10(lo)) / (math.log10(hi) - math.log10(lo)) * h
+
+    svg.rect(ml, mt, w, h, "#fafafa")
+    for v in log_ticks(lo, hi):
+        svg.line(ml, Y(v), ml + w, Y(v), stroke="#e6e6e6")
+        svg.text(ml - 4, Y(v) + 3, label_ms(v), size=9, anchor="end", fill="#666")
+    svg.text(4, mt + h / 2, "ms", size=9, fill="#666")
+    axis = curve["axis"]
+    for i, p in enumerate(pts):
+        svg.text(X(i), mt + h + 13, p["label"], size=9, anchor="middle", fill="#666")
+        if curve["name"] == "interval":
+            bad = p.get("failed", 0) + p.get("connections_failed", 0) + p.get("held_failed", 0)
+            svg.text(X(i), mt + h + 26,
+                     f"{p.get('done')} done, {p.get('busy')} busy, {bad} failed", size=9,
+                     anchor="middle", fill=CFAIL if bad else "#444")
+    svg.text(ml + w / 2, mt + h + 40, f"{axis['name']} ({axis['unit']})", size=9,
+             anchor="middle", fill="#666")
+    for key, _, colour in series:
+        line = [(X(i), Y(p[key]["median"])) for i, p in enumerate(pts)
+                if isinstance(p.get(key), dict) and (p[key].get("median") or 0) > 0]
+        svg.polyline(line, colour, 1.6)
+        svg.dots(line, colour, 2.5)
+        if key == "trigger_to_ready":
+            svg.dots([(X(i), Y(p[key]["max"])) for i, p in enumerate(pts)
+                      if (p[key].get("max") or 0) > 0], CMAX, 2.0)
+    x, y = ml, H - 24
+    legend = [(c, f"{n} (median)") for k, n, c in series]
+    if any(k == "trigger_to_ready" for k, _, _ in series):
+        legend.append((CMAX, "trigger -> READY (max)"))
+    for colour, name in legend:
+        width = 14 + 6 * len(name) + 14
+        if x + width > W:
+            x, y = ml, y + 16
+        svg.rect(x, y - 8, 10, 8, colour)
+        svg.text(x + 14, y, name, size=10)
+        x += width
+    svg.save(path)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("json")
@@ -337,6 +451,10 @@ def main():
     with open(a.json, encoding="utf-8") as fh:
         d = json.load(fh)
     os.makedirs(a.out, exist_ok=True)
+    if d.get("bench") == "handover_scale":
+        for curve in d["curves"]:
+            curve_plot(d, curve, os.path.join(a.out, f"curve-{curve['name']}.svg"))
+        return
     summary_plot(d, os.path.join(a.out, f"{a.name}-summary.svg"))
     latency_panels(d, os.path.join(a.out, f"{a.name}-latency.svg"))
     sweep_plot(d, os.path.join(a.out, f"{a.name}-sweep.svg"))
