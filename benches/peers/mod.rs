@@ -363,18 +363,12 @@ pub(crate) fn proxy_setup(
     argv: impl Iterator<Item = String>,
     name: &str,
 ) -> Result<ProxySetup, ExitCode> {
-    let args = parse_args(argv, false).map_err(|e| {
-        eprintln!("{name} peer: {e}");
-        ExitCode::from(2)
-    })?;
-    let (Some(&listen), Some(pid_file)) = (args.listen.first(), args.pid_file) else {
-        eprintln!("{name} peer: --listen and --pid-file are needed");
-        return Err(ExitCode::from(2));
-    };
-    let dir = pid_file
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let HttpSetup {
+        listen,
+        pid_file,
+        dir,
+        ..
+    } = http_setup(argv, name)?;
     let backend = start_backend(&pid_file).map_err(|e| {
         eprintln!("{name} peer: {e}");
         ExitCode::from(1)
