@@ -2,6 +2,7 @@
 //! as a successor), passed by systemd (socket activation), or bound here. Called by
 //! `Builder::build` once the listener specs are known.
 
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -55,11 +56,21 @@ fn adopt(
         "started as a successor; adopting listeners"
     );
     let mut by_name: Vec<_> = inherited.listeners.into_iter().map(Some).collect();
+    // The records of each name, in order: a lookup per spec, not a scan (with 10,000
+    // listeners the scan was the successor's largest cost before READY: `perf` over
+    // `benches/handover_scale.rs --curve listeners`).
+    let mut index: HashMap<String, VecDeque<usize>> = HashMap::new();
+    for (i, slot) in by_name.iter().enumerate() {
+        if let Some((record, _)) = slot {
+            index.entry(record.name.clone()).or_default().push_back(i);
+        }
+    }
     let mut listeners = Vec::with_capacity(specs.len());
     for spec in specs {
-        let slot = by_name
-            .iter_mut()
-            .find(|l| l.as_ref().is_some_and(|(r, _)| r.name == spec.name));
+        let slot = index
+            .get_mut(&spec.name)
+            .and_then(VecDeque::pop_front)
+            .map(|i| &mut by_name[i]);
         match slot {
             Some(slot) => {
                 let (record, fd) = slot.take().expect("matched above");
