@@ -37,7 +37,12 @@ const KIND_ACCEPT: u8 = 2;
 const CHANNEL_FD: RawFd = 3;
 
 fn log(msg: &str) {
-    eprintln!("misbehave[{}]: {msg}", std::process::id());
+    // One write for the whole line: the server logs into the same file, and `eprintln!` writes
+    // its pieces one by one, so a server line could land inside this one (seen in CI:
+    // "misbehave[<server line>27304]: got HELLO", and the test did not find its line).
+    use std::io::Write;
+    let line = format!("misbehave[{}]: {msg}\n", std::process::id());
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 fn ready(version: u8, id: u64) -> Vec<u8> {
