@@ -68,7 +68,7 @@ use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 mod peers;
@@ -76,7 +76,7 @@ mod peers;
 mod support;
 
 use serde_json::{json, Value};
-use support::scenario::{alive, rss_mib, signal, wait_for_pid};
+use support::scenario::{self, alive, rss_mib, signal, wait_for_pid};
 
 const CURVES: [&str; 6] = [
     "listeners",
@@ -291,23 +291,14 @@ fn start_server(
     let logf = std::fs::File::create(&log).map_err(|e| e.to_string())?;
     let addrs = free_addrs(listeners)?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(exe);
-    cmd.args(["--serve", kind]);
-    for a in &addrs {
-        cmd.args(["--listen", &a.to_string()]);
-    }
-    cmd.arg("--pid-file")
-        .arg(&pid_file)
-        .args(["--drain-timeout-ms", "120000"])
-        .args(extra)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or("warn,ringflip::timeline=info".into()),
-        )
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(logf);
+    let mut cmd =
+        scenario::server_command(&exe, &pid_file, Duration::from_secs(120), &logf, |cmd| {
+            cmd.args(["--serve", kind]);
+            for a in &addrs {
+                cmd.args(["--listen", &a.to_string()]);
+            }
+        })?;
+    cmd.args(extra);
     if kind.starts_with("ringflip") {
         cmd.args(["--ready-timeout-ms", "60000"]);
     }

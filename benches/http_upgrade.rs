@@ -57,7 +57,7 @@
 //! server; `benches/analysis/table.py` prints its table.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
 mod peers;
@@ -376,23 +376,15 @@ fn run(kind: &'static str, o: &Opts) -> Result<Row, String> {
     let pin = two_cores && o.pin_server;
     let _restore_affinity = scenario::AffinityRestore::save();
     let start_server = || -> Result<u32, String> {
-        let mut cmd = Command::new(&program);
-        cmd.args(&serve_args)
-            .args(["--listen", &h1.to_string(), "--listen", &h2.to_string()])
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .args([
-                "--drain-timeout-ms",
-                &o.drain_timeout.as_millis().to_string(),
-            ])
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or("warn,ringflip::timeline=info".into()),
-            )
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logf.try_clone().map_err(|e| e.to_string())?);
+        let mut cmd =
+            scenario::server_command(&program, &pid_file, o.drain_timeout, &logf, |cmd| {
+                cmd.args(&serve_args).args([
+                    "--listen",
+                    &h1.to_string(),
+                    "--listen",
+                    &h2.to_string(),
+                ]);
+            })?;
         if pin {
             // The server (and every generation it starts) inherits CPU 0 from this thread.
             pin_to_cpu(0);

@@ -53,17 +53,7 @@ pub fn main(argv: impl Iterator<Item = String>) -> ExitCode {
         dir = dir.display(),
         backlog = super::BACKLOG,
     );
-    super::exec_with_config(
-        "haproxy",
-        &conf,
-        &text,
-        Command::new(HAPROXY)
-            .arg("-W")
-            .arg("-f")
-            .arg(&conf)
-            .arg("-p")
-            .arg(&pid_file),
-    )
+    super::exec_with_config("haproxy", &conf, &text, &mut haproxy(&conf, &pid_file))
 }
 
 /// `--serve haproxy-http`: HAProxy in `mode http` answering `GET /` itself (`http-request
@@ -109,15 +99,12 @@ pub fn main_http(argv: impl Iterator<Item = String>) -> ExitCode {
         drain = drain_timeout.as_millis(),
         dir = dir.display(),
     );
-    super::exec_with_config(
-        "haproxy",
-        &conf,
-        &text,
-        Command::new(HAPROXY)
-            .arg("-W")
-            .arg("-f")
-            .arg(&conf)
-            .arg("-p")
-            .arg(&pid_file),
-    )
+    super::exec_with_config("haproxy", &conf, &text, &mut haproxy(&conf, &pid_file))
+}
+
+/// HAProxy in master-worker mode (`-W`) on `conf`, its master's pid in `pid_file`.
+fn haproxy(conf: &Path, pid_file: &Path) -> Command {
+    let mut cmd = Command::new(HAPROXY);
+    cmd.arg("-W").arg("-f").arg(conf).arg("-p").arg(pid_file);
+    cmd
 }

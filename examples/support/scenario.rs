@@ -295,24 +295,11 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
     // Whatever this run pins this thread to, the next run starts from the CPUs it had.
     let _restore_affinity = AffinityRestore::save();
     let start_server = |reuseport: bool| -> Result<u32, String> {
-        let mut cmd = Command::new(&exe);
-        cmd.args(&s.serve_args)
-            .args(&s.server_args)
-            .args(["--listen", &addr.to_string()])
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .args([
-                "--drain-timeout-ms",
-                &s.drain_timeout.as_millis().to_string(),
-            ])
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or("warn,ringflip::timeline=info".into()),
-            )
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logf.try_clone().map_err(|e| e.to_string())?);
+        let mut cmd = server_command(&exe, &pid_file, s.drain_timeout, &logf, |cmd| {
+            cmd.args(&s.serve_args)
+                .args(&s.server_args)
+                .args(["--listen", &addr.to_string()]);
+        })?;
         if reuseport {
             cmd.arg("--reuseport");
         }
@@ -675,6 +662,32 @@ pub fn children_cpu() -> Duration {
     unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// A server process of the benches: `program`, its leading arguments (`args`: which server,
+/// its listeners), then the pid file and the drain timeout every server takes, the log filter
+/// the benches read (`ringflip::timeline`), no colour, and its output in `log`.
+pub fn server_command(
+    program: &Path,
+    pid_file: &Path,
+    drain_timeout: Duration,
+    log: &std::fs::File,
+    args: impl FnOnce(&mut Command),
+) -> Result<Command, String> {
+    let mut cmd = Command::new(program);
+    args(&mut cmd);
+    cmd.arg("--pid-file")
+        .arg(pid_file)
+        .args(["--drain-timeout-ms", &drain_timeout.as_millis().to_string()])
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or("warn,ringflip::timeline=info".into()),
+        )
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.try_clone().map_err(|e| e.to_string())?);
+    Ok(cmd)
 }
 
 /// This thread's CPU affinity as it was when saved, set again when dropped.
