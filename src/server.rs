@@ -344,6 +344,7 @@ impl Builder {
                     upgrade_signal: self.upgrade_signal,
                     on_stop_signal: self.on_stop_signal,
                     notify_socket: systemd::notify_target(),
+                    protocol: crate::protocol::this_process(),
                 },
             },
         })

@@ -15,6 +15,7 @@ use crate::access::ControlAccess;
 use crate::error::UpgradeError;
 use crate::launch::EnvOverrides;
 use crate::machine::{Phase, Timeouts};
+use crate::protocol::ProtocolVersions;
 use crate::signals::{StopHook, UpgradeSignal};
 use crate::sys;
 
@@ -38,6 +39,9 @@ pub(crate) struct Config {
     pub on_stop_signal: Option<StopHook>,
     /// Where systemd notifications go (`NOTIFY_SOCKET` at `build`), if anywhere.
     pub notify_socket: Option<OsString>,
+    /// The handoff protocol versions this process speaks ([`crate::protocol::this_process`] at
+    /// `build`; a field so that the driver's tests can speak others).
+    pub protocol: ProtocolVersions,
 }
 
 /// State shared between the driver, its [`Handle`]s and the live connections' guards.

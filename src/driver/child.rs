@@ -224,9 +224,29 @@ impl Driver {
         tracing::info!(child = pid, %status, "child reaped");
         if self.successor.as_ref().is_some_and(|s| s.pid == pid) {
             self.take_successor_messages();
-            self.successor = None;
+            if let Some(child) = self.successor.take() {
+                self.close_channel(child.channel);
+            }
         }
         self.feed(Event::SuccessorExited { pid, status });
+    }
+
+    /// Closes a successor's handoff channel, the one way it is closed. Ops queued in this turn
+    /// may name its fd number (the HELLO's next message, a re-armed Recv): they are cancelled
+    /// and submitted first, so each resolves the fd while it is still this channel. Closed
+    /// before the submit, the number could be reused by another thread in between, and a Recv
+    /// would eat bytes of someone else's connection, a SendMsg write the handoff into it
+    /// (`check_channel_op` catches the EBADF of the harmless case).
+    pub(super) fn close_channel(&mut self, channel: OwnedFd) {
+        self.cancel(types::CancelBuilder::fd(types::Fd(channel.as_raw_fd())).all());
+        match self.ring.submit() {
+            Ok(_) => drop(channel),
+            // Kept open until a turn's submit succeeds.
+            Err(e) => {
+                tracing::warn!(error = %e, "submitting before closing a handoff channel");
+                self.closing_channels.push(channel);
+            }
+        }
     }
 
     fn arm_successor_recv(&mut self) {
@@ -245,6 +265,7 @@ impl Driver {
         let Some(Op::RecvSuccessor { pid, buf }) = self.ops.remove(token) else {
             unreachable!()
         };
+        check_channel_op("Recv", res);
         if self.successor.as_ref().map(|s| s.pid) != Some(pid) {
             return; // an abandoned child's channel
         }
@@ -347,5 +368,22 @@ impl Driver {
             let _ = sys::pidfd_signal(t.pidfd.as_fd(), libc::SIGKILL);
             false
         });
+    }
+}
+
+/// An op on a handoff channel must never find its fd closed: the channel is closed only after
+/// every SQE naming it has been submitted (`drop_successor`), and a submitted op holds the file.
+/// EBADF means an SQE was submitted after the close, when the fd number could already have
+/// named another file of this process (another thread's connection, say).
+pub(super) fn check_channel_op(op: &str, res: i32) {
+    if res == -libc::EBADF {
+        tracing::error!(
+            op,
+            "an op on the handoff channel ran after the channel was closed"
+        );
+        debug_assert!(
+            false,
+            "a {op} on the handoff channel ran after it was closed"
+        );
     }
 }

@@ -138,6 +138,9 @@ pub(crate) struct Driver {
     /// Thread-per-core: this driver's place among the process's rings (see `workers.rs`).
     role: Role,
     successor: Option<Successor>,
+    /// Handoff channels given up in a turn whose submit failed: kept open until the SQEs that
+    /// may name them are submitted (see `close_channel`).
+    closing_channels: Vec<OwnedFd>,
     predecessor: Option<PredecessorLink>,
     /// The predecessor's pid, kept after its link is gone: a SIGTERM from it means it gave up
     /// on this process (`Event::PredecessorGaveUp`), not an operator's stop.
@@ -371,6 +374,7 @@ impl Driver {
             stop_seen: 0,
             pid_file_leftover: None,
             terminating: Vec::new(),
+            closing_channels: Vec::new(),
             spawning: Vec::new(),
             spawn_results: mpsc::channel(),
             span: tracing::Span::none(),
@@ -445,8 +449,10 @@ impl Driver {
                 if !retry_next_turn(&e) {
                     return Err(Error::io("io_uring_enter")(e));
                 }
+                return Ok(None);
             }
         }
+        self.closing_channels.clear();
         Ok(None)
     }
 

@@ -371,14 +371,8 @@ fn end_the_drain(driver: &Driver) {
 /// process's end of the channel; returns the successor's pid, the channel and the upgrade id
 /// its HELLO carried.
 fn start_successor(driver: &mut Driver) -> (u32, OwnedFd, UpgradeId) {
-    driver.request_upgrade(crate::machine::Requester::Signal);
+    let (pid, channel) = spawn_successor(driver);
     let deadline = Instant::now() + BOUND;
-    while driver.successor.is_none() && Instant::now() < deadline {
-        driver.turn(false, &mut |_| {}).unwrap();
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let pid = driver.successor.as_ref().expect("no successor started").pid;
-    let channel = successor_channel(pid);
     // OFFER, carrying HELLO in this build's version: accepted.
     let (upgrade, total_fds, total_state, mut fds, mut state) = take_offer(&channel);
     let accept = Message::Accept(crate::protocol::SUPPORTED.max);
@@ -412,6 +406,77 @@ fn start_successor(driver: &mut Driver) -> (u32, OwnedFd, UpgradeId) {
         }
     }
     panic!("no whole handoff within {BOUND:?}");
+}
+
+/// Starts the driver's upgrade to a real stand-in process (`/bin/sleep`) and takes that
+/// process's end of the channel, answering nothing yet.
+fn spawn_successor(driver: &mut Driver) -> (u32, OwnedFd) {
+    driver.request_upgrade(crate::machine::Requester::Signal);
+    let deadline = Instant::now() + BOUND;
+    while driver.successor.is_none() && Instant::now() < deadline {
+        driver.turn(false, &mut |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let pid = driver.successor.as_ref().expect("no successor started").pid;
+    (pid, successor_channel(pid))
+}
+
+/// SIGKILLs the child `pid` and waits (bounded) until its exit is visible, without reaping
+/// it: the driver reaps.
+fn kill_and_wait_visible(pid: u32) {
+    let pidfd = crate::sys::pidfd_open(pid).unwrap();
+    crate::sys::kill(pid, libc::SIGKILL).unwrap();
+    let deadline = Instant::now() + BOUND;
+    while !crate::sys::poll_readable(pidfd.as_fd()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        crate::sys::poll_readable(pidfd.as_fd()),
+        "the stand-in successor did not exit"
+    );
+    // The exit's wake-up of the driver's own pidfd poll follows the exit's visibility.
+    std::thread::sleep(Duration::from_millis(20));
+}
+
+/// A successor that answers the OFFER with an older version and dies at once. In the turn
+/// that sees its ACCEPT and its exit in one batch, the ACCEPT queues the handoff again (in the
+/// older version) and re-arms the channel's Recv, and the exit closes the channel. Those SQEs
+/// must be submitted before the close: else they run on a closed fd number, which another
+/// thread of the process may have reused by then (a Recv would eat bytes of someone else's
+/// connection, a SendMsg write the HELLO into it). An op finding the channel closed (EBADF)
+/// fails the test (`check_channel_op`).
+#[test]
+fn a_successor_that_dies_right_after_its_accept_leaves_no_op_on_its_closed_channel() {
+    let mut server = tcp_server(1);
+    upgrade_to_a_stand_in(&mut server);
+    server.parts.config.protocol = crate::protocol::ProtocolVersions { min: 1, max: 2 };
+    let mut driver = Driver::new(server, super::Waiting::InRing).unwrap();
+    let (pid, channel) = spawn_successor(&mut driver);
+    let _successor = KillOnDrop::new(pid);
+    match recv_message(&channel) {
+        Message::Offer { versions, .. } => assert_eq!(versions.max, 2),
+        other => panic!("expected OFFER, got {other:?}"),
+    }
+    // The OFFER's handoff (one message) is sent whole before the answer.
+    for _ in 0..10 {
+        driver.turn(false, &mut |_| {}).unwrap();
+    }
+    crate::sys::send_nonblocking(channel.as_fd(), &Message::Accept(1).encode().unwrap()).unwrap();
+    drop(channel);
+    kill_and_wait_visible(pid);
+
+    driver.turn(false, &mut |_| {}).unwrap();
+    assert!(
+        driver.successor.is_none(),
+        "the ACCEPT and the exit came in different turns"
+    );
+    // The completions of whatever that turn submitted.
+    let deadline = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < deadline {
+        driver.turn(false, &mut |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(driver.machine.phase(), crate::machine::Phase::Serving);
 }
 
 /// Receives the OFFER and the HELLO it carries: the upgrade id, the handoff's fd count and
@@ -457,19 +522,7 @@ fn a_successor_that_retires_right_after_ready_is_not_taken_for_a_crash() {
         crate::sys::send_nonblocking(channel.as_fd(), &message.encode().unwrap()).unwrap();
     }
     drop(channel);
-    let pidfd = crate::sys::pidfd_open(pid).unwrap();
-    crate::sys::kill(pid, libc::SIGKILL).unwrap();
-    // Wait (bounded) until the exit is visible, without reaping: the driver reaps.
-    let deadline = Instant::now() + BOUND;
-    while !crate::sys::poll_readable(pidfd.as_fd()) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert!(
-        crate::sys::poll_readable(pidfd.as_fd()),
-        "the stand-in successor did not exit"
-    );
-    // The exit's wake-up of the driver's own pidfd poll follows the exit's visibility.
-    std::thread::sleep(Duration::from_millis(20));
+    kill_and_wait_visible(pid);
 
     // One turn: READY's CQE and the exit's in one batch, the case under test. (Should the
     // exit come a turn later, the driver is held to the same outcome below.)

@@ -22,7 +22,7 @@ use crate::handoff::{
 use crate::machine::successor::SuccessionEvent;
 use crate::machine::{Action, Event, ExitReason, Outcome, Phase, Requester, Stop, UpgradeId};
 use crate::pidfile::write_pid_file;
-use crate::protocol::{self, ProtocolVersions};
+use crate::protocol::ProtocolVersions;
 use crate::{sys, systemd};
 
 use super::child::Terminating;
@@ -184,16 +184,8 @@ impl Driver {
                             });
                         }
                     }
-                    self.cancel(
-                        types::CancelBuilder::fd(types::Fd(child.channel.as_raw_fd())).all(),
-                    );
-                    // Submit before `child.channel` closes: SQEs queued in this turn (the HELLO,
-                    // the Recv, this cancel) name its fd number, which another thread could
-                    // reuse once it is closed.
-                    if let Err(e) = self.ring.submit() {
-                        tracing::warn!(error = %e, "submitting before abandoning the child");
-                    }
                     tracing::info!(child.pid = pid, upgrade.id = %child.upgrade, "child abandoned");
+                    self.close_channel(child.channel);
                 }
             }
             Action::ReadSuccessor => {
@@ -239,7 +231,7 @@ impl Driver {
                 return self.feed(Event::HandoffFailed(format!("watching the channel: {e}")));
             }
         }
-        let versions = protocol::this_process();
+        let versions = self.config.protocol;
         self.start_transfer(upgrade, versions.max, Some(versions));
     }
 
@@ -293,7 +285,7 @@ impl Driver {
             ));
         }
         self.feed(Event::HandoffRefused {
-            ours: protocol::this_process(),
+            ours: self.config.protocol,
             theirs,
         });
     }
@@ -306,11 +298,15 @@ impl Driver {
             return;
         };
         let upgrade = child.upgrade;
+        // Read at its exit (`take_successor_messages`): nobody to send the handoff to.
+        if sys::poll_readable(child.pidfd.as_fd()) {
+            return;
+        }
         // One answer per upgrade: a second ACCEPT would start a second handoff beside it.
         if self.timeline.agreed.replace(Instant::now()).is_some() {
             return self.feed(Event::SuccessorMessageInvalid("a second ACCEPT".into()));
         }
-        if !protocol::this_process().contains(version) {
+        if !self.config.protocol.contains(version) {
             return self.feed(Event::HandoffFailed(format!(
                 "the new process picked protocol version {version}, which was not offered"
             )));
@@ -536,6 +532,7 @@ impl Driver {
         let Some(Op::SendHello(mut bufs)) = self.ops.remove(token) else {
             unreachable!()
         };
+        super::child::check_channel_op("SendMsg", res);
         if self.successor.as_ref().map(|s| s.upgrade) != Some(bufs.upgrade) {
             return; // the upgrade was given up meanwhile (its channel's ops are cancelled)
         }
