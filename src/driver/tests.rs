@@ -479,6 +479,143 @@ fn a_successor_that_dies_right_after_its_accept_leaves_no_op_on_its_closed_chann
     assert_eq!(driver.machine.phase(), crate::machine::Phase::Serving);
 }
 
+/// A driver that speaks protocol versions 1 and 2 (offering its handoff in 2), with `state`
+/// bytes of application state to hand over, upgrading to a stand-in; the handoff's OFFER has
+/// been read off the stand-in's channel (and checked to offer 2).
+fn upgrade_speaking_1_and_2(state: usize) -> (Driver, u32, OwnedFd) {
+    let mut server = tcp_server(1);
+    upgrade_to_a_stand_in(&mut server);
+    server.parts.config.protocol = crate::protocol::ProtocolVersions { min: 1, max: 2 };
+    *server.parts.shared.handoff_state.lock().unwrap() = bytes::Bytes::from(vec![7u8; state]);
+    let mut driver = Driver::new(server, super::Waiting::InRing).unwrap();
+    let (pid, channel) = spawn_successor(&mut driver);
+    match recv_message(&channel) {
+        Message::Offer { versions, hello } => {
+            assert_eq!(versions.max, 2);
+            assert!(matches!(
+                Message::decode(&hello).unwrap(),
+                Message::Hello { version: 2, .. }
+            ));
+        }
+        other => panic!("expected OFFER, got {other:?}"),
+    }
+    (driver, pid, channel)
+}
+
+/// Turns `driver` and takes what it sends on `channel` until it has reported the handoff sent
+/// (`ListenersSent`) and nothing more comes for 50 ms (bounded by `BOUND`).
+fn rest_of_handoff(driver: &mut Driver, channel: &OwnedFd) -> Vec<Message> {
+    let mut taken = Vec::new();
+    let mut buf = vec![0u8; crate::handoff::MAX_MESSAGE_LEN];
+    let deadline = Instant::now() + BOUND;
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline {
+        driver.turn(false, &mut |_| {}).unwrap();
+        match crate::sys::recv_nonblocking(channel.as_fd(), &mut buf) {
+            Ok(n) => {
+                taken.push(Message::decode(&buf[..n]).unwrap());
+                quiet_since = Instant::now();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if driver.timeline.hello_sent.is_some()
+                    && quiet_since.elapsed() > Duration::from_millis(50)
+                {
+                    return taken;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("the handoff was not reported sent within {BOUND:?}; took {taken:?}");
+}
+
+/// Of `messages`, those from the last HELLO on; checks that they are a whole handoff in
+/// `version` (every fd and state byte the HELLO announced, nothing in another version).
+fn assert_whole_handoff_in(messages: &[Message], version: u8) {
+    let start = messages
+        .iter()
+        .rposition(|m| matches!(m, Message::Hello { .. }))
+        .expect("no HELLO after the OFFER");
+    let Message::Hello {
+        version: v,
+        fds,
+        state_len,
+        records,
+        state,
+        ..
+    } = &messages[start]
+    else {
+        unreachable!()
+    };
+    assert_eq!(*v, version, "the handoff was sent again in another version");
+    let (mut got_fds, mut got_state) = (records.len(), state.len() as u64);
+    for m in &messages[start + 1..] {
+        match m {
+            Message::Fds {
+                version: v,
+                records,
+            } if *v == version => got_fds += records.len(),
+            Message::State { version: v, chunk } if *v == version => {
+                got_state += chunk.len() as u64
+            }
+            other => panic!("after the HELLO in version {version}: {other:?}"),
+        }
+    }
+    assert_eq!((got_fds, got_state), (*fds as usize, *state_len));
+}
+
+/// The successor accepts the version offered after the whole handoff (one message) is out:
+/// the handoff is complete, nothing is sent again.
+#[test]
+fn an_accept_of_the_version_offered_completes_the_handoff_already_sent() {
+    let (mut driver, pid, channel) = upgrade_speaking_1_and_2(0);
+    let _successor = KillOnDrop::new(pid);
+    for _ in 0..10 {
+        driver.turn(false, &mut |_| {}).unwrap();
+    }
+    assert!(
+        driver.timeline.hello_sent.is_none(),
+        "sent before the ACCEPT"
+    );
+    crate::sys::send_nonblocking(channel.as_fd(), &Message::Accept(2).encode().unwrap()).unwrap();
+    let rest = rest_of_handoff(&mut driver, &channel);
+    assert!(rest.is_empty(), "sent again: {rest:?}");
+}
+
+/// The successor accepts an older version after the whole handoff in the newer one is out:
+/// the handoff is sent again, whole, in the older one.
+#[test]
+fn an_older_version_accepted_after_the_handoff_sends_it_again_in_that_version() {
+    let (mut driver, pid, channel) = upgrade_speaking_1_and_2(0);
+    let _successor = KillOnDrop::new(pid);
+    for _ in 0..10 {
+        driver.turn(false, &mut |_| {}).unwrap();
+    }
+    crate::sys::send_nonblocking(channel.as_fd(), &Message::Accept(1).encode().unwrap()).unwrap();
+    assert_whole_handoff_in(&rest_of_handoff(&mut driver, &channel), 1);
+}
+
+/// The successor accepts an older version while the newer handoff (the HELLO, then 16 state
+/// messages, one op at a time) is in flight: it stops at its next message and is sent again,
+/// whole, in the older version.
+#[test]
+fn an_older_version_accepted_mid_handoff_restarts_it_in_that_version() {
+    let (mut driver, pid, channel) = upgrade_speaking_1_and_2(16 * crate::handoff::STATE_CHUNK);
+    let _successor = KillOnDrop::new(pid);
+    crate::sys::send_nonblocking(channel.as_fd(), &Message::Accept(1).encode().unwrap()).unwrap();
+    let rest = rest_of_handoff(&mut driver, &channel);
+    let newer = rest
+        .iter()
+        .take_while(|m| !matches!(m, Message::Hello { .. }))
+        .count();
+    assert!(
+        newer < 16,
+        "the newer handoff went on to its end ({newer} state messages)"
+    );
+    assert_whole_handoff_in(&rest, 1);
+}
+
 /// Receives the OFFER and the HELLO it carries: the upgrade id, the handoff's fd count and
 /// state length, and how much of each the HELLO had.
 fn take_offer(channel: &OwnedFd) -> (UpgradeId, usize, u64, usize, u64) {
