@@ -52,6 +52,16 @@ impl Handle {
         rx.await.unwrap_or(Err(UpgradeError::NotRunning))
     }
 
+    /// Commits the current drain (`Event::DrainCommitted`): `true` once it can no longer
+    /// resume and no connection is handed over any more (or the server is gone); `false` if
+    /// the server is not draining (a drain that resumed before the commit came).
+    #[cfg(feature = "tokio")]
+    pub(crate) async fn commit_drain(&self) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.shared.request(Request::CommitDrain(tx));
+        rx.await.unwrap_or(true)
+    }
+
     /// Sets the blob that the next upgrade hands to the new process with the listeners
     /// (session-ticket keys, a warm cache index, …), read there with
     /// [`Server::inherited_state`] (at most [`MAX_STATE_LEN`](crate::MAX_STATE_LEN) bytes) or, of any size, with

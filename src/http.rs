@@ -6,7 +6,9 @@
 //! connection a task of the runtime's pool, served with any tower service (an axum `Router`
 //! is one); [`Http`] sets hyper's options. [`serve_connection`] serves one connection, for a
 //! loop of your own. With the feature `axum`, `Incoming` is an `axum::serve::Listener`, for
-//! `axum::serve` itself.
+//! `axum::serve` itself. axum's graceful shutdown is one-shot, so with `Incoming` a drain can
+//! be rolled back (its successor died after READY: this process serves again) only within the
+//! idle grace; [`serve`] can roll back throughout its drain.
 //!
 //! # The drain
 //! When the phase becomes [`Phase::Draining`] (the successor is READY, or a SIGTERM):

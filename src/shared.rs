@@ -129,6 +129,9 @@ impl Drop for RequestsOpen {
 pub(crate) enum Request {
     Upgrade(UpgradeReply),
     Shutdown,
+    /// `Event::DrainCommitted`; answered with `Machine::drain_commit` once it is `Some`.
+    #[cfg(feature = "tokio")]
+    CommitDrain(tokio::sync::oneshot::Sender<bool>),
 }
 
 /// Where the outcome of an upgrade requested through a [`Handle`](crate::Handle) goes: a

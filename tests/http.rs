@@ -369,6 +369,90 @@ fn idle_connections_close_and_an_in_flight_request_is_answered_before_the_exit()
     server.stop();
 }
 
+/// `GET /` on a fresh HTTP/1.1 connection to `addr`: the body.
+async fn get_fresh(addr: SocketAddr) -> Result<String, String> {
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        let request = Request::builder()
+            .uri("/")
+            .header(hyper::header::HOST, "localhost")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
+    };
+    tokio::time::timeout(REQUEST_BOUND, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {REQUEST_BOUND:?}")))
+}
+
+/// `axum::serve` on `Incoming`, whose graceful shutdown is one-shot: the successor dies
+/// 300 ms after its READY (misbehave's `ready-then-die`), within the idle grace (1 s here), so
+/// the old process takes the service back. axum::serve must still be serving it: fresh
+/// connections well after the grace are answered by the old process (the shutdown signal
+/// fired for the drain that resumed made them fail: accepted, then dropped with nobody to
+/// take them). A later good upgrade then drains it, and it exits.
+#[test]
+fn axum_serve_serves_again_when_the_successor_dies_within_the_idle_grace() {
+    let server = start_server(&["--axum-serve", "--idle-grace-ms", "1000"]);
+    let addr = server.addr();
+    let old = server.current();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let hello = format!("hello from {}\n", old.pid);
+    assert_eq!(
+        runtime.block_on(get_fresh(addr)).as_deref(),
+        Ok(hello.as_str())
+    );
+
+    server.replace_binary_with_script(&format!(
+        "#!/bin/sh\nexec {} ready-then-die\n",
+        example_binary("misbehave").display()
+    ));
+    assert!(common::signal(old, libc::SIGHUP));
+    server.wait_for_log(
+        "the new process died during the drain; serving again",
+        Duration::from_secs(10),
+        "the old process did not take the service back",
+    );
+    // Past the idle grace of the drain that resumed.
+    std::thread::sleep(Duration::from_millis(1500));
+    for i in 0..5 {
+        assert_eq!(
+            runtime.block_on(get_fresh(addr)).as_deref(),
+            Ok(hello.as_str()),
+            "request {i} after the resume\n{}",
+            server.log_tail()
+        );
+    }
+
+    server.restore_binary();
+    let new = server.upgrade();
+    server.assert_gone(&[old.pid], GONE_BOUND + Duration::from_secs(1));
+    assert_eq!(
+        runtime.block_on(get_fresh(addr)),
+        Ok(format!("hello from {new}\n"))
+    );
+    server.stop();
+}
+
 /// `GET /` over the Unix socket at `path` on a fresh connection (hyper's HTTP/1.1 client
 /// connection): the status and the body.
 async fn get_unix(path: &std::path::Path) -> (StatusCode, String) {

@@ -141,6 +141,9 @@ pub(crate) struct Driver {
     /// Handoff channels given up in a turn whose submit failed: kept open until the SQEs that
     /// may name them are submitted (see `close_channel`).
     closing_channels: Vec<OwnedFd>,
+    /// Who waits for the answer to a `DrainCommitted` (see `answer_commits`).
+    #[cfg(feature = "tokio")]
+    commits: Vec<tokio::sync::oneshot::Sender<bool>>,
     predecessor: Option<PredecessorLink>,
     /// The predecessor's pid, kept after its link is gone: a SIGTERM from it means it gave up
     /// on this process (`Event::PredecessorGaveUp`), not an operator's stop.
@@ -375,6 +378,8 @@ impl Driver {
             pid_file_leftover: None,
             terminating: Vec::new(),
             closing_channels: Vec::new(),
+            #[cfg(feature = "tokio")]
+            commits: Vec::new(),
             spawning: Vec::new(),
             spawn_results: mpsc::channel(),
             span: tracing::Span::none(),
@@ -434,6 +439,7 @@ impl Driver {
         self.run_actions();
         self.check_drained();
         self.run_actions();
+        self.answer_commits();
         if self.exit.is_some() {
             self.finish();
             return Ok(self.exit);
@@ -499,6 +505,11 @@ impl Driver {
                     self.request_upgrade(Requester::Api(self.next_ticket));
                 }
                 Request::Shutdown => self.feed(Event::ShutdownRequested),
+                #[cfg(feature = "tokio")]
+                Request::CommitDrain(reply) => {
+                    self.feed(Event::DrainCommitted);
+                    self.commits.push(reply);
+                }
             }
         }
         // A connection closed: fds may be free again, retry paused accepts now.
@@ -506,6 +517,19 @@ impl Driver {
             for i in 0..self.accepts.len() {
                 if self.accepts[i].retry_at.take().is_some() {
                     self.arm_accept(i);
+                }
+            }
+        }
+    }
+
+    /// Answers the `DrainCommitted` requests the machine has decided: committed (and no
+    /// connection is handed over any more), or refused because the drain resumed first.
+    fn answer_commits(&mut self) {
+        #[cfg(feature = "tokio")]
+        if !self.commits.is_empty() {
+            if let Some(committed) = self.machine.drain_commit() {
+                for reply in self.commits.drain(..) {
+                    let _ = reply.send(committed);
                 }
             }
         }

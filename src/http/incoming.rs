@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use super::Drain;
 use crate::connection::{Connection, Guarded};
 use crate::error::Error;
+use crate::handle::Handle;
 use crate::machine::ExitReason;
 use crate::server::Server;
 use crate::stream::TokioStream;
@@ -59,6 +60,7 @@ pub struct Incoming {
     /// Handed over by the ring, not taken by `accept` yet.
     queued: Arc<AtomicUsize>,
     drain: Drain,
+    handle: Handle,
 }
 
 impl Incoming {
@@ -78,6 +80,7 @@ impl Incoming {
             connections,
             queued: queued.clone(),
             drain: Drain::new(&server.handle()),
+            handle: server.handle(),
         };
         let ring = server.run_async(move |conn| {
             queued.fetch_add(1, SeqCst);
@@ -106,15 +109,30 @@ impl Incoming {
     }
 
     /// For `with_graceful_shutdown`: completes one idle grace after the process starts
-    /// draining, once every connection the ring handed over has been taken by `accept`.
+    /// draining, once the drain is committed and every connection the ring handed over has
+    /// been taken by `accept`.
+    ///
+    /// axum's graceful shutdown is one-shot: once it has begun, `axum::serve` takes no more
+    /// connections. So the signal first commits the drain: from then on this process never
+    /// takes the service back, even if its successor dies (a rollback after handover is
+    /// possible only during the idle grace; `ringflip::http::serve` can roll back throughout
+    /// its drain). A drain that resumed before the commit (its successor died within the
+    /// grace) is not committed, and the signal waits for the next drain. The commit is
+    /// answered once every accept has stopped: no connection comes after it.
     pub fn shutdown_signal(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut drain = self.drain.clone();
         let queued = self.queued.clone();
+        let handle = self.handle.clone();
         async move {
-            drain.started().await;
-            tokio::time::sleep(drain.idle_grace).await;
-            // The ring hands connections over until its accepts' cancels complete, a turn or
-            // two after the phase changed: long before the grace is over, so this is a check.
+            loop {
+                drain.started().await;
+                tokio::time::sleep(drain.idle_grace).await;
+                if handle.commit_drain().await {
+                    break;
+                }
+            }
+            // Handed over before the accepts stopped, not taken yet: `accept` takes them
+            // promptly (axum::serve calls it in a loop until this signal completes).
             while queued.load(SeqCst) > 0 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }

@@ -65,6 +65,9 @@ struct Drain {
     checking: bool,
     /// The predecessor gave up on this process (`PredecessorGaveUp`) and serves again itself.
     abandoned: bool,
+    /// The application can take no more connections (it shut its server down for the drain:
+    /// `DrainCommitted`).
+    committed: bool,
 }
 
 /// The restart state machine. See the module docs.
@@ -146,6 +149,18 @@ impl Machine {
     }
 
     /// Whether the driver should have its accepts armed (as the machine last told it).
+    /// Where a `DrainCommitted` stands: `Some(true)` once the drain is committed and no
+    /// connection is handed to the application any more (every accept stopped, or exited);
+    /// `Some(false)` when not draining (the commit was refused: the drain resumed before it
+    /// came, or none began); `None` while committed and the accepts are still stopping.
+    pub(crate) fn drain_commit(&self) -> Option<bool> {
+        match &self.state {
+            State::Exited(_) => Some(true),
+            State::Draining(d) if d.committed => d.accept_stopped.then_some(true),
+            _ => Some(false),
+        }
+    }
+
     pub(crate) fn accepting(&self) -> bool {
         self.accepting
     }
@@ -394,6 +409,7 @@ impl Machine {
                     DrainCause::Shutdown => Refusal::ShuttingDown,
                 }),
             ),
+            (State::Draining(_), E::DrainCommitted) => self.update_drain(|d| d.committed = true),
             (State::Draining(_), E::AcceptStopped) => {
                 self.update_drain(|d| d.accept_stopped = true)
             }
@@ -485,6 +501,7 @@ impl Machine {
             shutdown_requested: cause == DrainCause::Shutdown,
             checking: false,
             abandoned: false,
+            committed: false,
         }));
         self.accepting = false;
         self.push(Action::StopAccepting);
@@ -566,9 +583,10 @@ impl Drain {
         self.successor().is_some()
     }
     /// Whether this drain must end in an exit whatever the successor does: its exit was
-    /// announced, the operator asked for a shutdown, or the predecessor serves again.
+    /// announced, the operator asked for a shutdown, the predecessor serves again, or the
+    /// application can take no more connections.
     fn never_resume(&self) -> bool {
-        self.successor_retired || self.shutdown_requested || self.abandoned
+        self.successor_retired || self.shutdown_requested || self.abandoned || self.committed
     }
 }
 

@@ -415,12 +415,14 @@ enum Ev {
     CheckedDead,
     /// `PredecessorGaveUp`
     GaveUp,
+    /// `DrainCommitted`
+    Committed,
     /// The clock moves past `poll_timeout()` (or a day ahead when there is none), then
     /// `handle_timeout`.
     Deadline,
 }
 
-const EVS: [Ev; 20] = [
+const EVS: [Ev; 21] = [
     Ev::UpSignal,
     Ev::UpApi,
     Ev::Spawned,
@@ -440,6 +442,7 @@ const EVS: [Ev; 20] = [
     Ev::CheckedAlive,
     Ev::CheckedDead,
     Ev::GaveUp,
+    Ev::Committed,
     Ev::Deadline,
 ];
 
@@ -470,6 +473,7 @@ fn apply(h: &mut H, ev: Ev) -> Vec<Action> {
             alive: false,
         }),
         Ev::GaveUp => h.ev(Event::PredecessorGaveUp),
+        Ev::Committed => h.ev(Event::DrainCommitted),
         Ev::Deadline => h.expire(),
     }
 }
@@ -509,6 +513,7 @@ fn table() -> Vec<Row> {
         row!(Serving, ReadyWrong    => Serving,     true,  []),
         row!(Serving, Invalid       => Serving,     true,  []),
         row!(Serving, Retired       => Serving,     true,  []),
+        row!(Serving, Committed     => Serving,     true,  []),
         row!(Serving, Resumed       => Serving,     true,  []),
         row!(Serving, SuccessorExited   => Serving,     true,  []),
         row!(Serving, ExitedOther   => Serving,     true,  []),
@@ -531,6 +536,7 @@ fn table() -> Vec<Row> {
         row!(Forking, ReadyWrong    => Forking,     true,  []),
         row!(Forking, Invalid       => Forking,     true,  []),
         row!(Forking, Retired       => Forking,     true,  []),
+        row!(Forking, Committed     => Forking,     true,  []),
         row!(Forking, Resumed       => Forking,     true,  []),
         row!(Forking, SuccessorExited   => Forking,     true,  []),
         row!(Forking, ExitedOther   => Forking,     true,  []),
@@ -553,6 +559,7 @@ fn table() -> Vec<Row> {
         row!(HandingOver, ReadyWrong    => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, f_wrong_id())]),
         row!(HandingOver, Invalid       => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, f_invalid())]),
         row!(HandingOver, Retired       => HandingOver, true,  []),
+        row!(HandingOver, Committed     => HandingOver, true,  []),
         row!(HandingOver, Resumed       => HandingOver, true,  []),
         row!(HandingOver, SuccessorExited   => Serving,     true,  [abandon(CHILD), pc(P::Serving), failed(REQ, f_exit())]),
         row!(HandingOver, ExitedOther   => HandingOver, true,  []),
@@ -575,6 +582,7 @@ fn table() -> Vec<Row> {
         row!(DrainingUpgrade, ReadyWrong    => Draining, false, []),
         row!(DrainingUpgrade, Invalid       => Draining, false, []),
         row!(DrainingUpgrade, Retired       => Draining, false, []),
+        row!(DrainingUpgrade, Committed     => Draining, false, []),
         row!(DrainingUpgrade, Resumed       => Draining, false, []),
         row!(DrainingUpgrade, SuccessorExited   => Serving,  true,  [pc(P::Serving), StopDrain, ResumeAccepting]),
         row!(DrainingUpgrade, ExitedOther   => Draining, false, []),
@@ -597,6 +605,7 @@ fn table() -> Vec<Row> {
         row!(DrainingUpgradeRetired, ReadyWrong    => Draining, false, []),
         row!(DrainingUpgradeRetired, Invalid       => Draining, false, []),
         row!(DrainingUpgradeRetired, Retired       => Draining, false, []),
+        row!(DrainingUpgradeRetired, Committed     => Draining, false, []),
         row!(DrainingUpgradeRetired, Resumed       => Draining, false, []),
         row!(DrainingUpgradeRetired, SuccessorExited   => Draining, false, []),
         row!(DrainingUpgradeRetired, ExitedOther   => Draining, false, []),
@@ -620,6 +629,7 @@ fn table() -> Vec<Row> {
         row!(DrainingUpgradeShutdown, ReadyWrong    => Draining, false, []),
         row!(DrainingUpgradeShutdown, Invalid       => Draining, false, []),
         row!(DrainingUpgradeShutdown, Retired       => Draining, false, []),
+        row!(DrainingUpgradeShutdown, Committed     => Draining, false, []),
         row!(DrainingUpgradeShutdown, Resumed       => Draining, false, []),
         row!(DrainingUpgradeShutdown, SuccessorExited   => Draining, false, []),
         row!(DrainingUpgradeShutdown, ExitedOther   => Draining, false, []),
@@ -642,6 +652,7 @@ fn table() -> Vec<Row> {
         row!(DrainingUpgradeChecking, ReadyWrong    => Draining, false, []),
         row!(DrainingUpgradeChecking, Invalid       => Draining, false, []),
         row!(DrainingUpgradeChecking, Retired       => Exited,   false, [pc(P::Exited), exit_upgraded(CHILD)]),
+        row!(DrainingUpgradeChecking, Committed     => Exited,   false, [pc(P::Exited), exit_upgraded(CHILD)]),
         row!(DrainingUpgradeChecking, Resumed       => Draining, false, []),
         row!(DrainingUpgradeChecking, SuccessorExited   => Serving,  true,  [pc(P::Serving), StopDrain, ResumeAccepting]),
         row!(DrainingUpgradeChecking, ExitedOther   => Draining, false, []),
@@ -664,6 +675,7 @@ fn table() -> Vec<Row> {
         row!(DrainingShutdown, ReadyWrong    => Draining, false, []),
         row!(DrainingShutdown, Invalid       => Draining, false, []),
         row!(DrainingShutdown, Retired       => Draining, false, []),
+        row!(DrainingShutdown, Committed     => Draining, false, []),
         row!(DrainingShutdown, Resumed       => Draining, false, []),
         row!(DrainingShutdown, SuccessorExited   => Draining, false, []),
         row!(DrainingShutdown, ExitedOther   => Draining, false, []),
@@ -686,6 +698,7 @@ fn table() -> Vec<Row> {
         row!(Exited, ReadyWrong    => Exited, false, []),
         row!(Exited, Invalid       => Exited, false, []),
         row!(Exited, Retired       => Exited, false, []),
+        row!(Exited, Committed     => Exited, false, []),
         row!(Exited, Resumed       => Exited, false, []),
         row!(Exited, SuccessorExited   => Exited, false, []),
         row!(Exited, ExitedOther   => Exited, false, []),
@@ -1262,6 +1275,35 @@ fn second_shutdown_while_draining_from_a_shutdown_exits_immediately() {
         vec![pc(P::Exited), exit_shutdown()]
     );
     assert_eq!(h.ev(Event::ShutdownRequested), vec![]);
+}
+
+/// An application that shut its server down for the drain (axum's one-shot graceful
+/// shutdown) commits it: its successor's death no longer makes this process serve again,
+/// which would accept connections nobody takes. The commit is answered once the accepts have
+/// stopped; refused when not draining (a drain that resumed first).
+#[test]
+fn a_committed_drain_never_resumes_and_is_answered_once_accepts_stopped() {
+    let mut h = build(S::Serving);
+    assert_eq!(h.ev(Event::DrainCommitted), vec![]);
+    assert_eq!(h.m.drain_commit(), Some(false));
+
+    let mut h = build(S::DrainingUpgrade);
+    assert_eq!(h.ev(Event::DrainCommitted), vec![]);
+    assert_eq!(
+        h.m.drain_commit(),
+        None,
+        "answered before the accepts stopped"
+    );
+    assert_eq!(h.ev(exited(CHILD)), vec![]);
+    assert_eq!(h.phase(), P::Draining);
+    assert!(!h.m.accepting());
+    assert_eq!(h.ev(Event::AcceptStopped), vec![]);
+    assert_eq!(h.m.drain_commit(), Some(true));
+    assert_eq!(
+        h.ev(Event::ConnectionsDrained),
+        vec![pc(P::Exited), exit_upgraded(CHILD)]
+    );
+    assert_eq!(h.m.drain_commit(), Some(true));
 }
 
 #[test]
