@@ -98,6 +98,7 @@ fn run(opts: &Opts) -> Result<bool, String> {
     );
     let out = scenario::run(&Scenario {
         pin_server: true,
+        server_cpu: None,
         serve_args: vec!["--serve".into()],
         strategy: Strategy::Signal,
         upgrades: opts.upgrades,

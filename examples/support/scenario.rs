@@ -57,6 +57,10 @@ pub struct Scenario {
     /// CPU 1. Off: the server's processes run wherever the scheduler puts them, as in a
     /// deployment without pinning (they then share CPU 1 with the load generator at times).
     pub pin_server: bool,
+    /// Hold every server process (all generations) to this share of one core, with a cgroup
+    /// CPU quota ([`CpuCap`]): a server that saturates before the load generator does. `None`:
+    /// no cap.
+    pub server_cpu: Option<f64>,
 }
 
 pub struct UpgradeRow {
@@ -294,12 +298,16 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
     let two_cores = ncpu >= 2;
     // Whatever this run pins this thread to, the next run starts from the CPUs it had.
     let _restore_affinity = AffinityRestore::save();
+    let cap = s.server_cpu.map(CpuCap::new).transpose()?;
     let start_server = |reuseport: bool| -> Result<u32, String> {
         let mut cmd = server_command(&exe, &pid_file, s.drain_timeout, &logf, |cmd| {
             cmd.args(&s.serve_args)
                 .args(&s.server_args)
                 .args(["--listen", &addr.to_string()]);
         })?;
+        if let Some(cap) = &cap {
+            cap.apply(&mut cmd);
+        }
         if reuseport {
             cmd.arg("--reuseport");
         }
@@ -688,6 +696,85 @@ pub fn server_command(
         .stdout(Stdio::null())
         .stderr(log.try_clone().map_err(|e| e.to_string())?);
     Ok(cmd)
+}
+
+/// A cgroup that holds the processes started in it (and every process they start) to a share
+/// of one core: the `cpu` controller's CFS quota (cgroup v1 `cpu.cfs_quota_us`, or v2
+/// `cpu.max`), with a 10 ms period so that a throttled server stalls at most ~10 ms at a time
+/// (the default 100 ms period makes every throttle a 100 ms stall). Needs root. Removed when
+/// dropped (after its processes are gone).
+pub struct CpuCap {
+    dir: PathBuf,
+    /// `cgroup.procs` of `dir`, as a C string: written in the child between fork and exec.
+    procs: std::ffi::CString,
+}
+
+impl CpuCap {
+    pub fn new(share: f64) -> Result<CpuCap, String> {
+        const PERIOD_US: u64 = 10_000;
+        let quota = ((share * PERIOD_US as f64) as u64).max(1000);
+        let name = format!("ringflip-bench-{}-{quota}", std::process::id());
+        let v1 = Path::new("/sys/fs/cgroup/cpu");
+        let (dir, settings) = if v1.join("cpu.cfs_quota_us").exists() {
+            let dir = v1.join(&name);
+            (
+                dir,
+                vec![
+                    ("cpu.cfs_period_us", PERIOD_US.to_string()),
+                    ("cpu.cfs_quota_us", quota.to_string()),
+                ],
+            )
+        } else {
+            (
+                Path::new("/sys/fs/cgroup").join(&name),
+                vec![("cpu.max", format!("{quota} {PERIOD_US}"))],
+            )
+        };
+        let _ = std::fs::create_dir(&dir);
+        for (file, value) in settings {
+            std::fs::write(dir.join(file), &value).map_err(|e| {
+                format!(
+                    "capping the server's CPU: {}: {e} (needs root and the cpu controller)",
+                    dir.join(file).display()
+                )
+            })?;
+        }
+        let procs = std::ffi::CString::new(
+            dir.join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(CpuCap { dir, procs })
+    }
+
+    /// Makes `cmd`'s process join this cgroup before it execs.
+    pub fn apply(&self, cmd: &mut Command) {
+        use std::os::unix::process::CommandExt;
+        let procs = self.procs.clone();
+        // SAFETY: between fork and exec only async-signal-safe calls (open, write, close) on
+        // memory allocated before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+impl Drop for CpuCap {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }
 
 /// This thread's CPU affinity as it was when saved, set again when dropped.
