@@ -52,13 +52,22 @@ impl Handle {
         rx.await.unwrap_or(Err(UpgradeError::NotRunning))
     }
 
-    /// Commits the current drain (`Event::DrainCommitted`): `true` once it can no longer
-    /// resume and no connection is handed over any more (or the server is gone); `false` if
-    /// the server is not draining (a drain that resumed before the commit came).
+    /// The number of the drain that the last `Draining` phase began (see
+    /// [`Handle::commit_drain`]).
     #[cfg(feature = "tokio")]
-    pub(crate) async fn commit_drain(&self) -> bool {
+    pub(crate) fn drain_seq(&self) -> u64 {
+        self.shared
+            .drain_seq
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Commits drain `seq` (`Event::DrainCommitted`): `true` once it can no longer resume and
+    /// no connection is handed over any more (or the server has exited or is gone); `false`
+    /// if drain `seq` is not the current one (it resumed before the commit came).
+    #[cfg(feature = "tokio")]
+    pub(crate) async fn commit_drain(&self, seq: u64) -> bool {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.shared.request(Request::CommitDrain(tx));
+        self.shared.request(Request::CommitDrain(seq, tx));
         rx.await.unwrap_or(true)
     }
 

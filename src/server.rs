@@ -307,6 +307,7 @@ impl Builder {
             live: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             accept_paused: AtomicBool::new(false),
+            drain_seq: std::sync::atomic::AtomicU64::new(0),
             phase: PhaseCell::new(),
             requests: Mutex::new(Some(Vec::new())),
             handoff_state: Mutex::new(Bytes::new()),

@@ -5,7 +5,7 @@
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 
 use bytes::Bytes;
@@ -55,6 +55,9 @@ pub(crate) struct Shared {
     pub draining: AtomicBool,
     pub accept_paused: AtomicBool,
     pub phase: PhaseCell,
+    /// The number of the drain the phase's last `Draining` began (`Machine::drains_started`),
+    /// stored before that phase is published.
+    pub drain_seq: AtomicU64,
     /// Requests for the driver; `None` once no driver will take them (see [`RequestsOpen`]).
     pub requests: Mutex<Option<Vec<Request>>>,
     /// What the next HELLO carries as the application's state.
@@ -129,9 +132,10 @@ impl Drop for RequestsOpen {
 pub(crate) enum Request {
     Upgrade(UpgradeReply),
     Shutdown,
-    /// `Event::DrainCommitted`; answered with `Machine::drain_commit` once it is `Some`.
+    /// `Event::DrainCommitted` of this drain; answered with `Machine::drain_commit` once it
+    /// is `Some`.
     #[cfg(feature = "tokio")]
-    CommitDrain(tokio::sync::oneshot::Sender<bool>),
+    CommitDrain(u64, tokio::sync::oneshot::Sender<bool>),
 }
 
 /// Where the outcome of an upgrade requested through a [`Handle`](crate::Handle) goes: a

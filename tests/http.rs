@@ -402,14 +402,14 @@ async fn get_fresh(addr: SocketAddr) -> Result<String, String> {
 }
 
 /// `axum::serve` on `Incoming`, whose graceful shutdown is one-shot: the successor dies
-/// 300 ms after its READY (misbehave's `ready-then-die`), within the idle grace (1 s here), so
+/// 300 ms after its READY (misbehave's `ready-then-die`), within the idle grace (2 s here), so
 /// the old process takes the service back. axum::serve must still be serving it: fresh
-/// connections well after the grace are answered by the old process (the shutdown signal
+/// connections after the grace are answered by the old process (the shutdown signal
 /// fired for the drain that resumed made them fail: accepted, then dropped with nobody to
 /// take them). A later good upgrade then drains it, and it exits.
 #[test]
 fn axum_serve_serves_again_when_the_successor_dies_within_the_idle_grace() {
-    let server = start_server(&["--axum-serve", "--idle-grace-ms", "1000"]);
+    let server = start_server(&["--axum-serve", "--idle-grace-ms", "2000"]);
     let addr = server.addr();
     let old = server.current();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -433,7 +433,7 @@ fn axum_serve_serves_again_when_the_successor_dies_within_the_idle_grace() {
         "the old process did not take the service back",
     );
     // Past the idle grace of the drain that resumed.
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(2500));
     for i in 0..5 {
         assert_eq!(
             runtime.block_on(get_fresh(addr)).as_deref(),

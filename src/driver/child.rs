@@ -239,13 +239,17 @@ impl Driver {
     /// (`check_channel_op` catches the EBADF of the harmless case).
     pub(super) fn close_channel(&mut self, channel: OwnedFd) {
         self.cancel(types::CancelBuilder::fd(types::Fd(channel.as_raw_fd())).all());
-        match self.ring.submit() {
-            Ok(_) => drop(channel),
-            // Kept open until a turn's submit succeeds.
-            Err(e) => {
-                tracing::warn!(error = %e, "submitting before closing a handoff channel");
-                self.closing_channels.push(channel);
-            }
+        // A submit can also stop short of the queue's end (an SQE the kernel refused, no
+        // memory for a request), leaving the last SQEs (these) queued: only an empty queue
+        // means every SQE naming the channel was issued.
+        if let Err(e) = self.ring.submit() {
+            tracing::warn!(error = %e, "submitting before closing a handoff channel");
+        }
+        if self.ring.submission().is_empty() {
+            drop(channel);
+        } else {
+            // Kept open until a turn's submit empties the queue.
+            self.closing_channels.push(channel);
         }
     }
 
@@ -372,7 +376,7 @@ impl Driver {
 }
 
 /// An op on a handoff channel must never find its fd closed: the channel is closed only after
-/// every SQE naming it has been submitted (`drop_successor`), and a submitted op holds the file.
+/// every SQE naming it has been submitted (`close_channel`), and a submitted op holds the file.
 /// EBADF means an SQE was submitted after the close, when the fd number could already have
 /// named another file of this process (another thread's connection, say).
 pub(super) fn check_channel_op(op: &str, res: i32) {

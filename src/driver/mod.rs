@@ -143,7 +143,7 @@ pub(crate) struct Driver {
     closing_channels: Vec<OwnedFd>,
     /// Who waits for the answer to a `DrainCommitted` (see `answer_commits`).
     #[cfg(feature = "tokio")]
-    commits: Vec<tokio::sync::oneshot::Sender<bool>>,
+    commits: Vec<(u64, tokio::sync::oneshot::Sender<bool>)>,
     predecessor: Option<PredecessorLink>,
     /// The predecessor's pid, kept after its link is gone: a SIGTERM from it means it gave up
     /// on this process (`Event::PredecessorGaveUp`), not an operator's stop.
@@ -458,7 +458,10 @@ impl Driver {
                 return Ok(None);
             }
         }
-        self.closing_channels.clear();
+        // Every SQE issued (a submit may stop short): the channels kept for them can close.
+        if self.ring.submission().is_empty() {
+            self.closing_channels.clear();
+        }
         Ok(None)
     }
 
@@ -506,9 +509,9 @@ impl Driver {
                 }
                 Request::Shutdown => self.feed(Event::ShutdownRequested),
                 #[cfg(feature = "tokio")]
-                Request::CommitDrain(reply) => {
-                    self.feed(Event::DrainCommitted);
-                    self.commits.push(reply);
+                Request::CommitDrain(seq, reply) => {
+                    self.feed(Event::DrainCommitted(seq));
+                    self.commits.push((seq, reply));
                 }
             }
         }
@@ -526,11 +529,12 @@ impl Driver {
     /// connection is handed over any more), or refused because the drain resumed first.
     fn answer_commits(&mut self) {
         #[cfg(feature = "tokio")]
-        if !self.commits.is_empty() {
-            if let Some(committed) = self.machine.drain_commit() {
-                for reply in self.commits.drain(..) {
+        for (seq, reply) in std::mem::take(&mut self.commits) {
+            match self.machine.drain_commit(seq) {
+                Some(committed) => {
                     let _ = reply.send(committed);
                 }
+                None => self.commits.push((seq, reply)),
             }
         }
     }

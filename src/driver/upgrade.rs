@@ -205,6 +205,14 @@ impl Driver {
             }
             Action::Reply(by, outcome) => self.reply(by, outcome),
             Action::PhaseChanged(phase) => {
+                if phase == Phase::Draining {
+                    // Before the phase is published: whoever sees Draining reads this drain's
+                    // number or a later one's, never an earlier one's (the machine may have
+                    // started another drain since it queued this action; that one began
+                    // before this store too).
+                    let seq = self.machine.drains_started();
+                    self.shared.drain_seq.store(seq, SeqCst);
+                }
                 self.shared.phase.set(phase);
                 tracing::info!(%phase, "phase");
                 if phase == Phase::Serving {

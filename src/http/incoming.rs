@@ -108,9 +108,9 @@ impl Incoming {
         }
     }
 
-    /// For `with_graceful_shutdown`: completes one idle grace after the process starts
-    /// draining, once the drain is committed and every connection the ring handed over has
-    /// been taken by `accept`.
+    /// For `with_graceful_shutdown`: completes one idle grace after a drain began, once that
+    /// drain is committed, every accept of the ring has stopped and every connection it handed
+    /// over has been taken by `accept`.
     ///
     /// axum's graceful shutdown is one-shot: once it has begun, `axum::serve` takes no more
     /// connections. So the signal first commits the drain: from then on this process never
@@ -126,8 +126,11 @@ impl Incoming {
         async move {
             loop {
                 drain.started().await;
+                // Read once the phase says Draining: this drain's number or a later one's,
+                // which began before this read, so the grace is counted from after each.
+                let seq = handle.drain_seq();
                 tokio::time::sleep(drain.idle_grace).await;
-                if handle.commit_drain().await {
+                if handle.commit_drain(seq).await {
                     break;
                 }
             }

@@ -117,9 +117,10 @@ pub(crate) enum Event {
     /// Every accept reached its terminal completion; every fd it produced was served.
     AcceptStopped,
     /// The application will take no more connections: it shut its server down for the drain
-    /// (axum's graceful shutdown is one-shot). Commits the drain: it never resumes, so no
-    /// connection is accepted for an application that no longer takes them.
-    DrainCommitted,
+    /// (axum's graceful shutdown is one-shot). Commits the drain with this number
+    /// (`Machine::drains_started` when it began): it never resumes, so no connection is
+    /// accepted for an application that no longer takes them. Ignored for another drain.
+    DrainCommitted(u64),
     /// The predecessor let go of the accept queues (its RELEASED, or its exit).
     PredecessorLetGo,
     /// The answer to `ReadSuccessor`: everything the successor had sent was fed.

@@ -68,6 +68,9 @@ struct Drain {
     /// The application can take no more connections (it shut its server down for the drain:
     /// `DrainCommitted`).
     committed: bool,
+    /// Which drain of this process this is (1 for the first): a commit names the drain it was
+    /// meant for, and a later drain's is refused.
+    seq: u64,
 }
 
 /// The restart state machine. See the module docs.
@@ -92,6 +95,8 @@ pub(crate) struct Machine {
     waiting_read: Vec<AfterRead>,
     /// `SuccessorRead` is being handled: the decision is taken now, not asked again.
     read_done: bool,
+    /// How many drains have started.
+    drains: u64,
 }
 
 /// What was held back for `ReadSuccessor`.
@@ -114,6 +119,7 @@ impl Machine {
             max_draining: u32::MAX,
             predecessor_holds: false,
             waiting_read: Vec::new(),
+            drains: 0,
             read_done: false,
         }
     }
@@ -148,19 +154,25 @@ impl Machine {
         matches!(&self.state, State::Draining(d) if !d.drained)
     }
 
-    /// Whether the driver should have its accepts armed (as the machine last told it).
-    /// Where a `DrainCommitted` stands: `Some(true)` once the drain is committed and no
-    /// connection is handed to the application any more (every accept stopped, or exited);
-    /// `Some(false)` when not draining (the commit was refused: the drain resumed before it
-    /// came, or none began); `None` while committed and the accepts are still stopping.
-    pub(crate) fn drain_commit(&self) -> Option<bool> {
+    /// Where a `DrainCommitted(seq)` stands: `Some(true)` once drain `seq` is committed and
+    /// no connection is handed to the application any more (every accept stopped), or the
+    /// process exited; `Some(false)` when drain `seq` is not the current one (the commit was
+    /// refused: that drain resumed before it came); `None` while committed and the accepts
+    /// are still stopping.
+    pub(crate) fn drain_commit(&self, seq: u64) -> Option<bool> {
         match &self.state {
             State::Exited(_) => Some(true),
-            State::Draining(d) if d.committed => d.accept_stopped.then_some(true),
+            State::Draining(d) if d.committed && d.seq == seq => d.accept_stopped.then_some(true),
             _ => Some(false),
         }
     }
 
+    /// How many drains have started: the current drain's number while draining.
+    pub(crate) fn drains_started(&self) -> u64 {
+        self.drains
+    }
+
+    /// Whether the driver should have its accepts armed (as the machine last told it).
     pub(crate) fn accepting(&self) -> bool {
         self.accepting
     }
@@ -409,7 +421,9 @@ impl Machine {
                     DrainCause::Shutdown => Refusal::ShuttingDown,
                 }),
             ),
-            (State::Draining(_), E::DrainCommitted) => self.update_drain(|d| d.committed = true),
+            (State::Draining(d), E::DrainCommitted(seq)) if d.seq == seq => {
+                self.update_drain(|d| d.committed = true)
+            }
             (State::Draining(_), E::AcceptStopped) => {
                 self.update_drain(|d| d.accept_stopped = true)
             }
@@ -492,6 +506,7 @@ impl Machine {
     }
 
     fn start_drain(&mut self, cause: DrainCause, now: Instant) {
+        self.drains += 1;
         self.set(State::Draining(Drain {
             cause,
             deadline: now + self.timeouts.drain,
@@ -502,6 +517,7 @@ impl Machine {
             checking: false,
             abandoned: false,
             committed: false,
+            seq: self.drains,
         }));
         self.accepting = false;
         self.push(Action::StopAccepting);

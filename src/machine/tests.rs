@@ -473,7 +473,10 @@ fn apply(h: &mut H, ev: Ev) -> Vec<Action> {
             alive: false,
         }),
         Ev::GaveUp => h.ev(Event::PredecessorGaveUp),
-        Ev::Committed => h.ev(Event::DrainCommitted),
+        Ev::Committed => {
+            let current = h.m.drains_started();
+            h.ev(Event::DrainCommitted(current))
+        }
         Ev::Deadline => h.expire(),
     }
 }
@@ -1284,13 +1287,16 @@ fn second_shutdown_while_draining_from_a_shutdown_exits_immediately() {
 #[test]
 fn a_committed_drain_never_resumes_and_is_answered_once_accepts_stopped() {
     let mut h = build(S::Serving);
-    assert_eq!(h.ev(Event::DrainCommitted), vec![]);
-    assert_eq!(h.m.drain_commit(), Some(false));
+    assert_eq!(h.m.drains_started(), 0);
+    assert_eq!(h.ev(Event::DrainCommitted(0)), vec![]);
+    assert_eq!(h.m.drain_commit(0), Some(false));
 
     let mut h = build(S::DrainingUpgrade);
-    assert_eq!(h.ev(Event::DrainCommitted), vec![]);
+    let seq = h.m.drains_started();
+    assert_eq!(seq, 1);
+    assert_eq!(h.ev(Event::DrainCommitted(seq)), vec![]);
     assert_eq!(
-        h.m.drain_commit(),
+        h.m.drain_commit(seq),
         None,
         "answered before the accepts stopped"
     );
@@ -1298,12 +1304,38 @@ fn a_committed_drain_never_resumes_and_is_answered_once_accepts_stopped() {
     assert_eq!(h.phase(), P::Draining);
     assert!(!h.m.accepting());
     assert_eq!(h.ev(Event::AcceptStopped), vec![]);
-    assert_eq!(h.m.drain_commit(), Some(true));
+    assert_eq!(h.m.drain_commit(seq), Some(true));
     assert_eq!(
         h.ev(Event::ConnectionsDrained),
         vec![pc(P::Exited), exit_upgraded(CHILD)]
     );
-    assert_eq!(h.m.drain_commit(), Some(true));
+    assert_eq!(h.m.drain_commit(seq), Some(true));
+}
+
+/// A commit meant for a drain that resumed is refused, also once a later drain has begun: the
+/// later drain keeps its own idle grace and can still roll back.
+#[test]
+fn a_commit_for_an_earlier_drain_does_not_commit_a_later_one() {
+    let mut h = build(S::DrainingUpgrade);
+    let first = h.m.drains_started();
+    h.ev(Event::AcceptStopped);
+    h.ev(exited(CHILD));
+    assert_eq!(h.phase(), P::Serving);
+    // A second upgrade reaches its drain.
+    h.ev(upgrade(REQ));
+    h.ev(spawned(OTHER));
+    h.ev(Event::ListenersSent);
+    let actions = h.ev(ready(ID2));
+    assert!(actions.contains(&pc(P::Draining)), "{actions:?}");
+    assert_eq!(h.m.drains_started(), first + 1);
+    assert_eq!(h.ev(Event::DrainCommitted(first)), vec![]);
+    assert_eq!(h.m.drain_commit(first), Some(false));
+    // Not committed: its successor's death is a rollback.
+    h.ev(Event::AcceptStopped);
+    assert_eq!(
+        h.ev(exited(OTHER)),
+        vec![pc(P::Serving), StopDrain, ResumeAccepting]
+    );
 }
 
 #[test]
