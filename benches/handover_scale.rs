@@ -472,27 +472,6 @@ fn hold(addr: SocketAddr, n: usize) -> Result<Vec<TcpStream>, String> {
     Ok(held)
 }
 
-/// Raises this process's fd limit (its servers inherit it) to at least `need` if it can (past
-/// the hard limit only with CAP_SYS_RESOURCE, up to fs.nr_open; else to the hard limit);
-/// returns the soft limit it has then.
-fn raise_nofile(need: u64) -> u64 {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return 0;
-    };
-    if soft >= need {
-        return soft;
-    }
-    if hard < need && setrlimit(Resource::RLIMIT_NOFILE, need, need).is_ok() {
-        return need;
-    }
-    let to = hard.min(need.max(soft));
-    if setrlimit(Resource::RLIMIT_NOFILE, to, hard).is_ok() {
-        return to;
-    }
-    soft
-}
-
 /// One upgrade, as measured.
 #[derive(Clone, Copy, Debug, Default)]
 struct Round {
@@ -963,7 +942,7 @@ fn listeners(o: &Opts, dir: &Path) -> Result<Curve, String> {
     );
     let xs = wanted.to_vec();
     // Per process: the old one's listeners, and the new one's (less what it closes).
-    raise_nofile(*xs.last().unwrap_or(&1) as u64 + 1024);
+    scenario::raise_nofile(*xs.last().unwrap_or(&1) as u64 + 1024);
     for &n in &xs {
         let rounds = rounds_of(
             dir,
@@ -1046,7 +1025,7 @@ fn connections(o: &Opts, dir: &Path, active: bool) -> Result<Curve, String> {
         .into(),
         ("connections", "count"),
     );
-    let limit = raise_nofile(*wanted.last().unwrap_or(&0) as u64 + 4096);
+    let limit = scenario::raise_nofile(*wanted.last().unwrap_or(&0) as u64 + 4096);
     let reachable: Vec<usize> = wanted
         .iter()
         .copied()

@@ -8,7 +8,7 @@
 //! cargo bench --bench upgrade_under_load -- --test             # CI: 2 upgrades each, quick
 //! cargo bench --bench upgrade_under_load -- --unpinned-server  # servers not pinned to CPU 0
 //! cargo bench --bench upgrade_under_load -- --json target/uul.json   # also write the run as JSON
-//! cargo bench --bench upgrade_under_load -- --overload         # at the saturation rate and 1.5×
+//! cargo bench --bench upgrade_under_load -- --overload         # at the saturation rate, 1.25× and 1.5×
 //! cargo bench --bench upgrade_under_load -- --overload --server-cpu 30   # servers capped at 30 %
 //! ```
 //!
@@ -28,7 +28,7 @@
 //! steps of 2 s), stopping at the first rate where the load generator's own lag (each
 //! connection's `connect()` after its scheduled start; `Sample::client_lag`) reaches 1 ms at its
 //! p90, or grows by 1 ms over the step (`ClientLag`), or the server takes 95 % of its core. Then
-//! it runs the upgrade scenario at that rate and at 1.5× it for ringflip, ecdysis and
+//! it runs the upgrade scenario at that rate, 1.25× and 1.5× it for burst-only (no upgrade), ringflip, ecdysis and
 //! shellflip (`--only` picks others), all in this one run. `--test` runs a short form of it too
 //! (2 sweep steps of 250 ms at 500 and 800 conn/s (rates are rounded to 100), ringflip only, 1 upgrade per rate), so CI
 //! keeps it working; `--test --overload` runs only that.
@@ -99,8 +99,9 @@ const ALL: [&str; 11] = [
 /// Rows run only when `--only` names them.
 const EXTRA: [&str; 1] = ["ecdysis-burst-only"];
 
-/// The rows of `--overload` unless `--only` names others.
-const OVERLOAD: [&str; 3] = ["ringflip", "ecdysis", "shellflip"];
+/// The rows of `--overload` unless `--only` names others: `burst-only` (ringflip's server
+/// with the bursts and no upgrade) tells what the overload costs without any upgrade.
+const OVERLOAD: [&str; 4] = ["burst-only", "ringflip", "ecdysis", "shellflip"];
 
 /// Accept rings of the `ringflip-workers` row (`Builder::workers`, thread-per-core).
 const WORKERS: usize = 2;
@@ -119,7 +120,7 @@ const LAG_BOUND: Duration = Duration::from_millis(1);
 /// Server CPU (share of its one core) that also marks saturation: the server saturates first.
 const CPU_BOUND: f64 = 0.95;
 /// The rates of the upgrade rows, as multiples of the saturation rate.
-const OVERLOAD_FACTORS: [f64; 2] = [1.0, 1.5];
+const OVERLOAD_FACTORS: [f64; 3] = [1.0, 1.25, 1.5];
 
 struct Opts {
     upgrades: usize,
@@ -432,7 +433,7 @@ fn print_row(label: &str, out: &Outcome) {
     }
 }
 
-/// `--overload`: the sweep for the saturation rate, then the upgrade rows at it and at 1.5× it.
+/// `--overload`: the sweep for the saturation rate, then the upgrade rows at it, 1.25× and 1.5× it.
 /// Returns the sweep's record for the JSON.
 fn overload(o: &Opts, rows: &mut Vec<Row>, all_ok: &mut bool) -> Value {
     let (from, steps, step) = if o.quick {
@@ -550,8 +551,8 @@ fn overload(o: &Opts, rows: &mut Vec<Row>, all_ok: &mut bool) -> Value {
     // Past saturation a server's connections pile up in the client, up to the rate times the
     // 3 s timeout: the client must not run out of fds first (that would count as the servers'
     // failures). Raise the soft limit to the hard one and say if even that is short.
-    let fd_limit = raise_fd_limit();
     let needed = rates.iter().max().copied().unwrap_or(0) as u64 * 3 + 1000;
+    let fd_limit = scenario::raise_nofile(needed);
     if fd_limit < needed {
         println!(
             "  note: the fd limit is {fd_limit}, and at {} conn/s a stalled server can leave up to \
@@ -582,19 +583,6 @@ fn overload(o: &Opts, rows: &mut Vec<Row>, all_ok: &mut bool) -> Value {
         "upgrades_per_row": upgrades,
         "fd_limit": fd_limit,
     })
-}
-
-/// Raises this process's soft RLIMIT_NOFILE to its hard limit (the servers it starts inherit
-/// it); returns the soft limit it has then.
-fn raise_fd_limit() -> u64 {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return 0;
-    };
-    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-        return hard;
-    }
-    soft
 }
 
 /// How late the load generator started its connections in a sweep step (`connect()` after the

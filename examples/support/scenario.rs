@@ -819,3 +819,24 @@ fn dump_samples(path: &Path, rows: &[UpgradeRow], report: &LoadReport) {
         eprintln!("writing {}: {e}", path.display());
     }
 }
+
+/// Raises this process's fd limit (its servers inherit it) to at least `need` if it can (past
+/// the hard limit only with CAP_SYS_RESOURCE, up to fs.nr_open; else to the hard limit);
+/// returns the soft limit it has then.
+pub fn raise_nofile(need: u64) -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
+    };
+    if soft >= need {
+        return soft;
+    }
+    if hard < need && setrlimit(Resource::RLIMIT_NOFILE, need, need).is_ok() {
+        return need;
+    }
+    let to = hard.min(need.max(soft));
+    if setrlimit(Resource::RLIMIT_NOFILE, to, hard).is_ok() {
+        return to;
+    }
+    soft
+}
