@@ -569,7 +569,12 @@ fn overload(o: &Opts, rows: &mut Vec<Row>, all_ok: &mut bool) -> Value {
             .chain(EXTRA.iter())
             .filter(|k| only.iter().any(|x| x == *k))
         {
-            *all_ok &= run_row(kind, &format!("{kind}@{rate}"), rate, upgrades, o, rows);
+            let ok = run_row(kind, &format!("{kind}@{rate}"), rate, upgrades, o, rows);
+            // Past saturation the baseline itself may lose pings (each waits behind the
+            // backlog): it shows what the overload costs, and gates nothing.
+            if *kind != "burst-only" {
+                *all_ok &= ok;
+            }
         }
     }
     json!({

@@ -702,7 +702,8 @@ pub fn server_command(
 /// of one core: the `cpu` controller's CFS quota (cgroup v1 `cpu.cfs_quota_us`, or v2
 /// `cpu.max`), with a 10 ms period so that a throttled server stalls at most ~10 ms at a time
 /// (the default 100 ms period makes every throttle a 100 ms stall). Needs root. Removed when
-/// dropped (after its processes are gone).
+/// dropped (after its processes are gone; one still there keeps it, and the next run gets a
+/// cgroup of its own).
 pub struct CpuCap {
     dir: PathBuf,
     /// `cgroup.procs` of `dir`, as a C string: written in the child between fork and exec.
@@ -713,7 +714,11 @@ impl CpuCap {
     pub fn new(share: f64) -> Result<CpuCap, String> {
         const PERIOD_US: u64 = 10_000;
         let quota = ((share * PERIOD_US as f64) as u64).max(1000);
-        let name = format!("ringflip-bench-{}-{quota}", std::process::id());
+        // One cgroup per run: a straggler of an earlier run (a generation still draining)
+        // must not spend this run's quota.
+        static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("ringflip-bench-{}-{run}", std::process::id());
         let v1 = Path::new("/sys/fs/cgroup/cpu");
         let (dir, settings) = if v1.join("cpu.cfs_quota_us").exists() {
             let dir = v1.join(&name);
