@@ -149,10 +149,14 @@ def provenance(d):
     return (
         f"Measured {m.get('date')} at {m.get('commit')} on {mach.get('cpus')} × "
         f"{mach.get('cpu')}, {mach.get('mem_gib')} GiB, Linux {mach.get('kernel')}, "
-        f"{m.get('rustc')}: {cmd}. {c['rate']:,} conn/s open loop, {c['long_lived']} long-lived "
+        f"{m.get('rustc')}: {cmd}. "
+        + ("The rates below" if d.get("overload") else f"{c['rate']:,} conn/s")
+        + f" open loop, {c['long_lived']} long-lived "
         f"connections, an upgrade every {c['interval_ms']} ms with a {c['burst']}-connection "
         f"burst, {c['upgrades']} upgrades per server"
         + ("" if c.get("pinned_server", True) else ", servers not pinned")
+        + (f", every server held to {100 * c['server_cpu_share']:.0f} % of a core (a cgroup quota)"
+           if c.get("server_cpu_share") else "")
         + (" (quick mode: not a measurement)" if c.get("quick") else "")
         + "."
     )
