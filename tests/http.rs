@@ -369,36 +369,15 @@ fn idle_connections_close_and_an_in_flight_request_is_answered_before_the_exit()
     server.stop();
 }
 
-/// `GET /` on a fresh HTTP/1.1 connection to `addr`: the body.
+/// `GET /` on a fresh HTTP/1.1 connection to `addr`: the body (an error unless 200 OK).
 async fn get_fresh(addr: SocketAddr) -> Result<String, String> {
-    let exchange = async {
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| format!("handshake: {e}"))?;
-        tokio::spawn(conn);
-        let request = Request::builder()
-            .uri("/")
-            .header(hyper::header::HOST, "localhost")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("{e:?}"))?;
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("{e:?}"))?;
-        Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
-    };
-    tokio::time::timeout(REQUEST_BOUND, exchange)
+    let stream = tokio::net::TcpStream::connect(addr)
         .await
-        .unwrap_or_else(|_| Err(format!("no answer within {REQUEST_BOUND:?}")))
+        .map_err(|e| format!("connect: {e}"))?;
+    match get_on(stream).await? {
+        (StatusCode::OK, body) => Ok(body),
+        (status, body) => Err(format!("status {status}: {body:?}")),
+    }
 }
 
 /// `axum::serve` on `Incoming`, whose graceful shutdown is one-shot: the successor dies
@@ -453,27 +432,45 @@ fn axum_serve_serves_again_when_the_successor_dies_within_the_idle_grace() {
     server.stop();
 }
 
-/// `GET /` over the Unix socket at `path` on a fresh connection (hyper's HTTP/1.1 client
-/// connection): the status and the body.
+/// `GET /` with hyper's HTTP/1.1 client connection over `stream`, a fresh connection: the
+/// status and the body (bounded by `REQUEST_BOUND`).
+async fn get_on<S>(stream: S) -> Result<(StatusCode, String), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let exchange = async {
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        let request = Request::builder()
+            .uri("/")
+            .header(hyper::header::HOST, "localhost")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e:?}"))?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(REQUEST_BOUND, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {REQUEST_BOUND:?}")))
+}
+
+/// `GET /` over the Unix socket at `path` on a fresh connection: the status and the body.
 async fn get_unix(path: &std::path::Path) -> (StatusCode, String) {
     let stream = tokio::net::UnixStream::connect(path).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let request = Request::builder()
-        .uri("/")
-        .header(hyper::header::HOST, "localhost")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let response = tokio::time::timeout(REQUEST_BOUND, sender.send_request(request))
-        .await
-        .expect("no answer over the Unix socket")
-        .unwrap();
-    let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    get_on(stream).await.expect("GET / over the Unix socket")
 }
 
 /// The same drain on a Unix listener: an idle keep-alive connection is closed once the

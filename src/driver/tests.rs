@@ -457,11 +457,8 @@ fn a_successor_that_dies_right_after_its_accept_leaves_no_op_on_its_closed_chann
         Message::Offer { versions, .. } => assert_eq!(versions.max, 2),
         other => panic!("expected OFFER, got {other:?}"),
     }
-    // The OFFER's handoff (one message) is sent whole before the answer.
-    for _ in 0..10 {
-        driver.turn(false, &mut |_| {}).unwrap();
-    }
-    crate::sys::send_nonblocking(channel.as_fd(), &Message::Accept(1).encode().unwrap()).unwrap();
+    send_out_the_offer(&mut driver);
+    answer(&channel, Message::Accept(1));
     drop(channel);
     kill_and_wait_visible(pid);
 
@@ -500,6 +497,19 @@ fn upgrade_speaking_1_and_2(state: usize) -> (Driver, u32, OwnedFd) {
         other => panic!("expected OFFER, got {other:?}"),
     }
     (driver, pid, channel)
+}
+
+/// Turns `driver` until an OFFER's handoff of one message has been sent whole (its send's
+/// completion handled), before any answer.
+fn send_out_the_offer(driver: &mut Driver) {
+    for _ in 0..10 {
+        driver.turn(false, &mut |_| {}).unwrap();
+    }
+}
+
+/// Sends `message` on the stand-in successor's end of the channel.
+fn answer(channel: &OwnedFd, message: Message) {
+    crate::sys::send_nonblocking(channel.as_fd(), &message.encode().unwrap()).unwrap();
 }
 
 /// Turns `driver` and takes what it sends on `channel` until it has reported the handoff sent
@@ -571,14 +581,12 @@ fn assert_whole_handoff_in(messages: &[Message], version: u8) {
 fn an_accept_of_the_version_offered_completes_the_handoff_already_sent() {
     let (mut driver, pid, channel) = upgrade_speaking_1_and_2(0);
     let _successor = KillOnDrop::new(pid);
-    for _ in 0..10 {
-        driver.turn(false, &mut |_| {}).unwrap();
-    }
+    send_out_the_offer(&mut driver);
     assert!(
         driver.timeline.hello_sent.is_none(),
         "sent before the ACCEPT"
     );
-    crate::sys::send_nonblocking(channel.as_fd(), &Message::Accept(2).encode().unwrap()).unwrap();
+    answer(&channel, Message::Accept(2));
     let rest = rest_of_handoff(&mut driver, &channel);
     assert!(rest.is_empty(), "sent again: {rest:?}");
 }
@@ -589,10 +597,8 @@ fn an_accept_of_the_version_offered_completes_the_handoff_already_sent() {
 fn an_older_version_accepted_after_the_handoff_sends_it_again_in_that_version() {
     let (mut driver, pid, channel) = upgrade_speaking_1_and_2(0);
     let _successor = KillOnDrop::new(pid);
-    for _ in 0..10 {
-        driver.turn(false, &mut |_| {}).unwrap();
-    }
-    crate::sys::send_nonblocking(channel.as_fd(), &Message::Accept(1).encode().unwrap()).unwrap();
+    send_out_the_offer(&mut driver);
+    answer(&channel, Message::Accept(1));
     assert_whole_handoff_in(&rest_of_handoff(&mut driver, &channel), 1);
 }
 
@@ -603,7 +609,7 @@ fn an_older_version_accepted_after_the_handoff_sends_it_again_in_that_version() 
 fn an_older_version_accepted_mid_handoff_restarts_it_in_that_version() {
     let (mut driver, pid, channel) = upgrade_speaking_1_and_2(16 * crate::handoff::STATE_CHUNK);
     let _successor = KillOnDrop::new(pid);
-    crate::sys::send_nonblocking(channel.as_fd(), &Message::Accept(1).encode().unwrap()).unwrap();
+    answer(&channel, Message::Accept(1));
     let rest = rest_of_handoff(&mut driver, &channel);
     let newer = rest
         .iter()
