@@ -54,7 +54,7 @@ impl Handle {
 
     /// The number of the drain that the last `Draining` phase began (see
     /// [`Handle::commit_drain`]).
-    #[cfg(feature = "tokio")]
+    #[cfg(feature = "axum")]
     pub(crate) fn drain_seq(&self) -> u64 {
         self.shared
             .drain_seq
@@ -64,7 +64,7 @@ impl Handle {
     /// Commits drain `seq` (`Event::DrainCommitted`): `true` once it can no longer resume and
     /// no connection is handed over any more (or the server has exited or is gone); `false`
     /// if drain `seq` is not the current one (it resumed before the commit came).
-    #[cfg(feature = "tokio")]
+    #[cfg(feature = "axum")]
     pub(crate) async fn commit_drain(&self, seq: u64) -> bool {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.shared.request(Request::CommitDrain(seq, tx));

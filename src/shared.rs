@@ -134,7 +134,7 @@ pub(crate) enum Request {
     Shutdown,
     /// `Event::DrainCommitted` of this drain; answered with `Machine::drain_commit` once it
     /// is `Some`.
-    #[cfg(feature = "tokio")]
+    #[cfg(feature = "axum")]
     CommitDrain(u64, tokio::sync::oneshot::Sender<bool>),
 }
 

@@ -142,7 +142,7 @@ pub(crate) struct Driver {
     /// may name them are submitted (see `close_channel`).
     closing_channels: Vec<OwnedFd>,
     /// Who waits for the answer to a `DrainCommitted` (see `answer_commits`).
-    #[cfg(feature = "tokio")]
+    #[cfg(feature = "axum")]
     commits: Vec<(u64, tokio::sync::oneshot::Sender<bool>)>,
     predecessor: Option<PredecessorLink>,
     /// The predecessor's pid, kept after its link is gone: a SIGTERM from it means it gave up
@@ -378,7 +378,7 @@ impl Driver {
             pid_file_leftover: None,
             terminating: Vec::new(),
             closing_channels: Vec::new(),
-            #[cfg(feature = "tokio")]
+            #[cfg(feature = "axum")]
             commits: Vec::new(),
             spawning: Vec::new(),
             spawn_results: mpsc::channel(),
@@ -508,7 +508,7 @@ impl Driver {
                     self.request_upgrade(Requester::Api(self.next_ticket));
                 }
                 Request::Shutdown => self.feed(Event::ShutdownRequested),
-                #[cfg(feature = "tokio")]
+                #[cfg(feature = "axum")]
                 Request::CommitDrain(seq, reply) => {
                     self.feed(Event::DrainCommitted(seq));
                     self.commits.push((seq, reply));
@@ -528,7 +528,7 @@ impl Driver {
     /// Answers the `DrainCommitted` requests the machine has decided: committed (and no
     /// connection is handed over any more), or refused because the drain resumed first.
     fn answer_commits(&mut self) {
-        #[cfg(feature = "tokio")]
+        #[cfg(feature = "axum")]
         for (seq, reply) in std::mem::take(&mut self.commits) {
             match self.machine.drain_commit(seq) {
                 Some(committed) => {

@@ -120,6 +120,7 @@ pub(crate) enum Event {
     /// (axum's graceful shutdown is one-shot). Commits the drain with this number
     /// (`Machine::drains_started` when it began): it never resumes, so no connection is
     /// accepted for an application that no longer takes them. Ignored for another drain.
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
     DrainCommitted(u64),
     /// The predecessor let go of the accept queues (its RELEASED, or its exit).
     PredecessorLetGo,

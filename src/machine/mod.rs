@@ -159,6 +159,8 @@ impl Machine {
     /// process exited; `Some(false)` when drain `seq` is not the current one (the commit was
     /// refused: that drain resumed before it came); `None` while committed and the accepts
     /// are still stopping.
+    // Asked only by `ringflip::http::Incoming` (feature `axum`).
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
     pub(crate) fn drain_commit(&self, seq: u64) -> Option<bool> {
         match &self.state {
             State::Exited(_) => Some(true),

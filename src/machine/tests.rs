@@ -39,6 +39,7 @@ const MS: Duration = Duration::from_millis(1);
 // Harness
 
 /// A machine plus a virtual clock.
+#[derive(Clone)]
 struct H {
     m: Machine,
     now: Instant,
@@ -1330,6 +1331,12 @@ fn a_commit_for_an_earlier_drain_does_not_commit_a_later_one() {
     assert_eq!(h.m.drains_started(), first + 1);
     assert_eq!(h.ev(Event::DrainCommitted(first)), vec![]);
     assert_eq!(h.m.drain_commit(first), Some(false));
+    // And once the later drain is committed, the earlier one's number still answers no.
+    let mut committed = h.clone();
+    committed.ev(Event::DrainCommitted(first + 1));
+    committed.ev(Event::AcceptStopped);
+    assert_eq!(committed.m.drain_commit(first + 1), Some(true));
+    assert_eq!(committed.m.drain_commit(first), Some(false));
     // Not committed: its successor's death is a rollback.
     h.ev(Event::AcceptStopped);
     assert_eq!(
