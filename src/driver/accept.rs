@@ -33,8 +33,9 @@ pub(super) struct AcceptSlot {
     /// The armed multishot accept, until its terminal CQE.
     pub(super) op: Option<Token>,
     pub(super) cancel_sent: bool,
-    /// Set while re-arming is paused after a resource error.
-    pub(super) retry_at: Option<Instant>,
+    /// Set while re-arming is paused after a resource error (through `Accepts`, which keeps
+    /// the list of such slots).
+    retry_at: Option<Instant>,
     backoff: Duration,
     /// The error that paused this listener, logged once per episode.
     paused_by: Option<i32>,
@@ -46,7 +47,7 @@ pub(super) struct AcceptSlot {
     /// Connections delivered from this listener so far.
     pub(super) delivered: u64,
     /// `delivered` when this listener last woke the runtime (see `sweep_missed`).
-    pub(super) woke_at: Option<u64>,
+    woke_at: Option<u64>,
     /// Seen listening (see `Driver::listening`). A socket that listens never stops here, so
     /// once true this is the answer; while false the kernel is asked again.
     seen_listening: std::cell::Cell<bool>,
@@ -73,6 +74,13 @@ pub(super) struct Accepts {
     pub(super) accepted: u64,
     /// Where [`Accepts::any_armed`] last found an armed slot: it looks there first.
     armed_hint: std::cell::Cell<usize>,
+    /// The slots whose re-arming is paused (`retry_at` set), and those whose listener woke the
+    /// runtime since the last look (`woke_at` set). Every turn looks at these, never at every
+    /// slot: with 10,000 listeners the per-turn scans (the next deadline, the due retries, the
+    /// missed wake-ups) took half of the old process's CPU from READY to its accepts stopped
+    /// (`perf`, `benches/handover_scale.rs --curve listeners`).
+    retrying: Vec<usize>,
+    woken: Vec<usize>,
 }
 
 impl Accepts {
@@ -84,7 +92,61 @@ impl Accepts {
             no_dontwait: false,
             accepted: 0,
             armed_hint: std::cell::Cell::new(0),
+            retrying: Vec::new(),
+            woken: Vec::new(),
         }
+    }
+
+    /// Pauses the re-arming of slot `i` until `at`.
+    fn retry_later(&mut self, i: usize, at: Instant) {
+        if self.slots[i].retry_at.replace(at).is_none() {
+            self.retrying.push(i);
+        }
+    }
+
+    /// The paused slots due by `now` (all of them with `None`), no longer paused.
+    pub(super) fn take_retries(&mut self, now: Option<Instant>) -> Vec<usize> {
+        let slots = &mut self.slots;
+        let mut due = Vec::new();
+        self.retrying.retain(|&i| {
+            let ready = slots[i]
+                .retry_at
+                .is_some_and(|t| now.is_none_or(|now| t <= now));
+            if ready {
+                slots[i].retry_at = None;
+                due.push(i);
+            }
+            !ready
+        });
+        due
+    }
+
+    /// The earliest moment a paused slot is due.
+    pub(super) fn next_retry(&self) -> Option<Instant> {
+        self.retrying
+            .iter()
+            .filter_map(|&i| self.slots[i].retry_at)
+            .min()
+    }
+
+    /// Notes that slot `i`'s listener woke the runtime (see `Driver::sweep_missed`).
+    pub(super) fn note_woken(&mut self, i: usize) {
+        let Some(slot) = self.slots.get_mut(i) else {
+            return;
+        };
+        if slot.woke_at.is_none() {
+            slot.woke_at = Some(slot.delivered);
+            self.woken.push(i);
+        }
+    }
+
+    /// The slots noted woken since the last call, with `delivered` as it was then; forgotten.
+    pub(super) fn take_woken(&mut self) -> Vec<(usize, u64)> {
+        let slots = &mut self.slots;
+        self.woken
+            .drain(..)
+            .filter_map(|i| slots[i].woke_at.take().map(|seen| (i, seen)))
+            .collect()
     }
 
     /// Whether any accepting op of any slot is still in flight.
@@ -115,10 +177,6 @@ impl Accepts {
     pub(super) fn get(&self, i: usize) -> Option<&AcceptSlot> {
         self.slots.get(i)
     }
-
-    pub(super) fn get_mut(&mut self, i: usize) -> Option<&mut AcceptSlot> {
-        self.slots.get_mut(i)
-    }
 }
 
 impl std::ops::Index<usize> for Accepts {
@@ -143,6 +201,11 @@ impl<'a> IntoIterator for &'a Accepts {
 }
 
 impl AcceptSlot {
+    /// Whether re-arming is paused after a resource error.
+    pub(super) fn retrying(&self) -> bool {
+        self.retry_at.is_some()
+    }
+
     fn new(listener: Listener) -> AcceptSlot {
         AcceptSlot {
             control: &*listener.name == control::CONTROL_LISTENER,
@@ -299,8 +362,9 @@ impl Driver {
                     );
                     slot.paused_by = Some(e);
                 }
-                slot.retry_at = Some(Instant::now() + slot.backoff);
+                let at = Instant::now() + slot.backoff;
                 slot.backoff = (slot.backoff * 2).min(BACKOFF_MAX);
+                self.accepts.retry_later(i, at);
                 self.update_paused_flag();
             }
         }
@@ -319,9 +383,9 @@ impl Driver {
     pub(super) fn stop_accepting(&mut self) {
         self.accepts.wanted = false;
         self.tell_workers(WorkerSet::begin_stop);
+        self.accepts.take_retries(None);
         for i in 0..self.accepts.len() {
             let slot = &mut self.accepts[i];
-            slot.retry_at = None;
             if let (Some(op), false) = (slot.op, slot.cancel_sent) {
                 slot.cancel_sent = true;
                 self.cancel(types::CancelBuilder::user_data(op.user_data()));

@@ -426,11 +426,7 @@ impl Driver {
         if let Some(set) = &mut self.wake_set {
             // Before entering: what becomes ready from here on is a new edge, a new wake-up.
             let accepts = &mut self.accepts;
-            set.drain(|i| {
-                if let Some(slot) = accepts.get_mut(i) {
-                    slot.woke_at.get_or_insert(slot.delivered);
-                }
-            });
+            set.drain(|i| accepts.note_woken(i));
         }
         self.enter(wait)?;
         self.reap(sink);
@@ -517,10 +513,8 @@ impl Driver {
         }
         // A connection closed: fds may be free again, retry paused accepts now.
         if self.accepts.wanted {
-            for i in 0..self.accepts.len() {
-                if self.accepts[i].retry_at.take().is_some() {
-                    self.arm_accept(i);
-                }
+            for i in self.accepts.take_retries(None) {
+                self.arm_accept(i);
             }
         }
     }
@@ -547,11 +541,8 @@ impl Driver {
         self.succession
             .handle_timeout(now, self.machine.accepting());
         if self.accepts.wanted {
-            for i in 0..self.accepts.len() {
-                if self.accepts[i].retry_at.is_some_and(|t| t <= now) {
-                    self.accepts[i].retry_at = None;
-                    self.arm_accept(i);
-                }
+            for i in self.accepts.take_retries(Some(now)) {
+                self.arm_accept(i);
             }
         }
     }

@@ -359,8 +359,8 @@ impl Driver {
     pub(super) fn arm_timer(&mut self) {
         let next = self
             .accepts
-            .iter()
-            .filter_map(|s| s.retry_at)
+            .next_retry()
+            .into_iter()
             .chain(self.machine.poll_timeout())
             .chain(self.succession.poll_timeout())
             .chain(self.terminating.iter().map(|t| t.kill_at))

@@ -72,7 +72,7 @@ impl Driver {
         if self.accepts.wanted {
             self.watch_listeners();
             for i in 0..self.accepts.len() {
-                if self.accepts[i].retry_at.is_none() {
+                if !self.accepts[i].retrying() {
                     self.arm_accept(i);
                 }
             }
@@ -261,11 +261,8 @@ impl Driver {
     /// the runtime for it. Not while the predecessor holds the queue (`takeover_at`): its
     /// accept gets the connections, and the takeover decides when to take them alongside it.
     pub(super) fn sweep_missed(&mut self) {
-        for i in 0..self.accepts.len() {
-            let slot = &mut self.accepts[i];
-            let Some(seen) = slot.woke_at.take() else {
-                continue;
-            };
+        for (i, seen) in self.accepts.take_woken() {
+            let slot = &self.accepts[i];
             let missed = slot.delivered == seen
                 && slot.op.is_some()
                 // Queued still: the common case (a connection already taken in the turn
