@@ -18,13 +18,18 @@ use crate::machine::Event;
 use crate::workers::WorkerSet;
 use crate::{control, sys};
 
-use super::ring::{Op, Token};
+use super::ring::{with_ioprio, Op, Token};
 use super::{Driver, Role};
 
 /// First and largest pause before re-arming an accept that failed for lack of fds or memory.
 const BACKOFF_MIN: Duration = Duration::from_millis(1);
 
 const BACKOFF_MAX: Duration = Duration::from_millis(200);
+
+/// `IORING_ACCEPT_MULTISHOT`, as `opcode::AcceptMulti` sets it.
+const IORING_ACCEPT_MULTISHOT: u16 = 1 << 0;
+/// `IORING_ACCEPT_POLL_FIRST` (Linux 6.10): arm the poll without trying an accept first.
+const IORING_ACCEPT_POLL_FIRST: u16 = 1 << 2;
 
 pub(super) struct AcceptSlot {
     pub(super) listener: Listener,
@@ -70,6 +75,11 @@ pub(super) struct Accepts {
     /// The kernel refused `IORING_ACCEPT_DONTWAIT` (see `sweep`): a fact about the kernel,
     /// learnt once.
     pub(super) no_dontwait: bool,
+    /// The kernel refused `IORING_ACCEPT_POLL_FIRST` (see `arm_accept`): learnt once.
+    pub(super) no_poll_first: bool,
+    /// The flag itself: the tests put a bit no kernel knows here, to take the path of a
+    /// kernel that does not know this one.
+    pub(super) poll_first_flag: u16,
     /// Connections accepted (logged at exit).
     pub(super) accepted: u64,
     /// Where [`Accepts::any_armed`] last found an armed slot: it looks there first.
@@ -90,6 +100,8 @@ impl Accepts {
             wanted,
             stop_reported: false,
             no_dontwait: false,
+            no_poll_first: false,
+            poll_first_flag: IORING_ACCEPT_POLL_FIRST,
             accepted: 0,
             armed_hint: std::cell::Cell::new(0),
             retrying: Vec::new(),
@@ -251,9 +263,22 @@ impl Driver {
             return;
         }
         let fd = self.accepts[i].listener.fd.as_raw_fd();
-        let entry = opcode::AcceptMulti::new(types::Fd(fd))
+        let mut entry = opcode::AcceptMulti::new(types::Fd(fd))
             .flags(libc::SOCK_CLOEXEC)
             .build();
+        // Poll first: an accept tried on an empty queue allocates a socket and a file, fails
+        // with EAGAIN and frees them (through task work and RCU). A successor arms one per
+        // listener while the queues are still its predecessor's, mostly empty: with 10,000
+        // listeners those failed tries were ~45 % of its CPU from the handoff to READY (`perf`,
+        // `benches/handover_scale.rs --curve listeners`). The poll armed instead reports a
+        // queue that is not empty at once (`vfs_poll` at arming), so nothing queued waits, and
+        // it waits in the listener's queue exactly as the poll armed after a failed try would.
+        if !self.accepts.no_poll_first {
+            entry = with_ioprio(
+                entry,
+                IORING_ACCEPT_MULTISHOT | self.accepts.poll_first_flag,
+            );
+        }
         self.accepts[i].op = self.arm(Op::Accept(i), entry);
         self.accepts[i].cancel_sent = false;
     }
@@ -339,6 +364,15 @@ impl Driver {
         let slot = &mut self.accepts[i];
         slot.op = None;
         slot.cancel_sent = false;
+        // Linux before 6.10 refuses the flag with EINVAL (a listening socket gives no other
+        // reason to): accept as before, on every slot from now on.
+        if res == -libc::EINVAL && !self.accepts.no_poll_first && self.listening(i) {
+            tracing::info!("no IORING_ACCEPT_POLL_FIRST on this kernel: accepts try first");
+            self.accepts.no_poll_first = true;
+            if self.accepts.wanted {
+                return self.arm_accept(i);
+            }
+        }
         if !self.accepts.wanted {
             self.report_if_stopped();
             return;

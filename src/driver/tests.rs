@@ -1362,3 +1362,45 @@ fn a_second_accept_rolls_the_upgrade_back() {
     }
     assert_eq!(driver.machine.phase(), crate::machine::Phase::Serving);
 }
+
+/// On a kernel without `IORING_ACCEPT_POLL_FIRST` (before 6.10) the first accept ends at once
+/// with EINVAL: the driver must learn that and accept as before, losing no connection. Taken
+/// here with a flag bit that no kernel knows in its place.
+#[test]
+fn a_kernel_without_poll_first_accepts_as_before() {
+    let server = tcp_server(1);
+    let addr = server.local_addr("t").unwrap();
+    let mut driver = Driver::prepare(server.parts, Waiting::InRing).unwrap();
+    driver.accepts.poll_first_flag = 1 << 15;
+    driver.start().unwrap();
+    let clients: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let taken = serve(&mut [&mut driver], clients.len());
+    assert!(driver.accepts.no_poll_first, "the refusal was not learnt");
+    assert_eq!(taken.len(), clients.len(), "connections lost");
+}
+
+/// With `IORING_ACCEPT_POLL_FIRST`, connections already queued when the accept is armed are
+/// taken at once (the poll finds the queue readable as it is armed), and later ones too.
+#[test]
+fn an_accept_armed_poll_first_takes_what_is_queued_and_what_comes() {
+    let server = tcp_server(1);
+    let addr = server.local_addr("t").unwrap();
+    let before: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let mut driver = Driver::new(server, Waiting::InRing).unwrap();
+    assert_eq!(serve(&mut [&mut driver], before.len()).len(), before.len());
+    let after: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    assert_eq!(serve(&mut [&mut driver], after.len()).len(), after.len());
+    let release = nix::sys::utsname::uname().unwrap();
+    let release = release.release().to_string_lossy().into_owned();
+    let mut version = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>());
+    if let (Some(Ok(major)), Some(Ok(minor))) = (version.next(), version.next()) {
+        if (major, minor) >= (6, 10) {
+            assert!(
+                !driver.accepts.no_poll_first,
+                "Linux {release} refused POLL_FIRST"
+            );
+        }
+    }
+}
