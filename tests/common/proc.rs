@@ -218,6 +218,24 @@ fn reaped_statuses() -> &'static Mutex<HashMap<Proc, i32>> {
     M.get_or_init(Default::default)
 }
 
+/// The wait status of `pid`, a child of this process that [`reap_zombies`] (in any thread)
+/// reaped, waiting up to `bound` for it to be recorded.
+pub fn reaped_status_of(pid: i32, bound: Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + bound;
+    loop {
+        let found = reaped_statuses()
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(p, _)| p.pid == pid)
+            .map(|(_, status)| *status);
+        if found.is_some() || std::time::Instant::now() >= deadline {
+            return found;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Renders a wait status.
 pub fn status_str(status: i32) -> String {
     if libc::WIFEXITED(status) {

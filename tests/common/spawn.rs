@@ -30,11 +30,43 @@ pub fn spawn(cmd: &mut Command) -> io::Result<std::process::Child> {
 }
 
 /// `cmd.output()`, spawned under [`forking`] (held only for the spawn, not the run).
+///
+/// Another test's thread may reap the child first ([`reap_zombies`](super::reap_zombies)
+/// waits for any child): its status is then taken from what that thread recorded, where
+/// `wait_with_output` failed with ECHILD and lost the output.
 pub fn output(cmd: &mut Command) -> io::Result<std::process::Output> {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    spawn(cmd)?.wait_with_output()
+    let mut child = spawn(cmd)?;
+    let mut stderr_pipe = child.stderr.take().expect("piped stderr");
+    let stderr = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        stderr_pipe.read_to_end(&mut v).map(|_| v)
+    });
+    let mut stdout = Vec::new();
+    child
+        .stdout
+        .take()
+        .expect("piped stdout")
+        .read_to_end(&mut stdout)?;
+    let stderr = stderr.join().expect("reading stderr")?;
+    let status = match child.wait() {
+        Ok(status) => status,
+        Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
+            let pid = child.id() as i32;
+            let raw = super::reaped_status_of(pid, std::time::Duration::from_secs(5)).ok_or(e)?;
+            std::process::ExitStatus::from_raw(raw)
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(std::process::Output {
+        status,
+        stdout,
+        stderr,
+    })
 }
 
 /// might have inherited is marked close-on-exec in the child before exec (close_range), so
