@@ -117,6 +117,25 @@ pub(crate) fn poll_readable(fd: BorrowedFd<'_>) -> bool {
     readable_within(fd, 0)
 }
 
+/// Which of `fds` poll readable right now (one zero-timeout `poll` for all), by index. On an
+/// error (ENOMEM), all of them: the caller then looks at each.
+pub(crate) fn readable_among(fds: &[BorrowedFd<'_>]) -> Vec<usize> {
+    let mut polled: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+        .collect();
+    match nix::poll::poll(&mut polled, PollTimeout::ZERO) {
+        Ok(0) => Vec::new(),
+        Ok(_) => polled
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.revents().is_some_and(|r| !r.is_empty()))
+            .map(|(i, _)| i)
+            .collect(),
+        Err(_) => (0..fds.len()).collect(),
+    }
+}
+
 /// Whether `fd` polls readable within `timeout_ms` milliseconds (`poll`; negative: no limit).
 pub(crate) fn readable_within(fd: BorrowedFd<'_>, timeout_ms: i32) -> bool {
     let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];

@@ -438,7 +438,12 @@ impl Driver {
         self.tell_workers(|set| {
             set.sweeps.fetch_add(1, SeqCst);
         });
-        for i in 0..self.accepts.len() {
+        // One `poll` finds the queues with a connection: a sweep of an empty queue is an accept
+        // that allocates a socket and a file and frees them (with 10,000 listeners, ~30 % of a
+        // successor's CPU through an upgrade). A connection queued after this poll wakes the
+        // multishot accept as usual; the sweep is for those whose wake-up was already spent.
+        let fds: Vec<_> = self.accepts.iter().map(|s| s.listener.fd.as_fd()).collect();
+        for i in sys::readable_among(&fds) {
             self.sweep(i);
         }
     }
