@@ -10,6 +10,7 @@
 //! cargo bench --bench upgrade_under_load -- --json target/uul.json   # also write the run as JSON
 //! cargo bench --bench upgrade_under_load -- --overload         # at the saturation rate, 1.25× and 1.5×
 //! cargo bench --bench upgrade_under_load -- --overload --server-cpu 30   # servers capped at 30 %
+//! cargo bench --bench upgrade_under_load -- --pause-ms 65000   # a pause before each row
 //! ```
 //!
 //! `--server-cpu PCT` holds every server process (all generations) to PCT % of one core with a
@@ -135,6 +136,9 @@ struct Opts {
     json: Option<PathBuf>,
     /// `--server-cpu PCT`: every server held to PCT % of one core (`scenario::CpuCap`).
     server_cpu: Option<f64>,
+    /// `--pause-ms N`: a pause before each row, so that what a row leaves behind (its client's
+    /// sockets in TIME_WAIT, …) is gone before the next (lab §7: the order effect at overload).
+    pause: Duration,
 }
 
 /// One row of the run: what it is called in the output, and what happened.
@@ -217,6 +221,7 @@ fn main() -> ExitCode {
                 "long_lived": o.long_lived, "burst": o.burst, "pinned_server": o.pin_server,
                 "quick": o.quick, "window_ms": scenario::WINDOW.as_millis() as u64,
                 "server_cpu_share": o.server_cpu,
+                "pause_ms": o.pause.as_millis() as u64,
             },
             "servers": servers,
             "overload": overload_json,
@@ -247,6 +252,7 @@ fn parse(argv: &[String]) -> Result<Opts, String> {
         overload: false,
         json: None,
         server_cpu: None,
+        pause: Duration::ZERO,
     };
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
@@ -282,7 +288,8 @@ fn parse(argv: &[String]) -> Result<Opts, String> {
                     .ok_or("--server-cpu needs a percentage of one core, 1 to 100")?;
                 o.server_cpu = Some(pct / 100.0);
             }
-            "--upgrades" | "--rate" | "--interval-ms" | "--long-lived" | "--burst" => {
+            "--upgrades" | "--rate" | "--interval-ms" | "--long-lived" | "--burst"
+            | "--pause-ms" => {
                 let v: u64 = it
                     .next()
                     .and_then(|v| v.parse().ok())
@@ -292,6 +299,7 @@ fn parse(argv: &[String]) -> Result<Opts, String> {
                     "--rate" => o.rate = v as u32,
                     "--interval-ms" => o.interval = Duration::from_millis(v),
                     "--long-lived" => o.long_lived = v as usize,
+                    "--pause-ms" => o.pause = Duration::from_millis(v),
                     _ => o.burst = v as usize,
                 }
             }
@@ -341,6 +349,7 @@ fn run_row(
         println!("{label:<16} skipped: {why}");
         return true;
     }
+    std::thread::sleep(o.pause);
     let ours = kind.starts_with("ringflip") || kind == "burst-only";
     let (serve, strategy) = server_of(kind);
     let s = Scenario {
