@@ -405,6 +405,7 @@ fn run(kind: &'static str, o: &Opts) -> Result<Row, String> {
         pids.push(current);
     }
     let cpu_before = scenario::children_cpu();
+    let drops_before = scenario::listen_drops();
     let steal_sampler = scenario::StealSampler::start(two_cores.then_some(1));
     let t0 = Instant::now();
     let load = load::Load::start(load::Config {
@@ -521,6 +522,9 @@ fn run(kind: &'static str, o: &Opts) -> Result<Row, String> {
             steal_samples,
             failed_upgrades,
             all_gone,
+            listen_drops: scenario::listen_drops()
+                .zip(drops_before)
+                .map(|(after, before)| after.saturating_sub(before)),
             log,
             dir,
             timelines,

@@ -432,6 +432,9 @@ fn print_row(label: &str, out: &Outcome) {
         out.steal_cpu0.as_millis(),
         out.steal_cpu1.as_millis()
     );
+    if let Some(drops) = out.listen_drops.filter(|&n| n > 0) {
+        println!("           {drops} connection requests dropped by a full listen queue (TcpExtListenDrops)");
+    }
     if out.failed_upgrades > 0 || !out.all_gone {
         println!(
             "           {} upgrades did not complete; processes left over: {}; log {}",

@@ -278,6 +278,7 @@ pub fn server(name: &str, rate: u32, upgrades_requested: usize, o: &Outcome) -> 
         "client_lag": {"p50": lag(0.5), "p99": lag(0.99), "max": lag(1.0)},
         "steal_ms": {"cpu0": o.steal_cpu0.as_millis() as u64,
                      "cpu1": o.steal_cpu1.as_millis() as u64},
+        "listen_drops": o.listen_drops,
         "per_upgrade": per_upgrade(o),
         "series": series(o),
     })

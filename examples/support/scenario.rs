@@ -89,6 +89,10 @@ pub struct Outcome {
     pub steal_samples: Vec<StealSample>,
     pub failed_upgrades: usize,
     pub all_gone: bool,
+    /// Connection requests the kernel dropped during the run because a listen queue was full
+    /// (`TcpExtListenDrops` of `/proc/net/netstat`, machine-wide; `None` where unreadable): a
+    /// dropped SYN is resent by the client after 1 s, then 3 s.
+    pub listen_drops: Option<u64>,
     pub log: PathBuf,
     pub dir: PathBuf,
     /// ringflip's per-upgrade timelines from the server log (µs from the trigger), in the order
@@ -339,6 +343,7 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
     }
     std::thread::sleep(s.warmup);
     let cpu_before = children_cpu();
+    let drops_before = listen_drops();
     let steal_sampler = StealSampler::start(two_cores.then_some(1));
     let t0 = Instant::now();
     let load = Load::start(LoadConfig {
@@ -451,6 +456,9 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
         wall,
         steal_cpu0,
         steal_cpu1,
+        listen_drops: listen_drops()
+            .zip(drops_before)
+            .map(|(after, before)| after.saturating_sub(before)),
         steal_samples,
         failed_upgrades,
         all_gone,
@@ -780,6 +788,20 @@ impl Drop for CpuCap {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir(&self.dir);
     }
+}
+
+/// `TcpExtListenDrops` from `/proc/net/netstat` (a line of names, then a line of values).
+pub fn listen_drops() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = text.lines();
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if !names.starts_with("TcpExt:") {
+            continue;
+        }
+        let i = names.split_whitespace().position(|n| n == "ListenDrops")?;
+        return values.split_whitespace().nth(i)?.parse().ok();
+    }
+    None
 }
 
 /// This thread's CPU affinity as it was when saved, set again when dropped.
