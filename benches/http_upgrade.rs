@@ -404,10 +404,7 @@ fn run(kind: &'static str, o: &Opts) -> Result<Row, String> {
     if !pids.contains(&current) {
         pids.push(current);
     }
-    let cpu_before = scenario::children_cpu();
-    let drops_before = scenario::listen_drops();
-    let steal_sampler = scenario::StealSampler::start(two_cores.then_some(1));
-    let t0 = Instant::now();
+    let meter = scenario::RunMeter::start(two_cores.then_some(1));
     let load = load::Load::start(load::Config {
         http1_addr: h1,
         http2_addr: h2,
@@ -501,30 +498,21 @@ fn run(kind: &'static str, o: &Opts) -> Result<Row, String> {
         &pids,
         o.drain_timeout.min(Duration::from_secs(30)) + Duration::from_secs(10),
     );
-    let wall = t0.elapsed();
-    let server_cpu = scenario::children_cpu().saturating_sub(cpu_before);
-    let steal_samples = steal_sampler.stop();
-    let stolen = |cpu: usize| match (steal_samples.first(), steal_samples.last()) {
-        (Some(first), Some(last)) => last.1[cpu].saturating_sub(first.1[cpu]),
-        _ => Duration::ZERO,
-    };
-    let (steal_cpu0, steal_cpu1) = (stolen(0), stolen(1));
+    let m = meter.stop();
     let timelines = scenario::parse_timelines(&std::fs::read_to_string(&log).unwrap_or_default());
     Ok(Row {
         kind,
         out: Outcome {
             rows,
             report,
-            server_cpu,
-            wall,
-            steal_cpu0,
-            steal_cpu1,
-            steal_samples,
+            server_cpu: m.server_cpu,
+            wall: m.wall,
+            steal_cpu0: m.steal_cpu0,
+            steal_cpu1: m.steal_cpu1,
+            steal_samples: m.steal_samples,
             failed_upgrades,
             all_gone,
-            listen_drops: scenario::listen_drops()
-                .zip(drops_before)
-                .map(|(after, before)| after.saturating_sub(before)),
+            listen_drops: m.listen_drops,
             log,
             dir,
             timelines,

@@ -342,10 +342,7 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
         pids.push(current);
     }
     std::thread::sleep(s.warmup);
-    let cpu_before = children_cpu();
-    let drops_before = listen_drops();
-    let steal_sampler = StealSampler::start(two_cores.then_some(1));
-    let t0 = Instant::now();
+    let meter = RunMeter::start(two_cores.then_some(1));
     let load = Load::start(LoadConfig {
         addr,
         rate: s.rate,
@@ -431,15 +428,7 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
         &pids,
         s.drain_timeout.min(Duration::from_secs(30)) + Duration::from_secs(10),
     );
-    let wall = t0.elapsed();
-    let server_cpu = children_cpu().saturating_sub(cpu_before);
-    let steal_samples = steal_sampler.stop();
-    // From the samples: a read of /proc/stat can fail, and a failed read must not count as 0.
-    let stolen = |cpu: usize| match (steal_samples.first(), steal_samples.last()) {
-        (Some(first), Some(last)) => last.1[cpu].saturating_sub(first.1[cpu]),
-        _ => Duration::ZERO,
-    };
-    let (steal_cpu0, steal_cpu1) = (stolen(0), stolen(1));
+    let m = meter.stop();
     let timelines = parse_timelines(&std::fs::read_to_string(&log).unwrap_or_default());
     if let Some(prefix) = std::env::var_os("RINGFLIP_DUMP_SAMPLES") {
         let mut path = prefix;
@@ -452,14 +441,12 @@ pub fn run(s: &Scenario) -> Result<Outcome, String> {
         timelines,
         rows,
         report,
-        server_cpu,
-        wall,
-        steal_cpu0,
-        steal_cpu1,
-        listen_drops: listen_drops()
-            .zip(drops_before)
-            .map(|(after, before)| after.saturating_sub(before)),
-        steal_samples,
+        server_cpu: m.server_cpu,
+        wall: m.wall,
+        steal_cpu0: m.steal_cpu0,
+        steal_cpu1: m.steal_cpu1,
+        listen_drops: m.listen_drops,
+        steal_samples: m.steal_samples,
         failed_upgrades,
         all_gone,
         log,
@@ -612,6 +599,59 @@ fn steal_of_cpus() -> Option<[Duration; 2]> {
         Some(Duration::from_millis(ticks * 10))
     };
     Some([steal("cpu0 ")?, steal("cpu1 ").unwrap_or_default()])
+}
+
+/// What every run measures around its load, started before the load and stopped once every
+/// server process is gone: see [`Metered`].
+pub struct RunMeter {
+    cpu_before: Duration,
+    drops_before: Option<u64>,
+    steal: StealSampler,
+    t0: Instant,
+}
+
+/// A run's measures: the servers' CPU (every process of every generation, reaped), the wall
+/// time, the hypervisor's steal on CPUs 0 and 1 (and its samples), the kernel's listen drops.
+pub struct Metered {
+    pub server_cpu: Duration,
+    pub wall: Duration,
+    pub steal_cpu0: Duration,
+    pub steal_cpu1: Duration,
+    pub steal_samples: Vec<StealSample>,
+    pub listen_drops: Option<u64>,
+}
+
+impl RunMeter {
+    /// Starts measuring; the steal sampler's thread runs on `sampler_cpu`.
+    pub fn start(sampler_cpu: Option<usize>) -> RunMeter {
+        RunMeter {
+            cpu_before: children_cpu(),
+            drops_before: listen_drops(),
+            steal: StealSampler::start(sampler_cpu),
+            t0: Instant::now(),
+        }
+    }
+
+    pub fn stop(self) -> Metered {
+        let wall = self.t0.elapsed();
+        let server_cpu = children_cpu().saturating_sub(self.cpu_before);
+        let steal_samples = self.steal.stop();
+        // From the samples: a read of /proc/stat can fail, and a failed read must not count as 0.
+        let stolen = |cpu: usize| match (steal_samples.first(), steal_samples.last()) {
+            (Some(first), Some(last)) => last.1[cpu].saturating_sub(first.1[cpu]),
+            _ => Duration::ZERO,
+        };
+        Metered {
+            server_cpu,
+            wall,
+            steal_cpu0: stolen(0),
+            steal_cpu1: stolen(1),
+            listen_drops: listen_drops()
+                .zip(self.drops_before)
+                .map(|(after, before)| after.saturating_sub(before)),
+            steal_samples,
+        }
+    }
 }
 
 /// Samples [`steal_of_cpus`] every 10 ms on a thread of its own (on `cpu`, the load generator's,
