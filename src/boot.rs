@@ -31,6 +31,9 @@ pub(crate) fn acquire(
     specs: &[ListenSpec],
     udp_specs: &[(String, SocketAddr)],
 ) -> Result<Sockets, Error> {
+    // First, while the low fd numbers are free: the spawn of the next process copies only the
+    // fds below this one (`spawn.rs`).
+    crate::spawn::reserve_child_slot();
     match inherit::from_environment()? {
         Some(inherited) => adopt(inherited, specs, udp_specs),
         None => activate_or_bind(specs, udp_specs),

@@ -14,7 +14,6 @@
 //! | `poll_readable`, `readable_within` | nix | `poll::poll` with a `PollFd` on a `BorrowedFd` |
 //! | `dup_cloexec_at_least` | nix + hand | nix's `fcntl(F_DUPFD_CLOEXEC(min))` returns a raw int: adopting it as `OwnedFd` stays unsafe |
 //! | `set_cloexec`, `is_cloexec` | nix | `fcntl(F_SETFD)`, `fcntl(F_GETFD)` |
-//! | `slot_free_or_cloexec` | hand | asks about an fd *number* that may be closed; a `BorrowedFd` (all nix takes) must be open |
 //! | `socket_type`, `socket_domain` | socket2 | nix has no `SO_DOMAIN`, and its `SO_TYPE` is an enum that turns a type it does not name into `EINVAL` |
 //! | `is_listening` | nix | `getsockopt(sockopt::AcceptConn)` |
 //! | `local_inet_addr` | nix | `getsockname::<SockaddrStorage>` and its `SocketAddrV4`/`V6` conversions |
@@ -166,15 +165,6 @@ pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
 pub(crate) fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
     let flags = fcntl(fd, FcntlArg::F_GETFD)?;
     Ok(FdFlag::from_bits_truncate(flags).contains(FdFlag::FD_CLOEXEC))
-}
-
-/// Whether fd number `slot` is free or close-on-exec in this process, asked without taking
-/// it: a slot the spawn may dup2 over in the child (see `spawn::presize_slot`).
-pub(crate) fn slot_free_or_cloexec(slot: RawFd) -> bool {
-    // SAFETY: F_GETFD only reads the flags of whatever is (or is not) at `slot`.
-    let flags = unsafe { libc::fcntl(slot, libc::F_GETFD) };
-    (flags < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EBADF))
-        || (flags >= 0 && flags & libc::FD_CLOEXEC != 0)
 }
 
 /// `SO_TYPE`; fails with `ENOTSOCK` for a non-socket.
