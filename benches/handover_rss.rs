@@ -1,5 +1,5 @@
-//! Does the old process's size change the handover? ringflip starts the new binary with
-//! `posix_spawn` (a vfork: no page tables copied), so it should not; a `fork` copies them.
+//! Does the old process's size change the handover? ringflip starts the new binary with a
+//! vfork (`src/spawn.rs`: no page tables copied), so it should not; a `fork` copies them.
 //!
 //! ```text
 //! cargo bench --bench handover_rss            # 20 handovers per size: 0 and 2048 MiB

@@ -104,7 +104,7 @@ impl From<Error> for io::Error {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum UpgradeFailure {
-    /// The new binary could not be started (missing, not executable, `posix_spawn` failed).
+    /// The new binary could not be started (missing, not executable, or the spawn failed).
     #[error("could not start the new binary: {0}")]
     Spawn(String),
     /// Starting the new binary took longer than the ready timeout.

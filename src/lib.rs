@@ -19,10 +19,11 @@
 //!   and serves again.
 //! - **Nothing blocks the accept loop.** One io_uring carries the accepts, the handoff, the
 //!   READY handshake, the child's exit, the deadlines and the triggers; the new binary starts
-//!   with `posix_spawn`, not `fork`, so a large process does not stall while its page tables
-//!   are copied, and on a thread of its own (a vfork suspends its caller until the exec).
-//! - **Nothing leaks into the new process** but the one handoff socket: every fd ringflip makes
-//!   is close-on-exec.
+//!   with a vfork, not `fork`, so a large process does not stall while its page tables are
+//!   copied, nor while its fd table is (the child keeps only a few low fds), and on a thread of
+//!   its own (a vfork suspends its caller until the exec).
+//! - **Nothing leaks into the new process**: it starts with stdin, stdout, stderr and the one
+//!   handoff socket, nothing else, whatever the old process holds.
 //!
 //! # Lifecycle
 //! ```text

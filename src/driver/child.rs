@@ -68,7 +68,7 @@ impl SpawnJob {
 }
 
 impl Driver {
-    /// Starts the new binary on a thread of its own. `posix_spawn` is a vfork: the calling
+    /// Starts the new binary on a thread of its own. The spawn is a vfork (`spawn.rs`): the calling
     /// thread is suspended until the child has exec'ed, which took 0.2 ms idle and up to 1.6 ms
     /// with the core busy serving (measured here); on the ring thread that would stall accepting
     /// and serving for as long. The thread reports through `spawn_results` and the wake
