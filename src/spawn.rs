@@ -1,7 +1,7 @@
 //! Starting the new binary.
 //!
-//! A `clone(CLONE_VM | CLONE_VFORK | CLONE_FILES)` and `execve`, as `posix_spawn` does, never
-//! `fork`: copying the page tables of a 2 GiB process took 40 ms here, a vfork 0.2 ms. What
+//! A `clone(CLONE_VM | CLONE_VFORK | CLONE_FILES)` and `execve` (a vfork, as `posix_spawn` is,
+//! but sharing the fd table), never `fork`: copying the page tables of a 2 GiB process took 40 ms here, a vfork 0.2 ms. What
 //! `posix_spawn` (glibc's and so `nix`'s and std's) still copies is the fd table, every entry
 //! of it: a process holding 10,000 connections gave each new process a copy of 10,000 fds,
 //! which its exec then closed one by one (close-on-exec), and trigger → READY grew with the
@@ -12,22 +12,32 @@
 //!
 //! The child shares this process's fd table (`CLONE_FILES`) and, as its first act, makes a
 //! private one holding only the fds below [`ChildSlot`] (`close_range(slot + 1, ~0,
-//! CLOSE_RANGE_UNSHARE)`: the kernel's `dup_fd` copies only the entries below the range).
+//! CLOSE_RANGE_UNSHARE)`: the kernel's `dup_fd` copies only the first 64 entries, or up to the
+//! last open fd below the range if that is higher, and closes the copies inside the range).
 //! The slot is a low fd number reserved at boot ([`reserve_child_slot`]), before any
 //! connection or inherited listener takes the low numbers; at each spawn it holds the child's
 //! end of the handoff socketpair. Then the child:
 //! - moves that end to fd 3, and closes every other fd above stderr: the new process starts
 //!   with stdin, stdout, stderr and the channel, nothing else (whatever else it needs comes
 //!   through `set_handoff_fds`, on the channel);
+//! - clears what kernels without the fix for CVE-2024-45025 (before 6.1.107, 6.6.48, 6.10.7)
+//!   leave wrong in the new table: their `close_range(UNSHARE)` copies this process's "block of
+//!   64 fds full" bits for fds 64 to 4095, and the new process would skip those numbers as if
+//!   taken (an `EMFILE` long before its limit). A dup2 into each such block then a close
+//!   clears its bit (see [`run_child`]); on a fixed kernel it changes nothing;
 //! - grows its fd table to this process's size (see [`presize_slot`]);
 //! - resets to the default disposition every signal with a handler here and the signals this
 //!   process handles through its signalfd (the upgrade signal, SIGTERM, SIGINT), and empties
 //!   its signal mask (exec keeps both mask and ignored signals).
 //!
 //! Until exec the child runs on this process's memory (`CLONE_VM`), with this thread suspended
-//! (`CLONE_VFORK`) and every signal blocked (a handler of this process must not run in it). It
-//! calls nothing but syscalls through `libc` on data prepared before the clone: no allocation,
-//! no lock, no panic.
+//! (`CLONE_VFORK`) and every signal blocked, glibc's own two included (a raw `rt_sigprocmask`,
+//! as glibc's spawn does): a handler of this process must not run in it. It calls nothing but
+//! syscalls through `libc` on data prepared before the clone: no allocation, no lock, no panic.
+//!
+//! Where the kernel or a seccomp filter refuses `CLOSE_RANGE_UNSHARE` (`EINVAL`, `ENOSYS`,
+//! `EPERM`), the spawn is made again without `CLONE_FILES`: the child then gets a copy of the
+//! table, as with `posix_spawn`, and closes what is above fd 3 all the same.
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString, OsString};
@@ -39,7 +49,7 @@ use std::sync::atomic::{AtomicI32, Ordering::SeqCst};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use nix::sched::CloneFlags;
-use nix::sys::signal::{SigSet, SigmaskHow};
+use nix::sys::signal::SigSet;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
 use crate::handoff::{CHILD_FD, ENV_FD, ENV_UPGRADE_ID};
@@ -135,6 +145,19 @@ pub(crate) fn spawn(
     upgrade: UpgradeId,
     handled_signals: &SigSet,
 ) -> io::Result<Spawned> {
+    spawn_with(exe, args, env, upgrade, handled_signals, true)
+}
+
+/// [`spawn`], with the fd table shared with the child until it unshares it, or (the fallback)
+/// copied at once.
+fn spawn_with(
+    exe: &Path,
+    args: &[OsString],
+    env: &EnvOverrides,
+    upgrade: UpgradeId,
+    handled_signals: &SigSet,
+    share_table: bool,
+) -> io::Result<Spawned> {
     let exe = cstring(exe.as_os_str().as_bytes())?;
     let argv = args
         .iter()
@@ -152,11 +175,13 @@ pub(crate) fn spawn(
     envp.push(cstring(
         format!("{ENV_UPGRADE_ID}={}", upgrade.0).as_bytes(),
     )?);
+    let table_slots = own_table_slots();
     let child = ChildSetup {
         exe: &exe,
         argv: null_terminated(&argv),
         envp: null_terminated(&envp),
-        presize: presize_slot(),
+        presize: table_slots.and_then(presize_slot),
+        table_slots: table_slots.unwrap_or(0),
         to_default: to_default(handled_signals),
     };
 
@@ -168,7 +193,7 @@ pub(crate) fn spawn(
     // The slot now holds the child's end (dup3 replaces the placeholder atomically).
     nix::unistd::dup3(&child_end, &mut slot.0, nix::fcntl::OFlag::O_CLOEXEC)?;
     drop(child_end);
-    let started = clone_exec(&child, slot.fd());
+    let started = clone_exec(&child, slot.fd(), share_table);
     // This process must not keep a copy of the child's end: the channel's EOF is how each
     // side learns the other is gone. If no placeholder can be had, the slot is given up
     // (reserved again at the next spawn).
@@ -203,6 +228,9 @@ struct ChildSetup<'a> {
     argv: Vec<*const libc::c_char>,
     envp: Vec<*const libc::c_char>,
     presize: Option<RawFd>,
+    /// This process's fd table size: blocks of 64 fds up to it may be marked full in the
+    /// child's table (CVE-2024-45025, see the module's documentation).
+    table_slots: usize,
     /// Indexed by signal number: reset to `SIG_DFL` in the child whatever its disposition here.
     to_default: [bool; SIGNAL_SLOTS],
 }
@@ -241,7 +269,41 @@ const STEP_EXEC: i32 = 3;
 
 /// Starts the child (see the module's documentation): its pid once it has exec'ed, or why it
 /// could not.
-fn clone_exec(setup: &ChildSetup<'_>, slot: RawFd) -> io::Result<u32> {
+fn clone_exec(setup: &ChildSetup<'_>, slot: RawFd, share_table: bool) -> io::Result<u32> {
+    match clone_exec_with(setup, slot, share_table) {
+        Err(Refused::Unshare(e))
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::ENOSYS | libc::EPERM)
+            ) =>
+        {
+            clone_exec_with(setup, slot, false).map_err(Refused::into_io)
+        }
+        other => other.map_err(Refused::into_io),
+    }
+}
+
+/// Why a child did not exec.
+enum Refused {
+    /// `close_range(CLOSE_RANGE_UNSHARE)` failed in the child.
+    Unshare(io::Error),
+    Other(io::Error),
+}
+
+impl Refused {
+    fn into_io(self) -> io::Error {
+        match self {
+            Refused::Unshare(err) => io::Error::new(
+                err.kind(),
+                format!("the new process could not make its own fd table: {err}"),
+            ),
+            Refused::Other(err) => err,
+        }
+    }
+}
+
+/// [`clone_exec`], with the fd table shared until the child unshares it, or copied.
+fn clone_exec_with(setup: &ChildSetup<'_>, slot: RawFd, share_table: bool) -> Result<u32, Refused> {
     let failure = ChildFailure {
         step: AtomicI32::new(0),
         errno: AtomicI32::new(0),
@@ -249,33 +311,24 @@ fn clone_exec(setup: &ChildSetup<'_>, slot: RawFd) -> io::Result<u32> {
     // The child's stack: the child runs a few libc calls on it. It has no guard page, so it is
     // far larger than they need.
     let mut stack = vec![0u8; 256 * 1024];
-    // Every signal blocked across the clone: the child starts with this mask, so no handler
-    // of this process runs in it (on this process's memory) before it reset them.
-    let mut old_mask = SigSet::empty();
-    nix::sys::signal::pthread_sigmask(
-        SigmaskHow::SIG_SETMASK,
-        Some(&SigSet::all()),
-        Some(&mut old_mask),
-    )?;
+    let mut flags = CloneFlags::CLONE_VM | CloneFlags::CLONE_VFORK;
+    if share_table {
+        flags |= CloneFlags::CLONE_FILES;
+    }
+    // Every signal blocked across the clone (see the module's documentation).
+    let old_mask = block_every_signal().map_err(Refused::Other)?;
     let child = Box::new(|| -> isize {
         // SAFETY: runs in the child, on its own stack, sharing this process's memory until
         // exec; it only reads `setup` and writes `failure` (both outlive the clone: the parent
         // thread is suspended until the child exec'ed or exited) and makes syscalls.
-        unsafe { run_child(setup, slot, &failure) }
+        unsafe { run_child(setup, slot, share_table, &failure) }
     });
     // SAFETY: the flags make a vfork (the parent thread waits for exec or exit, so borrowing
     // `setup`, `failure` and `stack` from this frame is sound), and the callback is
     // async-signal-safe (see `run_child`).
-    let cloned = unsafe {
-        nix::sched::clone(
-            child,
-            &mut stack,
-            CloneFlags::CLONE_VM | CloneFlags::CLONE_VFORK | CloneFlags::CLONE_FILES,
-            Some(libc::SIGCHLD),
-        )
-    };
-    let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
-    let pid = cloned?;
+    let cloned = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) };
+    set_signal_mask(&old_mask);
+    let pid = cloned.map_err(|e| Refused::Other(e.into()))?;
     let step = failure.step.load(SeqCst);
     if step == 0 {
         return Ok(pid.as_raw() as u32);
@@ -285,24 +338,72 @@ fn clone_exec(setup: &ChildSetup<'_>, slot: RawFd) -> io::Result<u32> {
     let err = io::Error::from_raw_os_error(failure.errno.load(SeqCst));
     Err(match step {
         // As posix_spawn reports them: ENOENT, EACCES, ENOEXEC… as the spawn's own error.
-        STEP_EXEC => err,
-        STEP_UNSHARE => io::Error::new(
-            err.kind(),
-            format!("the new process could not make its own fd table: {err}"),
-        ),
-        _ => io::Error::new(
+        STEP_EXEC => Refused::Other(err),
+        STEP_UNSHARE => Refused::Unshare(err),
+        _ => Refused::Other(io::Error::new(
             err.kind(),
             format!("the new process could not place its channel at fd {CHILD_FD}: {err}"),
-        ),
+        )),
     })
 }
+
+/// Blocks every signal on this thread, glibc's internal ones too (`pthread_sigmask` leaves
+/// those two out): the mask it had.
+fn block_every_signal() -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; the syscall writes the old mask into `old`, of the
+    // kernel's size (8 bytes, `_NSIG / 8`), which sigset_t exceeds.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        // sigfillset leaves glibc's internal signals (32, 33) out: set every bit.
+        std::ptr::write_bytes(
+            &mut all as *mut libc::sigset_t as *mut u8,
+            0xff,
+            KERNEL_SIGSET,
+        );
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        if libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &all as *const libc::sigset_t,
+            &mut old as *mut libc::sigset_t,
+            KERNEL_SIGSET,
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(old)
+    }
+}
+
+/// Sets this thread's signal mask back (the kernel ignores SIGKILL and SIGSTOP in it).
+fn set_signal_mask(mask: &libc::sigset_t) {
+    // SAFETY: a mask read by `block_every_signal`, of the kernel's size.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            mask as *const libc::sigset_t,
+            std::ptr::null_mut::<libc::sigset_t>(),
+            KERNEL_SIGSET,
+        );
+    }
+}
+
+/// The kernel's signal set: 64 signals, 8 bytes.
+const KERNEL_SIGSET: usize = 8;
 
 /// The child, between clone and exec.
 ///
 /// # Safety
 /// Only in a child made by [`clone_exec`]: signals blocked, this process's memory shared,
 /// the parent thread suspended.
-unsafe fn run_child(setup: &ChildSetup<'_>, slot: RawFd, failure: &ChildFailure) -> isize {
+unsafe fn run_child(
+    setup: &ChildSetup<'_>,
+    slot: RawFd,
+    share_table: bool,
+    failure: &ChildFailure,
+) -> isize {
     let fail = |step: i32| -> isize {
         // SAFETY: this thread's errno, then the exit of the child (no destructor may run).
         unsafe {
@@ -313,12 +414,15 @@ unsafe fn run_child(setup: &ChildSetup<'_>, slot: RawFd, failure: &ChildFailure)
     };
     // SAFETY: syscalls on the child's own fds and signal state, on data `setup` prepared.
     unsafe {
-        // A private table with the fds below the slot's, the slot included.
-        if libc::close_range(
-            slot as libc::c_uint + 1,
-            libc::c_uint::MAX,
-            libc::CLOSE_RANGE_UNSHARE as libc::c_int,
-        ) != 0
+        // A private table with the fds below the slot's, the slot included. A raw syscall:
+        // glibc has the wrapper only since 2.34, musl not at all.
+        if share_table
+            && libc::syscall(
+                libc::SYS_close_range,
+                slot as libc::c_uint + 1,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_UNSHARE,
+            ) != 0
         {
             return fail(STEP_UNSHARE);
         }
@@ -326,7 +430,22 @@ unsafe fn run_child(setup: &ChildSetup<'_>, slot: RawFd, failure: &ChildFailure)
         if libc::dup2(slot, CHILD_FD) < 0 {
             return fail(STEP_CHANNEL);
         }
-        let _ = libc::close_range(CHILD_FD as libc::c_uint + 1, libc::c_uint::MAX, 0);
+        libc::syscall(
+            libc::SYS_close_range,
+            CHILD_FD as libc::c_uint + 1,
+            libc::c_uint::MAX,
+            0 as libc::c_uint,
+        );
+        // CVE-2024-45025 (see the module's documentation): closing an fd of a block clears
+        // that block's "full" bit. Highest first, so the table grows once. A dup2 above the fd
+        // limit fails: that block can hold nothing anyway.
+        let blocks = (setup.table_slots / 64).min(64);
+        for block in (1..blocks).rev() {
+            let fd = (block * 64) as RawFd;
+            if libc::dup2(CHILD_FD, fd) >= 0 {
+                libc::close(fd);
+            }
+        }
         if let Some(presize) = setup.presize {
             // Best effort: a refusal (a limit lowered since, no memory) only leaves the table small.
             if libc::dup2(CHILD_FD, presize) >= 0 {
@@ -336,7 +455,9 @@ unsafe fn run_child(setup: &ChildSetup<'_>, slot: RawFd, failure: &ChildFailure)
         for sig in 1..SIGNAL_SLOTS {
             let sig = sig as libc::c_int;
             let mut current: libc::sigaction = std::mem::zeroed();
-            // glibc refuses its own signals (32, 33) here: they keep theirs.
+            // glibc refuses its own signals (32, 33) here: they keep theirs until exec, blocked
+            // until the mask is emptied just before it; nothing sends them to this child (glibc
+            // signals its threads with tgkill, on this process's id).
             if libc::sigaction(sig, std::ptr::null(), &mut current) != 0 {
                 continue;
             }
@@ -372,10 +493,9 @@ unsafe fn run_child(setup: &ChildSetup<'_>, slot: RawFd, failure: &ChildFailure)
 /// `RLIMIT_NOFILE`, or the dup2 would fail): a dup2 to slot S/2 gives exactly S slots, so the
 /// table keeps its size from generation to generation. The child holds fds 0 to 3 only when
 /// it grows the table, so the slot (64 or more) is free there.
-fn presize_slot() -> Option<RawFd> {
+fn presize_slot(slots: usize) -> Option<RawFd> {
     const DEFAULT_TABLE: u64 = 64; // NR_OPEN_DEFAULT on 64-bit kernels: no growth below it
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let slots = fd_table_slots(&status)? as u64;
+    let slots = slots as u64;
     let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .ok()?
         .0;
@@ -387,6 +507,11 @@ fn presize_slot() -> Option<RawFd> {
         return None; // the limit leaves no room to grow
     }
     RawFd::try_from(slot).ok()
+}
+
+/// How many slots this process's fd table has.
+fn own_table_slots() -> Option<usize> {
+    fd_table_slots(&std::fs::read_to_string("/proc/self/status").ok()?)
 }
 
 /// The `FDSize:` line of a `/proc/PID/status`: how many slots the fd table has.
@@ -428,7 +553,8 @@ mod tests {
     /// The new process starts with stdin, stdout, stderr and the channel at fd 3, and nothing
     /// else, even from a process with many fds open, some of them inheritable: the spawn copies
     /// no fd table (with `posix_spawn` the child got a copy of every fd, and kept the ones
-    /// without `FD_CLOEXEC`). Signals handled here are back to their default, unblocked.
+    /// without `FD_CLOEXEC`). Its signal mask is empty. The same with the fallback that copies
+    /// the table.
     #[test]
     fn the_new_process_gets_stdio_and_its_channel_and_nothing_else() {
         use std::os::fd::FromRawFd;
@@ -445,33 +571,46 @@ mod tests {
         assert!(inheritable
             .iter()
             .all(|fd| !sys::is_cloexec(fd.as_fd()).unwrap()));
-        let args: Vec<OsString> = ["sleep", "30"].iter().map(OsString::from).collect();
-        let mut handled = SigSet::empty();
-        handled.add(nix::sys::signal::Signal::SIGHUP);
-        let child = spawn(
-            Path::new("/bin/sleep"),
-            &args,
-            &EnvOverrides::default(),
-            UpgradeId(7),
-            &handled,
-        )
-        .unwrap();
-        // The spawn returns once the child has exec'ed: what it holds now, exec left it.
-        let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{}/fd", child.pid))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
-            .collect();
-        fds.sort_unstable();
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.pid)).unwrap();
-        sys::kill(child.pid, libc::SIGKILL).unwrap();
-        nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child.pid as i32), None).unwrap();
-        assert_eq!(fds, [0, 1, 2, 3]);
-        assert!(status.contains("SigBlk:\t0000000000000000"), "{status}");
+        for share_table in [true, false] {
+            let args: Vec<OsString> = ["sleep", "30"].iter().map(OsString::from).collect();
+            let mut handled = SigSet::empty();
+            handled.add(nix::sys::signal::Signal::SIGHUP);
+            let child = spawn_with(
+                Path::new("/bin/sleep"),
+                &args,
+                &EnvOverrides::default(),
+                UpgradeId(7),
+                &handled,
+                share_table,
+            )
+            .unwrap();
+            // What the child holds once `sleep` sleeps: right after exec, the dynamic loader
+            // briefly holds the files it maps (at fd 4). A leaked fd never goes away.
+            let fds_of = |pid: u32| -> Vec<u32> {
+                let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
+                    .collect();
+                fds.sort_unstable();
+                fds
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let mut fds = fds_of(child.pid);
+            while fds != [0, 1, 2, 3] && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                fds = fds_of(child.pid);
+            }
+            let status = std::fs::read_to_string(format!("/proc/{}/status", child.pid)).unwrap();
+            sys::kill(child.pid, libc::SIGKILL).unwrap();
+            nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child.pid as i32), None).unwrap();
+            assert_eq!(fds, [0, 1, 2, 3], "sharing the table first: {share_table}");
+            assert!(status.contains("SigBlk:\t0000000000000000"), "{status}");
+        }
         drop(inheritable);
     }
 
     /// An exec that fails is the spawn's own error, as `posix_spawn` reported it, and leaves
-    /// no child behind (it was reaped) and no copy of the child's end of the channel here.
+    /// no copy of the child's end of the channel here (the slot holds its placeholder again).
     #[test]
     fn a_binary_that_cannot_be_run_is_the_spawns_error() {
         let args = vec![OsString::from("missing")];
