@@ -228,6 +228,15 @@ impl Driver {
                 self.close_channel(child.channel);
             }
         }
+        if self.machine.exit_leaves_nobody(pid) {
+            tracing::error!(
+                child = pid,
+                %status,
+                "the new process died after the application stopped taking connections for \
+                 the drain (past the idle grace): nobody will serve once this process has \
+                 drained and exited; start the service again"
+            );
+        }
         self.feed(Event::SuccessorExited { pid, status });
     }
 

@@ -169,6 +169,20 @@ impl Machine {
         }
     }
 
+    /// Whether the exit of `pid` now leaves the service to nobody: `pid` is the successor of a
+    /// drain the application committed to (it stopped taking connections, `DrainCommitted`),
+    /// and nothing else planned this exit (the successor did not announce it, the operator did
+    /// not stop the service, no predecessor serves again). Such a drain never resumes, so
+    /// once this process has drained and exited, nobody listens. For the driver's log.
+    pub(crate) fn exit_leaves_nobody(&self, pid: u32) -> bool {
+        matches!(&self.state, State::Draining(d)
+            if d.successor() == Some(pid)
+                && d.committed
+                && !d.successor_retired
+                && !d.shutdown_requested
+                && !d.abandoned)
+    }
+
     /// How many drains have started: the current drain's number while draining.
     pub(crate) fn drains_started(&self) -> u64 {
         self.drains

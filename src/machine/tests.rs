@@ -1313,6 +1313,37 @@ fn a_committed_drain_never_resumes_and_is_answered_once_accepts_stopped() {
     assert_eq!(h.m.drain_commit(seq), Some(true));
 }
 
+/// The successor of a committed drain that dies unannounced leaves the service to nobody (the
+/// driver logs it); not once the drain is uncommitted, nor when its exit was announced or the
+/// operator stopped the service, nor for another process.
+#[test]
+fn only_a_committed_drains_successor_dying_unplanned_leaves_nobody() {
+    let mut h = build(S::DrainingUpgrade);
+    assert!(!h.m.exit_leaves_nobody(CHILD), "not committed: it resumes");
+    let seq = h.m.drains_started();
+    h.ev(Event::DrainCommitted(seq));
+    assert!(h.m.exit_leaves_nobody(CHILD));
+    assert!(!h.m.exit_leaves_nobody(OTHER));
+
+    let mut retired = build(S::DrainingUpgradeRetired);
+    let seq = retired.m.drains_started();
+    retired.ev(Event::DrainCommitted(seq));
+    assert!(
+        !retired.m.exit_leaves_nobody(CHILD),
+        "its exit was announced"
+    );
+
+    let mut stopping = build(S::DrainingUpgradeShutdown);
+    let seq = stopping.m.drains_started();
+    stopping.ev(Event::DrainCommitted(seq));
+    assert!(
+        !stopping.m.exit_leaves_nobody(CHILD),
+        "the operator stops it"
+    );
+
+    assert!(!build(S::Serving).m.exit_leaves_nobody(CHILD));
+}
+
 /// A commit meant for a drain that resumed is refused, also once a later drain has begun: the
 /// later drain keeps its own idle grace and can still roll back.
 #[test]
