@@ -8,7 +8,8 @@
 //! loop of your own. With the feature `axum`, `Incoming` is an `axum::serve::Listener`, for
 //! `axum::serve` itself. axum's graceful shutdown is one-shot, so with `Incoming` a drain can
 //! be rolled back (its successor died after READY: this process serves again) only within the
-//! idle grace; [`serve`] can roll back throughout its drain.
+//! idle grace; [`serve`] can roll back throughout its drain. A successor that dies after the
+//! grace leaves nobody serving once this process has drained: it logs that as an error.
 //!
 //! # The drain
 //! When the phase becomes [`Phase::Draining`] (the successor is READY, or a SIGTERM):

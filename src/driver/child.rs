@@ -228,16 +228,23 @@ impl Driver {
                 self.close_channel(child.channel);
             }
         }
+        self.log_if_nobody_left(pid, &status);
+        self.feed(Event::SuccessorExited { pid, status });
+    }
+
+    /// Logs that the death of `pid`, about to be fed, leaves the service to nobody (see
+    /// `Machine::exit_leaves_nobody`): from its exit watch or from a drain's last check,
+    /// whichever comes first (the machine has exited by the other).
+    pub(super) fn log_if_nobody_left(&self, pid: u32, status: &str) {
         if self.machine.exit_leaves_nobody(pid) {
             tracing::error!(
                 child = pid,
-                %status,
+                status,
                 "the new process died after the application stopped taking connections for \
                  the drain (past the idle grace): nobody will serve once this process has \
                  drained and exited; start the service again"
             );
         }
-        self.feed(Event::SuccessorExited { pid, status });
     }
 
     /// Closes a successor's handoff channel, the one way it is closed. Ops queued in this turn

@@ -201,6 +201,9 @@ impl Driver {
                     .successor
                     .as_ref()
                     .is_some_and(|s| s.pid == pid && !sys::poll_readable(s.pidfd.as_fd()));
+                if !alive {
+                    self.log_if_nobody_left(pid, "exited (found at the drain's end)");
+                }
                 self.feed(Event::SuccessorChecked { pid, alive });
             }
             Action::Reply(by, outcome) => self.reply(by, outcome),

@@ -3,7 +3,8 @@
 //! driver carries out the actions. A depth-first search walks every interleaving of their events
 //! up to small budgets (two upgrade requests — so up to three generations, a successor upgrading
 //! before its predecessor let go —, one operator SIGTERM to any process, one crash, one failed
-//! start) and checks on every state it visits:
+//! start, one application's commit to a drain as `http::Incoming` makes it, at any moment after
+//! that drain began) and checks on every state it visits:
 //!
 //! - **coverage**: unless a process crashed or the operator stopped one, some process has its
 //!   accepts armed at every moment;
@@ -14,6 +15,8 @@
 //! - **a READY counts**: no child is abandoned with its READY unread on the channel;
 //! - **a planned exit is no crash**: no process takes the service back after its successor
 //!   announced its exit (RETIRING);
+//! - **a closed application gets nothing**: once a commit is answered (the application stopped
+//!   taking connections), that process's accepts are stopped and never armed again;
 //! - **at rest** (nothing left but what the operator or a crash may do): at most one process
 //!   runs and it serves as the main one (exactly one unless the operator stopped it or it
 //!   crashed alone); and no connection waits in a queue with nobody woken for it — after a
@@ -59,6 +62,8 @@ enum Bug {
     DropForwardedRelease,
     /// `ReadSuccessor` is answered without reading the channel.
     ReadNothing,
+    /// A commit is answered while the accepts are still stopping (`drain_commit` → `None`).
+    CommitAnsweredEarly,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -110,6 +115,13 @@ struct Proc {
     /// When its accepts were last armed: exclusive accept wake-ups go to the waiter armed
     /// first.
     armed_at: u32,
+    /// The application's shutdown signal read this drain number and will commit to it
+    /// (`Incoming::shutdown_signal`: it sleeps the idle grace first).
+    commit_due: Option<u64>,
+    /// A commit sent, its answer not had yet (`Handle::commit_drain`, answered each turn).
+    commit_asked: Option<u64>,
+    /// The application stopped taking connections: its commit was answered yes.
+    app_closed: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -144,6 +156,7 @@ struct World {
     shutdowns_left: u8,
     crashes_left: u8,
     start_failures_left: u8,
+    commits_left: u8,
     /// The operator stopped a process.
     shut: bool,
     crashed: bool,
@@ -156,6 +169,10 @@ struct World {
     middle_crashed: bool,
     /// Counts the arming of accepts (`Proc::armed_at`).
     arms: u32,
+    /// An application committed to a drain (the machine took its commit). Its process never
+    /// serves again, so if that drain's successor crashed, nobody may serve (the documented
+    /// price of `Incoming`; the driver logs it when it sees that death first).
+    committed: bool,
 }
 
 fn pid(g: usize) -> u32 {
@@ -211,6 +228,9 @@ impl World {
             ready_pending: false,
             successor: None,
             armed_at: 0,
+            commit_due: None,
+            commit_asked: None,
+            app_closed: false,
         };
         let mut w = World {
             bug,
@@ -226,12 +246,14 @@ impl World {
             shutdowns_left: 1,
             crashes_left: 1,
             start_failures_left: 1,
+            commits_left: 1,
             shut: false,
             crashed: false,
             crashed_alone: false,
             stranded: false,
             middle_crashed: false,
             arms: 0,
+            committed: false,
         };
         w.succession(0, SE::Started)?;
         Ok(w)
@@ -360,9 +382,15 @@ impl World {
                 {
                     return Err(format!("STOPPING=1 from {}, not the main process", pid(g)));
                 }
+                let commits_left = self.commits_left;
                 let p = self.proc(g);
                 p.drain_active = true;
                 p.drained_fed = false;
+                if commits_left > 0 && !p.app_closed {
+                    // `Incoming::shutdown_signal` wakes on the Draining phase and reads the
+                    // drain's number (published before the phase).
+                    p.commit_due = Some(p.m.drains_started());
+                }
                 self.succession(g, SE::Draining(cause))?;
             }
             Action::StopDrain => self.proc(g).drain_active = false,
@@ -574,6 +602,9 @@ impl World {
             ready_pending: false,
             successor: None,
             armed_at: 0,
+            commit_due: None,
+            commit_asked: None,
+            app_closed: false,
         }));
         self.arm(c);
         self.succession(c, SE::Started)
@@ -774,6 +805,41 @@ impl World {
                 w.event(g, Event::ConnectionsDrained)
             });
         }
+        // The application's commit (feature `axum`): after its idle grace, at any point of
+        // this drain or later (it may find the drain resumed, or another begun).
+        if let (Some(seq), true) = (p.commit_due, self.commits_left > 0) {
+            step(
+                format!("{me}: the application commits drain {seq}"),
+                false,
+                &|w| {
+                    w.commits_left -= 1;
+                    let p = w.proc(g);
+                    p.commit_due = None;
+                    p.commit_asked = Some(seq);
+                    w.event(g, Event::DrainCommitted(seq))?;
+                    // Taken (not refused for a drain that resumed): that drain never resumes.
+                    w.committed |= !w.running(g) || w.proc(g).m.drain_commit(seq) != Some(false);
+                    Ok(())
+                },
+            );
+        }
+        if let Some(seq) = p.commit_asked {
+            // `Driver::answer_commits`, at a turn's end.
+            let answer = match p.m.drain_commit(seq) {
+                None if self.bug == Bug::CommitAnsweredEarly => Some(true),
+                answer => answer,
+            };
+            if let Some(yes) = answer {
+                step(format!("{me}: commit {seq} answered {yes}"), false, &|w| {
+                    let p = w.proc(g);
+                    p.commit_asked = None;
+                    // Yes: the application takes no more connections, for good. No: that
+                    // drain resumed; it would wait for the next (no budget for a second).
+                    p.app_closed |= yes;
+                    Ok(())
+                });
+            }
+        }
         if let Some(deadline) = p.m.poll_timeout() {
             {
                 step(format!("{me}: {:?} deadline", p.m.phase()), false, &|w| {
@@ -882,6 +948,16 @@ impl World {
         if !accepting && !self.crashed && !self.shut {
             return Err("no process accepts".into());
         }
+        for (g, gen) in self.gens.iter().enumerate() {
+            if let Life::Running(p) = &gen.life {
+                if p.app_closed && (p.accepting || p.stop_pending) {
+                    return Err(format!(
+                        "{} accepts for an application that takes no more connections",
+                        pid(g)
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -917,6 +993,7 @@ impl World {
             // Two faults (a crash, then the successor's start fails): nothing to promise.
             [] if self.shut
                 || self.crashed_alone
+                || (self.crashed && self.committed)
                 || (self.crashed && self.start_failures_left == 0) => {}
             _ => return Err("at rest, not exactly one process serving as the main one".into()),
         }
@@ -993,6 +1070,7 @@ fn the_explorer_catches_each_planted_bug() {
         Bug::StoppingFromAnyone,
         Bug::DropForwardedRelease,
         Bug::ReadNothing,
+        Bug::CommitAnsweredEarly,
     ] {
         let found = explore(bug);
         assert!(found.is_err(), "{bug:?} went unnoticed");

@@ -71,6 +71,9 @@ struct Drain {
     /// Which drain of this process this is (1 for the first): a commit names the drain it was
     /// meant for, and a later drain's is refused.
     seq: u64,
+    /// The successor's exit was seen (`SuccessorExited`) and did not end this drain (it never
+    /// resumes).
+    successor_gone: bool,
 }
 
 /// The restart state machine. See the module docs.
@@ -176,11 +179,7 @@ impl Machine {
     /// once this process has drained and exited, nobody listens. For the driver's log.
     pub(crate) fn exit_leaves_nobody(&self, pid: u32) -> bool {
         matches!(&self.state, State::Draining(d)
-            if d.successor() == Some(pid)
-                && d.committed
-                && !d.successor_retired
-                && !d.shutdown_requested
-                && !d.abandoned)
+            if d.successor() == Some(pid) && d.lost_if_successor_dead())
     }
 
     /// How many drains have started: the current drain's number while draining.
@@ -456,8 +455,11 @@ impl Machine {
                     // listeners: take the service back (rollback after handover).
                     self.resume();
                 } else if d.checking {
-                    // Its exit was planned, and the drain is over.
+                    // Its exit was planned (or nobody serves: a committed drain), and the
+                    // drain is over.
                     self.exit(d.cause);
+                } else {
+                    self.update_drain(|d| d.successor_gone = true);
                 }
             }
             (State::Draining(d), E::SuccessorChecked { pid, alive })
@@ -533,6 +535,7 @@ impl Machine {
             checking: false,
             abandoned: false,
             committed: false,
+            successor_gone: false,
             seq: self.drains,
         }));
         self.accepting = false;
@@ -565,7 +568,11 @@ impl Machine {
             return;
         };
         match drain.cause {
-            DrainCause::Upgraded { child, .. } if !drain.never_resume() => {
+            // A committed drain does not resume, but looks too: a successor found dead then
+            // leaves nobody serving, which the driver logs (`exit_leaves_nobody`).
+            DrainCause::Upgraded { child, .. }
+                if !drain.never_resume() || drain.lost_if_successor_dead() =>
+            {
                 if !drain.checking {
                     drain.checking = true;
                     self.push(Action::CheckSuccessor(child));
@@ -619,6 +626,15 @@ impl Drain {
     /// application can take no more connections.
     fn never_resume(&self) -> bool {
         self.successor_retired || self.shutdown_requested || self.abandoned || self.committed
+    }
+    /// Whether the successor's death, not seen yet, would leave the service to nobody: the
+    /// drain never resumes only because the application committed to it.
+    fn lost_if_successor_dead(&self) -> bool {
+        self.committed
+            && !self.successor_retired
+            && !self.shutdown_requested
+            && !self.abandoned
+            && !self.successor_gone
     }
 }
 

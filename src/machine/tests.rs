@@ -656,7 +656,8 @@ fn table() -> Vec<Row> {
         row!(DrainingUpgradeChecking, ReadyWrong    => Draining, false, []),
         row!(DrainingUpgradeChecking, Invalid       => Draining, false, []),
         row!(DrainingUpgradeChecking, Retired       => Exited,   false, [pc(P::Exited), exit_upgraded(CHILD)]),
-        row!(DrainingUpgradeChecking, Committed     => Exited,   false, [pc(P::Exited), exit_upgraded(CHILD)]),
+        // Waits for the check's answer (a dead successor leaves nobody: logged), then exits.
+        row!(DrainingUpgradeChecking, Committed     => Draining, false, []),
         row!(DrainingUpgradeChecking, Resumed       => Draining, false, []),
         row!(DrainingUpgradeChecking, SuccessorExited   => Serving,  true,  [pc(P::Serving), StopDrain, ResumeAccepting]),
         row!(DrainingUpgradeChecking, ExitedOther   => Draining, false, []),
@@ -1342,6 +1343,36 @@ fn only_a_committed_drains_successor_dying_unplanned_leaves_nobody() {
     );
 
     assert!(!build(S::Serving).m.exit_leaves_nobody(CHILD));
+
+    // A committed drain that ends looks at its successor first: found dead, that is the
+    // moment to say nobody serves (and then it exits all the same); its exit seen before
+    // makes the look needless.
+    let mut h = build(S::DrainingUpgrade);
+    let seq = h.m.drains_started();
+    h.ev(Event::DrainCommitted(seq));
+    h.ev(Event::AcceptStopped);
+    assert_eq!(
+        h.ev(Event::ConnectionsDrained),
+        vec![Action::CheckSuccessor(CHILD)]
+    );
+    assert!(h.m.exit_leaves_nobody(CHILD));
+    assert_eq!(
+        h.ev(Event::SuccessorChecked {
+            pid: CHILD,
+            alive: false
+        }),
+        vec![pc(P::Exited), exit_upgraded(CHILD)]
+    );
+    let mut h = build(S::DrainingUpgrade);
+    let seq = h.m.drains_started();
+    h.ev(Event::DrainCommitted(seq));
+    assert_eq!(h.ev(exited(CHILD)), vec![]);
+    assert!(!h.m.exit_leaves_nobody(CHILD), "said once, at its exit");
+    h.ev(Event::AcceptStopped);
+    assert_eq!(
+        h.ev(Event::ConnectionsDrained),
+        vec![pc(P::Exited), exit_upgraded(CHILD)]
+    );
 }
 
 /// A commit meant for a drain that resumed is refused, also once a later drain has begun: the
