@@ -8,8 +8,9 @@
 //! loop of your own. With the feature `axum`, `Incoming` is an `axum::serve::Listener`, for
 //! `axum::serve` itself. axum's graceful shutdown is one-shot, so with `Incoming` a drain can
 //! be rolled back (its successor died after READY: this process serves again) only within the
-//! idle grace; [`serve`] can roll back throughout its drain. A successor that dies after the
-//! grace leaves nobody serving once this process has drained: it logs that as an error.
+//! idle grace; [`serve`] can roll back throughout its drain. A successor that crashes once the
+//! grace is over (and this process's commit taken) leaves nobody serving after this process
+//! has drained, unless it had handed the service on itself: this process logs it as an error.
 //!
 //! # The drain
 //! When the phase becomes [`Phase::Draining`] (the successor is READY, or a SIGTERM):

@@ -240,9 +240,10 @@ impl Driver {
             tracing::error!(
                 child = pid,
                 status,
-                "the new process died after the application stopped taking connections for \
-                 the drain (past the idle grace): nobody will serve once this process has \
-                 drained and exited; start the service again"
+                "the new process died unannounced after the application stopped taking \
+                 connections for the drain (its idle grace was over): this process will not \
+                 take the service back; unless that process had handed it on, nobody will \
+                 serve once this process has drained and exited"
             );
         }
     }

@@ -169,10 +169,10 @@ struct World {
     middle_crashed: bool,
     /// Counts the arming of accepts (`Proc::armed_at`).
     arms: u32,
-    /// An application committed to a drain (the machine took its commit). Its process never
-    /// serves again, so if that drain's successor crashed, nobody may serve (the documented
-    /// price of `Incoming`; the driver logs it when it sees that death first).
-    committed: bool,
+    /// A committed drain's successor died unannounced where the driver logs it
+    /// (`log_if_nobody_left`): that process never serves again, so nobody may (the documented
+    /// price of `Incoming`).
+    lost: bool,
 }
 
 fn pid(g: usize) -> u32 {
@@ -253,7 +253,7 @@ impl World {
             stranded: false,
             middle_crashed: false,
             arms: 0,
-            committed: false,
+            lost: false,
         };
         w.succession(0, SE::Started)?;
         Ok(w)
@@ -386,9 +386,10 @@ impl World {
                 let p = self.proc(g);
                 p.drain_active = true;
                 p.drained_fed = false;
-                if commits_left > 0 && !p.app_closed {
+                if commits_left > 0 && !p.app_closed && p.commit_due.is_none() {
                     // `Incoming::shutdown_signal` wakes on the Draining phase and reads the
-                    // drain's number (published before the phase).
+                    // drain's number (published before the phase). One read earlier and not
+                    // sent yet stays: it may reach a later drain (and be refused).
                     p.commit_due = Some(p.m.drains_started());
                 }
                 self.succession(g, SE::Draining(cause))?;
@@ -414,6 +415,8 @@ impl World {
                     .proc(g)
                     .successor
                     .is_some_and(|c| pid(c) == child && self.running(c));
+                // `log_if_nobody_left`, as at the exit watch.
+                self.lost |= !alive && self.proc(g).m.exit_leaves_nobody(child);
                 self.event(g, Event::SuccessorChecked { pid: child, alive })?;
             }
             Action::Reply(_, Outcome::Upgraded { pid }) => self.systemd_main = pid,
@@ -667,6 +670,8 @@ impl World {
                                 if !w.running(pred) {
                                     return Ok(());
                                 }
+                                // `on_successor_exit` → `log_if_nobody_left`.
+                                w.lost |= w.proc(pred).m.exit_leaves_nobody(me);
                                 w.event(
                                     pred,
                                     Event::SuccessorExited {
@@ -816,10 +821,7 @@ impl World {
                     let p = w.proc(g);
                     p.commit_due = None;
                     p.commit_asked = Some(seq);
-                    w.event(g, Event::DrainCommitted(seq))?;
-                    // Taken (not refused for a drain that resumed): that drain never resumes.
-                    w.committed |= !w.running(g) || w.proc(g).m.drain_commit(seq) != Some(false);
-                    Ok(())
+                    w.event(g, Event::DrainCommitted(seq))
                 },
             );
         }
@@ -993,7 +995,7 @@ impl World {
             // Two faults (a crash, then the successor's start fails): nothing to promise.
             [] if self.shut
                 || self.crashed_alone
-                || (self.crashed && self.committed)
+                || (self.crashed && self.lost)
                 || (self.crashed && self.start_failures_left == 0) => {}
             _ => return Err("at rest, not exactly one process serving as the main one".into()),
         }

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use super::client::{connect, exchange, free_port};
 use super::fs::{echo_binary, file_tail, replace_file, TempDir};
 use super::proc::{
-    all_procs, children_of, cmdline, ensure_subreaper, reap_zombies, reaped_status_of, signal,
-    status_str, thread_dump, Proc, ProcGuard, Stat, POLL,
+    all_procs, children_of, cmdline, ensure_subreaper, reap_zombies, signal, status_str,
+    thread_dump, Proc, ProcGuard, Stat, POLL,
 };
 use super::spawn::{clean_command, spawn, writing_executable};
 
@@ -519,13 +519,7 @@ impl EchoServer {
             thread::sleep(Duration::from_millis(10));
         }
         let mut bad = Vec::new();
-        // Another test's `reap_zombies` may have reaped it (gone from /proc) and not yet
-        // recorded its status: wait for the record a little.
-        let status = self
-            .direct
-            .exit_status()
-            .or_else(|| reaped_status_of(self.direct.pid, Duration::from_secs(2)));
-        match status {
+        match self.direct.exit_status_within(Duration::from_secs(2)) {
             None => bad.push(format!(
                 "generation 0 (pid {}): status never observed",
                 self.direct.pid

@@ -194,6 +194,25 @@ impl Proc {
         reaped_statuses().lock().unwrap().get(self).copied()
     }
 
+    /// The wait status, waiting up to `bound` for it to be recorded: another thread's
+    /// [`reap_zombies`] may have reaped it (gone from /proc) and not recorded it yet. A record
+    /// without a start time (its /proc entry was unreadable) counts for this pid.
+    pub fn exit_status_within(&self, bound: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + bound;
+        loop {
+            let found = reaped_statuses()
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(p, _)| p.pid == self.pid && (p.start == self.start || p.start == 0))
+                .map(|(_, status)| *status);
+            if found.is_some() || std::time::Instant::now() >= deadline {
+                return found;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// One-line description for messages.
     pub fn describe(&self) -> String {
         match self.stat() {
