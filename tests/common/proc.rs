@@ -198,19 +198,9 @@ impl Proc {
     /// [`reap_zombies`] may have reaped it (gone from /proc) and not recorded it yet. A record
     /// without a start time (its /proc entry was unreadable) counts for this pid.
     pub fn exit_status_within(&self, bound: Duration) -> Option<i32> {
-        let deadline = std::time::Instant::now() + bound;
-        loop {
-            let found = reaped_statuses()
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(p, _)| p.pid == self.pid && (p.start == self.start || p.start == 0))
-                .map(|(_, status)| *status);
-            if found.is_some() || std::time::Instant::now() >= deadline {
-                return found;
-            }
-            thread::sleep(Duration::from_millis(1));
-        }
+        recorded_status(bound, |p| {
+            p.pid == self.pid && (p.start == self.start || p.start == 0)
+        })
     }
 
     /// One-line description for messages.
@@ -240,13 +230,19 @@ fn reaped_statuses() -> &'static Mutex<HashMap<Proc, i32>> {
 /// The wait status of `pid`, a child of this process that [`reap_zombies`] (in any thread)
 /// reaped, waiting up to `bound` for it to be recorded.
 pub fn reaped_status_of(pid: i32, bound: Duration) -> Option<i32> {
+    recorded_status(bound, |p| p.pid == pid)
+}
+
+/// The status [`reap_zombies`] recorded for a process that `matches`, waiting up to `bound`
+/// for the record.
+fn recorded_status(bound: Duration, matches: impl Fn(&Proc) -> bool) -> Option<i32> {
     let deadline = std::time::Instant::now() + bound;
     loop {
         let found = reaped_statuses()
             .lock()
             .unwrap()
             .iter()
-            .find(|(p, _)| p.pid == pid)
+            .find(|(p, _)| matches(p))
             .map(|(_, status)| *status);
         if found.is_some() || std::time::Instant::now() >= deadline {
             return found;
