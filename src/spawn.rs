@@ -353,9 +353,8 @@ fn block_every_signal() -> io::Result<libc::sigset_t> {
     // SAFETY: sigset_t is plain data; the syscall writes the old mask into `old`, of the
     // kernel's size (8 bytes, `_NSIG / 8`), which sigset_t exceeds.
     unsafe {
+        // Every bit the kernel reads (`sigfillset` would leave glibc's 32 and 33 out).
         let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        // sigfillset leaves glibc's internal signals (32, 33) out: set every bit.
         std::ptr::write_bytes(
             &mut all as *mut libc::sigset_t as *mut u8,
             0xff,
@@ -376,9 +375,10 @@ fn block_every_signal() -> io::Result<libc::sigset_t> {
     }
 }
 
-/// Sets this thread's signal mask back (the kernel ignores SIGKILL and SIGSTOP in it).
+/// Sets this thread's signal mask (the kernel ignores SIGKILL and SIGSTOP in it). A raw
+/// syscall, so the vfork child may call it too.
 fn set_signal_mask(mask: &libc::sigset_t) {
-    // SAFETY: a mask read by `block_every_signal`, of the kernel's size.
+    // SAFETY: a mask of at least the kernel's size, only read.
     unsafe {
         libc::syscall(
             libc::SYS_rt_sigprocmask,
@@ -441,16 +441,11 @@ unsafe fn run_child(
         // limit fails: that block can hold nothing anyway.
         let blocks = (setup.table_slots / 64).min(64);
         for block in (1..blocks).rev() {
-            let fd = (block * 64) as RawFd;
-            if libc::dup2(CHILD_FD, fd) >= 0 {
-                libc::close(fd);
-            }
+            occupy_and_free((block * 64) as RawFd);
         }
         if let Some(presize) = setup.presize {
             // Best effort: a refusal (a limit lowered since, no memory) only leaves the table small.
-            if libc::dup2(CHILD_FD, presize) >= 0 {
-                libc::close(presize);
-            }
+            occupy_and_free(presize);
         }
         for sig in 1..SIGNAL_SLOTS {
             let sig = sig as libc::c_int;
@@ -469,11 +464,24 @@ unsafe fn run_child(
                 libc::sigaction(sig, &default, std::ptr::null_mut());
             }
         }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        set_signal_mask(&std::mem::zeroed());
         libc::execve(setup.exe.as_ptr(), setup.argv.as_ptr(), setup.envp.as_ptr());
         fail(STEP_EXEC)
+    }
+}
+
+/// In the child: puts a copy of the channel at `fd`, then closes it. The table grows to hold
+/// `fd`, and the close clears the "full" bit of `fd`'s block of 64; a refusal changes nothing.
+///
+/// # Safety
+/// Only in the child of [`clone_exec`], whose table is its own.
+unsafe fn occupy_and_free(fd: RawFd) {
+    // SAFETY: `fd` is free in the child's table (it holds fds 0 to 3 only), so nothing of
+    // anyone's is replaced.
+    unsafe {
+        if libc::dup2(CHILD_FD, fd) >= 0 {
+            libc::close(fd);
+        }
     }
 }
 

@@ -1319,37 +1319,38 @@ fn a_committed_drain_never_resumes_and_is_answered_once_accepts_stopped() {
 /// operator stopped the service, nor for another process.
 #[test]
 fn only_a_committed_drains_successor_dying_unplanned_leaves_nobody() {
-    let mut h = build(S::DrainingUpgrade);
-    assert!(!h.m.exit_leaves_nobody(CHILD), "not committed: it resumes");
-    let seq = h.m.drains_started();
-    h.ev(Event::DrainCommitted(seq));
+    // A harness in `start`, its drain committed.
+    let committed = |start| {
+        let mut h = build(start);
+        let seq = h.m.drains_started();
+        h.ev(Event::DrainCommitted(seq));
+        h
+    };
+    assert!(
+        !build(S::DrainingUpgrade).m.exit_leaves_nobody(CHILD),
+        "not committed: it resumes"
+    );
+    let h = committed(S::DrainingUpgrade);
     assert!(h.m.exit_leaves_nobody(CHILD));
     assert!(!h.m.exit_leaves_nobody(OTHER));
-
-    let mut retired = build(S::DrainingUpgradeRetired);
-    let seq = retired.m.drains_started();
-    retired.ev(Event::DrainCommitted(seq));
     assert!(
-        !retired.m.exit_leaves_nobody(CHILD),
+        !committed(S::DrainingUpgradeRetired)
+            .m
+            .exit_leaves_nobody(CHILD),
         "its exit was announced"
     );
-
-    let mut stopping = build(S::DrainingUpgradeShutdown);
-    let seq = stopping.m.drains_started();
-    stopping.ev(Event::DrainCommitted(seq));
     assert!(
-        !stopping.m.exit_leaves_nobody(CHILD),
+        !committed(S::DrainingUpgradeShutdown)
+            .m
+            .exit_leaves_nobody(CHILD),
         "the operator stops it"
     );
-
     assert!(!build(S::Serving).m.exit_leaves_nobody(CHILD));
 
     // A committed drain that ends looks at its successor first: found dead, that is the
     // moment to say nobody serves (and then it exits all the same); its exit seen before
     // makes the look needless.
-    let mut h = build(S::DrainingUpgrade);
-    let seq = h.m.drains_started();
-    h.ev(Event::DrainCommitted(seq));
+    let mut h = committed(S::DrainingUpgrade);
     h.ev(Event::AcceptStopped);
     assert_eq!(
         h.ev(Event::ConnectionsDrained),
@@ -1363,9 +1364,7 @@ fn only_a_committed_drains_successor_dying_unplanned_leaves_nobody() {
         }),
         vec![pc(P::Exited), exit_upgraded(CHILD)]
     );
-    let mut h = build(S::DrainingUpgrade);
-    let seq = h.m.drains_started();
-    h.ev(Event::DrainCommitted(seq));
+    let mut h = committed(S::DrainingUpgrade);
     assert_eq!(h.ev(exited(CHILD)), vec![]);
     assert!(!h.m.exit_leaves_nobody(CHILD), "said once, at its exit");
     h.ev(Event::AcceptStopped);
