@@ -89,14 +89,7 @@ async fn client(i: usize, addr: SocketAddr, http2: bool, stop: Arc<AtomicBool>, 
                 .request(request)
                 .await
                 .map_err(|e| format!("{e:?}"))?;
-            let status = response.status();
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| format!("body: {e:?}"))?
-                .to_bytes();
-            Ok::<_, String>((status, bytes))
+            status_and_body(response).await
         };
         match tokio::time::timeout(REQUEST_BOUND, exchange).await {
             Err(_) => tally.fail(
@@ -439,6 +432,20 @@ fn axum_serve_serves_again_when_the_successor_dies_within_the_idle_grace() {
     server.stop();
 }
 
+/// A response's status and its whole body.
+async fn status_and_body(
+    response: hyper::Response<hyper::body::Incoming>,
+) -> Result<(StatusCode, Bytes), String> {
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e:?}"))?
+        .to_bytes();
+    Ok((status, body))
+}
+
 /// `GET /` with hyper's HTTP/1.1 client connection over `stream`, a fresh connection: the
 /// status and the body (bounded by `REQUEST_BOUND`).
 async fn get_on<S>(stream: S) -> Result<(StatusCode, String), String>
@@ -460,13 +467,7 @@ where
             .send_request(request)
             .await
             .map_err(|e| format!("{e:?}"))?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("body: {e:?}"))?
-            .to_bytes();
+        let (status, body) = status_and_body(response).await?;
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     };
     tokio::time::timeout(REQUEST_BOUND, exchange)
