@@ -63,6 +63,10 @@ pub(crate) struct Listener {
     pub name: Arc<str>,
     pub fd: OwnedFd,
     pub endpoint: Endpoint,
+    /// Known to listen when made: adopted and activated sockets are checked to, a bound one
+    /// listens unless its listen was deferred (`Driver::listen_deferred`). The driver asks
+    /// the kernel only about those that did not yet (`Driver::listening`).
+    pub listens: bool,
 }
 
 /// Sets options on a new TCP socket between `socket()` and `bind()` (see
@@ -133,6 +137,7 @@ impl Listener {
             name: spec.name.as_str().into(),
             fd,
             endpoint,
+            listens: listen,
         })
     }
 
@@ -173,6 +178,7 @@ impl Listener {
             name: spec.name.as_str().into(),
             fd,
             endpoint,
+            listens: true,
         })
     }
 
@@ -204,6 +210,7 @@ impl Listener {
             name: spec.name.as_str().into(),
             fd,
             endpoint,
+            listens: true,
         })
     }
 

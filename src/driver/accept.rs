@@ -53,9 +53,12 @@ pub(super) struct AcceptSlot {
     pub(super) delivered: u64,
     /// `delivered` when this listener last woke the runtime (see `sweep_missed`).
     woke_at: Option<u64>,
-    /// Seen listening (see `Driver::listening`). A socket that listens never stops here, so
-    /// once true this is the answer; while false the kernel is asked again.
+    /// Seen listening (see `Driver::listening`), from the start for a listener known to listen
+    /// (`Listener::listens`). A socket that listens never stops here, so once true this is the
+    /// answer; while false the kernel is asked again.
     seen_listening: std::cell::Cell<bool>,
+    /// In the wake set (see `Driver::watch_listeners`).
+    pub(super) watched: std::cell::Cell<bool>,
 }
 
 /// Every accept of this driver: a slot per listener, and what it was last told to do.
@@ -221,6 +224,7 @@ impl AcceptSlot {
     fn new(listener: Listener) -> AcceptSlot {
         AcceptSlot {
             control: &*listener.name == control::CONTROL_LISTENER,
+            seen_listening: std::cell::Cell::new(listener.listens),
             listener,
             op: None,
             cancel_sent: false,
@@ -232,7 +236,7 @@ impl AcceptSlot {
             sweep_accept: None,
             delivered: 0,
             woke_at: None,
-            seen_listening: std::cell::Cell::new(false),
+            watched: std::cell::Cell::new(false),
         }
     }
 

@@ -55,23 +55,28 @@ impl Driver {
     }
 
     /// Listeners wake the runtime while this driver accepts, and only then: a draining process
-    /// is not woken for connections its successor takes.
+    /// is not woken for connections its successor takes. Each listener not in the set yet
+    /// (one syscall per listener is what a process with thousands pays, so never twice).
     pub(super) fn watch_listeners(&self) {
         let Some(set) = &self.wake_set else { return };
         for (i, slot) in self.accepts.iter().enumerate() {
-            if !self.listening(i) {
-                continue; // watched once it listens (`listen_deferred`)
+            if slot.watched.get() || !self.listening(i) {
+                continue; // a member not listening yet is watched once it does (`listen_deferred`)
             }
-            if let Err(e) = set.add(slot.listener.fd.as_fd(), Source::Listener(i)) {
-                tracing::error!(listener = %slot.listener.name, error = %e, "adding a listener to the wake set");
+            match set.add(slot.listener.fd.as_fd(), Source::Listener(i)) {
+                Ok(()) => slot.watched.set(true),
+                Err(e) => {
+                    tracing::error!(listener = %slot.listener.name, error = %e, "adding a listener to the wake set");
+                }
             }
         }
     }
 
     pub(super) fn unwatch_listeners(&self) {
         let Some(set) = &self.wake_set else { return };
-        for slot in &self.accepts {
+        for slot in self.accepts.iter().filter(|s| s.watched.get()) {
             set.remove(slot.listener.fd.as_fd());
+            slot.watched.set(false);
         }
     }
 }

@@ -350,17 +350,17 @@ impl Driver {
         // A member whose listen was deferred (its predecessor has not let go yet, see
         // `listen_deferred`) listens now: the successor adopts only listening sockets. Its
         // worker arms its accepts at the release, as before.
+        // Asked of the kernel only for members not known to listen (`Driver::listening`):
+        // a syscall per listener is what a handoff of thousands cannot afford.
         let backlog = self.config.backlog();
-        for fd in self
-            .accepts
-            .iter()
-            .map(|s| s.listener.fd.as_fd())
-            .chain(self.worker_listeners.iter().map(|(_, fd)| fd.as_fd()))
-        {
-            if !sys::is_listening(fd).unwrap_or(true) {
-                if let Err(e) = sys::listen(fd, backlog) {
-                    return Err(format!("listen on a new member: {e}"));
-                }
+        let deferred = (0..self.accepts.len())
+            .filter(|&i| !self.listening(i))
+            .map(|i| self.accepts[i].listener.fd.as_fd());
+        let workers = (self.worker_listeners.iter().map(|(_, fd)| fd.as_fd()))
+            .filter(|fd| !sys::is_listening(*fd).unwrap_or(true));
+        for fd in deferred.chain(workers) {
+            if let Err(e) = sys::listen(fd, backlog) {
+                return Err(format!("listen on a new member: {e}"));
             }
         }
         // Every fd is duplicated when its message is built and the duplicate held until that
