@@ -294,11 +294,24 @@ fn start_server(
     let logf = std::fs::File::create(&log).map_err(|e| e.to_string())?;
     let addrs = free_addrs(listeners)?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    // ringflip's servers read their addresses from a file, as a service with thousands of
+    // listeners reads its configuration: as 20,000 arguments, 10,000 listeners cost each
+    // generation 20-30 ms of exec and parsing (measured, BENCHMARKS-LAB.md §8), the example's
+    // cost and not the handover's.
+    let listen_file = dir.join(format!("{tag}.listen"));
+    if kind.starts_with("ringflip") {
+        let lines: String = addrs.iter().map(|a| format!("{a}\n")).collect();
+        std::fs::write(&listen_file, lines).map_err(|e| e.to_string())?;
+    }
     let mut cmd =
         scenario::server_command(&exe, &pid_file, Duration::from_secs(120), &logf, |cmd| {
             cmd.args(["--serve", kind]);
-            for a in &addrs {
-                cmd.args(["--listen", &a.to_string()]);
+            if kind.starts_with("ringflip") {
+                cmd.arg("--listen-file").arg(&listen_file);
+            } else {
+                for a in &addrs {
+                    cmd.args(["--listen", &a.to_string()]);
+                }
             }
         })?;
     cmd.args(extra);

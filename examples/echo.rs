@@ -12,6 +12,8 @@
 //!
 //! Options: `--runtime tokio-uring|tokio|blocking` (default tokio-uring; see also
 //! `examples/echo_tokio.rs` and `examples/echo_blocking.rs`), `--listen ADDR` (repeatable; `IP:PORT`, `[IPv6]:PORT`, `unix:PATH`, `unix:@NAME`),
+//! `--listen-file PATH` (one such address per line, read by each generation, as a service
+//! reads its configuration),
 //! `--pid-file PATH` (written atomically once the process serves), `--ready-timeout-ms N`
 //! (default 30000), `--drain-timeout-ms N` (default 60000), `--handoff-state TEXT` (hand
 //! "TEXT from PID" to the next generation), `--state-out PATH` (write the inherited state there),

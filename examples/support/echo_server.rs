@@ -109,12 +109,14 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
-            "--listen" => {
-                let v = value()?;
-                args.listen.push(match v.strip_prefix("unix:") {
-                    Some(path) => Listen::Unix(path.to_string()),
-                    None => Listen::Tcp(v.parse().map_err(|e| format!("--listen {v}: {e}"))?),
-                });
+            "--listen" => args.listen.push(parse_listen(&value()?)?),
+            "--listen-file" => {
+                let path = value()?;
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("--listen-file {path}: {e}"))?;
+                for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                    args.listen.push(parse_listen(line)?);
+                }
             }
             "--pid-file" => args.pid_file = Some(value()?.into()),
             "--ready-timeout-ms" => args.ready_timeout = millis(&flag, &value()?)?,
@@ -221,6 +223,14 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
 }
 
 /// TCP_DEFER_ACCEPT, which socket2 has no setter for.
+/// One `--listen` address: `IP:PORT`, `[IPv6]:PORT`, `unix:PATH` or `unix:@NAME`.
+fn parse_listen(v: &str) -> Result<Listen, String> {
+    Ok(match v.strip_prefix("unix:") {
+        Some(path) => Listen::Unix(path.to_string()),
+        None => Listen::Tcp(v.parse().map_err(|e| format!("--listen {v}: {e}"))?),
+    })
+}
+
 fn set_defer_accept(socket: &ringflip::socket2::Socket, secs: i32) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: a valid socket, and a pointer to an int of the size passed.
