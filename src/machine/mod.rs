@@ -550,8 +550,9 @@ impl Machine {
             // this process forwards it to its successor (the older process's accepts were
             // ahead of the successor's in the queue, and their cancel may strand a connection
             // only a sweep finds). Exiting first would break that chain. The drain deadline
-            // still ends the wait.
-            let forwarding = self.predecessor_holds && drain.has_successor();
+            // still ends the wait, and a successor gone (its exit seen) needs nothing forwarded.
+            let forwarding =
+                self.predecessor_holds && drain.has_successor() && !drain.successor_gone;
             if drain.accept_stopped && drain.drained && !forwarding {
                 self.finish_drain();
             }

@@ -2180,6 +2180,32 @@ fn an_upgraded_process_waits_for_its_predecessors_let_go_before_it_exits() {
 }
 
 #[test]
+fn a_drain_whose_successor_is_gone_does_not_wait_to_forward_the_let_go() {
+    // Nobody is left to forward the predecessor's let-go to: the successor exited during a
+    // drain that never resumes (here an operator's shutdown). Waiting for the let-go then only
+    // kept a drained process alive until the drain deadline.
+    let mut h = H {
+        m: Machine::new(TIMEOUTS, SEED).with_predecessor(),
+        now: Instant::now(),
+    };
+    h.ev(upgrade(REQ));
+    h.ev(spawned(CHILD));
+    h.ev(Event::ListenersSent);
+    h.ev(ready(ID1));
+    h.ev(Event::ShutdownRequested);
+    assert_eq!(
+        h.ev(exited(CHILD)),
+        vec![],
+        "a shutdown's drain never resumes"
+    );
+    assert_eq!(h.ev(Event::AcceptStopped), vec![]);
+    assert_eq!(
+        h.ev(Event::ConnectionsDrained),
+        vec![pc(P::Exited), exit_upgraded(CHILD)]
+    );
+}
+
+#[test]
 fn the_drain_deadline_ends_the_wait_for_the_predecessors_let_go() {
     let mut h = H {
         m: Machine::new(TIMEOUTS, SEED).with_predecessor(),
