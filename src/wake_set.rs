@@ -226,4 +226,53 @@ mod tests {
         let _second = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         assert!(!readable(&set, 50), "a removed listener still woke the set");
     }
+
+    /// Why the wake set watches each fd and not the ring's own fd (docs/WAKEUPS.md): a
+    /// `DEFER_TASKRUN` ring's fd is not woken when an accept's task work is queued. A probe of
+    /// the kernel, not of this crate (a newer kernel may change it), so run by hand:
+    /// `cargo test --all-features --lib -- --ignored a_defer_taskrun`. Linux 6.18.44 here: the fd
+    /// polls readable once the accept's task work is queued, but a waiter on it (`poll`, or an
+    /// epoll holding it: 200 of 200 waits of 100 ms timed out in a probe) is never woken, while
+    /// a `COOP_TASKRUN` ring's fd woke its epoll waiter after 0.24 ms (median of 200).
+    #[test]
+    #[ignore = "a probe of the kernel's behaviour, run by hand"]
+    #[allow(unsafe_code)]
+    fn a_defer_taskrun_rings_fd_is_not_woken_by_an_accept() {
+        use io_uring::{opcode, types, IoUring};
+        use std::os::fd::AsRawFd;
+        let mut ring: IoUring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(8)
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accept = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd())).build();
+        // SAFETY: the entry refers to no memory.
+        unsafe { ring.submission().push(&accept).unwrap() };
+        ring.submit().unwrap();
+        let client = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            std::net::TcpStream::connect(addr).unwrap()
+        });
+        // SAFETY: the ring's fd stays open for the borrow's duration.
+        let ring_fd = unsafe { BorrowedFd::borrow_raw(ring.as_raw_fd()) };
+        // `poll` checks every fd once more when it times out, and this one is readable by
+        // then (the task work is queued): only a return well before the timeout is a wake-up.
+        let t = Instant::now();
+        let readable = crate::sys::readable_within(ring_fd, 200);
+        let woken = readable && t.elapsed() < Duration::from_millis(150);
+        let _client = client.join().unwrap();
+        // Entering to wait runs the deferred work: the accept completed all along.
+        ring.submit_and_wait(1).unwrap();
+        assert!(ring.completion().next().is_some(), "no connection accepted");
+        assert!(
+            readable,
+            "the queued accept does not even make the ring's fd readable"
+        );
+        assert!(
+            !woken,
+            "this kernel wakes the ring's fd: the wake set could watch it alone"
+        );
+    }
 }
