@@ -54,6 +54,9 @@
 //! CPU (user + system, every thread) from its process CPU clock at the trigger and at that
 //! first close, and from `wait4`'s rusage once it exited: the handover's share and the drain's.
 //! (Not /proc/PID/stat's utime + stime: its 10 ms ticks are coarser than what is measured.)
+//! The new process's CPU from its start to READY (`new CPU`: the `cpu_us` of its `READY sent`,
+//! exec included): a trigger → READY that grows while this stays flat is time the new
+//! process waited for a CPU, not work it did.
 //! Medians over `--rounds` upgrades (default 5; 3 for `connections`, `rss` and states of
 //! 100 MiB and more), each of a fresh server.
 //!
@@ -503,6 +506,9 @@ struct Round {
     /// The old process's CPU from the trigger to the first close, and from there to its exit.
     cpu_handover: f64,
     cpu_drain: f64,
+    /// The new process's CPU from its start to READY (`cpu_us` of its `READY sent`): what the
+    /// handover costs the new process, whatever CPU it had to share.
+    new_cpu: f64,
     /// The old process's VmRSS just before the trigger, MiB.
     rss_mib: f64,
     /// Its VmRSS growth while the client opened the held connections, bytes per connection.
@@ -649,6 +655,12 @@ fn upgrade_holding(
         .next_back()
         .ok_or("no READY sent in the log")?
         - trigger;
+    let new_cpu = log
+        .lines()
+        .filter(|l| l.contains("READY sent"))
+        .filter_map(|l| field(l, "cpu_us")?.parse::<i64>().ok())
+        .next_back()
+        .ok_or("no cpu_us in the new process's READY sent")?;
     let drain = if conns > 0 {
         (trigger + drained - close_mono).max(0)
     } else {
@@ -662,6 +674,7 @@ fn upgrade_holding(
         exit: us(exited - drained),
         cpu_handover: ms(cpu1.unwrap_or(cpu).saturating_sub(cpu0)),
         cpu_drain: ms(cpu1.map_or(Duration::ZERO, |c1| cpu.saturating_sub(c1))),
+        new_cpu: us(new_cpu),
         rss_mib: rss as f64 / 1024.0,
         rss_per_conn: (conns > 0)
             .then(|| rss.saturating_sub(rss_before_conns) as f64 * 1024.0 / conns as f64),
@@ -798,9 +811,10 @@ impl Curve {
         let mut head = format!("  {:>12}", self.axis.0);
         if self.upgrades {
             head += &format!(
-                " {:>6} {:>19} {:>14} {:>12} {:>14} {:>12} {:>9}",
+                " {:>6} {:>19} {:>12} {:>14} {:>12} {:>14} {:>12} {:>9}",
                 "rounds",
                 "trigger→READY (max)",
+                "new CPU",
                 "READY→stopped",
                 "drain",
                 "old CPU hand.",
@@ -816,10 +830,11 @@ impl Curve {
             let mut row = format!("  {:>12}", p.label);
             if self.upgrades {
                 row += &format!(
-                    " {:>6} {:>9.3}ms ({:>6.2}) {:>12.3}ms {:>10.3}ms {:>12.3}ms {:>10.3}ms {:>6.0}MiB",
+                    " {:>6} {:>9.3}ms ({:>6.2}) {:>10.3}ms {:>12.3}ms {:>10.3}ms {:>12.3}ms {:>10.3}ms {:>6.0}MiB",
                     p.rounds.len(),
                     p.ready(),
                     p.max(|r| r.ready),
+                    p.med(|r| r.new_cpu),
                     p.med(|r| r.let_go),
                     p.med(|r| r.drain),
                     p.med(|r| r.cpu_handover),
@@ -876,6 +891,7 @@ impl Curve {
                     v["drained_to_exit"] = stat(&|r| r.exit);
                     v["old_cpu_handover"] = stat(&|r| r.cpu_handover);
                     v["old_cpu_drain"] = stat(&|r| r.cpu_drain);
+                    v["new_cpu_to_ready"] = stat(&|r| r.new_cpu);
                     v["trigger_to_pid_file"] = stat(&|r| r.pid_file);
                     v["old_rss_mib"] = r3(p.med(|r| r.rss_mib));
                     let per_conn: Vec<f64> =

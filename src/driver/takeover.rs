@@ -389,12 +389,14 @@ impl Driver {
         match sys::send_nonblocking(link.channel.as_fd(), &ready) {
             Ok(()) => {
                 // On the timeline target, with the monotonic clock: the benchmarks measure
-                // from this moment to the old process's "accepting stopped".
+                // from this moment to the old process's "accepting stopped", and read what
+                // starting up cost this process (its CPU so far, exec included).
                 tracing::info!(
                     target: "ringflip::timeline",
                     predecessor = link.predecessor_pid,
                     upgrade.id = %link.upgrade,
                     sent_mono_us,
+                    cpu_us = sys::process_cpu_time().as_micros() as u64,
                     "READY sent"
                 );
                 self.arm_predecessor_recv();
