@@ -1240,6 +1240,39 @@ fn forks(mib: usize, rounds: usize) -> Result<(Vec<f64>, f64), String> {
     Ok((times, rss))
 }
 
+/// A VM's free page reporting (virtio-balloon): its order (free blocks of at least this order
+/// are handed back to the host; above `MAX_PAGE_ORDER`, 10, none is) and the KiB handed back so
+/// far; `None` without it.
+fn page_reporting() -> Option<(u32, u64)> {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/sys/module/page_reporting/parameters/{name}"))
+            .ok()?
+            .trim()
+            .parse::<u64>()
+            .ok()
+    };
+    Some((read("page_reporting_order")? as u32, read("reported_kib")?))
+}
+
+/// What the rss curve ran under. With free page reporting, memory freed in the guest goes back
+/// to the host, and a page the new process touches first may be faulted in by the host: with
+/// 16 GiB held by the old process, most free memory was (measured: BENCHMARKS-LAB.md §8).
+fn page_reporting_note(before: Option<(u32, u64)>, after: Option<(u32, u64)>) -> String {
+    match (before, after) {
+        (Some((order, kib0)), Some((_, kib1))) if order <= 10 => format!(
+            "free page reporting on (virtio-balloon, order {order}): {} MiB of freed memory \
+             handed back to the host during the curve; the new process's first touches of such \
+             pages are faulted in by the host. Off (root, until reboot): echo 11 > \
+             /sys/module/page_reporting/parameters/page_reporting_order",
+            kib1.saturating_sub(kib0) >> 10
+        ),
+        (Some((order, _)), _) => {
+            format!("free page reporting off (order {order}, above the largest block)")
+        }
+        _ => "no free page reporting (not a VM with virtio-balloon's, or not readable)".into(),
+    }
+}
+
 fn rss(o: &Opts, dir: &Path) -> Result<Curve, String> {
     let mut sizes: Vec<usize> = if o.quick { vec![0, 64] } else { vec![0, 1024] };
     if o.big_rss && !o.quick {
@@ -1257,6 +1290,7 @@ fn rss(o: &Opts, dir: &Path) -> Result<Curve, String> {
             .push("4 and 16 GiB with --big-rss (opt-in: ~1-3 s per GiB to fault in)".into());
     }
     let rounds = o.rounds(3);
+    let reported_before = page_reporting();
     for &mib in &sizes {
         // The server's ballast, then (once it is gone) the bench's own, one at a time.
         let avail = mem_available_mib();
@@ -1332,6 +1366,8 @@ fn rss(o: &Opts, dir: &Path) -> Result<Curve, String> {
     ) {
         c.targets.push(t);
     }
+    c.notes
+        .push(page_reporting_note(reported_before, page_reporting()));
     if let (Some(a), Some(b)) = (c.points.first(), c.points.last()) {
         if c.points.len() >= 2 {
             let fork = |p: &Point| p.extra["fork"]["median"].as_f64().unwrap_or(f64::NAN);
