@@ -343,6 +343,7 @@ def sweep_plot(d, path):
 # The scaling curves (handover_scale): series drawn per point, (JSON key, label, colour).
 CURVE_SERIES = (
     ("trigger_to_ready", "trigger -> READY", C99),
+    ("new_cpu_to_ready", "new process CPU to READY", "#8c564b"),
     ("ready_to_stopped_accepting", "READY -> old stopped accepting", C50),
     ("drain", "drain", "#2ca02c"),
     ("old_cpu_drain", "old process CPU, drain", "#9467bd"),
