@@ -2152,11 +2152,8 @@ fn a_successor_that_serves_again_after_retiring_is_a_crash_when_it_exits() {
     assert_eq!(h.phase(), P::Draining);
 }
 
-#[test]
-fn an_upgraded_process_waits_for_its_predecessors_let_go_before_it_exits() {
-    // Upgraded before its own predecessor let go: it must stay to forward that let-go (a
-    // RELEASED) to its successor, whose sweep finds a connection the older process's cancelled
-    // accept may have stranded. Found by the explorer (`explore_tests.rs`).
+/// A process whose predecessor has not let go yet, upgraded: draining, its successor READY.
+fn upgraded_before_the_let_go() -> H {
     let mut h = H {
         m: Machine::new(TIMEOUTS, SEED).with_predecessor(),
         now: Instant::now(),
@@ -2165,6 +2162,15 @@ fn an_upgraded_process_waits_for_its_predecessors_let_go_before_it_exits() {
     h.ev(spawned(CHILD));
     h.ev(Event::ListenersSent);
     h.ev(ready(ID1));
+    h
+}
+
+#[test]
+fn an_upgraded_process_waits_for_its_predecessors_let_go_before_it_exits() {
+    // Upgraded before its own predecessor let go: it must stay to forward that let-go (a
+    // RELEASED) to its successor, whose sweep finds a connection the older process's cancelled
+    // accept may have stranded. Found by the explorer (`explore_tests.rs`).
+    let mut h = upgraded_before_the_let_go();
     assert_eq!(h.ev(Event::AcceptStopped), vec![]);
     assert_eq!(
         h.ev(Event::ConnectionsDrained),
@@ -2184,14 +2190,7 @@ fn a_drain_whose_successor_is_gone_does_not_wait_to_forward_the_let_go() {
     // Nobody is left to forward the predecessor's let-go to: the successor exited during a
     // drain that never resumes (here an operator's shutdown). Waiting for the let-go then only
     // kept a drained process alive until the drain deadline.
-    let mut h = H {
-        m: Machine::new(TIMEOUTS, SEED).with_predecessor(),
-        now: Instant::now(),
-    };
-    h.ev(upgrade(REQ));
-    h.ev(spawned(CHILD));
-    h.ev(Event::ListenersSent);
-    h.ev(ready(ID1));
+    let mut h = upgraded_before_the_let_go();
     h.ev(Event::ShutdownRequested);
     assert_eq!(
         h.ev(exited(CHILD)),
@@ -2207,13 +2206,7 @@ fn a_drain_whose_successor_is_gone_does_not_wait_to_forward_the_let_go() {
 
 #[test]
 fn the_drain_deadline_ends_the_wait_for_the_predecessors_let_go() {
-    let mut h = H {
-        m: Machine::new(TIMEOUTS, SEED).with_predecessor(),
-        now: Instant::now(),
-    };
-    h.ev(upgrade(REQ));
-    h.ev(spawned(CHILD));
-    h.ev(ready(ID1));
+    let mut h = upgraded_before_the_let_go();
     h.ev(Event::AcceptStopped);
     h.ev(Event::ConnectionsDrained);
     assert_eq!(h.expire(), vec![CheckSuccessor(CHILD)]);
