@@ -299,7 +299,7 @@ fn start_server(
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     // ringflip's servers read their addresses from a file, as a service with thousands of
     // listeners reads its configuration: as 20,000 arguments, 10,000 listeners cost each
-    // generation 20-30 ms of exec and parsing (measured, BENCHMARKS-LAB.md §8), the example's
+    // generation 20-30 ms of exec and parsing (measured, BENCHMARKS-LAB.md §8, §9), the example's
     // cost and not the handover's.
     let listen_file = dir.join(format!("{tag}.listen"));
     if kind.starts_with("ringflip") {
@@ -1241,9 +1241,10 @@ fn forks(mib: usize, rounds: usize) -> Result<(Vec<f64>, f64), String> {
 }
 
 /// A VM's free page reporting (virtio-balloon): its order (free blocks of at least this order
-/// are handed back to the host; above `MAX_PAGE_ORDER`, 10, none is) and the KiB handed back so
-/// far; `None` without it.
-fn page_reporting() -> Option<(u32, u64)> {
+/// are handed back to the host; above the largest block order, 10 on x86-64, none is) and, where
+/// the kernel counts it, the KiB handed back so far (`reported_kib`, not in every kernel);
+/// `None` without it.
+fn page_reporting() -> Option<(u32, Option<u64>)> {
     let read = |name: &str| {
         std::fs::read_to_string(format!("/sys/module/page_reporting/parameters/{name}"))
             .ok()?
@@ -1251,21 +1252,33 @@ fn page_reporting() -> Option<(u32, u64)> {
             .parse::<u64>()
             .ok()
     };
-    Some((read("page_reporting_order")? as u32, read("reported_kib")?))
+    Some((read("page_reporting_order")? as u32, read("reported_kib")))
 }
 
 /// What the rss curve ran under. With free page reporting, memory freed in the guest goes back
 /// to the host, and a page the new process touches first may be faulted in by the host: with
-/// 16 GiB held by the old process, most free memory was (measured: BENCHMARKS-LAB.md §8).
-fn page_reporting_note(before: Option<(u32, u64)>, after: Option<(u32, u64)>) -> String {
+/// 16 GiB held by the old process, most free memory was (measured: BENCHMARKS-LAB.md §9).
+fn page_reporting_note(
+    before: Option<(u32, Option<u64>)>,
+    after: Option<(u32, Option<u64>)>,
+) -> String {
+    // x86-64's largest free block order (`MAX_PAGE_ORDER`); other page sizes differ.
+    const LARGEST_ORDER: u32 = 10;
     match (before, after) {
-        (Some((order, kib0)), Some((_, kib1))) if order <= 10 => format!(
-            "free page reporting on (virtio-balloon, order {order}): {} MiB of freed memory \
-             handed back to the host during the curve; the new process's first touches of such \
-             pages are faulted in by the host. Off (root, until reboot): echo 11 > \
-             /sys/module/page_reporting/parameters/page_reporting_order",
-            kib1.saturating_sub(kib0) >> 10
-        ),
+        (Some((order, kib0)), after) if order <= LARGEST_ORDER => {
+            let handed_back = match (kib0, after.and_then(|(_, kib)| kib)) {
+                (Some(k0), Some(k1)) => format!(
+                    "{} MiB of freed memory handed back to the host during the curve",
+                    k1.saturating_sub(k0) >> 10
+                ),
+                _ => "this kernel does not count what it handed back".into(),
+            };
+            format!(
+                "free page reporting on (virtio-balloon, order {order}): {handed_back}; the new \
+                 process's first touches of such pages are faulted in by the host. Off (root, \
+                 until reboot): echo 11 > /sys/module/page_reporting/parameters/page_reporting_order"
+            )
+        }
         (Some((order, _)), _) => {
             format!("free page reporting off (order {order}, above the largest block)")
         }

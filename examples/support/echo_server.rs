@@ -222,7 +222,6 @@ fn parse_args(argv: impl Iterator<Item = String>, runtime: Runtime) -> Result<Ar
     Ok(args)
 }
 
-/// TCP_DEFER_ACCEPT, which socket2 has no setter for.
 /// One `--listen` address: `IP:PORT`, `[IPv6]:PORT`, `unix:PATH` or `unix:@NAME`.
 fn parse_listen(v: &str) -> Result<Listen, String> {
     Ok(match v.strip_prefix("unix:") {
@@ -231,6 +230,7 @@ fn parse_listen(v: &str) -> Result<Listen, String> {
     })
 }
 
+/// TCP_DEFER_ACCEPT, which socket2 has no setter for.
 fn set_defer_accept(socket: &ringflip::socket2::Socket, secs: i32) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: a valid socket, and a pointer to an int of the size passed.

@@ -57,7 +57,7 @@ pub(super) struct AcceptSlot {
     /// (`Listener::listens`). A socket that listens never stops here, so once true this is the
     /// answer; while false the kernel is asked again.
     seen_listening: std::cell::Cell<bool>,
-    /// In the wake set (see `Driver::watch_listeners`).
+    /// In the wake set (see `Driver::watch_listener`).
     pub(super) watched: std::cell::Cell<bool>,
 }
 
@@ -266,6 +266,7 @@ impl Driver {
             // past the cancel of the first), or a new member not listening yet.
             return;
         }
+        self.watch_listener(i);
         let fd = self.accepts[i].listener.fd.as_raw_fd();
         let mut entry = opcode::AcceptMulti::new(types::Fd(fd))
             .flags(libc::SOCK_CLOEXEC)
@@ -441,7 +442,6 @@ impl Driver {
         self.accepts.wanted = true;
         self.accepts.stop_reported = false;
         self.tell_workers(|set| set.accepting.store(true, SeqCst));
-        self.watch_listeners();
         for i in 0..self.accepts.len() {
             if self.accepts[i].op.is_none() {
                 self.arm_accept(i);

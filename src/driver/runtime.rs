@@ -21,7 +21,8 @@ impl Driver {
     }
 
     /// Puts into the wake set (if any) every fd the ring is about to wait on: before the ring
-    /// arms its first op on them, as `wake_set.rs` requires.
+    /// arms its first op on them, as `wake_set.rs` requires. Listeners join when their first
+    /// accepting op is armed (`watch_listener`).
     pub(super) fn watch_initial(&self) -> Result<(), Error> {
         let Some(set) = &self.wake_set else {
             return Ok(());
@@ -37,9 +38,6 @@ impl Driver {
         if let Some(link) = &self.predecessor {
             watch(link.channel.as_fd(), Source::Other)?;
         }
-        if self.accepts.wanted {
-            self.watch_listeners();
-        }
         Ok(())
     }
 
@@ -54,20 +52,23 @@ impl Driver {
         }
     }
 
-    /// Listeners wake the runtime while this driver accepts, and only then: a draining process
-    /// is not woken for connections its successor takes. Each listener not in the set yet
-    /// (one syscall per listener is what a process with thousands pays, so never twice).
-    pub(super) fn watch_listeners(&self) {
-        let Some(set) = &self.wake_set else { return };
-        for (i, slot) in self.accepts.iter().enumerate() {
-            if slot.watched.get() || !self.listening(i) {
-                continue; // a member not listening yet is watched once it does (`listen_deferred`)
-            }
-            match set.add(slot.listener.fd.as_fd(), Source::Listener(i)) {
-                Ok(()) => slot.watched.set(true),
-                Err(e) => {
-                    tracing::error!(listener = %slot.listener.name, error = %e, "adding a listener to the wake set");
-                }
+    /// Listener `i` wakes the runtime from now on: called right before an op that waits on it
+    /// is armed (a multishot accept, a takeover poll), so the wake set's order holds for every
+    /// path that arms one. Listeners wake the runtime while this driver accepts, and only then
+    /// (`unwatch_listeners` when it stops): a draining process is not woken for connections its
+    /// successor takes. Added once (a syscall per listener is what a process with thousands
+    /// pays).
+    pub(super) fn watch_listener(&self, i: usize) {
+        let (Some(set), slot) = (&self.wake_set, &self.accepts[i]) else {
+            return;
+        };
+        if slot.watched.get() {
+            return;
+        }
+        match set.add(slot.listener.fd.as_fd(), Source::Listener(i)) {
+            Ok(()) => slot.watched.set(true),
+            Err(e) => {
+                tracing::error!(listener = %slot.listener.name, error = %e, "adding a listener to the wake set");
             }
         }
     }

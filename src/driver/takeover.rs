@@ -70,7 +70,6 @@ impl Driver {
         // Every listener not armed yet: those just made to listen, and one a handoff made
         // listen before the release (`send_hello`), which no accept was armed on then.
         if self.accepts.wanted {
-            self.watch_listeners();
             for i in 0..self.accepts.len() {
                 if !self.accepts[i].retrying() {
                     self.arm_accept(i);
@@ -201,6 +200,7 @@ impl Driver {
         if !self.listening(i) {
             return;
         }
+        self.watch_listener(i);
         let fd = self.accepts[i].listener.fd.as_raw_fd();
         let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
             .multi(true)

@@ -832,6 +832,59 @@ fn in_a_runtime_every_source_wakes_the_wake_set_and_one_turn_handles_it() {
 /// runtime, and the turn acts on it. Here the start deadline of an upgrade whose binary never
 /// says READY (a stand-in that sleeps): the wake set becomes readable once the deadline has
 /// passed, and the turn rolls the upgrade back.
+/// A listener joins the wake set by the call that arms an op on it, whichever path that is.
+/// (Seen in review: a member of a per-worker group made to listen by the handoff was never
+/// added when the takeover armed its poll on it, so its connections woke nobody.) Here a
+/// bound member that did not listen at the start, then listens, then gets a takeover poll.
+#[test]
+fn in_a_runtime_a_listener_joins_the_wake_set_when_an_op_is_armed_on_it() {
+    let mut server = tcp_server(1);
+    let bound = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    bound
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    let addr = bound.local_addr().unwrap().as_socket().unwrap();
+    let member = &mut server.parts.listeners[0];
+    member.fd = bound.into();
+    member.endpoint = crate::listener::Endpoint::Tcp(addr);
+    member.listens = false;
+    // A successor whose predecessor has not let go: its new member stays unarmed.
+    let old = Predecessor::adopt(&mut server, &[]);
+    let mut driver = Driver::new(server, super::Waiting::InRuntime).unwrap();
+    let fd = driver.readiness_fd().expect("a wake set");
+    driver.start().unwrap();
+    old.expect_ready();
+    turn_as_a_runtime(&mut driver);
+    assert!(
+        driver.accepts[0].op.is_none(),
+        "an accept armed on a socket not listening"
+    );
+    crate::sys::listen(driver.accepts[0].listener.fd.as_fd(), 16).unwrap();
+    driver.arm_takeover(0);
+    // Until the takeover's own deadline has passed: the next wake-up is the connection's.
+    let deadline = Instant::now() + BOUND;
+    while readable_within(fd, 100) && Instant::now() < deadline {
+        turn_as_a_runtime(&mut driver);
+    }
+    let _client = TcpStream::connect(addr).unwrap();
+    assert!(
+        readable_within(fd, 2_000),
+        "a connection to a listener with a takeover poll did not wake the wake set"
+    );
+    let mut woken_by = Vec::new();
+    driver
+        .wake_set
+        .as_mut()
+        .unwrap()
+        .drain(|i| woken_by.push(i));
+    assert_eq!(woken_by, vec![0], "not woken by the listener");
+}
+
 #[test]
 fn in_a_runtime_a_deadline_wakes_the_wake_set() {
     let mut server = tcp_server(1);
