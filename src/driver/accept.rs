@@ -446,10 +446,7 @@ impl Driver {
             if self.accepts[i].op.is_none() {
                 self.arm_accept(i);
             }
-            if self.succession.taking_over()
-                && self.accepts[i].takeover.is_none()
-                && !self.accepts[i].control
-            {
+            if self.succession.taking_over() && !self.accepts[i].control {
                 self.arm_takeover(i);
             }
         }

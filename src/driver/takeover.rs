@@ -197,7 +197,9 @@ impl Driver {
     }
 
     pub(super) fn arm_takeover(&mut self, i: usize) {
-        if !self.listening(i) {
+        if self.accepts[i].takeover.is_some() || !self.listening(i) {
+            // Armed already (the slot keeps one token: a second poll would outlive the
+            // takeover's end), or a new member not listening yet.
             return;
         }
         self.watch_listener(i);

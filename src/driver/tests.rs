@@ -828,10 +828,6 @@ fn in_a_runtime_every_source_wakes_the_wake_set_and_one_turn_handles_it() {
     );
 }
 
-/// The deadline timer of a driver in a runtime is the wake set's timerfd: a deadline wakes the
-/// runtime, and the turn acts on it. Here the start deadline of an upgrade whose binary never
-/// says READY (a stand-in that sleeps): the wake set becomes readable once the deadline has
-/// passed, and the turn rolls the upgrade back.
 /// A listener joins the wake set by the call that arms an op on it, whichever path that is.
 /// (Seen in review: a member of a per-worker group made to listen by the handoff was never
 /// added when the takeover armed its poll on it, so its connections woke nobody.) Here a
@@ -885,6 +881,10 @@ fn in_a_runtime_a_listener_joins_the_wake_set_when_an_op_is_armed_on_it() {
     assert_eq!(woken_by, vec![0], "not woken by the listener");
 }
 
+/// The deadline timer of a driver in a runtime is the wake set's timerfd: a deadline wakes the
+/// runtime, and the turn acts on it. Here the start deadline of an upgrade whose binary never
+/// says READY (a stand-in that sleeps): the wake set becomes readable once the deadline has
+/// passed, and the turn rolls the upgrade back.
 #[test]
 fn in_a_runtime_a_deadline_wakes_the_wake_set() {
     let mut server = tcp_server(1);
@@ -1294,6 +1294,19 @@ fn arming_an_armed_listener_again_arms_nothing() {
     let taken = serve_within(&mut [&mut driver], 1, Duration::from_millis(200));
     end_the_drain(&driver);
     assert_eq!(taken.len(), 0, "an accept outlived the stop");
+}
+
+/// The same for the takeover's poll: a second one would be orphaned by the slot's one token,
+/// outlive the end of the takeover and keep waking a draining process. (Seen in review: a
+/// takeover poll armed by hand before the takeover's deadline was armed again at it.)
+#[test]
+fn a_listener_gets_one_takeover_poll_however_often_asked() {
+    let mut driver = Driver::new(tcp_server(1), super::Waiting::InRing).unwrap();
+    driver.start().unwrap();
+    driver.arm_takeover(0);
+    let one = driver.ops.live;
+    driver.arm_takeover(0);
+    assert_eq!(driver.ops.live, one, "a second takeover poll was armed");
 }
 
 /// A successor that is stopped before it became the main process (its predecessor abandoned
