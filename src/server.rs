@@ -18,7 +18,7 @@ use crate::access::ControlAccess;
 use crate::connection::Connection;
 #[cfg(feature = "tokio")]
 use crate::driver::runtime::serve_async;
-use crate::driver::{Driver, ServerParts, Waiting};
+use crate::driver::{Driver, ServerParts, Waiting, WorkerMember};
 use crate::error::Error;
 use crate::handle::Handle;
 use crate::handoff::MAX_LISTENERS;
@@ -533,7 +533,11 @@ impl Server {
             .flatten()
             .map(|l| {
                 sys::dup_cloexec_at_least(l.fd.as_fd(), 3)
-                    .map(|fd| (l.record(), fd))
+                    .map(|fd| WorkerMember {
+                        record: l.record(),
+                        fd,
+                        listens: l.listens,
+                    })
                     .map_err(Error::io("duplicating a worker's listener"))
             })
             .collect::<Result<Vec<_>, _>>();

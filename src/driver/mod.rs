@@ -154,7 +154,7 @@ pub(crate) struct Driver {
     /// UDP sockets, handed over with the listeners.
     udp: Vec<UdpSocketEntry>,
     /// Listeners the workers accept on, handed over by the coordinator.
-    worker_listeners: Vec<(ListenerRecord, OwnedFd)>,
+    worker_listeners: Vec<WorkerMember>,
     timer: Option<(Instant, Token)>,
     replies: HashMap<u64, UpgradeReply>,
     /// The coordinator's (or a lone ring's): requests are taken while this driver lives.
@@ -185,6 +185,15 @@ pub(crate) struct Driver {
     span: tracing::Span,
 }
 
+/// A worker's listener as the coordinator holds it, to hand it over: a duplicate of the fd.
+pub(crate) struct WorkerMember {
+    pub record: ListenerRecord,
+    pub fd: OwnedFd,
+    /// Known to listen (`Listener::listens`, then seen): a member bound by a successor listens
+    /// only from its predecessor's release or the next handoff on (`Driver::listen_deferred`).
+    pub listens: bool,
+}
+
 /// What a coordinating (or lone) driver is made from: a built server's sockets, state and
 /// configuration, taken apart by `Server::into_driver`.
 pub(crate) struct ServerParts {
@@ -192,7 +201,7 @@ pub(crate) struct ServerParts {
     pub parent: Option<PredecessorLink>,
     pub elders: Vec<OwnedFd>,
     pub udp: Vec<UdpSocketEntry>,
-    pub worker_listeners: Vec<(ListenerRecord, OwnedFd)>,
+    pub worker_listeners: Vec<WorkerMember>,
     pub shared: Arc<Shared>,
     pub config: Config,
     pub requests_open: RequestsOpen,

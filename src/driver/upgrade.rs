@@ -353,15 +353,18 @@ impl Driver {
         // Asked of the kernel only for members not known to listen (`Driver::listening`):
         // a syscall per listener is what a handoff of thousands cannot afford.
         let backlog = self.config.backlog();
-        let deferred = (0..self.accepts.len())
-            .filter(|&i| !self.listening(i))
-            .map(|i| self.accepts[i].listener.fd.as_fd());
-        let workers = (self.worker_listeners.iter().map(|(_, fd)| fd.as_fd()))
-            .filter(|fd| !sys::is_listening(*fd).unwrap_or(true));
-        for fd in deferred.chain(workers) {
-            if let Err(e) = sys::listen(fd, backlog) {
-                return Err(format!("listen on a new member: {e}"));
+        let listen =
+            |fd| sys::listen(fd, backlog).map_err(|e| format!("listen on a new member: {e}"));
+        for i in 0..self.accepts.len() {
+            if !self.listening(i) {
+                listen(self.accepts[i].listener.fd.as_fd())?;
             }
+        }
+        for member in &mut self.worker_listeners {
+            if !member.listens && !sys::is_listening(member.fd.as_fd()).unwrap_or(true) {
+                listen(member.fd.as_fd())?;
+            }
+            member.listens = true;
         }
         // Every fd is duplicated when its message is built and the duplicate held until that
         // send completes (a ring op may run after this turn, when the original could be gone);
@@ -372,8 +375,8 @@ impl Driver {
             records.push(s.listener.record());
             sources.push(Source::Accept(records.len() - 1));
         }
-        for (i, (record, _)) in self.worker_listeners.iter().enumerate() {
-            records.push(record.clone());
+        for (i, member) in self.worker_listeners.iter().enumerate() {
+            records.push(member.record.clone());
             sources.push(Source::Worker(i));
         }
         for (i, u) in self.udp.iter().enumerate() {
@@ -447,7 +450,7 @@ impl Driver {
         for i in range {
             let fd = match transfer.sources[i] {
                 Source::Accept(j) => self.accepts.get(j).map(|s| s.listener.fd.as_fd()),
-                Source::Worker(j) => self.worker_listeners.get(j).map(|(_, fd)| fd.as_fd()),
+                Source::Worker(j) => self.worker_listeners.get(j).map(|m| m.fd.as_fd()),
                 Source::Udp(j) => self.udp.get(j).map(|u| u.socket.as_fd()),
                 Source::App(j) => transfer.app.get(j).map(|(_, fd)| fd.as_fd()),
                 Source::Elder(j) => transfer.elders.get(j).map(|fd| fd.as_fd()),
