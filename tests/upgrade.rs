@@ -82,70 +82,45 @@ fn twenty_upgrades_under_load_lose_nothing() {
 
 #[test]
 fn rollback_when_new_binary_exits_1() {
-    let server = EchoServer::start(EchoOpts::default());
-    let load = Load::start(server.addr(), 8, 16);
-    thread::sleep(ms(200));
-    let pid = server.pid();
-
-    server.replace_binary_with_script("#!/bin/sh\nexit 1\n");
-    server.upgrade_expect_rollback(ms(1000));
-    // The failed child must have been reaped: no zombie (nor anything else) under the server.
-    server.assert_no_children(Duration::from_secs(3));
-    assert_eq!(server.pid(), pid);
-
-    server.restore_binary();
-    let new = server.upgrade();
-    assert_ne!(new, pid);
-    thread::sleep(ms(200));
-
-    let report = load.stop();
-    eprintln!("{report}");
-    report.assert_clean();
-    server.assert_gone(&[pid], Duration::from_secs(10));
-    server.assert_no_strays(Duration::from_secs(2));
-    server.stop();
+    rolls_back_then_upgrades(EchoOpts::default(), ms(1000), |server| {
+        server.replace_binary_with_script("#!/bin/sh\nexit 1\n")
+    });
 }
 
 #[test]
 fn rollback_when_new_binary_never_ready() {
-    let server = EchoServer::start(EchoOpts {
+    let opts = EchoOpts {
         ready_timeout_ms: Some(300),
         ..Default::default()
+    };
+    rolls_back_then_upgrades(opts, ms(1000), |server| {
+        server.replace_binary_with_script("#!/bin/sh\nexec sleep 30\n")
     });
-    let load = Load::start(server.addr(), 8, 16);
-    thread::sleep(ms(200));
-    let pid = server.pid();
-
-    server.replace_binary_with_script("#!/bin/sh\nexec sleep 30\n");
-    server.upgrade_expect_rollback(ms(1000));
-    // The `sleep` must have been killed and reaped: no child of the server, and nothing else
-    // left in the server's process group (e.g. an orphaned sleep re-parented to the test).
-    server.assert_no_children(Duration::from_secs(3));
-    server.assert_no_strays(Duration::from_secs(2));
-    assert_eq!(server.pid(), pid);
-
-    server.restore_binary();
-    let new = server.upgrade();
-    assert_ne!(new, pid);
-    thread::sleep(ms(200));
-
-    let report = load.stop();
-    eprintln!("{report}");
-    report.assert_clean();
-    server.assert_gone(&[pid], Duration::from_secs(10));
-    server.stop();
 }
 
 #[test]
 fn rollback_when_new_binary_missing() {
-    let server = EchoServer::start(EchoOpts::default());
+    rolls_back_then_upgrades(EchoOpts::default(), ms(500), EchoServer::remove_binary);
+}
+
+/// Under load, `break_binary` makes the next binary fail (exit, never READY, missing): the
+/// upgrade rolls back within `bound`, the failed child is killed and reaped (no child of the
+/// server, nothing left in its process group, e.g. an orphaned `sleep` re-parented to the
+/// test), the server serves on; then the good binary upgrades it, and nothing failed.
+fn rolls_back_then_upgrades(
+    opts: EchoOpts,
+    bound: Duration,
+    break_binary: impl FnOnce(&EchoServer),
+) {
+    let server = EchoServer::start(opts);
     let load = Load::start(server.addr(), 8, 16);
     thread::sleep(ms(200));
     let pid = server.pid();
 
-    server.remove_binary();
-    server.upgrade_expect_rollback(ms(500));
+    break_binary(&server);
+    server.upgrade_expect_rollback(bound);
     server.assert_no_children(Duration::from_secs(3));
+    server.assert_no_strays(Duration::from_secs(2));
     assert_eq!(server.pid(), pid);
 
     server.restore_binary();
