@@ -74,6 +74,16 @@ fn shutdown_waits_for_the_last_connection_and_the_watch_sees_each_phase() {
     assert_eq!(handle.live_connections(), 0);
 }
 
+/// Runs `future` to its end on a current-thread tokio runtime, in a `LocalSet` (`run_async`'s
+/// future is not `Send`).
+fn block_on_local<F: std::future::Future>(future: F) -> F::Output {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio::task::LocalSet::new().block_on(&rt, future)
+}
+
 #[test]
 fn runs_as_a_task_of_a_tokio_runtime() {
     let (tx, rx) = mpsc::channel();
@@ -84,12 +94,7 @@ fn runs_as_a_task_of_a_tokio_runtime() {
             .expect("build");
         tx.send((server.handle(), server.local_addr("api").unwrap()))
             .unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, async move {
+        block_on_local(async move {
             server
                 .run_async(|conn| {
                     tokio::task::spawn_local(async move {
@@ -238,12 +243,7 @@ fn blocking_upgrade_on_the_servers_own_thread_is_an_error_not_a_deadlock() {
             .build()
             .expect("build");
         let handle = server.handle();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, async move {
+        block_on_local(async move {
             let h = handle.clone();
             tokio::task::spawn_local(async move {
                 let _ = tx.send(h.upgrade());
@@ -271,12 +271,7 @@ fn upgrade_async_on_the_servers_own_thread_gets_its_answer() {
             .build()
             .expect("build");
         let handle = server.handle();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, async move {
+        block_on_local(async move {
             let h = handle.clone();
             tokio::task::spawn_local(async move {
                 let answer = h.upgrade_async().await;
