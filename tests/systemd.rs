@@ -133,22 +133,7 @@ fn socket_activation_adopts_the_systemd_socket() {
         .unwrap();
     drop(forking);
     guard.track(child.id() as i32);
-    let read_pid =
-        || -> Option<i32> { std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok() };
-    let wait_pid = |not: Option<i32>| -> i32 {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(p) = read_pid().filter(|p| Some(*p) != not) {
-                return p;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no (new) pid file; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
+    let wait_pid = |not: Option<i32>| wait_for_pid_file(&pid_file, not, &log);
     let echo = move |line: &str| {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -316,22 +301,7 @@ fn activated_workers(sockets: usize) {
     let first = start_activated(&passed, &args, &log);
     guard.track(first);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    let read_pid =
-        || -> Option<i32> { std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok() };
-    let wait_pid = |not: Option<i32>| -> i32 {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(p) = read_pid().filter(|p| Some(*p) != not) {
-                return p;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no (new) pid file; log:\n{}",
-                log_text()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
+    let wait_pid = |not: Option<i32>| wait_for_pid_file(&pid_file, not, &log);
     assert_eq!(wait_pid(None), first);
     let adopted = log_text()
         .matches("adopted the socket from systemd")
@@ -404,4 +374,24 @@ fn workers_with_one_activated_socket_fail_with_what_the_units_need() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The pid in `pid_file` once it names another process than `not`, within 10 s; else fails
+/// with `log`.
+fn wait_for_pid_file(pid_file: &std::path::Path, not: Option<i32>, log: &std::path::Path) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pid = std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|text| text.trim().parse().ok());
+        if let Some(p) = pid.filter(|p| Some(*p) != not) {
+            return p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no (new) pid file; log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
