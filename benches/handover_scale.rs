@@ -633,34 +633,26 @@ fn upgrade_holding(
     ping_failure.map_err(|e| format!("an active connection failed during the upgrade: {e}"))?;
     let conns = held.conns;
     let log = std::fs::read_to_string(&srv.log).map_err(|e| e.to_string())?;
-    let line = log
-        .lines()
-        .rfind(|l| l.contains("upgrade timeline"))
-        .ok_or("no upgrade timeline in the log")?;
-    let num = |k: &str| -> Result<i64, String> {
+    // The old process's timeline and the new one's READY: the last line of each.
+    let last = |what: &str| {
+        log.lines()
+            .rfind(|l| l.contains(what))
+            .ok_or(format!("no {what} in the log"))
+    };
+    let num = |line: &str, k: &str| -> Result<i64, String> {
         field(line, k)
             .and_then(|v| v.parse().ok())
             .filter(|v: &i64| *v >= 0)
-            .ok_or(format!("{k} missing from the timeline: {line}"))
+            .ok_or(format!("{k} missing from: {line}"))
     };
-    let trigger = num("trigger_mono_us")?;
-    let ready = num("ready_us")?;
-    let stopped = num("accept_stopped_us")?;
-    let drained = num("drained_us")?;
-    let exited = num("exited_us")?;
-    let sent = log
-        .lines()
-        .filter(|l| l.contains("READY sent"))
-        .filter_map(|l| field(l, "sent_mono_us")?.parse::<i64>().ok())
-        .next_back()
-        .ok_or("no READY sent in the log")?
-        - trigger;
-    let new_cpu = log
-        .lines()
-        .filter(|l| l.contains("READY sent"))
-        .filter_map(|l| field(l, "cpu_us")?.parse::<i64>().ok())
-        .next_back()
-        .ok_or("no cpu_us in the new process's READY sent")?;
+    let (timeline, ready_sent) = (last("upgrade timeline")?, last("READY sent")?);
+    let trigger = num(timeline, "trigger_mono_us")?;
+    let ready = num(timeline, "ready_us")?;
+    let stopped = num(timeline, "accept_stopped_us")?;
+    let drained = num(timeline, "drained_us")?;
+    let exited = num(timeline, "exited_us")?;
+    let sent = num(ready_sent, "sent_mono_us")? - trigger;
+    let new_cpu = num(ready_sent, "cpu_us")?;
     let drain = if conns > 0 {
         (trigger + drained - close_mono).max(0)
     } else {
