@@ -64,9 +64,31 @@ pub(crate) struct Listener {
     pub fd: OwnedFd,
     pub endpoint: Endpoint,
     /// Known to listen when made: adopted and activated sockets are checked to, a bound one
-    /// listens unless its listen was deferred (`Driver::listen_deferred`). The driver asks
-    /// the kernel only about those that did not yet (`Driver::listening`).
+    /// listens unless its listen was deferred (`Driver::listen_deferred`); see [`Listening`].
     pub listens: bool,
+}
+
+/// Whether a listener listens, remembered once it does. Asked of the kernel (`SO_ACCEPTCONN`)
+/// only until it says yes: a socket that listens never stops here, and a member of a per-worker
+/// group whose listen was deferred (`Driver::listen_deferred`) may be made to listen by another
+/// thread's handoff meanwhile. A syscall per listener is what a process with thousands would
+/// pay at every handoff and sweep.
+#[derive(Debug)]
+pub(crate) struct Listening(std::cell::Cell<bool>);
+
+impl Listening {
+    /// Starts from what is known (`Listener::listens`).
+    pub(crate) fn new(known: bool) -> Listening {
+        Listening(std::cell::Cell::new(known))
+    }
+
+    /// Whether `fd`, the listener this is about, listens now.
+    pub(crate) fn check(&self, fd: BorrowedFd<'_>) -> bool {
+        if !self.0.get() {
+            self.0.set(sys::is_listening(fd).unwrap_or(true));
+        }
+        self.0.get()
+    }
 }
 
 /// Sets options on a new TCP socket between `socket()` and `bind()` (see

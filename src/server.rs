@@ -25,7 +25,7 @@ use crate::handoff::MAX_LISTENERS;
 use crate::inherit::state::StateStream;
 use crate::inherit::StateReader;
 use crate::launch::EnvOverrides;
-use crate::listener::{self, Endpoint, ListenSpec, Listener};
+use crate::listener::{self, Endpoint, ListenSpec, Listener, Listening};
 use crate::machine::{ExitReason, Timeouts};
 use crate::shared::{Config, PhaseCell, RequestsOpen, RingThreads, Shared};
 use crate::signals::{StopHook, UpgradeSignal};
@@ -536,7 +536,7 @@ impl Server {
                     .map(|fd| WorkerMember {
                         record: l.record(),
                         fd,
-                        listens: l.listens,
+                        listening: Listening::new(l.listens),
                     })
                     .map_err(Error::io("duplicating a worker's listener"))
             })

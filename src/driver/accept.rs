@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types};
 
 use crate::connection::{Connection, DrainGuard};
+use crate::control;
 use crate::handle::Handle;
-use crate::listener::{Endpoint, Listener};
+use crate::listener::{Endpoint, Listener, Listening};
 use crate::machine::successor::SuccessionEvent;
 use crate::machine::Event;
 use crate::workers::WorkerSet;
-use crate::{control, sys};
 
 use super::ring::{with_ioprio, Op, Token};
 use super::{Driver, Role};
@@ -53,10 +53,8 @@ pub(super) struct AcceptSlot {
     pub(super) delivered: u64,
     /// `delivered` when this listener last woke the runtime (see `sweep_missed`).
     woke_at: Option<u64>,
-    /// Seen listening (see `Driver::listening`), from the start for a listener known to listen
-    /// (`Listener::listens`). A socket that listens never stops here, so once true this is the
-    /// answer; while false the kernel is asked again.
-    seen_listening: std::cell::Cell<bool>,
+    /// Whether the listener listens (see `Driver::listening`).
+    pub(super) listening: Listening,
     /// In the wake set (see `Driver::watch_listener`).
     pub(super) watched: std::cell::Cell<bool>,
 }
@@ -224,7 +222,7 @@ impl AcceptSlot {
     fn new(listener: Listener) -> AcceptSlot {
         AcceptSlot {
             control: &*listener.name == control::CONTROL_LISTENER,
-            seen_listening: std::cell::Cell::new(listener.listens),
+            listening: Listening::new(listener.listens),
             listener,
             op: None,
             cancel_sent: false,
@@ -248,16 +246,10 @@ impl AcceptSlot {
 
 impl Driver {
     /// Whether listener `i` listens: not yet for a new member of a per-worker group in a
-    /// successor (bound in `build`, see `Driver::listen_deferred`). Asked of the kernel
-    /// (`SO_ACCEPTCONN`) until it says yes, since the coordinator's handoff may make a worker's
-    /// member listen meanwhile; then remembered, so the accept and sweep paths pay no syscall.
+    /// successor (bound in `build`, see `Driver::listen_deferred`).
     pub(super) fn listening(&self, i: usize) -> bool {
         let slot = &self.accepts[i];
-        if !slot.seen_listening.get() {
-            let listens = sys::is_listening(slot.listener.fd.as_fd()).unwrap_or(true);
-            slot.seen_listening.set(listens);
-        }
-        slot.seen_listening.get()
+        slot.listening.check(slot.listener.fd.as_fd())
     }
 
     pub(super) fn arm_accept(&mut self, i: usize) {

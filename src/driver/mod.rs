@@ -67,7 +67,7 @@ use crate::connection::Connection;
 use crate::error::Error;
 use crate::handoff::ListenerRecord;
 use crate::inherit::PredecessorLink;
-use crate::listener::{Listener, UdpSocketEntry};
+use crate::listener::{Listener, Listening, UdpSocketEntry};
 use crate::machine::successor::{Succession, SuccessionEvent};
 use crate::machine::{Event, ExitReason, Machine, Requester};
 use crate::pidfile::write_pid_file;
@@ -189,9 +189,9 @@ pub(crate) struct Driver {
 pub(crate) struct WorkerMember {
     pub record: ListenerRecord,
     pub fd: OwnedFd,
-    /// Known to listen (`Listener::listens`, then seen): a member bound by a successor listens
-    /// only from its predecessor's release or the next handoff on (`Driver::listen_deferred`).
-    pub listens: bool,
+    /// Whether it listens: a member bound by a successor listens only from its predecessor's
+    /// release or the next handoff on (`Driver::listen_deferred`).
+    pub listening: Listening,
 }
 
 /// What a coordinating (or lone) driver is made from: a built server's sockets, state and

@@ -350,21 +350,22 @@ impl Driver {
         // A member whose listen was deferred (its predecessor has not let go yet, see
         // `listen_deferred`) listens now: the successor adopts only listening sockets. Its
         // worker arms its accepts at the release, as before.
-        // Asked of the kernel only for members not known to listen (`Driver::listening`):
-        // a syscall per listener is what a handoff of thousands cannot afford.
         let backlog = self.config.backlog();
-        let listen =
-            |fd| sys::listen(fd, backlog).map_err(|e| format!("listen on a new member: {e}"));
-        for i in 0..self.accepts.len() {
-            if !self.listening(i) {
-                listen(self.accepts[i].listener.fd.as_fd())?;
+        for (listening, fd) in self
+            .accepts
+            .iter()
+            .map(|s| (&s.listening, s.listener.fd.as_fd()))
+            .chain(
+                self.worker_listeners
+                    .iter()
+                    .map(|m| (&m.listening, m.fd.as_fd())),
+            )
+        {
+            if !listening.check(fd) {
+                if let Err(e) = sys::listen(fd, backlog) {
+                    return Err(format!("listen on a new member: {e}"));
+                }
             }
-        }
-        for member in &mut self.worker_listeners {
-            if !member.listens && !sys::is_listening(member.fd.as_fd()).unwrap_or(true) {
-                listen(member.fd.as_fd())?;
-            }
-            member.listens = true;
         }
         // Every fd is duplicated when its message is built and the duplicate held until that
         // send completes (a ring op may run after this turn, when the original could be gone);
