@@ -626,16 +626,17 @@ impl Drain {
     /// announced, the operator asked for a shutdown, the predecessor serves again, or the
     /// application can take no more connections.
     fn never_resume(&self) -> bool {
-        self.successor_retired || self.shutdown_requested || self.abandoned || self.committed
+        self.exit_planned() || self.committed
+    }
+    /// Whether the exit is planned whatever the successor does: it announced its own, the
+    /// operator asked for a shutdown, or the predecessor serves again.
+    fn exit_planned(&self) -> bool {
+        self.successor_retired || self.shutdown_requested || self.abandoned
     }
     /// Whether the successor's death, not seen yet, would leave the service to nobody: the
     /// drain never resumes only because the application committed to it.
     fn lost_if_successor_dead(&self) -> bool {
-        self.committed
-            && !self.successor_retired
-            && !self.shutdown_requested
-            && !self.abandoned
-            && !self.successor_gone
+        self.committed && !self.exit_planned() && !self.successor_gone
     }
 }
 
