@@ -350,43 +350,43 @@ fn clone_exec_with(setup: &ChildSetup<'_>, slot: RawFd, share_table: bool) -> Re
 /// Blocks every signal on this thread, glibc's internal ones too (`pthread_sigmask` leaves
 /// those two out): the mask it had.
 fn block_every_signal() -> io::Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data; the syscall writes the old mask into `old`, of the
-    // kernel's size (8 bytes, `_NSIG / 8`), which sigset_t exceeds.
+    // SAFETY: sigset_t is plain data.
+    let (mut all, mut old): (libc::sigset_t, libc::sigset_t) =
+        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    // Every bit the kernel reads (`sigfillset` would leave glibc's 32 and 33 out).
+    // SAFETY: `all` is larger than the kernel's set.
     unsafe {
-        // Every bit the kernel reads (`sigfillset` would leave glibc's 32 and 33 out).
-        let mut all: libc::sigset_t = std::mem::zeroed();
         std::ptr::write_bytes(
             &mut all as *mut libc::sigset_t as *mut u8,
             0xff,
             KERNEL_SIGSET,
-        );
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        if libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            &all as *const libc::sigset_t,
-            &mut old as *mut libc::sigset_t,
-            KERNEL_SIGSET,
-        ) != 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(old)
+        )
+    };
+    if swap_signal_mask(&all, Some(&mut old)) != 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(old)
 }
 
 /// Sets this thread's signal mask (the kernel ignores SIGKILL and SIGSTOP in it). A raw
 /// syscall, so the vfork child may call it too.
 fn set_signal_mask(mask: &libc::sigset_t) {
-    // SAFETY: a mask of at least the kernel's size, only read.
+    swap_signal_mask(mask, None);
+}
+
+/// `rt_sigprocmask(SIG_SETMASK, mask, old)` with the kernel's set size (8 bytes, `_NSIG / 8`,
+/// which sigset_t exceeds): its return value.
+fn swap_signal_mask(mask: &libc::sigset_t, old: Option<&mut libc::sigset_t>) -> libc::c_long {
+    let old = old.map_or(std::ptr::null_mut(), |o| o as *mut libc::sigset_t);
+    // SAFETY: `mask` is read and `old` (if not null) written, each at least the kernel's size.
     unsafe {
         libc::syscall(
             libc::SYS_rt_sigprocmask,
             libc::SIG_SETMASK,
             mask as *const libc::sigset_t,
-            std::ptr::null_mut::<libc::sigset_t>(),
+            old,
             KERNEL_SIGSET,
-        );
+        )
     }
 }
 
