@@ -301,19 +301,25 @@ fn start_server(
     // listeners reads its configuration: as 20,000 arguments, 10,000 listeners cost each
     // generation 20-30 ms of exec and parsing (measured, BENCHMARKS-LAB.md §8, §9), the example's
     // cost and not the handover's.
-    let listen_file = dir.join(format!("{tag}.listen"));
-    if kind.starts_with("ringflip") {
+    let listen_file = if kind.starts_with("ringflip") {
+        let path = dir.join(format!("{tag}.listen"));
         let lines: String = addrs.iter().map(|a| format!("{a}\n")).collect();
-        std::fs::write(&listen_file, lines).map_err(|e| e.to_string())?;
-    }
+        std::fs::write(&path, lines).map_err(|e| e.to_string())?;
+        Some(path)
+    } else {
+        None
+    };
     let mut cmd =
         scenario::server_command(&exe, &pid_file, Duration::from_secs(120), &logf, |cmd| {
             cmd.args(["--serve", kind]);
-            if kind.starts_with("ringflip") {
-                cmd.arg("--listen-file").arg(&listen_file);
-            } else {
-                for a in &addrs {
-                    cmd.args(["--listen", &a.to_string()]);
+            match &listen_file {
+                Some(path) => {
+                    cmd.arg("--listen-file").arg(path);
+                }
+                None => {
+                    for a in &addrs {
+                        cmd.args(["--listen", &a.to_string()]);
+                    }
                 }
             }
         })?;
