@@ -28,7 +28,9 @@
 //! of ringflip's echo server with no upgrade, from 2,000 conn/s up by 1.5× a step (at most 8
 //! steps of 2 s), stopping at the first rate where the load generator's own lag (each
 //! connection's `connect()` after its scheduled start; `Sample::client_lag`) reaches 1 ms at its
-//! p90, or grows by 1 ms over the step (`ClientLag`), or the server takes 95 % of its core. Then
+//! p90, or grows by 1 ms over the step (`ClientLag`), or the server takes 95 % of its core; then
+//! it halves the last step (at most 3 times, to within 5 %) so that the saturation rate is the
+//! lowest rate seen to saturate, not up to 1.5× past it. Then
 //! it runs the upgrade scenario at that rate, 1.25× and 1.5× it for burst-only (no upgrade), ringflip, ecdysis and
 //! shellflip (`--only` picks others), all in this one run. `--test` runs a short form of it too
 //! (2 sweep steps of 250 ms at 500 and 800 conn/s (rates are rounded to 100), ringflip only, 1 upgrade per rate), so CI
@@ -117,6 +119,10 @@ const SWEEP_FROM: u32 = 2000;
 const SWEEP_FACTOR: f64 = 1.5;
 const SWEEP_STEPS: usize = 8;
 const SWEEP_STEP: Duration = Duration::from_secs(2);
+/// Then the interval between the last rate that kept up and the first that saturated is halved
+/// at most this many times, and no further than this fraction of the rate.
+const BISECT_STEPS: usize = 3;
+const BISECT_RESOLUTION: f64 = 0.05;
 const LAG_BOUND: Duration = Duration::from_millis(1);
 /// Server CPU (share of its one core) that also marks saturation: the server saturates first.
 const CPU_BOUND: f64 = 0.95;
@@ -457,7 +463,8 @@ fn overload(o: &Opts, rows: &mut Vec<Row>, all_ok: &mut bool) -> Value {
     println!(
         "overload: sweep of ringflip's echo server, no upgrade, {} ms per step from {from} conn/s \
          up by {SWEEP_FACTOR}× (at most {steps} steps) until the client's lag p90 or its growth over \
-         the step reaches {} ms, or the server's CPU {:.0}% of its {}:",
+         the step reaches {} ms, or the server's CPU {:.0}% of its {}; then the last step halved \
+         (at most {BISECT_STEPS} times):",
         step.as_millis(),
         ms(LAG_BOUND),
         100.0 * CPU_BOUND,
@@ -465,81 +472,49 @@ fn overload(o: &Opts, rows: &mut Vec<Row>, all_ok: &mut bool) -> Value {
             .map_or("core".into(), |c| format!("cap ({:.0}% of a core, a cgroup quota)", 100.0 * c))
     );
     let mut sweep = Vec::new();
-    let mut saturation = None;
+    // The climb: up by SWEEP_FACTOR until a step saturates.
+    let mut below = None; // the highest rate that did not saturate
+    let mut saturation = None; // the lowest rate that did
     let mut rate = from as f64;
     let mut last = from;
     for _ in 0..steps {
-        let r = (rate / 100.0).round() as u32 * 100;
+        let r = round_rate(rate);
         last = r;
-        let s = Scenario {
-            serve_args: vec!["--serve".into(), "ringflip".into()],
-            strategy: Strategy::BurstOnly,
-            upgrades: 0,
-            rate: r,
-            interval: step,
-            long_lived: 0,
-            burst: 0,
-            server_args: Vec::new(),
-            warmup: Duration::ZERO,
-            pin_server: o.pin_server,
-            server_cpu: o.server_cpu,
-            drain_timeout: Duration::from_secs(1),
-        };
-        let out = match scenario::run(&s) {
-            Ok(out) => out,
-            Err(e) => {
-                println!("  {r:>7} conn/s  could not run: {e}");
+        match sweep_step(o, r, step, &mut sweep) {
+            Err(()) => {
                 *all_ok = false;
                 break;
             }
-        };
-        let lag = ClientLag::of(&out);
-        let conns = out.report.samples.len();
-        let cpu = out.server_cpu.as_secs_f64();
-        let share = cpu / out.wall.as_secs_f64();
-        let st = out.steady();
-        let reason = if lag.p90 >= LAG_BOUND {
-            Some("client lag p90")
-        } else if lag.growth >= LAG_BOUND {
-            Some("client lag growing")
-        } else if share >= CPU_BOUND * o.server_cpu.unwrap_or(1.0) {
-            Some("server CPU")
-        } else {
-            None
-        };
-        println!(
-            "  {r:>7} conn/s  client lag p50 {:>7.3}ms p90 {:>7.3}ms p99 {:>7.3}ms growth \
-             {:>7.3}ms  latency p99 {:>7.3}ms  failed {:>5}  server CPU {:>5.1}% ({:.1} µs/conn){}",
-            ms(lag.p50),
-            ms(lag.p90),
-            ms(lag.p99),
-            ms(lag.growth),
-            ms(st.p99),
-            out.report.failures.total(),
-            100.0 * share,
-            cpu * 1e6 / conns.max(1) as f64,
-            reason
-                .map(|r| format!("  saturated: {r}"))
-                .unwrap_or_default(),
-        );
-        sweep.push(json!({
-            "rate": r, "connections": conns, "failed": out.report.failures.total(),
-            "client_lag": {"p50": ms(lag.p50), "p90": ms(lag.p90), "p99": ms(lag.p99),
-                           "max": ms(lag.max), "growth": ms(lag.growth)},
-            "latency": support::json::stats(&st),
-            "cpu_share": share,
-            "cpu_us_per_conn": cpu * 1e6 / conns.max(1) as f64,
-            "saturated": reason,
-        }));
-        if out.ok() {
-            let _ = std::fs::remove_dir_all(&out.dir);
-        }
-        if reason.is_some() {
-            saturation = Some(r);
-            break;
+            Ok(true) => {
+                saturation = Some(r);
+                break;
+            }
+            Ok(false) => below = Some(r),
         }
         rate *= SWEEP_FACTOR;
     }
+    // The climb's steps are SWEEP_FACTOR apart, so its first saturated rate may lie up to that
+    // far past where saturation begins (2026-12-05, uncapped: 10,100 conn/s kept up, 15,200
+    // had every server fail a quarter of a million connections at "1.0×"). Halve the interval
+    // a few times; the saturation rate is the lowest rate seen to saturate.
+    if let (Some(mut lo), Some(mut hi)) = (below, saturation) {
+        for _ in 0..if o.quick { 1 } else { BISECT_STEPS } {
+            let mid = round_rate((lo + hi) as f64 / 2.0);
+            if mid <= lo || mid >= hi || (hi - lo) as f64 <= BISECT_RESOLUTION * lo as f64 {
+                break;
+            }
+            match sweep_step(o, mid, step, &mut sweep) {
+                Err(()) => {
+                    *all_ok = false;
+                    break;
+                }
+                Ok(true) => hi = mid,
+                Ok(false) => lo = mid,
+            }
+        }
+        saturation = Some(hi);
+    }
+    sweep.sort_by_key(|s| s["rate"].as_u64());
     let sat = saturation.unwrap_or(last);
     println!(
         "  saturation: {sat} conn/s{}",
@@ -600,6 +575,74 @@ fn overload(o: &Opts, rows: &mut Vec<Row>, all_ok: &mut bool) -> Value {
         "upgrades_per_row": upgrades,
         "fd_limit": fd_limit,
     })
+}
+
+/// A rate rounded to 100 conn/s.
+fn round_rate(rate: f64) -> u32 {
+    (rate / 100.0).round() as u32 * 100
+}
+
+/// One step of the overload sweep: ringflip's echo server without upgrades at `rate` for
+/// `step`, printed and recorded in `sweep`. `Ok(true)` when it saturated (client lag, or the
+/// server's CPU), `Err` when it could not run.
+fn sweep_step(o: &Opts, rate: u32, step: Duration, sweep: &mut Vec<Value>) -> Result<bool, ()> {
+    let s = Scenario {
+        serve_args: vec!["--serve".into(), "ringflip".into()],
+        strategy: Strategy::BurstOnly,
+        upgrades: 0,
+        rate,
+        interval: step,
+        long_lived: 0,
+        burst: 0,
+        server_args: Vec::new(),
+        warmup: Duration::ZERO,
+        pin_server: o.pin_server,
+        server_cpu: o.server_cpu,
+        drain_timeout: Duration::from_secs(1),
+    };
+    let out = scenario::run(&s).map_err(|e| println!("  {rate:>7} conn/s  could not run: {e}"))?;
+    let lag = ClientLag::of(&out);
+    let conns = out.report.samples.len();
+    let cpu = out.server_cpu.as_secs_f64();
+    let share = cpu / out.wall.as_secs_f64();
+    let st = out.steady();
+    let reason = if lag.p90 >= LAG_BOUND {
+        Some("client lag p90")
+    } else if lag.growth >= LAG_BOUND {
+        Some("client lag growing")
+    } else if share >= CPU_BOUND * o.server_cpu.unwrap_or(1.0) {
+        Some("server CPU")
+    } else {
+        None
+    };
+    println!(
+        "  {rate:>7} conn/s  client lag p50 {:>7.3}ms p90 {:>7.3}ms p99 {:>7.3}ms growth \
+         {:>7.3}ms  latency p99 {:>7.3}ms  failed {:>5}  server CPU {:>5.1}% ({:.1} µs/conn){}",
+        ms(lag.p50),
+        ms(lag.p90),
+        ms(lag.p99),
+        ms(lag.growth),
+        ms(st.p99),
+        out.report.failures.total(),
+        100.0 * share,
+        cpu * 1e6 / conns.max(1) as f64,
+        reason
+            .map(|r| format!("  saturated: {r}"))
+            .unwrap_or_default(),
+    );
+    sweep.push(json!({
+        "rate": rate, "connections": conns, "failed": out.report.failures.total(),
+        "client_lag": {"p50": ms(lag.p50), "p90": ms(lag.p90), "p99": ms(lag.p99),
+                       "max": ms(lag.max), "growth": ms(lag.growth)},
+        "latency": support::json::stats(&st),
+        "cpu_share": share,
+        "cpu_us_per_conn": cpu * 1e6 / conns.max(1) as f64,
+        "saturated": reason,
+    }));
+    if out.ok() {
+        let _ = std::fs::remove_dir_all(&out.dir);
+    }
+    Ok(reason.is_some())
 }
 
 /// How late the load generator started its connections in a sweep step (`connect()` after the
