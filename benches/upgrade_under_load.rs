@@ -8,7 +8,7 @@
 //! cargo bench --bench upgrade_under_load -- --test             # CI: 2 upgrades each, quick
 //! cargo bench --bench upgrade_under_load -- --unpinned-server  # servers not pinned to CPU 0
 //! cargo bench --bench upgrade_under_load -- --json target/uul.json   # also write the run as JSON
-//! cargo bench --bench upgrade_under_load -- --overload         # at the saturation rate, 1.25× and 1.5×
+//! cargo bench --bench upgrade_under_load -- --overload         # at 1, 1.25, 1.5, 1.75 and 2× the saturation rate
 //! cargo bench --bench upgrade_under_load -- --overload --server-cpu 30   # servers capped at 30 %
 //! cargo bench --bench upgrade_under_load -- --pause-ms 65000   # a pause before each row
 //! ```
@@ -30,9 +30,9 @@
 //! connection's `connect()` after its scheduled start; `Sample::client_lag`) reaches 1 ms at its
 //! p90, or grows by 1 ms over the step (`ClientLag`), or the server takes 95 % of its core; then
 //! it halves the last step (at most 3 times, to within 5 %) so that the saturation rate is the
-//! lowest rate seen to saturate, not up to 1.5× past it. Then
-//! it runs the upgrade scenario at that rate, 1.25× and 1.5× it for burst-only (no upgrade), ringflip, ecdysis and
-//! shellflip (`--only` picks others), all in this one run. `--test` runs a short form of it too
+//! lowest rate seen to saturate, not up to 1.5× past it. Then it runs the upgrade scenario at
+//! 1, 1.25 and 1.5× that rate (the issue's targets), and at 1.75 and 2× (where servers start to
+//! fail) for burst-only (no upgrade), ringflip, ecdysis and shellflip (`--only` picks others), all in this one run. `--test` runs a short form of it too
 //! (2 sweep steps of 250 ms at 500 and 800 conn/s (rates are rounded to 100), ringflip only, 1 upgrade per rate), so CI
 //! keeps it working; `--test --overload` runs only that.
 //!
@@ -127,7 +127,7 @@ const LAG_BOUND: Duration = Duration::from_millis(1);
 /// Server CPU (share of its one core) that also marks saturation: the server saturates first.
 const CPU_BOUND: f64 = 0.95;
 /// The rates of the upgrade rows, as multiples of the saturation rate.
-const OVERLOAD_FACTORS: [f64; 3] = [1.0, 1.25, 1.5];
+const OVERLOAD_FACTORS: [f64; 5] = [1.0, 1.25, 1.5, 1.75, 2.0];
 
 struct Opts {
     upgrades: usize,
@@ -451,7 +451,8 @@ fn print_row(label: &str, out: &Outcome) {
     }
 }
 
-/// `--overload`: the sweep for the saturation rate, then the upgrade rows at it, 1.25× and 1.5× it.
+/// `--overload`: the sweep for the saturation rate, then the upgrade rows at each of
+/// `OVERLOAD_FACTORS` times it.
 /// Returns the sweep's record for the JSON.
 fn overload(o: &Opts, rows: &mut Vec<Row>, all_ok: &mut bool) -> Value {
     let (from, steps, step) = if o.quick {
