@@ -113,7 +113,11 @@ def label_ms(v):
 def provenance(d):
     m, c = d["meta"], d["config"]
     quick = " · quick mode: not a measurement" if c.get("quick") else ""
-    load = f"{c['rate']:,} conn/s, burst {c['burst']}, {c['long_lived']} long-lived"
+    rate = f"{c['rate']:,} conn/s"
+    if d.get("overload"):
+        rates = d["overload"]["rates"]
+        rate = f"{min(rates):,}–{max(rates):,} conn/s (overload)"
+    load = f"{rate}, burst {c['burst']}, {c['long_lived']} long-lived"
     if d.get("bench") == "http_upgrade":
         load = (f"{c['rate']:,} req/s, {c['http1_clients']} HTTP/1.1 + {c['http2_clients']} "
                 "HTTP/2 keep-alive clients")
@@ -258,8 +262,13 @@ def summary_plot(d, path):
                  weight="bold" if s["name"].startswith("ringflip") else "normal")
         svg.rect(ml, y + 3, X(s["window"]["p999"]) - ml, 9, C99)
         svg.rect(ml, y + 13, X(s["steady"]["p999"]) - ml, 6, C50)
-        svg.text(X(s["window"]["p999"]) + 4, y + 12, f"{s['window']['p999']:g}", size=9,
-                 fill=C99)
+        # The value right of its bar, or inside it (white) where it would run into the
+        # failures column.
+        label, end = f"{s['window']['p999']:g}", X(s["window"]["p999"])
+        if end + 4 + 6 * len(label) > ml + bar_w:
+            svg.text(end - 4, y + 11, label, size=9, anchor="end", fill="#fff")
+        else:
+            svg.text(end + 4, y + 12, label, size=9, fill=C99)
         failed = f"{s.get('failed', 0):,} / {s.get('pings_failed', 0):,}"
         svg.text(ml + bar_w + 10, y + 14, failed, size=11, fill=CFAIL if bad else "#222",
                  weight="bold" if bad else "normal")
