@@ -28,12 +28,15 @@
 //! of ringflip's echo server with no upgrade, from 2,000 conn/s up by 1.5× a step (at most 8
 //! steps of 2 s), stopping at the first rate where the load generator's own lag (each
 //! connection's `connect()` after its scheduled start; `Sample::client_lag`) reaches 1 ms at its
-//! p90, or grows by 1 ms over the step (`ClientLag`), or the server takes 95 % of its core; then
-//! it halves the last step (at most 3 times, to within 5 %) so that the saturation rate is the
-//! lowest rate seen to saturate, not up to 1.5× past it. Then it runs the upgrade scenario at
-//! 1, 1.25 and 1.5× that rate (the issue's targets), and at 1.75 and 2× (where servers start to
-//! fail) for burst-only (no upgrade), ringflip, ecdysis and shellflip (`--only` picks others), all in this one run. `--test` runs a short form of it too
-//! (2 sweep steps of 250 ms at 500 and 800 conn/s (rates are rounded to 100), ringflip only, 1 upgrade per rate), so CI
+//! p90, or grows by 1 ms over the step (`ClientLag`), or the server takes 95 % of its core (of
+//! its quota with `--server-cpu`; down by 1.5× a step if the first rate saturates already). Then
+//! it halves the gap between the highest rate that kept up and the lowest that saturated until
+//! it is within 5 % (at most 5 times), and takes the latter as the saturation rate, instead of a
+//! rate up to 1.5× past it. It runs the upgrade scenario at 1, 1.25 and 1.5× that rate (the
+//! issue's targets) and at 1.75 and 2× (where servers start to fail), for burst-only (no
+//! upgrade), ringflip, ecdysis and shellflip (`--only` picks others), all in this one run.
+//! `--test` runs a short form of it too (sweep steps of 250 ms from 500 conn/s: 500 and 800,
+//! and one halving if 800 saturates; ringflip only, 1 upgrade per rate), so CI
 //! keeps it working; `--test --overload` runs only that.
 //!
 //! Servers (each this same binary re-executed as `--serve KIND`, all echo servers):
@@ -119,9 +122,9 @@ const SWEEP_FROM: u32 = 2000;
 const SWEEP_FACTOR: f64 = 1.5;
 const SWEEP_STEPS: usize = 8;
 const SWEEP_STEP: Duration = Duration::from_secs(2);
-/// Then the interval between the last rate that kept up and the first that saturated is halved
-/// at most this many times, and no further than this fraction of the rate.
-const BISECT_STEPS: usize = 3;
+/// Then the gap between the highest rate that kept up and the lowest that saturated is halved
+/// until it is at most this fraction of the former (at most this many times).
+const BISECT_MAX_STEPS: usize = 5;
 const BISECT_RESOLUTION: f64 = 0.05;
 const LAG_BOUND: Duration = Duration::from_millis(1);
 /// Server CPU (share of its one core) that also marks saturation: the server saturates first.
@@ -464,44 +467,68 @@ fn overload(o: &Opts, rows: &mut Vec<Row>, all_ok: &mut bool) -> Value {
     println!(
         "overload: sweep of ringflip's echo server, no upgrade, {} ms per step from {from} conn/s \
          up by {SWEEP_FACTOR}× (at most {steps} steps) until the client's lag p90 or its growth over \
-         the step reaches {} ms, or the server's CPU {:.0}% of its {}; then the last step halved \
-         (at most {BISECT_STEPS} times):",
+         the step reaches {} ms, or the server's CPU {:.0}% of its {}; then the gap between the \
+         last rate that kept up and the first that did not halved to within {:.0} %:",
         step.as_millis(),
         ms(LAG_BOUND),
         100.0 * CPU_BOUND,
         o.server_cpu
-            .map_or("core".into(), |c| format!("cap ({:.0}% of a core, a cgroup quota)", 100.0 * c))
+            .map_or("core".into(), |c| format!("cap ({:.0}% of a core, a cgroup quota)", 100.0 * c)),
+        100.0 * BISECT_RESOLUTION,
     );
     let mut sweep = Vec::new();
+    // As measured so far: the highest rate that kept up and the lowest that saturated.
+    let mut kept_up = None;
+    let mut saturated = None;
     // The climb: up by SWEEP_FACTOR until a step saturates.
-    let mut below = None; // the highest rate that did not saturate
-    let mut saturation = None; // the lowest rate that did
     let mut rate = from as f64;
-    let mut last = from;
     for _ in 0..steps {
         let r = round_rate(rate);
-        last = r;
         match sweep_step(o, r, step, &mut sweep) {
             Err(()) => {
                 *all_ok = false;
                 break;
             }
             Ok(true) => {
-                saturation = Some(r);
+                saturated = Some(r);
                 break;
             }
-            Ok(false) => below = Some(r),
+            Ok(false) => kept_up = Some(r),
         }
         rate *= SWEEP_FACTOR;
     }
+    // Saturated at the first step: down by SWEEP_FACTOR until a step keeps up.
+    if let (None, Some(mut r)) = (kept_up, saturated) {
+        for _ in 0..steps {
+            let down = round_rate(r as f64 / SWEEP_FACTOR);
+            if down == 0 || down >= r {
+                break;
+            }
+            match sweep_step(o, down, step, &mut sweep) {
+                Err(()) => {
+                    *all_ok = false;
+                    break;
+                }
+                Ok(true) => {
+                    saturated = Some(down);
+                    r = down;
+                }
+                Ok(false) => {
+                    kept_up = Some(down);
+                    break;
+                }
+            }
+        }
+    }
     // The climb's steps are SWEEP_FACTOR apart, so its first saturated rate may lie up to that
-    // far past where saturation begins (2026-12-05, uncapped: 10,100 conn/s kept up, 15,200
-    // had every server fail a quarter of a million connections at "1.0×"). Halve the interval
-    // a few times; the saturation rate is the lowest rate seen to saturate.
-    if let (Some(mut lo), Some(mut hi)) = (below, saturation) {
-        for _ in 0..if o.quick { 1 } else { BISECT_STEPS } {
+    // far past the last rate that kept up (2026-12-05, uncapped: 10,100 conn/s kept up, 15,200
+    // had every server fail a quarter of a million connections at "1.0×"). Halve the gap until
+    // it is within BISECT_RESOLUTION of the rate that kept up (four halvings of a 1.5× gap:
+    // 3.1 %). This narrows the gap between the rates tried, not the noise of a 2 s step.
+    if let (Some(mut lo), Some(mut hi)) = (kept_up, saturated) {
+        for _ in 0..if o.quick { 1 } else { BISECT_MAX_STEPS } {
             let mid = round_rate((lo + hi) as f64 / 2.0);
-            if mid <= lo || mid >= hi || (hi - lo) as f64 <= BISECT_RESOLUTION * lo as f64 {
+            if (hi - lo) as f64 <= BISECT_RESOLUTION * lo as f64 || mid <= lo || mid >= hi {
                 break;
             }
             match sweep_step(o, mid, step, &mut sweep) {
@@ -513,27 +540,33 @@ fn overload(o: &Opts, rows: &mut Vec<Row>, all_ok: &mut bool) -> Value {
                 Ok(false) => lo = mid,
             }
         }
-        saturation = Some(hi);
+        (kept_up, saturated) = (Some(lo), Some(hi));
     }
     sweep.sort_by_key(|s| s["rate"].as_u64());
-    let sat = saturation.unwrap_or(last);
-    println!(
-        "  saturation: {sat} conn/s{}",
-        if saturation.is_some() {
-            ""
-        } else {
-            " (not reached within the sweep: its last rate)"
+    let sat = saturated.or(kept_up).unwrap_or(from);
+    match (saturated, kept_up) {
+        (Some(_), Some(lo)) => println!(
+            "  saturation: {sat} conn/s (the highest rate that kept up: {lo}, {:.1} % below)",
+            100.0 * (sat - lo) as f64 / sat as f64
+        ),
+        (Some(_), None) => {
+            println!("  saturation: at most {sat} conn/s (no rate tried kept up)")
         }
-    );
+        (None, _) => {
+            println!("  saturation: {sat} conn/s (not reached within the sweep: its last rate)")
+        }
+    }
     let only: Vec<String> = match &o.only {
         Some(only) => only.clone(),
         None if o.quick => vec!["ringflip".into()],
         None => OVERLOAD.iter().map(|s| s.to_string()).collect(),
     };
-    let rates: Vec<u32> = OVERLOAD_FACTORS
+    let mut rates: Vec<u32> = OVERLOAD_FACTORS
         .iter()
-        .map(|f| ((sat as f64 * f) / 100.0).round() as u32 * 100)
+        .map(|f| round_rate(sat as f64 * f))
         .collect();
+    // At low rates two factors can round to one rate: one row each.
+    rates.dedup();
     // The short form's rows: one upgrade each.
     let upgrades = if o.quick { 1 } else { o.upgrades };
     // Past saturation a server's connections pile up in the client, up to the rate times the
@@ -571,7 +604,8 @@ fn overload(o: &Opts, rows: &mut Vec<Row>, all_ok: &mut bool) -> Value {
         "step_ms": step.as_millis() as u64,
         "sweep": sweep,
         "saturation_rate": sat,
-        "saturated": saturation.is_some(),
+        "saturated": saturated.is_some(),
+        "kept_up_rate": kept_up,
         "rates": rates,
         "upgrades_per_row": upgrades,
         "fd_limit": fd_limit,
@@ -584,7 +618,7 @@ fn round_rate(rate: f64) -> u32 {
 }
 
 /// One step of the overload sweep: ringflip's echo server without upgrades at `rate` for
-/// `step`, printed and recorded in `sweep`. `Ok(true)` when it saturated (client lag, or the
+/// `step`, printed and recorded in `sweep` (with its index in the order run). `Ok(true)` when it saturated (client lag, or the
 /// server's CPU), `Err` when it could not run.
 fn sweep_step(o: &Opts, rate: u32, step: Duration, sweep: &mut Vec<Value>) -> Result<bool, ()> {
     let s = Scenario {
@@ -632,6 +666,7 @@ fn sweep_step(o: &Opts, rate: u32, step: Duration, sweep: &mut Vec<Value>) -> Re
             .unwrap_or_default(),
     );
     sweep.push(json!({
+        "step": sweep.len(),
         "rate": rate, "connections": conns, "failed": out.report.failures.total(),
         "client_lag": {"p50": ms(lag.p50), "p90": ms(lag.p90), "p99": ms(lag.p99),
                        "max": ms(lag.max), "growth": ms(lag.growth)},

@@ -50,7 +50,12 @@ def failed(s):
     text = f"{s['failed']:,}"
     if kinds:
         text += " (" + ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in kinds) + ")"
-    return f"{text} / {s['pings_failed']:,}"
+    text = f"{text} / {s['pings_failed']:,}"
+    # Connection requests the kernel dropped at a full listen queue (the client retries them:
+    # failures only once its timeout ends them).
+    if s.get("listen_drops"):
+        text += f"; {s['listen_drops']:,} listen drops"
+    return text
 
 
 def row(s):
@@ -167,6 +172,8 @@ def sweep(d):
     out = [
         f"Saturation: **{o['saturation_rate']:,} conn/s**"
         + ("" if o["saturated"] else " (not reached: the sweep's last rate)")
+        + (f" (the highest rate that kept up: {o['kept_up_rate']:,})"
+           if o["saturated"] and o.get("kept_up_rate") else "")
         + f"; the rows ran at {', '.join(f'{r:,}' for r in o['rates'])} conn/s, "
         f"{o['upgrades_per_row']} upgrades each.",
         "",
