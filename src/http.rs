@@ -15,10 +15,13 @@
 //! # The drain
 //! When the phase becomes [`Phase::Draining`] (the successor is READY, or a SIGTERM):
 //! - an HTTP/2 connection gets a GOAWAY at once (hyper's graceful shutdown: the requests in
-//!   flight are answered, the client opens new streams on a new connection);
+//!   flight are answered, the client opens new streams on a new connection); one that has
+//!   sent no request yet is not known to be HTTP/2 and is treated as an idle HTTP/1.1 one;
 //! - an HTTP/1.1 response gets `Connection: close`, so a keep-alive client sends its next
 //!   request on a new connection (to the new process), and the connection closes once the
-//!   response is written;
+//!   response is written; a response that hands the connection over (`101 Switching
+//!   Protocols`, a WebSocket handshake; a successful `CONNECT`) keeps its `Connection:
+//!   upgrade`, and the upgraded connection keeps the drain waiting until it ends;
 //! - an HTTP/1.1 connection that stays idle through the *idle grace* (default
 //!   [`DEFAULT_IDLE_GRACE`]) is closed then, between requests (hyper's graceful shutdown).
 //!
@@ -56,7 +59,7 @@ use std::time::Duration;
 use http_body::Body;
 use hyper::body::Incoming as IncomingBody;
 use hyper::header::{HeaderValue, CONNECTION};
-use hyper::{Request, Response, Version};
+use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::sync::watch;
@@ -275,6 +278,22 @@ where
     }
 }
 
+/// Marks an HTTP/1.1 response as the connection's last (`Connection: close`), unless it hands
+/// the connection over to another protocol: a `101 Switching Protocols` (a WebSocket
+/// handshake) or a successful answer to `CONNECT` (a tunnel). Those must keep their
+/// `Connection: upgrade` (RFC 6455 §4.1: a client fails a handshake without it); the
+/// connection leaves HTTP there anyway, and its stream keeps its drain guard until the
+/// upgraded protocol ends. hyper leaves a 101 alone for the same reason.
+fn close_after<B>(response: &mut Response<B>, method: &Method) {
+    let hands_over = response.status() == StatusCode::SWITCHING_PROTOCOLS
+        || (method == Method::CONNECT && response.status().is_success());
+    if !hands_over {
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+}
+
 /// The application's service, with `Connection: close` on HTTP/1 responses once draining.
 #[derive(Clone)]
 struct ConnectionService<S> {
@@ -284,25 +303,24 @@ struct ConnectionService<S> {
     http2: Arc<AtomicBool>,
 }
 
-impl<S, B> hyper::service::Service<Request<IncomingBody>> for ConnectionService<S>
+impl<S, B, R> hyper::service::Service<Request<R>> for ConnectionService<S>
 where
-    S: tower_service::Service<Request<IncomingBody>, Response = Response<B>>
-        + Clone
-        + Send
-        + 'static,
+    S: tower_service::Service<Request<R>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Send + 'static,
+    R: Send + 'static,
 {
     type Response = Response<B>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Response<B>, BoxError>> + Send>>;
 
-    fn call(&self, request: Request<IncomingBody>) -> Self::Future {
+    fn call(&self, request: Request<R>) -> Self::Future {
         let http1 = request.version() < Version::HTTP_2;
         if !http1 {
             self.http2.store(true, Relaxed);
         }
+        let method = request.method().clone();
         let mut inner = self.inner.clone();
         let drain = self.drain.clone();
         Box::pin(async move {
@@ -313,11 +331,105 @@ where
             // Decided when the response is ready, so that a request that began before the
             // drain is told too.
             if http1 && drain.draining() {
-                response
-                    .headers_mut()
-                    .insert(CONNECTION, HeaderValue::from_static("close"));
+                close_after(&mut response, &method);
             }
             Ok(response)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// A service answering every request with `status` and `Connection: upgrade`.
+    #[derive(Clone)]
+    struct Answer(StatusCode);
+
+    impl<R> tower_service::Service<Request<R>> for Answer {
+        type Response = Response<String>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Response<String>, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Request<R>) -> Self::Future {
+            let mut response = Response::new(String::new());
+            *response.status_mut() = self.0;
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            std::future::ready(Ok(response))
+        }
+    }
+
+    fn response(status: StatusCode) -> Response<()> {
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        response
+    }
+
+    fn connection_after(status: StatusCode, method: Method) -> String {
+        let mut r = response(status);
+        close_after(&mut r, &method);
+        r.headers()[CONNECTION].to_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn a_draining_response_closes_its_connection_unless_it_hands_it_over() {
+        assert_eq!(connection_after(StatusCode::OK, Method::GET), "close");
+        assert_eq!(
+            connection_after(StatusCode::NOT_FOUND, Method::GET),
+            "close"
+        );
+        // A WebSocket handshake, whatever the method.
+        assert_eq!(
+            connection_after(StatusCode::SWITCHING_PROTOCOLS, Method::GET),
+            "upgrade"
+        );
+        // A tunnel opened, or refused.
+        assert_eq!(connection_after(StatusCode::OK, Method::CONNECT), "upgrade");
+        assert_eq!(
+            connection_after(StatusCode::PROXY_AUTHENTICATION_REQUIRED, Method::CONNECT),
+            "close"
+        );
+    }
+
+    /// The service every connection of [`serve`] runs: a WebSocket handshake answered while
+    /// draining keeps `Connection: upgrade` (it was replaced by `close`, and RFC 6455 clients
+    /// failed the handshake), an ordinary response gets `close`.
+    #[test]
+    fn a_websocket_handshake_answered_while_draining_keeps_its_upgrade() {
+        let (_phase, phases) = watch::channel(Phase::Draining);
+        let drain = Drain {
+            phases,
+            idle_grace: DEFAULT_IDLE_GRACE,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for (status, expected) in [
+            (StatusCode::SWITCHING_PROTOCOLS, "upgrade"),
+            (StatusCode::OK, "close"),
+        ] {
+            let service = ConnectionService {
+                inner: Answer(status),
+                drain: drain.clone(),
+                http2: Arc::new(AtomicBool::new(false)),
+            };
+            let request = Request::builder().uri("/chat").body(()).unwrap();
+            let response = runtime
+                .block_on(hyper::service::Service::call(&service, request))
+                .unwrap();
+            assert_eq!(response.headers()[CONNECTION], expected, "{status}");
+        }
     }
 }

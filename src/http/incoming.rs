@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::header::{HeaderValue, CONNECTION};
 use hyper::{Request, Response, Version};
 use tokio::sync::mpsc;
 
@@ -210,14 +209,13 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let http1 = request.version() < Version::HTTP_2;
+        let method = request.method().clone();
         let drain = self.drain.clone();
         let response = self.inner.call(request);
         Box::pin(async move {
             let mut response = response.await?;
             if http1 && drain.draining() {
-                response
-                    .headers_mut()
-                    .insert(CONNECTION, HeaderValue::from_static("close"));
+                super::close_after(&mut response, &method);
             }
             Ok(response)
         })
