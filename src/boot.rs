@@ -97,7 +97,11 @@ fn adopt(
     // Members of a per-worker group beyond this binary's worker count: keep
     // accepting on them (closing one would reset the connections in its queue).
     for slot in by_name.iter_mut() {
+        // Only a TCP record can be a member (an fd of `set_handoff_fds` may be named `x#1`).
         let extra = slot.as_ref().and_then(|(r, _)| {
+            if r.kind != SocketKind::Tcp {
+                return None;
+            }
             let (base, _) = r.name.rsplit_once('#')?;
             specs
                 .iter()

@@ -161,11 +161,16 @@ impl fmt::Display for AskError {
 
 impl std::error::Error for AskError {}
 
+/// The longest wait `request` honours: `Instant + Duration::MAX` would panic.
+const LONGEST_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Sends `command` to the control socket at `socket` and reads the answer, all within `timeout`.
 ///
 /// The connect runs on a helper thread so that it is bounded too (a Unix connect blocks while
-/// the listener's backlog is full); if it never returns, that thread is left behind.
+/// the listener's backlog is full); if it never returns, that thread is left behind. A
+/// timeout longer than a year (`Duration::MAX` for "none") waits a year.
 pub fn request(socket: &Path, command: Command, timeout: Duration) -> Result<Reply, AskError> {
+    let timeout = timeout.min(LONGEST_WAIT);
     let deadline = Instant::now() + timeout;
     let left = || deadline.saturating_duration_since(Instant::now());
     let (tx, rx) = mpsc::channel();
@@ -245,6 +250,16 @@ pub fn run(prog: &str, socket: &Path, command: Command, timeout: Duration) -> Ex
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_timeout_is_a_long_one_not_a_panic() {
+        // `Instant::now() + Duration::MAX` panicked before the connect was tried.
+        let missing = std::path::Path::new("/nonexistent/ringflip-control.sock");
+        assert!(matches!(
+            request(missing, Command::Status, Duration::MAX),
+            Err(AskError::Connect(_))
+        ));
+    }
 
     #[test]
     fn answers_parse_to_their_exit_codes() {

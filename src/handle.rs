@@ -190,16 +190,20 @@ impl PhaseWatch {
         Some(guard.0)
     }
 
-    /// Waits until the phase satisfies `want`, for at most `timeout`.
+    /// Waits until the phase satisfies `want`, for at most `timeout` (`Duration::MAX`: no
+    /// limit).
     pub fn wait_for(&mut self, timeout: Duration, want: impl Fn(Phase) -> bool) -> Option<Phase> {
-        let deadline = std::time::Instant::now() + timeout;
+        // No deadline where `now + timeout` is past what an `Instant` holds.
+        let deadline = std::time::Instant::now().checked_add(timeout);
         let (now, seq) = self.shared.phase.get();
         self.seen = seq;
         if want(now) {
             return Some(now);
         }
         loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let left = deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(std::time::Instant::now())
+            });
             match self.changed(left) {
                 Some(p) if want(p) => return Some(p),
                 Some(_) => {}

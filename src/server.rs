@@ -21,7 +21,7 @@ use crate::driver::runtime::serve_async;
 use crate::driver::{Driver, ServerParts, Waiting, WorkerMember};
 use crate::error::Error;
 use crate::handle::Handle;
-use crate::handoff::MAX_LISTENERS;
+use crate::handoff::{MAX_LISTENERS, MAX_NAME_LEN};
 use crate::inherit::state::StateStream;
 use crate::inherit::StateReader;
 use crate::launch::EnvOverrides;
@@ -39,6 +39,9 @@ mod triggers;
 
 #[cfg(feature = "tokio")]
 pub use per_core::Ring;
+
+/// The longest [`Builder::ready_timeout`] and [`Builder::drain_timeout`]: a year.
+const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Configures and starts a [`Server`].
 #[derive(Debug, Clone)]
@@ -125,14 +128,15 @@ impl Builder {
     }
 
     /// How long a new process has, from the upgrade request (starting the binary included) to
-    /// READY, before the upgrade is rolled back (default 30 s).
+    /// READY, before the upgrade is rolled back (default 30 s; more than zero, at most
+    /// a year).
     pub fn ready_timeout(mut self, timeout: Duration) -> Self {
         self.ready_timeout = timeout;
         self
     }
 
     /// How long a replaced (or stopping) process waits for its live connections to finish
-    /// before it exits anyway (default 60 s).
+    /// before it exits anyway (default 60 s; at most a year).
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout = timeout;
         self
@@ -216,6 +220,23 @@ impl Builder {
                 "max_draining_generations must be at least 1".into(),
             ));
         }
+        // A deadline is an `Instant` plus the timeout: `Duration::MAX` ("never") would overflow
+        // it in the middle of an upgrade.
+        for (what, timeout) in [
+            ("ready_timeout", self.ready_timeout),
+            ("drain_timeout", self.drain_timeout),
+        ] {
+            if timeout > MAX_TIMEOUT {
+                return Err(Error::Config(format!(
+                    "{what} {timeout:?} is longer than the longest, {MAX_TIMEOUT:?} (a year)"
+                )));
+            }
+        }
+        if self.ready_timeout.is_zero() {
+            return Err(Error::Config(
+                "ready_timeout is zero: every upgrade would fail".into(),
+            ));
+        }
         let mut names = HashSet::new();
         for l in &self.listeners {
             if l.name.contains('#') {
@@ -238,9 +259,15 @@ impl Builder {
             }
         }
         for (name, _) in &self.udp {
-            if name.starts_with("ringflip.") || !names.insert(name.as_str()) {
+            if name.starts_with("ringflip.") || name.contains('#') || !names.insert(name.as_str()) {
                 return Err(Error::Config(format!(
-                    "UDP socket name {name:?} is reserved or used twice"
+                    "UDP socket name {name:?} is reserved (\"ringflip.\", '#') or used twice"
+                )));
+            }
+            if name.len() > MAX_NAME_LEN {
+                return Err(Error::Config(format!(
+                    "UDP socket name {name:?} is longer than {MAX_NAME_LEN} bytes (the handoff's \
+                     limit)"
                 )));
             }
         }
@@ -267,6 +294,18 @@ impl Builder {
             } else {
                 specs.push(spec.clone());
             }
+        }
+        // Checked on the names as handed over (with a worker's `#i`), not at the first upgrade.
+        if let Some(spec) = specs.iter().find(|s| s.name.len() > MAX_NAME_LEN) {
+            return Err(Error::Config(format!(
+                "listener name {:?} is longer than {MAX_NAME_LEN} bytes (the handoff's limit{})",
+                spec.name,
+                if self.workers > 1 {
+                    ", with the worker's suffix"
+                } else {
+                    ""
+                }
+            )));
         }
         if let Some(path) = &self.control {
             specs.push(ListenSpec {

@@ -40,6 +40,11 @@ fn shutdown_waits_for_the_last_connection_and_the_watch_sees_each_phase() {
     let (handle, addr, thread) = start(move |c| conns_tx.send(c).unwrap());
     let mut watch = handle.watch_phase();
     assert_eq!(watch.current(), Phase::Serving);
+    // "No limit" (it panicked: `now + Duration::MAX`); the phase is there at once.
+    assert_eq!(
+        watch.wait_for(Duration::MAX, |p| p == Phase::Serving),
+        Some(Phase::Serving)
+    );
     assert_eq!(handle.generation(), 0);
 
     let mut client = TcpStream::connect(addr).unwrap();
@@ -144,6 +149,45 @@ fn bad_configuration_is_a_clear_error() {
         assert!(err.to_string().contains("used twice"), "{err}");
         let err = Server::builder()
             .listen_tcp("ringflip.x", "127.0.0.1:0".parse().unwrap())
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("reserved"), "{err}");
+        let tcp = || Server::builder().listen_tcp("a", "127.0.0.1:0".parse().unwrap());
+        // "Never" as a timeout: it panicked in the middle of the first upgrade or drain.
+        let err = tcp().drain_timeout(Duration::MAX).build().unwrap_err();
+        assert!(err.to_string().contains("drain_timeout"), "{err}");
+        let err = tcp().ready_timeout(Duration::MAX).build().unwrap_err();
+        assert!(err.to_string().contains("ready_timeout"), "{err}");
+        let err = tcp().ready_timeout(Duration::ZERO).build().unwrap_err();
+        assert!(err.to_string().contains("ready_timeout is zero"), "{err}");
+        // Names the handoff cannot carry: refused here, not at every upgrade.
+        let long = "n".repeat(256);
+        let err = Server::builder()
+            .listen_tcp(long.as_str(), "127.0.0.1:0".parse().unwrap())
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("longer than 255 bytes"), "{err}");
+        let err = Server::builder()
+            .listen_tcp("n".repeat(253), "127.0.0.1:0".parse().unwrap())
+            .workers(10) // member 9 is named `…#9`: 255 bytes, fits
+            .build()
+            .map(drop);
+        assert!(err.is_ok(), "{err:?}");
+        let err = Server::builder()
+            .listen_tcp("n".repeat(253), "127.0.0.1:0".parse().unwrap())
+            .workers(11) // `…#10`: 256 bytes
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("worker's suffix"), "{err}");
+        let err = tcp()
+            .bind_udp(long.as_str(), "127.0.0.1:0".parse().unwrap())
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("longer than 255 bytes"), "{err}");
+        // '#' names a per-worker member of a TCP listener: a UDP socket `a#1` was taken for
+        // one at an upgrade, and the upgrade failed.
+        let err = tcp()
+            .bind_udp("a#1", "127.0.0.1:0".parse().unwrap())
             .build()
             .unwrap_err();
         assert!(err.to_string().contains("reserved"), "{err}");

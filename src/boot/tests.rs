@@ -95,3 +95,64 @@ fn listen_backlog_sets_the_accept_queue() {
         .unwrap();
     assert_eq!(connects(&default), 4);
 }
+
+/// A successor adopting a TCP listener `x` and an application fd its predecessor handed over
+/// as `x#1` (`set_handoff_fds`): the fd is the application's, not a per-worker member of `x`
+/// (it was taken for one, and adopting it as TCP failed every upgrade).
+#[test]
+fn an_application_fd_named_like_a_worker_member_stays_the_applications() {
+    use std::os::fd::OwnedFd;
+
+    use crate::handoff::{ListenerRecord, SocketKind};
+    use crate::inherit::state::StateStream;
+    use crate::inherit::{Inherited, PredecessorLink};
+    use crate::listener::{Endpoint, ListenSpec};
+    use crate::machine::UpgradeId;
+
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let (channel, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (app_fd, _) = std::os::unix::net::UnixStream::pair().unwrap();
+    let record = |name: &str, kind, address: String| ListenerRecord {
+        name: name.into(),
+        kind,
+        address,
+    };
+    let inherited = Inherited {
+        link: PredecessorLink {
+            channel: OwnedFd::from(channel),
+            upgrade: UpgradeId(1),
+            predecessor_pid: 1,
+        },
+        generation: 1,
+        listeners: vec![
+            (
+                record("x", SocketKind::Tcp, addr.to_string()),
+                OwnedFd::from(tcp),
+            ),
+            (
+                record("x#1", SocketKind::Raw, String::new()),
+                OwnedFd::from(app_fd),
+            ),
+        ],
+        elders: Vec::new(),
+        state: StateStream::new(crate::protocol::SUPPORTED.max, 0, Vec::new()).unwrap(),
+        version: crate::protocol::SUPPORTED.max,
+    };
+    let spec = ListenSpec {
+        name: "x".into(),
+        endpoint: Endpoint::Tcp(addr),
+        mode: None,
+        reuseport: false,
+        setup: None,
+        backlog: None,
+    };
+    let sockets = super::adopt(inherited, &[spec], &[]).expect("adopt");
+    assert_eq!(sockets.listeners.len(), 1);
+    let names: Vec<_> = sockets
+        .inherited_fds
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(names, ["x#1"]);
+}
