@@ -37,6 +37,9 @@ pub(super) struct AcceptSlot {
     pub(super) control: bool,
     /// The armed multishot accept, until its terminal CQE.
     pub(super) op: Option<Token>,
+    /// `op` was armed with `IORING_ACCEPT_POLL_FIRST` (an EINVAL ending it is that flag's
+    /// refusal by the kernel, however many were armed before the first refusal was seen).
+    armed_poll_first: bool,
     pub(super) cancel_sent: bool,
     /// Set while re-arming is paused after a resource error (through `Accepts`, which keeps
     /// the list of such slots).
@@ -225,6 +228,7 @@ impl AcceptSlot {
             listening: Listening::new(listener.listens),
             listener,
             op: None,
+            armed_poll_first: false,
             cancel_sent: false,
             retry_at: None,
             backoff: BACKOFF_MIN,
@@ -270,12 +274,14 @@ impl Driver {
         // `benches/handover_scale.rs --curve listeners`). The poll armed instead reports a
         // queue that is not empty at once (`vfs_poll` at arming), so nothing queued waits, and
         // it waits in the listener's queue exactly as the poll armed after a failed try would.
-        if !self.accepts.no_poll_first {
+        let poll_first = !self.accepts.no_poll_first;
+        if poll_first {
             entry = with_ioprio(
                 entry,
                 IORING_ACCEPT_MULTISHOT | self.accepts.poll_first_flag,
             );
         }
+        self.accepts[i].armed_poll_first = poll_first;
         self.accepts[i].op = self.arm(Op::Accept(i), entry);
         self.accepts[i].cancel_sent = false;
     }
@@ -314,16 +320,20 @@ impl Driver {
             self.deliver(i, fd, sink);
             // More may be queued: take them until EAGAIN.
             self.sweep(i);
-        } else if res == -libc::EINVAL && !self.accepts.no_dontwait {
+        } else if res == -libc::EINVAL {
             // This kernel has no IORING_ACCEPT_DONTWAIT (Linux < 6.10): no takeover
             // (the predecessor's accept stop ends the overlap as before), and sweeps
-            // re-arm the multishot accept instead (see `sweep`), starting with this one.
-            tracing::info!(
-                "no IORING_ACCEPT_DONTWAIT on this kernel: no takeover; the previous \
-                 process keeps the accept queue until it lets go"
-            );
-            self.accepts.no_dontwait = true;
-            self.feed_succession(SuccessionEvent::NoDontwait);
+            // re-arm the multishot accept instead (see `sweep`). Every sweep sent before
+            // the first refusal was seen fails the same way (several listeners swept in one
+            // turn): each re-arms its own listener, not only the first.
+            if !self.accepts.no_dontwait {
+                tracing::info!(
+                    "no IORING_ACCEPT_DONTWAIT on this kernel: no takeover; the previous \
+                     process keeps the accept queue until it lets go"
+                );
+                self.accepts.no_dontwait = true;
+                self.feed_succession(SuccessionEvent::NoDontwait);
+            }
             self.sweep(i);
         }
         // EAGAIN: the queue was empty (the predecessor or our own multishot accept took
@@ -362,10 +372,14 @@ impl Driver {
         slot.op = None;
         slot.cancel_sent = false;
         // Linux before 6.10 refuses the flag with EINVAL (a listening socket gives no other
-        // reason to): accept as before, on every slot from now on.
-        if res == -libc::EINVAL && !self.accepts.no_poll_first && self.listening(i) {
-            tracing::info!("no IORING_ACCEPT_POLL_FIRST on this kernel: accepts try first");
-            self.accepts.no_poll_first = true;
+        // reason to): accept as before, on every slot from now on. Every accept armed with
+        // it fails so (all of them at the start): each re-arms at once, not only the first
+        // (the others were paused with a backoff).
+        if res == -libc::EINVAL && slot.armed_poll_first && self.listening(i) {
+            if !self.accepts.no_poll_first {
+                tracing::info!("no IORING_ACCEPT_POLL_FIRST on this kernel: accepts try first");
+                self.accepts.no_poll_first = true;
+            }
             if self.accepts.wanted {
                 return self.arm_accept(i);
             }

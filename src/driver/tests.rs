@@ -1445,6 +1445,65 @@ fn a_kernel_without_poll_first_accepts_as_before() {
     assert_eq!(taken.len(), clients.len(), "connections lost");
 }
 
+/// The same with two listeners (helper-25's review): every accept armed at the start is
+/// refused, not only the first. Each must re-arm at once; the second was paused with a
+/// backoff ("accept paused"), and `accept_paused` stayed set until it delivered.
+#[test]
+fn a_kernel_without_poll_first_re_arms_every_listener_at_once() {
+    let server = Server::builder()
+        .listen_tcp("a", "127.0.0.1:0".parse().unwrap())
+        .listen_tcp("b", "127.0.0.1:0".parse().unwrap())
+        .build()
+        .unwrap();
+    let mut driver = Driver::prepare(server.parts, Waiting::InRing).unwrap();
+    driver.accepts.poll_first_flag = 1 << 15;
+    driver.start().unwrap();
+    let deadline = Instant::now() + BOUND;
+    while !driver.accepts.no_poll_first && Instant::now() < deadline {
+        driver.turn(false, &mut |_| {}).unwrap();
+    }
+    assert!(driver.accepts.no_poll_first, "the refusal was not learnt");
+    for i in 0..2 {
+        assert!(driver.accepts[i].op.is_some(), "listener {i} left unarmed");
+    }
+    assert!(
+        !driver
+            .shared
+            .accept_paused
+            .load(std::sync::atomic::Ordering::SeqCst),
+        "a listener was paused"
+    );
+}
+
+/// On a kernel without `IORING_ACCEPT_DONTWAIT` (before 6.10) sweeps of two listeners sent
+/// in one turn both fail with EINVAL. The first refusal teaches the driver to sweep by
+/// re-arming the multishot accept; the second must do so too (its listener was left alone,
+/// a connection stranded in its queue until another came).
+#[test]
+fn every_sweep_refused_for_dontwait_re_arms_its_listener() {
+    let server = Server::builder()
+        .listen_tcp("a", "127.0.0.1:0".parse().unwrap())
+        .listen_tcp("b", "127.0.0.1:0".parse().unwrap())
+        .build()
+        .unwrap();
+    let mut driver = Driver::new(server, Waiting::InRing).unwrap();
+    driver.sweep(0);
+    driver.sweep(1);
+    let tokens: Vec<_> = (0..2)
+        .map(|i| driver.accepts[i].sweep_accept.expect("a sweep in flight"))
+        .collect();
+    for (i, token) in tokens.into_iter().enumerate() {
+        driver.on_sweep_accept(token, i, None, -libc::EINVAL, &mut |_| {});
+    }
+    assert!(driver.accepts.no_dontwait);
+    for i in 0..2 {
+        assert!(
+            driver.accepts[i].cancel_sent,
+            "listener {i}'s accept was not re-armed to sweep it"
+        );
+    }
+}
+
 /// With `IORING_ACCEPT_POLL_FIRST`, connections already queued when the accept is armed are
 /// taken at once (the poll finds the queue readable as it is armed), and later ones too.
 #[test]
