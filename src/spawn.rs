@@ -246,8 +246,13 @@ fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
         .collect()
 }
 
+/// The signals the child resets to their default action (besides those with a handler here):
+/// the ones ringflip handles, and SIGPIPE, which the Rust runtime ignores in every Rust
+/// process and an ignored disposition survives exec; `std::process::Command` restores it
+/// too, so a successor that is a wrapper script or not in Rust runs with it as usual.
 fn to_default(handled: &SigSet) -> [bool; SIGNAL_SLOTS] {
     let mut out = [false; SIGNAL_SLOTS];
+    out[libc::SIGPIPE as usize] = true;
     for sig in handled.iter() {
         if let Some(slot) = out.get_mut(sig as usize) {
             *slot = true;
@@ -561,8 +566,8 @@ mod tests {
     /// The new process starts with stdin, stdout, stderr and the channel at fd 3, and nothing
     /// else, even from a process with many fds open, some of them inheritable: the spawn copies
     /// no fd table (with `posix_spawn` the child got a copy of every fd, and kept the ones
-    /// without `FD_CLOEXEC`). Its signal mask is empty. The same with the fallback that copies
-    /// the table.
+    /// without `FD_CLOEXEC`). Its signal mask is empty and SIGPIPE is not ignored. The same
+    /// with the fallback that copies the table.
     #[test]
     fn the_new_process_gets_stdio_and_its_channel_and_nothing_else() {
         use std::os::fd::FromRawFd;
@@ -613,6 +618,13 @@ mod tests {
             nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child.pid as i32), None).unwrap();
             assert_eq!(fds, [0, 1, 2, 3], "sharing the table first: {share_table}");
             assert!(status.contains("SigBlk:\t0000000000000000"), "{status}");
+            // SIGPIPE, ignored here (the Rust runtime), has its default action again there.
+            let ignored = status
+                .lines()
+                .find_map(|l| l.strip_prefix("SigIgn:\t"))
+                .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+                .unwrap();
+            assert_eq!(ignored & (1 << (libc::SIGPIPE - 1)), 0, "{status}");
         }
         drop(inheritable);
     }
