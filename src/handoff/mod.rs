@@ -265,6 +265,40 @@ pub(crate) fn state_header(version: u8) -> [u8; STATE_HEADER] {
     h
 }
 
+/// What a message is, in a few words: its kind and counts, never its bytes (an unexpected
+/// STATE in an error line must not print 64 KiB).
+impl fmt::Display for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Message::Offer { versions, .. } => {
+                write!(f, "OFFER (versions {}–{})", versions.min, versions.max)
+            }
+            Message::Accept(v) => write!(f, "ACCEPT (version {v})"),
+            Message::Refuse(v) => write!(f, "REFUSE (speaks {}–{})", v.min, v.max),
+            Message::Hello {
+                version,
+                upgrade,
+                fds,
+                state_len,
+                ..
+            } => write!(
+                f,
+                "HELLO (version {version}, upgrade {upgrade}, {fds} fds, {state_len} bytes of state)"
+            ),
+            Message::Fds { version, records } => {
+                write!(f, "FDS (version {version}, {} records)", records.len())
+            }
+            Message::State { version, chunk } => {
+                write!(f, "STATE (version {version}, {} bytes)", chunk.len())
+            }
+            Message::Ready(id) => write!(f, "READY (upgrade {id})"),
+            Message::Retiring(id) => write!(f, "RETIRING (upgrade {id})"),
+            Message::Released(id) => write!(f, "RELEASED (upgrade {id})"),
+            Message::Serving(id) => write!(f, "SERVING (upgrade {id})"),
+        }
+    }
+}
+
 impl Message {
     /// The version byte this message is sent with.
     pub(crate) fn version(&self) -> u8 {

@@ -122,7 +122,7 @@ pub(crate) fn from_environment() -> Result<Option<Inherited>, Error> {
         extensions: _, // none known yet: skipped
     } = message
     else {
-        return Err(Error::Handoff(format!("expected HELLO, got {message:?}")));
+        return Err(Error::Handoff(format!("expected HELLO, got {message}")));
     };
     if fds.len() != first_records.len() || fds.len() > fd_count as usize {
         return Err(Error::Handoff(format!(
@@ -156,7 +156,7 @@ pub(crate) fn from_environment() -> Result<Option<Inherited>, Error> {
         } = message
         else {
             return Err(Error::Handoff(format!(
-                "expected fds ({} of {fd_count} received), got {message:?}",
+                "expected fds ({} of {fd_count} received), got {message}",
                 owned.len()
             )));
         };
@@ -229,7 +229,7 @@ fn negotiate(
     } = message
     else {
         return Err(Error::Handoff(format!(
-            "expected the parent's OFFER, got {message:?}"
+            "expected the parent's OFFER, got {message}"
         )));
     };
     let answer = match ours.highest_common(theirs) {
@@ -343,6 +343,13 @@ fn receive_bytes(
         ) {
             Err(nix::errno::Errno::EINTR) => continue,
             Err(nix::errno::Errno::ECONNRESET) => return Err(parent_gone(what)),
+            // SO_RCVTIMEO (HELLO_TIMEOUT, set before the first receive) ran out.
+            Err(nix::errno::Errno::EAGAIN) => {
+                return Err(Error::Handoff(format!(
+                    "the parent sent nothing for {HELLO_TIMEOUT:?} while this process waited \
+                     for {what}: it is stuck"
+                )))
+            }
             other => break other,
         }
     }
@@ -378,4 +385,42 @@ fn receive_bytes(
         return Err(parent_gone(what));
     }
     Ok((len, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    /// A parent that sends nothing: the error says so (it read "EAGAIN: Try again").
+    #[test]
+    fn a_parent_that_sends_nothing_is_said_to_be_stuck() {
+        let (child, _parent) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        sys::set_recv_timeout(child.as_fd(), Duration::from_millis(20)).unwrap();
+        let mut buf = vec![0u8; 64];
+        let err = receive_bytes(child.as_fd(), &mut buf, "the handed-over fds").unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "the parent sent nothing for 10s while this process waited for the handed-over fds"
+            ),
+            "{err}"
+        );
+    }
+
+    /// An unexpected message is named by its kind and counts, not dumped.
+    #[test]
+    fn an_unexpected_message_is_named_not_dumped() {
+        let state = Message::State {
+            version: 1,
+            chunk: vec![7; 65536],
+        };
+        assert_eq!(state.to_string(), "STATE (version 1, 65536 bytes)");
+    }
 }
