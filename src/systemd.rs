@@ -3,10 +3,8 @@
 //!
 //! Across an upgrade the serving process sends `RELOADING=1` with `MONOTONIC_USEC`, then, once
 //! the new process is READY, `MAINPID=<new pid>` and `READY=1` (so `Type=notify` and
-//! `Type=notify-reload` units follow the main process); the new process says the same again
-//! once its predecessor let go, so that its word comes after any late one of an older
-//! process (`machine::successor`); a failed upgrade ends the reload with `READY=1` and a
-//! `STATUS=` line; a shutdown sends `STOPPING=1`.
+//! `Type=notify-reload` units follow the main process); a failed upgrade ends the reload with
+//! `READY=1` and a `STATUS=` line; a shutdown sends `STOPPING=1`.
 //!
 //! # Why not the `sd-notify` crate
 //!

@@ -269,8 +269,10 @@ impl Succession {
                 }
             }
             (Stage::Holding { .. } | Stage::TakingOver | Stage::Sharing, E::Released) => {
+                // Sent after its MAINPID=<this process> (unless this process has handed over
+                // to its own successor since, which is the main one then).
+                self.main |= !self.draining;
                 self.queues_free();
-                self.announce_main_after_let_go();
             }
             (Stage::Alone, E::Released) if self.linked => {
                 // A RELEASED again: the predecessor forwards its own predecessor's let-go (it
@@ -279,7 +281,6 @@ impl Succession {
                 self.push(A::QueuesFree {
                     forward: self.let_go,
                 });
-                self.announce_main_after_let_go();
             }
             (_, E::PredecessorGone) => {
                 self.forget_predecessor();
@@ -345,21 +346,6 @@ impl Succession {
     }
 
     /// The predecessor let go (or is gone): the queues are ours alone.
-    /// A let-go reached this process: unless it drains itself (its successor is the main
-    /// one then), it tells systemd MAINPID=<this process> again. Every process that let go
-    /// sent its own MAINPID=<its successor> before its RELEASED, and the RELEASED is forwarded
-    /// down the line to the process that serves; so this one's MAINPID arrives after every
-    /// MAINPID an older process sent. Without it, a process upgraded before its predecessor
-    /// read its READY was named by that late MAINPID after it had named its own successor:
-    /// systemd then took the draining process for the main one, and stopped the unit when it
-    /// exited (helper-27's review).
-    fn announce_main_after_let_go(&mut self) {
-        if !self.draining {
-            self.main = true;
-            self.push(SuccessionAction::AnnounceMain);
-        }
-    }
-
     fn queues_free(&mut self) {
         if self.stage == Stage::TakingOver {
             self.push(SuccessionAction::EndTakeover);

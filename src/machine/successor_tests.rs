@@ -143,22 +143,14 @@ fn expected(
                 A::AnnounceMain,
             ]),
         ),
-        // MAINPID=<this process> again unless it drains (let go: its successor is the main
-        // one): it arrives after every older process's late MAINPID (successor.rs).
-        (_, E::Released) if waiting => {
-            let (stage, main, linked, let_go, mut actions) = free(!let_go);
-            if !let_go {
-                actions.push(A::AnnounceMain);
-            }
-            (stage, main, linked, let_go, actions)
-        }
-        (Stage::Alone, E::Released) if linked => {
-            let mut actions = vec![A::QueuesFree { forward: let_go }];
-            if !let_go {
-                actions.push(A::AnnounceMain);
-            }
-            (stage, main || !let_go, linked, let_go, actions)
-        }
+        (_, E::Released) if waiting => free(!let_go),
+        (Stage::Alone, E::Released) if linked => (
+            stage,
+            main,
+            linked,
+            let_go,
+            vec![A::QueuesFree { forward: let_go }],
+        ),
         (_, E::PredecessorGone) => {
             let (stage, main, _, let_go, mut actions) = if waiting && !let_go {
                 let (stage, _, linked, let_go, mut actions) = free(true);
@@ -286,11 +278,7 @@ fn a_normal_handover_seen_from_the_new_process() {
     s.handle(E::Released, now);
     assert_eq!(
         drain(&mut s),
-        [
-            A::EndTakeover,
-            A::QueuesFree { forward: false },
-            A::AnnounceMain
-        ]
+        [A::EndTakeover, A::QueuesFree { forward: false }]
     );
     assert!(s.is_main() && !s.taking_over());
     // Its own upgrade later: RETIRING for a predecessor still draining; the new successor is
@@ -324,42 +312,6 @@ fn a_release_that_comes_after_this_process_let_go_is_forwarded() {
     drain(&mut s);
     s.handle(E::Released, now);
     assert_eq!(drain(&mut s), [A::QueuesFree { forward: true }]);
-}
-
-/// P hands over to S; S is upgraded to G before P reads S's READY. S names G to systemd
-/// (MAINPID=G), then P, reading S's READY late, names S (MAINPID=S), then lets go. S drains and
-/// forwards P's RELEASED to G: G must name itself again, after P's late MAINPID; else systemd
-/// keeps S as the main process and stops the unit when S exits (helper-27's review). S, which
-/// drains, names nobody, whether or not it has let go yet.
-#[test]
-fn every_let_go_reaching_the_serving_process_names_it_main_again() {
-    let now = t0();
-    // G: S lets go of it first (its own RELEASED), then forwards P's.
-    let mut g = Succession::handed_over();
-    g.handle(E::Started, now);
-    g.handle(E::ReadySent, now);
-    drain(&mut g);
-    g.handle(E::Released, now);
-    assert_eq!(
-        drain(&mut g),
-        [A::QueuesFree { forward: false }, A::AnnounceMain]
-    );
-    g.handle(E::Released, now);
-    assert_eq!(
-        drain(&mut g),
-        [A::QueuesFree { forward: false }, A::AnnounceMain]
-    );
-    assert!(g.is_main());
-    // S, draining for G, meets P's RELEASED before its own let-go: nothing to forward yet (its
-    // own RELEASED follows, and G names itself at that one), and no MAINPID.
-    let mut s = Succession::handed_over();
-    s.handle(E::Started, now);
-    s.handle(E::ReadySent, now);
-    s.handle(E::Draining(UPGRADED), now);
-    drain(&mut s);
-    s.handle(E::Released, now);
-    assert_eq!(drain(&mut s), [A::QueuesFree { forward: false }]);
-    assert!(!s.is_main());
 }
 
 #[test]
