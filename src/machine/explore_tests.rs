@@ -58,8 +58,6 @@ enum Bug {
     CheckBeforeMessages,
     /// A process says `STOPPING=1` whenever it shuts down, main or not.
     StoppingFromAnyone,
-    /// A RELEASED forwarded to a process already alone is dropped.
-    DropForwardedRelease,
     /// `ReadSuccessor` is answered without reading the channel.
     ReadNothing,
     /// A commit is answered while the accepts are still stopping (`drain_commit` → `None`).
@@ -706,8 +704,10 @@ impl World {
             // its own (a crash aside); the others run meanwhile.
             return self.ready_moves(g, p, step);
         }
-        // From outside: SIGHUP to the main process, a SIGTERM to anyone.
-        if self.upgrades_left > 0 && self.systemd_main == me {
+        // From outside: SIGHUP to the main process, or to whichever process serves (the pid
+        // file names a new process from its READY on, before its predecessor has read it; or
+        // the application's own `Handle::upgrade`); a SIGTERM to anyone.
+        if self.upgrades_left > 0 && (self.systemd_main == me || p.m.phase() == Phase::Serving) {
             step(format!("{me}: upgrade requested"), true, &|w| {
                 w.upgrades_left -= 1;
                 w.event(g, Event::EldersDraining(0))?;
@@ -865,14 +865,8 @@ impl World {
                 &|w| {
                     let msg = w.link(g).to_succ.pop_front();
                     let ours = w.link(g).upgrade;
-                    let alone = w.proc(g).s.stage() == Stage::Alone;
                     match msg {
-                        Some(Msg::Released(id)) if id == ours => {
-                            if w.bug == Bug::DropForwardedRelease && alone {
-                                return Ok(());
-                            }
-                            w.succession(g, SE::Released)
-                        }
+                        Some(Msg::Released(id)) if id == ours => w.succession(g, SE::Released),
                         _ => Ok(()),
                     }
                 },
@@ -1070,7 +1064,6 @@ fn the_explorer_catches_each_planted_bug() {
         Bug::ExitBeforeMessages,
         Bug::CheckBeforeMessages,
         Bug::StoppingFromAnyone,
-        Bug::DropForwardedRelease,
         Bug::ReadNothing,
         Bug::CommitAnsweredEarly,
     ] {

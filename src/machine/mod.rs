@@ -305,6 +305,15 @@ impl Machine {
             (_, E::EldersDraining(n)) => self.elders_draining = n,
 
             // ---- Serving
+            // The upgrade that started this process is still in flight until its predecessor
+            // lets go: that one has not read our READY yet, or has not stopped accepting. Were
+            // this process upgraded now, the predecessor's MAINPID=<this process>, sent when it
+            // reads our READY, could reach systemd after our own MAINPID=<our successor>, and
+            // systemd would take this process, draining, for the main one (and stop the unit
+            // when it exits). Its let-go comes after its MAINPID, so from then on ours is last.
+            (State::Serving, E::UpgradeRequested(by)) if self.predecessor_holds => {
+                self.reply(by, Outcome::Busy(Refusal::InFlight))
+            }
             (State::Serving, E::UpgradeRequested(by))
                 if self.elders_draining >= self.max_draining =>
             {
@@ -546,14 +555,9 @@ impl Machine {
     fn update_drain(&mut self, update: impl FnOnce(&mut Drain)) {
         if let State::Draining(drain) = &mut self.state {
             update(drain);
-            // After an upgrade, also wait for the predecessor's let-go, if it is still to come:
-            // this process forwards it to its successor (the older process's accepts were
-            // ahead of the successor's in the queue, and their cancel may strand a connection
-            // only a sweep finds). Exiting first would break that chain. The drain deadline
-            // still ends the wait, and a successor gone (its exit seen) needs nothing forwarded.
-            let forwarding =
-                self.predecessor_holds && drain.has_successor() && !drain.successor_gone;
-            if drain.accept_stopped && drain.drained && !forwarding {
+            // No wait for a predecessor's let-go to forward: this process was upgraded only
+            // after it (`UpgradeRequested` is refused while `predecessor_holds`).
+            if drain.accept_stopped && drain.drained {
                 self.finish_drain();
             }
         }
