@@ -478,7 +478,6 @@ impl Driver {
                 self.feed(Event::AcceptStopped);
                 // The successor may stop its takeover polls: connections reach it alone now.
                 self.send_released();
-                self.feed_succession(SuccessionEvent::LetGo);
             }
         }
         self.accepts.stop_reported = true;

@@ -356,17 +356,11 @@ impl Driver {
                 tracing::info!("takeover polls stopped");
                 self.cancel_takeover_polls();
             }
-            A::QueuesFree { forward } => {
+            A::QueuesFree => {
                 self.tell_workers(|set| set.predecessor_holds_queue.store(false, SeqCst));
                 self.listen_deferred();
                 self.sweep_queues();
-                if forward {
-                    // Our predecessor let go after we did (an upgrade came before the older
-                    // process noticed our READY): the older process's accepts were still
-                    // ahead of our successor's in the queue, so it sweeps too.
-                    self.send_released();
-                }
-                // A drain waiting to forward this may end now (its actions run after this).
+                // Upgrades are taken from now on.
                 self.feed(Event::PredecessorLetGo);
             }
         }
@@ -422,7 +416,7 @@ impl Driver {
     }
 
     /// Sweeps every listener's queue (`sweep`), the workers' too. Done whenever the
-    /// predecessor (or an older generation, see `forward_release`) has let go.
+    /// predecessor has let go (or is gone).
     ///
     /// Why: accept wake-ups are exclusive, and the predecessor's accept, armed first, gets
     /// them all. A connection that arrives after the predecessor last entered its ring and

@@ -320,12 +320,9 @@ impl World {
                     });
                 }
             }
-            SA::QueuesFree { forward } => {
+            SA::QueuesFree => {
                 if self.proc(g).accepting {
                     self.stranded = false; // `sweep_queues`
-                }
-                if forward {
-                    self.send_released(g);
                 }
                 // Its actions run after this one's (`run_actions`).
                 let now = self.now;
@@ -799,7 +796,6 @@ impl World {
                 w.event(g, Event::AcceptStopped)?;
                 if w.running(g) {
                     w.send_released(g); // `report_if_stopped`
-                    w.succession(g, SE::LetGo)?;
                 }
                 Ok(())
             });
@@ -993,9 +989,9 @@ impl World {
                 || (self.crashed && self.start_failures_left == 0) => {}
             _ => return Err("at rest, not exactly one process serving as the main one".into()),
         }
-        // A crashed middle generation breaks the RELEASED chain: then a connection may wait
-        // for the next one to arrive (RELIABILITY.md, known limits).
-        if self.stranded && !running.is_empty() && !self.crashed {
+        // Also after a crash: no process is upgraded before its predecessor let go, so no
+        // RELEASED chain forms that a crashed middle generation could break.
+        if self.stranded && !running.is_empty() {
             return Err(
                 "a process let go and no accepting process swept the queues since: a \
                  connection may wait with nobody woken for it"

@@ -33,9 +33,8 @@
 //! Besides the stage, three facts this side owns: whether the predecessor's channel is open
 //! (`RETIRING`/`SERVING` go there), whether systemd knows this process as the service's main
 //! one (only the main process says `STOPPING=1`: a successor abandoned before it was
-//! announced must not stop the whole unit), and whether this process has let go of the queues
-//! itself (then a RELEASED from the predecessor is forwarded to this process's own successor,
-//! whose takeover waits for it).
+//! announced must not stop the whole unit), and whether this process drains (then it is not
+//! the main process, whatever its predecessor does).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -84,8 +83,6 @@ pub(crate) enum SuccessionEvent {
     /// This process serves again after its own successor died (the upgrade machine's
     /// `ResumeAccepting`).
     Resumed,
-    /// Every accept of this process stopped (it let go of the queues itself).
-    LetGo,
 }
 
 /// What the driver must do for the successor's side.
@@ -117,9 +114,9 @@ pub(crate) enum SuccessionAction {
     EndTakeover,
     /// The predecessor let go: the queues are ours. New members listen, every queue is swept
     /// (a connection whose wake-up the predecessor's cancelled accept spent waits there), the
-    /// workers are told; with `forward`, this process has let go itself, and its successor
-    /// is sent RELEASED again (the older process's accepts were ahead of its own).
-    QueuesFree { forward: bool },
+    /// workers are told. No RELEASED goes on to a successor of this process: it has none yet
+    /// (an upgrade is refused until the predecessor lets go, `Machine::predecessor_holds`).
+    QueuesFree,
 }
 
 /// A message for the predecessor.
@@ -137,7 +134,6 @@ pub(crate) struct Succession {
     stage: Stage,
     linked: bool,
     main: bool,
-    let_go: bool,
     /// This process drains (for its own successor, or a shutdown) and has not resumed.
     draining: bool,
     actions: VecDeque<SuccessionAction>,
@@ -150,7 +146,6 @@ impl Succession {
             stage: Stage::First,
             linked: false,
             main: true,
-            let_go: false,
             draining: false,
             actions: VecDeque::new(),
         }
@@ -163,7 +158,6 @@ impl Succession {
             stage: Stage::Starting,
             linked: true,
             main: false,
-            let_go: false,
             draining: false,
             actions: VecDeque::new(),
         }
@@ -263,7 +257,7 @@ impl Succession {
                     // process (systemd still names the predecessor: MAINPID=<this one>).
                     self.stage = Stage::Alone;
                     self.main = true;
-                    self.push(A::QueuesFree { forward: false });
+                    self.push(A::QueuesFree);
                     self.push(A::DiscardOldPidFile);
                     self.push(A::AnnounceMain);
                 }
@@ -275,12 +269,10 @@ impl Succession {
                 self.queues_free();
             }
             (Stage::Alone, E::Released) if self.linked => {
-                // A RELEASED again: the predecessor forwards its own predecessor's let-go (it
-                // was upgraded before the older process noticed its READY). That older
-                // process's accepts were ahead in the queue: sweep again, and pass it on.
-                self.push(A::QueuesFree {
-                    forward: self.let_go,
-                });
+                // A RELEASED again: a predecessor of an earlier ringflip, upgraded before its
+                // own predecessor noticed its READY, forwards that older process's let-go.
+                // Its accepts were ahead in the queue: sweep again.
+                self.push(A::QueuesFree);
             }
             (_, E::PredecessorGone) => {
                 self.forget_predecessor();
@@ -324,14 +316,12 @@ impl Succession {
                     self.main = true;
                     self.push(A::AnnounceMain);
                 }
-                self.let_go = false;
                 self.draining = false;
                 if self.linked {
                     // Withdraw the RETIRING: our exit would again be a crash to recover from.
                     self.push(A::TellPredecessor(Notice::Serving));
                 }
             }
-            (_, E::LetGo) => self.let_go = true,
             // Stale or impossible here: a second Started, a RELEASED after the predecessor was
             // forgotten, a READY outcome after the start, ….
             (_, _) => {}
@@ -351,9 +341,7 @@ impl Succession {
             self.push(SuccessionAction::EndTakeover);
         }
         self.stage = Stage::Alone;
-        self.push(SuccessionAction::QueuesFree {
-            forward: self.let_go,
-        });
+        self.push(SuccessionAction::QueuesFree);
     }
 
     fn push(&mut self, action: SuccessionAction) {

@@ -1,5 +1,5 @@
 //! Transition tests for the successor's side: a table over every (stage, event) pair with the
-//! facts that change the answer (main, linked, let go), then property tests over random
+//! facts that change the answer (main, linked, draining), then property tests over random
 //! sequences with a virtual clock.
 use super::*;
 use proptest::prelude::*;
@@ -19,14 +19,12 @@ fn t0() -> Instant {
 }
 
 /// A machine put in `stage` with the given facts, its action queue empty.
-fn at(stage: Stage, main: bool, linked: bool, let_go: bool) -> Succession {
+fn at(stage: Stage, main: bool, linked: bool, draining: bool) -> Succession {
     Succession {
         stage,
         linked,
         main,
-        let_go,
-        // A process that let go drains; one that did not is taken as serving.
-        draining: let_go,
+        draining,
         actions: VecDeque::new(),
     }
 }
@@ -35,7 +33,7 @@ fn drain(s: &mut Succession) -> Vec<SuccessionAction> {
     std::iter::from_fn(|| s.poll_action()).collect()
 }
 
-const ALL_EVENTS: [SuccessionEvent; 11] = [
+const ALL_EVENTS: [SuccessionEvent; 10] = [
     E::Started,
     E::ReadySent,
     E::ReadyUnsent {
@@ -50,7 +48,6 @@ const ALL_EVENTS: [SuccessionEvent; 11] = [
     E::Draining(DrainCause::Shutdown),
     E::Draining(UPGRADED),
     E::Resumed,
-    E::LetGo,
 ];
 
 fn holding() -> Stage {
@@ -73,15 +70,15 @@ fn all_stages() -> [Stage; 8] {
 }
 
 /// What a (stage, event) pair must do, given the facts: (stage after, main after, linked
-/// after, let go after, actions).
+/// after, draining after, actions).
 fn expected(
     stage: Stage,
     event: SuccessionEvent,
     main: bool,
     linked: bool,
-    let_go: bool,
+    draining: bool,
 ) -> (Stage, bool, bool, bool, Vec<SuccessionAction>) {
-    let same = (stage, main, linked, let_go, vec![]);
+    let same = (stage, main, linked, draining, vec![]);
     let waiting = matches!(
         stage,
         Stage::Holding { .. } | Stage::TakingOver | Stage::Sharing
@@ -91,8 +88,8 @@ fn expected(
         if stage == Stage::TakingOver {
             actions.push(A::EndTakeover);
         }
-        actions.push(A::QueuesFree { forward: let_go });
-        (Stage::Alone, main || extra_main, linked, let_go, actions)
+        actions.push(A::QueuesFree);
+        (Stage::Alone, main || extra_main, linked, draining, actions)
     };
     // A linked predecessor is forgotten first.
     let forgot = |mut actions: Vec<SuccessionAction>| {
@@ -103,18 +100,22 @@ fn expected(
     };
     match (stage, event) {
         (Stage::Starting, E::Started) => {
-            (Stage::Readying, main, linked, let_go, vec![A::SendReady])
+            (Stage::Readying, main, linked, draining, vec![A::SendReady])
         }
         (Stage::First, E::Started) => (
             Stage::Alone,
             main,
             linked,
-            let_go,
+            draining,
             vec![A::ListenDeferred, A::DiscardOldPidFile, A::AnnounceReady],
         ),
-        (Stage::Readying, E::ReadySent) => {
-            (holding(), main, linked, let_go, vec![A::DiscardOldPidFile])
-        }
+        (Stage::Readying, E::ReadySent) => (
+            holding(),
+            main,
+            linked,
+            draining,
+            vec![A::DiscardOldPidFile],
+        ),
         (
             Stage::Readying,
             E::ReadyUnsent {
@@ -124,7 +125,7 @@ fn expected(
             Stage::Abandoned,
             false,
             false,
-            let_go,
+            draining,
             forgot(vec![A::RestorePidFile]),
         ),
         (
@@ -136,26 +137,18 @@ fn expected(
             Stage::Alone,
             true,
             false,
-            let_go,
-            forgot(vec![
-                A::QueuesFree { forward: false },
-                A::DiscardOldPidFile,
-                A::AnnounceMain,
-            ]),
+            draining,
+            forgot(vec![A::QueuesFree, A::DiscardOldPidFile, A::AnnounceMain]),
         ),
-        (_, E::Released) if waiting => free(!let_go),
-        (Stage::Alone, E::Released) if linked => (
-            stage,
-            main,
-            linked,
-            let_go,
-            vec![A::QueuesFree { forward: let_go }],
-        ),
+        (_, E::Released) if waiting => free(!draining),
+        (Stage::Alone, E::Released) if linked => {
+            (stage, main, linked, draining, vec![A::QueuesFree])
+        }
         (_, E::PredecessorGone) => {
-            let (stage, main, _, let_go, mut actions) = if waiting && !let_go {
-                let (stage, _, linked, let_go, mut actions) = free(true);
+            let (stage, main, _, draining, mut actions) = if waiting && !draining {
+                let (stage, _, linked, draining, mut actions) = free(true);
                 actions.insert(0, A::AnnounceMain);
-                (stage, true, linked, let_go, actions)
+                (stage, true, linked, draining, actions)
             } else if waiting {
                 free(false)
             } else {
@@ -164,11 +157,11 @@ fn expected(
             if linked {
                 actions.insert(0, A::ForgetPredecessor);
             }
-            (stage, main, false, let_go, actions)
+            (stage, main, false, draining, actions)
         }
-        (Stage::Holding { .. }, E::NoDontwait) => (Stage::Sharing, main, linked, let_go, vec![]),
+        (Stage::Holding { .. }, E::NoDontwait) => (Stage::Sharing, main, linked, draining, vec![]),
         (Stage::TakingOver, E::NoDontwait) => {
-            (Stage::Sharing, main, linked, let_go, vec![A::EndTakeover])
+            (Stage::Sharing, main, linked, draining, vec![A::EndTakeover])
         }
         (_, E::Draining(cause)) => {
             let mut actions = vec![];
@@ -179,7 +172,7 @@ fn expected(
                 actions.push(A::TellPredecessor(Notice::Retiring));
             }
             let main = main && cause == DrainCause::Shutdown;
-            (stage, main, linked, let_go, actions)
+            (stage, main, linked, true, actions)
         }
         (_, E::Resumed) => {
             let mut actions = vec![];
@@ -197,7 +190,6 @@ fn expected(
                 actions,
             )
         }
-        (_, E::LetGo) => (stage, main, linked, true, vec![]),
         _ => same,
     }
 }
@@ -208,20 +200,20 @@ fn every_stage_event_pair_with_every_fact() {
     for stage in all_stages() {
         for event in ALL_EVENTS {
             for bits in 0..8u8 {
-                let (main, linked, let_go) = (bits & 1 != 0, bits & 2 != 0, bits & 4 != 0);
-                let mut s = at(stage, main, linked, let_go);
+                let (main, linked, draining) = (bits & 1 != 0, bits & 2 != 0, bits & 4 != 0);
+                let mut s = at(stage, main, linked, draining);
                 s.handle(event, t0());
-                let got = (s.stage, s.main, s.linked, s.let_go, drain(&mut s));
-                let want = expected(stage, event, main, linked, let_go);
+                let got = (s.stage, s.main, s.linked, s.draining, drain(&mut s));
+                let want = expected(stage, event, main, linked, draining);
                 assert_eq!(
                     got, want,
-                    "{stage:?} + {event:?} (main {main}, linked {linked}, let go {let_go})"
+                    "{stage:?} + {event:?} (main {main}, linked {linked}, draining {draining})"
                 );
                 rows += 1;
             }
         }
     }
-    assert_eq!(rows, 8 * 11 * 8);
+    assert_eq!(rows, 8 * 10 * 8);
 }
 
 #[test]
@@ -276,10 +268,7 @@ fn a_normal_handover_seen_from_the_new_process() {
     assert_eq!(drain(&mut s), [A::StartTakeover]);
     assert!(s.taking_over() && !s.predecessor_holds_queue());
     s.handle(E::Released, now);
-    assert_eq!(
-        drain(&mut s),
-        [A::EndTakeover, A::QueuesFree { forward: false }]
-    );
+    assert_eq!(drain(&mut s), [A::EndTakeover, A::QueuesFree]);
     assert!(s.is_main() && !s.taking_over());
     // Its own upgrade later: RETIRING for a predecessor still draining; the new successor is
     // the main process now.
@@ -300,18 +289,17 @@ fn a_normal_handover_seen_from_the_new_process() {
 }
 
 #[test]
-fn a_release_that_comes_after_this_process_let_go_is_forwarded() {
-    // Upgraded again before the older process noticed our READY: our successor's takeover
-    // waits for the older process's accepts too.
+fn a_release_forwarded_by_an_earlier_ringflip_sweeps_again() {
+    // A predecessor of an earlier version, upgraded before its own predecessor noticed its
+    // READY, forwards that older process's RELEASED: its accepts were ahead in the queue.
     let mut s = Succession::handed_over();
     let now = t0();
     s.handle(E::Started, now);
     s.handle(E::ReadySent, now);
-    s.handle(E::Draining(UPGRADED), now);
-    s.handle(E::LetGo, now);
+    s.handle(E::Released, now);
     drain(&mut s);
     s.handle(E::Released, now);
-    assert_eq!(drain(&mut s), [A::QueuesFree { forward: true }]);
+    assert_eq!(drain(&mut s), [A::QueuesFree]);
 }
 
 #[test]
@@ -365,7 +353,7 @@ fn check(history: &[SuccessionAction], handed_over: bool) -> Result<(), String> 
     if count(A::DiscardOldPidFile) + count(A::RestorePidFile) > 1 {
         return Err("the old pid file handled twice".into());
     }
-    // QueuesFree may come again: a forwarded RELEASED sweeps once more.
+    // QueuesFree may come again: a RELEASED forwarded by an earlier version sweeps once more.
     if !handed_over && (count(A::SendReady) > 0 || count(A::StartTakeover) > 0) {
         return Err("a process without a predecessor acted as a successor".into());
     }
@@ -429,7 +417,7 @@ proptest! {
             prop_assert_eq!(s.taking_over(), s.stage() == Stage::TakingOver);
             if s.stage() == Stage::Alone && handed_over {
                 prop_assert!(
-                    history.iter().any(|a| matches!(a, A::QueuesFree { .. })),
+                    history.iter().any(|a| matches!(a, A::QueuesFree)),
                     "alone without the queues freed"
                 );
             }
