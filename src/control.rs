@@ -13,15 +13,18 @@
 //! the uids and gids the application allows are served (`access.rs`), anyone else gets
 //! `refused: …` (after what it sent is read, so the answer always reaches it). Each connection
 //! is served on a short-lived thread of its own: an upgrade answer waits for READY, which must
-//! not block the ring.
+//! not block the ring. At most [`MAX_SERVING`] at once: any peer that can connect (the
+//! refusal is a thread too) could otherwise start threads without bound, each waiting up to
+//! 10 s for its line; one more is answered `busy: control-busy: …` on the ring and closed.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use nix::sys::socket::{getsockopt, recv, send, sockopt::PeerCredentials, MsgFlags};
 
 use crate::access::{ControlAccess, Peer};
 use crate::connection::DrainGuard;
@@ -33,6 +36,31 @@ pub(crate) const CONTROL_LISTENER: &str = "ringflip.control";
 
 /// A command line longer than this is refused.
 const MAX_LINE: usize = 256;
+
+/// Control connections served at once, in this process (see the module docs).
+pub(crate) const MAX_SERVING: usize = 16;
+
+/// Control connections being served now, in this process.
+static SERVING: AtomicUsize = AtomicUsize::new(0);
+
+/// One of the [`MAX_SERVING`] places, given back when dropped (also by a thread that could not
+/// be started).
+struct Place;
+
+impl Place {
+    fn take() -> Option<Place> {
+        SERVING
+            .fetch_update(SeqCst, SeqCst, |n| (n < MAX_SERVING).then_some(n + 1))
+            .ok()
+            .map(|_| Place)
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        SERVING.fetch_sub(1, SeqCst);
+    }
+}
 
 /// Reads one request line, up to [`MAX_LINE`] bytes, within `limit` overall however the peer
 /// trickles it: what came by then, by EOF or by an error, without its newline.
@@ -57,6 +85,9 @@ fn read_line_within(mut stream: &UnixStream, limit: Duration) -> String {
 /// Serves one control connection on its own thread. The guard keeps a draining process alive
 /// until the answer is written.
 pub(crate) fn serve(fd: OwnedFd, handle: Handle, guard: DrainGuard) {
+    let Some(place) = Place::take() else {
+        return turn_away(fd);
+    };
     let spawned = std::thread::Builder::new()
         .name("ringflip-control".into())
         .spawn(move || {
@@ -65,10 +96,30 @@ pub(crate) fn serve(fd: OwnedFd, handle: Handle, guard: DrainGuard) {
                 tracing::debug!(error = %e, "control connection ended early");
             }
             drop(guard);
+            drop(place);
         });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start a control thread");
     }
+}
+
+/// Answers a connection beyond [`MAX_SERVING`] without waiting, on the ring's thread: what the
+/// peer already sent is taken in first (closing a Unix socket with unread data resets the
+/// peer, which may then not read the answer), the answer fits an empty socket buffer.
+fn turn_away(fd: OwnedFd) {
+    tracing::warn!(
+        max = MAX_SERVING,
+        "control connection turned away: as many are being served already"
+    );
+    let mut sent = [0u8; MAX_LINE];
+    let _ = recv(fd.as_raw_fd(), &mut sent, MsgFlags::MSG_DONTWAIT);
+    let reply =
+        format!("busy: control-busy: {MAX_SERVING} control connections are being served already\n");
+    let _ = send(
+        fd.as_raw_fd(),
+        reply.as_bytes(),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+    );
 }
 
 fn answer(stream: UnixStream, handle: &Handle) -> std::io::Result<()> {

@@ -242,3 +242,54 @@ fn control_socket_admits_allowed_uids_and_gids() {
     server.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Each control connection is served on a thread of its own, so their number is capped: one
+/// beyond 16 idle ones is answered `busy: control-busy` at once (before the cap, a 17th thread
+/// started and the answer was the status), and a place given back serves again.
+#[test]
+fn control_connections_beyond_the_cap_are_turned_away() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let dir = std::env::temp_dir().join(format!("ringflip-control-cap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("control.sock");
+    let server = EchoServer::start(EchoOpts {
+        extra_args: vec!["--control".into(), socket.display().to_string()],
+        ..EchoOpts::default()
+    });
+    // Sends its line and reads the whole answer; a write failing (the server answered and
+    // closed first) still leaves the answer to read.
+    let exchange = |line: &str| {
+        let mut s = UnixStream::connect(&socket).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(format!("{line}\n").as_bytes());
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    };
+    // Idle peers: each holds a serving thread waiting for its line (up to 10 s).
+    let idle: Vec<UnixStream> = (0..16)
+        .map(|_| UnixStream::connect(&socket).expect("connect"))
+        .collect();
+    let answer = exchange("status");
+    assert!(
+        answer.starts_with("busy: control-busy: 16 control connections"),
+        "{answer:?}\n{}",
+        server.log_tail()
+    );
+    drop(idle);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = exchange("status");
+        if answer.starts_with("phase=Serving ") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still turned away 5 s after the idle peers left: {answer:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
