@@ -61,9 +61,39 @@ pub(crate) fn write_pid_file(path: &Path, pid: u32) -> std::io::Result<Option<Pa
     }
 }
 
+/// Removes the pid file at `path` if it names `pid`: at the final stop, so that nothing is
+/// left to name a pid the kernel may give to another process. A pid file naming another
+/// process (a successor wrote it) is left alone. Not atomic (read, then unlink): it runs when
+/// this process exits, when no upgrade of its own can write the file any more.
+pub(crate) fn remove_pid_file_naming(path: &Path, pid: u32) -> std::io::Result<bool> {
+    match std::fs::read_to_string(path) {
+        Ok(content) if content.trim() == pid.to_string() => {
+            std::fs::remove_file(path).map(|_| true)
+        }
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::write_pid_file;
+    use super::{remove_pid_file_naming, write_pid_file};
+
+    #[test]
+    fn only_a_pid_file_naming_this_process_is_removed() {
+        let dir = std::env::temp_dir().join(format!("ringflip-pidrm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("x.pid");
+        std::fs::write(&path, "22\n").unwrap();
+        assert!(!remove_pid_file_naming(&path, 11).unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "22\n");
+        assert!(remove_pid_file_naming(&path, 22).unwrap());
+        assert!(!path.exists());
+        assert!(!remove_pid_file_naming(&path, 22).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn pid_file_is_exchanged_and_the_old_one_handed_back() {

@@ -21,7 +21,7 @@ use crate::handoff::{
 };
 use crate::machine::successor::SuccessionEvent;
 use crate::machine::{Action, Event, ExitReason, Outcome, Phase, Requester, Stop, UpgradeId};
-use crate::pidfile::write_pid_file;
+use crate::pidfile::{remove_pid_file_naming, write_pid_file};
 use crate::protocol::ProtocolVersions;
 use crate::{sys, systemd};
 
@@ -224,8 +224,11 @@ impl Driver {
             }
             Action::Exit(reason) => {
                 self.tell_workers(|set| set.quit.store(true, SeqCst));
-                if matches!(reason, ExitReason::Upgraded { .. }) {
-                    self.timeline.log(Instant::now());
+                match reason {
+                    ExitReason::Upgraded { .. } => self.timeline.log(Instant::now()),
+                    // The service stops: a pid file left behind would name a pid the kernel
+                    // may give to any process (a successor's, after an upgrade, stays).
+                    ExitReason::Shutdown => self.remove_pid_file(),
                 }
                 self.exit = Some(reason);
             }
@@ -617,6 +620,16 @@ impl Driver {
             Ok(Some(leftover)) => self.unlink_later(leftover),
             Ok(None) => {}
             Err(e) => tracing::error!(error = %e, "rewriting the pid file"),
+        }
+    }
+
+    /// Removes the pid file if it names this process (see `remove_pid_file_naming`).
+    fn remove_pid_file(&self) {
+        let Some(path) = &self.config.pid_file else {
+            return;
+        };
+        if let Err(e) = remove_pid_file_naming(path, std::process::id()) {
+            tracing::warn!(error = %e, path = %path.display(), "removing the pid file");
         }
     }
 

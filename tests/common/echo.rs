@@ -500,8 +500,13 @@ impl EchoServer {
     /// SIGTERMs the current generation; waits (bounded) for every tracked process to be gone;
     /// asserts exit code 0 for generation 0 (and for every other generation the test reaped).
     pub fn stop(mut self) {
-        let cur = self.current();
-        signal(cur, libc::SIGTERM);
+        // Without a pid file the service was stopped already (by the test's own signal), and
+        // removed it: wait for the processes below all the same.
+        let cur = self.read_pid_file().map(|_| self.current());
+        if let Some(cur) = cur {
+            signal(cur, libc::SIGTERM);
+        }
+        let cur = cur.map_or(-1, |p| p.pid);
         let deadline = Instant::now() + EXIT_BOUND;
         loop {
             reap_zombies();
@@ -510,8 +515,7 @@ impl EchoServer {
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "after SIGTERM to {}, processes still exist after {EXIT_BOUND:?}: {}\n--- server log ---\n{}",
-                    cur.pid,
+                    "after SIGTERM to {cur}, processes still exist after {EXIT_BOUND:?}: {}\n--- server log ---\n{}",
                     self.tracked().iter().filter(|p| !p.gone()).map(|p| p.describe()).collect::<Vec<_>>().join("; "),
                     self.log_tail()
                 );
@@ -519,6 +523,10 @@ impl EchoServer {
             thread::sleep(Duration::from_millis(10));
         }
         let mut bad = Vec::new();
+        // The service stopped: no pid file is left to name a pid the kernel may reuse.
+        if let Some(pid) = self.read_pid_file() {
+            bad.push(format!("the pid file still names {pid} after the stop"));
+        }
         match self.direct.exit_status_within(Duration::from_secs(2)) {
             None => bad.push(format!(
                 "generation 0 (pid {}): status never observed",
