@@ -230,6 +230,18 @@ impl Driver {
         }
         self.log_if_nobody_left(pid, &status);
         self.feed(Event::SuccessorExited { pid, status });
+        // The child's accepts may have been ahead of ours in the queue: ours were re-armed
+        // during the handover (a multishot accept ends on a full CQ, on some errors, after a
+        // backoff), and a re-armed accept waits behind every waiter already there. The
+        // wake-up of a connection that came then went to the child's accept, which died (or
+        // was cancelled) without accepting it; nobody else was woken, and without this sweep
+        // the connection would wait for the next one (RELIABILITY.md, "A connection stranded
+        // at the let-go", with the roles swapped). A rollback from HandingOver re-arms
+        // nothing, so this is the only moment. (While the child lives and holds the
+        // wake-ups, a blocking `run` is not woken for them: see RELIABILITY.md.)
+        if self.machine.accepting() {
+            self.sweep_queues();
+        }
     }
 
     /// Logs that the death of `pid`, about to be fed, leaves the service to nobody (see

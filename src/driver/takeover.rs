@@ -416,7 +416,8 @@ impl Driver {
     }
 
     /// Sweeps every listener's queue (`sweep`), the workers' too. Done whenever the
-    /// predecessor has let go (or is gone).
+    /// predecessor has let go (or is gone), and when a child exits while this process accepts
+    /// (`on_successor_exit`).
     ///
     /// Why: accept wake-ups are exclusive, and the predecessor's accept, armed first, gets
     /// them all. A connection that arrives after the predecessor last entered its ring and
@@ -429,7 +430,7 @@ impl Driver {
     /// this process would accept nothing for a driver turn, which in a busy runtime is one
     /// whole tick (measured: the first 50 ms after a trigger with a 512-burst went from
     /// 14–26 to 36–190 ms p99.9).
-    fn sweep_queues(&mut self) {
+    pub(super) fn sweep_queues(&mut self) {
         if !self.accepts.wanted {
             return;
         }
