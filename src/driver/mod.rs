@@ -44,7 +44,9 @@
 //!   wait on, never by an eventfd registered with the ring, whose signal the kernel may defer by
 //!   an RCU grace period (see `wake_set.rs` and `docs/WAKEUPS.md`); a non-blocking enter runs
 //!   only a batch of deferred work, so the runtime turns again while the ring fd polls readable
-//!   (`has_pending_work`), and every SQE is submitted before it sleeps.
+//!   (`has_pending_work`), and every SQE is submitted before it sleeps — or, when the kernel
+//!   took fewer (EAGAIN, EBUSY, EINTR), the wake set's timer wakes it to submit the rest
+//!   within `SUBMIT_RETRY`.
 
 mod accept;
 mod child;
@@ -79,7 +81,7 @@ use crate::{signals, sys};
 
 use self::accept::Accepts;
 use self::child::{SpawnResult, Successor, Terminating};
-use self::ring::{errno, new_ring, retry_next_turn, Op, Ops, Token};
+use self::ring::{errno, new_ring, retry_next_turn, Op, Ops, Token, SUBMIT_RETRY};
 use self::upgrade::Timeline;
 
 /// A driver's place among the rings of a process (thread-per-core: `workers.rs`).
@@ -141,6 +143,10 @@ pub(crate) struct Driver {
     /// Handoff channels given up in a turn whose submit failed: kept open until the SQEs that
     /// may name them are submitted (see `close_channel`).
     closing_channels: Vec<OwnedFd>,
+    /// The end-of-turn submits still to refuse with EAGAIN, as a kernel out of memory for
+    /// requests does (tests only).
+    #[cfg(test)]
+    refuse_submits: u32,
     /// Who waits for the answer to a `DrainCommitted` (see `answer_commits`).
     #[cfg(feature = "axum")]
     commits: Vec<(u64, tokio::sync::oneshot::Sender<bool>)>,
@@ -387,6 +393,8 @@ impl Driver {
             pid_file_leftover: None,
             terminating: Vec::new(),
             closing_channels: Vec::new(),
+            #[cfg(test)]
+            refuse_submits: 0,
             #[cfg(feature = "axum")]
             commits: Vec::new(),
             spawning: Vec::new(),
@@ -456,18 +464,35 @@ impl Driver {
         // not armed, and miss the wake-up.
         self.arm_timer();
         if !self.ring.submission().is_empty() {
-            if let Err(e) = self.ring.submit() {
+            if let Err(e) = self.submit_queued() {
                 if !retry_next_turn(&e) {
                     return Err(Error::io("io_uring_enter")(e));
                 }
-                return Ok(None);
             }
         }
-        // Every SQE issued (a submit may stop short): the channels kept for them can close.
         if self.ring.submission().is_empty() {
+            // Every SQE issued: the channels kept for them can close.
             self.closing_channels.clear();
+        } else if let Some(set) = &mut self.wake_set {
+            // The kernel took fewer than queued (EAGAIN or EBUSY: no memory for requests; or
+            // EINTR). Nothing the runtime waits on becomes ready for SQEs the kernel never
+            // saw — an accept re-armed, the cancels of a stop — so it would sleep with them
+            // queued: its timer brings it back to submit them. (A blocking `run` submits
+            // them at its next enter, which does not wait while any is left.)
+            let now = Instant::now();
+            set.set_timer(now + SUBMIT_RETRY, now);
         }
         Ok(None)
+    }
+
+    /// Submits the queued SQEs (see `turn`).
+    fn submit_queued(&mut self) -> std::io::Result<usize> {
+        #[cfg(test)]
+        if self.refuse_submits > 0 {
+            self.refuse_submits -= 1;
+            return Err(std::io::Error::from_raw_os_error(libc::EAGAIN));
+        }
+        self.ring.submit()
     }
 
     /// The signalfd's read completed: the upgrade signal upgrades; SIGTERM/SIGINT stop (the

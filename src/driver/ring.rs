@@ -25,6 +25,11 @@ const CQ_ENTRIES: u32 = 16 * 1024;
 /// How long the exit path waits for cancelled ops to complete.
 pub(super) const FINAL_REAP: Duration = Duration::from_secs(2);
 
+/// How soon a runtime's driver tries again to submit what the kernel did not take at the end
+/// of a turn (see `Driver::turn`): soon, as those SQEs may be the accepts, and not at once, as
+/// the kernel refused for want of memory.
+pub(super) const SUBMIT_RETRY: Duration = Duration::from_millis(1);
+
 /// READY and RETIRING are 14 bytes, ACCEPT 7 and REFUSE 8; a larger message is garbage and
 /// fails to decode.
 pub(super) const CHANNEL_BUF: usize = 64;

@@ -818,6 +818,37 @@ fn connect_and_expect_one_turn(driver: &mut Driver, addr: std::net::SocketAddr, 
     }
 }
 
+/// In a runtime, a turn whose final submit the kernel refuses (EAGAIN: no memory for
+/// requests) leaves SQEs queued that nothing the runtime waits on will announce — here the
+/// re-arm of an accept that ended. The driver must have the runtime woken to submit them, and
+/// then take a connection; before the fix, the wake set stayed quiet (the runtime would sleep
+/// until some unrelated fd or deadline woke it) and the accept stayed unarmed (helper-29).
+#[test]
+fn in_a_runtime_sqes_a_refused_submit_left_queued_are_submitted_without_outside_help() {
+    let server = tcp_server(1);
+    let addr = server.local_addr("t").unwrap();
+    let mut driver = Driver::new(server, super::Waiting::InRuntime).unwrap();
+    let fd = driver.readiness_fd().expect("a wake set");
+    turn_as_a_runtime(&mut driver);
+    // The accept ends (as on a full CQ); the turn that re-arms it cannot submit.
+    let first = driver.accepts[0].op.expect("the accept is armed");
+    driver.cancel(types::CancelBuilder::user_data(first.user_data()));
+    driver.refuse_submits = 1;
+    turn_as_a_runtime(&mut driver);
+    assert_eq!(driver.refuse_submits, 0, "no submit was refused");
+    assert!(
+        !driver.ring.submission().is_empty(),
+        "the refused submit left nothing queued: the test proves nothing"
+    );
+    assert!(
+        readable_within(fd, 500),
+        "the runtime was not woken to submit what the kernel refused"
+    );
+    turn_as_a_runtime(&mut driver);
+    assert!(driver.ring.submission().is_empty(), "still queued");
+    connect_and_expect_one_turn(&mut driver, addr, 1);
+}
+
 /// A driver made for a runtime (`Waiting::InRuntime`) is woken through its wake set, by the
 /// fds its ring waits on and never by an eventfd registered with the ring (whose signal the
 /// kernel may defer by an RCU grace period: `wake_set.rs`). Each of a connection, a request
