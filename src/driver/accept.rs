@@ -284,6 +284,19 @@ impl Driver {
         self.accepts[i].armed_poll_first = poll_first;
         self.accepts[i].op = self.arm(Op::Accept(i), entry);
         self.accepts[i].cancel_sent = false;
+        // A child armed its accepts before this one (a successor starting, or one abandoned
+        // and draining): they wait ahead of ours in the listener's queue, and a wake-up is
+        // exclusive. One that does not run its ring (hung before READY, or killed before it
+        // does) leaves the connections it was woken for queued, with nobody else woken: for
+        // up to its ready deadline plus its drain. A poll beside the accept is woken
+        // whatever the order (a non-exclusive waiter) and sweeps: the takeover's mechanism
+        // (`start_takeover`), here until no child is left (`end_guard_polls_if_alone`). Only
+        // for an accept armed while a child lives, which is rare: the first ones are armed
+        // before any child, and a multishot accept ends only on a full CQ, a few errors or
+        // a backoff; for every connection the polls would wake two processes.
+        if self.children_alive() && !self.accepts[i].control {
+            self.arm_takeover(i);
+        }
     }
 
     /// A completion of listener `i`'s multishot accept: a connection, or its end.

@@ -242,6 +242,21 @@ impl Driver {
         if self.machine.accepting() {
             self.sweep_queues();
         }
+        self.end_guard_polls_if_alone();
+    }
+
+    /// Whether a child lives that may hold accept wake-ups: the successor, or one abandoned
+    /// with SIGTERM that has not exited yet (see `arm_accept`).
+    pub(super) fn children_alive(&self) -> bool {
+        self.successor.is_some() || !self.terminating.is_empty()
+    }
+
+    /// Cancels the polls `arm_accept` armed beside accepts behind a child's once no child is
+    /// left (a takeover of this process's own keeps them).
+    fn end_guard_polls_if_alone(&mut self) {
+        if !self.children_alive() && !self.succession.taking_over() {
+            self.cancel_takeover_polls();
+        }
     }
 
     /// Logs that the death of `pid`, about to be fed, leaves the service to nobody (see
@@ -401,6 +416,7 @@ impl Driver {
             let _ = sys::pidfd_signal(t.pidfd.as_fd(), libc::SIGKILL);
             false
         });
+        self.end_guard_polls_if_alone();
     }
 }
 

@@ -224,7 +224,7 @@ impl Driver {
         if !more {
             // A cancel comes from end_takeover or stop_accepting, which cleared one of
             // the two flags; with both still set it was a stop then a resume.
-            if self.succession.taking_over() && self.accepts.wanted {
+            if (self.succession.taking_over() || self.children_alive()) && self.accepts.wanted {
                 self.arm_takeover(i);
             }
             self.report_if_stopped();

@@ -312,10 +312,12 @@ fn recv_message(channel: &OwnedFd) -> Message {
     Message::decode(&buf[..n]).unwrap()
 }
 
-/// A process whose predecessor (the test's stand-in) has not let go yet is not upgraded: the
-/// upgrade that started it is still in flight (`Machine`, `Refusal::InFlight`). Once the
-/// predecessor lets go (RELEASED), it is. Before, it upgraded at once, and the predecessor's
-/// late MAINPID could name it main after it had named its successor (helper-27's review).
+/// A process whose predecessor (the test's stand-in) has not let go yet is not upgraded yet:
+/// the upgrade that started it is still in flight. The request waits, and once the
+/// predecessor lets go (RELEASED), the upgrade starts by itself. Before, it upgraded at once,
+/// and the predecessor's late MAINPID could name it main after it had named its successor
+/// (helper-27's review); then for a while such a request was refused, and a SIGHUP sent as soon
+/// as the pid file named the new process was lost (`tests/deploy.rs`).
 #[test]
 fn an_upgrade_waits_for_the_predecessors_let_go() {
     let mut server = tcp_server(1);
@@ -338,14 +340,16 @@ fn an_upgrade_waits_for_the_predecessors_let_go() {
 
     elder.let_go();
     let deadline = Instant::now() + BOUND;
-    while driver.succession.stage() != crate::machine::successor::Stage::Alone
-        && Instant::now() < deadline
-    {
+    while driver.successor.is_none() && Instant::now() < deadline {
         driver.turn(false, &mut |_| {}).unwrap();
         std::thread::sleep(Duration::from_millis(1));
     }
-    let (pid, _channel, _upgrade) = start_successor(&mut driver);
-    let _successor = KillOnDrop::new(pid);
+    let pid = driver.successor.as_ref().map(|s| s.pid);
+    let _successor = pid.map(KillOnDrop::new);
+    assert!(
+        pid.is_some(),
+        "the waiting upgrade did not start at the let-go"
+    );
 }
 
 /// Makes `/bin/sleep 30` the binary `server` upgrades to: a real process (so that its exit
@@ -483,9 +487,10 @@ fn a_successor_that_dies_right_after_its_accept_leaves_no_op_on_its_closed_chann
 /// A rollback from HandingOver after the driver's accept was re-armed behind the successor's
 /// (a multishot accept ends on a full CQ, on some errors, after a backoff; a re-armed one waits
 /// behind every waiter already there): the wake-up of a connection that came then went to the
-/// successor's accept, which died without accepting it. The successor's exit rolls the upgrade
-/// back, and the driver must take that connection without waiting for another one (before the
-/// fix, its exit swept nothing: 0 of 1 taken within 2 s; helper-29's review).
+/// successor's accept, which died without accepting it. The driver must take that connection
+/// without waiting for another one: the poll armed beside its re-armed accept takes it while
+/// the successor lives, and the sweep at the successor's exit would. With neither, 0 of 1
+/// within 2 s (helper-29's review).
 #[test]
 fn a_connection_whose_wake_up_a_dead_successor_spent_is_served_after_the_rollback() {
     let mut server = tcp_server(1);
@@ -515,16 +520,20 @@ fn a_connection_whose_wake_up_a_dead_successor_spent_is_served_after_the_rollbac
     // Give the wake-up time to reach the successor's accept (queued as its deferred work).
     std::thread::sleep(Duration::from_millis(20));
     successors.cancel_unaccepted();
-    let early = serve_within(&mut [&mut driver], 1, Duration::from_millis(200));
-    assert_eq!(
-        early.len(),
-        0,
-        "the connection was not stranded: the test proves nothing"
-    );
+    let mut delivered = serve_within(&mut [&mut driver], 1, Duration::from_millis(200));
     assert_ne!(driver.machine.phase(), crate::machine::Phase::Serving);
 
     kill_and_wait_visible(pid);
-    let mut delivered = serve(&mut [&mut driver], 1);
+    let deadline = Instant::now() + BOUND;
+    while (delivered.is_empty() || driver.machine.phase() != crate::machine::Phase::Serving)
+        && Instant::now() < deadline
+    {
+        delivered.extend(serve_within(
+            &mut [&mut driver],
+            1,
+            Duration::from_millis(1),
+        ));
+    }
     assert_eq!(driver.machine.phase(), crate::machine::Phase::Serving);
     assert_eq!(
         delivered.len(),
@@ -535,6 +544,60 @@ fn a_connection_whose_wake_up_a_dead_successor_spent_is_served_after_the_rollbac
     let mut byte = [0u8; 1];
     TcpStream::from(fd).read_exact(&mut byte).unwrap();
     assert_eq!(&byte, b"x");
+}
+
+/// The same re-arm behind a starting successor's accepts, with the successor alive and not
+/// running its ring (hung before READY): the connections its accept is woken for wait, and
+/// without the poll armed beside our re-armed accept nobody else is woken for them until it
+/// dies — its ready deadline plus its drain. The driver must take them meanwhile (before the
+/// fix: 0 of 4 within 2 s; helper-29's review).
+#[test]
+fn connections_a_hung_successors_accept_was_woken_for_are_taken_while_it_lives() {
+    let mut server = tcp_server(1);
+    upgrade_to_a_stand_in(&mut server);
+    let addr = server.local_addr("t").unwrap();
+    let listener = server.parts.listeners[0].fd.as_raw_fd();
+    let mut driver = Driver::new(server, super::Waiting::InRing).unwrap();
+    let (pid, _channel) = spawn_successor(&mut driver);
+    let _successor = KillOnDrop::new(pid);
+    // The successor's accepts, armed behind the driver's; they never run (a hung process).
+    let _successors = StandInAccepts::arm(&[listener]);
+    let first = driver.accepts[0].op.expect("the driver's accept is armed");
+    driver.cancel(types::CancelBuilder::user_data(first.user_data()));
+    let deadline = Instant::now() + BOUND;
+    while driver.accepts[0].op.is_none_or(|op| op == first) && Instant::now() < deadline {
+        driver.turn(false, &mut |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        driver.accepts[0].op.is_some_and(|op| op != first),
+        "not re-armed"
+    );
+
+    let _clients: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let delivered = serve(&mut [&mut driver], 4);
+    assert_ne!(
+        driver.machine.phase(),
+        crate::machine::Phase::Serving,
+        "still upgrading"
+    );
+    assert_eq!(
+        delivered.len(),
+        4,
+        "connections held by a hung successor's accept were not taken within {BOUND:?}"
+    );
+    // The successor's exit ends the polls beside the accept.
+    kill_and_wait_visible(pid);
+    let deadline = Instant::now() + BOUND;
+    while driver.accepts[0].takeover.is_some() && Instant::now() < deadline {
+        driver.turn(false, &mut |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        driver.accepts[0].takeover.is_none(),
+        "the poll outlived the child"
+    );
+    assert!(driver.accepts[0].op.is_some(), "the accept is armed");
 }
 
 /// A driver that speaks protocol versions 1 and 2 (offering its handoff in 2), with `state`

@@ -93,6 +93,9 @@ pub(crate) struct Machine {
     /// This process has a predecessor that has not let go of the accept queues yet (see
     /// `Event::PredecessorLetGo`).
     predecessor_holds: bool,
+    /// An upgrade asked for while `predecessor_holds`: started at the let-go (see
+    /// `UpgradeRequested` in Serving).
+    deferred_upgrade: Option<Requester>,
     /// Decisions waiting for `SuccessorRead` (see `Action::ReadSuccessor`), in the order they
     /// came: a shutdown and the ready deadline can both land in one driver turn.
     waiting_read: Vec<AfterRead>,
@@ -121,6 +124,7 @@ impl Machine {
             elders_draining: 0,
             max_draining: u32::MAX,
             predecessor_holds: false,
+            deferred_upgrade: None,
             waiting_read: Vec::new(),
             drains: 0,
             read_done: false,
@@ -301,6 +305,9 @@ impl Machine {
             (_, E::PredecessorLetGo) => {
                 self.predecessor_holds = false;
                 self.update_drain(|_| {});
+                if let Some(by) = self.deferred_upgrade.take() {
+                    self.handle(E::UpgradeRequested(by), now);
+                }
             }
             (_, E::EldersDraining(n)) => self.elders_draining = n,
 
@@ -310,9 +317,15 @@ impl Machine {
             // this process upgraded now, the predecessor's MAINPID=<this process>, sent when it
             // reads our READY, could reach systemd after our own MAINPID=<our successor>, and
             // systemd would take this process, draining, for the main one (and stop the unit
-            // when it exits). Its let-go comes after its MAINPID, so from then on ours is last.
+            // when it exits). Its let-go comes after its MAINPID, so from then on ours is last:
+            // the upgrade waits for it (usually well under a millisecond; a SIGHUP sent as soon
+            // as the pid file names this process must not be lost). One waits; more are busy.
             (State::Serving, E::UpgradeRequested(by)) if self.predecessor_holds => {
-                self.reply(by, Outcome::Busy(Refusal::InFlight))
+                if self.deferred_upgrade.is_none() {
+                    self.deferred_upgrade = Some(by);
+                } else {
+                    self.reply(by, Outcome::Busy(Refusal::InFlight))
+                }
             }
             (State::Serving, E::UpgradeRequested(by))
                 if self.elders_draining >= self.max_draining =>
@@ -533,6 +546,10 @@ impl Machine {
     }
 
     fn start_drain(&mut self, cause: DrainCause, now: Instant) {
+        if let Some(by) = self.deferred_upgrade.take() {
+            // Only a shutdown starts a drain while an upgrade waits (an upgrade cannot start).
+            self.reply(by, Outcome::Busy(Refusal::ShuttingDown));
+        }
         self.drains += 1;
         self.set(State::Draining(Drain {
             cause,
@@ -556,7 +573,7 @@ impl Machine {
         if let State::Draining(drain) = &mut self.state {
             update(drain);
             // No wait for a predecessor's let-go to forward: this process was upgraded only
-            // after it (`UpgradeRequested` is refused while `predecessor_holds`).
+            // after it (`UpgradeRequested` waits while `predecessor_holds`).
             if drain.accept_stopped && drain.drained {
                 self.finish_drain();
             }

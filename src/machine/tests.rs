@@ -2153,26 +2153,50 @@ fn a_successor_that_serves_again_after_retiring_is_a_crash_when_it_exits() {
 }
 
 /// A process whose predecessor has not let go yet (it has not read this process's READY, or
-/// not stopped accepting) refuses to be upgraded: the upgrade that started it is still in
+/// not stopped accepting) is not upgraded yet: the upgrade that started it is still in
 /// flight. Were it upgraded, the predecessor's late MAINPID=<this process> could reach systemd
 /// after this process's MAINPID=<its successor>, and systemd would stop the unit when this
 /// process, draining, exits (helper-27's review; the explorer finds it once an upgrade may be
-/// asked of any serving process). After the let-go, the upgrade goes ahead.
+/// asked of any serving process). One request waits for the let-go (a SIGHUP sent as soon as
+/// the pid file names this process is not lost: `tests/deploy.rs` lost one when it was
+/// refused); a second is busy.
 #[test]
-fn an_upgrade_is_refused_until_the_predecessor_lets_go() {
+fn an_upgrade_asked_before_the_predecessor_lets_go_starts_at_the_let_go() {
     let mut h = H {
         m: Machine::new(TIMEOUTS, SEED).with_predecessor(),
         now: Instant::now(),
     };
+    assert_eq!(h.ev(upgrade(Requester::Signal)), vec![]);
     assert_eq!(
         h.ev(upgrade(REQ)),
         vec![Action::Reply(REQ, Outcome::Busy(Refusal::InFlight))]
     );
     assert_eq!(h.phase(), P::Serving);
-    assert_eq!(h.ev(Event::PredecessorLetGo), vec![]);
     assert_eq!(
-        h.ev(upgrade(REQ)),
+        h.ev(Event::PredecessorLetGo),
         vec![pc(P::Forking), SpawnSuccessor(ID1)]
+    );
+}
+
+/// An upgrade waiting for the predecessor's let-go is refused when a shutdown comes first.
+#[test]
+fn an_upgrade_waiting_for_the_let_go_is_refused_at_a_shutdown() {
+    let mut h = H {
+        m: Machine::new(TIMEOUTS, SEED).with_predecessor(),
+        now: Instant::now(),
+    };
+    assert_eq!(h.ev(upgrade(REQ)), vec![]);
+    let actions = h.ev(Event::ShutdownRequested);
+    assert_eq!(
+        actions.first(),
+        Some(&Action::Reply(REQ, Outcome::Busy(Refusal::ShuttingDown))),
+        "{actions:?}"
+    );
+    assert_eq!(h.phase(), P::Draining);
+    assert_eq!(
+        h.ev(Event::PredecessorLetGo),
+        vec![],
+        "no upgrade after the shutdown"
     );
 }
 
