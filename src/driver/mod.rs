@@ -512,6 +512,7 @@ impl Driver {
                 }
                 if self.predecessor_pid == Some(info.ssi_pid) {
                     tracing::info!("the previous process gave up on this one; stopping");
+                    self.feed_succession(SuccessionEvent::GaveUp);
                     self.feed(Event::PredecessorGaveUp);
                 } else {
                     tracing::info!(signal = signo, sender = info.ssi_pid, "shutdown requested");

@@ -152,17 +152,23 @@ impl Driver {
                 self.arm_predecessor_recv();
             }
             e if e == -libc::ECANCELED => {}
-            // EOF, or an error (ECONNRESET when it exited with data unread): either way
-            // the previous process is gone.
+            // EOF, or an error (ECONNRESET when it exited with data unread): the previous
+            // process exited, or gave up on this one. It signals before it closes, so with a
+            // SIGTERM pending here it gave up — our READY may have landed after its last read,
+            // at its ready deadline (helper-30's review) — and the signal, read next, is its:
+            // its pid is kept.
             _ => {
-                if let Some(link) = &self.predecessor {
+                if sys::signal_pending(libc::SIGTERM) {
                     tracing::info!(
-                        predecessor = link.predecessor_pid,
-                        "previous process exited"
+                        predecessor = ?self.predecessor_pid,
+                        "the previous process gave up on this one (channel closed, its SIGTERM pending)"
                     );
+                    self.feed_succession(SuccessionEvent::GaveUp);
+                } else {
+                    tracing::info!(predecessor = ?self.predecessor_pid, "previous process exited");
+                    self.predecessor_pid = None;
+                    self.feed_succession(SuccessionEvent::PredecessorGone);
                 }
-                self.predecessor_pid = None;
-                self.feed_succession(SuccessionEvent::PredecessorGone);
             }
         }
     }

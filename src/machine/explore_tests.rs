@@ -4,7 +4,8 @@
 //! up to small budgets (two upgrade requests — so up to three generations, a successor upgrading
 //! before its predecessor let go —, one operator SIGTERM to any process, one crash, one failed
 //! start, one application's commit to a drain as `http::Incoming` makes it, at any moment after
-//! that drain began) and checks on every state it visits:
+//! that drain began, one READY that lands just after its predecessor's ready deadline read the
+//! channel and before it closed it) and checks on every state it visits:
 //!
 //! - **coverage**: unless a process crashed or the operator stopped one, some process has its
 //!   accepts armed at every moment;
@@ -12,7 +13,9 @@
 //!   armed) is SIGKILLed, and none exits with its accepts still armed;
 //! - **systemd hears the truth**: only the process systemd knows as the main one says
 //!   `STOPPING=1`;
-//! - **a READY counts**: no child is abandoned with its READY unread on the channel;
+//! - **a READY counts**: no child is abandoned with its READY unread on the channel, unless it
+//!   landed after the predecessor's last read (the late READY above: that child must then take
+//!   itself for abandoned, which the systemd and at-rest checks hold it to);
 //! - **a planned exit is no crash**: no process takes the service back after its successor
 //!   announced its exit (RETIRING);
 //! - **a closed application gets nothing**: once a commit is answered (the application stopped
@@ -62,6 +65,9 @@ enum Bug {
     ReadNothing,
     /// A commit is answered while the accepts are still stopping (`drain_commit` → `None`).
     CommitAnsweredEarly,
+    /// A successor takes its predecessor's closed channel for its exit even with the
+    /// predecessor's SIGTERM pending (`on_predecessor_recv` before helper-30's review).
+    EofIsAnExit,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -151,6 +157,10 @@ struct World {
     /// The pid systemd knows as the service's main process.
     systemd_main: u32,
     upgrades_left: u8,
+    /// Budget of READYs landing after the predecessor's deadline read (see the module docs).
+    late_readies_left: u8,
+    /// The child whose READY lands at its predecessor's next `AbandonSuccessor`.
+    late_ready: Option<usize>,
     shutdowns_left: u8,
     crashes_left: u8,
     start_failures_left: u8,
@@ -241,6 +251,8 @@ impl World {
             spawning: None,
             systemd_main: pid(0),
             upgrades_left: 2,
+            late_readies_left: 1,
+            late_ready: None,
             shutdowns_left: 1,
             crashes_left: 1,
             start_failures_left: 1,
@@ -390,7 +402,18 @@ impl World {
                 self.succession(g, SE::Draining(cause))?;
             }
             Action::StopDrain => self.proc(g).drain_active = false,
-            Action::AbandonSuccessor { pid: child, stop } => self.abandon(g, child, stop)?,
+            Action::AbandonSuccessor { pid: child, stop } => {
+                if let Some(c) = self.late_ready.take().filter(|&c| pid(c) == child) {
+                    // `send_ready` of the child runs between the deadline's read of the
+                    // channel (`take_successor_messages`, which found nothing) and the close:
+                    // its READY is in the socket and never read.
+                    if self.running(c) && self.proc(c).ready_pending && self.link(c).open {
+                        self.proc(c).ready_pending = false;
+                        self.succession(c, SE::ReadySent)?;
+                    }
+                }
+                self.abandon(g, child, stop)?
+            }
             Action::ReadSuccessor => {
                 if self.bug != Bug::ReadNothing {
                     self.take_successor_messages(g)?;
@@ -847,6 +870,33 @@ impl World {
                     w.actions(g)
                 });
             }
+            // The ready deadline, with the successor's READY landing just after its read.
+            let readying = p.successor.filter(|&c| {
+                matches!(&self.gens[c].life, Life::Running(q) if q.ready_pending)
+                    && self.gens[c].link.as_ref().is_some_and(|l| l.open)
+            });
+            if let (Phase::HandingOver, Some(c), 1..) =
+                (p.m.phase(), readying, self.late_readies_left)
+            {
+                step(
+                    format!(
+                        "{me}: ready deadline; {}'s READY lands after the read",
+                        pid(c)
+                    ),
+                    false,
+                    &|w| {
+                        w.late_readies_left -= 1;
+                        w.late_ready = Some(c);
+                        w.now = w.now.max(deadline);
+                        let now = w.now;
+                        w.proc(g).m.handle_timeout(now);
+                        w.actions(g)?;
+                        // Only at this deadline's own rollback.
+                        w.late_ready = None;
+                        Ok(())
+                    },
+                );
+            }
         }
         // As a successor.
         let Some(link) = &self.gens[g].link else {
@@ -871,7 +921,12 @@ impl World {
         if p.pred_gone_unseen && link.to_succ.is_empty() {
             step(format!("{me}: its predecessor's end closed"), false, &|w| {
                 w.proc(g).pred_gone_unseen = false;
-                w.succession(g, SE::PredecessorGone)
+                // `on_predecessor_recv`: with its SIGTERM pending, it gave up on this process.
+                if w.proc(g).sigterm_from_pred && w.bug != Bug::EofIsAnExit {
+                    w.succession(g, SE::GaveUp)
+                } else {
+                    w.succession(g, SE::PredecessorGone)
+                }
             });
         }
         if let Some(at) = p.s.poll_timeout() {
@@ -887,6 +942,8 @@ impl World {
         if p.sigterm_from_pred {
             step(format!("{me}: SIGTERM from its predecessor"), false, &|w| {
                 w.proc(g).sigterm_from_pred = false;
+                // `on_signal`.
+                w.succession(g, SE::GaveUp)?;
                 w.event(g, Event::PredecessorGaveUp)
             });
         }
@@ -1062,6 +1119,7 @@ fn the_explorer_catches_each_planted_bug() {
         Bug::StoppingFromAnyone,
         Bug::ReadNothing,
         Bug::CommitAnsweredEarly,
+        Bug::EofIsAnExit,
     ] {
         let found = explore(bug);
         assert!(found.is_err(), "{bug:?} went unnoticed");

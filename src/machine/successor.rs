@@ -7,7 +7,8 @@
 //!      │                                                  │   │  no ACCEPT_DONTWAIT           │
 //!      │ READY unsent, predecessor alive: Abandoned       │   └──────────► Sharing ◄──────────┘
 //!      │ READY unsent, predecessor gone:  Alone           │                  │
-//!      │                                                  └─── RELEASED or predecessor gone ─┴──► Alone
+//!      │                                                  ├─── RELEASED or predecessor gone ─┴──► Alone
+//!      │                                                  └─── the predecessor gave up (any of the three) ──► Abandoned
 //!   First ── Started ──► Alone
 //! ```
 //!
@@ -27,8 +28,8 @@
 //! - **Alone**: the accept queues are this process's alone: it started without a predecessor,
 //!   or the predecessor let go (RELEASED) or is gone.
 //! - **Abandoned**: the predecessor gave up on this process before it could read our READY (its
-//!   ready deadline, its shutdown); its SIGTERM is on the way, and this process drains what
-//!   its accepts took.
+//!   ready deadline, its shutdown), also when READY was sent but landed after its last read;
+//!   its SIGTERM is on the way, and this process drains what its accepts took.
 //!
 //! Besides the stage, three facts this side owns: whether the predecessor's channel is open
 //! (`RETIRING`/`SERVING` go there), whether systemd knows this process as the service's main
@@ -76,6 +77,10 @@ pub(crate) enum SuccessionEvent {
     Released,
     /// The predecessor's channel ended (EOF or an error): it exited.
     PredecessorGone,
+    /// The predecessor gave up on this process: its SIGTERM came, or its channel ended with
+    /// a SIGTERM pending here (it signals before it closes). READY may have been sent: it
+    /// landed after the predecessor's last read, at its ready deadline (helper-30's review).
+    GaveUp,
     /// The kernel refused `IORING_ACCEPT_DONTWAIT`: no takeover is possible.
     NoDontwait,
     /// This process started to drain (the upgrade machine's `StartDrain`).
@@ -273,6 +278,20 @@ impl Succession {
                 // own predecessor noticed its READY, forwards that older process's let-go.
                 // Its accepts were ahead in the queue: sweep again.
                 self.push(A::QueuesFree);
+            }
+            (Stage::Holding { .. } | Stage::TakingOver | Stage::Sharing, E::GaveUp) => {
+                // As when READY could not be sent to a predecessor that gave up: not the main
+                // process (the predecessor serves on, and says so), not serving alone; the
+                // SIGTERM drains what the accepts took. Taking EOF for an exit instead named
+                // this process main (MAINPID=) and its stop said STOPPING=1: systemd stopped
+                // the unit, and the predecessor serving in it. (The pid file: the old content
+                // was discarded at READY; the predecessor, rolling back, names itself again.)
+                self.forget_predecessor();
+                if self.stage == Stage::TakingOver {
+                    self.push(A::EndTakeover);
+                }
+                self.stage = Stage::Abandoned;
+                self.main = false;
             }
             (_, E::PredecessorGone) => {
                 self.forget_predecessor();

@@ -33,7 +33,7 @@ fn drain(s: &mut Succession) -> Vec<SuccessionAction> {
     std::iter::from_fn(|| s.poll_action()).collect()
 }
 
-const ALL_EVENTS: [SuccessionEvent; 10] = [
+const ALL_EVENTS: [SuccessionEvent; 11] = [
     E::Started,
     E::ReadySent,
     E::ReadyUnsent {
@@ -44,6 +44,7 @@ const ALL_EVENTS: [SuccessionEvent; 10] = [
     },
     E::Released,
     E::PredecessorGone,
+    E::GaveUp,
     E::NoDontwait,
     E::Draining(DrainCause::Shutdown),
     E::Draining(UPGRADED),
@@ -144,6 +145,13 @@ fn expected(
         (Stage::Alone, E::Released) if linked => {
             (stage, main, linked, draining, vec![A::QueuesFree])
         }
+        (_, E::GaveUp) if waiting => {
+            let mut actions = forgot(vec![]);
+            if stage == Stage::TakingOver {
+                actions.push(A::EndTakeover);
+            }
+            (Stage::Abandoned, false, false, draining, actions)
+        }
         (_, E::PredecessorGone) => {
             let (stage, main, _, draining, mut actions) = if waiting && !draining {
                 let (stage, _, linked, draining, mut actions) = free(true);
@@ -213,7 +221,7 @@ fn every_stage_event_pair_with_every_fact() {
             }
         }
     }
-    assert_eq!(rows, 8 * 10 * 8);
+    assert_eq!(rows, 8 * 11 * 8);
 }
 
 #[test]
@@ -300,6 +308,36 @@ fn a_release_forwarded_by_an_earlier_ringflip_sweeps_again() {
     drain(&mut s);
     s.handle(E::Released, now);
     assert_eq!(drain(&mut s), [A::QueuesFree]);
+}
+
+/// The predecessor's ready deadline read nothing, and our READY landed just after: it rolls
+/// back, signals, closes. Its channel's end is read here before its SIGTERM (or with it
+/// pending): it gave up on this process, which must not name itself main nor say STOPPING=1
+/// (taking the EOF for an exit did both, and systemd stopped the unit with the predecessor
+/// serving in it; helper-30's review).
+#[test]
+fn a_successor_whose_ready_came_too_late_is_abandoned_not_main() {
+    for signal_first in [false, true] {
+        let mut s = Succession::handed_over();
+        let now = t0();
+        s.handle(E::Started, now);
+        s.handle(E::ReadySent, now);
+        drain(&mut s);
+        let mut seen = Vec::new();
+        if signal_first {
+            s.handle(E::GaveUp, now);
+            seen.extend(drain(&mut s));
+            s.handle(E::PredecessorGone, now);
+        } else {
+            s.handle(E::GaveUp, now);
+        }
+        seen.extend(drain(&mut s));
+        s.handle(E::Draining(DrainCause::Shutdown), now);
+        seen.extend(drain(&mut s));
+        assert_eq!(seen, [A::ForgetPredecessor], "signal first: {signal_first}");
+        assert!(!s.is_main());
+        assert_eq!(s.stage(), Stage::Abandoned);
+    }
 }
 
 #[test]
