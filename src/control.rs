@@ -107,10 +107,16 @@ pub(crate) fn serve(fd: OwnedFd, handle: Handle, guard: DrainGuard) {
 /// peer already sent is taken in first (closing a Unix socket with unread data resets the
 /// peer, which may then not read the answer), the answer fits an empty socket buffer.
 fn turn_away(fd: OwnedFd) {
-    tracing::warn!(
-        max = MAX_SERVING,
-        "control connection turned away: as many are being served already"
-    );
+    // Logged at the 1st, 2nd, 4th, 8th… time: a flood of connections is no flood of logs.
+    static TURNED_AWAY: AtomicUsize = AtomicUsize::new(0);
+    let n = TURNED_AWAY.fetch_add(1, SeqCst) + 1;
+    if n.is_power_of_two() {
+        tracing::warn!(
+            max = MAX_SERVING,
+            turned_away = n,
+            "control connection turned away: as many are being served already"
+        );
+    }
     let mut sent = [0u8; MAX_LINE];
     let _ = recv(fd.as_raw_fd(), &mut sent, MsgFlags::MSG_DONTWAIT);
     let reply =

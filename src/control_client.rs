@@ -198,9 +198,18 @@ pub fn request(socket: &Path, command: Command, timeout: Duration) -> Result<Rep
         .set_write_timeout(Some(remaining()?))
         .map_err(AskError::Io)?;
     // One write: a line in pieces could meet a server that answered after the first.
-    stream
-        .write_all(format!("{}\n", command.word()).as_bytes())
-        .map_err(timed_out)?;
+    match stream.write_all(format!("{}\n", command.word()).as_bytes()) {
+        Ok(()) => {}
+        // A server that answers without reading (`busy: control-busy`, when as many control
+        // connections are served already) may have closed before the line arrived: its
+        // answer is still there to read.
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ) => {}
+        Err(e) => return Err(timed_out(e)),
+    }
     let mut answer = Vec::new();
     let mut buf = [0u8; 512];
     while !answer.contains(&b'\n') && answer.len() < MAX_ANSWER {
@@ -219,7 +228,9 @@ pub fn request(socket: &Path, command: Command, timeout: Duration) -> Result<Rep
     let reply = end.and_then(|_| Reply::parse(&line));
     match (command, reply) {
         (Command::Upgrade, Some(r)) if !matches!(r, Reply::Status(_)) => Ok(r),
-        (Command::Status, Some(r @ (Reply::Status(_) | Reply::Refused(_)))) => Ok(r),
+        (Command::Status, Some(r @ (Reply::Status(_) | Reply::Refused(_) | Reply::Busy(_)))) => {
+            Ok(r)
+        }
         _ => Err(AskError::BadAnswer(line)),
     }
 }

@@ -293,10 +293,21 @@ impl Driver {
         // (`start_takeover`), here until no child is left (`end_guard_polls_if_alone`). Only
         // for an accept armed while a child lives, which is rare: the first ones are armed
         // before any child, and a multishot accept ends only on a full CQ, a few errors or
-        // a backoff; for every connection the polls would wake two processes.
-        if self.children_alive() && !self.accepts[i].control {
+        // a backoff; for every connection the polls would wake two processes. The control
+        // listener too: this process answers it. (Workers know no children: a worker's
+        // accept re-armed behind a hung child's waits for the child's end, and the sweep
+        // at its exit; RELIABILITY.md.)
+        if self.children_alive() && !self.guard_polls_off() {
             self.arm_takeover(i);
         }
+    }
+
+    /// Whether a test switched the guard polls off (see `arm_accept`).
+    fn guard_polls_off(&self) -> bool {
+        #[cfg(test)]
+        return self.no_guard_polls;
+        #[cfg(not(test))]
+        false
     }
 
     /// A completion of listener `i`'s multishot accept: a connection, or its end.

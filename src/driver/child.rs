@@ -237,8 +237,9 @@ impl Driver {
         // was cancelled) without accepting it; nobody else was woken, and without this sweep
         // the connection would wait for the next one (RELIABILITY.md, "A connection stranded
         // at the let-go", with the roles swapped). A rollback from HandingOver re-arms
-        // nothing, so this is the only moment. (While the child lives and holds the
-        // wake-ups, a blocking `run` is not woken for them: see RELIABILITY.md.)
+        // nothing, so this is the only moment. The poll beside an accept armed while a child
+        // lives (`arm_accept`) usually took such a connection already; this covers an accept
+        // armed once the child no longer counted as alive (being killed), and workers.
         if self.machine.accepting() {
             self.sweep_queues();
         }
@@ -402,6 +403,7 @@ impl Driver {
     /// SIGKILLs the children abandoned with SIGTERM that are still running at their
     /// `kill_at`, and forgets those that have exited (their exit watch reaps them).
     pub(super) fn escalate(&mut self, now: Instant) {
+        let before = self.terminating.len();
         self.terminating.retain(|t| {
             if sys::poll_readable(t.pidfd.as_fd()) {
                 return false; // exited
@@ -416,7 +418,10 @@ impl Driver {
             let _ = sys::pidfd_signal(t.pidfd.as_fd(), libc::SIGKILL);
             false
         });
-        self.end_guard_polls_if_alone();
+        // Only when one left (this runs every turn; the polls' end walks every listener).
+        if self.terminating.len() < before {
+            self.end_guard_polls_if_alone();
+        }
     }
 }
 

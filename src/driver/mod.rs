@@ -147,6 +147,10 @@ pub(crate) struct Driver {
     /// requests does (tests only).
     #[cfg(test)]
     refuse_submits: u32,
+    /// No guard polls beside accepts armed while a child lives (see `arm_accept`), so that a
+    /// test sees what else takes a stranded connection (tests only).
+    #[cfg(test)]
+    no_guard_polls: bool,
     /// Who waits for the answer to a `DrainCommitted` (see `answer_commits`).
     #[cfg(feature = "axum")]
     commits: Vec<(u64, tokio::sync::oneshot::Sender<bool>)>,
@@ -395,6 +399,8 @@ impl Driver {
             closing_channels: Vec::new(),
             #[cfg(test)]
             refuse_submits: 0,
+            #[cfg(test)]
+            no_guard_polls: false,
             #[cfg(feature = "axum")]
             commits: Vec::new(),
             spawning: Vec::new(),

@@ -366,7 +366,9 @@ impl Driver {
                 self.tell_workers(|set| set.predecessor_holds_queue.store(false, SeqCst));
                 self.listen_deferred();
                 self.sweep_queues();
-                // Upgrades are taken from now on.
+                // Upgrades are taken from now on; one that waited starts now, counting the
+                // elders as they are now (the predecessor may be gone).
+                self.count_elders();
                 self.feed(Event::PredecessorLetGo);
             }
         }

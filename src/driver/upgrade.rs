@@ -113,11 +113,17 @@ impl Timeline {
 }
 
 impl Driver {
-    /// Counts the older generations still draining (pruning those gone), then asks the machine.
+    /// Counts the older generations still draining, then asks the machine.
     pub(super) fn request_upgrade(&mut self, by: Requester) {
+        self.count_elders();
+        self.feed(Event::UpgradeRequested(by));
+    }
+
+    /// Tells the machine how many older generations still drain (pruning those gone): before
+    /// an upgrade request, and before one that waited for the predecessor's let-go starts.
+    pub(super) fn count_elders(&mut self) {
         self.elders.retain(|fd| !sys::poll_readable(fd.as_fd()));
         self.feed(Event::EldersDraining(self.elders.len() as u32));
-        self.feed(Event::UpgradeRequested(by));
     }
 
     pub(super) fn act(&mut self, action: Action) {
@@ -649,7 +655,12 @@ impl Driver {
             RenameFlags::RENAME_EXCHANGE,
         ) {
             Ok(()) => self.unlink_later(leftover),
-            Err(e) => tracing::warn!(error = %e, "restoring the pid file"),
+            Err(e) => {
+                // No pid file to exchange with (ENOENT: the predecessor, stopping, removed
+                // it): the old content has nowhere to go back to, and must not stay behind.
+                tracing::warn!(error = %e, "restoring the pid file");
+                self.unlink_later(leftover);
+            }
         }
     }
 

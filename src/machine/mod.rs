@@ -94,8 +94,8 @@ pub(crate) struct Machine {
     /// `Event::PredecessorLetGo`).
     predecessor_holds: bool,
     /// An upgrade asked for while `predecessor_holds`: started at the let-go (see
-    /// `UpgradeRequested` in Serving).
-    deferred_upgrade: Option<Requester>,
+    /// `UpgradeRequested` in Serving), or refused at its deadline (the ready timeout).
+    deferred_upgrade: Option<(Requester, Instant)>,
     /// Decisions waiting for `SuccessorRead` (see `Action::ReadSuccessor`), in the order they
     /// came: a shutdown and the ready deadline can both land in one driver turn.
     waiting_read: Vec<AfterRead>,
@@ -237,6 +237,7 @@ impl Machine {
             State::HandingOver { ready_deadline, .. } => Some(ready_deadline),
             // Also while checking the successor: the driver answers within the same turn.
             State::Draining(Drain { deadline, .. }) => Some(deadline),
+            State::Serving => self.deferred_upgrade.map(|(_, deadline)| deadline),
             _ => None,
         }
     }
@@ -244,6 +245,14 @@ impl Machine {
     /// Time passed; fires any deadline at or before `now`. Calling it early is harmless.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
         match self.state {
+            // A predecessor that has not let go within the ready timeout (stuck in its stop,
+            // a worker that does not acknowledge it): the waiting upgrade is refused, and its
+            // requester hears it rather than waiting with it.
+            State::Serving if self.deferred_upgrade.is_some_and(|(_, at)| now >= at) => {
+                if let Some((by, _)) = self.deferred_upgrade.take() {
+                    self.reply(by, Outcome::Busy(Refusal::InFlight));
+                }
+            }
             State::Forking { deadline, by, .. } if now >= deadline => {
                 let ms = self.timeouts.ready.as_millis() as u64;
                 self.set(State::Serving);
@@ -305,7 +314,7 @@ impl Machine {
             (_, E::PredecessorLetGo) => {
                 self.predecessor_holds = false;
                 self.update_drain(|_| {});
-                if let Some(by) = self.deferred_upgrade.take() {
+                if let Some((by, _)) = self.deferred_upgrade.take() {
                     self.handle(E::UpgradeRequested(by), now);
                 }
             }
@@ -322,7 +331,7 @@ impl Machine {
             // as the pid file names this process must not be lost). One waits; more are busy.
             (State::Serving, E::UpgradeRequested(by)) if self.predecessor_holds => {
                 if self.deferred_upgrade.is_none() {
-                    self.deferred_upgrade = Some(by);
+                    self.deferred_upgrade = Some((by, now + self.timeouts.ready));
                 } else {
                     self.reply(by, Outcome::Busy(Refusal::InFlight))
                 }
@@ -546,7 +555,7 @@ impl Machine {
     }
 
     fn start_drain(&mut self, cause: DrainCause, now: Instant) {
-        if let Some(by) = self.deferred_upgrade.take() {
+        if let Some((by, _)) = self.deferred_upgrade.take() {
             // Only a shutdown starts a drain while an upgrade waits (an upgrade cannot start).
             self.reply(by, Outcome::Busy(Refusal::ShuttingDown));
         }

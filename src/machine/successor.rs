@@ -120,7 +120,7 @@ pub(crate) enum SuccessionAction {
     /// The predecessor let go: the queues are ours. New members listen, every queue is swept
     /// (a connection whose wake-up the predecessor's cancelled accept spent waits there), the
     /// workers are told. No RELEASED goes on to a successor of this process: it has none yet
-    /// (an upgrade is refused until the predecessor lets go, `Machine::predecessor_holds`).
+    /// (an upgrade waits until the predecessor lets go, `Machine::predecessor_holds`).
     QueuesFree,
 }
 
@@ -293,6 +293,9 @@ impl Succession {
                 self.stage = Stage::Abandoned;
                 self.main = false;
             }
+            // Elsewhere (after RELEASED, say, with an operator's SIGTERM pending as the channel
+            // closes): the predecessor is forgotten as if gone, nothing else changes.
+            (_, E::GaveUp) => self.forget_predecessor(),
             (_, E::PredecessorGone) => {
                 self.forget_predecessor();
                 if matches!(

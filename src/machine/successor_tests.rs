@@ -152,6 +152,7 @@ fn expected(
             }
             (Stage::Abandoned, false, false, draining, actions)
         }
+        (_, E::GaveUp) => (stage, main, false, draining, forgot(vec![])),
         (_, E::PredecessorGone) => {
             let (stage, main, _, draining, mut actions) = if waiting && !draining {
                 let (stage, _, linked, draining, mut actions) = free(true);

@@ -2200,6 +2200,34 @@ fn an_upgrade_waiting_for_the_let_go_is_refused_at_a_shutdown() {
     );
 }
 
+/// A predecessor that never lets go within the ready timeout (stuck in its stop): the waiting
+/// upgrade is refused then, and its requester hears it (helper-31's review).
+#[test]
+fn an_upgrade_waiting_for_the_let_go_is_refused_after_the_ready_timeout() {
+    let mut h = H {
+        m: Machine::new(TIMEOUTS, SEED).with_predecessor(),
+        now: Instant::now(),
+    };
+    assert_eq!(h.ev(upgrade(REQ)), vec![]);
+    let at =
+        h.m.poll_timeout()
+            .expect("a deadline for the waiting upgrade");
+    assert_eq!(at, h.now + TIMEOUTS.ready);
+    h.m.handle_timeout(at - Duration::from_millis(1));
+    assert_eq!(h.m.poll_action(), None);
+    h.m.handle_timeout(at);
+    assert_eq!(
+        h.m.poll_action(),
+        Some(Action::Reply(REQ, Outcome::Busy(Refusal::InFlight)))
+    );
+    assert_eq!(h.m.poll_timeout(), None);
+    assert_eq!(
+        h.ev(Event::PredecessorLetGo),
+        vec![],
+        "nothing waits any more"
+    );
+}
+
 #[test]
 fn awaits_drained_only_while_draining_and_until_told() {
     for s in STARTS {
