@@ -35,6 +35,9 @@ pub(crate) struct WorkerSet {
     /// Bumped by the coordinator when every worker must sweep its accept queues (the
     /// predecessor let go: see `Driver::sweep_queues`).
     pub sweeps: AtomicU64,
+    /// The coordinator has a child that may hold accept wake-ups (`Driver::children_alive`):
+    /// an accept a worker arms meanwhile gets a guard poll (see `Driver::arm_accept`).
+    pub children_alive: AtomicBool,
     pub quit: AtomicBool,
     /// Bumped by the coordinator at each stop: a worker's acknowledgement names the stop it
     /// answers, and only one of the current stop counts (see `all_stopped`).
@@ -53,6 +56,7 @@ impl WorkerSet {
             coordinator_started: AtomicBool::new(false),
             predecessor_holds_queue: AtomicBool::new(successor),
             sweeps: AtomicU64::new(0),
+            children_alive: AtomicBool::new(false),
             quit: AtomicBool::new(false),
             stop_epoch: AtomicU64::new(0),
             acked: (0..n).map(|_| AtomicU64::new(0)).collect(),

@@ -294,10 +294,9 @@ impl Driver {
         // for an accept armed while a child lives, which is rare: the first ones are armed
         // before any child, and a multishot accept ends only on a full CQ, a few errors or
         // a backoff; for every connection the polls would wake two processes. The control
-        // listener too: this process answers it. (Workers know no children: a worker's
-        // accept re-armed behind a hung child's waits for the child's end, and the sweep
-        // at its exit; RELIABILITY.md.)
+        // listener too: this process answers it. Workers too: they ask their coordinator.
         if self.children_alive() && !self.guard_polls_off() {
+            self.guarding = true;
             self.arm_takeover(i);
         }
     }

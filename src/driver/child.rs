@@ -4,6 +4,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types};
@@ -13,7 +14,7 @@ use crate::machine::{Event, UpgradeId};
 use crate::{spawn, sys};
 
 use super::ring::{errno, Op, Token, CHANNEL_BUF, FINAL_REAP};
-use super::Driver;
+use super::{Driver, Role};
 
 /// The new process while it starts and after it took over.
 pub(super) struct Successor {
@@ -239,7 +240,7 @@ impl Driver {
         // at the let-go", with the roles swapped). A rollback from HandingOver re-arms
         // nothing, so this is the only moment. The poll beside an accept armed while a child
         // lives (`arm_accept`) usually took such a connection already; this covers an accept
-        // armed once the child no longer counted as alive (being killed), and workers.
+        // armed once the child no longer counted as alive (being killed).
         if self.machine.accepting() {
             self.sweep_queues();
         }
@@ -247,15 +248,29 @@ impl Driver {
     }
 
     /// Whether a child lives that may hold accept wake-ups: the successor, or one abandoned
-    /// with SIGTERM that has not exited yet (see `arm_accept`).
+    /// with SIGTERM that has not exited yet (see `arm_accept`). A worker asks its coordinator,
+    /// which publishes it at the end of each turn (`publish_children`): a child arms its
+    /// accepts only after its exec and build, long after the turn that spawned it.
     pub(super) fn children_alive(&self) -> bool {
-        self.successor.is_some() || !self.terminating.is_empty()
+        match &self.role {
+            Role::Worker(w) => w.set.children_alive.load(SeqCst),
+            _ => self.successor.is_some() || !self.terminating.is_empty(),
+        }
+    }
+
+    /// The coordinator tells its workers whether a child lives (see `children_alive`).
+    pub(super) fn publish_children(&self) {
+        if let Role::Coordinator(c) = &self.role {
+            let alive = self.successor.is_some() || !self.terminating.is_empty();
+            c.0.children_alive.store(alive, SeqCst);
+        }
     }
 
     /// Cancels the polls `arm_accept` armed beside accepts behind a child's once no child is
-    /// left (a takeover of this process's own keeps them).
-    fn end_guard_polls_if_alone(&mut self) {
-        if !self.children_alive() && !self.succession.taking_over() {
+    /// left (a takeover of this process's own keeps them). Cheap when none is armed.
+    pub(super) fn end_guard_polls_if_alone(&mut self) {
+        if self.guarding && !self.children_alive() && !self.succession.taking_over() {
+            self.guarding = false;
             self.cancel_takeover_polls();
         }
     }
@@ -403,7 +418,6 @@ impl Driver {
     /// SIGKILLs the children abandoned with SIGTERM that are still running at their
     /// `kill_at`, and forgets those that have exited (their exit watch reaps them).
     pub(super) fn escalate(&mut self, now: Instant) {
-        let before = self.terminating.len();
         self.terminating.retain(|t| {
             if sys::poll_readable(t.pidfd.as_fd()) {
                 return false; // exited
@@ -418,10 +432,7 @@ impl Driver {
             let _ = sys::pidfd_signal(t.pidfd.as_fd(), libc::SIGKILL);
             false
         });
-        // Only when one left (this runs every turn; the polls' end walks every listener).
-        if self.terminating.len() < before {
-            self.end_guard_polls_if_alone();
-        }
+        self.end_guard_polls_if_alone();
     }
 }
 

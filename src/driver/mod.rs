@@ -143,6 +143,9 @@ pub(crate) struct Driver {
     /// Handoff channels given up in a turn whose submit failed: kept open until the SQEs that
     /// may name them are submitted (see `close_channel`).
     closing_channels: Vec<OwnedFd>,
+    /// Guard polls were armed beside accepts armed while a child lived (see `arm_accept`),
+    /// and not ended yet (`end_guard_polls_if_alone`).
+    guarding: bool,
     /// The end-of-turn submits still to refuse with EAGAIN, as a kernel out of memory for
     /// requests does (tests only).
     #[cfg(test)]
@@ -397,6 +400,7 @@ impl Driver {
             pid_file_leftover: None,
             terminating: Vec::new(),
             closing_channels: Vec::new(),
+            guarding: false,
             #[cfg(test)]
             refuse_submits: 0,
             #[cfg(test)]
@@ -469,6 +473,7 @@ impl Driver {
         // turn would otherwise sleep with, say, the wake eventfd's read or the start deadline
         // not armed, and miss the wake-up.
         self.arm_timer();
+        self.publish_children();
         if !self.ring.submission().is_empty() {
             if let Err(e) = self.submit_queued() {
                 if !retry_next_turn(&e) {

@@ -84,6 +84,7 @@ impl Driver {
             return;
         };
         let (set, index) = (set.clone(), *index);
+        self.end_guard_polls_if_alone();
         if set.quit.load(SeqCst) {
             self.exit = Some(ExitReason::Shutdown);
             return;

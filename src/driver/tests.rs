@@ -603,6 +603,62 @@ fn connections_a_hung_successors_accept_was_woken_for_are_taken_while_it_lives()
     assert!(driver.accepts[0].op.is_some(), "the accept is armed");
 }
 
+/// The same with thread-per-core: a worker's accept re-armed behind a hung successor's
+/// (on the worker's SO_REUSEPORT member) gets its guard poll too — a worker knows of the
+/// coordinator's children through the worker set. Of 16 connections over the two members,
+/// each must be taken while the successor lives (before: those on the worker's member waited
+/// for the successor's end; helper-31's review).
+#[test]
+fn a_workers_accept_re_armed_behind_a_hung_successors_is_guarded_too() {
+    const CONNS: usize = 16;
+    let mut server = tcp_server(2);
+    upgrade_to_a_stand_in(&mut server);
+    let addr = server.local_addr("t").unwrap();
+    let members: Vec<RawFd> = server
+        .parts
+        .listeners
+        .iter()
+        .map(|l| l.fd.as_raw_fd())
+        .collect();
+    assert_eq!(members.len(), 2, "one listener per worker");
+    let worker = server.take_workers().unwrap().pop().unwrap();
+    let mut coordinator = server.into_driver("test", super::Waiting::InRing).unwrap();
+    coordinator.start().unwrap();
+    let mut worker = Driver::new_worker(worker, super::Waiting::InRing).unwrap();
+    assert!(serve_within(
+        &mut [&mut coordinator, &mut worker],
+        1,
+        Duration::from_millis(20)
+    )
+    .is_empty());
+    let (pid, _channel) = spawn_successor(&mut coordinator);
+    let _successor = KillOnDrop::new(pid);
+    // The successor's accepts on both members, armed behind ours; they never run.
+    let _hung = StandInAccepts::arm(&members);
+    for driver in [&mut coordinator, &mut worker] {
+        let first = driver.accepts[0].op.expect("the accept is armed");
+        driver.cancel(types::CancelBuilder::user_data(first.user_data()));
+        let deadline = Instant::now() + BOUND;
+        while driver.accepts[0].op.is_none_or(|op| op == first) && Instant::now() < deadline {
+            driver.turn(false, &mut |_| {}).unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            driver.accepts[0].op.is_some_and(|op| op != first),
+            "not re-armed"
+        );
+    }
+    let _clients: Vec<TcpStream> = (0..CONNS)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    let delivered = serve(&mut [&mut coordinator, &mut worker], CONNS);
+    assert_eq!(
+        delivered.len(),
+        CONNS,
+        "connections held by a hung successor's accepts were not taken within {BOUND:?}"
+    );
+}
+
 /// A driver that speaks protocol versions 1 and 2 (offering its handoff in 2), with `state`
 /// bytes of application state to hand over, upgrading to a stand-in; the handoff's OFFER has
 /// been read off the stand-in's channel (and checked to offer 2).
