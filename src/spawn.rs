@@ -37,7 +37,8 @@
 //!
 //! Where the kernel or a seccomp filter refuses `CLOSE_RANGE_UNSHARE` (`EINVAL`, `ENOSYS`,
 //! `EPERM`), the spawn is made again without `CLONE_FILES`: the child then gets a copy of the
-//! table, as with `posix_spawn`, and closes what is above fd 3 all the same.
+//! table, as with `posix_spawn`, and closes what is above fd 3 all the same (one `close` per
+//! number where `close_range` itself is refused: a kernel before 5.9, a seccomp filter).
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString, OsString};
@@ -182,6 +183,12 @@ fn spawn_with(
         envp: null_terminated(&envp),
         presize: table_slots.and_then(presize_slot),
         table_slots: table_slots.unwrap_or(0),
+        // Without /proc, the table holds no fd at or above the limit (taken before a lowering
+        // excepted); bounded so that a huge limit costs no minutes of closes.
+        close_below: table_slots.unwrap_or_else(|| {
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map_or(1 << 16, |(soft, _)| soft.min(1 << 20) as usize)
+        }),
         to_default: to_default(handled_signals),
     };
 
@@ -231,6 +238,9 @@ struct ChildSetup<'a> {
     /// This process's fd table size: blocks of 64 fds up to it may be marked full in the
     /// child's table (CVE-2024-45025, see the module's documentation).
     table_slots: usize,
+    /// Every fd of the child's table is below this: where `close_range` is refused, the child
+    /// closes each number from 4 up to it.
+    close_below: usize,
     /// Indexed by signal number: reset to `SIG_DFL` in the child whatever its disposition here.
     to_default: [bool; SIGNAL_SLOTS],
 }
@@ -435,12 +445,21 @@ unsafe fn run_child(
         if libc::dup2(slot, CHILD_FD) < 0 {
             return fail(STEP_CHANNEL);
         }
-        libc::syscall(
+        if libc::syscall(
             libc::SYS_close_range,
             CHILD_FD as libc::c_uint + 1,
             libc::c_uint::MAX,
             0 as libc::c_uint,
-        );
+        ) != 0
+        {
+            // Refused (a kernel before 5.9 has no close_range; a seccomp filter): the fallback
+            // spawn got here with a copy of this process's table, and would hand every fd
+            // without FD_CLOEXEC to the new process. One close per number instead (20,000
+            // closes take a few ms).
+            for fd in (CHILD_FD + 1)..setup.close_below as RawFd {
+                libc::close(fd);
+            }
+        }
         // CVE-2024-45025 (see the module's documentation): closing an fd of a block clears
         // that block's "full" bit. Highest first, so the table grows once. A dup2 above the fd
         // limit fails: that block can hold nothing anyway.
@@ -545,123 +564,5 @@ fn cstring(bytes: &[u8]) -> io::Result<CString> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The largest message the protocol allows (an OFFER carrying a HELLO with every record at
-    /// its longest and a 64 KiB state chunk) goes through the handoff channel whole (before the channel was sized for it,
-    /// the send failed with EMSGSIZE and the upgrade rolled back).
-    #[test]
-    fn the_largest_message_fits_the_channel() {
-        use crate::handoff::{tests::largest_message, MAX_MESSAGE_LEN};
-        let big = largest_message().encode().unwrap();
-        assert!(big.len() > 300_000, "{}", big.len());
-        let (ours, theirs) = handoff_pair().unwrap();
-        sys::send_nonblocking(ours.as_fd(), &big).expect("the largest HELLO does not fit");
-        let mut buf = vec![0u8; MAX_MESSAGE_LEN];
-        let n = sys::recv_nonblocking(theirs.as_fd(), &mut buf).unwrap();
-        assert_eq!(&buf[..n], &big[..]);
-    }
-
-    /// The new process starts with stdin, stdout, stderr and the channel at fd 3, and nothing
-    /// else, even from a process with many fds open, some of them inheritable: the spawn copies
-    /// no fd table (with `posix_spawn` the child got a copy of every fd, and kept the ones
-    /// without `FD_CLOEXEC`). Its signal mask is empty and SIGPIPE is not ignored. The same
-    /// with the fallback that copies the table.
-    #[test]
-    fn the_new_process_gets_stdio_and_its_channel_and_nothing_else() {
-        use std::os::fd::FromRawFd;
-        reserve_child_slot();
-        let inheritable: Vec<OwnedFd> = (0..300)
-            .map(|_| {
-                // SAFETY: `dup` makes a new fd (without FD_CLOEXEC), owned by nothing else.
-                let fd = unsafe { libc::dup(2) };
-                assert!(fd >= 0);
-                // SAFETY: as above.
-                unsafe { OwnedFd::from_raw_fd(fd) }
-            })
-            .collect();
-        assert!(inheritable
-            .iter()
-            .all(|fd| !sys::is_cloexec(fd.as_fd()).unwrap()));
-        for share_table in [true, false] {
-            let args: Vec<OsString> = ["sleep", "30"].iter().map(OsString::from).collect();
-            let mut handled = SigSet::empty();
-            handled.add(nix::sys::signal::Signal::SIGHUP);
-            let child = spawn_with(
-                Path::new("/bin/sleep"),
-                &args,
-                &EnvOverrides::default(),
-                UpgradeId(7),
-                &handled,
-                share_table,
-            )
-            .unwrap();
-            // What the child holds once `sleep` sleeps: right after exec, the dynamic loader
-            // briefly holds the files it maps (at fd 4). A leaked fd never goes away.
-            let fds_of = |pid: u32| -> Vec<u32> {
-                let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-                    .unwrap()
-                    .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
-                    .collect();
-                fds.sort_unstable();
-                fds
-            };
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            let mut fds = fds_of(child.pid);
-            while fds != [0, 1, 2, 3] && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                fds = fds_of(child.pid);
-            }
-            let status = std::fs::read_to_string(format!("/proc/{}/status", child.pid)).unwrap();
-            sys::kill(child.pid, libc::SIGKILL).unwrap();
-            nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child.pid as i32), None).unwrap();
-            assert_eq!(fds, [0, 1, 2, 3], "sharing the table first: {share_table}");
-            assert!(status.contains("SigBlk:\t0000000000000000"), "{status}");
-            // SIGPIPE, ignored here (the Rust runtime), has its default action again there.
-            let ignored = status
-                .lines()
-                .find_map(|l| l.strip_prefix("SigIgn:\t"))
-                .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
-                .unwrap();
-            assert_eq!(ignored & (1 << (libc::SIGPIPE - 1)), 0, "{status}");
-        }
-        drop(inheritable);
-    }
-
-    /// An exec that fails is the spawn's own error, as `posix_spawn` reported it, and leaves
-    /// no copy of the child's end of the channel here (the slot holds its placeholder again).
-    #[test]
-    fn a_binary_that_cannot_be_run_is_the_spawns_error() {
-        let args = vec![OsString::from("missing")];
-        let err = spawn(
-            Path::new("/nonexistent/ringflip-spawn-test"),
-            &args,
-            &EnvOverrides::default(),
-            UpgradeId(8),
-            &SigSet::empty(),
-        )
-        .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
-        let guard = slot().unwrap();
-        let placeholder = guard.as_ref().unwrap().0.as_fd();
-        assert!(
-            sys::socket_type(placeholder).is_err(),
-            "the slot still holds a socket"
-        );
-    }
-
-    #[test]
-    fn fd_table_slots_reads_fdsize() {
-        let status = "Name:\tx\nUmask:\t0022\nFDSize:\t512\nGroups:\t\n";
-        assert_eq!(fd_table_slots(status), Some(512));
-        assert_eq!(fd_table_slots("Name:\tx\n"), None);
-        assert_eq!(fd_table_slots("FDSize:\tmany\n"), None);
-    }
-
-    #[test]
-    fn this_process_has_an_fd_table_size() {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        assert!(fd_table_slots(&status).unwrap() >= 64);
-    }
-}
+#[path = "spawn_tests.rs"]
+mod tests;
