@@ -206,12 +206,16 @@ fn a_connection_whose_wake_up_the_predecessor_spent_is_served_after_release() {
     std::thread::sleep(Duration::from_millis(20));
     old.let_go();
 
-    let mut delivered = serve(&mut [&mut driver], 1);
-    assert_eq!(
-        delivered.len(),
-        1,
-        "the connection queued while the predecessor let go was not taken within {BOUND:?}"
+    let delivered = serve(&mut [&mut driver], 1);
+    expect_the_x(
+        delivered,
+        "the connection queued while the predecessor let go",
     );
+}
+
+/// `delivered` is the one connection whose client wrote "x", taken within `BOUND`.
+fn expect_the_x(mut delivered: Vec<(OwnedFd, DrainGuard)>, what: &str) {
+    assert_eq!(delivered.len(), 1, "{what} was not taken within {BOUND:?}");
     let (fd, _guard) = delivered.pop().unwrap();
     let mut byte = [0u8; 1];
     TcpStream::from(fd).read_exact(&mut byte).unwrap();
@@ -484,6 +488,22 @@ fn a_successor_that_dies_right_after_its_accept_leaves_no_op_on_its_closed_chann
     assert_eq!(driver.machine.phase(), crate::machine::Phase::Serving);
 }
 
+/// Ends the driver's multishot accept (as a full CQ or some errors do) and turns until it is
+/// armed again: behind every waiter armed on the listener meanwhile.
+fn re_arm_the_accept(driver: &mut Driver) {
+    let first = driver.accepts[0].op.expect("the accept is armed");
+    driver.cancel(types::CancelBuilder::user_data(first.user_data()));
+    let deadline = Instant::now() + BOUND;
+    while driver.accepts[0].op.is_none_or(|op| op == first) && Instant::now() < deadline {
+        driver.turn(false, &mut |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        driver.accepts[0].op.is_some_and(|op| op != first),
+        "not re-armed"
+    );
+}
+
 /// A rollback from HandingOver after the driver's accept was re-armed behind the successor's
 /// (a multishot accept ends on a full CQ, on some errors, after a backoff; a re-armed one waits
 /// behind every waiter already there): the wake-up of a connection that came then went to the
@@ -505,17 +525,7 @@ fn a_connection_whose_wake_up_a_dead_successor_spent_is_served_after_the_rollbac
     // The successor's accepts, armed behind the driver's.
     let mut successors = StandInAccepts::arm(&[listener]);
     // The driver's accept ends and is re-armed: behind the successor's now.
-    let first = driver.accepts[0].op.expect("the driver's accept is armed");
-    driver.cancel(types::CancelBuilder::user_data(first.user_data()));
-    let deadline = Instant::now() + BOUND;
-    while driver.accepts[0].op.is_none_or(|op| op == first) && Instant::now() < deadline {
-        driver.turn(false, &mut |_| {}).unwrap();
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert!(
-        driver.accepts[0].op.is_some_and(|op| op != first),
-        "not re-armed"
-    );
+    re_arm_the_accept(&mut driver);
 
     let mut client = TcpStream::connect(addr).unwrap();
     client.write_all(b"x").unwrap();
@@ -538,15 +548,10 @@ fn a_connection_whose_wake_up_a_dead_successor_spent_is_served_after_the_rollbac
         ));
     }
     assert_eq!(driver.machine.phase(), crate::machine::Phase::Serving);
-    assert_eq!(
-        delivered.len(),
-        1,
-        "the connection whose wake-up the dead successor spent was not taken within {BOUND:?}"
+    expect_the_x(
+        delivered,
+        "the connection whose wake-up the dead successor spent",
     );
-    let (fd, _guard) = delivered.pop().unwrap();
-    let mut byte = [0u8; 1];
-    TcpStream::from(fd).read_exact(&mut byte).unwrap();
-    assert_eq!(&byte, b"x");
 }
 
 /// The same re-arm behind a starting successor's accepts, with the successor alive and not
@@ -565,17 +570,7 @@ fn connections_a_hung_successors_accept_was_woken_for_are_taken_while_it_lives()
     let _successor = KillOnDrop::new(pid);
     // The successor's accepts, armed behind the driver's; they never run (a hung process).
     let _successors = StandInAccepts::arm(&[listener]);
-    let first = driver.accepts[0].op.expect("the driver's accept is armed");
-    driver.cancel(types::CancelBuilder::user_data(first.user_data()));
-    let deadline = Instant::now() + BOUND;
-    while driver.accepts[0].op.is_none_or(|op| op == first) && Instant::now() < deadline {
-        driver.turn(false, &mut |_| {}).unwrap();
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert!(
-        driver.accepts[0].op.is_some_and(|op| op != first),
-        "not re-armed"
-    );
+    re_arm_the_accept(&mut driver);
 
     let _clients: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
     let delivered = serve(&mut [&mut driver], 4);
@@ -635,19 +630,8 @@ fn a_workers_accept_re_armed_behind_a_hung_successors_is_guarded_too() {
     let _successor = KillOnDrop::new(pid);
     // The successor's accepts on both members, armed behind ours; they never run.
     let _hung = StandInAccepts::arm(&members);
-    for driver in [&mut coordinator, &mut worker] {
-        let first = driver.accepts[0].op.expect("the accept is armed");
-        driver.cancel(types::CancelBuilder::user_data(first.user_data()));
-        let deadline = Instant::now() + BOUND;
-        while driver.accepts[0].op.is_none_or(|op| op == first) && Instant::now() < deadline {
-            driver.turn(false, &mut |_| {}).unwrap();
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert!(
-            driver.accepts[0].op.is_some_and(|op| op != first),
-            "not re-armed"
-        );
-    }
+    re_arm_the_accept(&mut coordinator);
+    re_arm_the_accept(&mut worker);
     let _clients: Vec<TcpStream> = (0..CONNS)
         .map(|_| TcpStream::connect(addr).unwrap())
         .collect();
