@@ -137,6 +137,8 @@ impl Driver {
                             continue;
                         }
                     };
+                    // Only in Forking, entered from Serving, where no successor is set.
+                    debug_assert!(self.successor.is_none(), "a successor overwritten");
                     self.successor = Some(Successor {
                         pid,
                         upgrade,

@@ -50,6 +50,7 @@
 
 mod accept;
 mod child;
+mod pid_file;
 mod ring;
 pub(crate) mod runtime;
 mod takeover;

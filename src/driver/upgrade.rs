@@ -1,10 +1,8 @@
 //! The predecessor's side of an upgrade: carrying out the machine's [`Action`]s, the HELLO
 //! that hands the listeners over, the answers to upgrade requests, systemd's notifications,
-//! the upgrade's timeline, and the pid file (reclaimed after a failed upgrade, restored by an
-//! abandoned successor, leftovers removed off the serving path).
+//! the upgrade's timeline (the pid file's moves are in `pid_file.rs`).
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::Instant;
 
@@ -21,7 +19,6 @@ use crate::handoff::{
 };
 use crate::machine::successor::SuccessionEvent;
 use crate::machine::{Action, Event, ExitReason, Outcome, Phase, Requester, Stop, UpgradeId};
-use crate::pidfile::{remove_pid_file_naming, write_pid_file};
 use crate::protocol::ProtocolVersions;
 use crate::{sys, systemd};
 
@@ -209,6 +206,11 @@ impl Driver {
                     .is_some_and(|s| s.pid == pid && !sys::poll_readable(s.pidfd.as_fd()));
                 if !alive {
                     self.log_if_nobody_left(pid, "exited (found at the drain's end)");
+                    // Gone: its channel closes now rather than at its exit watch's completion
+                    // (which still reaps it), so no later spawn finds this one still set.
+                    if let Some(child) = self.successor.take_if(|s| s.pid == pid) {
+                        self.close_channel(child.channel);
+                    }
                 }
                 self.feed(Event::SuccessorChecked { pid, alive });
             }
@@ -613,87 +615,6 @@ impl Driver {
                     Outcome::Busy(why) => Err(UpgradeError::Busy(why)),
                 });
             }
-        }
-    }
-
-    /// After a failed upgrade the child may already have written its pid: this process serves,
-    /// so the pid file names it again.
-    fn reclaim_pid_file(&mut self) {
-        let Some(path) = &self.config.pid_file else {
-            return;
-        };
-        match write_pid_file(path, std::process::id()) {
-            Ok(Some(leftover)) => self.unlink_later(leftover),
-            Ok(None) => {}
-            Err(e) => tracing::error!(error = %e, "rewriting the pid file"),
-        }
-    }
-
-    /// Removes the pid file if it names this process (see `remove_pid_file_naming`).
-    fn remove_pid_file(&self) {
-        let Some(path) = &self.config.pid_file else {
-            return;
-        };
-        if let Err(e) = remove_pid_file_naming(path, std::process::id()) {
-            tracing::warn!(error = %e, path = %path.display(), "removing the pid file");
-        }
-    }
-
-    /// Puts the pid file's previous content back (`prepare` exchanged it with this process's
-    /// pid): for a start that turned out to be abandoned.
-    pub(super) fn restore_pid_file(&mut self) {
-        let (Some(path), Some(leftover)) = (&self.config.pid_file, self.pid_file_leftover.take())
-        else {
-            return;
-        };
-        use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
-        match renameat2(
-            AT_FDCWD,
-            &leftover,
-            AT_FDCWD,
-            path,
-            RenameFlags::RENAME_EXCHANGE,
-        ) {
-            Ok(()) => self.unlink_later(leftover),
-            Err(e) => {
-                // No pid file to exchange with (ENOENT: the predecessor, stopping, removed
-                // it): the old content has nowhere to go back to, and must not stay behind.
-                tracing::warn!(error = %e, "restoring the pid file");
-                self.unlink_later(leftover);
-            }
-        }
-    }
-
-    /// Removes `path` through the ring. Unlinking can wait for the disk (see
-    /// `write_pid_file`); io_uring always runs UNLINKAT in its io-wq worker threads, never
-    /// inline in the submitting thread, so this never blocks the accept loop. The kernel
-    /// copies the path when the SQE is issued; the op keeps it until the completion anyway.
-    pub(super) fn unlink_later(&mut self, path: std::path::PathBuf) {
-        use std::os::unix::ffi::OsStringExt;
-        let Ok(path) = std::ffi::CString::new(path.into_os_string().into_vec()) else {
-            return;
-        };
-        let entry = opcode::UnlinkAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr()).build();
-        self.arm(Op::Unlink(path), entry);
-    }
-
-    /// A leftover file's removal (see `unlink_later`) completed.
-    pub(super) fn on_unlinked(&mut self, token: Token, res: i32) {
-        let Some(Op::Unlink(path)) = self.ops.remove(token) else {
-            unreachable!()
-        };
-        // Cancelled: this driver is finishing (see `finish`), so blocking is fine now.
-        let res = if res == -libc::ECANCELED {
-            let path = std::path::Path::new(std::ffi::OsStr::from_bytes(path.as_bytes()));
-            match std::fs::remove_file(path) {
-                Ok(()) => 0,
-                Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
-            }
-        } else {
-            res
-        };
-        if res < 0 && res != -libc::ENOENT {
-            tracing::warn!(path = ?path, error = %errno(res), "removing a leftover file");
         }
     }
 }
