@@ -256,15 +256,19 @@ impl Driver {
     pub(super) fn children_alive(&self) -> bool {
         match &self.role {
             Role::Worker(w) => w.set.children_alive.load(SeqCst),
-            _ => self.successor.is_some() || !self.terminating.is_empty(),
+            _ => self.own_children_alive(),
         }
+    }
+
+    /// This driver's own children: the successor, and those abandoned still running.
+    fn own_children_alive(&self) -> bool {
+        self.successor.is_some() || !self.terminating.is_empty()
     }
 
     /// The coordinator tells its workers whether a child lives (see `children_alive`).
     pub(super) fn publish_children(&self) {
         if let Role::Coordinator(c) = &self.role {
-            let alive = self.successor.is_some() || !self.terminating.is_empty();
-            c.0.children_alive.store(alive, SeqCst);
+            c.0.children_alive.store(self.own_children_alive(), SeqCst);
         }
     }
 

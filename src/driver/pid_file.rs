@@ -43,21 +43,20 @@ impl Driver {
             return;
         };
         use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
-        match renameat2(
+        let exchanged = renameat2(
             AT_FDCWD,
             &leftover,
             AT_FDCWD,
             path,
             RenameFlags::RENAME_EXCHANGE,
-        ) {
-            Ok(()) => self.unlink_later(leftover),
-            Err(e) => {
-                // No pid file to exchange with (ENOENT: the predecessor, stopping, removed
-                // it): the old content has nowhere to go back to, and must not stay behind.
-                tracing::warn!(error = %e, "restoring the pid file");
-                self.unlink_later(leftover);
-            }
+        );
+        if let Err(e) = exchanged {
+            // No pid file to exchange with (ENOENT: the predecessor, stopping, removed it):
+            // the old content has nowhere to go back to, and must not stay behind either.
+            tracing::warn!(error = %e, "restoring the pid file");
         }
+        // After an exchange, the leftover holds this process's pid; else the old content.
+        self.unlink_later(leftover);
     }
 
     /// Removes `path` through the ring. Unlinking can wait for the disk (see

@@ -296,6 +296,14 @@ impl World {
         self.actions(g)
     }
 
+    /// `g`'s machine deadline `at` fires (the clock moves there if it is behind).
+    fn fire_deadline(&mut self, g: usize, at: Instant) -> Step {
+        self.now = self.now.max(at);
+        let now = self.now;
+        self.proc(g).m.handle_timeout(now);
+        self.actions(g)
+    }
+
     /// `Driver::run_actions`: both machines' actions, until neither has one.
     fn actions(&mut self, g: usize) -> Step {
         loop {
@@ -862,14 +870,9 @@ impl World {
             }
         }
         if let Some(deadline) = p.m.poll_timeout() {
-            {
-                step(format!("{me}: {:?} deadline", p.m.phase()), false, &|w| {
-                    w.now = w.now.max(deadline);
-                    let now = w.now;
-                    w.proc(g).m.handle_timeout(now);
-                    w.actions(g)
-                });
-            }
+            step(format!("{me}: {:?} deadline", p.m.phase()), false, &|w| {
+                w.fire_deadline(g, deadline)
+            });
             // The ready deadline, with the successor's READY landing just after its read.
             let readying = p.successor.filter(|&c| {
                 matches!(&self.gens[c].life, Life::Running(q) if q.ready_pending)
@@ -887,10 +890,7 @@ impl World {
                     &|w| {
                         w.late_readies_left -= 1;
                         w.late_ready = Some(c);
-                        w.now = w.now.max(deadline);
-                        let now = w.now;
-                        w.proc(g).m.handle_timeout(now);
-                        w.actions(g)?;
+                        w.fire_deadline(g, deadline)?;
                         // Only at this deadline's own rollback.
                         w.late_ready = None;
                         Ok(())
