@@ -233,6 +233,28 @@ fn connections_stranded_on_a_workers_listener_are_served_after_release() {
     successor_with_a_worker(super::Waiting::InRing, Duration::from_millis(20));
 }
 
+/// The two SO_REUSEPORT members of a two-worker server's listener (see `tcp_server`).
+fn members_of(server: &Server) -> Vec<RawFd> {
+    let members: Vec<RawFd> = server
+        .parts
+        .listeners
+        .iter()
+        .map(|l| l.fd.as_raw_fd())
+        .collect();
+    assert_eq!(members.len(), 2, "one listener per worker");
+    members
+}
+
+/// A two-worker server's drivers, started: the coordinator's (its ring waiting in the ring)
+/// and its worker's (waiting as `waiting`).
+fn coordinator_and_worker(mut server: Server, waiting: super::Waiting) -> (Driver, Driver) {
+    let worker = server.take_workers().unwrap().pop().unwrap();
+    let mut coordinator = server.into_driver("test", super::Waiting::InRing).unwrap();
+    coordinator.start().unwrap();
+    let worker = Driver::new_worker(worker, waiting).unwrap();
+    (coordinator, worker)
+}
+
 /// A successor with one worker waiting as `waiting`, and a predecessor stand-in armed first on
 /// both SO_REUSEPORT members: 16 connections are made; for `hold`, the drivers turn and must
 /// take none of them (the predecessor holds them); then the predecessor lets go, and the
@@ -241,19 +263,10 @@ fn successor_with_a_worker(waiting: super::Waiting, hold: Duration) {
     const CONNS: usize = 16;
     let mut server = tcp_server(2);
     let addr = server.local_addr("t").unwrap();
-    let members: Vec<RawFd> = server
-        .parts
-        .listeners
-        .iter()
-        .map(|l| l.fd.as_raw_fd())
-        .collect();
-    assert_eq!(members.len(), 2, "one listener per worker");
+    let members = members_of(&server);
     let mut old = Predecessor::adopt(&mut server, &members);
-    let worker = server.take_workers().unwrap().pop().unwrap();
-    let mut coordinator = server.into_driver("test", super::Waiting::InRing).unwrap();
-    coordinator.start().unwrap();
+    let (coordinator, mut worker) = coordinator_and_worker(server, waiting);
     let mut coordinator = without_takeover(coordinator);
-    let mut worker = Driver::new_worker(worker, waiting).unwrap();
     old.expect_ready();
 
     let _clients: Vec<TcpStream> = (0..CONNS)
@@ -609,17 +622,8 @@ fn a_workers_accept_re_armed_behind_a_hung_successors_is_guarded_too() {
     let mut server = tcp_server(2);
     upgrade_to_a_stand_in(&mut server);
     let addr = server.local_addr("t").unwrap();
-    let members: Vec<RawFd> = server
-        .parts
-        .listeners
-        .iter()
-        .map(|l| l.fd.as_raw_fd())
-        .collect();
-    assert_eq!(members.len(), 2, "one listener per worker");
-    let worker = server.take_workers().unwrap().pop().unwrap();
-    let mut coordinator = server.into_driver("test", super::Waiting::InRing).unwrap();
-    coordinator.start().unwrap();
-    let mut worker = Driver::new_worker(worker, super::Waiting::InRing).unwrap();
+    let members = members_of(&server);
+    let (mut coordinator, mut worker) = coordinator_and_worker(server, super::Waiting::InRing);
     assert!(serve_within(
         &mut [&mut coordinator, &mut worker],
         1,
